@@ -1,0 +1,64 @@
+"""The ``Backend`` interface every model location implements.
+
+The stream contract (DESIGN.md, tested once for all in ``tests/contract``):
+
+* ``generate(request)`` returns an async iterator of events;
+* a problem found before the first event raises from the first ``__anext__``
+  (pre-stream: the only point where a router may fail over);
+* a completed stream yields Text/Thinking/ToolUse and then exactly one ``Done``;
+* a failure after the first event raises ``BackendUnavailable``;
+* leaving early (break, ``aclose()``, cancellation) cancels the work;
+* a slow consumer slows the producer; memory does not grow.
+
+Backends write ``generate`` as an async generator, which gives the pre-stream rule
+for free: nothing runs until the first ``__anext__``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from inferd.errors import EmbedUnsupported
+from inferd.types import Capabilities, EmbedRequest, EmbedResult, Event, Request
+
+
+class Backend(abc.ABC):
+    """One place a chat model runs. Use it as an async context manager."""
+
+    #: Short name shown in ``Done.backend``, router diagnostics and logs.
+    name: str = "backend"
+
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True when a request sent now would be served (model loaded, not closed)."""
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this backend can do (tools, vision, embeddings, accelerator)."""
+
+    @abc.abstractmethod
+    def generate(self, request: Request) -> AsyncIterator[Event]:
+        """Stream the reply to ``request`` as events ending in one ``Done``."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed ``request.input``; backends without embeddings raise ``EmbedUnsupported``."""
+        raise EmbedUnsupported(f"backend {self.name!r} does not produce embeddings")
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, not abstract on purpose
+        """Release connections, contexts and models. Safe to call twice."""
+
+    async def __aenter__(self) -> Backend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} ready={self.ready()}>"

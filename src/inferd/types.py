@@ -1,0 +1,840 @@
+"""Typed request, content blocks, events, capabilities and embeddings.
+
+Everything here is an immutable, slotted dataclass with a readable repr and a JSON
+form (``to_dict`` / ``from_dict``, tagged by ``type`` where a union needs it): the
+daemon, the bridge and the benchmark reports all speak these dicts.
+
+Validation happens at construction, so an invalid :class:`Request` cannot exist;
+every failure is an :class:`~inferd.errors.InvalidRequest` naming the field.
+This module imports only :mod:`inferd.errors` (the other bottom-layer module).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeAlias
+
+from inferd.errors import InvalidRequest
+
+# --------------------------------------------------------------------------- limits
+
+#: Sampling values outside these ranges are rejected as absurd, not clamped.
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1_000_000
+MAX_TOKENS_LIMIT = 10_000_000
+MAX_STOP_SEQUENCES = 16
+MAX_TOOLS = 512
+
+
+def _freeze(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+# --------------------------------------------------------------------------- blocks
+
+Role: TypeAlias = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class TextBlock:
+    """Plain text content."""
+
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "text", "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageBlock:
+    """An image: inline ``data`` (with ``media_type``), a ``url``, or an ``attachment`` id."""
+
+    data: bytes | None = None
+    media_type: str = "image/png"
+    url: str | None = None
+    attachment: str | None = None
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.data, self.url, self.attachment)) != 1:
+            raise InvalidRequest(
+                "ImageBlock needs exactly one of data=, url= or attachment= "
+                f"(got data={self.data is not None}, url={self.url is not None}, "
+                f"attachment={self.attachment!r})"
+            )
+
+    def __repr__(self) -> str:
+        src = (
+            f"data=<{len(self.data)} bytes>"
+            if self.data is not None
+            else f"url={self.url!r}"
+            if self.url
+            else f"attachment={self.attachment!r}"
+        )
+        return f"ImageBlock({src}, media_type={self.media_type!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "image",
+            "data": _b64(self.data),
+            "media_type": self.media_type,
+            "url": self.url,
+            "attachment": self.attachment,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AudioBlock:
+    """Audio: inline ``data`` in ``format`` (wav, mp3, ...) or an ``attachment`` id."""
+
+    data: bytes | None = None
+    format: str = "wav"
+    attachment: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.attachment is None):
+            raise InvalidRequest("AudioBlock needs exactly one of data= or attachment=")
+
+    def __repr__(self) -> str:
+        src = f"data=<{len(self.data)} bytes>" if self.data is not None else (
+            f"attachment={self.attachment!r}"
+        )
+        return f"AudioBlock({src}, format={self.format!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "audio",
+            "data": _b64(self.data),
+            "format": self.format,
+            "attachment": self.attachment,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUseBlock:
+    """A tool call made by the assistant in an earlier turn."""
+
+    id: str
+    name: str
+    input: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "tool_use", "id": self.id, "name": self.name, "input": dict(self.input)}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultBlock:
+    """The result of a tool call, sent back to the model."""
+
+    tool_use_id: str
+    content: str
+    is_error: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "tool_result",
+            "tool_use_id": self.tool_use_id,
+            "content": self.content,
+            "is_error": self.is_error,
+        }
+
+
+Block: TypeAlias = TextBlock | ImageBlock | AudioBlock | ToolUseBlock | ToolResultBlock
+
+
+def block_from_dict(d: Mapping[str, Any]) -> Block:
+    """Build a content block from its ``to_dict`` form."""
+    kind = d.get("type")
+    if kind == "text":
+        return TextBlock(str(d["text"]))
+    if kind == "image":
+        return ImageBlock(
+            data=_unb64(d.get("data")),
+            media_type=d.get("media_type") or "image/png",
+            url=d.get("url"),
+            attachment=d.get("attachment"),
+        )
+    if kind == "audio":
+        return AudioBlock(
+            data=_unb64(d.get("data")), format=d.get("format") or "wav",
+            attachment=d.get("attachment"),
+        )
+    if kind == "tool_use":
+        return ToolUseBlock(str(d["id"]), str(d["name"]), dict(d.get("input") or {}))
+    if kind == "tool_result":
+        return ToolResultBlock(
+            str(d["tool_use_id"]), str(d.get("content", "")), bool(d.get("is_error", False))
+        )
+    raise InvalidRequest(
+        f"unknown content block type {kind!r}; expected text, image, audio, tool_use "
+        "or tool_result"
+    )
+
+
+_BLOCK_TYPES = (TextBlock, ImageBlock, AudioBlock, ToolUseBlock, ToolResultBlock)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message: a role and a tuple of content blocks.
+
+    ``content`` may be given as a string (one text block) or any iterable of blocks.
+    """
+
+    role: Role
+    content: tuple[Block, ...]
+
+    def __init__(self, role: Role, content: str | Iterable[Block]) -> None:
+        if role not in ROLES:
+            raise InvalidRequest(f"unknown message role {role!r}; expected one of {ROLES}")
+        blocks: tuple[Block, ...]
+        if isinstance(content, str):
+            blocks = (TextBlock(content),)
+        else:
+            blocks = tuple(content)
+        for b in blocks:
+            if not isinstance(b, _BLOCK_TYPES):
+                raise InvalidRequest(
+                    f"{role} message has an unknown content block {type(b).__name__}; "
+                    "use TextBlock, ImageBlock, AudioBlock, ToolUseBlock or ToolResultBlock"
+                )
+        _freeze(self, "role", role)
+        _freeze(self, "content", blocks)
+
+    @classmethod
+    def system(cls, text: str) -> Message:
+        return cls("system", text)
+
+    @classmethod
+    def user(cls, content: str | Iterable[Block]) -> Message:
+        return cls("user", content)
+
+    @classmethod
+    def assistant(cls, content: str | Iterable[Block]) -> Message:
+        return cls("assistant", content)
+
+    @classmethod
+    def tool(cls, tool_use_id: str, content: str, is_error: bool = False) -> Message:
+        return cls("tool", (ToolResultBlock(tool_use_id, content, is_error),))
+
+    @property
+    def text(self) -> str:
+        """All text blocks joined (the form most chat templates want)."""
+        return "".join(b.text for b in self.content if isinstance(b, TextBlock))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": [b.to_dict() for b in self.content]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Message:
+        content = d.get("content", ())
+        if isinstance(content, str):
+            return cls(d["role"], content)
+        return cls(d["role"], [block_from_dict(b) for b in content])
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """Binary media referenced from blocks by ``id`` (keeps big payloads out of messages)."""
+
+    id: str
+    kind: Literal["image", "audio"]
+    data: bytes
+    media_type: str = "application/octet-stream"
+
+    def __repr__(self) -> str:
+        return (
+            f"Attachment(id={self.id!r}, kind={self.kind!r}, data=<{len(self.data)} bytes>, "
+            f"media_type={self.media_type!r})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "data": _b64(self.data),
+                "media_type": self.media_type}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Attachment:
+        return cls(d["id"], d["kind"], _unb64(d["data"]) or b"",
+                   d.get("media_type", "application/octet-stream"))
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON schema (an object)."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise InvalidRequest("tool name must be a non-empty string")
+        if not isinstance(self.parameters, Mapping):
+            raise InvalidRequest(f"tool {self.name!r}: parameters must be a JSON-schema object")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description,
+                "parameters": dict(self.parameters)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Tool:
+        return cls(d["name"], d.get("description", "") or "",
+                   d.get("parameters") or {"type": "object", "properties": {}})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """``auto``, ``required``, ``none``, or ``tool`` with a ``name``.
+
+    Requests accept the plain strings and ``{"name": ...}`` too; see :meth:`parse`.
+    """
+
+    kind: Literal["auto", "required", "none", "tool"]
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "required", "none", "tool"):
+            raise InvalidRequest(
+                f"tool_choice {self.kind!r} is not one of auto, required, none, or a tool name"
+            )
+        if (self.kind == "tool") != bool(self.name):
+            raise InvalidRequest("tool_choice 'tool' needs a name (and only it)")
+
+    @classmethod
+    def parse(cls, value: ToolChoice | str | Mapping[str, Any] | None) -> ToolChoice | None:
+        if value is None or isinstance(value, ToolChoice):
+            return value
+        if isinstance(value, str):
+            if value in ("auto", "required", "none"):
+                return cls(value)  # type: ignore[arg-type]
+            return cls("tool", value)
+        if isinstance(value, Mapping):
+            if value.get("kind") in ("auto", "required", "none"):
+                return cls(value["kind"])
+            name = value.get("name") or (value.get("function") or {}).get("name")
+            if name:
+                return cls("tool", str(name))
+        raise InvalidRequest(f"cannot read tool_choice {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name}
+
+
+# --------------------------------------------------------------------------- request
+
+
+def _check_range(name: str, value: float | int | None, lo: float, hi: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < lo or value > hi:
+        raise InvalidRequest(f"{name}={value!r} is out of range [{lo}, {hi}]")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One chat request, the same for every backend.
+
+    Sampling fields left as ``None`` use the backend's (or upstream's) default.
+    ``ignore_eos`` keeps generating past end-of-generation tokens (benchmarks need
+    exact token counts; llama-server accepts the same flag).
+    """
+
+    messages: tuple[Message, ...]
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    response_format: Mapping[str, Any] | None = None
+    thinking: bool = False
+    attachments: tuple[Attachment, ...] = ()
+    ignore_eos: bool = False
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        msgs = self.messages
+        if isinstance(msgs, (str, bytes)) or not isinstance(msgs, Iterable):
+            raise InvalidRequest("messages must be a list of Message")
+        msgs = tuple(msgs)
+        _freeze(self, "messages", msgs)
+        _freeze(self, "tools", tuple(self.tools))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        _freeze(self, "stop", stop)
+        _freeze(self, "attachments", tuple(self.attachments))
+        _freeze(self, "tool_choice", ToolChoice.parse(self.tool_choice))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.messages:
+            raise InvalidRequest("messages is empty: a request needs at least one message")
+        for i, m in enumerate(self.messages):
+            if not isinstance(m, Message):
+                raise InvalidRequest(f"messages[{i}] is a {type(m).__name__}, not a Message")
+            if not m.content:
+                raise InvalidRequest(f"messages[{i}] ({m.role}) has no content")
+            if m.role != "assistant" and all(
+                isinstance(b, TextBlock) and not b.text for b in m.content
+            ):
+                raise InvalidRequest(f"messages[{i}] ({m.role}) has empty text content")
+        if len(self.tools) > MAX_TOOLS:
+            raise InvalidRequest(f"{len(self.tools)} tools given; at most {MAX_TOOLS}")
+        names: set[str] = set()
+        for t in self.tools:
+            if not isinstance(t, Tool):
+                raise InvalidRequest(f"tools must be Tool objects, got {type(t).__name__}")
+            if t.name in names:
+                raise InvalidRequest(f"duplicate tool name {t.name!r}: tool names must be unique")
+            names.add(t.name)
+        tc = self.tool_choice
+        if tc is not None and tc.kind != "none" and not self.tools:
+            raise InvalidRequest(f"tool_choice={tc.kind!r} given without any tools")
+        if tc is not None and tc.kind == "tool" and tc.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names tool {tc.name!r}, which is not among the tools "
+                f"({sorted(names)})"
+            )
+        _check_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        _check_range("top_p", self.top_p, 0.0, 1.0)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("top_k", self.top_k, 0, MAX_TOP_K)
+        _check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
+        _check_range("seed", self.seed, -(2**63), 2**64 - 1)
+        for name in ("top_k", "max_tokens", "seed"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, int):
+                raise InvalidRequest(f"{name} must be an integer, got {v!r}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(
+                f"{len(self.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}"
+            )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest("stop sequences must be non-empty strings")
+        if self.response_format is not None:
+            rf = self.response_format
+            if not isinstance(rf, Mapping) or rf.get("type") not in (
+                "json_schema", "json_object", "text",
+            ):
+                raise InvalidRequest(
+                    "response_format must be {'type': 'json_schema', 'json_schema': {...}}, "
+                    "{'type': 'json_object'} or {'type': 'text'}"
+                )
+        self._validate_attachments()
+
+    def _validate_attachments(self) -> None:
+        by_id: dict[str, Attachment] = {}
+        for a in self.attachments:
+            if a.id in by_id:
+                raise InvalidRequest(f"duplicate attachment id {a.id!r}")
+            if a.kind not in ("image", "audio"):
+                raise InvalidRequest(f"attachment {a.id!r} has unknown kind {a.kind!r}")
+            by_id[a.id] = a
+        for i, m in enumerate(self.messages):
+            for b in m.content:
+                ref = getattr(b, "attachment", None)
+                if ref is None:
+                    continue
+                want = "image" if isinstance(b, ImageBlock) else "audio"
+                att = by_id.get(ref)
+                if att is None:
+                    raise InvalidRequest(
+                        f"messages[{i}] refers to attachment {ref!r}, which is not in "
+                        "request.attachments"
+                    )
+                if att.kind != want:
+                    raise InvalidRequest(
+                        f"messages[{i}] uses attachment {ref!r} as {want}, but it is {att.kind}"
+                    )
+
+    # -- conveniences ---------------------------------------------------------
+
+    @classmethod
+    def chat(cls, prompt: str, *, system: str | None = None, **kw: Any) -> Request:
+        """A one-turn request: an optional system message and a user prompt."""
+        msgs = [Message.system(system)] if system else []
+        msgs.append(Message.user(prompt))
+        return cls(tuple(msgs), **kw)
+
+    def attachment(self, ref: str) -> Attachment:
+        for a in self.attachments:
+            if a.id == ref:
+                return a
+        raise InvalidRequest(f"no attachment {ref!r}")
+
+    @classmethod
+    def from_openai(cls, body: Mapping[str, Any]) -> Request:
+        """Read an OpenAI Chat Completions request body (see :mod:`inferd.openai_wire`)."""
+        from inferd.openai_wire import request_from_openai
+
+        return request_from_openai(body)
+
+    def to_openai(self, *, model: str | None = None) -> dict[str, Any]:
+        """Write this request as an OpenAI Chat Completions body."""
+        from inferd.openai_wire import request_to_openai
+
+        return request_to_openai(self, model=model)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"messages": [m.to_dict() for m in self.messages]}
+        if self.tools:
+            d["tools"] = [t.to_dict() for t in self.tools]
+        if self.tool_choice is not None:
+            d["tool_choice"] = self.tool_choice.to_dict()
+        if self.stop:
+            d["stop"] = list(self.stop)
+        if self.attachments:
+            d["attachments"] = [a.to_dict() for a in self.attachments]
+        for name in ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
+                     "response_format", "model"):
+            v = getattr(self, name)
+            if v is not None:
+                d[name] = v
+        if self.thinking:
+            d["thinking"] = True
+        if self.ignore_eos:
+            d["ignore_eos"] = True
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Request:
+        if not isinstance(d, Mapping):
+            raise InvalidRequest("a request must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"id", "type"}
+        if unknown:
+            raise InvalidRequest(f"unknown request field(s): {sorted(unknown)}")
+        msgs = d.get("messages")
+        if not isinstance(msgs, list):
+            raise InvalidRequest("request.messages must be a list")
+        try:
+            return cls(
+                messages=tuple(Message.from_dict(m) for m in msgs),
+                tools=tuple(Tool.from_dict(t) for t in d.get("tools") or ()),
+                tool_choice=ToolChoice.parse(d.get("tool_choice")),
+                temperature=d.get("temperature"),
+                top_p=d.get("top_p"),
+                top_k=d.get("top_k"),
+                min_p=d.get("min_p"),
+                max_tokens=d.get("max_tokens"),
+                stop=tuple(d.get("stop") or ()),
+                seed=d.get("seed"),
+                response_format=d.get("response_format"),
+                thinking=bool(d.get("thinking", False)),
+                attachments=tuple(Attachment.from_dict(a) for a in d.get("attachments") or ()),
+                ignore_eos=bool(d.get("ignore_eos", False)),
+                model=d.get("model"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidRequest(f"malformed request: {type(e).__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------- events
+
+
+class StopReason(str, enum.Enum):
+    """Why a stream ended."""
+
+    END_TURN = "end_turn"
+    MAX_TOKENS = "max_tokens"
+    TOOL_USE = "tool_use"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+    def __repr__(self) -> str:
+        return f"StopReason.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts. ``cached_tokens`` counts prompt tokens served from a KV/prefix cache."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cached_tokens": self.cached_tokens}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Usage:
+        d = d or {}
+        return cls(int(d.get("input_tokens", 0)), int(d.get("output_tokens", 0)),
+                   int(d.get("cached_tokens", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds to the first event, seconds in total, and generated tokens per second."""
+
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    tokens_per_s: float | None = None
+
+    @classmethod
+    def measure(cls, start: float, first: float | None, end: float, tokens: int) -> Timings:
+        """Timings from ``time.perf_counter()`` marks and the generated token count.
+
+        Tokens/s covers the decode phase (first event to end) when there is one, so
+        prompt processing does not dilute it; it is ``None`` with fewer than 2 tokens.
+        """
+        ttft = None if first is None else first - start
+        span = end - (first if first is not None else start)
+        tps = (tokens - 1) / span if tokens > 1 and span > 0 else None
+        return cls(ttft, end - start, tps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ttft_s": self.ttft_s, "total_s": self.total_s, "tokens_per_s": self.tokens_per_s}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Timings:
+        d = d or {}
+        return cls(d.get("ttft_s"), float(d.get("total_s", 0.0)), d.get("tokens_per_s"))
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A piece of the reply's visible text."""
+
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "text", "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """A piece of the model's reasoning (shown dimmed, never mixed into ``Text``)."""
+
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "thinking", "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """One *complete* tool call.
+
+    ``input`` is the parsed arguments object, or ``None`` when ``raw_arguments`` is
+    not valid JSON (the raw text is always kept so nothing is lost).
+    """
+
+    id: str
+    name: str
+    input: Mapping[str, Any] | None
+    raw_arguments: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "tool_use", "id": self.id, "name": self.name,
+                "input": None if self.input is None else dict(self.input),
+                "raw_arguments": self.raw_arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The last event of every completed stream; exactly one per stream."""
+
+    stop_reason: StopReason
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stop_reason, StopReason):
+            _freeze(self, "stop_reason", StopReason(self.stop_reason))
+
+    def replace(self, **changes: Any) -> Done:
+        """A copy with some fields changed (backends fill timings and their name)."""
+        vals = {f.name: getattr(self, f.name) for f in fields(self)}
+        vals.update(changes)
+        return Done(**vals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "done", "stop_reason": self.stop_reason.value,
+                "usage": self.usage.to_dict(), "timings": self.timings.to_dict(),
+                "backend": self.backend}
+
+
+Event: TypeAlias = Text | Thinking | ToolUse | Done
+
+
+def event_from_dict(d: Mapping[str, Any]) -> Event:
+    """Inverse of ``Event.to_dict()``."""
+    kind = d.get("type")
+    if kind == "text":
+        return Text(d["text"])
+    if kind == "thinking":
+        return Thinking(d["text"])
+    if kind == "tool_use":
+        return ToolUse(d["id"], d["name"], d.get("input"), d.get("raw_arguments", ""))
+    if kind == "done":
+        return Done(StopReason(d["stop_reason"]), Usage.from_dict(d.get("usage")),
+                    Timings.from_dict(d.get("timings")), d.get("backend"))
+    raise ValueError(f"unknown event type {kind!r}")
+
+
+# --------------------------------------------------------------------------- capabilities
+
+AcceleratorKind: TypeAlias = Literal["cpu", "cuda", "metal", "vulkan", "rocm", "remote"]
+
+
+@dataclass(frozen=True, slots=True)
+class AcceleratorInfo:
+    """Where a local model computes. ``gpu_layers`` is how many layers are offloaded."""
+
+    kind: AcceleratorKind = "cpu"
+    gpu_layers: int = 0
+    device_name: str = ""
+    vram_total_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "gpu_layers": self.gpu_layers,
+                "device_name": self.device_name, "vram_total_bytes": self.vram_total_bytes}
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the router matches requests against this."""
+
+    v2: bool = True
+    tools: bool = False
+    vision: bool = False
+    audio: bool = False
+    thinking: bool = False
+    embed: bool = False
+    accelerator: AcceleratorInfo | None = None
+
+    def covers(self, request: Request) -> str | None:
+        """``None`` when this backend can serve ``request``, else the reason it cannot."""
+        if request.tools and not self.tools:
+            return "no tool support"
+        for m in request.messages:
+            for b in m.content:
+                if isinstance(b, ImageBlock) and not self.vision:
+                    return "no vision support"
+                if isinstance(b, AudioBlock) and not self.audio:
+                    return "no audio support"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v2": self.v2, "tools": self.tools, "vision": self.vision, "audio": self.audio,
+                "thinking": self.thinking, "embed": self.embed,
+                "accelerator": self.accelerator.to_dict() if self.accelerator else None}
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """Texts to embed; ``dimensions`` truncates (then re-normalises) where supported."""
+
+    input: tuple[str, ...]
+    dimensions: int | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        inp = (self.input,) if isinstance(self.input, str) else tuple(self.input)
+        if not inp:
+            raise InvalidRequest("embed input is empty: give at least one string")
+        if any(not isinstance(s, str) for s in inp):
+            raise InvalidRequest("embed input must be strings")
+        _freeze(self, "input", inp)
+        if self.dimensions is not None and (
+            not isinstance(self.dimensions, int) or self.dimensions < 1
+        ):
+            raise InvalidRequest(f"dimensions={self.dimensions!r} must be a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": list(self.input), "dimensions": self.dimensions, "task": self.task}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EmbedRequest:
+        inp = d.get("input")
+        if inp is None:
+            raise InvalidRequest("embed request needs 'input'")
+        return cls(inp if isinstance(inp, str) else tuple(inp), d.get("dimensions"),
+                   d.get("task"))
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    """One vector per input string, in input order."""
+
+    embeddings: tuple[tuple[float, ...], ...]
+    dimensions: int
+    model: str = ""
+    usage: Usage = field(default_factory=Usage)
+
+    def __post_init__(self) -> None:
+        _freeze(self, "embeddings", tuple(tuple(v) for v in self.embeddings))
+
+    def __repr__(self) -> str:
+        return (f"EmbedResult(<{len(self.embeddings)} x {self.dimensions}>, "
+                f"model={self.model!r}, usage={self.usage!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"embeddings": [list(v) for v in self.embeddings], "dimensions": self.dimensions,
+                "model": self.model, "usage": self.usage.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EmbedResult:
+        return cls(tuple(tuple(v) for v in d["embeddings"]), int(d["dimensions"]),
+                   d.get("model", ""), Usage.from_dict(d.get("usage")))
+
+
+# --------------------------------------------------------------------------- response
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A whole stream collected: what :func:`inferd.complete` returns."""
+
+    text: str
+    thinking: str
+    tool_calls: tuple[ToolUse, ...]
+    done: Done
+
+    @property
+    def stop_reason(self) -> StopReason:
+        return self.done.stop_reason
+
+    @classmethod
+    def collect(cls, events: Sequence[Event]) -> Response:
+        text, thinking, calls = [], [], []
+        done: Done | None = None
+        for ev in events:
+            if isinstance(ev, Text):
+                text.append(ev.text)
+            elif isinstance(ev, Thinking):
+                thinking.append(ev.text)
+            elif isinstance(ev, ToolUse):
+                calls.append(ev)
+            elif isinstance(ev, Done):
+                done = ev
+        if done is None:
+            from inferd.errors import BackendUnavailable
+
+            raise BackendUnavailable("stream ended without a Done event")
+        return cls("".join(text), "".join(thinking), tuple(calls), done)
