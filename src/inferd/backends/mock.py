@@ -1,0 +1,173 @@
+"""A deterministic test double with fault injection.
+
+``Mock`` ignores what the request asks and streams scripted tokens, thinking and tool
+calls, so tests of routers, daemons and clients can assert exact output. Faults are
+injected the way real backends fail: before the first event (not ready, invalid
+request, unavailable) or after N tokens (``BackendUnavailable`` mid-stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import orjson
+
+from inferd.backend import Backend
+from inferd.errors import BackendUnavailable, InvalidRequest, NotReady
+from inferd.types import (
+    AcceleratorInfo,
+    Capabilities,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    Request,
+    StopReason,
+    Text,
+    Thinking,
+    Timings,
+    ToolUse,
+    Usage,
+)
+
+PreStreamError = Literal["not_ready", "invalid_request", "unavailable"]
+
+#: Embedding width when ``embed_dims`` is not given.
+DEFAULT_EMBED_DIMS = 8
+
+_ids = itertools.count(1)
+
+
+class Mock(Backend):
+    """Scripted backend: same output for every request, optional delays and faults.
+
+    ``tool_calls`` items are ``ToolUse`` events or ``(name, input_dict)`` pairs.
+    """
+
+    def __init__(
+        self,
+        tokens: Sequence[str] = ("mock-response",),
+        *,
+        delay: float = 0.0,
+        pre_stream_error: PreStreamError | None = None,
+        drop_after: int | None = None,
+        tool_calls: Iterable[ToolUse | tuple[str, Mapping[str, Any]]] = (),
+        thinking: Sequence[str] = (),
+        embed_dims: int = DEFAULT_EMBED_DIMS,
+        name: str = "mock",
+        ready: bool = True,
+    ) -> None:
+        if pre_stream_error not in (None, "not_ready", "invalid_request", "unavailable"):
+            raise ValueError(f"unknown pre_stream_error {pre_stream_error!r}")
+        if delay < 0:
+            raise ValueError("delay must be >= 0")
+        if drop_after is not None and drop_after < 0:
+            raise ValueError("drop_after must be >= 0")
+        self.tokens = tuple(tokens)
+        self.delay = delay
+        self.pre_stream_error: PreStreamError | None = pre_stream_error
+        self.drop_after = drop_after
+        self.thinking = tuple(thinking)
+        self.embed_dims = embed_dims
+        self.name = name
+        self._ready = ready
+        self._closed = False
+        self.tool_calls = tuple(self._as_tool_use(c) for c in tool_calls)
+        #: How many streams are running now (tests assert it returns to 0).
+        self.active = 0
+        #: Requests seen, in order (tests inspect what reached the backend).
+        self.requests: list[Request] = []
+
+    @staticmethod
+    def _as_tool_use(call: ToolUse | tuple[str, Mapping[str, Any]]) -> ToolUse:
+        if isinstance(call, ToolUse):
+            return call
+        name, args = call
+        raw = orjson.dumps(dict(args)).decode()
+        return ToolUse(f"call_mock_{next(_ids)}", name, dict(args), raw)
+
+    def set_ready(self, ready: bool) -> None:
+        """Mark the backend ready or not (``NotReady`` is raised pre-stream when not)."""
+        self._ready = ready
+
+    def ready(self) -> bool:
+        return self._ready and not self._closed
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            tools=True, vision=True, audio=True, thinking=True, embed=True,
+            accelerator=AcceleratorInfo(kind="cpu", device_name="mock"),
+        )
+
+    def _check_pre_stream(self) -> None:
+        if self._closed:
+            raise NotReady(f"backend {self.name!r} is closed; create a new one")
+        if not self._ready:
+            raise NotReady(f"backend {self.name!r} is not ready; try again later")
+        if self.pre_stream_error == "not_ready":
+            raise NotReady(f"backend {self.name!r} is not ready (injected)")
+        if self.pre_stream_error == "invalid_request":
+            raise InvalidRequest(f"backend {self.name!r} rejected the request (injected)")
+        if self.pre_stream_error == "unavailable":
+            raise BackendUnavailable(f"backend {self.name!r} is unavailable (injected)")
+
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        self._check_pre_stream()
+        self.requests.append(request)
+        self.active += 1
+        try:
+            start = time.perf_counter()
+            first: float | None = None
+            produced = 0
+            script: list[Event] = [Thinking(t) for t in self.thinking]
+            script += [Text(t) for t in self.tokens]
+            script += list(self.tool_calls)
+            limit = request.max_tokens
+            stop = StopReason.TOOL_USE if self.tool_calls else StopReason.END_TURN
+            for ev in script:
+                if isinstance(ev, (Text, Thinking)) and limit is not None and produced >= limit:
+                    stop = StopReason.MAX_TOKENS
+                    break
+                if self.drop_after is not None and produced >= self.drop_after:
+                    raise BackendUnavailable(
+                        f"backend {self.name!r} dropped the stream after {produced} tokens "
+                        "(injected)"
+                    )
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                else:
+                    await asyncio.sleep(0)  # stay cancellable and fair to other tasks
+                if first is None:
+                    first = time.perf_counter()
+                if isinstance(ev, (Text, Thinking)):
+                    produced += 1
+                yield ev
+            if stop is StopReason.MAX_TOKENS and self.tool_calls:
+                pass  # the scripted calls were cut off with the text, as a real model's are
+            end = time.perf_counter()
+            input_tokens = sum(len(m.text.split()) for m in request.messages)
+            yield Done(
+                stop,
+                Usage(input_tokens=input_tokens, output_tokens=produced),
+                Timings.measure(start, first, end, produced),
+                self.name,
+            )
+        finally:
+            self.active -= 1
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        self._check_pre_stream()
+        dims = request.dimensions or self.embed_dims
+        vectors = []
+        for s in request.input:
+            n = len(s.encode("utf-8"))
+            vectors.append(tuple((i + 1) / (n + 1) for i in range(dims)))
+        usage = Usage(input_tokens=sum(len(s.split()) for s in request.input))
+        return EmbedResult(tuple(vectors), dims, self.name, usage)
+
+    async def aclose(self) -> None:
+        self._closed = True
