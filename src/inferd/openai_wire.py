@@ -1,0 +1,745 @@
+"""OpenAI Chat Completions <-> inferd types, both directions, in one place.
+
+One mapping module used three ways (DESIGN.md, "Layers"):
+
+* the cloud adapter maps requests *out* (:func:`request_to_openai`), while the streaming
+  decoder in :mod:`inferd.toolcalls` maps chunks *in*;
+* :meth:`inferd.types.Request.from_openai` / ``to_openai`` delegate to
+  :func:`request_from_openai` / :func:`request_to_openai`;
+* the HTTP bridge maps the other way round: an incoming body becomes a
+  :class:`~inferd.types.Request`, and events become ``chat.completion.chunk`` dicts
+  (:class:`ChunkWriter`), a whole :class:`~inferd.types.Response` becomes a
+  ``chat.completion`` (:func:`response_to_completion`), and errors become OpenAI error
+  objects (:func:`error_object`, :func:`http_status`).
+
+Keeping every direction here means a field added once is added everywhere, and the
+round-trip tests (``to_openai(from_openai(x))``) catch a direction that drifts.
+Everything is a pure function of its inputs; nothing here does I/O. Only
+:mod:`inferd.types` and :mod:`inferd.errors` are imported (plus orjson).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from inferd.errors import (
+    BackendUnavailable,
+    EmbedUnsupported,
+    InferdError,
+    InvalidRequest,
+    NotReady,
+    QueueFull,
+)
+from inferd.types import (
+    AudioBlock,
+    Block,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    ImageBlock,
+    Message,
+    Request,
+    Response,
+    StopReason,
+    Text,
+    TextBlock,
+    Thinking,
+    Tool,
+    ToolChoice,
+    ToolResultBlock,
+    ToolUse,
+    ToolUseBlock,
+    Usage,
+)
+
+__all__ = [
+    "FINISH_REASONS",
+    "SSE_DONE",
+    "ChunkWriter",
+    "embed_request_from_openai",
+    "embed_request_to_openai",
+    "embed_result_from_openai",
+    "embed_result_to_openai",
+    "error_object",
+    "finish_reason",
+    "http_status",
+    "request_from_openai",
+    "request_to_openai",
+    "response_to_completion",
+    "sse_encode",
+    "stop_reason_from_finish",
+    "usage_from_openai",
+    "usage_to_openai",
+]
+
+#: StopReason -> OpenAI ``finish_reason``. OpenAI has no "cancelled" or "error"
+#: reason; a stream that reached ``Done`` ended normally from the client's view.
+FINISH_REASONS: dict[StopReason, str] = {
+    StopReason.END_TURN: "stop",
+    StopReason.STOP_SEQUENCE: "stop",
+    StopReason.MAX_TOKENS: "length",
+    StopReason.TOOL_USE: "tool_calls",
+    StopReason.CANCELLED: "stop",
+    StopReason.ERROR: "stop",
+}
+
+_STOP_REASONS: dict[str, StopReason] = {
+    "stop": StopReason.END_TURN,
+    "length": StopReason.MAX_TOKENS,
+    "tool_calls": StopReason.TOOL_USE,
+    "function_call": StopReason.TOOL_USE,
+    "content_filter": StopReason.STOP_SEQUENCE,
+}
+
+#: The SSE terminator OpenAI streams end with.
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def finish_reason(stop: StopReason) -> str:
+    """The OpenAI ``finish_reason`` for ``stop``."""
+    return FINISH_REASONS[StopReason(stop)]
+
+
+def stop_reason_from_finish(reason: str | None) -> StopReason:
+    """The :class:`StopReason` for an OpenAI ``finish_reason`` (unknown -> END_TURN).
+
+    Upstreams invent reasons ("eos", "abort"); treating them as a normal end keeps a
+    good reply from being thrown away over a label.
+    """
+    if reason is None:
+        return StopReason.END_TURN
+    return _STOP_REASONS.get(reason, StopReason.END_TURN)
+
+
+def sse_encode(chunk: Mapping[str, Any]) -> bytes:
+    """One chunk as an SSE ``data:`` event (``\\n\\n`` terminated)."""
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+# =========================================================================== usage
+
+
+def usage_to_openai(usage: Usage) -> dict[str, Any]:
+    """An OpenAI ``usage`` object (``prompt_tokens_details.cached_tokens`` included)."""
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def usage_from_openai(d: Mapping[str, Any] | None) -> Usage:
+    """A :class:`Usage` from an OpenAI ``usage`` object; missing counts are 0."""
+    if not isinstance(d, Mapping):
+        return Usage()
+    details = d.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    return Usage(_int(d.get("prompt_tokens")), _int(d.get("completion_tokens")), cached)
+
+
+# =========================================================================== request out
+
+
+def _data_url(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _image_part(block: ImageBlock, request: Request) -> dict[str, Any]:
+    if block.url is not None:
+        url = block.url
+    elif block.data is not None:
+        url = _data_url(block.data, block.media_type)
+    else:
+        att = request.attachment(block.attachment or "")
+        url = _data_url(att.data, att.media_type if att.media_type.startswith("image/")
+                        else block.media_type)
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _audio_part(block: AudioBlock, request: Request) -> dict[str, Any]:
+    data = block.data if block.data is not None else request.attachment(
+        block.attachment or "").data
+    return {"type": "input_audio",
+            "input_audio": {"data": base64.b64encode(data).decode("ascii"),
+                            "format": block.format}}
+
+
+def _user_content(
+    blocks: Sequence[Block], request: Request, vision: bool, where: str
+) -> str | list[dict[str, Any]]:
+    """Plain text stays a string (every upstream reads it); media needs parts."""
+    if all(isinstance(b, TextBlock) for b in blocks):
+        return "".join(b.text for b in blocks)  # type: ignore[union-attr]
+    parts: list[dict[str, Any]] = []
+    for b in blocks:
+        if isinstance(b, TextBlock):
+            if parts and parts[-1]["type"] == "text":
+                parts[-1]["text"] += b.text
+            else:
+                parts.append({"type": "text", "text": b.text})
+        elif isinstance(b, ImageBlock):
+            if not vision:
+                raise InvalidRequest(
+                    f"{where} has an image, but this backend is not configured for vision; "
+                    "use a vision model and set vision=True, or drop the image"
+                )
+            parts.append(_image_part(b, request))
+        elif isinstance(b, AudioBlock):
+            parts.append(_audio_part(b, request))
+    return parts
+
+
+def _tool_message(b: ToolResultBlock) -> dict[str, Any]:
+    # OpenAI has no is_error flag; the content itself tells the model what went wrong.
+    return {"role": "tool", "tool_call_id": b.tool_use_id, "content": b.content}
+
+
+def _messages_out(request: Request, vision: bool) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(request.messages):
+        where = f"messages[{i}] ({m.role})"
+        results = [b for b in m.content if isinstance(b, ToolResultBlock)]
+        others = [b for b in m.content if not isinstance(b, ToolResultBlock)]
+        # Tool results must follow the assistant turn directly, so they go first.
+        out.extend(_tool_message(b) for b in results)
+        if m.role == "tool":
+            if others:
+                raise InvalidRequest(f"{where} may only hold tool results")
+            continue
+        if m.role == "assistant":
+            text = "".join(b.text for b in others if isinstance(b, TextBlock))
+            calls = [
+                {"id": b.id, "type": "function",
+                 "function": {"name": b.name, "arguments": _dumps(dict(b.input))}}
+                for b in others if isinstance(b, ToolUseBlock)
+            ]
+            if any(isinstance(b, (ImageBlock, AudioBlock)) for b in others):
+                raise InvalidRequest(f"{where}: assistant messages cannot carry media")
+            msg: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                msg["tool_calls"] = calls
+            elif not text:
+                msg["content"] = ""
+            out.append(msg)
+            continue
+        if any(isinstance(b, ToolUseBlock) for b in others):
+            raise InvalidRequest(f"{where}: only assistant messages may hold tool calls")
+        if not others:
+            continue
+        if m.role == "system":
+            if not all(isinstance(b, TextBlock) for b in others):
+                raise InvalidRequest(f"{where}: system messages may only hold text")
+            out.append({"role": "system",
+                        "content": "".join(b.text for b in others)})  # type: ignore[union-attr]
+        else:
+            out.append({"role": "user",
+                        "content": _user_content(others, request, vision, where)})
+    return out
+
+
+def _tool_choice_out(tc: ToolChoice) -> str | dict[str, Any]:
+    if tc.kind == "tool":
+        return {"type": "function", "function": {"name": tc.name}}
+    return tc.kind
+
+
+def request_to_openai(
+    request: Request, *, model: str | None = None, vision: bool = True
+) -> dict[str, Any]:
+    """``request`` as an OpenAI Chat Completions body.
+
+    ``model`` overrides ``request.model``; the body has no ``model`` when both are
+    unset. Unset sampling fields are omitted so the upstream's defaults apply.
+    ``top_k``, ``min_p`` and ``ignore_eos`` are upstream extensions (llama-server,
+    vLLM); they are sent only when set. ``thinking`` has no portable Chat Completions
+    form and is not sent. ``stream`` / ``stream_options`` are the caller's business
+    (the adapter adds them), so this mapping serves streaming and non-streaming alike.
+
+    ``vision=False`` turns any image into an :class:`InvalidRequest` instead of a
+    confusing upstream 400 later.
+    """
+    body: dict[str, Any] = {}
+    name = model if model is not None else request.model
+    if name is not None:
+        body["model"] = name
+    body["messages"] = _messages_out(request, vision)
+    if request.tools:
+        tools = []
+        for t in request.tools:
+            fn: dict[str, Any] = {"name": t.name}
+            if t.description:
+                fn["description"] = t.description
+            fn["parameters"] = dict(t.parameters)
+            tools.append({"type": "function", "function": fn})
+        body["tools"] = tools
+    if request.tool_choice is not None:
+        body["tool_choice"] = _tool_choice_out(request.tool_choice)
+    for key in ("temperature", "top_p", "max_tokens", "seed", "top_k", "min_p"):
+        v = getattr(request, key)
+        if v is not None:
+            body[key] = v
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.response_format is not None:
+        body["response_format"] = dict(request.response_format)
+    if request.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+# =========================================================================== request in
+
+
+def _decode_data_url(url: str, where: str) -> tuple[bytes, str] | None:
+    """(bytes, media type) for a base64 ``data:`` URL, ``None`` for any other URL."""
+    if not url.startswith("data:"):
+        return None
+    head, sep, payload = url[5:].partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise InvalidRequest(f"{where}: data URLs must be base64 (data:<type>;base64,...)")
+    media_type = head[: -len(";base64")] or "application/octet-stream"
+    try:
+        return base64.b64decode(payload, validate=True), media_type
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{where}: the data URL is not valid base64") from None
+
+
+def _parts_in(content: Any, where: str, *, media: bool) -> list[Block]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [TextBlock(content)]
+    if not isinstance(content, list):
+        raise InvalidRequest(
+            f"{where}.content must be a string or a list of parts, "
+            f"got {type(content).__name__}"
+        )
+    blocks: list[Block] = []
+    for j, part in enumerate(content):
+        pw = f"{where}.content[{j}]"
+        if isinstance(part, str):
+            blocks.append(TextBlock(part))
+            continue
+        if not isinstance(part, Mapping):
+            raise InvalidRequest(f"{pw} must be an object with a 'type'")
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest(f"{pw}.text must be a string")
+            blocks.append(TextBlock(text))
+        elif kind == "image_url" and media:
+            iu = part.get("image_url")
+            url = iu.get("url") if isinstance(iu, Mapping) else iu
+            if not isinstance(url, str) or not url:
+                raise InvalidRequest(f"{pw}.image_url.url must be a non-empty string")
+            decoded = _decode_data_url(url, pw)
+            if decoded is None:
+                blocks.append(ImageBlock(url=url))
+            else:
+                blocks.append(ImageBlock(data=decoded[0], media_type=decoded[1]))
+        elif kind == "input_audio" and media:
+            ia = part.get("input_audio")
+            if not isinstance(ia, Mapping) or not isinstance(ia.get("data"), str):
+                raise InvalidRequest(f"{pw}.input_audio needs base64 'data' and 'format'")
+            try:
+                data = base64.b64decode(ia["data"], validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidRequest(f"{pw}.input_audio.data is not valid base64") from None
+            blocks.append(AudioBlock(data=data, format=str(ia.get("format") or "wav")))
+        else:
+            allowed = "text, image_url or input_audio" if media else "text"
+            raise InvalidRequest(f"{pw} has type {kind!r}; expected {allowed}")
+    return blocks
+
+
+def _arguments_in(raw: Any, where: str) -> dict[str, Any]:
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}
+    if not isinstance(raw, str):
+        raise InvalidRequest(f"{where}.function.arguments must be a JSON string")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(f"{where}.function.arguments is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}.function.arguments must encode a JSON object")
+    return value
+
+
+def _message_in(m: Any, i: int) -> Message:
+    where = f"messages[{i}]"
+    if not isinstance(m, Mapping):
+        raise InvalidRequest(f"{where} must be an object with 'role' and 'content'")
+    role = m.get("role")
+    if role == "developer":  # OpenAI's newer name for system
+        role = "system"
+    if role == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise InvalidRequest(f"{where} (tool) needs a 'tool_call_id'")
+        text = "".join(
+            b.text for b in _parts_in(m.get("content"), where, media=False)  # type: ignore[union-attr]
+        )
+        return Message.tool(call_id, text)
+    if role == "assistant":
+        blocks = _parts_in(m.get("content"), where, media=False)
+        calls = m.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise InvalidRequest(f"{where}.tool_calls must be a list")
+        for j, c in enumerate(calls):
+            cw = f"{where}.tool_calls[{j}]"
+            fn = c.get("function") if isinstance(c, Mapping) else None
+            if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+                raise InvalidRequest(f"{cw} needs function.name")
+            cid = c.get("id")
+            if not isinstance(cid, str) or not cid:
+                raise InvalidRequest(f"{cw} needs an 'id'")
+            blocks.append(ToolUseBlock(cid, fn["name"], _arguments_in(fn.get("arguments"), cw)))
+        return Message("assistant", blocks or [TextBlock("")])
+    if role in ("system", "user"):
+        blocks = _parts_in(m.get("content"), where, media=role == "user")
+        return Message(role, blocks)
+    raise InvalidRequest(
+        f"{where}.role is {role!r}; expected system, developer, user, assistant or tool"
+    )
+
+
+def _tool_in(t: Any, i: int) -> Tool:
+    where = f"tools[{i}]"
+    if not isinstance(t, Mapping):
+        raise InvalidRequest(f"{where} must be an object")
+    if t.get("type", "function") != "function":
+        raise InvalidRequest(f"{where}.type is {t.get('type')!r}; only 'function' is supported")
+    fn = t.get("function")
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise InvalidRequest(f"{where}.function.name must be a string")
+    params = fn.get("parameters")
+    return Tool(fn["name"], str(fn.get("description") or ""),
+                params if params is not None else {"type": "object", "properties": {}})
+
+
+def _thinking_in(body: Mapping[str, Any]) -> bool:
+    effort = body.get("reasoning_effort")
+    if isinstance(effort, str):
+        return effort not in ("none", "minimal")
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, Mapping):
+        e = reasoning.get("effort")
+        return not (isinstance(e, str) and e in ("none", "minimal"))
+    thinking = body.get("thinking")
+    if isinstance(thinking, bool):
+        return thinking
+    if isinstance(thinking, Mapping):
+        return thinking.get("type", "enabled") != "disabled"
+    kwargs = body.get("chat_template_kwargs")
+    if isinstance(kwargs, Mapping) and "enable_thinking" in kwargs:
+        return bool(kwargs["enable_thinking"])
+    return False
+
+
+def request_from_openai(body: Mapping[str, Any]) -> Request:
+    """Read an OpenAI Chat Completions request body into a :class:`Request`.
+
+    Accepts what real clients send: string or part-list content, ``developer``
+    messages, assistant ``tool_calls`` (arguments as a JSON string or an object),
+    ``tool`` messages, ``max_completion_tokens``, ``stop`` as a string or a list, and
+    the llama-server extensions ``top_k``, ``min_p`` and ``ignore_eos``. Thinking is
+    on when ``reasoning_effort`` (other than none/minimal), ``reasoning``,
+    ``thinking`` or ``chat_template_kwargs.enable_thinking`` asks for it. Fields that
+    do not change the reply (``stream``, ``user``, ``metadata``, ...) are ignored, so
+    a client's extra fields never fail a request. Every problem is an
+    :class:`InvalidRequest` naming the field.
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("a Chat Completions request must be a JSON object")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise InvalidRequest("'messages' must be a non-empty list")
+    n = body.get("n")
+    if n not in (None, 1):
+        raise InvalidRequest(f"n={n!r} is not supported; inferd returns one choice (n=1)")
+    messages = tuple(_message_in(m, i) for i, m in enumerate(msgs))
+    raw_tools = body.get("tools") or []
+    if not isinstance(raw_tools, list):
+        raise InvalidRequest("'tools' must be a list")
+    tools = tuple(_tool_in(t, i) for i, t in enumerate(raw_tools))
+    tc_raw = body.get("tool_choice")
+    # "auto" without tools means "no tools"; clients send it routinely.
+    tool_choice = None if (tc_raw == "auto" and not tools) else tc_raw
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list):
+        stops = tuple(stop)
+    else:
+        raise InvalidRequest("'stop' must be a string or a list of strings")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string")
+    try:
+        return Request(
+            messages=messages,
+            tools=tools,
+            tool_choice=tool_choice,  # type: ignore[arg-type]
+            temperature=body.get("temperature"),
+            top_p=body.get("top_p"),
+            top_k=body.get("top_k"),
+            min_p=body.get("min_p"),
+            max_tokens=max_tokens,
+            stop=stops,
+            seed=body.get("seed"),
+            response_format=body.get("response_format"),
+            thinking=_thinking_in(body),
+            ignore_eos=bool(body.get("ignore_eos", False)),
+            model=model or None,
+        )
+    except InvalidRequest:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise InvalidRequest(f"malformed Chat Completions request: {e}") from None
+
+
+# =========================================================================== chunks out
+
+
+class ChunkWriter:
+    """Events -> OpenAI ``chat.completion.chunk`` dicts, for one streamed reply.
+
+    The first :meth:`write` also emits the ``role: assistant`` chunk OpenAI clients
+    expect; each complete :class:`ToolUse` becomes one ``tool_calls`` delta carrying
+    its index, id, name and whole arguments (clients that accumulate fragments accept
+    a single fragment); :class:`Done` becomes the ``finish_reason`` chunk followed,
+    when ``include_usage`` is set (the client sent ``stream_options.include_usage``),
+    by the usage chunk with ``choices: []``. Nothing is written after ``Done``.
+    """
+
+    __slots__ = (
+        "_base",
+        "_finished",
+        "_started",
+        "_tool_index",
+        "created",
+        "id",
+        "include_usage",
+        "model",
+    )
+
+    def __init__(self, model: str, id: str, *, created: int | None = None,
+                 include_usage: bool = True) -> None:
+        self.model = model
+        self.id = id
+        self.created = int(time.time()) if created is None else created
+        self.include_usage = include_usage
+        self._started = False
+        self._finished = False
+        self._tool_index = 0
+        self._base: dict[str, Any] = {"id": id, "object": "chat.completion.chunk",
+                                      "created": self.created, "model": model}
+
+    @property
+    def finished(self) -> bool:
+        """True once ``Done`` has been written."""
+        return self._finished
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        c = dict(self._base)
+        c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        return c
+
+    def start(self) -> list[dict[str, Any]]:
+        """The role chunk, if not sent yet (a bridge may flush it before any event)."""
+        if self._started:
+            return []
+        self._started = True
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def write(self, event: Event) -> list[dict[str, Any]]:
+        """The chunks for one event (possibly none)."""
+        if self._finished:
+            raise InvalidRequest("ChunkWriter: an event arrived after Done")
+        out = self.start()
+        if isinstance(event, Text):
+            if event.text:
+                out.append(self._chunk({"content": event.text}))
+        elif isinstance(event, Thinking):
+            if event.text:
+                out.append(self._chunk({"reasoning_content": event.text}))
+        elif isinstance(event, ToolUse):
+            args = event.raw_arguments or _dumps(dict(event.input or {}))
+            out.append(self._chunk({"tool_calls": [{
+                "index": self._tool_index, "id": event.id, "type": "function",
+                "function": {"name": event.name, "arguments": args},
+            }]}))
+            self._tool_index += 1
+        elif isinstance(event, Done):
+            self._finished = True
+            out.append(self._chunk({}, finish_reason(event.stop_reason)))
+            if self.include_usage:
+                c = dict(self._base)
+                c["choices"] = []
+                c["usage"] = usage_to_openai(event.usage)
+                out.append(c)
+        else:
+            raise InvalidRequest(f"ChunkWriter: unknown event {type(event).__name__}")
+        return out
+
+
+def _tool_call_out(call: ToolUse) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name,
+                         "arguments": call.raw_arguments or _dumps(dict(call.input or {}))}}
+
+
+def response_to_completion(
+    response: Response, *, model: str, id: str, created: int | None = None
+) -> dict[str, Any]:
+    """A whole reply as a non-streaming ``chat.completion`` object.
+
+    Reasoning goes in ``message.reasoning_content`` (the llama-server / vLLM /
+    DeepSeek convention) only when there is some.
+    """
+    message: dict[str, Any] = {"role": "assistant",
+                               "content": response.text if response.text or
+                               not response.tool_calls else None}
+    if response.thinking:
+        message["reasoning_content"] = response.thinking
+    if response.tool_calls:
+        message["tool_calls"] = [_tool_call_out(c) for c in response.tool_calls]
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish_reason(response.stop_reason)}],
+        "usage": usage_to_openai(response.done.usage),
+    }
+
+
+# =========================================================================== errors
+
+_ERROR_TYPES: dict[str, tuple[str, int]] = {
+    InvalidRequest.code: ("invalid_request_error", 400),
+    EmbedUnsupported.code: ("invalid_request_error", 400),
+    NotReady.code: ("server_error", 503),
+    QueueFull.code: ("rate_limit_error", 429),
+    BackendUnavailable.code: ("server_error", 502),
+    "model_load_error": ("server_error", 500),
+    "internal": ("server_error", 500),
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status a bridge should answer ``exc`` with (unknown errors: 500)."""
+    code = exc.code if isinstance(exc, InferdError) else "internal"
+    return _ERROR_TYPES.get(code, ("server_error", 500))[1]
+
+
+def error_object(exc: BaseException) -> dict[str, Any]:
+    """An OpenAI error object ``{"error": {message, type, code, param}}`` for ``exc``.
+
+    inferd errors keep their message (they never hold secrets); any other exception
+    is reported by type only, since its text may hold anything.
+    """
+    if isinstance(exc, InferdError):
+        message, code = exc.message, exc.code
+    else:
+        message, code = f"internal error ({type(exc).__name__}); see the server log", "internal"
+    etype = _ERROR_TYPES.get(code, ("server_error", 500))[0]
+    return {"error": {"message": message, "type": etype, "code": code, "param": None}}
+
+
+# =========================================================================== embeddings
+
+
+def embed_request_to_openai(request: EmbedRequest, *, model: str | None) -> dict[str, Any]:
+    """An ``/v1/embeddings`` body: the input list, plus ``dimensions`` when set."""
+    body: dict[str, Any] = {"input": list(request.input), "encoding_format": "float"}
+    if model is not None:
+        body["model"] = model
+    if request.dimensions is not None:
+        body["dimensions"] = request.dimensions
+    return body
+
+
+def embed_request_from_openai(body: Mapping[str, Any]) -> EmbedRequest:
+    """Read an ``/v1/embeddings`` request body (string or list input)."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("an embeddings request must be a JSON object")
+    inp = body.get("input")
+    if isinstance(inp, str):
+        inp = (inp,)
+    if not isinstance(inp, list) or not all(isinstance(s, str) for s in inp):
+        raise InvalidRequest("'input' must be a string or a list of strings "
+                             "(token arrays are not supported)")
+    fmt = body.get("encoding_format")
+    if fmt not in (None, "float"):
+        raise InvalidRequest(f"encoding_format={fmt!r} is not supported; use 'float'")
+    return EmbedRequest(tuple(inp), body.get("dimensions"))
+
+
+def embed_result_from_openai(body: Any, *, count: int) -> EmbedResult:
+    """An :class:`EmbedResult` from an ``/v1/embeddings`` response, in input order.
+
+    Upstreams may return ``data`` out of order; each item's ``index`` puts it back.
+    ``count`` is the number of inputs sent; anything else is an upstream fault.
+    """
+    data = body.get("data") if isinstance(body, Mapping) else None
+    if not isinstance(data, list):
+        raise BackendUnavailable("embeddings response has no 'data' list")
+    slots: list[tuple[float, ...] | None] = [None] * count
+    for pos, item in enumerate(data):
+        if not isinstance(item, Mapping) or not isinstance(item.get("embedding"), list):
+            raise BackendUnavailable(f"embeddings response data[{pos}] has no 'embedding' list")
+        idx = item.get("index", pos)
+        if not isinstance(idx, int) or not 0 <= idx < count or slots[idx] is not None:
+            raise BackendUnavailable(
+                f"embeddings response data[{pos}] has a bad or repeated index {idx!r}"
+            )
+        slots[idx] = tuple(float(x) for x in item["embedding"])
+    if any(v is None for v in slots):
+        raise BackendUnavailable(f"embeddings response has {len(data)} vectors for {count} "
+                                 "inputs")
+    vectors = tuple(v for v in slots if v is not None)
+    dims = {len(v) for v in vectors}
+    if len(dims) != 1:
+        raise BackendUnavailable(f"embeddings response vectors differ in length: {sorted(dims)}")
+    return EmbedResult(vectors, dims.pop(), str(body.get("model") or ""),
+                       usage_from_openai(body.get("usage")))
+
+
+def embed_result_to_openai(result: EmbedResult, *, model: str | None = None) -> dict[str, Any]:
+    """An ``/v1/embeddings`` response object for ``result`` (the bridge's answer)."""
+    u = result.usage
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": list(v)}
+                 for i, v in enumerate(result.embeddings)],
+        "model": model if model is not None else result.model,
+        "usage": {"prompt_tokens": u.input_tokens, "total_tokens": u.input_tokens},
+    }
+
