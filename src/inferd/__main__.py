@@ -1,0 +1,7 @@
+"""``python -m inferd`` is the ``inferd`` command."""
+
+import sys
+
+from inferd.cli import main
+
+sys.exit(main())

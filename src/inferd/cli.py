@@ -1,0 +1,231 @@
+"""The ``inferd`` command line.
+
+Every command prints one clear line on error (``inferd: error: ...``) and exits
+non-zero; tracebacks are for bugs only (``INFERD_DEBUG=1`` shows them anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import orjson
+
+from inferd import __version__, about, models
+from inferd.backend import Backend
+from inferd.errors import InferdError
+from inferd.types import Done, Request, Text, Thinking, ToolUse
+
+BACKENDS = ("llamacpp", "openai", "mock")
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"inferd: error: {message}\n")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inferd",
+        description="Run chat models locally (llama.cpp) or against any OpenAI-compatible "
+        "upstream, with one typed event stream.",
+    )
+    p.add_argument("--version", action="store_true", help="print version and build info")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="stream a reply to PROMPT",
+                         description="Stream a reply to PROMPT as it is generated.")
+    run.add_argument("prompt", help="the user message")
+    run.add_argument("--backend", choices=BACKENDS, default="llamacpp",
+                     help="where the model runs (default: llamacpp)")
+    run.add_argument("--model", default=None,
+                     help=f"model name or .gguf path (llamacpp, default {models.DEFAULT_MODEL}) "
+                     "or upstream model id (openai)")
+    run.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (openai)")
+    run.add_argument("--system", default=None, help="system message")
+    run.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    run.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    run.add_argument("--seed", type=int, default=None, help="sampling seed")
+    run.add_argument("--n-gpu-layers", type=int, default=None,
+                     help="layers to offload to a GPU (llamacpp)")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads (llamacpp)")
+    run.add_argument("--json", action="store_true", help="print one JSON event per line")
+
+    pull = sub.add_parser("pull", help="fetch a model into the store",
+                          description="Fetch and verify a model into the content-addressed "
+                          "store. NAME is a known model or a local .gguf file.")
+    pull.add_argument("name", help=f"one of {', '.join(sorted(models.KNOWN_MODELS))}, or a path")
+
+    sub.add_parser("models", help="list models in the store",
+                   description="List the store's models with names and sizes, and the known "
+                   "models that can be pulled.")
+    sub.add_parser("about", help="version, compiled cores and llama.cpp build")
+    for name, mod, text in (
+        ("serve", "inferd.serve.daemon", "run the inferd daemon on a Unix socket"),
+        ("bridge", "inferd.serve.bridge", "run the OpenAI-compatible HTTP bridge"),
+    ):
+        sp = sub.add_parser(name, help=text, add_help=False,
+                            description=f"{text}; see 'inferd {name} --help'.")
+        sp.add_argument("args", nargs=argparse.REMAINDER)
+        sp.set_defaults(module=mod)
+    bench = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)",
+                           description="Run bench/run_all.py from the current checkout.")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    """The backend ``inferd run`` streams from."""
+    if args.backend == "mock":
+        from inferd.backends.mock import Mock
+
+        return Mock(["This ", "is ", "the ", "mock ", "backend."])
+    if args.backend == "openai":
+        from inferd.backends.openai_compat import OpenAICompat
+
+        kw: dict[str, Any] = {}
+        if args.base_url:
+            kw["base_url"] = args.base_url
+        if args.model:
+            kw["model"] = args.model
+        return OpenAICompat(**kw)
+    from inferd.backends.llamacpp import LlamaCpp
+
+    kw = {}
+    if args.n_gpu_layers is not None:
+        kw["n_gpu_layers"] = args.n_gpu_layers
+    if args.threads is not None:
+        kw["n_threads"] = args.threads
+    path = models.resolve(args.model or models.DEFAULT_MODEL, progress=True)
+    return LlamaCpp(str(path), **kw)
+
+
+async def _stream(backend: Backend, request: Request, as_json: bool, out: TextIO) -> Done | None:
+    tty = out.isatty() and not os.environ.get("NO_COLOR")
+    done: Done | None = None
+    in_thinking = False
+    async with backend:
+        async for ev in backend.generate(request):
+            if as_json:
+                out.write(orjson.dumps(ev.to_dict()).decode() + "\n")
+            elif isinstance(ev, Thinking):
+                if not in_thinking and tty:
+                    out.write(DIM)
+                in_thinking = True
+                out.write(ev.text)
+            else:
+                if in_thinking:
+                    out.write(RESET + "\n" if tty else "\n")
+                    in_thinking = False
+                if isinstance(ev, Text):
+                    out.write(ev.text)
+                elif isinstance(ev, ToolUse):
+                    out.write("\n" + orjson.dumps(ev.to_dict()).decode() + "\n")
+            if isinstance(ev, Done):
+                done = ev
+            out.flush()
+    if in_thinking and tty:
+        out.write(RESET)
+    return done
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    request = Request.chat(
+        args.prompt, system=args.system, max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=args.seed,
+    )
+    backend = make_backend(args)
+    done = asyncio.run(_stream(backend, request, args.json, sys.stdout))
+    if done is not None and not args.json:
+        sys.stdout.write("\n")
+        t = done.timings
+        ttft = f"{t.ttft_s:.3f} s" if t.ttft_s is not None else "n/a"
+        tps = f"{t.tokens_per_s:.1f} tok/s" if t.tokens_per_s is not None else "n/a"
+        sys.stderr.write(
+            f"[{done.backend}: {done.usage.input_tokens} prompt + {done.usage.output_tokens} "
+            f"generated tokens, TTFT {ttft}, {tps}, {done.stop_reason.value}]\n"
+        )
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    path = models.pull(args.name, progress=models.print_progress, quiet=False)
+    print(path)
+    return 0
+
+
+def cmd_models(_: argparse.Namespace) -> int:
+    stored = models.list_models()
+    print(f"store: {models.store_dir()}")
+    if not stored:
+        print("(empty; try: inferd pull smollm2-135m)")
+    for m in stored:
+        names = ", ".join(m.names) or "-"
+        print(f"  {names:24} {m.size / 1e6:9.1f} MB  sha256:{m.sha256[:16]}")
+    print("known models:")
+    for k in sorted(models.KNOWN_MODELS.values(), key=lambda k: k.name):
+        print(f"  {k.name:24} {k.size / 1e6:9.1f} MB  {k.description} ({k.license})")
+    return 0
+
+
+def cmd_about(_: argparse.Namespace) -> int:
+    for key, value in about().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_delegate(args: argparse.Namespace) -> int:
+    mod = importlib.import_module(args.module)
+    rest = [a for a in args.args if a != "--"]
+    return int(mod.main(rest) or 0)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = os.path.join("bench", "run_all.py")
+    if not os.path.exists(script):
+        return _fail("inferd bench runs from a source checkout (bench/run_all.py not found here)")
+    import runpy
+
+    sys.argv = [script, *args.args]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "about": cmd_about,
+            "serve": cmd_delegate, "bridge": cmd_delegate, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        info = about()
+        print(f"inferd {__version__} (cores: {info['cores_in_use']}, "
+              f"llama.cpp: {info['llama_cpp']})")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninferd: interrupted\n")
+        return 130
+    except InferdError as e:
+        if os.environ.get("INFERD_DEBUG"):
+            raise
+        return _fail(e.message)
+    except (OSError, ImportError) as e:
+        if os.environ.get("INFERD_DEBUG"):
+            raise
+        return _fail(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
