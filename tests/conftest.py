@@ -25,6 +25,6 @@ def smollm2_path() -> Path:
 
     try:
         return models.resolve("smollm2-135m", pull=True, progress=False)
-    except Exception as e:  # noqa: BLE001 - reported as a skip locally, a failure in CI
+    except Exception as e:  # reported as a skip locally, a failure in CI
         missing(f"the smollm2-135m model ({e})")
         raise

@@ -273,7 +273,12 @@ def _pull_local(path: Path, store: Path, progress: Progress | None) -> Path:
         digest = _copy_hashing([lambda: path.open("rb")], total, f, progress)
         f.close()
         final = blob_path(digest, store)
-        if final.exists():
+        if final.exists() and digests_equal(hash_file(final), digest):
+            tmp.unlink()
+            index = _read_index(store)
+            index.setdefault(path.name, {"sha256": digest, "source": "file",
+                                         "pulled_at": int(time.time())})
+            _write_index(store, index)
             return final
         return _commit(tmp, digest, store, path.name, "file")
 
@@ -289,7 +294,10 @@ def resolve(name_or_path: str | os.PathLike[str], *, pull: bool = True,
     prog: Progress | None = print_progress if progress is True else (progress or None)
     text = os.fspath(name_or_path)
     p = Path(text).expanduser()
-    if text not in KNOWN_MODELS and (p.exists() or os.sep in text or text.endswith(".gguf")):
+    named = None if p.exists() else _read_index(store_dir()).get(text)
+    if named is None and text not in KNOWN_MODELS and (
+        p.exists() or os.sep in text or text.endswith(".gguf")
+    ):
         if not p.exists():
             raise ModelLoadError(f"model file {p} does not exist")
         return p
@@ -301,7 +309,6 @@ def resolve(name_or_path: str | os.PathLike[str], *, pull: bool = True,
         if not pull:
             raise ModelLoadError(f"model {text!r} is not in the store; run: inferd pull {text}")
         return _pull_into_store(text, progress=prog, quiet=prog is None)
-    named = _read_index(store_dir()).get(text)
     if named is not None:
         final = blob_path(str(named["sha256"]))
         if final.exists():

@@ -550,7 +550,7 @@ class Request:
 # --------------------------------------------------------------------------- events
 
 
-class StopReason(str, enum.Enum):
+class StopReason(enum.StrEnum):
     """Why a stream ended."""
 
     END_TURN = "end_turn"

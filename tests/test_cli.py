@@ -1,0 +1,67 @@
+"""The inferd command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def inferd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "inferd", *args], capture_output=True,
+                          text=True, env=e, timeout=300)
+
+
+def test_run_mock_streams_text_and_summary():
+    r = inferd("run", "--backend", "mock", "hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "This is the mock backend."
+    assert "[mock:" in r.stderr and "end_turn" in r.stderr
+
+
+def test_run_json_prints_one_event_per_line():
+    r = inferd("run", "--backend", "mock", "--json", "hello")
+    assert r.returncode == 0, r.stderr
+    events = [orjson.loads(line) for line in r.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["text"] * 5 + ["done"]
+    assert events[-1]["backend"] == "mock"
+
+
+def test_errors_are_one_line_and_nonzero():
+    r = inferd("run", "--backend", "mock", "--max-tokens", "0", "x")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["inferd: error: max_tokens=0 is out of range "
+                                            "[1, 10000000]"]
+    assert "Traceback" not in r.stderr
+    r = inferd("pull", "definitely-not-a-model")
+    assert r.returncode == 1 and r.stderr.startswith("inferd: error: no model named")
+
+
+def test_help_documents_every_command():
+    r = inferd("--help")
+    assert r.returncode == 0
+    for cmd in ("run", "pull", "models", "about", "serve", "bridge", "bench"):
+        assert cmd in r.stdout
+    r = inferd("run", "--help")
+    for flag in ("--backend", "--model", "--base-url", "--system", "--max-tokens",
+                 "--temperature", "--json"):
+        assert flag in r.stdout
+
+
+def test_version_reports_cores(tmp_path):
+    r = inferd("--version")
+    assert r.returncode == 0 and r.stdout.startswith("inferd ")
+    r = inferd("--version", env={"INFERD_NO_EXTENSIONS": "1"})
+    assert "cores: py" in r.stdout
+
+
+def test_models_lists_store(tmp_path):
+    r = inferd("models", env={"INFERD_HOME": str(tmp_path)})
+    assert r.returncode == 0
+    assert "empty" in r.stdout and "smollm2-135m" in r.stdout

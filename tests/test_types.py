@@ -1,0 +1,205 @@
+"""Request validation, immutability, reprs and JSON round trips of the public types."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import orjson
+import pytest
+
+from inferd import (
+    AcceleratorInfo,
+    Attachment,
+    AudioBlock,
+    Capabilities,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    ImageBlock,
+    InvalidRequest,
+    Message,
+    Request,
+    Response,
+    StopReason,
+    Text,
+    TextBlock,
+    Thinking,
+    Timings,
+    Tool,
+    ToolChoice,
+    ToolResultBlock,
+    ToolUse,
+    ToolUseBlock,
+    Usage,
+)
+from inferd.types import event_from_dict
+
+WEATHER = Tool("get_weather", "Weather for a city",
+               {"type": "object", "properties": {"city": {"type": "string"}}})
+
+
+def full_request() -> Request:
+    return Request(
+        messages=(
+            Message.system("be brief"),
+            Message.user([TextBlock("what is this?"), ImageBlock(attachment="img1")]),
+            Message.assistant([ToolUseBlock("call_1", "get_weather", {"city": "Oslo"})]),
+            Message.tool("call_1", "rainy"),
+            Message.user([AudioBlock(data=b"RIFF....", format="wav")]),
+        ),
+        tools=(WEATHER,),
+        tool_choice="auto",
+        temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, max_tokens=64,
+        stop=("\n\n",), seed=42,
+        thinking=True,
+        attachments=(Attachment("img1", "image", b"\x89PNG....", "image/png"),),
+    )
+
+
+def test_request_json_round_trip_is_lossless():
+    req = full_request()
+    again = Request.from_dict(orjson.loads(orjson.dumps(req.to_dict())))
+    assert again == req
+
+
+def test_types_are_immutable_and_slotted():
+    req = full_request()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.temperature = 1.0  # type: ignore[misc]
+    for obj in (Text("x"), Usage(), Timings(), Done(StopReason.END_TURN), TextBlock("x")):
+        assert not hasattr(obj, "__dict__")
+
+
+def test_reprs_are_readable_and_do_not_dump_binary():
+    att = Attachment("a", "image", b"x" * 100_000)
+    assert "100000 bytes" in repr(att) and "xxxx" not in repr(att)
+    assert repr(ImageBlock(data=b"abc")) == "ImageBlock(data=<3 bytes>, media_type='image/png')"
+    assert repr(StopReason.TOOL_USE) == "StopReason.TOOL_USE"
+    assert "Text(text='hi')" == repr(Text("hi"))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Text("héllo"),
+        Thinking("hmm"),
+        ToolUse("call_1", "f", {"a": [1, 2]}, '{"a":[1,2]}'),
+        ToolUse("call_2", "g", None, "{not json"),
+        Done(StopReason.MAX_TOKENS, Usage(3, 4, 1), Timings(0.1, 0.5, 20.0), "mock"),
+    ],
+)
+def test_event_json_round_trip(event):
+    assert event_from_dict(orjson.loads(orjson.dumps(event.to_dict()))) == event
+
+
+def test_done_accepts_plain_string_reason_and_replace():
+    d = Done("tool_use")  # type: ignore[arg-type]
+    assert d.stop_reason is StopReason.TOOL_USE
+    d2 = d.replace(backend="x")
+    assert d2.backend == "x" and d.backend is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"messages": ()}, "messages is empty"),
+        ({"messages": (Message.user(""),)}, "empty text"),
+        ({"messages": (Message("user", ()),)}, "has no content"),
+        ({"tools": (WEATHER, WEATHER)}, "duplicate tool name 'get_weather'"),
+        ({"tool_choice": "get_time", "tools": (WEATHER,)}, "'get_time', which is not among"),
+        ({"tool_choice": "required"}, "without any tools"),
+        ({"temperature": -0.1}, "temperature=-0.1 is out of range"),
+        ({"temperature": float("nan")}, "temperature=nan"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"top_k": -1}, "top_k=-1"),
+        ({"max_tokens": 0}, "max_tokens=0"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+        ({"stop": ("",)}, "stop sequences must be non-empty"),
+        ({"stop": tuple(str(i) for i in range(17))}, "17 stop sequences"),
+        ({"response_format": {"type": "yaml"}}, "response_format must be"),
+        ({"messages": (Message.user([ImageBlock(attachment="nope")]),)}, "'nope', which is not"),
+        ({"messages": (Message.user([ImageBlock(attachment="a")]),),
+          "attachments": (Attachment("a", "audio", b"x"),)}, "uses attachment 'a' as image"),
+        ({"messages": ("hi",)}, "messages[0] is a str"),
+    ],
+)
+def test_invalid_requests_are_rejected_with_a_clear_message(kwargs, needle):
+    base = {"messages": (Message.user("hi"),)}
+    base.update(kwargs)
+    with pytest.raises(InvalidRequest) as info:
+        Request(**base)
+    assert needle in str(info.value)
+
+
+def test_unknown_block_type_and_role_are_rejected():
+    with pytest.raises(InvalidRequest, match="unknown content block type 'video'"):
+        Message.from_dict({"role": "user", "content": [{"type": "video"}]})
+    with pytest.raises(InvalidRequest, match="unknown message role 'robot'"):
+        Message("robot", "hi")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="unknown content block dict"):
+        Message("user", [{"type": "text", "text": "x"}])  # type: ignore[list-item]
+    with pytest.raises(InvalidRequest, match="unknown request field"):
+        Request.from_dict({"messages": [], "temprature": 1})
+
+
+def test_tool_choice_forms():
+    assert ToolChoice.parse("none") == ToolChoice("none")
+    assert ToolChoice.parse("get_weather") == ToolChoice("tool", "get_weather")
+    fn = {"type": "function", "function": {"name": "get_weather"}}
+    assert ToolChoice.parse(fn) == ToolChoice("tool", "get_weather")
+    with pytest.raises(InvalidRequest):
+        ToolChoice("tool")
+    req = Request((Message.user("x"),), tools=(WEATHER,), tool_choice=fn)
+    assert req.tool_choice == ToolChoice("tool", "get_weather")
+
+
+def test_image_block_needs_exactly_one_source():
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        ImageBlock()
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        ImageBlock(data=b"x", url="http://x")
+
+
+def test_capabilities_cover_requests():
+    caps = Capabilities(tools=False, vision=False)
+    assert caps.covers(Request.chat("hi")) is None
+    assert caps.covers(Request((Message.user("x"),), tools=(WEATHER,))) == "no tool support"
+    img = Request((Message.user([ImageBlock(url="http://x/y.png")]),))
+    assert caps.covers(img) == "no vision support"
+    full = Capabilities(tools=True, vision=True, accelerator=AcceleratorInfo("cuda", 33, "H200"))
+    assert full.covers(img) is None
+    assert full.to_dict()["accelerator"]["device_name"] == "H200"
+
+
+def test_embed_types():
+    assert EmbedRequest("one").input == ("one",)
+    with pytest.raises(InvalidRequest, match="empty"):
+        EmbedRequest(())
+    with pytest.raises(InvalidRequest, match="dimensions=0"):
+        EmbedRequest(("a",), dimensions=0)
+    res = EmbedResult([[0.1, 0.2]], 2, "m", Usage(1))
+    assert EmbedResult.from_dict(orjson.loads(orjson.dumps(res.to_dict()))) == res
+    assert "<1 x 2>" in repr(res)
+
+
+def test_timings_measure_covers_decode_phase():
+    t = Timings.measure(start=10.0, first=10.5, end=12.5, tokens=5)
+    assert t.ttft_s == pytest.approx(0.5)
+    assert t.total_s == pytest.approx(2.5)
+    assert t.tokens_per_s == pytest.approx(2.0)
+    assert Timings.measure(0.0, None, 1.0, 1).tokens_per_s is None
+
+
+def test_response_collect():
+    r = Response.collect([Thinking("a"), Text("b"), Text("c"),
+                          ToolUse("1", "f", {}, "{}"), Done(StopReason.TOOL_USE)])
+    assert (r.text, r.thinking, len(r.tool_calls), r.stop_reason) == (
+        "bc", "a", 1, StopReason.TOOL_USE)
+
+
+def test_chat_helper_and_message_text():
+    req = Request.chat("hi", system="sys", max_tokens=5)
+    assert [m.role for m in req.messages] == ["system", "user"]
+    assert req.messages[1].text == "hi"
+    assert isinstance(req.messages[0].content[0], TextBlock)
+    assert Message.tool("c1", "ok").content == (ToolResultBlock("c1", "ok"),)
