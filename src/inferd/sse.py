@@ -1,0 +1,36 @@
+"""Server-sent events (``text/event-stream``), parsed the way browsers do.
+
+:class:`SSEParser` follows the WHATWG HTML "event stream interpretation" rules exactly,
+at any split of the input into chunks: UTF-8 with invalid bytes replaced (never an
+exception), one leading BOM stripped (also when split across chunks), CR / LF / CRLF
+line ends (``\\r\\r`` dispatches at once), comments, ``data`` lines joined with ``\\n``,
+the last event ID kept across events, ``retry`` only when all ASCII digits, and an
+incomplete event at end of stream discarded. Python SSE clients commonly get some of
+this wrong (a BOM that eats the first event, an ``event:``-only block that raises,
+``UnicodeDecodeError`` on a bad byte); upstreams do send all of these.
+
+Work is linear in the input and memory is bounded: an event, or a line, larger than
+``max_event_bytes`` raises :class:`SSEError` (a
+:class:`~inferd.errors.BackendUnavailable`) instead of growing without limit.
+
+The implementation is the compiled core when it is available, else its pure-Python
+twin (``INFERD_NO_EXTENSIONS=1`` forces the latter); :data:`IMPLEMENTATION` says which.
+Chat streams should use :class:`inferd.toolcalls.ChatStreamDecoder`, which fuses this
+framing with JSON decoding and chunk accumulation.
+"""
+
+from __future__ import annotations
+
+from inferd._fast import load
+
+_core = load("sse")
+
+SSEParser = _core.SSEParser
+SSEEvent = _core.SSEEvent
+SSEError = _core.SSEError
+DEFAULT_MAX_EVENT_BYTES: int = _core.DEFAULT_MAX_EVENT_BYTES
+
+#: ``"c"`` for the compiled core, ``"py"`` for the pure-Python twin.
+IMPLEMENTATION: str = _core.IMPLEMENTATION
+
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "IMPLEMENTATION", "SSEError", "SSEEvent", "SSEParser"]
