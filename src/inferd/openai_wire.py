@@ -692,7 +692,7 @@ def embed_request_from_openai(body: Mapping[str, Any]) -> EmbedRequest:
         raise InvalidRequest("an embeddings request must be a JSON object")
     inp = body.get("input")
     if isinstance(inp, str):
-        inp = (inp,)
+        inp = [inp]
     if not isinstance(inp, list) or not all(isinstance(s, str) for s in inp):
         raise InvalidRequest("'input' must be a string or a list of strings "
                              "(token arrays are not supported)")
