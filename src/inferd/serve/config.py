@@ -1,0 +1,219 @@
+"""The daemon's TOML configuration: backends in priority order, limits, paths.
+
+Example (``~/.config/inferd/config.toml``)::
+
+    [daemon]
+    socket = "/run/user/1000/inferd/infer.sock"   # default: see default_socket_path()
+    max_concurrent = 16        # generations running at once
+    max_queued = 64            # generations waiting for a slot; beyond: queue_full
+    drain_timeout_s = 30       # SIGTERM: how long in-flight requests may still run
+
+    [router]
+    failure_threshold = 3
+    failure_window_s = 60
+    open_for_s = 30
+
+    [[backend]]                # first = highest priority
+    type = "llamacpp"
+    model = "smollm2-135m"
+
+    [[backend]]
+    type = "openai"
+    base_url = "http://127.0.0.1:8080/v1"
+    model = "some-model"
+    api_key_env = "UPSTREAM_API_KEY"   # the key itself never appears in this file
+
+Why keys only by environment-variable name: a config file gets copied, committed and
+pasted into bug reports; an environment variable name is safe in all three. Every
+other ``[[backend]]`` key is passed to the backend's constructor as a keyword.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inferd.backend import Backend
+
+#: Where ``inferd serve`` looks for its configuration when ``--config`` is not given.
+DEFAULT_CONFIG_PATH = Path("~/.config/inferd/config.toml")
+#: Generations running at once.
+DEFAULT_MAX_CONCURRENT = 16
+#: Generations admitted but waiting for a running slot; one more gets ``queue_full``.
+DEFAULT_MAX_QUEUED = 64
+#: Seconds in-flight requests may still run after SIGTERM before they are cancelled.
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+#: Seconds the daemon waits for its backends to become ready before serving anyway.
+DEFAULT_LOAD_TIMEOUT_S = 600.0
+
+#: ``type`` in ``[[backend]]`` -> (module, class). Imported only when used.
+BACKEND_TYPES: dict[str, tuple[str, str]] = {
+    "mock": ("inferd.backends.mock", "Mock"),
+    "llamacpp": ("inferd.backends.llamacpp", "LlamaCpp"),
+    "openai": ("inferd.backends.openai_compat", "OpenAICompat"),
+}
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, not TOML, or names something wrong."""
+
+
+def default_socket_path() -> Path:
+    """``$XDG_RUNTIME_DIR/inferd/infer.sock``, else a per-user directory under /tmp.
+
+    XDG_RUNTIME_DIR is per-user, private and cleared at logout: the right home for a
+    socket. Without it, ``/tmp/inferd-<uid>/`` (created 0700 by the daemon).
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "inferd" / "infer.sock"
+    return Path("/tmp") / f"inferd-{os.getuid()}" / "infer.sock"
+
+
+def admin_socket_path(socket_path: Path) -> Path:
+    """The admin socket lives beside the inference socket."""
+    return socket_path.with_name("admin.sock")
+
+
+@dataclass
+class BackendSpec:
+    """One ``[[backend]]`` table: its type, constructor keywords, and key variable."""
+
+    type: str
+    options: dict[str, Any] = field(default_factory=dict)
+    api_key_env: str | None = None
+
+    def __repr__(self) -> str:  # options never hold the key itself, only its env name
+        return f"BackendSpec(type={self.type!r}, options={self.options!r}, " \
+               f"api_key_env={self.api_key_env!r})"
+
+
+@dataclass
+class Config:
+    socket: Path | None = None
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_queued: int = DEFAULT_MAX_QUEUED
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S
+    router: dict[str, Any] = field(default_factory=dict)
+    backends: list[BackendSpec] = field(default_factory=list)
+
+
+_DAEMON_KEYS = {"socket", "max_concurrent", "max_queued", "drain_timeout_s", "load_timeout_s"}
+_ROUTER_KEYS = {"failure_threshold", "failure_window_s", "open_for_s"}
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and check a config file; ``ConfigError`` says what is wrong and where."""
+    p = Path(path if path is not None else DEFAULT_CONFIG_PATH).expanduser()
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {p} not found; create it with at least one [[backend]] table, "
+            "or pass --config"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    return parse_config(data, where=str(p))
+
+
+def _positive(where: str, name: str, value: Any, *, integer: bool) -> Any:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or value < (1 if integer else 0):
+        kind = "a positive integer" if integer else "a non-negative number"
+        raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
+    return value
+
+
+def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
+    unknown = set(data) - {"daemon", "router", "backend"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; "
+                          "expected [daemon], [router], [[backend]]")
+    cfg = Config()
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, Mapping):
+        raise ConfigError(f"{where}: [daemon] must be a table")
+    bad = set(daemon) - _DAEMON_KEYS
+    if bad:
+        raise ConfigError(f"{where}: unknown [daemon] key(s) {sorted(bad)}; "
+                          f"known: {sorted(_DAEMON_KEYS)}")
+    if "socket" in daemon:
+        cfg.socket = Path(str(daemon["socket"])).expanduser()
+    for name in ("max_concurrent", "max_queued"):
+        if name in daemon:
+            setattr(cfg, name, _positive(where, name, daemon[name], integer=True))
+    for name in ("drain_timeout_s", "load_timeout_s"):
+        if name in daemon:
+            setattr(cfg, name, float(_positive(where, name, daemon[name], integer=False)))
+    router = data.get("router", {})
+    if not isinstance(router, Mapping) or set(router) - _ROUTER_KEYS:
+        raise ConfigError(f"{where}: [router] accepts only {sorted(_ROUTER_KEYS)}")
+    cfg.router = dict(router)
+    backends = data.get("backend", [])
+    if not isinstance(backends, list) or not backends:
+        raise ConfigError(f"{where}: no [[backend]] tables; configure at least one backend")
+    for i, table in enumerate(backends):
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: backend #{i + 1} must be a table")
+        opts = dict(table)
+        kind = opts.pop("type", None)
+        if kind not in BACKEND_TYPES:
+            raise ConfigError(f"{where}: backend #{i + 1} has type {kind!r}; "
+                              f"expected one of {sorted(BACKEND_TYPES)}")
+        if "api_key" in opts:
+            raise ConfigError(
+                f"{where}: backend #{i + 1} has api_key in the file; put the key in an "
+                "environment variable and name it with api_key_env instead"
+            )
+        key_env = opts.pop("api_key_env", None)
+        if key_env is not None and (not isinstance(key_env, str) or not key_env):
+            raise ConfigError(f"{where}: backend #{i + 1}: api_key_env must be a variable name")
+        cfg.backends.append(BackendSpec(kind, opts, key_env))
+    return cfg
+
+
+def build_backend(spec: BackendSpec, index: int = 0) -> Backend:
+    """Import the backend class lazily and construct it from the spec's keywords."""
+    module_name, cls_name = BACKEND_TYPES[spec.type]
+    label = f"backend #{index + 1} ({spec.type})"
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{label}: cannot import {module_name}.{cls_name}: {e}") from None
+    kwargs = dict(spec.options)
+    if spec.api_key_env is not None:
+        key = os.environ.get(spec.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"{label}: environment variable {spec.api_key_env} (api_key_env) is not set"
+            )
+        kwargs["api_key"] = key
+    if spec.type == "mock" and "tokens" in kwargs:
+        kwargs["tokens"] = tuple(kwargs["tokens"])
+    try:
+        return cls(**kwargs)  # type: ignore[no-any-return]
+    except TypeError as e:
+        # e names the bad keyword, never its value, so the key cannot leak here
+        raise ConfigError(f"{label}: bad setting: {e}") from None
+    except Exception as e:  # any constructor failure is a config problem
+        msg = getattr(e, "message", None) or str(e)
+        if spec.api_key_env is not None and kwargs.get("api_key"):
+            msg = msg.replace(kwargs["api_key"], "<redacted>")
+        raise ConfigError(f"{label}: {type(e).__name__}: {msg}") from None
+
+
+def build_backends(cfg: Config) -> list[Backend]:
+    """All configured backends, in priority order; closes what was built on failure."""
+    built: list[Backend] = []
+    for i, spec in enumerate(cfg.backends):
+        built.append(build_backend(spec, i))
+    return built
