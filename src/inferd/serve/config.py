@@ -127,8 +127,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 def _positive(where: str, name: str, value: Any, *, integer: bool) -> Any:
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or value < (1 if integer else 0):
-        kind = "a positive integer" if integer else "a non-negative number"
+    least = 0 if name == "max_queued" or not integer else 1
+    if isinstance(value, bool) or not ok_type or value < least:
+        kind = f"an integer >= {least}" if integer else "a non-negative number"
         raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
     return value
 

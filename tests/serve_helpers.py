@@ -1,0 +1,189 @@
+"""Helpers for tests that run the daemon and the bridge as real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+#: Seconds a subprocess may take to come up before the test fails.
+START_TIMEOUT_S = 20.0
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The test's environment with this checkout's ``src`` first on the path."""
+    old = os.environ.get("PYTHONPATH")
+    path = str(SRC) if not old else f"{SRC}{os.pathsep}{old}"
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return orjson.dumps(v).decode()
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def write_config(
+    path: Path,
+    backends: list[Mapping[str, Any]],
+    daemon: Mapping[str, Any] | None = None,
+    router: Mapping[str, Any] | None = None,
+) -> Path:
+    lines: list[str] = []
+    for section, table in (("daemon", daemon), ("router", router)):
+        if table:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    for b in backends:
+        lines.append("[[backend]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in b.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def short_tmpdir() -> Iterator[Path]:
+    """A short temporary directory: Unix socket paths are limited to ~107 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="ifd-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _admin_ready(admin: Path) -> dict[str, Any] | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(str(admin))
+        s.sendall(b'{"type":"status"}\n')
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+        status = orjson.loads(buf)
+        return status if status.get("status") == "ready" else None
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+class DaemonProc:
+    """``python -m inferd.serve.daemon`` with a config, its socket in a short dir."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: Path) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.admin = sock.with_name("admin.sock")
+
+    @classmethod
+    def start(
+        cls, config: Path, sock: Path, *args: str, wait: bool = True
+    ) -> DaemonProc:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inferd.serve.daemon", "--config", str(config),
+             "--socket", str(sock), *args],
+            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        d = cls(proc, sock)
+        if wait:
+            d.wait_ready()
+        return d
+
+    def wait_ready(self) -> dict[str, Any]:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited early: {self.proc.stderr.read().decode()}")
+            status = _admin_ready(self.admin)
+            if status is not None:
+                return status
+            time.sleep(0.05)
+        raise TimeoutError("daemon did not become ready")
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.terminate()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+class RawConn:
+    """A raw NDJSON connection to the daemon for protocol-level tests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, sock: Path) -> RawConn:
+        r, w = await asyncio.open_unix_connection(sock, limit=256 * 1024 * 1024)
+        return cls(r, w)
+
+    async def send(self, frame: Mapping[str, Any] | bytes) -> None:
+        data = frame if isinstance(frame, bytes) else orjson.dumps(frame) + b"\n"
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            raise EOFError("daemon closed the connection")
+        return orjson.loads(line)  # type: ignore[no-any-return]
+
+    async def until_terminal(self, ids: set[Any], timeout: float = 20.0) -> dict[Any, list]:
+        """Read until every id in ``ids`` has its done/error frame; frames by id."""
+        out: dict[Any, list] = {i: [] for i in ids}
+        left = set(ids)
+        while left:
+            f = await self.recv(timeout)
+            out.setdefault(f.get("id"), []).append(f)
+            if f["type"] in ("done", "error", "embedding"):
+                left.discard(f.get("id"))
+        return out
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def gen_frame(rid: Any, prompt: str = "hi", **kw: Any) -> dict[str, Any]:
+    from inferd.types import Request
+
+    return {"type": "generate", "id": rid, **Request.chat(prompt, **kw).to_dict()}
