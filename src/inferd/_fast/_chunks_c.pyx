@@ -161,22 +161,36 @@ cdef class ChunkAccumulator:
         return 0
 
     cdef int _delta(self, dict delta, list out) except -1:
-        cdef object think, text, calls, tc, fc
-        think = delta.get("reasoning_content")
-        if type(think) is not str or not think:
-            think = delta.get("reasoning")
+        # Same lookups as the Python twin, but once every key of the (small) delta is
+        # accounted for, the remaining lookups are skipped: they would all miss.
+        cdef object think = None, text, calls = None, tc, fc = None
+        cdef Py_ssize_t n = len(delta), found = 0
+        text = delta.get("content")
+        if text is not None:
+            found += 1
+        if found < n:
+            calls = delta.get("tool_calls")
+            if calls is not None:
+                found += 1
+        if found < n:
+            think = delta.get("reasoning_content")
+            if think is not None:
+                found += 1
+            if (type(think) is not str or not think) and found < n:
+                think = delta.get("reasoning")
+                if think is not None:
+                    found += 1
+            if found < n:
+                fc = delta.get("function_call")
         if type(think) is str and think:
             out.append(_text_event(_Thinking, <str> think))
-        text = delta.get("content")
         if type(text) is str and text:
             out.append(_text_event(_Text, <str> text))
-        calls = delta.get("tool_calls")
         if type(calls) is list:
             for tc in <list> calls:
                 if type(tc) is dict:
                     self._tool_delta(<dict> tc, (<dict> tc).get("function"),
                                      (<dict> tc).get("index"))
-        fc = delta.get("function_call")
         if type(fc) is dict:
             self._tool_delta(<dict> fc, fc, None)
         return 0
@@ -186,17 +200,21 @@ cdef class ChunkAccumulator:
         cdef _Call call
         cdef object idx
         cdef bint has_idx = type(idx_obj) is int
-        call_id = tc.get("id")
-        if type(call_id) is not str or not call_id:
-            call_id = None
-        ctype = tc.get("type")
-        if type(ctype) is not str or not ctype:
-            ctype = None
+        cdef Py_ssize_t found = (idx_obj is not None) + (fn is not None and fn is not tc)
+        call_id = ctype = None
+        if found < len(tc):  # continuation deltas carry only index and function
+            call_id = tc.get("id")
+            if type(call_id) is not str or not call_id:
+                call_id = None
+            ctype = tc.get("type")
+            if type(ctype) is not str or not ctype:
+                ctype = None
         if type(fn) is dict:
-            name = (<dict> fn).get("name")
-            if type(name) is not str or not name:
-                name = None
             args = (<dict> fn).get("arguments")
+            if args is None or len(<dict> fn) > 1:
+                name = (<dict> fn).get("name")
+                if type(name) is not str or not name:
+                    name = None
         if has_idx:
             call = self._by_index.get(idx_obj)
         else:

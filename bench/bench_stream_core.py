@@ -1,0 +1,262 @@
+"""Streaming-core benchmark: bytes of an OpenAI chat stream to events, against peers.
+
+Two measurements, every number a ratio against a peer timed in the same run:
+
+1. *Stream decode.* One generated ``chat.completion.chunk`` stream (content deltas,
+   parallel tool calls with fragmented arguments, keep-alive comments) is fed in
+   random 1..4096-byte slices to: our fused decoder (compiled core), its pure-Python
+   twin, openai-python's ``SSEDecoder`` + ``json.loads`` (as its ``Stream`` does, with
+   no accumulation at all), and a floor (``bytes.split`` + ``orjson.loads`` over the
+   whole buffer, no framing rules, no events). Reported: SSE events per second.
+2. *One huge tool-call argument.* A 1 MiB argument string in 20-byte deltas into our
+   ``ChunkAccumulator`` against openai-python's ``accumulate_delta`` (what its stream
+   helpers use to build the snapshot); a quarter-size run shows growth (linear: ~4x).
+
+``python bench/bench_stream_core.py [--smoke]``; ``--smoke`` runs tiny sizes once (CI).
+Medians over repeats; results also go to ``bench/results/stream_core.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from inferd._fast import load_twin  # noqa: E402
+
+WORDS = ("the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "é", " 😀",
+         "\n", " résumé", " naïve", " 中文", ",", ".", " model", " tokens")
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return orjson.dumps({
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG", "object": "chat.completion.chunk",
+        "created": 1741570283, "model": "gpt-4o-2024-08-06",
+        "system_fingerprint": "fp_eb9dce56a8",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    })
+
+
+def make_stream(n_events: int, seed: int = 7) -> tuple[bytes, int]:
+    """An SSE body with ``n_events`` data events (plus comments); returns (body, events)."""
+    rng = random.Random(seed)
+    parts: list[bytes] = [b"data: " + _chunk({"role": "assistant", "content": ""}) + b"\n\n"]
+    events = 1
+    next_call = 0
+    while events < n_events - 3:
+        r = rng.random()
+        if r < 0.02:
+            parts.append(b": keep-alive\n\n")
+        elif r < 0.03:
+            # A burst of 2-3 parallel tool calls, arguments in 3..15-byte fragments.
+            k = rng.randint(2, 3)
+            args = [orjson.dumps({"city": f"City {rng.randint(0, 999)}", "days": rng.randint(1, 9),
+                                  "units": "metric"}).decode() for _ in range(k)]
+            for j in range(k):
+                parts.append(b"data: " + _chunk({"tool_calls": [{
+                    "index": next_call + j, "id": f"call_{next_call + j:08d}", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}]}) + b"\n\n")
+                events += 1
+            pos = [0] * k
+            while any(pos[j] < len(args[j]) for j in range(k)):
+                j = rng.randrange(k)
+                if pos[j] >= len(args[j]):
+                    continue
+                step = rng.randint(3, 15)
+                frag = args[j][pos[j]:pos[j] + step]
+                pos[j] += step
+                parts.append(b"data: " + _chunk({"tool_calls": [{
+                    "index": next_call + j, "function": {"arguments": frag}}]}) + b"\n\n")
+                events += 1
+            next_call += k
+        else:
+            text = "".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
+            parts.append(b"data: " + _chunk({"content": text}) + b"\n\n")
+            events += 1
+    parts.append(b"data: " + _chunk({}, "tool_calls") + b"\n\n")
+    parts.append(b'data: {"id":"chatcmpl-B9","object":"chat.completion.chunk","choices":[],'
+                 b'"usage":{"prompt_tokens":120,"completion_tokens":99000}}\n\n')
+    parts.append(b"data: [DONE]\n\n")
+    return b"".join(parts), events + 3
+
+
+def slice_randomly(body: bytes, seed: int = 11) -> list[bytes]:
+    rng = random.Random(seed)
+    out, i = [], 0
+    while i < len(body):
+        n = rng.randint(1, 4096)
+        out.append(body[i:i + n])
+        i += n
+    return out
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+def run_ours(kind: str) -> Callable[[list[bytes], bytes], int]:
+    mod = load_twin("chunks", kind)
+
+    def run(slices: list[bytes], body: bytes) -> int:
+        dec = mod.ChatStreamDecoder()
+        n = 0
+        for s in slices:
+            n += len(dec.feed(s))
+        n += len(dec.close())
+        return n
+
+    return run
+
+
+def run_openai(slices: list[bytes], body: bytes) -> int:
+    from openai._streaming import SSEDecoder
+
+    n = 0
+    for sse in SSEDecoder().iter_bytes(iter(slices)):
+        if sse.data.startswith("[DONE]"):
+            break
+        json.loads(sse.data)
+        n += 1
+    return n
+
+
+def run_floor(slices: list[bytes], body: bytes) -> int:
+    n = 0
+    loads = orjson.loads
+    for block in body.split(b"\n\n"):
+        if block.startswith(b"data: {"):
+            loads(block[6:])
+            n += 1
+    return n
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_stream(n_events: int, repeats: int) -> dict[str, Any]:
+    body, events = make_stream(n_events)
+    slices = slice_randomly(body)
+    contenders: dict[str, Callable[[list[bytes], bytes], int]] = {
+        "fused C decoder": run_ours("c"),
+        "pure-Python twin": run_ours("py"),
+        "openai SSEDecoder + json.loads": run_openai,
+        "floor: split + orjson.loads": run_floor,
+    }
+    res: dict[str, Any] = {"events": events, "bytes": len(body), "slices": len(slices),
+                           "events_per_s": {}}
+    for name, fn in contenders.items():
+        fn(slices, body)  # warm-up
+        t = median_time(lambda fn=fn: fn(slices, body), repeats)
+        res["events_per_s"][name] = events / t
+    eps = res["events_per_s"]
+    res["ratios"] = {
+        "fused / openai": eps["fused C decoder"] / eps["openai SSEDecoder + json.loads"],
+        "fused / floor": eps["fused C decoder"] / eps["floor: split + orjson.loads"],
+        "python twin / openai": eps["pure-Python twin"] / eps["openai SSEDecoder + json.loads"],
+    }
+    return res
+
+
+def _arg_chunks(total: int, step: int = 20) -> list[dict[str, Any]]:
+    arg = orjson.dumps({"blob": "x" * (total - 12)}).decode()
+    chunks: list[dict[str, Any]] = [{"choices": [{"index": 0, "delta": {"tool_calls": [{
+        "index": 0, "id": "call_big", "type": "function",
+        "function": {"name": "store", "arguments": ""}}]}, "finish_reason": None}]}]
+    for i in range(0, len(arg), step):
+        chunks.append({"choices": [{"index": 0, "delta": {"tool_calls": [{
+            "index": 0, "function": {"arguments": arg[i:i + step]}}]}, "finish_reason": None}]})
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    return chunks
+
+
+def bench_big_args(total: int, repeats: int) -> dict[str, Any]:
+    from openai.lib.streaming._deltas import accumulate_delta
+
+    def ours(kind: str) -> Callable[[list[dict[str, Any]]], object]:
+        mod = load_twin("chunks", kind)
+
+        def run(chunks: list[dict[str, Any]]) -> object:
+            acc = mod.ChunkAccumulator()
+            for c in chunks:
+                acc.ingest(c)
+            return acc.finalize()
+
+        return run
+
+    def theirs(chunks: list[dict[str, Any]]) -> object:
+        snap: dict[object, object] = {}
+        for c in chunks:
+            snap = accumulate_delta(snap, c["choices"][0]["delta"])
+        return snap
+
+    res: dict[str, Any] = {}
+    for size in (total // 4, total):
+        blob = orjson.dumps(_arg_chunks(size))
+        row = {}
+        for name, fn in (("ours C", ours("c")), ("ours py", ours("py")),
+                         ("openai accumulate_delta", theirs)):
+            times = []
+            for _ in range(repeats):
+                chunks = orjson.loads(blob)  # fresh dicts: accumulate_delta keeps them
+                t0 = time.perf_counter()
+                fn(chunks)
+                times.append(time.perf_counter() - t0)
+            row[name] = statistics.median(times)
+        res[size] = row
+    small, big = total // 4, total
+    res["growth 4x size"] = {k: res[big][k] / res[small][k] for k in res[big]}
+    res["speedup vs openai"] = {k: res[big]["openai accumulate_delta"] / res[big][k]
+                                for k in ("ours C", "ours py")}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    n_events, repeats, total = args.events, args.repeats, 1 << 20
+    if args.smoke:
+        n_events, repeats, total = 2_000, 1, 1 << 14
+    s = bench_stream(n_events, repeats)
+    print(f"stream: {s['events']} events, {s['bytes']} bytes, {s['slices']} slices of 1..4096 B")
+    base = s["events_per_s"]["openai SSEDecoder + json.loads"]
+    for name, eps in s["events_per_s"].items():
+        print(f"  {name:32s} {eps:12,.0f} events/s  {eps / base:6.2f}x openai")
+    for name, r in s["ratios"].items():
+        print(f"  {name:32s} {r:6.2f}")
+    b = bench_big_args(total, 1 if args.smoke else 3)
+    print(f"tool-call argument of {total} B in 20-byte deltas (seconds, median):")
+    for size in (total // 4, total):
+        print(f"  {size:>8} B: " + ", ".join(f"{k} {v:.4f}" for k, v in b[size].items()))
+    print("  growth for 4x size: " + ", ".join(f"{k} {v:.1f}x"
+                                              for k, v in b["growth 4x size"].items()))
+    print("  speedup vs openai:  " + ", ".join(f"{k} {v:.0f}x"
+                                              for k, v in b["speedup vs openai"].items()))
+    if not args.smoke:
+        out = HERE / "results"
+        out.mkdir(exist_ok=True)
+        (out / "stream_core.json").write_text(json.dumps(
+            {"stream": s, "big_args": {str(k): v for k, v in b.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
