@@ -187,3 +187,45 @@ def gen_frame(rid: Any, prompt: str = "hi", **kw: Any) -> dict[str, Any]:
     from inferd.types import Request
 
     return {"type": "generate", "id": rid, **Request.chat(prompt, **kw).to_dict()}
+
+
+class BridgeProc:
+    """``python -m inferd.serve.bridge --port 0 ...``; the URL is read from its first line."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    @classmethod
+    def start(cls, *args: str, env: Mapping[str, str] | None = None) -> BridgeProc:
+        import selectors
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inferd.serve.bridge", "--port", "0", *args],
+            env=subprocess_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(START_TIMEOUT_S)
+        sel.close()
+        line = proc.stdout.readline().decode() if ready else ""
+        if "listening on " not in line:
+            proc.kill()
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"bridge did not start: {line!r} {err}")
+        return cls(proc, line.split("listening on ", 1)[1].strip())
+
+    def stop(self) -> int | None:
+        rc = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+        return rc

@@ -743,3 +743,30 @@ def embed_result_to_openai(result: EmbedResult, *, model: str | None = None) -> 
         "usage": {"prompt_tokens": u.input_tokens, "total_tokens": u.input_tokens},
     }
 
+
+
+# =========================================================================== embeddings, base64
+# Added for the HTTP bridge (issue 8): openai-python asks for ``encoding_format="base64"``
+# by default, so a server must answer it. Kept separate from the float path above.
+
+
+def embed_encoding_format(body: Mapping[str, Any]) -> str:
+    """The ``encoding_format`` an ``/v1/embeddings`` request asks for: float or base64."""
+    fmt = body.get("encoding_format") if isinstance(body, Mapping) else None
+    if fmt in (None, "float"):
+        return "float"
+    if fmt == "base64":
+        return "base64"
+    raise InvalidRequest(f"encoding_format={fmt!r} is not supported; use 'float' or 'base64'")
+
+
+def embed_result_to_openai_base64(
+    result: EmbedResult, *, model: str | None = None
+) -> dict[str, Any]:
+    """Like :func:`embed_result_to_openai`, each vector as base64 of little-endian float32."""
+    import struct
+
+    out = embed_result_to_openai(result, model=model)
+    for item, vec in zip(out["data"], result.embeddings, strict=True):
+        item["embedding"] = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+    return out
