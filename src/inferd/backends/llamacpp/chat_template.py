@@ -1,0 +1,147 @@
+"""Render a model's own Jinja chat template, the way llama-server and transformers do.
+
+GGUF files carry the template their model was trained with (``tokenizer.chat_template``).
+Rendering it -- rather than keeping a table of hand-written formats per model family --
+means any model works on day one. The template is untrusted input, so it runs in
+jinja2's ``ImmutableSandboxedEnvironment``. The variables follow the convention both
+llama-server and transformers use: ``messages`` (dicts with ``role``/``content``, plus
+``tool_calls`` / ``tool_call_id``), ``tools`` (OpenAI function form), ``add_generation_prompt``,
+``bos_token``, ``eos_token``, ``raise_exception`` and ``strftime_now``; ``tojson`` keeps
+non-ASCII text as is and accepts ``indent``, like transformers' filter.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from inferd.errors import InvalidRequest
+from inferd.types import (
+    AudioBlock,
+    ImageBlock,
+    Message,
+    TextBlock,
+    Tool,
+    ToolResultBlock,
+    ToolUseBlock,
+)
+
+
+class TemplateError(InvalidRequest):
+    """The template raised (``raise_exception``) or failed to render this conversation."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(f"the model's chat template refused the conversation: {message}")
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii,
+                      separators=tuple(separators) if separators else None, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise InvalidRequest(
+            f"the chat template does not parse (line {e.lineno}): {e.message}"
+        ) from None
+
+
+def message_to_dict(m: Message) -> dict[str, Any]:
+    """One message in the shape chat templates expect (OpenAI-like dicts)."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[ToolResultBlock] = []
+    for b in m.content:
+        if isinstance(b, TextBlock):
+            texts.append(b.text)
+        elif isinstance(b, ToolUseBlock):
+            calls.append({"id": b.id, "type": "function",
+                          "function": {"name": b.name, "arguments": dict(b.input)}})
+        elif isinstance(b, ToolResultBlock):
+            results.append(b)
+        elif isinstance(b, (ImageBlock, AudioBlock)):
+            raise InvalidRequest(
+                f"a {m.role} message carries {type(b).__name__}: this local model has no "
+                "vision/audio support"
+            )
+    d: dict[str, Any] = {"role": m.role, "content": "".join(texts)}
+    if calls:
+        d["tool_calls"] = calls
+    if results:
+        d["content"] = "".join(r.content for r in results) if not texts else d["content"]
+        d["tool_call_id"] = results[0].tool_use_id
+    return d
+
+
+def tool_to_dict(t: Tool) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": t.name, "description": t.description,
+                                             "parameters": dict(t.parameters)}}
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special tokens it may refer to."""
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
+        if not source or not source.strip():
+            raise InvalidRequest("the chat template is empty")
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = _compile(source)
+
+    def render(self, messages: Sequence[Message], *, tools: Sequence[Tool] = (),
+               add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The prompt text for ``messages`` (tools are passed only when there are some)."""
+        ctx: dict[str, Any] = {
+            "messages": [message_to_dict(m) for m in messages],
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
+        if tools:
+            ctx["tools"] = [tool_to_dict(t) for t in tools]
+        ctx.update(extra)
+        try:
+            return self._template.render(**ctx)
+        except TemplateError:
+            raise
+        except jinja2.exceptions.SecurityError as e:
+            raise InvalidRequest(f"the chat template tried an unsafe operation: {e}") from None
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
+            raise InvalidRequest(
+                f"the chat template failed to render this conversation: {type(e).__name__}: {e}"
+            ) from None
+
+
+def from_model(template: str | None, *, model_name: str, bos_token: str, eos_token: str,
+               override: str | None = None, extra: Mapping[str, Any] | None = None
+               ) -> ChatTemplate:
+    """The override if given, else the model's template, else a clear error."""
+    source = override if override is not None else template
+    if not source:
+        raise InvalidRequest(
+            f"model {model_name!r} has no chat template (tokenizer.chat_template is missing "
+            "from its GGUF metadata); pass chat_template='<jinja source>' to LlamaCpp"
+        )
+    return ChatTemplate(source, bos_token=bos_token, eos_token=eos_token)
