@@ -63,6 +63,9 @@ log = logging.getLogger("inferd.serve")
 
 #: Latency samples kept for the admin percentiles (a sliding window, bounded memory).
 METRICS_WINDOW = 1024
+#: Pending connections the listening socket queues (asyncio's default of 100 refuses
+#: bursts of clients that connect at once).
+LISTEN_BACKLOG = 1024
 #: How often the loading phase polls its backends for readiness.
 LOAD_POLL_S = 0.05
 
@@ -235,7 +238,9 @@ class Daemon:
         old = os.umask(0o177)  # sockets are born 0600: no window where others may connect
         try:
             self._admin = await asyncio.start_unix_server(self._serve_admin, self.admin_path)
-            self._server = await asyncio.start_unix_server(self._serve_client, self.socket_path)
+            self._server = await asyncio.start_unix_server(
+                self._serve_client, self.socket_path, backlog=LISTEN_BACKLOG
+            )
         except OSError as e:
             self._release_lock()
             raise DaemonError(f"cannot listen on {self.socket_path}: {e}") from None
