@@ -210,7 +210,10 @@ cdef cppbool _progress_cb(float progress, void * user_data) noexcept nogil:
         except BaseException as e:
             state[1] = e
             return False
-        return result is None or bool(result)
+        if result is None or result:
+            return True
+        state[1] = "the progress callback returned False"
+        return False
 
 
 cdef inline bytes _utf8(object text):
@@ -265,9 +268,10 @@ cdef class Model:
             if self.ptr != NULL:
                 llama_model_free(self.ptr)
                 self.ptr = NULL
+            cause = state[1] if isinstance(state[1], BaseException) else None
             raise ModelLoadError(
-                f"loading {self.path} was aborted by the progress callback: {state[1]!r}"
-            ) from state[1]
+                f"loading {self.path} was aborted: {state[1]}"
+            ) from cause
         if self.ptr == NULL:
             why = "; ".join(_recent) or "no reason given (see the inferd.llama logger)"
             raise ModelLoadError(f"libllama could not load {self.path}: {why}")

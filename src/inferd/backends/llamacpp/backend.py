@@ -35,8 +35,9 @@ from typing import Any
 from inferd.backend import Backend
 from inferd.backends.llamacpp import loader
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model
-from inferd.backends.llamacpp.grammar import grammar_for
-from inferd.backends.llamacpp.output import OutputParser, ParserFactory, plain_text
+from inferd.backends.llamacpp.output import OutputParser, ParserFactory
+from inferd.chat import parser_class
+from inferd.chat.plan import ChatPlan, plan_chat
 from inferd.errors import (
     BackendUnavailable,
     InferdError,
@@ -136,7 +137,10 @@ class LlamaCpp(Backend):
     :param n_threads: CPU threads (default: the CPUs this process may use).
     :param sha256: verify the file and load from a private verified copy.
     :param chat_template: Jinja source to use instead of the model's own.
-    :param output_parser: factory of the per-model output parser (plain text default).
+    :param output_parser: factory of the per-model output parser (default: the
+        ``inferd.chat`` parser of the model's tool format, which also reads thinking).
+    :param tool_format: tool-call format (``hermes``, ``llama3``, ``mistral``,
+        ``gemma4``, ``plain``); ``None`` detects it from the chat template.
     :param repeat_penalty, frequency_penalty, presence_penalty: sampler penalties.
     """
 
@@ -154,6 +158,7 @@ class LlamaCpp(Backend):
         chat_template: str | None = None,
         use_mmap: bool = True,
         output_parser: ParserFactory | None = None,
+        tool_format: str | None = None,
         repeat_penalty: float = 1.0,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
@@ -167,6 +172,9 @@ class LlamaCpp(Backend):
             raise InvalidRequest(f"n_batch={n_batch} must be >= 1")
         if name:
             self.name = name
+        if tool_format is not None:
+            parser_class(tool_format)  # an unknown name fails here, not per request
+        self._tool_format = tool_format
         L = _llama()
         self._closed = False
         self._mf: loader.ModelFile | None = None
@@ -193,7 +201,7 @@ class LlamaCpp(Backend):
         self._penalties = (repeat_penalty, frequency_penalty, presence_penalty)
         self._template_override = chat_template
         self._template: ChatTemplate | None = None
-        self._parser_factory: ParserFactory = output_parser or plain_text
+        self._parser_factory: ParserFactory | None = output_parser
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="inferd-llama")
         self._lock: asyncio.Lock | None = None
@@ -242,8 +250,8 @@ class LlamaCpp(Backend):
         return self._n_ctx
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(v2=True, tools=False, vision=False, audio=False,
-                            thinking=False, embed=True, accelerator=self.accelerator())
+        return Capabilities(v2=True, tools=True, vision=False, audio=False,
+                            thinking=True, embed=True, accelerator=self.accelerator())
 
     def accelerator(self) -> AcceleratorInfo:
         """Where this model computes, from ggml's backend device list."""
@@ -287,9 +295,14 @@ class LlamaCpp(Backend):
                                         eos_token=eos, override=self._template_override)
         return self._template
 
-    def render(self, request: Request) -> str:
+    def plan(self, request: Request) -> ChatPlan:
+        """Tool format, prompt inputs and grammar for ``request`` (``inferd.chat.plan``)."""
+        return plan_chat(self._template_source(), request, tool_format=self._tool_format)
+
+    def render(self, request: Request, plan: ChatPlan | None = None) -> str:
         """The prompt text the model sees for ``request``."""
-        return self.chat_template().render(request.messages, tools=request.tools,
+        plan = plan or self.plan(request)
+        return self.chat_template().render(plan.messages, tools=plan.tools,
                                            add_generation_prompt=True)
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
@@ -301,7 +314,7 @@ class LlamaCpp(Backend):
             toks.insert(0, m.bos)
         return toks
 
-    def _sampler(self, request: Request) -> Any:
+    def _sampler(self, request: Request, plan: ChatPlan | None = None) -> Any:
         L = _llama()
         rep, freq, pres = self._penalties
         try:
@@ -314,10 +327,28 @@ class LlamaCpp(Backend):
                 min_p=DEFAULT_MIN_P if request.min_p is None else float(request.min_p),
                 repeat_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
                 seed=request.seed,
-                grammar=grammar_for(request.response_format),
+                **self._grammar_args(plan or self.plan(request)),
             )
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
+
+    def _grammar_args(self, plan: ChatPlan) -> dict[str, Any]:
+        g = plan.grammar
+        if g is None:
+            return {}
+        if not g.lazy:
+            return {"grammar": g.text, "grammar_root": g.root}
+        if not getattr(_llama(), "LAZY_GRAMMAR", False):
+            return {}  # binding without lazy grammars: "auto" calls stay unconstrained
+        m = self._model
+        tokens = []
+        for word in g.trigger_tokens:
+            toks = m.tokenize(word, add_special=False, parse_special=True)
+            if len(toks) == 1:
+                tokens.append(toks[0])
+        return {"grammar": g.text, "grammar_root": g.root,
+                "grammar_trigger_patterns": list(g.trigger_patterns),
+                "grammar_trigger_tokens": tokens}
 
     # ------------------------------------------------------------------ generation
 
@@ -329,7 +360,8 @@ class LlamaCpp(Backend):
         reason = self.capabilities().covers(request)
         if reason is not None:
             raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {reason}")
-        prompt = self.render(request)
+        plan = self.plan(request)
+        prompt = self.render(request, plan)
         tokens = self.tokenize_prompt(prompt)
         n_prompt = len(tokens)
         if n_prompt >= self._n_ctx:
@@ -338,8 +370,12 @@ class LlamaCpp(Backend):
                 "shorten the conversation or create LlamaCpp with a larger n_ctx")
         room = self._n_ctx - n_prompt
         max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        sampler = self._sampler(request)
-        parser: OutputParser = self._parser_factory(self._template_source(), prompt, request)
+        sampler = self._sampler(request, plan)
+        parser: OutputParser = (
+            self._parser_factory(self._template_source(), prompt, request)
+            if self._parser_factory is not None else plan.parser(prompt))
+        # Tool-call and thinking sentinels are often control tokens: render them.
+        special = plan.format != "plain"
         stops = request.stop
 
         lock = self._get_lock()
@@ -375,7 +411,7 @@ class LlamaCpp(Backend):
                         stop_reason = StopReason.END_TURN
                         break
                     produced += 1
-                    pending += decoder.decode(model.token_to_piece(tok))
+                    pending += decoder.decode(model.token_to_piece(tok, special))
                     if stops:
                         at, _s = _earliest_stop(pending, stops)
                         if at >= 0:
@@ -419,6 +455,15 @@ class LlamaCpp(Backend):
             end = time.perf_counter()
             yield Done(stop_reason, Usage(n_prompt, produced, 0),
                        Timings.measure(start, first, end, produced), self.name)
+        except (InferdError, GeneratorExit, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            # A bug after the first event (e.g. in an output parser) must still end the
+            # stream as the contract says: BackendUnavailable, never a silent truncation.
+            if not started:
+                raise
+            raise BackendUnavailable(
+                f"generation failed mid-stream: {type(e).__name__}: {e}") from e
         finally:
             job.cancelled = True
             job.room.release(PIPELINE_DEPTH)  # wake a worker waiting for room, now
@@ -440,7 +485,6 @@ class LlamaCpp(Backend):
         ctx, model, batch = self._ctx, self._model, self._batch
         try:
             if ctx is None or ctx.closed:
-                job.put(("end",), wait=False)
                 return
             ctx.seq_rm(_SEQ)
             n, nb = len(tokens), self._n_batch

@@ -110,11 +110,13 @@ class ChatTemplate:
         self.eos_token = eos_token
         self._template = _compile(source)
 
-    def render(self, messages: Sequence[Message], *, tools: Sequence[Tool] = (),
+    def render(self, messages: Sequence[Message | dict[str, Any]], *,
+               tools: Sequence[Tool] = (),
                add_generation_prompt: bool = True, **extra: Any) -> str:
         """The prompt text for ``messages`` (tools are passed only when there are some)."""
         ctx: dict[str, Any] = {
-            "messages": [message_to_dict(m) for m in messages],
+            # Template-ready dicts (from inferd.chat.messages) pass through unchanged.
+            "messages": [m if isinstance(m, dict) else message_to_dict(m) for m in messages],
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,

@@ -28,7 +28,7 @@ number ::= "-"? ([0-9] | [1-9] [0-9]*) ("." [0-9]+)? ([eE] [-+]? [0-9]+)? ws
 integer ::= "-"? ([0-9] | [1-9] [0-9]*) ws
 boolean ::= ("true" | "false") ws
 null   ::= "null" ws
-ws     ::= ([ \t\n] ws)?
+ws     ::= | " " | "\n" [ \t]{0,20}
 '''.strip()
 
 #: Any JSON object (what ``{"type": "json_object"}`` asks for).

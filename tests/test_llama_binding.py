@@ -1,0 +1,319 @@
+"""The compiled llama.cpp binding (inferd._fast._llama) against the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from inferd.errors import ModelLoadError, NotReady
+
+from .conftest import missing
+
+pytestmark = pytest.mark.llama
+
+
+@pytest.fixture(scope="module")
+def L():
+    try:
+        from inferd._fast import _llama
+    except ImportError as e:
+        missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
+    return _llama
+
+
+@pytest.fixture(scope="module")
+def model(L, smollm2_path):
+    m = L.Model(str(smollm2_path))
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def ctx(L, model):
+    c = L.Context(model, n_ctx=512, n_batch=128, n_seq_max=4)
+    yield c
+    c.close()
+
+
+def _prompt(model, text="Hello"):
+    return model.tokenize(
+        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        add_special=False, parse_special=True,
+    )
+
+
+def test_devices_and_system_info(L):
+    devs = L.devices()
+    assert any(d["type"] == "cpu" for d in devs)
+    assert all({"type", "name", "description", "memory_total", "memory_free"} <= d.keys()
+               for d in devs)
+    assert "CPU" in L.system_info() or "AVX" in L.system_info()
+
+
+def test_metadata(model):
+    assert model.architecture == "llama"
+    assert model.n_ctx_train == 8192
+    assert model.n_embd == 576
+    assert model.n_vocab == 49152
+    assert "SmolLM2" in model.name or "Smollm2" in model.name
+    assert "<|im_start|>" in model.chat_template
+    assert model.meta("general.architecture") == "llama"
+    assert model.meta("no.such.key") is None
+    meta = model.metadata()
+    assert meta["general.architecture"] == "llama"
+    assert model.is_eog(model.eos)
+    assert model.token_text(model.eos) in ("<|im_end|>", "<|endoftext|>")
+
+
+def test_progress_callback_and_abort(L, smollm2_path):
+    seen: list[float] = []
+    m = L.Model(str(smollm2_path), progress=seen.append)
+    m.close()
+    assert seen and seen[-1] == pytest.approx(1.0)
+    assert seen == sorted(seen)
+    with pytest.raises(ModelLoadError, match="aborted"):
+        L.Model(str(smollm2_path), progress=lambda p: False)
+
+    def boom(p):
+        raise RuntimeError("stop loading")
+
+    with pytest.raises(ModelLoadError, match="stop loading"):
+        L.Model(str(smollm2_path), progress=boom)
+
+
+def test_tokenize_roundtrip_unicode(model):
+    text = "Héllo, 日本語 🙂 world"
+    toks = model.tokenize(text, add_special=False)
+    assert model.detokenize(toks) == text
+    raw = b"".join(model.token_to_piece(t) for t in toks)
+    assert raw.decode("utf-8") == text
+    # some pieces are parts of one UTF-8 character: why the backend joins bytes first
+    assert any(_incomplete(model.token_to_piece(t)) for t in toks)
+
+
+def _incomplete(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def test_special_tokens_parse_only_when_asked(model):
+    plain = model.tokenize("<|im_end|>", add_special=False, parse_special=False)
+    special = model.tokenize("<|im_end|>", add_special=False, parse_special=True)
+    assert len(special) == 1 and model.is_eog(special[0])
+    assert len(plain) > 1
+    assert model.token_to_piece(special[0]) == b""
+    assert model.token_to_piece(special[0], special=True) == b"<|im_end|>"
+
+
+def test_bad_token_ids_are_errors_not_crashes(model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.token_to_piece(10**6)
+    with pytest.raises(ValueError):
+        model.detokenize([-1])
+    with pytest.raises(TypeError):
+        model.tokenize(123)
+
+
+def test_greedy_decode_is_deterministic(L, model, ctx):
+    def run() -> list[int]:
+        ctx.seq_rm(0)
+        toks = _prompt(model, "Name three colours.")
+        b = L.Batch(128)
+        last = b.add_sequence(toks, 0, 0)
+        ctx.decode(b)
+        s = L.Sampler(model, temperature=0)
+        out = [s.sample(ctx, last)]
+        pos = len(toks)
+        for _ in range(15):
+            out.append(ctx.step(s, out[-1], pos))
+            pos += 1
+        return out
+
+    assert run() == run()
+
+
+def test_seeded_sampling_repeats(L, model, ctx):
+    def run(seed: int) -> list[int]:
+        ctx.seq_rm(0)
+        toks = _prompt(model, "Tell me a word.")
+        b = L.Batch(128)
+        last = b.add_sequence(toks, 0, 0)
+        ctx.decode(b)
+        s = L.Sampler(model, temperature=1.0, top_k=100, top_p=1.0, min_p=0.0, seed=seed,
+                      repeat_penalty=1.1, frequency_penalty=0.1, presence_penalty=0.1)
+        out = [s.sample(ctx, last)]
+        for i in range(10):
+            out.append(ctx.step(s, out[-1], len(toks) + i))
+        return out
+
+    assert run(7) == run(7)
+
+
+def test_batch_holds_several_sequences(L, model, ctx):
+    a = _prompt(model, "Hi")
+    b = _prompt(model, "Tell me about the sea")
+    batch = L.Batch(256, n_seq_max=2)
+    ia = batch.add_sequence(a, 0, 0)
+    ib = batch.add_sequence(b, 0, 1)
+    assert len(batch) == len(a) + len(b)
+    ctx.decode(batch)
+    assert ctx.seq_pos_max(0) == len(a) - 1
+    assert ctx.seq_pos_max(1) == len(b) - 1
+    s0, s1 = L.Sampler(model, temperature=0), L.Sampler(model, temperature=0)
+    t0, t1 = s0.sample(ctx, ia), s1.sample(ctx, ib)
+    # next tokens of both sequences in one decode
+    batch.clear()
+    j0 = batch.add(t0, len(a), 0, logits=True)
+    j1 = batch.add(t1, len(b), [1], logits=True)
+    ctx.decode(batch)
+    assert s0.sample(ctx, j0) >= 0 and s1.sample(ctx, j1) >= 0
+    # a shared prefix: copy sequence 0 into 2
+    ctx.seq_cp(0, 2)
+    assert ctx.seq_pos_max(2) == len(a)
+    assert ctx.seq_rm(1)
+    assert ctx.seq_pos_max(1) == -1
+    assert ctx.seq_pos_max(0) == len(a)
+    ctx.clear()
+    assert ctx.seq_pos_max(0) == -1 and ctx.seq_pos_max(2) == -1
+
+
+def test_batch_limits(L):
+    b = L.Batch(2, n_seq_max=2)
+    b.add(1, 0, 0)
+    b.add(1, 1, [0, 1])
+    with pytest.raises(OverflowError):
+        b.add(1, 2, 0)
+    b.clear()
+    with pytest.raises(OverflowError):
+        b.add_sequence([1, 2, 3], 0, 0)
+    with pytest.raises(ValueError):
+        b.add(1, 0, [0, 1, 2])
+    with pytest.raises(ValueError):
+        L.Batch(0)
+
+
+def test_context_full_is_an_error(L, model):
+    c = L.Context(model, n_ctx=256, n_batch=256)
+    n = c.n_ctx  # libllama may round the size up
+    c.close()
+    c = L.Context(model, n_ctx=n, n_batch=n)
+    b = L.Batch(n)
+    b.add_sequence([100 + i % 1000 for i in range(n)], 0, 0)
+    c.decode(b)
+    b.clear()
+    b.add(11, n, 0, logits=True)
+    with pytest.raises((RuntimeError, ValueError)):
+        c.decode(b)
+    c.close()
+
+
+def test_grammar_constrains_output(L, model, ctx):
+    ctx.seq_rm(0)
+    toks = _prompt(model, "Say anything.")
+    b = L.Batch(128)
+    last = b.add_sequence(toks, 0, 0)
+    ctx.decode(b)
+    s = L.Sampler(model, temperature=0, grammar='root ::= "yes" | "no"')
+    out = [s.sample(ctx, last)]
+    pos = len(toks)
+    while not model.is_eog(out[-1]) and len(out) < 10:
+        out.append(ctx.step(s, out[-1], pos))
+        pos += 1
+    assert model.detokenize(out) in ("yes", "no")
+    with pytest.raises(ValueError, match="grammar"):
+        L.Sampler(model, grammar="root ::= (")
+
+
+def test_sampler_rejects_bad_values(L, model):
+    with pytest.raises(ValueError):
+        L.Sampler(model, temperature=-1)
+    with pytest.raises(ValueError):
+        L.Sampler(model, top_p=2.0)
+    with pytest.raises(ValueError):
+        L.Sampler(model, repeat_penalty=0.0)
+
+
+def test_embeddings_pooled_truncated_normalised(L, model):
+    c = L.Context(model, n_ctx=256, n_batch=256, embeddings=True, pooling="mean")
+    b = L.Batch(256)
+
+    def emb(text, dims=None):
+        c.clear()
+        b.clear()
+        b.add_sequence(model.tokenize(text), 0, 0)
+        c.decode(b)
+        return c.embedding(0, dimensions=dims)
+
+    full = emb("a cat sat on the mat")
+    assert len(full) == model.n_embd
+    assert sum(x * x for x in full) == pytest.approx(1.0, abs=1e-5)
+    short = emb("a cat sat on the mat", 32)
+    assert len(short) == 32
+    assert sum(x * x for x in short) == pytest.approx(1.0, abs=1e-5)
+    assert emb("a cat sat on the mat") == pytest.approx(full, abs=1e-5)
+    assert emb("quantum chromodynamics") != pytest.approx(full, abs=1e-3)
+    with pytest.raises(ValueError):
+        c.embedding(0, dimensions=0)
+    c.close()
+    plain = L.Context(model, n_ctx=64)
+    with pytest.raises(RuntimeError, match="embeddings=True"):
+        plain.embedding(0)
+    plain.close()
+
+
+def test_decode_releases_the_gil(L, model):
+    c = L.Context(model, n_ctx=512, n_batch=256, n_threads=1)
+    b = L.Batch(256)
+    b.add_sequence(list(range(100, 228)), 0, 0)
+    ticks = 0
+    done = threading.Event()
+
+    def work():
+        for _ in range(2):
+            c.seq_rm(0)
+            c.decode(b)
+        done.set()
+
+    t = threading.Thread(target=work)
+    t.start()
+    while not done.is_set():
+        ticks += 1
+        time.sleep(0.001)
+    t.join()
+    c.close()
+    assert ticks > 5  # the main thread kept running while libllama computed
+
+
+def test_use_after_close_is_a_clear_error(L, smollm2_path):
+    m = L.Model(str(smollm2_path))
+    c = L.Context(m, n_ctx=64)
+    s = L.Sampler(m, temperature=0)
+    m.close()
+    m.close()  # idempotent
+    assert m.closed and c.closed
+    for call in (lambda: m.tokenize("x"), lambda: m.name, lambda: c.n_ctx,
+                 lambda: c.seq_rm(0), lambda: s.accept(1), lambda: L.Context(m),
+                 lambda: L.Sampler(m)):
+        with pytest.raises(NotReady, match="closed"):
+            call()
+    assert "closed" in repr(m)
+
+
+def test_log_routing_is_quiet_and_capturable(L, smollm2_path, capfd, caplog):
+    import logging
+
+    L.set_log_level(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="inferd.llama"):
+            L.Model(str(smollm2_path)).close()
+    finally:
+        L.set_log_level(logging.WARNING)
+    assert any(r.name == "inferd.llama" for r in caplog.records)
+    L.Model(str(smollm2_path)).close()
+    _out, err = capfd.readouterr()
+    assert "llama_model_loader" not in err  # nothing leaks to stderr by default
