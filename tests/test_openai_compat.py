@@ -38,6 +38,7 @@ from inferd.types import (
     Tool,
 )
 
+from .conftest import missing
 from .upstream import (
     ERROR_MIDSTREAM,
     QUIRKS,
@@ -198,10 +199,29 @@ async def test_empty_key_sends_no_authorization(up):
     assert "Authorization" not in up.requests("nokey")[0].headers
 
 
+@pytest.fixture(params=["c", "py"])
+def twin(request, monkeypatch):
+    """Run a test over both decoder twins (the compiled core and the Python one)."""
+    from inferd._fast import load_twin
+    from inferd.backends.openai_compat import adapter
+
+    try:
+        mod = load_twin("chunks", request.param)
+    except ImportError as e:
+        missing(f"the compiled streaming core ({e})")
+    monkeypatch.setattr(adapter, "ChatStreamDecoder", mod.ChatStreamDecoder)
+    return request.param
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["recorded", "bytewise"])
 @pytest.mark.parametrize("name", sorted(QUIRKS))
-async def test_recorded_quirks_decode(up, name):
+async def test_recorded_quirks_decode(up, twin, name, bytewise):
     quirk = QUIRKS[name]
-    async with make(up.script(name, Stream(quirk.pieces))) as b:
+    pieces = quirk.pieces
+    if bytewise:  # every byte its own write: events split at every possible point
+        raw = b"".join(pieces)
+        pieces = [raw[i:i + 1] for i in range(len(raw))]
+    async with make(up.script(name, Stream(pieces))) as b:
         events = await collect(b)
     assert events[:-1] == quirk.events[:-1]
     done = events[-1]
