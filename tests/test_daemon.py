@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from inferd.errors import BackendUnavailable, InvalidRequest
+from inferd.errors import BackendUnavailable, InvalidRequest, NotReady
 from inferd.serve import wire
 from inferd.serve.client import Client, admin_status
 from inferd.serve.config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
@@ -351,3 +351,59 @@ def test_default_socket_path_follows_xdg_runtime_dir(monkeypatch) -> None:
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     p = default_socket_path()
     assert p.name == "infer.sock" and str(os.getuid()) in p.parent.name
+
+
+async def test_admin_reports_loading_progress_then_ready() -> None:
+    """In-process: the sockets answer while a slow loader runs in its thread."""
+    import threading
+
+    from inferd.backends.mock import Mock
+    from inferd.serve.daemon import Daemon
+
+    gate = threading.Event()
+
+    def loader(progress) -> Mock:
+        progress(0, 0.25)
+        gate.wait(10)
+        return Mock(["x"], name="late")
+
+    with short_tmpdir() as d:
+        daemon = Daemon(None, d / "infer.sock")
+        task = asyncio.create_task(daemon.run(loader, backend_count=2))
+        await wait_for(lambda: _async(daemon.admin_path.exists()))
+        st = await admin_status(d / "infer.sock")
+        assert st["status"] == "loading" and st["progress"] == 0.125
+        client = Client(d / "infer.sock")
+        with pytest.raises(NotReady, match="still loading"):
+            async for _ in client.generate(Request.chat("hi")):
+                pass
+        gate.set()
+
+        async def is_ready() -> bool:
+            return (await admin_status(d / "infer.sock"))["status"] == "ready"
+
+        await wait_for(is_ready)
+        events = [e async for e in client.generate(Request.chat("hi"))]
+        assert events[-1].backend == "late"
+        await client.aclose()
+        os.kill(os.getpid(), 15)  # the daemon's loop handler turns it into a drain
+        assert await asyncio.wait_for(task, 10) == 0
+        assert not daemon.socket_path.exists()
+
+
+async def test_load_failure_is_a_daemon_error() -> None:
+    from inferd.errors import ModelLoadError
+    from inferd.serve.daemon import Daemon, DaemonError
+
+    def loader(progress):
+        raise ModelLoadError("model file /nowhere.gguf is missing")
+
+    with short_tmpdir() as d:
+        daemon = Daemon(None, d / "infer.sock")
+        with pytest.raises(DaemonError, match=r"nowhere\.gguf is missing"):
+            await daemon.run(loader)
+        assert not daemon.socket_path.exists() and not daemon.lock_path.exists()
+
+
+async def _async(value):
+    return value

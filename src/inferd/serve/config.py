@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,8 +182,14 @@ def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
     return cfg
 
 
-def build_backend(spec: BackendSpec, index: int = 0) -> Backend:
-    """Import the backend class lazily and construct it from the spec's keywords."""
+def build_backend(
+    spec: BackendSpec, index: int = 0, progress: Callable[[float], Any] | None = None
+) -> Backend:
+    """Import the backend class lazily and construct it from the spec's keywords.
+
+    ``progress`` (a fraction 0..1) is passed to backends that load something big
+    (llamacpp) unless the config set its own.
+    """
     module_name, cls_name = BACKEND_TYPES[spec.type]
     label = f"backend #{index + 1} ({spec.type})"
     try:
@@ -198,6 +204,8 @@ def build_backend(spec: BackendSpec, index: int = 0) -> Backend:
                 f"{label}: environment variable {spec.api_key_env} (api_key_env) is not set"
             )
         kwargs["api_key"] = key
+    if progress is not None and spec.type == "llamacpp" and "progress" not in kwargs:
+        kwargs["progress"] = progress
     if spec.type == "mock" and "tokens" in kwargs:
         kwargs["tokens"] = tuple(kwargs["tokens"])
     try:
@@ -212,9 +220,18 @@ def build_backend(spec: BackendSpec, index: int = 0) -> Backend:
         raise ConfigError(f"{label}: {type(e).__name__}: {msg}") from None
 
 
-def build_backends(cfg: Config) -> list[Backend]:
-    """All configured backends, in priority order; closes what was built on failure."""
+def build_backends(
+    cfg: Config, progress: Callable[[int, float], Any] | None = None
+) -> list[Backend]:
+    """All configured backends, in priority order.
+
+    ``progress(index, fraction)`` follows the loading (the daemon's admin status shows
+    it). Runs blocking constructors: call it in a worker thread from async code.
+    """
     built: list[Backend] = []
     for i, spec in enumerate(cfg.backends):
-        built.append(build_backend(spec, i))
+        one = None if progress is None else (lambda f, i=i: progress(i, f))
+        built.append(build_backend(spec, i, one))
+        if progress is not None:
+            progress(i, 1.0)
     return built

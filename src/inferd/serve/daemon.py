@@ -38,12 +38,12 @@ import stat
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from inferd.backend import Backend
-from inferd.errors import BackendUnavailable, InferdError, InvalidRequest, QueueFull
+from inferd.errors import BackendUnavailable, InferdError, InvalidRequest, NotReady, QueueFull
 from inferd.serve import wire
 from inferd.serve.config import (
     DEFAULT_CONFIG_PATH,
@@ -57,7 +57,7 @@ from inferd.serve.config import (
     default_socket_path,
     load_config,
 )
-from inferd.types import Done, EmbedRequest, Request
+from inferd.types import Capabilities, Done, EmbedRequest, EmbedResult, Event, Request
 
 log = logging.getLogger("inferd.serve")
 
@@ -74,6 +74,30 @@ Status = Literal["starting", "loading", "ready", "draining"]
 
 class DaemonError(Exception):
     """The daemon cannot start (socket held by another daemon, path unusable)."""
+
+
+class _Loading(Backend):
+    """Stands in while the configured backends load: requests get a clear ``NotReady``."""
+
+    name = "loading"
+
+    def ready(self) -> bool:
+        return False
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        raise NotReady("the daemon is still loading its backends; retry shortly "
+                       "(the admin socket shows the progress)")
+        yield  # pragma: no cover - makes this an async generator
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        raise NotReady("the daemon is still loading its backends; retry shortly")
+
+
+#: Builds the backend in a worker thread; gets ``progress(index, fraction)``.
+Loader = Callable[[Callable[[int, float], None]], Backend]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -154,7 +178,7 @@ class Daemon:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend | None,
         socket_path: str | os.PathLike[str] | None = None,
         *,
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
@@ -165,7 +189,9 @@ class Daemon:
     ) -> None:
         if max_concurrent < 1 or max_queued < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queued >= 0")
-        self.backend = backend
+        self.backend: Backend = backend if backend is not None else _Loading()
+        self._load_fractions: dict[int, float] = {}
+        self._load_count = 1
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
         self.admin_path = admin_socket_path(self.socket_path)
         self.lock_path = self.socket_path.with_name(self.socket_path.name + ".lock")
@@ -261,8 +287,14 @@ class Daemon:
             if not self.backend.ready():
                 log.warning("backend not ready after %.0fs; serving anyway", self.load_timeout_s)
 
+    def _report_progress(self, index: int, fraction: float) -> None:
+        """Called from the loading thread; a float store is atomic enough for a gauge."""
+        self._load_fractions[index] = max(0.0, min(1.0, float(fraction)))
+
     def load_progress(self) -> float:
-        """Fraction of backends ready (a backend may report finer ``load_progress``)."""
+        """Fraction loaded: per-backend progress while constructing, then readiness."""
+        if isinstance(self.backend, _Loading):
+            return sum(self._load_fractions.values()) / max(1, self._load_count)
         backends = list(getattr(self.backend, "backends", (self.backend,)))
         total = 0.0
         for b in backends:
@@ -273,17 +305,40 @@ class Daemon:
                 total += float(p() if callable(p) else p or 0.0)
         return total / len(backends)
 
-    async def run(self) -> int:
-        """Start, serve until SIGTERM/SIGINT, drain, clean up. Returns the exit code."""
+    async def _load(self, loader: Loader, count: int, stop: asyncio.Event) -> bool:
+        """Build the backend in a thread while the sockets answer; False if stopped first."""
+        self.status = "loading"
+        self._load_count = max(1, count)
+        job = asyncio.ensure_future(asyncio.to_thread(loader, self._report_progress))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not job.done():  # SIGTERM while loading: the thread finishes on its own
+            job.add_done_callback(lambda j: j.exception())
+            return False
+        try:
+            self.backend = job.result()
+        except Exception as e:
+            msg = getattr(e, "message", None) or str(e)
+            raise DaemonError(f"loading the backends failed: {type(e).__name__}: {msg}") from e
+        return True
+
+    async def run(self, loader: Loader | None = None, backend_count: int = 1) -> int:
+        """Start, (load,) serve until SIGTERM/SIGINT, drain, clean up. Returns 0.
+
+        With a ``loader`` the sockets come up first and the admin socket reports
+        ``loading`` with progress while it runs in a worker thread.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            loader = asyncio.create_task(self.wait_loaded())
-            await stop.wait()
-            loader.cancel()
+            if loader is None or await self._load(loader, backend_count, stop):
+                waiter = asyncio.create_task(self.wait_loaded())
+                await stop.wait()
+                waiter.cancel()
             await self.drain()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -591,10 +646,12 @@ async def serve_main(args: argparse.Namespace) -> int:
     from inferd.router import Router
 
     cfg = load_config(args.config)
-    backends = build_backends(cfg)
-    router = Router(backends, **cfg.router)
+
+    def loader(progress: Callable[[int, float], None]) -> Backend:
+        return Router(build_backends(cfg, progress), **cfg.router)
+
     daemon = Daemon(
-        router,
+        None,
         args.socket or cfg.socket,
         max_concurrent=args.max_concurrent or cfg.max_concurrent,
         max_queued=args.max_queued if args.max_queued is not None else cfg.max_queued,
@@ -604,11 +661,7 @@ async def serve_main(args: argparse.Namespace) -> int:
                         else cfg.load_timeout_s),
         max_frame_bytes=args.max_frame_bytes,
     )
-    try:
-        return await daemon.run()
-    except BaseException:
-        await router.aclose()
-        raise
+    return await daemon.run(loader, len(cfg.backends))
 
 
 def run_args(args: argparse.Namespace) -> int:
