@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
+import socket
 import time
 
 import pytest
@@ -369,6 +371,32 @@ async def test_connection_refused_names_cause_and_url(caplog):
     assert "connection failed" in msg and "127.0.0.1:9/v1/chat/completions" in msg
     assert "gave up after 2 attempts" in msg
     assert KEY not in msg and KEY not in caplog.text and KEY not in repr(b)
+
+
+async def test_connect_timeout():
+    # A listening socket whose accept queue is full: SYNs go unanswered, connect hangs.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        fillers.append(c)
+    try:
+        await asyncio.sleep(0.05)
+        async with make(f"http://127.0.0.1:{port}", connect_timeout=0.3, max_retries=0) as b:
+            t0 = time.perf_counter()
+            with pytest.raises(BackendUnavailable, match=r"connect timed out after 0\.3s"):
+                await collect(b)
+            assert time.perf_counter() - t0 < 3
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
 
 
 async def test_read_timeout_before_first_byte(up):

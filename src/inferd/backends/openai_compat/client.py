@@ -72,6 +72,7 @@ AUTH_STATUSES = frozenset({401, 403})
 
 _DNS_ERROR: type[BaseException] = getattr(aiohttp, "ClientConnectorDNSError", ())  # type: ignore[assignment]
 _TLS_ERRORS = (aiohttp.ClientSSLError,)
+_CONNECT_TIMEOUT: type[BaseException] = getattr(aiohttp, "ConnectionTimeoutError", ())  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------- secrets
@@ -261,7 +262,9 @@ def connection_error(exc: BaseException, url: str, *, timeouts: aiohttp.ClientTi
     elif isinstance(exc, aiohttp.ClientConnectorError):
         os_err = exc.os_error
         cause = f"connection failed ({os_err.strerror or type(os_err).__name__})"
-    elif isinstance(exc, aiohttp.ServerTimeoutError) and "connect" in str(exc).lower():
+    elif isinstance(exc, _CONNECT_TIMEOUT) or (
+        isinstance(exc, aiohttp.ServerTimeoutError) and "connect" in str(exc).lower()
+    ):
         cause = f"connect timed out after {timeouts.connect or timeouts.sock_connect}s"
     elif isinstance(exc, aiohttp.ServerTimeoutError):
         cause = f"read timed out: no data for {timeouts.sock_read}s"
