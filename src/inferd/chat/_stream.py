@@ -65,7 +65,10 @@ def find_first(buf: str, sentinels: Iterable[str], start: int = 0) -> tuple[int,
 def holdback(buf: str, sentinels: Iterable[str]) -> int:
     """Length of the longest suffix of ``buf`` that is a proper prefix of a sentinel."""
     keep = 0
+    last = buf[-1:]
     for s in sentinels:
+        if not last or last not in s:
+            continue  # the common case: the buffer cannot end inside this sentinel
         for n in range(min(len(s) - 1, len(buf)), keep, -1):
             if buf.endswith(s[:n]):
                 keep = n

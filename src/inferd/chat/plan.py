@@ -1,0 +1,95 @@
+"""Everything a local backend needs to serve one request's tools, in one decision.
+
+Given the model's chat template and a request, :func:`plan_chat` decides once:
+
+* the *effective* tool format: ``tool_format=`` if given, else the template's
+  fingerprint; a template that cannot render tools gets the built-in Hermes-style
+  prompt (:mod:`inferd.chat.tool_prompt`), so its replies are read as ``hermes``;
+* the messages (and tools) to render, in the shapes templates expect;
+* the grammar (tool_choice / response_format), raising InvalidRequest up front for a
+  combination or schema that cannot be served;
+* how to build the output parser for the rendered prompt.
+
+The backend renders ``messages``/``tools`` with its Jinja renderer, applies
+``grammar`` to its sampler, and feeds generated text to ``parser(prompt)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferd.chat import SentinelParser, parser_for
+from inferd.chat.fingerprints import detect_format
+from inferd.chat.grammar import Grammar, GrammarLimits
+from inferd.chat.messages import template_messages, template_tools
+from inferd.chat.tool_grammar import request_grammar
+from inferd.chat.tool_prompt import (
+    TOOL_PROMPT_FORMAT,
+    fold_tools_into_messages,
+    template_supports_tools,
+)
+from inferd.types import Request, Tool
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """The decisions for one request (see the module docstring)."""
+
+    format: str
+    template: str | None
+    messages: list[dict[str, Any]]
+    tools: tuple[Tool, ...]
+    grammar: Grammar | None
+    folded: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def parser(self, prompt: str) -> SentinelParser:
+        """A fresh output parser for a reply to ``prompt``."""
+        return parser_for(self.template, prompt, tool_format=self.format, **self.options)
+
+
+def effective_format(template: str | None, request: Request,
+                     tool_format: str | None = None) -> str:
+    """The format replies are parsed in (and calls are constrained to)."""
+    fmt = tool_format or detect_format(template)
+    if request.tools and fmt == "plain" and not template_supports_tools(template):
+        return TOOL_PROMPT_FORMAT
+    return fmt
+
+
+def plan_chat(
+    template: str | None,
+    request: Request,
+    *,
+    tool_format: str | None = None,
+    limits: GrammarLimits | None = None,
+    parallel_tool_calls: bool = False,
+) -> ChatPlan:
+    """Decide format, prompt inputs and grammar for ``request`` on this template."""
+    fmt = effective_format(template, request, tool_format)
+    messages = template_messages(request.messages)
+    tools = tuple(request.tools)
+    folded = bool(tools) and not template_supports_tools(template)
+    if folded:
+        messages = fold_tools_into_messages(messages, template_tools(tools))
+        tools = ()
+    grammar = request_grammar(
+        request, fmt, parallel=parallel_tool_calls,
+        mistral_v11=bool(template) and "[ARGS]" in template,  # type: ignore[operator]
+        limits=limits,
+    )
+    return ChatPlan(fmt, template, messages, tools, grammar, folded)
+
+
+def chat_parser_factory(
+    tool_format: str | None = None,
+) -> Callable[[str | None, str, Request], SentinelParser]:
+    """``factory(chat_template, prompt, request)``: the llama.cpp backend's parser seam."""
+
+    def factory(chat_template: str | None, prompt: str, request: Request) -> SentinelParser:
+        fmt = effective_format(chat_template, request, tool_format)
+        return parser_for(chat_template, prompt, tool_format=fmt)
+
+    return factory
