@@ -184,3 +184,48 @@ def test_fuzzed_frames_never_crash_the_daemon(
         fuzz_conn.sendall(f.replace(b"\n", b" ") + b"\n")
     _probe(fuzz_conn, next(_counter))
     assert daemon.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+#: Concurrent clients against the real local model.
+LLAMA_CLIENTS = 16
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+async def test_16_clients_on_smollm2(smollm2_path) -> None:
+    try:
+        import inferd._fast._llama  # noqa: F401
+    except ImportError as e:
+        from .conftest import missing
+
+        missing(f"the compiled llama.cpp core ({e})")
+    with short_tmpdir() as d:
+        cfg = write_config(d / "c.toml", [
+            # one thread: on a busy 2-core CI box llama.cpp's spinning threads contend ~10x
+            {"type": "llamacpp", "model": str(smollm2_path), "n_ctx": 512, "n_threads": 1,
+             "name": "smol"},
+        ])
+        proc = DaemonProc.start(cfg, d / "infer.sock")
+        try:
+            client = Client(proc.sock)
+
+            async def one(i: int) -> list:
+                req = Request.chat(f"Count to {i + 3}.", max_tokens=4, temperature=0.0)
+                return [ev async for ev in client.generate(req)]
+
+            results = await asyncio.wait_for(
+                asyncio.gather(*(one(i) for i in range(LLAMA_CLIENTS)), return_exceptions=True),
+                LOAD_TIMEOUT_S * 2)
+            await client.aclose()
+            for events in results:
+                assert isinstance(events, list), events
+                assert sum(isinstance(e, Done) for e in events) == 1
+                assert isinstance(events[-1], Done) and events[-1].backend == "smol"
+                assert 1 <= events[-1].usage.output_tokens <= 4
+            st_ = await admin_status(proc.sock)
+            assert st_["counters"]["requests"] == LLAMA_CLIENTS
+            assert st_["counters"]["ttft_s"]["p50"] is not None
+        finally:
+            proc.stop()
