@@ -10,7 +10,9 @@ Two measurements, every number a ratio against a peer timed in the same run:
    whole buffer, no framing rules, no events). Reported: SSE events per second.
 2. *One huge tool-call argument.* A 1 MiB argument string in 20-byte deltas into our
    ``ChunkAccumulator`` against openai-python's ``accumulate_delta`` (what its stream
-   helpers use to build the snapshot); a quarter-size run shows growth (linear: ~4x).
+   helpers use to build the snapshot), on the already-parsed delta dicts; a
+   quarter-size run shows growth (linear: ~4x) and a 2 MiB run (one repeat) shows
+   where the quadratic peer is heading.
 
 ``python bench/bench_stream_core.py [--smoke]``; ``--smoke`` runs tiny sizes once (CI).
 Medians over repeats; results also go to ``bench/results/stream_core.json``.
@@ -185,7 +187,7 @@ def _arg_chunks(total: int, step: int = 20) -> list[dict[str, Any]]:
     return chunks
 
 
-def bench_big_args(total: int, repeats: int) -> dict[str, Any]:
+def bench_big_args(total: int, repeats: int, extra: bool = False) -> dict[str, Any]:
     from openai.lib.streaming._deltas import accumulate_delta
 
     def ours(kind: str) -> Callable[[list[dict[str, Any]]], object]:
@@ -206,13 +208,14 @@ def bench_big_args(total: int, repeats: int) -> dict[str, Any]:
         return snap
 
     res: dict[str, Any] = {}
-    for size in (total // 4, total):
+    sizes = (total // 4, total, total * 2) if extra else (total // 4, total)
+    for size in sizes:
         blob = orjson.dumps(_arg_chunks(size))
         row = {}
         for name, fn in (("ours C", ours("c")), ("ours py", ours("py")),
                          ("openai accumulate_delta", theirs)):
             times = []
-            for _ in range(repeats):
+            for _ in range(repeats if size <= total else 1):
                 chunks = orjson.loads(blob)  # fresh dicts: accumulate_delta keeps them
                 t0 = time.perf_counter()
                 fn(chunks)
@@ -221,8 +224,9 @@ def bench_big_args(total: int, repeats: int) -> dict[str, Any]:
         res[size] = row
     small, big = total // 4, total
     res["growth 4x size"] = {k: res[big][k] / res[small][k] for k in res[big]}
-    res["speedup vs openai"] = {k: res[big]["openai accumulate_delta"] / res[big][k]
-                                for k in ("ours C", "ours py")}
+    for size in sizes:
+        res[f"speedup vs openai at {size} B"] = {
+            k: res[size]["openai accumulate_delta"] / res[size][k] for k in ("ours C", "ours py")}
     return res
 
 
@@ -242,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:32s} {eps:12,.0f} events/s  {eps / base:6.2f}x openai")
     for name, r in s["ratios"].items():
         print(f"  {name:32s} {r:6.2f}")
-    b = bench_big_args(total, 1 if args.smoke else 3)
+    b = bench_big_args(total, 1 if args.smoke else 3, extra=not args.smoke)
     print(f"tool-call argument of {total} B in 20-byte deltas (seconds, median):")
-    for size in (total // 4, total):
+    sizes = [k for k in b if isinstance(k, int)]
+    for size in sizes:
         print(f"  {size:>8} B: " + ", ".join(f"{k} {v:.4f}" for k, v in b[size].items()))
-    print("  growth for 4x size: " + ", ".join(f"{k} {v:.1f}x"
-                                              for k, v in b["growth 4x size"].items()))
-    print("  speedup vs openai:  " + ", ".join(f"{k} {v:.0f}x"
-                                              for k, v in b["speedup vs openai"].items()))
+        print("            speedup vs openai: " + ", ".join(
+            f"{k} {v:.0f}x" for k, v in b[f"speedup vs openai at {size} B"].items()))
+    print(f"  growth {total // 4} B -> {total} B (4x; linear = ~4x): " + ", ".join(
+        f"{k} {v:.1f}x" for k, v in b["growth 4x size"].items()))
     if not args.smoke:
         out = HERE / "results"
         out.mkdir(exist_ok=True)
