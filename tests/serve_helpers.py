@@ -197,13 +197,23 @@ class BridgeProc:
         self.url = url
 
     @classmethod
-    def start(cls, *args: str, env: Mapping[str, str] | None = None) -> BridgeProc:
-        import selectors
-
+    def start(
+        cls, *args: str, env: Mapping[str, str] | None = None, wait: bool = True
+    ) -> BridgeProc:
         proc = subprocess.Popen(
             [sys.executable, "-m", "inferd.serve.bridge", "--port", "0", *args],
             env=subprocess_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
+        bridge = cls(proc, "")
+        if wait:
+            bridge.wait_url()
+        return bridge
+
+    def wait_url(self) -> str:
+        """Read the 'listening on URL' line (bridges may start in parallel, then wait)."""
+        import selectors
+
+        proc = self.proc
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -214,7 +224,8 @@ class BridgeProc:
             proc.kill()
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise RuntimeError(f"bridge did not start: {line!r} {err}")
-        return cls(proc, line.split("listening on ", 1)[1].strip())
+        self.url = line.split("listening on ", 1)[1].strip()
+        return self.url
 
     def stop(self) -> int | None:
         rc = None

@@ -41,10 +41,13 @@ def bridges() -> Iterator[dict[str, BridgeProc]]:
         try:
             for dp in daemons:
                 dp.wait_ready()
-            procs["plain"] = BridgeProc.start("--socket", str(daemons[0].sock))
+            procs["plain"] = BridgeProc.start("--socket", str(daemons[0].sock), wait=False)
             procs["tools"] = BridgeProc.start("--socket", str(daemons[1].sock),
-                                              "--api-key-env", KEY_ENV, env={KEY_ENV: KEY})
-            procs["flaky"] = BridgeProc.start("--config", str(flaky_cfg))  # in-process
+                                              "--api-key-env", KEY_ENV, env={KEY_ENV: KEY},
+                                              wait=False)
+            procs["flaky"] = BridgeProc.start("--config", str(flaky_cfg), wait=False)  # in-proc
+            for bp in procs.values():
+                bp.wait_url()
             yield procs
         finally:
             for bp in procs.values():

@@ -174,7 +174,7 @@ def _probe(s: socket.socket, tag: int) -> None:
 _counter = iter(range(10**9))
 
 
-@settings(max_examples=80, deadline=None,
+@settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frames=st.lists(_frames, min_size=1, max_size=4))
 def test_fuzzed_frames_never_crash_the_daemon(
