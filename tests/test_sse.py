@@ -107,6 +107,11 @@ def test_rules_at_every_split(sse: ModuleType, raw: bytes, expected: list[tuple]
         assert run(sse, chunks) == expected, chunks
 
 
+def test_retry_too_long_for_int_is_ignored(sse: ModuleType) -> None:
+    raw = b"retry: " + b"9" * 5000 + b"\ndata: a\n\nretry: 3\ndata: b\n\n"
+    assert run(sse, [raw]) == [E("a"), E("b", retry=3)]
+
+
 def test_event_type_and_defaults(sse: ModuleType) -> None:
     ev = sse.SSEParser().feed(b"data: x\n\n")[0]
     assert isinstance(ev, sse.SSEEvent)

@@ -144,7 +144,10 @@ class _SSEScanner:
                 self._id = value.decode("utf-8", "replace")
         elif name == b"retry":
             if value and value.isdigit():  # bytes.isdigit is ASCII-only
-                self._retry = int(value)
+                try:
+                    self._retry = int(value)
+                except ValueError:  # more digits than int() accepts: ignore the field
+                    pass
         # any other field name is ignored, as the standard says
 
     def _dispatch(self) -> None:

@@ -166,7 +166,10 @@ cdef class _SSEScanner:
             for k in range(vstart, n):
                 if q[k] < 48 or q[k] > 57:
                     return 0
-            self._retry = int(PyBytes_FromStringAndSize(<const char*> q + vstart, vlen))
+            try:
+                self._retry = int(PyBytes_FromStringAndSize(<const char*> q + vstart, vlen))
+            except ValueError:  # more digits than int() accepts: ignore the field
+                pass
         return 0
 
     cdef int _dispatch(self) except -1:
