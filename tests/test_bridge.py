@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -205,3 +206,30 @@ async def test_daemon_down_is_a_clear_error() -> None:
             assert "is `inferd serve` running" in body["error"]["message"]
         finally:
             assert bridge.stop() == 0
+
+
+async def test_http_client_leaving_a_stream_cancels_the_generation() -> None:
+    from inferd.serve.client import admin_status
+
+    with short_tmpdir() as d:
+        cfg = write_config(d / "slow.toml", [
+            {"type": "mock", "name": "slow", "tokens": ["x"] * 200, "delay": 0.02}])
+        daemon = DaemonProc.start(cfg, d / "infer.sock")
+        bridge = BridgeProc.start("--socket", str(daemon.sock))
+        try:
+            async with aiohttp.ClientSession() as h:
+                async with h.post(f"{bridge.url}/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                }) as r:
+                    assert r.status == 200
+                    await r.content.readline()  # the first SSE line, then hang up
+            for _ in range(100):  # bounded wait: the 4 s stream is cancelled long before
+                st = await admin_status(daemon.sock)
+                if st["counters"]["cancelled"] == 1 and st["queue"]["running"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"generation not cancelled: {st}")
+        finally:
+            bridge.stop()
+            daemon.stop()
