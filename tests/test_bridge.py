@@ -233,3 +233,20 @@ async def test_http_client_leaving_a_stream_cancels_the_generation() -> None:
         finally:
             bridge.stop()
             daemon.stop()
+
+
+async def test_body_limit_is_a_413_error_object_in_process() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from inferd.backends.mock import Mock
+    from inferd.serve.bridge import make_app
+
+    app = make_app(Mock(["ok"]), max_body_bytes=1024)
+    async with TestClient(TestServer(app)) as tc:
+        r = await tc.post("/v1/chat/completions", data=b"{" + b" " * 2048 + b"}")
+        assert r.status == 413
+        body = await r.json()
+        assert body["error"]["code"] == "413" and "1024" in body["error"]["message"]
+        r = await tc.post("/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "ok"

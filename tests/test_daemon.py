@@ -407,3 +407,40 @@ async def test_load_failure_is_a_daemon_error() -> None:
 
 async def _async(value):
     return value
+
+
+def test_metrics_window_is_bounded_and_percentiles_are_nearest_rank() -> None:
+    from inferd.serve.daemon import METRICS_WINDOW, Metrics, percentiles
+
+    assert METRICS_WINDOW == 1024
+    m = Metrics(window=10)
+    for i in range(100):
+        m.ttft_s.append(float(i))
+    assert len(m.ttft_s) == 10 and min(m.ttft_s) == 90.0
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    p = percentiles([float(i) for i in range(1, 101)])
+    assert (p["p50"], p["p90"], p["p99"]) == (50.0, 90.0, 99.0)
+
+
+async def test_small_client_stream_buffer_still_delivers_everything(daemon: DaemonProc) -> None:
+    client = Client(daemon.sock, stream_buffer_frames=2)
+    got = []
+    async for ev in client.generate(Request.chat("hi", max_tokens=30)):
+        got.append(ev)
+        await asyncio.sleep(0.005)  # slower than the 10 ms producer only now and then
+    assert got[:-1] == [Text(t) for t in TOKENS[:30]] and isinstance(got[-1], Done)
+    await client.aclose()
+
+
+async def test_load_timeout_serves_anyway() -> None:
+    from inferd.backends.mock import Mock
+    from inferd.serve.daemon import Daemon
+
+    with short_tmpdir() as d:
+        daemon = Daemon(Mock(ready=False), d / "infer.sock", load_timeout_s=0.1)
+        await daemon.start()
+        try:
+            await asyncio.wait_for(daemon.wait_loaded(), 5)
+            assert daemon.status == "ready"
+        finally:
+            await daemon.close()

@@ -86,15 +86,12 @@ async def _errors_and_auth(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as e:  # 404, 405, 413 ... as OpenAI error objects too
         if e.status < 400:
             raise
-        return _http_error(e.status, f"{e.reason}: {request.method} {request.path}",
-                           str(e.status), "invalid_request_error")
+        what = e.text if e.status == 413 else f"{e.reason}: {request.method} {request.path}"
+        return _http_error(e.status, what, str(e.status), "invalid_request_error")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise InvalidRequest(f"request body too large (limit {MAX_BODY_BYTES} bytes)") from None
+    raw = await request.read()  # over client_max_size: 413, as an error object (middleware)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import signal
 import socket
@@ -111,7 +112,7 @@ def percentiles(samples: Sequence[float]) -> dict[str, float | None]:
     n = len(s)
 
     def rank(p: float) -> float:
-        return s[min(n - 1, max(0, round(p * n + 0.5) - 1))]
+        return s[min(n - 1, max(0, math.ceil(p * n - 1e-9) - 1))]  # rank = ceil(p*n)
 
     return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99)}
 
