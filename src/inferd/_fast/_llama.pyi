@@ -77,6 +77,8 @@ class Batch:
     def add_sequence(self, tokens: Sequence[int], pos0: int, seq_id: int,
                      logits_last: bool = True) -> int: ...
 
+LAZY_GRAMMAR: bool
+
 class Sampler:
     greedy: bool
     def __init__(
@@ -94,6 +96,8 @@ class Sampler:
         seed: int | None = None,
         grammar: str | bytes | None = None,
         grammar_root: str = "root",
+        grammar_trigger_patterns: Sequence[str] | None = None,
+        grammar_trigger_tokens: Sequence[int] | None = None,
     ) -> None: ...
     def close(self) -> None: ...
     def sample(self, ctx: Context, idx: int = -1) -> int: ...

@@ -646,6 +646,38 @@ cdef class Batch:
 # --------------------------------------------------------------------------- sampler
 
 
+#: The Sampler accepts ``grammar_trigger_patterns`` / ``grammar_trigger_tokens`` (lazy
+#: grammars: inactive until the output matches a pattern or produces a trigger token;
+#: inferd.chat uses them for ``tool_choice="auto"``).
+LAZY_GRAMMAR = True
+
+
+cdef llama_sampler * _lazy_grammar(Model model, bytes grammar, bytes root, patterns,
+                                   tokens) except? NULL:
+    cdef list keep = [_utf8(p) for p in patterns]
+    cdef Py_ssize_t i, np_ = len(keep), nt = len(tokens)
+    cdef const char ** cpat = <const char **>malloc((np_ + 1) * sizeof(char *))
+    cdef llama_token * ctok = <llama_token *>malloc((nt + 1) * sizeof(llama_token))
+    cdef llama_sampler * g
+    cdef bytes b
+    if cpat == NULL or ctok == NULL:
+        free(cpat)
+        free(ctok)
+        raise MemoryError()
+    try:
+        for i in range(np_):
+            b = keep[i]
+            cpat[i] = b
+        for i in range(nt):
+            ctok[i] = <llama_token>int(tokens[i])
+        g = llama_sampler_init_grammar_lazy_patterns(model.vocab, grammar, root, cpat, np_,
+                                                     ctok, nt)
+    finally:
+        free(cpat)
+        free(ctok)
+    return g
+
+
 cdef class Sampler:
     """One sampler chain: penalties, grammar, top-k, top-p, min-p, temperature, then a
     seeded draw; or greedy (argmax) when ``temperature == 0``.
@@ -662,7 +694,8 @@ cdef class Sampler:
     def __cinit__(self, Model model, *, float temperature=0.8, int top_k=40,
                   float top_p=0.95, float min_p=0.05, float repeat_penalty=1.0,
                   float frequency_penalty=0.0, float presence_penalty=0.0,
-                  int penalty_last_n=64, seed=None, grammar=None, str grammar_root="root"):
+                  int penalty_last_n=64, seed=None, grammar=None, str grammar_root="root",
+                  grammar_trigger_patterns=None, grammar_trigger_tokens=None):
         self.ptr = NULL
         model._check()
         if not (temperature >= 0.0):
@@ -683,7 +716,11 @@ cdef class Sampler:
             bgrammar = _utf8(grammar)
             broot = _utf8(grammar_root)
             _recent.clear()
-            g = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
+            if grammar_trigger_patterns or grammar_trigger_tokens:
+                g = _lazy_grammar(model, bgrammar, broot, grammar_trigger_patterns or (),
+                                  grammar_trigger_tokens or ())
+            else:
+                g = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
             if g == NULL:
                 why = "; ".join(_recent) or "parse error"
                 raise ValueError(f"invalid GBNF grammar: {why}")

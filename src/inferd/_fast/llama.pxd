@@ -203,3 +203,7 @@ cdef extern from "llama.h" nogil:
     llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab,
                                                const char * grammar_str,
                                                const char * grammar_root)
+    llama_sampler * llama_sampler_init_grammar_lazy_patterns(
+        const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+        const char ** trigger_patterns, size_t num_trigger_patterns,
+        const llama_token * trigger_tokens, size_t num_trigger_tokens)
