@@ -381,3 +381,14 @@ def test_template_supports_tools() -> None:
     assert template_supports_tools("{% if tools %}{{ tools | tojson }}{% endif %}")
     assert not template_supports_tools("{{ messages[0]['content'] }}")
     assert not template_supports_tools(None)
+
+
+def test_llama_cpp_accepts_lazy_grammars() -> None:
+    _llama, model = _llama_model()
+    if not getattr(_llama, "LAZY_GRAMMAR", False):
+        missing("lazy grammar support in the compiled binding")
+    for fmt in ("hermes", "llama3", "mistral", "gemma4"):
+        g = lazy_tool_call_grammar(fmt, TOOLS)
+        _llama.Sampler(model, grammar=g.text, grammar_trigger_patterns=list(g.trigger_patterns),
+                       grammar_trigger_tokens=[]).close()
+    model.close()

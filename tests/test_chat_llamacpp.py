@@ -143,3 +143,73 @@ async def test_tool_format_override(smollm2_path: Path) -> None:
 
     with pytest.raises(InvalidRequest, match="unknown tool format"):
         LlamaCpp(smollm2_path, tool_format="nope")
+
+
+async def test_auto_never_leaves_a_broken_call(backend: Any) -> None:
+    """``auto``: free text stays free; no reply ends with a half-made call as Text."""
+    schemas = {t.name: dict(t.parameters) for t in TOOLS}
+    for seed in range(6):
+        events = await collect(backend.generate(Request(
+            ASK, tools=TOOLS, tool_choice="auto", max_tokens=48, seed=seed,
+            temperature=1.0)))
+        done = events[-1]
+        assert isinstance(done, Done)
+        text = "".join(e.text for e in events if isinstance(e, Text))
+        if done.stop_reason is not StopReason.MAX_TOKENS:
+            assert "<tool_call>" not in text, (seed, text)  # a fallback shows the raw call
+        for e in events:
+            if isinstance(e, ToolUse):
+                jsonschema.validate(dict(e.input or {}), schemas[e.name])
+
+
+def test_lazy_grammar_engages_at_the_opener(smollm2_path: Path) -> None:
+    """Once the output reaches ``<tool_call>``, the rest is forced to a valid call.
+
+    SmolLM2 rarely chooses to call on its own, so the opener is written for it: its
+    tokens are decoded and *accepted* by the sampler as if generated, which fires the
+    trigger; everything sampled after that must complete a schema-valid call.
+    """
+    from inferd.chat import get_parser
+    from inferd.chat.tool_grammar import lazy_tool_call_grammar
+
+    try:
+        from inferd._fast import _llama as L
+    except ImportError as e:
+        missing(f"the compiled llama.cpp core ({e})")
+    if not getattr(L, "LAZY_GRAMMAR", False):
+        missing("lazy grammar support in the compiled binding")
+    schemas = {t.name: dict(t.parameters) for t in TOOLS}
+    model = L.Model(str(smollm2_path))
+    ctx = L.Context(model, n_ctx=512, n_batch=256, n_threads=1)
+    batch = L.Batch(256, 1)
+    g = lazy_tool_call_grammar("hermes", TOOLS)
+    head = model.tokenize("<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
+                          "<|im_start|>assistant\n", add_special=False, parse_special=True)
+    opener = model.tokenize("<tool_call>\n", add_special=False, parse_special=True)
+    try:
+        for seed in range(8):
+            s = L.Sampler(model, temperature=1.0, seed=seed, grammar=g.text,
+                          grammar_trigger_patterns=list(g.trigger_patterns))
+            for t in opener:
+                s.accept(t)
+            ctx.seq_rm(0)
+            batch.clear()
+            last = batch.add_sequence(head + opener, 0, 0, True)
+            ctx.decode(batch)
+            pos, out = len(head) + len(opener), []
+            tok = s.sample(ctx, last)
+            while not model.is_eog(tok) and len(out) < 80:
+                out.append(tok)
+                tok = ctx.step(s, tok, pos, 0)
+                pos += 1
+            s.close()
+            text = "<tool_call>\n" + model.detokenize(out, special=True)
+            p = get_parser("hermes")
+            events = p.feed(text) + p.finish()
+            assert p.malformed == [] and len(events) == 1, (seed, text)
+            (call,) = events
+            assert isinstance(call, ToolUse) and call.input is not None, (seed, text)
+            jsonschema.validate(dict(call.input), schemas[call.name])
+    finally:
+        ctx.close()
+        model.close()

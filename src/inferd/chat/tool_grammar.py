@@ -110,11 +110,15 @@ def lazy_tool_call_grammar(
     fmt: str,
     tools: Sequence[Tool],
     *,
-    parallel: bool = True,
+    parallel: bool = False,
     mistral_v11: bool = True,
     limits: GrammarLimits | None = None,
 ) -> Grammar:
-    """``auto``: the call grammar, triggered when the output reaches the opener."""
+    """``auto``: the call grammar, triggered when the output reaches the opener.
+
+    ``parallel=False`` (the default, as for ``required``) ends the reply after one
+    call: small models otherwise tend to repeat a call until ``max_tokens``.
+    """
     g = tool_call_grammar(fmt, tools, None, parallel=parallel, mistral_v11=mistral_v11,
                           limits=limits)
     if fmt == "llama3":
@@ -197,4 +201,5 @@ def request_grammar(
                                  mistral_v11=mistral_v11, limits=limits)
     if kind == "none":
         return exclusion_grammar(OPENERS[fmt])
-    return lazy_tool_call_grammar(fmt, request.tools, mistral_v11=mistral_v11, limits=limits)
+    return lazy_tool_call_grammar(fmt, request.tools, parallel=parallel,
+                                  mistral_v11=mistral_v11, limits=limits)
