@@ -117,6 +117,15 @@ def test_schema_grammar_property(seed: int, name: str) -> None:
     jsonschema.validate(json.loads(text), SCHEMAS[name])
 
 
+def test_all_properties_mode_writes_every_property() -> None:
+    schema = SCHEMAS["all-optional"]
+    sampler = Sampler(schema_to_gbnf(schema, all_properties=True), seed=3)
+    for _ in range(30):
+        value = json.loads(sampler.sentence())
+        assert list(value) == ["a", "b", "c"]
+        jsonschema.validate(value, schema)
+
+
 def test_response_format_forms() -> None:
     assert response_format_grammar(None) is None
     assert response_format_grammar({"type": "text"}) is None

@@ -7,9 +7,11 @@ of silently constraining to something else.
 
 What is enforced: ``type`` (one or a list), ``properties`` + ``required`` (required
 keys first, then optional ones, each in declared order: JSON objects are unordered,
-a fixed order keeps the grammar linear in size), ``additionalProperties`` (extra keys
-are never generated where ``properties`` exist; a schema with only
-``additionalProperties`` gives a free-form object whose values match it), ``items``,
+a fixed order keeps the grammar linear in size; ``response_format`` grammars write
+every declared property, tool arguments only the required ones for sure),
+``additionalProperties`` (extra keys are never generated where ``properties``
+exist; a schema with only ``additionalProperties`` gives a free-form object whose
+values match it), ``items``,
 ``minItems`` / ``maxItems``, ``minLength`` / ``maxLength``, ``enum``, ``const``,
 ``anyOf`` / ``oneOf`` (both as alternatives: exclusivity is not enforced), ``allOf``
 with one member, ``$ref`` to ``#/$defs/...`` or ``#/definitions/...`` (recursion
@@ -199,8 +201,9 @@ class SchemaConverter:
     """
 
     def __init__(self, dialect: JsonDialect = JSON, limits: GrammarLimits | None = None,
-                 *, what: str = "schema") -> None:
+                 *, what: str = "schema", all_properties: bool = False) -> None:
         self.d = dialect
+        self.all_properties = all_properties
         self.limits = limits or GrammarLimits()
         self.what = what
         self.rules: dict[str, str] = {}
@@ -368,8 +371,11 @@ class SchemaConverter:
             member = self._member_any(key, value)
             return self.add(hint, f'{open_} ({member} ({sep} {member})*)? "}}"')
         names = list(props) + [r for r in required if r not in props]
-        req = [n for n in names if n in required]
-        opt = [n for n in names if n not in required]
+        if self.all_properties:
+            req, opt = names, []
+        else:
+            req = [n for n in names if n in required]
+            opt = [n for n in names if n not in required]
         member = {
             n: self._member(n, self.visit(props.get(n, {}), f"{hint}-{n}", depth + 1))
             for n in names
@@ -414,9 +420,15 @@ class SchemaConverter:
 
 
 def schema_to_gbnf(schema: Any, *, dialect: JsonDialect = JSON,
-                   limits: GrammarLimits | None = None, what: str = "schema") -> str:
-    """GBNF text whose ``root`` matches JSON values valid under ``schema``."""
-    conv = SchemaConverter(dialect, limits, what=what)
+                   limits: GrammarLimits | None = None, what: str = "schema",
+                   all_properties: bool = False) -> str:
+    """GBNF text whose ``root`` matches JSON values valid under ``schema``.
+
+    ``all_properties=True`` writes every declared property, required or not (what
+    structured output wants: OpenAI's strict mode requires them all, and a small
+    model left free to stop early often returns ``{}``).
+    """
+    conv = SchemaConverter(dialect, limits, what=what, all_properties=all_properties)
     expr = conv.visit(schema)
     return conv.render(expr)
 
@@ -438,7 +450,8 @@ def response_format_grammar(response_format: Mapping[str, Any] | None,
         schema = response_format.get("schema")
     if schema is None:
         raise InvalidRequest("response_format json_schema needs {'json_schema': {'schema': ...}}")
-    return Grammar(schema_to_gbnf(schema, limits=limits, what="response_format"))
+    return Grammar(schema_to_gbnf(schema, limits=limits, what="response_format",
+                                  all_properties=True))
 
 
 def json_literals(values: Sequence[Any]) -> list[str]:
