@@ -13,8 +13,10 @@ set(INFERD_LLAMA_PIN_PACKAGE "llama-cpp-python")
 set(INFERD_LLAMA_PIN_VERSION "0.3.36")
 set(INFERD_LLAMA_PIN_SHA256 "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 
-set(INFERD_LLAMA_CPP_DIR "" CACHE PATH
-    "Build against this llama.cpp checkout instead of the pinned, downloaded source")
+if(NOT CMAKE_SCRIPT_MODE_FILE)
+  set(INFERD_LLAMA_CPP_DIR "" CACHE PATH
+      "Build against this llama.cpp checkout instead of the pinned, downloaded source")
+endif()
 
 set(_inferd_vendor_dir ${CMAKE_CURRENT_LIST_DIR})
 set(_inferd_llama_extracted ${_inferd_vendor_dir}/llama.cpp)
@@ -77,6 +79,21 @@ function(_inferd_fetch_llama_cpp)
   # The stamp is written last: a half-finished extraction is never mistaken for a cache.
   file(WRITE ${_inferd_llama_stamp} "${INFERD_LLAMA_PIN_SHA256}\n")
 endfunction()
+
+# Script mode (`cmake -DPython_EXECUTABLE=... -P vendor/llama.cmake`): only obtain and
+# verify the source. bench/peers.py uses this to build llama.cpp's own tools from the
+# very same tree.
+if(CMAKE_SCRIPT_MODE_FILE)
+  set(_stamp "")
+  if(EXISTS ${_inferd_llama_stamp})
+    file(STRINGS ${_inferd_llama_stamp} _stamp LIMIT_COUNT 1)
+  endif()
+  if(NOT _stamp STREQUAL INFERD_LLAMA_PIN_SHA256)
+    _inferd_fetch_llama_cpp()
+  endif()
+  message(STATUS "inferd: pinned llama.cpp is in ${_inferd_llama_extracted}")
+  return()
+endif()
 
 if(INFERD_LLAMA_CPP_DIR)
   set(INFERD_LLAMA_SOURCE ${INFERD_LLAMA_CPP_DIR})

@@ -1,0 +1,232 @@
+"""Decode speed, time to first token and peak RSS: LlamaCpp vs llama-cpp-python vs llama-bench.
+
+Same model (SmolLM2-135M-Instruct Q4_1), same thread count, same prompt, same number
+of generated tokens (EOS ignored so every run generates exactly N), one run with the
+three peers interleaved round by round so that machine noise hits all of them alike:
+
+* ``inferd``: ``LlamaCpp.generate`` (async stream of events, greedy, ``ignore_eos``);
+* ``llama-cpp-python``: ``Llama.create_completion(stream=True)`` on the same rendered
+  prompt, EOG tokens banned through ``logit_bias`` (it has no ignore_eos);
+* ``llama-bench``: llama.cpp's own tool built from the same vendored tree
+  (``bench/peers.py``), ``-p 0 -n N`` for decode and ``-p P -n 0`` for prompt speed
+  (its TTFT is estimated as P / prompt-tokens-per-second; it has no streaming).
+
+Each peer runs in its own process; peak RSS comes from ``wait4`` of that process.
+Reports medians and the ratios inferd/llama-bench (target >= 0.97) and
+inferd/llama-cpp-python (target >= 1.10).
+
+    python bench/bench_llamacpp.py [--smoke] [--tokens N] [--threads T] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROMPT = "Write a long, detailed story about a lighthouse keeper and the sea."
+
+
+def _model_path() -> Path:
+    from inferd.models import resolve
+
+    return Path(resolve("smollm2-135m", pull=True, progress=False))
+
+
+# ---------------------------------------------------------------- children
+
+
+def child_inferd(a: argparse.Namespace) -> dict:
+    import asyncio
+
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.types import Request
+
+    async def run() -> dict:
+        b = LlamaCpp(a.model, n_ctx=a.ctx, n_threads=a.threads)
+        req = Request.chat(PROMPT, temperature=0, max_tokens=a.tokens, ignore_eos=True)
+        short = Request.chat(PROMPT, temperature=0, max_tokens=4, ignore_eos=True)
+        async for _ in b.generate(short):  # warm-up
+            pass
+        tps, ttft = [], []
+        prompt_tokens = 0
+        for _ in range(a.repeats):
+            n, first = 0, None
+            t0 = time.perf_counter()
+            async for ev in b.generate(req):
+                if first is None:
+                    first = time.perf_counter()
+                if type(ev).__name__ == "Done":
+                    n = ev.usage.output_tokens
+                    prompt_tokens = ev.usage.input_tokens
+            end = time.perf_counter()
+            assert n == a.tokens, f"generated {n}, wanted {a.tokens}"
+            ttft.append(first - t0)
+            tps.append((n - 1) / (end - first))
+        prompt = b.render(req)
+        await b.aclose()
+        return {"tps": tps, "ttft": ttft, "prompt_tokens": prompt_tokens, "prompt": prompt}
+
+    return asyncio.run(run())
+
+
+def child_lcp(a: argparse.Namespace) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(a.model, n_ctx=a.ctx, n_threads=a.threads,
+                          n_threads_batch=a.threads, verbose=False)
+    prompt = a.prompt_text
+    eog = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(
+        llama_cpp.llama_model_get_vocab(llm.model), t)] if hasattr(
+        llama_cpp, "llama_vocab_is_eog") else [llm.token_eos()]
+    bias = {t: -1e9 for t in eog}
+    kw = dict(max_tokens=a.tokens, temperature=0.0, top_k=1, stream=True,
+              logit_bias=bias)
+    for _ in llm.create_completion(prompt, **{**kw, "max_tokens": 4}):  # warm-up
+        pass
+    tps, ttft = [], []
+    for _ in range(a.repeats):
+        n, first = 0, None
+        t0 = time.perf_counter()
+        for _chunk in llm.create_completion(prompt, **kw):
+            if first is None:
+                first = time.perf_counter()
+            n += 1
+        end = time.perf_counter()
+        ttft.append(first - t0)
+        # chunks can merge tokens (held UTF-8); count the tokens actually generated
+        gen = llm.n_tokens - len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
+        n = gen if gen > 0 else n
+        tps.append((n - 1) / (end - first))
+    return {"tps": tps, "ttft": ttft}
+
+
+def _spawn_rss(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
+    """Like _spawn, but reaps the child ourselves so wait4 gives its rusage."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = p.stdout.read()  # type: ignore[union-attr]
+    err = p.stderr.read()  # type: ignore[union-attr]
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({p.returncode}):\n{err.decode()[-3000:]}")
+    return out.decode(), ru.ru_maxrss * 1024
+
+
+def llama_bench(exe: Path, a: argparse.Namespace, prompt_tokens: int) -> tuple[dict, int]:
+    base = [str(exe), "-m", a.model, "-t", str(a.threads), "-r", str(a.repeats), "-o", "json"]
+    out, rss = _spawn_rss([*base, "-p", "0", "-n", str(a.tokens)])
+    tg = json.loads(out)[0]
+    out2, rss2 = _spawn_rss([*base, "-p", str(prompt_tokens), "-n", "0"])
+    pp = json.loads(out2)[0]
+    tps = tg.get("samples_ts") or [tg["avg_ts"]]
+    pp_ts = pp.get("samples_ts") or [pp["avg_ts"]]
+    return {"tps": tps, "ttft": [prompt_tokens / x for x in pp_ts]}, max(rss, rss2)
+
+
+# ---------------------------------------------------------------- parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI: must run)")
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-text", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, help="write results to this file")
+    a = ap.parse_args(argv)
+    a.tokens = a.tokens or (16 if a.smoke else 128)
+    a.rounds = a.rounds or (1 if a.smoke else 3)
+    a.repeats = a.repeats or (1 if a.smoke else 3)
+
+    if a.child:
+        res = child_inferd(a) if a.child == "inferd" else child_lcp(a)
+        print(json.dumps(res))
+        return 0
+
+    a.model = str(_model_path())
+    sys.path.insert(0, str(ROOT))
+    from bench.peers import ensure_peer
+
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_lcp = True
+    except ImportError:
+        have_lcp = False
+        print("llama-cpp-python is not installed: skipping that peer", file=sys.stderr)
+    exe = ensure_peer("llama-bench", quiet=True)
+
+    samples: dict[str, dict[str, list[float]]] = {}
+    rss: dict[str, int] = {}
+    prompt_text, prompt_tokens = None, 0
+    print(f"model {Path(a.model).name}, threads {a.threads}, {a.tokens} tokens, "
+          f"{a.rounds} rounds x {a.repeats} repeats", file=sys.stderr)
+    for r in range(a.rounds):
+        out, m = _spawn_rss([sys.executable, __file__, "--child", "inferd", "--model", a.model,
+                             "--tokens", str(a.tokens), "--threads", str(a.threads),
+                             "--repeats", str(a.repeats), "--ctx", str(a.ctx)], _env())
+        res = json.loads(out)
+        prompt_text, prompt_tokens = res["prompt"], res["prompt_tokens"]
+        _add(samples, "inferd", res)
+        rss["inferd"] = max(rss.get("inferd", 0), m)
+        if have_lcp:
+            out, m = _spawn_rss([sys.executable, __file__, "--child", "lcp", "--model", a.model,
+                                 "--tokens", str(a.tokens), "--threads", str(a.threads),
+                                 "--repeats", str(a.repeats), "--ctx", str(a.ctx),
+                                 "--prompt-text", prompt_text], _env())
+            _add(samples, "llama-cpp-python", json.loads(out))
+            rss["llama-cpp-python"] = max(rss.get("llama-cpp-python", 0), m)
+        res, m = llama_bench(exe, a, prompt_tokens)
+        _add(samples, "llama-bench", res)
+        rss["llama-bench"] = max(rss.get("llama-bench", 0), m)
+        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in samples.items()}
+    print(f"\nSmolLM2-135M Q4_1, {a.threads} threads, {prompt_tokens}-token prompt, "
+          f"{a.tokens} generated tokens, medians of {a.rounds * a.repeats} runs\n")
+    print("| peer | decode tok/s | TTFT ms | peak RSS MiB |")
+    print("|---|---:|---:|---:|")
+    for k in ("inferd", "llama-cpp-python", "llama-bench"):
+        if k in med:
+            note = " (est.)" if k == "llama-bench" else ""
+            print(f"| {k} | {med[k]['tps']:.1f} | {med[k]['ttft'] * 1000:.1f}{note} | "
+                  f"{rss[k] / 2**20:.0f} |")
+    ours = med["inferd"]["tps"]
+    print()
+    print(f"inferd / llama-bench decode: {ours / med['llama-bench']['tps']:.3f}x (target >= 0.97)")
+    if "llama-cpp-python" in med:
+        print(f"inferd / llama-cpp-python decode: {ours / med['llama-cpp-python']['tps']:.3f}x "
+              "(target >= 1.10)")
+        print(f"TTFT inferd vs llama-cpp-python: {med['inferd']['ttft'] * 1000:.1f} ms vs "
+              f"{med['llama-cpp-python']['ttft'] * 1000:.1f} ms")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"samples": samples, "median": med, "rss": rss}))
+    return 0
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def _add(samples: dict, name: str, res: dict) -> None:
+    d = samples.setdefault(name, {"tps": [], "ttft": []})
+    d["tps"].extend(res["tps"])
+    d["ttft"].extend(res["ttft"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

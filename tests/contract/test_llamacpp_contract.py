@@ -1,0 +1,81 @@
+"""LlamaCpp (real SmolLM2-135M, real compiled core) against the shared stream contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from inferd.errors import InvalidRequest, NotReady
+from inferd.types import ImageBlock, Message, Request
+
+from ..conftest import missing
+from .suite import BackendContract
+
+pytestmark = pytest.mark.llama
+
+
+def _make(path, **kw):
+    try:
+        from inferd._fast import _llama  # noqa: F401
+    except ImportError as e:
+        missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
+    from inferd.backends.llamacpp import LlamaCpp
+
+    return LlamaCpp(path, n_ctx=512, **kw)
+
+
+class _FailsAfterTwo:
+    """An output parser with a bug that shows after two pieces (a mid-stream failure)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def feed(self, text):
+        from inferd.types import Text
+
+        self.n += 1
+        if self.n > 2:
+            raise RuntimeError("output parser bug")
+        return [Text(text)] if text else []
+
+    def finish(self):
+        return []
+
+
+class TestLlamaCppContract(BackendContract):
+    @pytest.fixture
+    async def backend(self, smollm2_path):
+        b = _make(smollm2_path)
+        yield b
+        await b.aclose()
+
+    @pytest.fixture(params=["closed", "too_long", "image"])
+    async def pre_stream_failure(self, request, smollm2_path):
+        b = _make(smollm2_path)
+        kind = request.param
+        if kind == "closed":
+            await b.aclose()
+            yield b, Request.chat("hi"), NotReady
+        elif kind == "too_long":
+            yield b, Request.chat("word " * 2000), InvalidRequest
+        else:
+            yield b, Request((Message.user([ImageBlock(url="http://h/x.png")]),)), InvalidRequest
+        await b.aclose()
+
+    @pytest.fixture
+    async def mid_stream_failure(self, smollm2_path):
+        b = _make(smollm2_path, output_parser=lambda *a: _FailsAfterTwo())
+        yield b, Request.chat("Tell me a story.", max_tokens=40, ignore_eos=True)
+        await b.aclose()
+
+    @pytest.fixture
+    async def long_stream(self, smollm2_path):
+        b = _make(smollm2_path)
+        yield b, Request.chat("Write a long story about the sea.", max_tokens=240,
+                              ignore_eos=True, temperature=0)
+        await b.aclose()
+
+    async def released(self, backend) -> bool:
+        if not backend.ready():
+            return True
+        return (backend._active is None and backend._idle.is_set()
+                and backend.model is not None and backend._ctx.seq_pos_max(0) == -1)
