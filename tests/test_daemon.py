@@ -444,3 +444,20 @@ async def test_load_timeout_serves_anyway() -> None:
             assert daemon.status == "ready"
         finally:
             await daemon.close()
+
+
+async def test_leaving_a_stream_with_a_full_buffer_frees_the_connection(
+    daemon: DaemonProc,
+) -> None:
+    client = Client(daemon.sock, stream_buffer_frames=2)
+    gen = client.generate(Request.chat("hi"))
+    await gen.__anext__()
+    await asyncio.sleep(0.1)  # the queue fills; the connection's reader waits on it
+    await gen.aclose()
+
+    async def again() -> list:
+        return [e async for e in client.generate(Request.chat("hi", max_tokens=2))]
+
+    events = await asyncio.wait_for(again(), 10)  # hung forever before the queue was drained
+    assert isinstance(events[-1], Done)
+    await client.aclose()

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_STREAM_BUFFER_FRAMES = 1024
 #: Seconds the blocking capabilities probe (used before connecting) may take.
 CAPABILITIES_PROBE_TIMEOUT_S = 2.0
+#: While the daemon says "not ready" (loading), ``ready()`` re-asks at most this often.
+READY_RECHECK_S = 1.0
 
 _LOST = object()  # queue sentinel: the connection is gone
 
@@ -73,6 +76,7 @@ class Client(Backend):
         self._connect_lock: asyncio.Lock | None = None
         self._caps: Capabilities | None = None
         self._daemon_ready = False
+        self._ready_checked = 0.0
         self._lost_reason = "the connection to the daemon closed"
         self._closed = False
 
@@ -114,6 +118,7 @@ class Client(Backend):
         frame = await self._request({"type": "capabilities"}, "capabilities")
         self._caps = wire.capabilities_from_dict(frame.get("capabilities") or {})
         self._daemon_ready = bool(frame.get("ready"))
+        self._ready_checked = time.monotonic()
         return self._caps
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
@@ -165,13 +170,19 @@ class Client(Backend):
             raise BackendUnavailable(f"cannot send to the inferd daemon: {e}") from None
         return rid, q
 
+    def _forget(self, rid: int) -> None:
+        """Drop a request's queue; emptying it frees a reader blocked on a full queue."""
+        q = self._streams.pop(rid, None)
+        while q is not None and not q.empty():
+            q.get_nowait()
+
     async def _request(self, frame: dict[str, Any], want: str) -> dict[str, Any]:
         """Send one frame and wait for its single answer of type ``want``."""
         rid, q = await self._open_stream(frame)
         try:
             reply = await q.get()
         finally:
-            self._streams.pop(rid, None)
+            self._forget(rid)
         if reply is _LOST:
             raise BackendUnavailable(f"{self._lost_reason}; retry")
         if reply.get("type") == "error":
@@ -186,13 +197,20 @@ class Client(Backend):
         if self._closed:
             return False
         if self.connected:
+            if not self._daemon_ready and time.monotonic() - self._ready_checked > READY_RECHECK_S:
+                # loading daemons become ready; ready() is sync, so a short blocking probe
+                self._ready_checked = time.monotonic()
+                probed = _probe(self.socket_path)
+                if probed is not None:
+                    self._caps, self._daemon_ready = probed
             return self._daemon_ready
         return self.socket_path.exists()
 
     def capabilities(self) -> Capabilities:
         """Cached from the last connect; before that, a short blocking probe."""
         if self._caps is None:
-            self._caps = _probe_capabilities(self.socket_path) or Capabilities()
+            probed = _probe(self.socket_path)
+            self._caps = probed[0] if probed is not None else Capabilities()
         return self._caps
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
@@ -214,7 +232,7 @@ class Client(Backend):
                     return
                 yield event
         finally:
-            self._streams.pop(rid, None)
+            self._forget(rid)
             if not finished:  # left early: the daemon stops generating for us
                 self._send_nowait({"type": "cancel", "id": rid})
 
@@ -250,8 +268,8 @@ def _put_lost(q: asyncio.Queue[Any]) -> None:
                 q.get_nowait()
 
 
-def _probe_capabilities(path: Path) -> Capabilities | None:
-    """Blocking one-shot capabilities query (the Backend API's ``capabilities`` is sync)."""
+def _probe(path: Path) -> tuple[Capabilities, bool] | None:
+    """Blocking one-shot capabilities and readiness query (the Backend API's are sync)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(CAPABILITIES_PROBE_TIMEOUT_S)
     try:
@@ -264,7 +282,8 @@ def _probe_capabilities(path: Path) -> Capabilities | None:
                 return None
             buf += chunk
         frame = orjson.loads(buf.split(b"\n", 1)[0])
-        return wire.capabilities_from_dict(frame.get("capabilities") or {})
+        caps = wire.capabilities_from_dict(frame.get("capabilities") or {})
+        return caps, bool(frame.get("ready"))
     except (OSError, ValueError):
         return None
     finally:
