@@ -173,3 +173,12 @@ def test_bad_backend_setting_is_a_config_error() -> None:
     cfg = parse_config({"backend": [{"type": "mock", "delay": -1}]})
     with pytest.raises(ConfigError, match="delay"):
         build_backend(cfg.backends[0])
+
+
+def test_openai_backend_gets_its_key_from_the_env_only(monkeypatch) -> None:
+    monkeypatch.setenv("INFERD_T_KEY2", "sk-never-shown-42")
+    cfg = parse_config({"backend": [{"type": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                     "model": "m", "api_key_env": "INFERD_T_KEY2"}]})
+    backend = build_backend(cfg.backends[0])
+    assert type(backend).__name__ == "OpenAICompat"
+    assert "sk-never-shown-42" not in repr(backend) + repr(cfg)
