@@ -224,7 +224,11 @@ class Daemon:
                 d.mkdir(mode=0o700, parents=True)
             except OSError as e:
                 raise DaemonError(f"cannot create socket directory {d}: {e}") from None
-        elif d == default_socket_path().parent and d.stat().st_uid == os.getuid():
+        elif d == default_socket_path().parent:
+            # a shared /tmp lets anyone pre-create our directory: use it only if it is ours
+            if d.stat().st_uid != os.getuid():
+                raise DaemonError(f"socket directory {d} belongs to another user; remove it "
+                                  "or pass --socket")
             os.chmod(d, 0o700)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
