@@ -65,3 +65,13 @@ def test_models_lists_store(tmp_path):
     r = inferd("models", env={"INFERD_HOME": str(tmp_path)})
     assert r.returncode == 0
     assert "empty" in r.stdout and "smollm2-135m" in r.stdout
+
+
+def test_serve_and_bridge_take_their_own_options():
+    r = inferd("serve", "--help")
+    assert r.returncode == 0 and "--config" in r.stdout
+    r = inferd("bridge", "--help")
+    assert r.returncode == 0 and "--port" in r.stdout
+    r = inferd("serve", "--config", "/nonexistent/inferd.toml")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0

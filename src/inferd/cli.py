@@ -66,14 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    description="List the store's models with names and sizes, and the known "
                    "models that can be pulled.")
     sub.add_parser("about", help="version, compiled cores and llama.cpp build")
-    for name, mod, text in (
-        ("serve", "inferd.serve.daemon", "run the inferd daemon on a Unix socket"),
-        ("bridge", "inferd.serve.bridge", "run the OpenAI-compatible HTTP bridge"),
+    for name, text in (
+        ("serve", "run the inferd daemon on a Unix socket (see 'inferd serve --help')"),
+        ("bridge", "run the OpenAI-compatible HTTP bridge (see 'inferd bridge --help')"),
     ):
-        sp = sub.add_parser(name, help=text, add_help=False,
-                            description=f"{text}; see 'inferd {name} --help'.")
-        sp.add_argument("args", nargs=argparse.REMAINDER)
-        sp.set_defaults(module=mod)
+        sub.add_parser(name, help=text, add_help=False)
     bench = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)",
                            description="Run bench/run_all.py from the current checkout.")
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -182,8 +179,10 @@ def cmd_about(_: argparse.Namespace) -> int:
 
 def cmd_delegate(args: argparse.Namespace) -> int:
     mod = importlib.import_module(args.module)
-    rest = [a for a in args.args if a != "--"]
-    return int(mod.main(rest) or 0)
+    try:
+        return int(mod.main(list(args.args)) or 0)
+    except SystemExit as e:  # argparse --help / usage errors inside the delegate
+        return int(e.code or 0) if isinstance(e.code, int) else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -198,10 +197,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "about": cmd_about,
-            "serve": cmd_delegate, "bridge": cmd_delegate, "bench": cmd_bench}
+            "bench": cmd_bench}
+
+
+#: Commands whose options belong to another module's parser (passed through whole).
+DELEGATED = {"serve": "inferd.serve.daemon", "bridge": "inferd.serve.bridge"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        # argparse.REMAINDER drops options that start with '-', so hand over the rest raw.
+        return cmd_delegate(argparse.Namespace(module=DELEGATED[argv[0]], args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
