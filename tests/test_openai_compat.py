@@ -504,6 +504,42 @@ async def test_cancellation_closes_the_connection(up):
         assert isinstance((await collect(b))[-1], Done)
 
 
+async def test_completed_streams_reuse_the_connection(up):
+    async with make(up.url("reuse")) as b:
+        for _ in range(3):
+            assert isinstance((await collect(b))[-1], Done)
+            assert b.active == 0
+    peers = {r.peer for r in up.requests("reuse")}
+    assert len(peers) == 1, f"each request opened a new connection: {peers}"
+
+
+async def test_a_connection_left_mid_stream_is_not_reused(up):
+    long = Stream(text_stream([f"t{i}" for i in range(200)]), delay=0.005)
+    up.script("half", long)
+    async with make(up.url("half")) as b:
+        gen = b.generate(Request.chat("hi"))
+        await gen.__anext__()
+        await gen.aclose()
+        up.script("half", Stream(QUIRKS["plain"].pieces))
+        await collect(b)
+    first, second = up.requests("half")
+    assert first.peer != second.peer
+
+
+async def test_trailing_garbage_after_done_closes_instead_of_pooling(up):
+    pieces = [*QUIRKS["plain"].pieces, b": trailing\n\n"]
+    url = up.script("trail", Stream(pieces, stall_after=len(pieces) - 1, stall_s=2))
+    async with make(url) as b:
+        t0 = time.perf_counter()
+        events = await collect(b)
+        assert time.perf_counter() - t0 < 1.5  # waited at most POOL_DRAIN_TIMEOUT_S
+        assert isinstance(events[-1], Done) and b.active == 0
+        up.script("trail", Stream(QUIRKS["plain"].pieces))
+        await collect(b)
+    first, second = up.requests("trail")
+    assert first.peer != second.peer
+
+
 async def test_closed_backend_is_not_ready(up):
     b = make(up.url())
     await b.aclose()

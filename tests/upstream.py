@@ -76,6 +76,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: Any = None
 
 
 # --------------------------------------------------------------------------- stream builders
@@ -271,8 +272,9 @@ class Upstream:
         except orjson.JSONDecodeError:
             body = raw
         scenario = request.match_info["scenario"]
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         self.received.append(Received(request.method, request.path, dict(request.headers),
-                                      body))
+                                      body, peer))
         reply = self._next(scenario)
         if isinstance(reply, Status):
             data = reply.body.encode() if isinstance(reply.body, str) else reply.body

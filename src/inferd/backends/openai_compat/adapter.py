@@ -12,6 +12,7 @@ caller leaves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ import aiohttp
 import orjson
 
 from inferd.backend import Backend
-from inferd.errors import BackendUnavailable, NotReady, redact_url
+from inferd.errors import BackendUnavailable, InternalError, NotReady, redact_url
 from inferd.openai_wire import (
     embed_request_to_openai,
     embed_result_from_openai,
@@ -69,6 +70,10 @@ DEFAULT_EMBED_MODEL = "text-embedding-3-small"
 #: Largest single SSE event accepted from an upstream; a bigger one is a broken or
 #: hostile upstream, and buffering it without limit would let it exhaust memory.
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
+#: After ``Done``, how long to wait for the end of the body so the connection can be
+#: reused, and how many trailing bytes to accept; past either, it is closed instead.
+POOL_DRAIN_TIMEOUT_S = 0.25
+POOL_DRAIN_MAX_BYTES = 64 * 1024
 #: Environment variables read for the API key, in order, when ``api_key`` is None.
 API_KEY_ENV = ("INFERD_OPENAI_API_KEY", "OPENAI_API_KEY")
 
@@ -79,6 +84,27 @@ def _key_from_env() -> str:
         if value:
             return value
     return ""
+
+
+async def _drained(resp: aiohttp.ClientResponse) -> bool:
+    """True when the body is read to its end, waiting briefly for the last bytes.
+
+    After ``[DONE]`` only the chunked-encoding terminator is normally left. Reading it
+    lets the connection go back to the pool (no new TCP/TLS handshake for the next
+    request); a body that does not end promptly is closed instead.
+    """
+    if resp.content.at_eof():
+        return True
+    seen = 0
+    try:
+        async with asyncio.timeout(POOL_DRAIN_TIMEOUT_S):
+            while data := await resp.content.readany():
+                seen += len(data)
+                if seen > POOL_DRAIN_MAX_BYTES:
+                    return False
+    except (TimeoutError, *WIRE_ERRORS):
+        return False
+    return resp.content.at_eof()
 
 
 def _at_eof(decoder: ChatStreamDecoder, url: str) -> list[Event]:
@@ -243,11 +269,14 @@ class OpenAICompat(Backend):
                                 timings=Timings.measure(start, first, time.perf_counter(),
                                                         tokens),
                                 backend=self.name)
+                            if await _drained(resp):
+                                resp.release()  # fully read: safe to reuse
+                                resp = None
                             return
                         count += 1
                         yield ev
-                    if decoder.finished:
-                        return  # pragma: no cover - the decoder always ends with Done
+                    if decoder.finished:  # pragma: no cover - the decoder ends with Done
+                        raise InternalError("the stream decoder finished without a Done")
                     try:
                         data = await chunks.__anext__()
                     except StopAsyncIteration:
@@ -258,7 +287,8 @@ class OpenAICompat(Backend):
                 raise connection_error(e, url, timeouts=self._client.timeout,
                                        mid_stream=True) from None
         finally:
-            # close(), not release(): a half-read connection must never be pooled.
+            # close(), not release(): a half-read connection must never be pooled
+            # (a fully read one was released above and is None here).
             if resp is not None:
                 resp.close()
             self._active -= 1
