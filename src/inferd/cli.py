@@ -100,7 +100,18 @@ def make_backend(args: argparse.Namespace) -> Backend:
     if args.threads is not None:
         kw["n_threads"] = args.threads
     path = models.resolve(args.model or models.DEFAULT_MODEL, progress=True)
+    if sys.stderr.isatty():
+        kw["progress"] = _load_progress
     return LlamaCpp(str(path), **kw)
+
+
+def _load_progress(fraction: float) -> bool:
+    """Model-load progress on one stderr line (llama.cpp calls this while loading)."""
+    sys.stderr.write(f"\rloading model: {100 * fraction:5.1f}%")
+    if fraction >= 1.0:
+        sys.stderr.write("\r\x1b[K")
+    sys.stderr.flush()
+    return True
 
 
 async def _stream(backend: Backend, request: Request, as_json: bool, out: TextIO) -> Done | None:
