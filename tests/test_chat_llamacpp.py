@@ -96,7 +96,7 @@ async def test_required_always_valid(backend: Any) -> None:
     bad = []
     for seed in range(RUNS):
         events = await collect(backend.generate(Request(
-            ASK, tools=TOOLS, tool_choice="required", max_tokens=64, seed=seed,
+            ASK, tools=TOOLS, tool_choice="required", max_tokens=96, seed=seed,
             temperature=1.0)))
         calls = [e for e in events if isinstance(e, ToolUse)]
         done = events[-1]
@@ -111,9 +111,11 @@ async def test_required_always_valid(backend: Any) -> None:
 
 
 async def test_response_format_always_validates(backend: Any) -> None:
+    # Every field is bounded so the longest valid reply fits in max_tokens: a reply
+    # cut short by max_tokens would be unparseable through no fault of the grammar.
     schema = {"type": "object", "properties": {
-        "answer": {"type": "string", "maxLength": 20},
-        "confidence": {"type": "integer"},
+        "answer": {"type": "string", "maxLength": 12},
+        "confidence": {"enum": [1, 2, 3, 4, 5]},
         "sure": {"type": "boolean"},
         "tags": {"type": "array", "items": {"enum": ["weather", "city", "other"]},
                  "maxItems": 2}},
@@ -122,7 +124,7 @@ async def test_response_format_always_validates(backend: Any) -> None:
     bad = []
     for seed in range(RUNS):
         events = await collect(backend.generate(Request(
-            ASK, response_format=rf, max_tokens=64, seed=seed, temperature=1.0)))
+            ASK, response_format=rf, max_tokens=96, seed=seed, temperature=1.0)))
         text = "".join(e.text for e in events if isinstance(e, Text))
         try:
             jsonschema.validate(json.loads(text), schema)
