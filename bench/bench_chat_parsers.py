@@ -97,6 +97,7 @@ def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:
         t_buf = median_time(buffer_regex, repeats)
         rows.append({"format": fmt, "chars": n_chars, "pieces": len(pieces),
                      "chars_per_s": n_chars / t_ours,
+                     "us_per_piece": 1e6 * t_ours / len(pieces),
                      "x_passthrough_time": t_ours / t_pass,
                      "x_buffer_regex_time": t_ours / t_buf})
     return rows
@@ -173,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats, copies, n_tokens = (1, 2, 8) if args.smoke else (7, 200, 64)
     rows = bench_parsers(repeats, copies)
-    print(f"{'format':8} {'chars/s':>12} {'x passthrough':>14} {'x buffer+regex':>15}")
+    print(f"{'format':8} {'chars/s':>12} {'us/piece':>9} {'x passthrough':>14} "
+          f"{'x buffer+regex':>15}")
     for r in rows:
-        print(f"{r['format']:8} {r['chars_per_s']:12,.0f} {r['x_passthrough_time']:14.1f} "
-              f"{r['x_buffer_regex_time']:15.1f}")
+        print(f"{r['format']:8} {r['chars_per_s']:12,.0f} {r['us_per_piece']:9.2f} "
+              f"{r['x_passthrough_time']:14.1f} {r['x_buffer_regex_time']:15.1f}")
     gram = bench_grammar(n_tokens, 1 if args.smoke else 3)
     if gram:
         for label in ("unconstrained", "grammar"):
