@@ -1,0 +1,81 @@
+"""Fingerprints and tool rendering on the real chat templates of each family.
+
+llama.cpp's source tree (which the build fetches into ``vendor/llama.cpp``) carries
+the published Jinja templates of many models under ``models/templates``. Here each
+family's templates must be detected as that family, and a conversation with tools,
+an assistant call and its result must render through our sandboxed renderer with
+the tool, the call's arguments and the result all present in the prompt: the shapes
+from ``inferd.chat.messages`` are the ones these templates read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inferd.chat import detect_format, detect_thinking
+from inferd.chat.plan import plan_chat
+from inferd.types import Message, Request, Tool, ToolUseBlock
+from tests.conftest import missing
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "models" / "templates"
+
+#: template file -> (format, reasons?)
+EXPECTED = {
+    "google-gemma-4-31B-it.jinja": ("gemma4", True),
+    "Mistral-Small-3.2-24B-Instruct-2506.jinja": ("mistral", False),
+    "mistralai-Mistral-Nemo-Instruct-2407.jinja": ("mistral", False),
+    "mistralai-Ministral-3-14B-Reasoning-2512.jinja": ("mistral", True),
+    "meta-llama-Llama-3.1-8B-Instruct.jinja": ("llama3", False),
+    "meta-llama-Llama-3.2-3B-Instruct.jinja": ("llama3", False),
+    "meta-llama-Llama-3.3-70B-Instruct.jinja": ("llama3", False),
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja": ("hermes", False),
+    "Qwen-Qwen2.5-7B-Instruct.jinja": ("hermes", False),
+    "Qwen-Qwen3-0.6B.jinja": ("hermes", True),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": ("plain", True),
+    "microsoft-Phi-3.5-mini-instruct.jinja": ("plain", False),
+}
+
+WEATHER = Tool("get_weather", "Current weather for a city", {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+
+
+def _template(name: str) -> str:
+    path = TEMPLATES / name
+    if not path.is_file():
+        missing(f"llama.cpp's model templates ({path.parent} is fetched by the build)")
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_fingerprints_on_real_templates(name: str) -> None:
+    src = _template(name)
+    fmt, thinks = EXPECTED[name]
+    assert detect_format(src) == fmt
+    assert detect_thinking(src) is thinks
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if "DeepSeek" not in n))
+def test_tools_calls_and_results_render(name: str) -> None:
+    from inferd.backends.llamacpp.chat_template import ChatTemplate
+
+    src = _template(name)
+    call_id = "abcDEF123"  # 9 alphanumerics: Mistral templates accept nothing else
+    req = Request((
+        Message.system("Be brief."),
+        Message.user("Weather in Zürich?"),
+        Message.assistant([ToolUseBlock(call_id, "get_weather", {"city": "Zürich"})]),
+        Message.tool(call_id, "14 degrees and sunny"),
+        Message.assistant("It is 14 degrees and sunny in Zürich."),
+        Message.user("Thanks. And tomorrow?"),
+    ), tools=(WEATHER,))
+    plan = plan_chat(src, req)
+    prompt = ChatTemplate(src, bos_token="<s>", eos_token="</s>").render(
+        plan.messages, tools=plan.tools)
+    assert "get_weather" in prompt
+    assert "Zürich" in prompt  # the call's arguments (and the question)
+    assert "14 degrees and sunny" in prompt
+    assert "Thanks. And tomorrow?" in prompt
+    if plan.folded:
+        assert "<tool_call>" in prompt and "<tool_response>" in prompt
