@@ -79,3 +79,18 @@ def test_tools_calls_and_results_render(name: str) -> None:
     assert "Thanks. And tomorrow?" in prompt
     if plan.folded:
         assert "<tool_call>" in prompt and "<tool_response>" in prompt
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_request_thinking_reaches_the_template(thinking: bool) -> None:
+    from inferd.backends.llamacpp.chat_template import ChatTemplate
+    from inferd.chat import prompt_opens_thinking
+
+    src = _template("Qwen-Qwen3-0.6B.jinja")
+    plan = plan_chat(src, Request((Message.user("2+2?"),), thinking=thinking))
+    assert plan.template_kwargs == {"enable_thinking": thinking}
+    prompt = ChatTemplate(src).render(plan.messages, **plan.template_kwargs)
+    # Qwen 3 closes an empty reasoning block in the prompt when thinking is off.
+    assert prompt.rstrip().endswith("</think>") is not thinking
+    assert not prompt_opens_thinking(prompt)
+    assert plan_chat("{{ messages }}", Request((Message.user("x"),))).template_kwargs == {}

@@ -44,6 +44,10 @@ class ChatPlan:
     grammar: Grammar | None
     folded: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    #: Extra template variables: ``enable_thinking`` mirrors ``request.thinking`` for
+    #: templates that read it (Qwen 3, Gemma 4, ...), as ``chat_template_kwargs`` does
+    #: on llama-server and vLLM.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def parser(self, prompt: str) -> SentinelParser:
         """A fresh output parser for a reply to ``prompt``."""
@@ -80,7 +84,9 @@ def plan_chat(
         mistral_v11=bool(template) and "[ARGS]" in template,  # type: ignore[operator]
         limits=limits,
     )
-    return ChatPlan(fmt, template, messages, tools, grammar, folded)
+    kwargs = ({"enable_thinking": request.thinking}
+              if template and "enable_thinking" in template else {})
+    return ChatPlan(fmt, template, messages, tools, grammar, folded, template_kwargs=kwargs)
 
 
 def chat_parser_factory(

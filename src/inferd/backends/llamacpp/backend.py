@@ -303,7 +303,8 @@ class LlamaCpp(Backend):
         """The prompt text the model sees for ``request``."""
         plan = plan or self.plan(request)
         return self.chat_template().render(plan.messages, tools=plan.tools,
-                                           add_generation_prompt=True)
+                                           add_generation_prompt=True,
+                                           **plan.template_kwargs)
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
         """Prompt tokens: special tokens in the text are parsed (the template wrote them);
