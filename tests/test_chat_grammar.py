@@ -288,6 +288,20 @@ def test_exclusion_grammar_is_exact(opener: str) -> None:
         assert accepts(text) == (opener not in text), text
 
 
+def test_llama3_none_also_forbids_a_leading_brace() -> None:
+    g = exclusion_grammar("<|python_tag|>", "{").text
+    sampler = Sampler(g, seed=5, soft_depth=40)
+    seen_lead_ws = False
+    for _ in range(400):
+        text = sampler.sentence()
+        assert "<|python_tag|>" not in text
+        assert not text.lstrip().startswith("{"), text
+        seen_lead_ws |= text[:1].isspace()
+    assert seen_lead_ws  # leading whitespace is still allowed
+    req = Request((Message.user("hi"),), tools=TOOLS, tool_choice="none")
+    assert request_grammar(req, "llama3").text.startswith('root ::= "" | [ \\t\\r\\n] root')
+
+
 def test_request_grammar_choices() -> None:
     msgs = (Message.user("hi"),)
     assert request_grammar(Request(msgs), "hermes") is None
@@ -341,6 +355,7 @@ def test_llama_cpp_accepts_every_grammar() -> None:
             texts.append(tool_call_grammar(fmt, TOOLS, ToolChoice("required"),
                                            parallel=parallel).text)
         texts.append(exclusion_grammar(OPENERS[fmt]).text)
+    texts.append(exclusion_grammar(OPENERS["llama3"], "{").text)
     texts.append(tool_call_grammar("mistral", TOOLS, None, mistral_v11=False).text)
     for text in texts:
         _llama.Sampler(model, temperature=0.0, grammar=text).close()

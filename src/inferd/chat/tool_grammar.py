@@ -7,7 +7,8 @@
   token where the vocabulary has it as one token), so free text stays free but a
   started call is well-formed. For Llama 3's marker-less calls the trigger is a
   reply that begins with ``{``.
-* ``none``: the opener cannot be produced. We use an exact *exclusion grammar*: a
+* ``none``: the opener cannot be produced (for Llama 3 also a reply that starts
+  with ``{``, its marker-less call). We use an exact *exclusion grammar*: a
   small automaton (one rule per character of the opener, built like a KMP failure
   table) matching any text that does not contain the opener. Why not a logit bias
   on the opener token: on models whose vocabulary has no such token (SmolLM2 spells
@@ -133,13 +134,14 @@ def _regex_escape(s: str) -> str:
     return "".join("\\" + c if c in r".^$*+?()[]{}|\/-" else c for c in s)
 
 
-def exclusion_grammar(forbidden: str) -> Grammar:
+def exclusion_grammar(forbidden: str, no_leading: str = "") -> Grammar:
     """Any text that does not contain ``forbidden`` (exact; one rule per character).
 
     State ``s{i}`` means "the last ``i`` characters are ``forbidden[:i]``". From
     each state a character either extends the match (never to the full string) or
     falls back to the longest prefix that is still a suffix (KMP), and every state
-    may end the text.
+    may end the text. ``no_leading`` lists characters the text may not *start* with
+    after optional whitespace (Llama 3's marker-less calls start with ``{``).
     """
     if not forbidden:
         raise InvalidRequest("exclusion grammar needs a non-empty string")
@@ -155,6 +157,13 @@ def exclusion_grammar(forbidden: str) -> Grammar:
     chars = sorted(set(forbidden))
     escaped = "".join(_class_escape(c) for c in chars)
     lines = ["root ::= s0"]
+    if no_leading:
+        lead = sorted(set(no_leading) | set(" \t\r\n") | set(chars))
+        first = ['""', '[ \\t\\r\\n] root',
+                 "[^" + "".join(_class_escape(c) for c in lead) + "] s0"]
+        first += [f"{gbnf_literal(c)} s{step(0, c)}" for c in chars
+                  if c not in no_leading and c not in " \t\r\n"]
+        lines = ["root ::= " + " | ".join(first)]
     for i in range(n):
         alts = ['""', f"[^{escaped}] s0"]
         for c in chars:
@@ -166,6 +175,9 @@ def exclusion_grammar(forbidden: str) -> Grammar:
 
 
 def _class_escape(c: str) -> str:
+    special = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+    if c in special:
+        return special[c]
     return "\\" + c if c in "^-]\\[" else c
 
 
@@ -200,6 +212,6 @@ def request_grammar(
         return tool_call_grammar(fmt, request.tools, choice, parallel=parallel,
                                  mistral_v11=mistral_v11, limits=limits)
     if kind == "none":
-        return exclusion_grammar(OPENERS[fmt])
+        return exclusion_grammar(OPENERS[fmt], "{" if fmt == "llama3" else "")
     return lazy_tool_call_grammar(fmt, request.tools, parallel=parallel,
                                   mistral_v11=mistral_v11, limits=limits)
