@@ -32,7 +32,7 @@ def model(L, smollm2_path):
 
 @pytest.fixture
 def ctx(L, model):
-    c = L.Context(model, n_ctx=512, n_batch=128, n_seq_max=4)
+    c = L.Context(model, n_threads=1, n_ctx=512, n_batch=128, n_seq_max=4)
     yield c
     c.close()
 
@@ -198,10 +198,10 @@ def test_batch_limits(L):
 
 
 def test_context_full_is_an_error(L, model):
-    c = L.Context(model, n_ctx=256, n_batch=256)
+    c = L.Context(model, n_threads=1, n_ctx=256, n_batch=256)
     n = c.n_ctx  # libllama may round the size up
     c.close()
-    c = L.Context(model, n_ctx=n, n_batch=n)
+    c = L.Context(model, n_threads=1, n_ctx=n, n_batch=n)
     b = L.Batch(n)
     b.add_sequence([100 + i % 1000 for i in range(n)], 0, 0)
     c.decode(b)
@@ -239,7 +239,7 @@ def test_sampler_rejects_bad_values(L, model):
 
 
 def test_embeddings_pooled_truncated_normalised(L, model):
-    c = L.Context(model, n_ctx=256, n_batch=256, embeddings=True, pooling="mean")
+    c = L.Context(model, n_threads=1, n_ctx=256, n_batch=256, embeddings=True, pooling="mean")
     b = L.Batch(256)
 
     def emb(text, dims=None):
@@ -260,7 +260,7 @@ def test_embeddings_pooled_truncated_normalised(L, model):
     with pytest.raises(ValueError):
         c.embedding(0, dimensions=0)
     c.close()
-    plain = L.Context(model, n_ctx=64)
+    plain = L.Context(model, n_threads=1, n_ctx=64)
     with pytest.raises(RuntimeError, match="embeddings=True"):
         plain.embedding(0)
     plain.close()
@@ -291,7 +291,7 @@ def test_decode_releases_the_gil(L, model):
 
 def test_use_after_close_is_a_clear_error(L, smollm2_path):
     m = L.Model(str(smollm2_path))
-    c = L.Context(m, n_ctx=64)
+    c = L.Context(m, n_threads=1, n_ctx=64)
     s = L.Sampler(m, temperature=0)
     m.close()
     m.close()  # idempotent
@@ -317,3 +317,33 @@ def test_log_routing_is_quiet_and_capturable(L, smollm2_path, capfd, caplog):
     L.Model(str(smollm2_path)).close()
     _out, err = capfd.readouterr()
     assert "llama_model_loader" not in err  # nothing leaks to stderr by default
+
+
+def test_close_while_another_thread_decodes_is_deferred(L, smollm2_path):
+    """Closing the model under a running decode must not free memory libllama is using."""
+    m = L.Model(str(smollm2_path))
+    c = L.Context(m, n_threads=1, n_ctx=512, n_batch=256)
+    s = L.Sampler(m, temperature=0)
+    b = L.Batch(256)
+    last = b.add_sequence([100 + i for i in range(256)], 0, 0)
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def work():
+        started.set()
+        try:
+            c.decode(b)
+            s.sample(c, last)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    started.wait()
+    time.sleep(0.005)
+    m.close()  # most likely while decode runs: freed when it returns
+    assert m.closed and c.closed
+    t.join()
+    assert all(isinstance(e, NotReady) for e in errors), errors
+    with pytest.raises(NotReady):
+        c.decode(b)

@@ -31,7 +31,7 @@ _CHILD = textwrap.dedent("""
         print("NO-CORE"); sys.exit(0)
     from inferd.backends.llamacpp import LlamaCpp
     try:
-        b = LlamaCpp(sys.argv[1], n_ctx=64, **eval(sys.argv[2]))
+        b = LlamaCpp(sys.argv[1], n_ctx=64, n_threads=1, **eval(sys.argv[2]))
     except InferdError as e:
         print(type(e).__name__ + ": " + e.message)
     else:

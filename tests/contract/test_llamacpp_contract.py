@@ -20,7 +20,7 @@ def _make(path, **kw):
         missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
     from inferd.backends.llamacpp import LlamaCpp
 
-    return LlamaCpp(path, n_ctx=512, **kw)
+    return LlamaCpp(path, n_ctx=512, n_threads=1, **kw)
 
 
 class _FailsAfterTwo:

@@ -43,8 +43,10 @@ __all__ = [
     "Context",
     "Model",
     "Sampler",
+    "decode_sample",
     "devices",
     "recent_log",
+    "seq_cells",
     "set_log_level",
     "supports_gpu_offload",
     "system_info",
@@ -224,6 +226,10 @@ cdef inline bytes _utf8(object text):
     raise TypeError(f"expected str or bytes, got {type(text).__name__}")
 
 
+cdef class Context  # forward declarations: Model frees them on deferred close
+cdef class Sampler
+
+
 cdef class Model:
     """A GGUF model loaded by libllama.
 
@@ -241,6 +247,9 @@ cdef class Model:
     cdef readonly str path
     cdef readonly int n_gpu_layers
     cdef object _children
+    cdef list _pending  # children whose close waits for in-flight calls to end
+    cdef int _inflight  # GIL-free calls running on this model or its children
+    cdef bint _closing
     cdef object __weakref__
 
     def __cinit__(self, path, int n_gpu_layers=0, bint use_mmap=True, progress=None,
@@ -248,6 +257,9 @@ cdef class Model:
         self.ptr = NULL
         self.vocab = NULL
         self._children = weakref.WeakSet()
+        self._pending = []
+        self._inflight = 0
+        self._closing = False
         _ensure_backend()
         self.path = os.fspath(path)
         self.n_gpu_layers = n_gpu_layers
@@ -283,25 +295,58 @@ cdef class Model:
             self.ptr = NULL
 
     cdef inline void _check(self) except *:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._closing:
             raise NotReady("the llama model is closed; load it again to use it")
 
     cdef void _adopt(self, object child):
         self._children.add(child)
 
+    # Memory safety across threads: a GIL-free call (decode, sample, tokenize) counts
+    # itself in _inflight. close() of the model or of any of its contexts/samplers
+    # while such a call runs only marks the object closed; the memory is freed by the
+    # last call to leave. The counters change only with the GIL held.
+
+    cdef inline void _enter(self):
+        self._inflight += 1
+
+    cdef void _leave(self):
+        self._inflight -= 1
+        if self._inflight == 0 and (self._pending or self._closing):
+            self._flush()
+
+    cdef bint _defer(self, object child):
+        """True when ``child``'s memory must wait for in-flight calls (it is queued)."""
+        if self._inflight > 0:
+            self._pending.append(child)
+            return True
+        return False
+
+    cdef void _flush(self):
+        pending, self._pending = self._pending, []
+        for child in pending:
+            if isinstance(child, Context):
+                (<Context>child)._free()
+            elif isinstance(child, Sampler):
+                (<Sampler>child)._free()
+        if self._closing and self.ptr != NULL:
+            llama_model_free(self.ptr)
+            self.ptr = NULL
+            self.vocab = NULL
+
     def close(self):
-        """Free the weights now. Contexts and samplers made from it are closed first."""
-        if self.ptr == NULL:
+        """Free the weights. Contexts and samplers made from it are closed first; if one
+        is computing in another thread, the memory is freed when that call returns."""
+        if self.ptr == NULL or self._closing:
             return
+        self._closing = True
         for child in list(self._children):
             child.close()
-        llama_model_free(self.ptr)
-        self.ptr = NULL
-        self.vocab = NULL
+        if self._inflight == 0:
+            self._flush()
 
     @property
     def closed(self):
-        return self.ptr == NULL
+        return self.ptr == NULL or self._closing
 
     # ---------------------------------------------------------------- metadata
 
@@ -474,6 +519,7 @@ cdef class Model:
         cdef const char * cdata = data
         if buf == NULL:
             raise MemoryError()
+        self._enter()
         try:
             with nogil:
                 n = llama_tokenize(self.vocab, cdata, <int32_t>blen, buf, cap, add_special,
@@ -494,6 +540,7 @@ cdef class Model:
             return [buf[i] for i in range(n)]
         finally:
             free(buf)
+            self._leave()
 
     def token_to_piece(self, int token, bint special=False):
         """The bytes of one token. May be part of a UTF-8 character: join before decoding."""
@@ -678,6 +725,9 @@ cdef llama_sampler * _lazy_grammar(Model model, bytes grammar, bytes root, patte
     return g
 
 
+# no_gc_clear: the model reference must survive until __dealloc__ has freed
+# this object (a GC cycle must never free the model first).
+@cython.no_gc_clear
 cdef class Sampler:
     """One sampler chain: penalties, grammar, top-k, top-p, min-p, temperature, then a
     seeded draw; or greedy (argmax) when ``temperature == 0``.
@@ -688,6 +738,7 @@ cdef class Sampler:
 
     cdef llama_sampler * ptr
     cdef Model model
+    cdef bint _closing
     cdef object __weakref__
     cdef readonly bint greedy
 
@@ -754,18 +805,28 @@ cdef class Sampler:
             self.ptr = NULL
 
     cdef inline void _check(self) except *:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._closing:
             raise NotReady("the sampler is closed (its model was closed or it was freed)")
 
-    def close(self):
+    cdef void _free(self):
         if self.ptr != NULL:
             llama_sampler_free(self.ptr)
             self.ptr = NULL
+
+    def close(self):
+        """Free the chain (deferred while a call of its model computes elsewhere)."""
+        if self.ptr == NULL or self._closing:
+            return
+        self._closing = True
+        if self.model is None or not self.model._defer(self):
+            self._free()
 
     def sample(self, Context ctx, int idx=-1):
         """Draw the next token from the logits at batch index ``idx`` and accept it."""
         self._check()
         ctx._check()
+        if self.model is not ctx.model:
+            raise ValueError("the sampler and the context belong to different models")
         cdef llama_token tok
         ctx._enter()
         try:
@@ -796,6 +857,9 @@ _POOLING = {
 }
 
 
+# no_gc_clear: the model reference must survive until __dealloc__ has freed
+# this object (a GC cycle must never free the model first).
+@cython.no_gc_clear
 cdef class Context:
     """KV cache + compute state over a :class:`Model`.
 
@@ -803,6 +867,9 @@ cdef class Context:
     n_threads_batch=None, embeddings=False, pooling=None)``. ``n_threads=None`` uses the
     CPUs this process may run on. With ``embeddings=True`` decode produces pooled
     embeddings (``pooling``: mean, cls, last, none; ``None`` = the model's own).
+    ``kv_unified=True`` keeps every sequence in one KV buffer of ``n_ctx`` cells (a
+    shared prefix is shared cells and ``seq_cp`` is free); otherwise each of the
+    ``n_seq_max`` sequences gets its own ``n_ctx / n_seq_max`` cells.
 
     One thread at a time: a second concurrent ``decode`` raises instead of corrupting
     state; ``close()`` during a decode in another thread is deferred until it returns.
@@ -819,7 +886,7 @@ cdef class Context:
 
     def __cinit__(self, Model model, *, int n_ctx=4096, int n_batch=512, int n_ubatch=0,
                   int n_seq_max=1, n_threads=None, n_threads_batch=None,
-                  bint embeddings=False, pooling=None):
+                  bint embeddings=False, pooling=None, bint kv_unified=False):
         self.ptr = NULL
         model._check()
         if n_ctx < 0 or n_batch < 1 or n_seq_max < 1:
@@ -843,6 +910,7 @@ cdef class Context:
         p.n_threads_batch = n_threads_batch if n_threads_batch is not None else p.n_threads
         p.embeddings = embeddings
         p.pooling_type = _POOLING[pooling]
+        p.kv_unified = kv_unified
         p.no_perf = True
         _recent.clear()
         with nogil:
@@ -861,7 +929,7 @@ cdef class Context:
             self.ptr = NULL
 
     cdef inline void _check(self) except *:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._close_pending:
             raise NotReady("the llama context is closed")
 
     cdef inline void _enter(self) except *:
@@ -869,12 +937,11 @@ cdef class Context:
             raise RuntimeError("this llama context is in use by another thread; "
                                "a context serves one decode at a time")
         self._busy = True
+        self.model._enter()
 
     cdef inline void _leave(self):
         self._busy = False
-        if self._close_pending:
-            self._close_pending = False
-            self._free()
+        self.model._leave()
 
     cdef void _free(self):
         if self.ptr != NULL:
@@ -883,15 +950,16 @@ cdef class Context:
             self.mem = NULL
 
     def close(self):
-        """Free the KV cache now (deferred to the end of a decode running elsewhere)."""
-        if self._busy:
-            self._close_pending = True
-        else:
+        """Free the KV cache (deferred while a call of its model computes elsewhere)."""
+        if self.ptr == NULL or self._close_pending:
+            return
+        self._close_pending = True
+        if self.model is None or not self.model._defer(self):
             self._free()
 
     @property
     def closed(self):
-        return self.ptr == NULL
+        return self.ptr == NULL or self._close_pending
 
     @property
     def n_ctx(self):
@@ -939,6 +1007,8 @@ cdef class Context:
         single-stream generation in one GIL-free call."""
         self._check()
         sampler._check()
+        if sampler.model is not self.model:
+            raise ValueError("the sampler and the context belong to different models")
         cdef llama_batch * b = &self._one.b
         b.token[0] = token
         b.pos[0] = pos
@@ -1029,3 +1099,71 @@ def _raise_decode(int rc):
         raise ValueError("llama_decode: invalid batch (token ids or positions out of range)")
     why = "; ".join(_recent) or "see the inferd.llama logger"
     raise RuntimeError(f"llama_decode failed with code {rc}: {why}")
+
+
+# --------------------------------------------------------------------------- batching
+# Continuous batching support (inferd.backends.llamacpp.scheduler). Kept apart from the
+# single-stream API above: one call decodes a mixed batch and samples every sequence
+# that asked for logits, all without the GIL, so a step costs one GIL round trip
+# whatever the number of streams.
+
+
+def decode_sample(Context ctx, Batch batch, samplers, idxs):
+    """Decode ``batch`` once, then draw one token per ``(samplers[i], idxs[i])``.
+
+    ``idxs[i]`` is the batch index whose logits ``samplers[i]`` samples (each sampler is
+    one sequence's chain, so penalties and grammars stay per sequence). Returns the
+    tokens in the same order. Decode and every draw run with the GIL released.
+    Raises like :meth:`Context.decode`; when decoding fails nothing is sampled.
+    """
+    ctx._check()
+    if batch.b.n_tokens == 0:
+        raise ValueError("decode needs a non-empty batch")
+    cdef Py_ssize_t k, n = len(samplers)
+    if len(idxs) != n:
+        raise ValueError(f"{n} samplers but {len(idxs)} batch indices")
+    cdef llama_sampler ** ptrs = <llama_sampler **>malloc((n + 1) * sizeof(llama_sampler *))
+    cdef int32_t * cidx = <int32_t *>malloc((n + 1) * sizeof(int32_t))
+    cdef llama_token * out = <llama_token *>malloc((n + 1) * sizeof(llama_token))
+    cdef Sampler smp
+    cdef int32_t rc = 0
+    cdef int32_t i
+    try:
+        if ptrs == NULL or cidx == NULL or out == NULL:
+            raise MemoryError()
+        for k in range(n):
+            smp = <Sampler?>samplers[k]
+            smp._check()
+            if smp.model is not ctx.model:
+                raise ValueError("a sampler and the context belong to different models")
+            i = idxs[k]
+            if i < 0 or i >= batch.b.n_tokens or not batch.b.logits[i]:
+                raise ValueError(f"batch index {i} has no logits requested")
+            ptrs[k] = smp.ptr
+            cidx[k] = i
+        ctx._enter()
+        try:
+            with nogil:
+                rc = llama_decode(ctx.ptr, batch.b)
+                if rc == 0:
+                    for k in range(n):
+                        out[k] = llama_sampler_sample(ptrs[k], ctx.ptr, cidx[k])
+        finally:
+            ctx._leave()
+        if rc != 0:
+            _raise_decode(rc)
+        return [out[k] for k in range(n)]
+    finally:
+        free(ptrs)
+        free(cidx)
+        free(out)
+
+
+def seq_cells(Context ctx, int n_seq):
+    """``[(pos_min, pos_max), ...]`` for sequences ``0..n_seq-1`` (``(-1, -1)``: empty).
+
+    Lets a scheduler (and tests) prove that no sequence still holds KV cells.
+    """
+    ctx._check()
+    return [(llama_memory_seq_pos_min(ctx.mem, s), llama_memory_seq_pos_max(ctx.mem, s))
+            for s in range(n_seq)]
