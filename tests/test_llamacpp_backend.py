@@ -28,7 +28,7 @@ def backend(smollm2_path):
     _core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=2)
+    b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1)
     yield b
     b.close()
 
@@ -249,7 +249,7 @@ async def test_parser_failure_mid_stream_is_backend_unavailable(smollm2_path):
                 raise RuntimeError("parser bug")
             return super().feed(text)
 
-    b = LlamaCpp(smollm2_path, n_ctx=256, output_parser=lambda *a: Flaky())
+    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256, output_parser=lambda *a: Flaky())
     seen = []
     with pytest.raises(BackendUnavailable, match="parser bug"):
         async for ev in b.generate(Request.chat("Tell a story", max_tokens=50,
@@ -266,26 +266,26 @@ async def test_chat_template_override_and_errors(smollm2_path):
     _core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=256,
+    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256,
                  chat_template="{% for m in messages %}[{{ m.role }}] {{ m.content }}\n"
                                "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
     assert b.render(Request.chat("hi")) == "[user] hi\n[assistant] "
     await b.aclose()
-    b = LlamaCpp(smollm2_path, n_ctx=256,
+    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256,
                  chat_template="{{ raise_exception('no system messages please') }}")
     gen = b.generate(Request.chat("hi"))
     with pytest.raises(InvalidRequest, match="no system messages please"):
         await gen.__anext__()
     await b.aclose()
-    b = LlamaCpp(smollm2_path, n_ctx=256, chat_template="{{ ''.__class__.__mro__ }}")
+    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256, chat_template="{{ ''.__class__.__mro__ }}")
     with pytest.raises(InvalidRequest, match="unsafe"):
         b.render(Request.chat("hi"))
     b.close()
-    b = LlamaCpp(smollm2_path, n_ctx=256, chat_template="{% if %}")
+    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256, chat_template="{% if %}")
     with pytest.raises(InvalidRequest, match="does not parse"):
         b.render(Request.chat("hi"))
     b.close()
-    b = LlamaCpp(smollm2_path, n_ctx=256, chat_template="")
+    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256, chat_template="")
     with pytest.raises(InvalidRequest, match="no chat template"):
         b.render(Request.chat("hi"))
     b.close()
@@ -330,7 +330,7 @@ async def test_embeddings(backend):
 
 async def test_capabilities(backend):
     caps = backend.capabilities()
-    assert caps.embed and not caps.tools and not caps.vision
+    assert caps.embed and not caps.vision
     assert caps.accelerator is not None and caps.accelerator.kind == "cpu"
     assert backend.ready()
 
@@ -339,7 +339,7 @@ async def test_model_store_name_and_bad_paths(tmp_path):
     _core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = await LlamaCpp.open("smollm2-135m", n_ctx=128)
+    b = await LlamaCpp.open("smollm2-135m", n_ctx=128, n_threads=1)
     assert b.ready() and "mollm" in b.model_name.lower()
     await b.aclose()
     with pytest.raises(ModelLoadError):
@@ -352,7 +352,7 @@ async def test_use_after_close(smollm2_path):
     _core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=256)
+    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256)
     gen = b.generate(Request.chat("Write a long essay", max_tokens=500, ignore_eos=True))
     await gen.__anext__()
     await b.aclose()  # closes under a running stream: it ends, it does not hang or crash

@@ -226,6 +226,10 @@ cdef inline bytes _utf8(object text):
     raise TypeError(f"expected str or bytes, got {type(text).__name__}")
 
 
+cdef class Context  # forward declarations: Model frees them on deferred close
+cdef class Sampler
+
+
 cdef class Model:
     """A GGUF model loaded by libllama.
 
@@ -243,6 +247,9 @@ cdef class Model:
     cdef readonly str path
     cdef readonly int n_gpu_layers
     cdef object _children
+    cdef list _pending  # children whose close waits for in-flight calls to end
+    cdef int _inflight  # GIL-free calls running on this model or its children
+    cdef bint _closing
     cdef object __weakref__
 
     def __cinit__(self, path, int n_gpu_layers=0, bint use_mmap=True, progress=None,
@@ -250,6 +257,9 @@ cdef class Model:
         self.ptr = NULL
         self.vocab = NULL
         self._children = weakref.WeakSet()
+        self._pending = []
+        self._inflight = 0
+        self._closing = False
         _ensure_backend()
         self.path = os.fspath(path)
         self.n_gpu_layers = n_gpu_layers
@@ -285,25 +295,58 @@ cdef class Model:
             self.ptr = NULL
 
     cdef inline void _check(self) except *:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._closing:
             raise NotReady("the llama model is closed; load it again to use it")
 
     cdef void _adopt(self, object child):
         self._children.add(child)
 
+    # Memory safety across threads: a GIL-free call (decode, sample, tokenize) counts
+    # itself in _inflight. close() of the model or of any of its contexts/samplers
+    # while such a call runs only marks the object closed; the memory is freed by the
+    # last call to leave. The counters change only with the GIL held.
+
+    cdef inline void _enter(self):
+        self._inflight += 1
+
+    cdef void _leave(self):
+        self._inflight -= 1
+        if self._inflight == 0 and (self._pending or self._closing):
+            self._flush()
+
+    cdef bint _defer(self, object child):
+        """True when ``child``'s memory must wait for in-flight calls (it is queued)."""
+        if self._inflight > 0:
+            self._pending.append(child)
+            return True
+        return False
+
+    cdef void _flush(self):
+        pending, self._pending = self._pending, []
+        for child in pending:
+            if isinstance(child, Context):
+                (<Context>child)._free()
+            elif isinstance(child, Sampler):
+                (<Sampler>child)._free()
+        if self._closing and self.ptr != NULL:
+            llama_model_free(self.ptr)
+            self.ptr = NULL
+            self.vocab = NULL
+
     def close(self):
-        """Free the weights now. Contexts and samplers made from it are closed first."""
-        if self.ptr == NULL:
+        """Free the weights. Contexts and samplers made from it are closed first; if one
+        is computing in another thread, the memory is freed when that call returns."""
+        if self.ptr == NULL or self._closing:
             return
+        self._closing = True
         for child in list(self._children):
             child.close()
-        llama_model_free(self.ptr)
-        self.ptr = NULL
-        self.vocab = NULL
+        if self._inflight == 0:
+            self._flush()
 
     @property
     def closed(self):
-        return self.ptr == NULL
+        return self.ptr == NULL or self._closing
 
     # ---------------------------------------------------------------- metadata
 
@@ -476,6 +519,7 @@ cdef class Model:
         cdef const char * cdata = data
         if buf == NULL:
             raise MemoryError()
+        self._enter()
         try:
             with nogil:
                 n = llama_tokenize(self.vocab, cdata, <int32_t>blen, buf, cap, add_special,
@@ -496,6 +540,7 @@ cdef class Model:
             return [buf[i] for i in range(n)]
         finally:
             free(buf)
+            self._leave()
 
     def token_to_piece(self, int token, bint special=False):
         """The bytes of one token. May be part of a UTF-8 character: join before decoding."""
@@ -680,6 +725,9 @@ cdef llama_sampler * _lazy_grammar(Model model, bytes grammar, bytes root, patte
     return g
 
 
+# no_gc_clear: the model reference must survive until __dealloc__ has freed
+# this object (a GC cycle must never free the model first).
+@cython.no_gc_clear
 cdef class Sampler:
     """One sampler chain: penalties, grammar, top-k, top-p, min-p, temperature, then a
     seeded draw; or greedy (argmax) when ``temperature == 0``.
@@ -690,6 +738,7 @@ cdef class Sampler:
 
     cdef llama_sampler * ptr
     cdef Model model
+    cdef bint _closing
     cdef object __weakref__
     cdef readonly bint greedy
 
@@ -756,18 +805,28 @@ cdef class Sampler:
             self.ptr = NULL
 
     cdef inline void _check(self) except *:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._closing:
             raise NotReady("the sampler is closed (its model was closed or it was freed)")
 
-    def close(self):
+    cdef void _free(self):
         if self.ptr != NULL:
             llama_sampler_free(self.ptr)
             self.ptr = NULL
+
+    def close(self):
+        """Free the chain (deferred while a call of its model computes elsewhere)."""
+        if self.ptr == NULL or self._closing:
+            return
+        self._closing = True
+        if self.model is None or not self.model._defer(self):
+            self._free()
 
     def sample(self, Context ctx, int idx=-1):
         """Draw the next token from the logits at batch index ``idx`` and accept it."""
         self._check()
         ctx._check()
+        if self.model is not ctx.model:
+            raise ValueError("the sampler and the context belong to different models")
         cdef llama_token tok
         ctx._enter()
         try:
@@ -798,6 +857,9 @@ _POOLING = {
 }
 
 
+# no_gc_clear: the model reference must survive until __dealloc__ has freed
+# this object (a GC cycle must never free the model first).
+@cython.no_gc_clear
 cdef class Context:
     """KV cache + compute state over a :class:`Model`.
 
@@ -867,7 +929,7 @@ cdef class Context:
             self.ptr = NULL
 
     cdef inline void _check(self) except *:
-        if self.ptr == NULL:
+        if self.ptr == NULL or self._close_pending:
             raise NotReady("the llama context is closed")
 
     cdef inline void _enter(self) except *:
@@ -875,12 +937,11 @@ cdef class Context:
             raise RuntimeError("this llama context is in use by another thread; "
                                "a context serves one decode at a time")
         self._busy = True
+        self.model._enter()
 
     cdef inline void _leave(self):
         self._busy = False
-        if self._close_pending:
-            self._close_pending = False
-            self._free()
+        self.model._leave()
 
     cdef void _free(self):
         if self.ptr != NULL:
@@ -889,15 +950,16 @@ cdef class Context:
             self.mem = NULL
 
     def close(self):
-        """Free the KV cache now (deferred to the end of a decode running elsewhere)."""
-        if self._busy:
-            self._close_pending = True
-        else:
+        """Free the KV cache (deferred while a call of its model computes elsewhere)."""
+        if self.ptr == NULL or self._close_pending:
+            return
+        self._close_pending = True
+        if self.model is None or not self.model._defer(self):
             self._free()
 
     @property
     def closed(self):
-        return self.ptr == NULL
+        return self.ptr == NULL or self._close_pending
 
     @property
     def n_ctx(self):
@@ -945,6 +1007,8 @@ cdef class Context:
         single-stream generation in one GIL-free call."""
         self._check()
         sampler._check()
+        if sampler.model is not self.model:
+            raise ValueError("the sampler and the context belong to different models")
         cdef llama_batch * b = &self._one.b
         b.token[0] = token
         b.pos[0] = pos
