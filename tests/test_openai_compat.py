@@ -399,6 +399,15 @@ async def test_connect_timeout():
         srv.close()
 
 
+def test_wire_error_messages_never_echo_the_query_string():
+    import aiohttp
+
+    url = f"http://127.0.0.1:1/v1/chat/completions?key={KEY}"
+    exc = aiohttp.ClientOSError(None, f"Can not write request body for {url}")
+    err = client_mod.connection_error(exc, url, timeouts=aiohttp.ClientTimeout(total=1))
+    assert KEY not in str(err) and "127.0.0.1:1/v1/chat/completions" in str(err)
+
+
 async def test_read_timeout_before_first_byte(up):
     url = up.script("stall0", Stream(QUIRKS["plain"].pieces, stall_after=0, stall_s=5))
     async with make(url, read_timeout=0.3, max_retries=0) as b:
@@ -511,6 +520,14 @@ async def test_completed_streams_reuse_the_connection(up):
             assert b.active == 0
     peers = {r.peer for r in up.requests("reuse")}
     assert len(peers) == 1, f"each request opened a new connection: {peers}"
+
+
+async def test_silently_closed_pooled_connection_is_resent(up):
+    url = up.script("closer", Stream(QUIRKS["plain"].pieces, close_after=True))
+    async with make(url, max_retries=0) as b:
+        for _ in range(5):  # back to back: the next request races the server's FIN
+            assert isinstance((await collect(b))[-1], Done)
+    assert len(up.requests("closer")) == 5
 
 
 async def test_a_connection_left_mid_stream_is_not_reused(up):

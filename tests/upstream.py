@@ -6,7 +6,8 @@ next requests get (the last reply repeats), so a test can say "503, then 429 wit
 Retry-After, then a stream". Replies:
 
 * :class:`Stream` - raw SSE bytes, written piece by piece (optionally slowly),
-  optionally stalling (read timeouts) or dropping the connection mid-way;
+  optionally stalling (read timeouts), dropping the connection mid-way, or closing
+  it silently after a complete response;
 * :class:`Status` - an error status with a body and headers;
 * :class:`Json` - a JSON body (embeddings).
 
@@ -48,6 +49,9 @@ class Stream:
     stall_s: float = 30.0
     drop_after: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: Close the connection right after a complete response, without a
+    #: ``Connection: close`` header (llama-server does this after streams).
+    close_after: bool = False
 
 
 @dataclass
@@ -302,6 +306,8 @@ class Upstream:
                     await asyncio.sleep(0)
             await resp.write_eof()
             self.completed.append(scenario)
+            if reply.close_after and request.transport is not None:
+                request.transport.close()
         except asyncio.CancelledError:
             self.disconnects.append(scenario)
             raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import errno
 import logging
 import random
 import time
@@ -63,6 +64,9 @@ DEFAULT_BACKOFF_MAX_S = 8.0
 DEFAULT_MAX_RETRY_AFTER_S = 60.0
 #: Connections kept per backend (aiohttp ``TCPConnector(limit=...)``).
 DEFAULT_MAX_CONNECTIONS = 100
+#: Immediate resends, per request and outside ``max_retries``, when a request could not
+#: be written on a pooled connection the upstream had silently closed.
+STALE_CONNECTION_RETRIES = 2
 #: Largest non-streamed response body (embeddings) read into memory.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
@@ -208,6 +212,16 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class _Stale(_Retryable):
+    """Internal: the request could not be sent on a pooled connection.
+
+    Servers may close a keep-alive connection right after a streamed response without
+    saying so (llama-server does); the next request written on it fails before the
+    server has read it. Retrying that at once, outside the ``max_retries`` budget,
+    is safe: nothing reached the upstream.
+    """
+
+
 def scrub(text: str, secret: Secret | None) -> str:
     """``text`` with the secret (if any) replaced, so echoed keys never survive."""
     if secret and secret.get() in text:
@@ -275,7 +289,9 @@ def connection_error(exc: BaseException, url: str, *, timeouts: aiohttp.ClientTi
     elif isinstance(exc, aiohttp.ClientPayloadError):
         cause = "the upstream dropped the connection before the reply was complete"
     elif isinstance(exc, OSError):
-        cause = f"connection error ({exc.strerror or type(exc).__name__})"
+        # not exc.strerror: aiohttp puts the full URL (query string included) there
+        code = errno.errorcode.get(exc.errno or 0)
+        cause = f"connection error ({code or type(exc).__name__})"
     else:
         cause = f"connection error ({type(exc).__name__})"
     return BackendUnavailable(f"{cause} {phase}, talking to {where}")
@@ -357,7 +373,12 @@ class HttpClient:
         try:
             resp = await self.session().post(url, data=payload, headers={"Accept": accept})
         except WIRE_ERRORS as e:
-            raise _Retryable(connection_error(e, url, timeouts=self.timeout)) from e
+            err = connection_error(e, url, timeouts=self.timeout)
+            if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) and (
+                not isinstance(e, aiohttp.ClientConnectorError)
+            ):
+                raise _Stale(err) from e
+            raise _Retryable(err) from e
         if 200 <= resp.status < 300:
             return resp
         try:
@@ -377,9 +398,16 @@ class HttpClient:
         here when a stream breaks before its first event); the count after this call
         is returned with the response.
         """
+        stale_left = STALE_CONNECTION_RETRIES
         while True:
             try:
                 return await self._attempt(url, payload, accept), attempt
+            except _Stale as r:
+                if stale_left > 0:
+                    stale_left -= 1
+                    log.debug("pooled connection was closed by the upstream; resending")
+                    continue
+                attempt = await self.wait_before_retry(r.error, attempt, r.retry_after)
             except _Retryable as r:
                 attempt = await self.wait_before_retry(r.error, attempt, r.retry_after)
 
