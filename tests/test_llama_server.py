@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
 import tempfile
@@ -119,7 +120,8 @@ def llama_embed_server(llama_server_bin: Path, smollm2_path: Path) -> Iterator[s
 
 @pytest.fixture
 async def backend(llama_server: str):
-    b = OpenAICompat(llama_server, api_key="", model="smollm2", read_timeout=60,
+    # generous timeouts: CI machines are shared, and a loaded 2-core box decodes slowly
+    b = OpenAICompat(llama_server, api_key="", model="smollm2", read_timeout=300,
                      max_retries=0)
     yield b
     await b.aclose()
@@ -175,6 +177,11 @@ async def test_tool_call_round_trip(backend):
     assert len(events) >= 2, "a reply streamed after the tool result"
 
 
+def _busy_slots(url: str) -> int:
+    with urllib.request.urlopen(url + "/slots", timeout=5) as r:  # loopback only
+        return sum(bool(s.get("is_processing")) for s in json.loads(r.read()))
+
+
 async def test_cancellation_frees_the_slot(backend, llama_server):
     r = Request.chat("Write a long story about a fox.", max_tokens=1500, temperature=0.8,
                      ignore_eos=True)
@@ -185,22 +192,21 @@ async def test_cancellation_frees_the_slot(backend, llama_server):
             got.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.wait_for(got.wait(), 60)
+    await asyncio.wait_for(got.wait(), 120)
+    assert await asyncio.to_thread(_busy_slots, llama_server) == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert backend.active == 0
-    # Both slots serve again: two concurrent requests complete (a leaked slot would
-    # leave one of them queued behind a 1500-token generation).
-    short = Request.chat("Hi", max_tokens=4, temperature=0.0)
-
-    async def run():
-        return [ev async for ev in backend.generate(short)]
-
-    t0 = time.monotonic()
-    results = await asyncio.wait_for(asyncio.gather(run(), run()), 60)
-    assert all(isinstance(evs[-1], Done) for evs in results)
-    assert time.monotonic() - t0 < 30
+    # The server saw the disconnect and stopped generating: its slot is free again
+    # long before 1500 tokens could have been produced.
+    deadline = time.monotonic() + 20
+    while await asyncio.to_thread(_busy_slots, llama_server):
+        assert time.monotonic() < deadline, "llama-server is still generating for us"
+        await asyncio.sleep(0.1)
+    # and the backend serves again
+    events = [ev async for ev in backend.generate(Request.chat("Hi", max_tokens=4))]
+    assert isinstance(events[-1], Done)
 
 
 async def test_upstream_rejects_a_bad_request(backend):
