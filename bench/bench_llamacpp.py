@@ -7,6 +7,8 @@ three peers interleaved round by round so that machine noise hits all of them al
 * ``inferd``: ``LlamaCpp.generate`` (async stream of events, greedy, ``ignore_eos``);
 * ``llama-cpp-python``: ``Llama.create_completion(stream=True)`` on the same rendered
   prompt, EOG tokens banned through ``logit_bias`` (it has no ignore_eos);
+* ``binding``: ``inferd._fast._llama`` alone (``Context.step`` in a Python loop, no
+  event loop, no scheduler): what the Cython layer itself costs;
 * ``llama-bench``: llama.cpp's own tool built from the same vendored tree
   (``bench/peers.py``), ``-p 0 -n N`` for decode and ``-p P -n 0`` for prompt speed
   (its TTFT is estimated as P / prompt-tokens-per-second; it has no streaming).
@@ -51,16 +53,20 @@ def child_inferd(a: argparse.Namespace) -> dict:
 
     async def run() -> dict:
         b = LlamaCpp(a.model, n_ctx=a.ctx, n_threads=a.threads)
-        req = Request.chat(PROMPT, temperature=0, max_tokens=a.tokens, ignore_eos=True)
+        def req(i: int) -> Request:
+            # a different first word each run: no prefix cache, TTFT includes the prompt
+            return Request.chat(f"({i}) {PROMPT}", temperature=0, max_tokens=a.tokens,
+                                ignore_eos=True)
+
         short = Request.chat(PROMPT, temperature=0, max_tokens=4, ignore_eos=True)
         async for _ in b.generate(short):  # warm-up
             pass
         tps, ttft = [], []
         prompt_tokens = 0
-        for _ in range(a.repeats):
+        for i in range(a.repeats):
             n, first = 0, None
             t0 = time.perf_counter()
-            async for ev in b.generate(req):
+            async for ev in b.generate(req(i)):
                 if first is None:
                     first = time.perf_counter()
                 if type(ev).__name__ == "Done":
@@ -70,11 +76,36 @@ def child_inferd(a: argparse.Namespace) -> dict:
             assert n == a.tokens, f"generated {n}, wanted {a.tokens}"
             ttft.append(first - t0)
             tps.append((n - 1) / (end - first))
-        prompt = b.render(req)
+        prompt = b.render(req(0))
         await b.aclose()
         return {"tps": tps, "ttft": ttft, "prompt_tokens": prompt_tokens, "prompt": prompt}
 
     return asyncio.run(run())
+
+
+def child_binding(a: argparse.Namespace) -> dict:
+    """The compiled binding alone (``Context.step`` in a loop): the floor under LlamaCpp."""
+    from inferd._fast import _llama as L
+
+    m = L.Model(a.model)
+    ctx = L.Context(m, n_ctx=a.ctx, n_threads=a.threads)
+    prompt = m.tokenize(a.prompt_text, add_special=False, parse_special=True)
+    tps, ttft = [], []
+    for _ in range(a.repeats + 1):  # the first run warms up
+        ctx.clear()
+        s = L.Sampler(m, temperature=0)
+        b = L.Batch(len(prompt))
+        t0 = time.perf_counter()
+        last = b.add_sequence(prompt, 0, 0)
+        ctx.decode(b)
+        tok = s.sample(ctx, last)
+        first = time.perf_counter()
+        for pos in range(len(prompt), len(prompt) + a.tokens - 1):
+            tok = ctx.step(s, tok, pos)
+        end = time.perf_counter()
+        tps.append((a.tokens - 1) / (end - first))
+        ttft.append(first - t0)
+    return {"tps": tps[1:], "ttft": ttft[1:]}
 
 
 def child_lcp(a: argparse.Namespace) -> dict:
@@ -89,20 +120,22 @@ def child_lcp(a: argparse.Namespace) -> dict:
     bias = {t: -1e9 for t in eog}
     kw = dict(max_tokens=a.tokens, temperature=0.0, top_k=1, stream=True,
               logit_bias=bias)
-    for _ in llm.create_completion(prompt, **{**kw, "max_tokens": 4}):  # warm-up
+    warm = prompt.replace(f"(0) {PROMPT}", f"(warm-up) {PROMPT}")
+    for _ in llm.create_completion(warm, **{**kw, "max_tokens": 4}):  # not a prefix of a run
         pass
     tps, ttft = [], []
-    for _ in range(a.repeats):
+    for i in range(a.repeats):
         n, first = 0, None
+        p_i = prompt.replace(f"(0) {PROMPT}", f"({i}) {PROMPT}")
         t0 = time.perf_counter()
-        for _chunk in llm.create_completion(prompt, **kw):
+        for _chunk in llm.create_completion(p_i, **kw):
             if first is None:
                 first = time.perf_counter()
             n += 1
         end = time.perf_counter()
         ttft.append(first - t0)
         # chunks can merge tokens (held UTF-8); count the tokens actually generated
-        gen = llm.n_tokens - len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
+        gen = llm.n_tokens - len(llm.tokenize(p_i.encode(), add_bos=True, special=True))
         n = gen if gen > 0 else n
         tps.append((n - 1) / (end - first))
     return {"tps": tps, "ttft": ttft}
@@ -152,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     a.repeats = a.repeats or (1 if a.smoke else 3)
 
     if a.child:
-        res = child_inferd(a) if a.child == "inferd" else child_lcp(a)
+        res = {"inferd": child_inferd, "binding": child_binding, "lcp": child_lcp}[a.child](a)
         print(json.dumps(res))
         return 0
 
@@ -189,31 +222,52 @@ def main(argv: list[str] | None = None) -> int:
                                  "--prompt-text", prompt_text], _env())
             _add(samples, "llama-cpp-python", json.loads(out))
             rss["llama-cpp-python"] = max(rss.get("llama-cpp-python", 0), m)
+        out, m = _spawn_rss([sys.executable, __file__, "--child", "binding", "--model", a.model,
+                             "--tokens", str(a.tokens), "--threads", str(a.threads),
+                             "--repeats", str(a.repeats), "--ctx", str(a.ctx),
+                             "--prompt-text", prompt_text], _env())
+        _add(samples, "binding", json.loads(out))
+        rss["binding"] = max(rss.get("binding", 0), m)
         res, m = llama_bench(exe, a, prompt_tokens)
         _add(samples, "llama-bench", res)
         rss["llama-bench"] = max(rss.get("llama-bench", 0), m)
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in samples.items()}
+    # Ratios of medians within each round, then their median: a load spike from other
+    # jobs hits the peers of one round alike, so paired ratios are steadier than
+    # ratios of overall medians on a shared machine.
+    paired: dict[str, list[float]] = {}
+    for peer in ("llama-bench", "llama-cpp-python"):
+        if peer in samples:
+            k = a.repeats
+            ours, theirs = samples["inferd"]["tps"], samples[peer]["tps"]
+            paired[peer] = [statistics.median(ours[i:i + k]) / statistics.median(theirs[i:i + k])
+                            for i in range(0, min(len(ours), len(theirs)), k)]
     print(f"\nSmolLM2-135M Q4_1, {a.threads} threads, {prompt_tokens}-token prompt, "
           f"{a.tokens} generated tokens, medians of {a.rounds * a.repeats} runs\n")
     print("| peer | decode tok/s | TTFT ms | peak RSS MiB |")
     print("|---|---:|---:|---:|")
-    for k in ("inferd", "llama-cpp-python", "llama-bench"):
+    for k in ("inferd", "binding", "llama-cpp-python", "llama-bench"):
         if k in med:
             note = " (est.)" if k == "llama-bench" else ""
             print(f"| {k} | {med[k]['tps']:.1f} | {med[k]['ttft'] * 1000:.1f}{note} | "
                   f"{rss[k] / 2**20:.0f} |")
     ours = med["inferd"]["tps"]
     print()
-    print(f"inferd / llama-bench decode: {ours / med['llama-bench']['tps']:.3f}x (target >= 0.97)")
+    print(f"binding alone / llama-bench decode: "
+          f"{med['binding']['tps'] / med['llama-bench']['tps']:.3f}x")
+    for peer, target in (("llama-bench", 0.97), ("llama-cpp-python", 1.10)):
+        if peer in med:
+            print(f"inferd / {peer} decode: {ours / med[peer]['tps']:.3f}x of medians, "
+                  f"{statistics.median(paired[peer]):.3f}x median of per-round ratios "
+                  f"{[round(x, 2) for x in paired[peer]]} (target >= {target})")
     if "llama-cpp-python" in med:
-        print(f"inferd / llama-cpp-python decode: {ours / med['llama-cpp-python']['tps']:.3f}x "
-              "(target >= 1.10)")
         print(f"TTFT inferd vs llama-cpp-python: {med['inferd']['ttft'] * 1000:.1f} ms vs "
               f"{med['llama-cpp-python']['ttft'] * 1000:.1f} ms")
     if a.json:
-        Path(a.json).write_text(json.dumps({"samples": samples, "median": med, "rss": rss}))
+        Path(a.json).write_text(json.dumps({"samples": samples, "median": med, "rss": rss,
+                                            "paired": paired}))
     return 0
 
 
