@@ -594,8 +594,11 @@ class Scheduler:
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: its consumers are gone
-                for s, _ in items:
-                    s.cancelled = True
+                with self._cond:
+                    for s, _ in items:
+                        if not s.done and not s.cancelled:
+                            s.cancelled = True
+                            self._cancels.append(s)
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:
