@@ -1,8 +1,9 @@
 """The local llama.cpp backend: ``LlamaCpp`` and its parts.
 
 One module per concern: ``loader`` (checks and verifies GGUF files), ``chat_template``
-(renders the model's Jinja template), ``grammar`` (response_format -> GBNF), ``output``
-(the per-model output-parser seam) and ``backend`` (generation and embeddings).
+(renders the model's Jinja template), ``output`` (the per-model output-parser seam),
+``scheduler`` (continuous batching on one context) and ``backend`` (generation and
+embeddings). Grammars for tools and ``response_format`` come from ``inferd.chat``.
 """
 
 from __future__ import annotations
