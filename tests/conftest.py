@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -28,3 +29,34 @@ def smollm2_path() -> Path:
     except Exception as e:  # reported as a skip locally, a failure in CI
         missing(f"the smollm2-135m model ({e})")
         raise
+
+
+def twin_core(core: str, kind: str) -> ModuleType:
+    """One twin (``"c"`` or ``"py"``) of a fast core; a missing compiled one is ``missing``."""
+    from inferd._fast import load_twin
+
+    try:
+        return load_twin(core, kind)
+    except ImportError as e:
+        missing(f"the compiled core inferd._fast._{core}_{kind} ({e})")
+        raise
+
+
+@pytest.fixture(params=["c", "py"])
+def sse(request: pytest.FixtureRequest) -> ModuleType:
+    """The SSE core, once per twin."""
+    return twin_core("sse", request.param)
+
+
+@pytest.fixture(params=["c", "py"])
+def chunks(request: pytest.FixtureRequest) -> ModuleType:
+    """The chat-chunk core (accumulator, fused decoder), once per twin."""
+    return twin_core("chunks", request.param)
+
+
+def require_llama_core() -> None:
+    """The compiled llama.cpp binding, or ``missing`` (a failure in CI)."""
+    try:
+        from inferd._fast import _llama  # noqa: F401
+    except ImportError as e:
+        missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")

@@ -9,21 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from inferd._fast import load_twin
 from inferd._fast._stream_common import SSEError
 from inferd.errors import BackendUnavailable
 from inferd.types import Done, StopReason, Text, Thinking, ToolUse, Usage
-from tests.conftest import missing
-
-
-@pytest.fixture(params=["c", "py"])
-def chunks(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "c":
-        try:
-            return load_twin("chunks", "c")
-        except ImportError:
-            missing("the compiled chunk core inferd._fast._chunks_c")
-    return load_twin("chunks", "py")
 
 
 def data(obj: Any, end: bytes = b"\n\n") -> bytes:

@@ -11,21 +11,14 @@ from inferd.backends.llamacpp.backend import _earliest_stop, _holdback
 from inferd.errors import BackendUnavailable, InvalidRequest, ModelLoadError, NotReady
 from inferd.types import Done, EmbedRequest, Message, Request, StopReason, Text
 
-from .conftest import missing
+from .conftest import require_llama_core
 
 pytestmark = pytest.mark.llama
 
 
-def _core() -> None:
-    try:
-        from inferd._fast import _llama  # noqa: F401
-    except ImportError as e:
-        missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
-
-
 @pytest.fixture(scope="module")
 def backend(smollm2_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1)
@@ -236,7 +229,7 @@ async def test_event_loop_is_not_blocked(backend):
 
 
 async def test_parser_failure_mid_stream_is_backend_unavailable(smollm2_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
     from inferd.backends.llamacpp.output import PlainText
 
@@ -263,7 +256,7 @@ async def test_parser_failure_mid_stream_is_backend_unavailable(smollm2_path):
 
 
 async def test_chat_template_override_and_errors(smollm2_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256,
@@ -336,7 +329,7 @@ async def test_capabilities(backend):
 
 
 async def test_model_store_name_and_bad_paths(tmp_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     b = await LlamaCpp.open("smollm2-135m", n_ctx=128, n_threads=1)
@@ -349,7 +342,7 @@ async def test_model_store_name_and_bad_paths(tmp_path):
 
 
 async def test_use_after_close(smollm2_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256)

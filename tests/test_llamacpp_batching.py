@@ -15,7 +15,7 @@ from inferd.errors import InvalidRequest, QueueFull
 from inferd.openai_wire import request_from_openai
 from inferd.types import Done, Message, Request, StopReason, Text
 
-from .conftest import missing
+from .conftest import require_llama_core
 
 pytestmark = pytest.mark.llama
 
@@ -36,16 +36,9 @@ def _keyword_prompt(i: int, word: str) -> str:
     return f"Repeat this word three times: {word}"
 
 
-def _core() -> None:
-    try:
-        from inferd._fast import _llama  # noqa: F401
-    except ImportError as e:
-        missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
-
-
 @pytest.fixture(scope="module")
 def backend(smollm2_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     b = LlamaCpp(smollm2_path, n_ctx=2048, n_threads=1, parallel=8, max_queued=64)
@@ -138,7 +131,7 @@ async def test_random_streams_each_end_once_and_leak_nothing(backend, n_streams)
 
 
 async def test_queue_overflow_is_queue_full_pre_stream(smollm2_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     b = LlamaCpp(smollm2_path, n_ctx=512, n_threads=1, parallel=1, max_queued=2)
@@ -182,7 +175,7 @@ async def test_request_that_never_fits_names_the_limits(backend):
 
 async def test_context_pressure_waits_in_the_queue(smollm2_path):
     """Oversubscribed cache: only one worst case fits at a time, the rest wait (FCFS)."""
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     b = LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, parallel=3, n_ctx_seq=256,
@@ -211,7 +204,7 @@ async def test_context_pressure_waits_in_the_queue(smollm2_path):
 
 
 def test_limits_are_validated(smollm2_path):
-    _core()
+    require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
     for kw in ({"parallel": 0}, {"max_queued": -1}, {"step_tokens": 0},

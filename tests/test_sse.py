@@ -7,19 +7,7 @@ from types import ModuleType
 
 import pytest
 
-from inferd._fast import load_twin
 from inferd.errors import BackendUnavailable, InternalError
-from tests.conftest import missing
-
-
-@pytest.fixture(params=["c", "py"])
-def sse(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "c":
-        try:
-            return load_twin("sse", "c")
-        except ImportError:
-            missing("the compiled SSE core inferd._fast._sse_c")
-    return load_twin("sse", "py")
 
 
 def E(data: str, event: str = "message", id: str = "", retry: int | None = None) -> tuple:

@@ -11,20 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from inferd._fast import load_twin
 from inferd.errors import BackendUnavailable, InternalError
 from inferd.types import Done, StopReason, Text, Thinking, ToolUse, Usage
-from tests.conftest import missing
-
-
-@pytest.fixture(params=["c", "py"])
-def chunks(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "c":
-        try:
-            return load_twin("chunks", "c")
-        except ImportError:
-            missing("the compiled chunk core inferd._fast._chunks_c")
-    return load_twin("chunks", "py")
 
 
 def ch(delta: dict[str, Any] | None = None, finish: str | None = None, *, index: Any = 0,

@@ -345,10 +345,11 @@ class SchemaConverter:
         return name
 
     def _member(self, key: str, value: str) -> str:
+        """``key ":" value`` in the dialect's spacing; ``key`` is already a grammar term."""
         ws = self.d.ws
         if ws:
-            return f"{self.d.key(key)} {ws} \":\" {ws} {value} {ws}"
-        return f'{self.d.key(key)} ":" {value}'
+            return f'{key} {ws} ":" {ws} {value} {ws}'
+        return f'{key} ":" {value}'
 
     def _object(self, schema: Mapping[str, Any], hint: str, depth: int) -> str:
         ws = self.d.ws
@@ -368,7 +369,7 @@ class SchemaConverter:
             value = self.prim("value") if extra in (None, True) else self.visit(
                 extra, hint + "-value", depth + 1)
             key = self.prim(self.d.any_key())
-            member = self._member_any(key, value)
+            member = self._member(key, value)
             return self.add(hint, f'{open_} ({member} ({sep} {member})*)? "}}"')
         names = list(props) + [r for r in required if r not in props]
         if self.all_properties:
@@ -377,7 +378,8 @@ class SchemaConverter:
             req = [n for n in names if n in required]
             opt = [n for n in names if n not in required]
         member = {
-            n: self._member(n, self.visit(props.get(n, {}), f"{hint}-{n}", depth + 1))
+            n: self._member(self.d.key(n),
+                            self.visit(props.get(n, {}), f"{hint}-{n}", depth + 1))
             for n in names
         }
         parts = [member[n] for n in req]
@@ -393,12 +395,6 @@ class SchemaConverter:
                                     f"{member[n]} ({sep} {tail})? | {tail}")
             body = f"{body} ({sep} {tail})?" if body else f"({tail})?"
         return self.add(hint, f'{open_} {body} "}}"')
-
-    def _member_any(self, key: str, value: str) -> str:
-        ws = self.d.ws
-        if ws:
-            return f'{key} {ws} ":" {ws} {value} {ws}'
-        return f'{key} ":" {value}'
 
     def _array(self, schema: Mapping[str, Any], hint: str, depth: int) -> str:
         ws = self.d.ws
