@@ -86,7 +86,8 @@ def child_inferd(a: argparse.Namespace) -> dict:
     async def run() -> dict:
         out = {}
         for c in a.conc:
-            b = LlamaCpp(a.model, n_ctx=c * a.ctx, n_threads=a.threads, parallel=c)
+            b = LlamaCpp(a.model, n_ctx=c * a.ctx, n_threads=a.threads, parallel=c,
+                         n_gpu_layers=a.gpu_layers)
             await client(b, 999, time.perf_counter())  # warm-up
             rounds = []
             for r in range(a.rounds):
@@ -171,7 +172,8 @@ def child_server(a: argparse.Namespace) -> dict:
         port = _free_port()
         cmd = [str(exe), "-m", a.model, "-np", str(c), "-c", str(c * a.ctx),
                "-t", str(a.threads), "-tb", str(a.threads), "--host", "127.0.0.1",
-               "--port", str(port), "--no-webui"]
+               "--port", str(port), "--no-webui",
+               "-ngl", "all" if a.gpu_layers < 0 else str(a.gpu_layers)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             out[c] = asyncio.run(bench_one(c, port))
@@ -199,7 +201,7 @@ def child_lcp(a: argparse.Namespace) -> dict:
         return prompts[i]
 
     llm = llama_cpp.Llama(a.model, n_ctx=a.ctx, n_threads=a.threads,
-                          n_threads_batch=a.threads, verbose=False)
+                          n_threads_batch=a.threads, n_gpu_layers=a.gpu_layers, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     bias = {t: -1e9 for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
     lock = threading.Lock()
@@ -253,7 +255,7 @@ def _env() -> dict:
 def _spawn(peer: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", peer,
            "--model", a.model, "--tokens", str(a.tokens), "--threads", str(a.threads),
-           "--rounds", str(a.rounds), "--ctx", str(a.ctx),
+           "--rounds", str(a.rounds), "--ctx", str(a.ctx), "--gpu-layers", str(a.gpu_layers),
            "--conc", ",".join(map(str, a.conc))]
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if p.returncode != 0:
@@ -265,7 +267,7 @@ def _median(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
-def plot(med: dict, conc: list[int], path: Path) -> Path | None:
+def plot(med: dict, conc: list[int], path: Path, title: str) -> Path | None:
     try:
         import matplotlib
 
@@ -283,7 +285,7 @@ def plot(med: dict, conc: list[int], path: Path) -> Path | None:
     ax.set_ylabel("generated tokens/s (all streams)")
     ax.set_xticks(conc)
     ax.set_ylim(bottom=0)
-    ax.set_title("SmolLM2-135M Q4_1, continuous batching")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -306,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", type=str, default="inferd,llama-server,llama-cpp-python")
     ap.add_argument("--json", type=str, default=None, help="write raw results here")
     ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model", type=str, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=str, default=None,
+                    help="GGUF to serve (default: SmolLM2-135M-Instruct from the model store)")
+    ap.add_argument("--gpu-layers", type=int, default=0,
+                    help="layers to offload on a GPU build, for every peer (-1 = all)")
+    ap.add_argument("--title", type=str, default="SmolLM2-135M Q4_1, continuous batching",
+                    help="plot title")
+    ap.add_argument("--plot", type=Path, default=RESULTS / "batching.png", help="PNG path")
     a = ap.parse_args(argv)
     a.tokens = a.tokens or (8 if a.smoke else 128)
     a.rounds = a.rounds or (1 if a.smoke else 3)
@@ -317,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
         return 0
-    a.model = str(_model_path())
+    a.model = a.model or str(_model_path())
     peers = [p for p in a.peers.split(",") if p]
     print(f"# batching: {a.tokens} new tokens per stream, {a.threads} threads, "
           f"rounds={a.rounds}, concurrency {a.conc}")
@@ -341,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for c, rounds in res.items():
                 raw.setdefault(peer, {}).setdefault(c, []).extend(rounds)
+            if a.json:  # as we go: a run cut short by a time limit still leaves its data
+                Path(a.json).write_text(json.dumps({"raw": raw}))
     med = {p: {c: _median(r[c]) for c in a.conc} for p, r in raw.items()}
     print()
     print("| concurrency | peer | tok/s | TTFT p50 ms | TTFT p99 ms |")
@@ -361,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"{ours / med['llama-cpp-python'][c]['tps']:.2f}x llama-cpp-python")
         print(f"concurrency {c}: inferd = " + ", ".join(parts))
     print("(targets: >= 1.0x llama-server at every concurrency, >= 1.8x llama-cpp-python at 8)")
-    out = plot(med, a.conc, RESULTS / "batching.png")
+    out = plot(med, a.conc, a.plot, a.title)
     if out:
-        print(f"plot: {out.relative_to(ROOT)}")
+        print(f"plot: {out}")
     if a.json:
         Path(a.json).write_text(json.dumps({"raw": raw, "median": med}))
     if skipped and os.environ.get("CI"):

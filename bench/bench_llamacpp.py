@@ -52,7 +52,7 @@ def child_inferd(a: argparse.Namespace) -> dict:
     from inferd.types import Request
 
     async def run() -> dict:
-        b = LlamaCpp(a.model, n_ctx=a.ctx, n_threads=a.threads)
+        b = LlamaCpp(a.model, n_ctx=a.ctx, n_threads=a.threads, n_gpu_layers=a.gpu_layers)
         def req(i: int) -> Request:
             # a different first word each run: no prefix cache, TTFT includes the prompt
             return Request.chat(f"({i}) {PROMPT}", temperature=0, max_tokens=a.tokens,
@@ -87,7 +87,7 @@ def child_binding(a: argparse.Namespace) -> dict:
     """The compiled binding alone (``Context.step`` in a loop): the floor under LlamaCpp."""
     from inferd._fast import _llama as L
 
-    m = L.Model(a.model)
+    m = L.Model(a.model, n_gpu_layers=a.gpu_layers)
     ctx = L.Context(m, n_ctx=a.ctx, n_threads=a.threads)
     prompt = m.tokenize(a.prompt_text, add_special=False, parse_special=True)
     tps, ttft = [], []
@@ -112,7 +112,7 @@ def child_lcp(a: argparse.Namespace) -> dict:
     import llama_cpp
 
     llm = llama_cpp.Llama(a.model, n_ctx=a.ctx, n_threads=a.threads,
-                          n_threads_batch=a.threads, verbose=False)
+                          n_threads_batch=a.threads, n_gpu_layers=a.gpu_layers, verbose=False)
     prompt = a.prompt_text
     eog = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(
         llama_cpp.llama_model_get_vocab(llm.model), t)] if hasattr(
@@ -154,7 +154,8 @@ def _spawn_rss(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
 
 
 def llama_bench(exe: Path, a: argparse.Namespace, prompt_tokens: int) -> tuple[dict, int]:
-    base = [str(exe), "-m", a.model, "-t", str(a.threads), "-r", str(a.repeats), "-o", "json"]
+    base = [str(exe), "-m", a.model, "-t", str(a.threads), "-r", str(a.repeats), "-o", "json",
+            "-ngl", str(a.gpu_layers if a.gpu_layers >= 0 else 999)]
     out, rss = _spawn_rss([*base, "-p", "0", "-n", str(a.tokens)])
     tg = json.loads(out)[0]
     out2, rss2 = _spawn_rss([*base, "-p", str(prompt_tokens), "-n", "0"])
@@ -176,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None,
+                    help="GGUF to run (default: SmolLM2-135M-Instruct from the model store)")
+    ap.add_argument("--gpu-layers", type=int, default=0,
+                    help="layers to offload on a GPU build, for every peer (-1 = all)")
     ap.add_argument("--prompt-text", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write results to this file")
     a = ap.parse_args(argv)
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
 
-    a.model = str(_model_path())
+    a.model = a.model or str(_model_path())
     sys.path.insert(0, str(ROOT))
     from bench.peers import ensure_peer
 
@@ -210,24 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {Path(a.model).name}, threads {a.threads}, {a.tokens} tokens, "
           f"{a.rounds} rounds x {a.repeats} repeats", file=sys.stderr)
     for r in range(a.rounds):
-        out, m = _spawn_rss([sys.executable, __file__, "--child", "inferd", "--model", a.model,
-                             "--tokens", str(a.tokens), "--threads", str(a.threads),
-                             "--repeats", str(a.repeats), "--ctx", str(a.ctx)], _env())
+        out, m = _spawn_rss(_child_cmd("inferd", a), _env())
         res = json.loads(out)
         prompt_text, prompt_tokens = res["prompt"], res["prompt_tokens"]
         _add(samples, "inferd", res)
         rss["inferd"] = max(rss.get("inferd", 0), m)
         if have_lcp:
-            out, m = _spawn_rss([sys.executable, __file__, "--child", "lcp", "--model", a.model,
-                                 "--tokens", str(a.tokens), "--threads", str(a.threads),
-                                 "--repeats", str(a.repeats), "--ctx", str(a.ctx),
-                                 "--prompt-text", prompt_text], _env())
+            out, m = _spawn_rss(_child_cmd("lcp", a, "--prompt-text", prompt_text), _env())
             _add(samples, "llama-cpp-python", json.loads(out))
             rss["llama-cpp-python"] = max(rss.get("llama-cpp-python", 0), m)
-        out, m = _spawn_rss([sys.executable, __file__, "--child", "binding", "--model", a.model,
-                             "--tokens", str(a.tokens), "--threads", str(a.threads),
-                             "--repeats", str(a.repeats), "--ctx", str(a.ctx),
-                             "--prompt-text", prompt_text], _env())
+        out, m = _spawn_rss(_child_cmd("binding", a, "--prompt-text", prompt_text), _env())
         _add(samples, "binding", json.loads(out))
         rss["binding"] = max(rss.get("binding", 0), m)
         res, m = llama_bench(exe, a, prompt_tokens)
@@ -246,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             ours, theirs = samples["inferd"]["tps"], samples[peer]["tps"]
             paired[peer] = [statistics.median(ours[i:i + k]) / statistics.median(theirs[i:i + k])
                             for i in range(0, min(len(ours), len(theirs)), k)]
-    print(f"\nSmolLM2-135M Q4_1, {a.threads} threads, {prompt_tokens}-token prompt, "
+    print(f"\n{Path(a.model).name}, {a.threads} threads, {a.gpu_layers} GPU layers, "
+          f"{prompt_tokens}-token prompt, "
           f"{a.tokens} generated tokens, medians of {a.rounds * a.repeats} runs\n")
     print("| peer | decode tok/s | TTFT ms | peak RSS MiB |")
     print("|---|---:|---:|---:|")
@@ -271,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps({"samples": samples, "median": med, "rss": rss,
                                             "paired": paired}))
     return 0
+
+
+def _child_cmd(kind: str, a: argparse.Namespace, *extra: str) -> list[str]:
+    return [sys.executable, __file__, "--child", kind, "--model", a.model,
+            "--tokens", str(a.tokens), "--threads", str(a.threads), "--repeats", str(a.repeats),
+            "--ctx", str(a.ctx), "--gpu-layers", str(a.gpu_layers), *extra]
 
 
 def _env() -> dict:

@@ -141,12 +141,24 @@ else()
   _inferd_default(GGML_CCACHE OFF)
 endif()
 
+# INFERD_LLAMA_SHARED=ON builds libllama + ggml as shared libraries in this build tree
+# (next to llama.cpp's tools when -DLLAMA_BUILD_TOOLS=ON) instead of linking them into
+# the module. Why: on a GPU host one CUDA compile of ggml (minutes even on many cores)
+# then serves inferd, llama-server/llama-bench and ctypes bindings such as
+# llama-cpp-python (LLAMA_CPP_LIB_PATH) alike, as bench/gpu/run.sh does. The module
+# finds the libraries through the build tree's RPATH, so this is for build-tree use,
+# not for wheels.
+option(INFERD_LLAMA_SHARED "Link _llama against shared libllama/ggml (build-tree use)" OFF)
 set(_inferd_saved_shared ${BUILD_SHARED_LIBS})
-set(BUILD_SHARED_LIBS OFF)
 set(CMAKE_POSITION_INDEPENDENT_CODE ON)
-set(CMAKE_C_VISIBILITY_PRESET hidden)
-set(CMAKE_CXX_VISIBILITY_PRESET hidden)
-set(CMAKE_VISIBILITY_INLINES_HIDDEN ON)
+if(INFERD_LLAMA_SHARED)
+  set(BUILD_SHARED_LIBS ON)
+else()
+  set(BUILD_SHARED_LIBS OFF)
+  set(CMAKE_C_VISIBILITY_PRESET hidden)
+  set(CMAKE_CXX_VISIBILITY_PRESET hidden)
+  set(CMAKE_VISIBILITY_INLINES_HIDDEN ON)
+endif()
 add_subdirectory(${INFERD_LLAMA_SOURCE} ${CMAKE_CURRENT_BINARY_DIR}/llama.cpp EXCLUDE_FROM_ALL)
 set(BUILD_SHARED_LIBS ${_inferd_saved_shared})
 
