@@ -137,6 +137,60 @@ def test_greedy_decode_is_deterministic(L, model, ctx):
     assert run() == run()
 
 
+def _first_argmax(xs) -> int:
+    best = 0
+    for i, x in enumerate(xs):
+        if x > xs[best]:
+            best = i
+    return best
+
+
+def test_plain_greedy_takes_the_argmax_shortcut(L, model, ctx):
+    """A plain greedy draw skips libllama's candidate copy; it must pick what the chain
+    picks: the first index of the largest logit."""
+    assert L.Sampler(model, temperature=0).argmax
+    assert not L.Sampler(model, temperature=0.7).argmax
+    assert not L.Sampler(model, temperature=0, repeat_penalty=1.1).argmax
+    assert not L.Sampler(model, temperature=0, grammar='root ::= "a"').argmax
+
+    def run(sampler, *, check_logits: bool) -> list[int]:
+        ctx.seq_rm(0)
+        toks = _prompt(model, "Count from one to ten in words.")
+        b = L.Batch(128)
+        last = b.add_sequence(toks, 0, 0)
+        ctx.decode(b)
+        out = [sampler.sample(ctx, last)]
+        pos = len(toks)
+        one = L.Batch(1)
+        for _ in range(24):
+            one.clear()
+            one.add(out[-1], pos, 0, True)
+            ctx.decode(one)
+            logits = ctx.logits(0)
+            assert len(logits) == model.n_vocab
+            out.append(sampler.sample(ctx, 0))
+            if check_logits:
+                assert out[-1] == _first_argmax(logits)
+            pos += 1
+        return out
+
+    fast = run(L.Sampler(model, temperature=0), check_logits=True)
+    # penalty_last_n=0: a penalties stage that changes nothing, so the draw goes through
+    # libllama's own chain and greedy sampler
+    chain = L.Sampler(model, temperature=0, repeat_penalty=1.1, penalty_last_n=0)
+    assert not chain.argmax
+    assert run(chain, check_logits=False) == fast
+
+
+def test_logits_of_a_token_without_logits_is_an_error(L, model, ctx):
+    ctx.seq_rm(0)
+    b = L.Batch(64)
+    b.add_sequence(_prompt(model), 0, 0)  # logits for the last token only
+    ctx.decode(b)
+    with pytest.raises(ValueError, match="no logits"):
+        ctx.logits(0)
+
+
 def test_seeded_sampling_repeats(L, model, ctx):
     def run(seed: int) -> list[int]:
         ctx.seq_rm(0)

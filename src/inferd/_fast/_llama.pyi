@@ -1,5 +1,6 @@
 """Type stubs for the compiled llama.cpp binding ``inferd._fast._llama``."""
 
+import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -81,6 +82,8 @@ LAZY_GRAMMAR: bool
 
 class Sampler:
     greedy: bool
+    #: greedy with no grammar or penalties before it: the draw is a plain argmax
+    argmax: bool
     def __init__(
         self,
         model: Model,
@@ -132,6 +135,7 @@ class Context:
     def n_seq_max(self) -> int: ...
     def set_n_threads(self, n_threads: int, n_threads_batch: int = 0) -> None: ...
     def decode(self, batch: Batch) -> None: ...
+    def logits(self, idx: int = -1) -> array.array[float]: ...
     def step(self, sampler: Sampler, token: int, pos: int, seq_id: int = 0) -> int: ...
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None: ...
