@@ -5,7 +5,9 @@ chat completion of exactly ``--tokens`` new tokens (greedy, end-of-generation ig
 each with its own prompt. Peers, each in its own process, same model (SmolLM2-135M-
 Instruct Q4_1), same threads, the same context per sequence:
 
-* ``inferd``: ``LlamaCpp(parallel=C, n_ctx=C*ctx)`` in-process, ``generate()`` streams;
+* ``inferd``: ``LlamaCpp(parallel=C, n_ctx=C*ctx, kv_layout=...)`` in-process,
+  ``generate()`` streams (``--kv-layout``: ``unified``, the default, or ``split``, one
+  KV stream per slot as llama-server's ``-np`` uses);
 * ``llama-server``: llama.cpp's server built from the vendored tree
   (``bench/peers.py``), ``-np C -c C*ctx``, driven over loopback HTTP with aiohttp
   (SSE, ``ignore_eos``, usage in the last chunk);
@@ -20,6 +22,7 @@ concurrency 8). Writes a PNG of tok/s against concurrency to
 ``bench/results/batching.png``.
 
     python bench/bench_batching.py [--smoke] [--tokens N] [--threads T] [--rounds R]
+                                   [--kv-layout unified|split]
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def child_inferd(a: argparse.Namespace) -> dict:
         out = {}
         for c in a.conc:
             b = LlamaCpp(a.model, n_ctx=c * a.ctx, n_threads=a.threads, parallel=c,
-                         n_gpu_layers=a.gpu_layers)
+                         n_gpu_layers=a.gpu_layers, kv_layout=a.kv_layout)
             await client(b, 999, time.perf_counter())  # warm-up
             rounds = []
             for r in range(a.rounds):
@@ -256,7 +259,7 @@ def _spawn(peer: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", peer,
            "--model", a.model, "--tokens", str(a.tokens), "--threads", str(a.threads),
            "--rounds", str(a.rounds), "--ctx", str(a.ctx), "--gpu-layers", str(a.gpu_layers),
-           "--conc", ",".join(map(str, a.conc))]
+           "--conc", ",".join(map(str, a.conc)), "--kv-layout", a.kv_layout]
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if p.returncode != 0:
         raise RuntimeError(f"{peer} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=512, help="context tokens per sequence")
     ap.add_argument("--conc", type=str, default=None, help="concurrencies, e.g. 1,4,8,16")
     ap.add_argument("--peers", type=str, default="inferd,llama-server,llama-cpp-python")
+    ap.add_argument("--kv-layout", type=str, default="unified", choices=("unified", "split"),
+                    help="KV cache layout of the inferd peer (only inferd reads it)")
     ap.add_argument("--json", type=str, default=None, help="write raw results here")
     ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", type=str, default=None,
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     a.model = a.model or str(_model_path())
     peers = [p for p in a.peers.split(",") if p]
     print(f"# batching: {a.tokens} new tokens per stream, {a.threads} threads, "
-          f"rounds={a.rounds}, concurrency {a.conc}")
+          f"rounds={a.rounds}, concurrency {a.conc}, inferd kv_layout={a.kv_layout}")
     raw: dict[str, dict] = {}
     one = argparse.Namespace(**{**vars(a), "rounds": 1})
     skipped: set[str] = set()

@@ -1,7 +1,8 @@
 """Continuous batching on the real SmolLM2-135M-Instruct: many streams, one context.
 
 Kept small (tiny prompts, 8-16 new tokens, one compute thread) so the whole file runs
-in well under a minute on a shared 2-core CPU.
+in about a minute on a shared 2-core CPU. Most tests run under both KV cache layouts
+(``kv_layout="unified"`` and ``"split"``, ADR 0008); layout-specific ones say so.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ WORDS = ("apple river stone cloud seven music garden paper light window orange "
 #: token-for-token comparison (which the test reports instead).
 KEYWORDS = ("banana", "elephant", "guitar", "volcano", "pizza", "rocket", "tomato",
             "dolphin", "diamond", "pencil", "castle", "penguin")
+LAYOUTS = ("unified", "split")
+#: Run a test on the shared ``backend`` of one layout only.
+unified_only = pytest.mark.parametrize("backend", ["unified"], indirect=True)
+split_only = pytest.mark.parametrize("backend", ["split"], indirect=True)
 
 
 def _keyword_prompt(i: int, word: str) -> str:
@@ -36,12 +41,15 @@ def _keyword_prompt(i: int, word: str) -> str:
     return f"Repeat this word three times: {word}"
 
 
-@pytest.fixture(scope="module")
-def backend(smollm2_path):
+@pytest.fixture(scope="module", params=LAYOUTS)
+def backend(request, smollm2_path):
+    """One shared backend per KV layout: 8 slots of 256 cells (n_ctx=2048)."""
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=2048, n_threads=1, parallel=8, max_queued=64)
+    b = LlamaCpp(smollm2_path, n_ctx=2048, n_threads=1, parallel=8, max_queued=64,
+                 kv_layout=request.param)
+    assert b.kv_layout == request.param and b.n_ctx_seq == 256
     yield b
     b.close()
 
@@ -52,11 +60,19 @@ def _quiet(b) -> bool:
 
 
 async def _wait_quiet(b, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if _quiet(b):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"backend never went quiet: {b.kv_cells()} {b.batching_stats()}")
+    """Every stream has returned (each awaited its ``freed()``): the scheduler is idle,
+    or it soon says so; wait for its event, not for time to pass."""
+    await asyncio.to_thread(b._idle.wait, timeout)
+    assert _quiet(b), f"backend never went quiet: {b.kv_cells()} {b.batching_stats()}"
+
+
+async def _yield_until(pred, tries: int = 1000) -> bool:
+    """Let the event loop run other tasks until ``pred()`` holds (no timed sleeps)."""
+    for _ in range(tries):
+        if pred():
+            return True
+        await asyncio.sleep(0)
+    return pred()
 
 
 def _assert_empty(b) -> None:
@@ -130,22 +146,20 @@ async def test_random_streams_each_end_once_and_leak_nothing(backend, n_streams)
     _assert_empty(backend)
 
 
-async def test_queue_overflow_is_queue_full_pre_stream(smollm2_path):
+@pytest.mark.parametrize("kv_layout", LAYOUTS)
+async def test_queue_overflow_is_queue_full_pre_stream(smollm2_path, kv_layout):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=512, n_threads=1, parallel=1, max_queued=2)
+    b = LlamaCpp(smollm2_path, n_ctx=512, n_threads=1, parallel=1, max_queued=2,
+                 kv_layout=kv_layout)
     try:
         long = Request.chat("Write a story.", max_tokens=200, ignore_eos=True)
         first = b.generate(long)
         await first.__anext__()  # running: holds the only slot
         waiting = [b.generate(long) for _ in range(2)]
         pending = [asyncio.create_task(w.__anext__()) for w in waiting]
-        for _ in range(100):
-            if b._sched.n_queued == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert b._sched.n_queued == 2
+        assert await _yield_until(lambda: b._sched.n_queued == 2)
         extra = b.generate(long)
         with pytest.raises(QueueFull, match="max_queued=2"):
             await extra.__anext__()
@@ -173,8 +187,27 @@ async def test_request_that_never_fits_names_the_limits(backend):
         await gen.__anext__()
 
 
+@split_only
+async def test_split_request_too_big_for_its_slot_is_invalid(backend):
+    """Split: prompt + max_tokens must fit one slot's 256 cells; the error says so."""
+    req = Request.chat("word " * 100, max_tokens=200)
+    n_prompt = len(backend.tokenize_prompt(backend.render(req)))
+    assert n_prompt < 256 < n_prompt + 200
+    gen = backend.generate(req)
+    with pytest.raises(InvalidRequest, match=(
+            rf"prompt is {n_prompt} tokens and max_tokens=200.*one slot holds at most 256 "
+            r"tokens.*kv_layout='split'.*parallel=8")):
+        await gen.__anext__()
+    # what fits runs: the same prompt with room for its reply
+    _, done = await _text(backend, Request.chat("word " * 100, max_tokens=256 - n_prompt,
+                                                temperature=0))
+    assert done.usage.input_tokens == n_prompt
+    await _wait_quiet(backend)
+
+
 async def test_context_pressure_waits_in_the_queue(smollm2_path):
-    """Oversubscribed cache: only one worst case fits at a time, the rest wait (FCFS)."""
+    """Oversubscribed (unified) cache: only one worst case fits at a time, the rest wait
+    (FCFS). The split layout cannot oversubscribe (see test_limits_are_validated)."""
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
@@ -211,9 +244,17 @@ def test_limits_are_validated(smollm2_path):
                {"prefix_cache": -1}):
         with pytest.raises(InvalidRequest):
             LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, **kw)
+    with pytest.raises(InvalidRequest, match=r"kv_layout='paged'.*'unified'.*'split'"):
+        LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, kv_layout="paged")
+    # a split slot cannot be oversubscribed
+    with pytest.raises(InvalidRequest, match=r"n_ctx_seq=1024 exceeds the 512 cells of "
+                                             r"one slot.*kv_layout='split'"):
+        LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1, parallel=2, n_ctx_seq=1024,
+                 kv_layout="split")
     b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1)
     try:
         assert b.parallel == 2 and b.n_ctx_seq == 512  # min(8, n_ctx // 512) on CPU
+        assert b.kv_layout == "unified"  # the default
     finally:
         b.close()
 
@@ -259,6 +300,7 @@ async def test_slow_consumer_pauses_only_its_own_sequence(backend):
 # ---------------------------------------------------------------- prefix reuse
 
 
+@unified_only
 async def test_prefix_reuse_reports_cached_tokens_and_keeps_the_answer(backend):
     backend.clear_prefix_cache()
     system = "You are a terse assistant. " * 10
@@ -285,10 +327,70 @@ async def test_prefix_reuse_reports_cached_tokens_and_keeps_the_answer(backend):
     _assert_empty(backend)
 
 
+def _held(b) -> list[int]:
+    """Sequence ids whose KV cells are not empty."""
+    return [i for i, c in enumerate(b.kv_cells()) if c != (-1, -1)]
+
+
+@split_only
+async def test_split_reuses_a_prefix_in_its_slot_and_keeps_the_answer(backend):
+    backend.clear_prefix_cache()
+    system = "You are a terse assistant. " * 10
+    r1 = Request((Message.system(system), Message.user("Name a fruit.")), temperature=0,
+                 max_tokens=8)
+    r2 = Request((Message.system(system), Message.user("Name a planet.")), temperature=0,
+                 max_tokens=8)
+    _, d1 = await _text(backend, r1)
+    assert d1.usage.cached_tokens == 0
+    assert len(_held(backend)) == 1  # the finished slot keeps its tokens
+    t2, d2 = await _text(backend, r2)
+    n_prompt = d2.usage.input_tokens
+    assert 60 <= d2.usage.cached_tokens < n_prompt
+    # r2 took the slot holding r1 (longest prefix), not an empty least-recent one
+    assert len(_held(backend)) == 1
+    # the same request again: all but the last prompt token come from its slot
+    t2b, d2b = await _text(backend, r2)
+    assert d2b.usage.cached_tokens == n_prompt - 1
+    # multi-turn: the next turn reuses the previous prompt and reply in place
+    r3 = Request((Message.system(system), Message.user("Name a planet."),
+                  Message.assistant(t2), Message.user("Another one?")), temperature=0,
+                 max_tokens=8)
+    _, d3 = await _text(backend, r3)
+    assert d3.usage.cached_tokens >= n_prompt - 1
+    # without reuse: the same greedy answer, computed from scratch
+    backend.clear_prefix_cache()
+    assert _held(backend) == []
+    t2c, d2c = await _text(backend, r2)
+    assert d2c.usage.cached_tokens == 0
+    assert t2 == t2b == t2c, (t2, t2b, t2c)
+    await _wait_quiet(backend)
+    _assert_empty(backend)
+
+
+@split_only
+async def test_split_cancelled_stream_clears_its_slot(backend):
+    backend.clear_prefix_cache()
+    await _text(backend, Request.chat("Say hi.", temperature=0, max_tokens=4))
+    kept = _held(backend)
+    assert len(kept) == 1
+    gen = backend.generate(Request.chat("Write a long story.", max_tokens=64,
+                                        ignore_eos=True, temperature=0))
+    await gen.__anext__()
+    stream = backend._active
+    assert stream is not None and stream.seq in kept  # it reused the finished slot
+    await gen.aclose()  # returns once the slot is freed
+    assert backend.kv_cells()[stream.seq] == (-1, -1)  # cleared, not kept for reuse
+    assert backend.batching_stats()["admitted"] >= 2
+    await _wait_quiet(backend)
+    _assert_empty(backend)
+
+
 # ---------------------------------------------------------------- no cross-talk
 
 
 async def test_no_cross_talk_and_report_agreement(backend, capsys):
+    """Batched answers name their own keyword; token-for-token agreement with the
+    single-stream path is printed per layout, not asserted."""
     reqs = [Request.chat(_keyword_prompt(i, w), temperature=0, max_tokens=20)
             for i, w in enumerate(KEYWORDS)]
     backend.clear_prefix_cache()
@@ -321,8 +423,8 @@ async def test_no_cross_talk_and_report_agreement(backend, capsys):
         exact += a == b
         lines.append(f"  {KEYWORDS[i]:>9}: first {n}/{len(a)} tokens agree")
     with capsys.disabled():
-        print(f"\n[batching] greedy outputs token-for-token identical to the single-stream "
-              f"path: {exact}/{len(reqs)}")
+        print(f"\n[batching kv_layout={backend.kv_layout}] greedy outputs token-for-token "
+              f"identical to the single-stream path: {exact}/{len(reqs)}")
         print("\n".join(lines))
     await _wait_quiet(backend)
     _assert_empty(backend)

@@ -45,6 +45,7 @@ from inferd.backends.llamacpp.scheduler import (
     DEFAULT_STEP_TOKENS,
     Scheduler,
     SeqStream,
+    check_kv_layout,
 )
 from inferd.chat import parser_class
 from inferd.chat.plan import ChatPlan, plan_chat
@@ -138,7 +139,14 @@ class LlamaCpp(Backend):
         then waits in the queue until the cache can hold its worst case.
     :param max_queued: streams that may wait for a slot; beyond, ``QueueFull``.
     :param step_tokens: tokens per decode step (running streams + prompt chunks).
-    :param prefix_cache: finished streams kept in the KV cache for prefix reuse.
+    :param prefix_cache: finished streams kept in the KV cache for prefix reuse
+        (unified layout; with the split layout any value above 0 turns on in-slot reuse).
+    :param kv_layout: ``"unified"`` (default): one KV cache shared by every stream,
+        requests may oversubscribe it; ``"split"``: each of the ``parallel`` slots owns
+        ``n_ctx // parallel`` cells (llama-server's ``-np`` slots), so a stream's
+        attention never spans the others', a request (prompt + ``max_tokens``) must fit
+        one slot, and prefix reuse stays in a slot (ADR 0008). libllama rounds a slot up
+        to a multiple of 256 cells, which can make ``n_ctx`` larger than asked.
     """
 
     name = "llamacpp"
@@ -168,6 +176,7 @@ class LlamaCpp(Backend):
         max_queued: int = DEFAULT_MAX_QUEUED,
         step_tokens: int = DEFAULT_STEP_TOKENS,
         prefix_cache: int = DEFAULT_PREFIX_CACHE,
+        kv_layout: str = "unified",
     ) -> None:
         if n_ctx < 16:
             raise InvalidRequest(f"n_ctx={n_ctx} is too small (at least 16 tokens)")
@@ -182,6 +191,7 @@ class LlamaCpp(Backend):
             raise InvalidRequest(
                 f"max_queued={max_queued} and prefix_cache={prefix_cache} must be >= 0, "
                 f"step_tokens={step_tokens} >= 1")
+        split = check_kv_layout(kv_layout)
         if name:
             self.name = name
         if tool_format is not None:
@@ -201,11 +211,13 @@ class LlamaCpp(Backend):
             self._model = L.Model(str(self._mf.path), n_gpu_layers=n_gpu_layers,
                                   use_mmap=use_mmap, progress=progress)
             # Unified KV cache: sequences share cells (prefix reuse is free) and every
-            # step decodes as one micro-batch (ADR 0008). Spare ids hold cached prefixes.
+            # step decodes as one micro-batch; spare ids hold cached prefixes. Split: one
+            # stream of cells per slot and no spare ids, each would cost a whole stream
+            # (ADR 0008).
             self._ctx = L.Context(self._model, n_ctx=n_ctx,
                                   n_batch=max(n_batch, parallel + 1),
-                                  n_seq_max=parallel + prefix_cache, n_threads=n_threads,
-                                  kv_unified=True)
+                                  n_seq_max=parallel if split else parallel + prefix_cache,
+                                  n_threads=n_threads, kv_unified=not split)
         except BaseException:
             self._release()
             raise
@@ -232,7 +244,7 @@ class LlamaCpp(Backend):
                 self._ctx, self._model, L.Batch, parallel=parallel,
                 n_ctx_seq=n_ctx_seq or self._n_ctx // parallel, step_tokens=step_tokens,
                 max_queued=max_queued, prefix_cache=prefix_cache, lockstep=self._lockstep,
-                decode_sample=L.decode_sample, name=self.name)
+                decode_sample=L.decode_sample, name=self.name, kv_layout=kv_layout)
         except BaseException:
             self._release()
             raise
@@ -286,6 +298,11 @@ class LlamaCpp(Backend):
     def parallel(self) -> int:
         """Streams decoded together (the rest wait in the admission queue)."""
         return self._scheduler().parallel
+
+    @property
+    def kv_layout(self) -> str:
+        """``"unified"`` or ``"split"`` (see the class docstring)."""
+        return "split" if self._scheduler().split else "unified"
 
     @property
     def n_ctx_seq(self) -> int:
@@ -436,7 +453,7 @@ class LlamaCpp(Backend):
         tokens = self.tokenize_prompt(prompt)
         n_prompt = len(tokens)
         sched = self._scheduler()
-        sched.check_prompt(n_prompt)
+        sched.check_prompt(n_prompt, request.max_tokens)
         room = sched.n_ctx_seq - n_prompt
         max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
         sampler = self._sampler(request, plan)

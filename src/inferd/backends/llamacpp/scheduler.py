@@ -8,10 +8,18 @@ hands the tokens to the streams' event loops in one callback per loop.
 
 Why these choices:
 
-* **Unified KV cache** (``kv_unified=True``): all sequences share ``n_ctx`` cells, so a
-  shared prefix is the *same* cells (``seq_cp`` only tags them, no copy) and one mixed
-  batch decodes as one micro-batch. A split cache copies whole buffers on ``seq_cp`` and
-  splits a batch whose sequence ids are not consecutive.
+* **Unified KV cache** (``kv_layout="unified"``, the default, ``kv_unified=True``): all
+  sequences share ``n_ctx`` cells, so a shared prefix is the *same* cells (``seq_cp``
+  only tags them, no copy) and one mixed batch decodes as one micro-batch. A split cache
+  copies whole buffers on cross-stream ``seq_cp`` and splits a batch whose sequence ids
+  are not consecutive.
+* **Split KV cache** (``kv_layout="split"``, ``kv_unified=False``, what llama-server's
+  ``-np`` slots use): each of the ``parallel`` slots owns ``n_ctx // parallel`` cells of
+  its own, so a sequence's attention never spans another's cells. A request must fit one
+  slot (no oversubscription), prefix reuse stays inside a slot (a finished slot keeps its
+  tokens; a new request takes the free slot sharing the longest prefix with its prompt),
+  and the batch is ordered by sequence id because libllama splits it into one
+  micro-batch per run of consecutive ids.
 * **Chunked prefill** under a per-step budget (:data:`DEFAULT_STEP_TOKENS`): a long
   prompt is fed a chunk per step next to everyone else's next token, so it delays the
   other streams by one chunk at most, never by its whole length.
@@ -25,10 +33,11 @@ Why these choices:
   ``QueueFull`` at once) and a head that waits until a sequence slot is free and the
   KV cache can hold its worst case (prompt + ``max_tokens``). Nobody overtakes the
   head, so nobody starves.
-* **Prefix reuse**: a finished sequence's tokens stay in the cache under a spare
-  sequence id (an LRU of ``prefix_cache`` entries, evicted first under pressure). A new
-  sequence copies the longest common prefix from any cached or running sequence and
-  decodes only the rest; ``Usage.cached_tokens`` reports it.
+* **Prefix reuse** (unified): a finished sequence's tokens stay in the cache under a
+  spare sequence id (an LRU of ``prefix_cache`` entries, evicted first under pressure).
+  A new sequence copies the longest common prefix from any cached or running sequence
+  and decodes only the rest; ``Usage.cached_tokens`` reports it. (Split: see above;
+  ``prefix_cache=0`` turns reuse off in both layouts.)
 
 Cancellation: the stream's flag is seen at the next step, its cells are removed, and
 the consumer's ``freed()`` resolves only after that, so nothing outlives its stream.
@@ -63,6 +72,17 @@ MIN_CACHED_PREFIX = 4
 LOCKSTEP_GRACE_S = 0.005
 #: Idle wake-up period of the scheduler thread (a safety net; work is signalled).
 _IDLE_POLL_S = 0.5
+#: KV cache layouts (ADR 0008): one shared buffer, or one stream of cells per slot.
+KV_LAYOUTS = ("unified", "split")
+
+
+def check_kv_layout(kv_layout: str) -> bool:
+    """True for ``"split"``; ``InvalidRequest`` naming the value when it is unknown."""
+    if kv_layout not in KV_LAYOUTS:
+        raise InvalidRequest(
+            f"kv_layout={kv_layout!r} is not a KV cache layout; choose 'unified' (one "
+            "shared cache, the default) or 'split' (one stream of cells per slot)")
+    return kv_layout == "split"
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -179,20 +199,26 @@ class Scheduler:
     """Owns one llama.cpp context and batches every admitted sequence into one decode.
 
     :param ctx: a ``Context`` created with ``n_seq_max >= parallel + prefix_cache`` and
-        ``kv_unified=True``; nobody else may use it while the scheduler runs.
+        ``kv_unified=True`` (unified layout) or ``n_seq_max == parallel`` and
+        ``kv_unified=False`` (split layout); nobody else may use it while the scheduler
+        runs.
     :param parallel: sequences decoded together (slots ``0..parallel-1``).
-    :param n_ctx_seq: most tokens (prompt + reply) one sequence may hold.
+    :param n_ctx_seq: most tokens (prompt + reply) one sequence may hold; with the split
+        layout at most the ``n_ctx // parallel`` cells of one slot.
     :param step_tokens: tokens per decode step (see :data:`DEFAULT_STEP_TOKENS`).
     :param max_queued: requests that may wait for a slot before ``QueueFull``.
     :param prefix_cache: finished sequences kept for prefix reuse (0 disables).
     :param lockstep: pace decoding by the consumers (see the module docstring).
+    :param kv_layout: ``"unified"`` or ``"split"``, as the context was created.
     """
 
     def __init__(self, ctx: Any, model: Any, batch_factory: Any, *, parallel: int,
                  n_ctx_seq: int, step_tokens: int = DEFAULT_STEP_TOKENS,
                  max_queued: int = DEFAULT_MAX_QUEUED,
                  prefix_cache: int = DEFAULT_PREFIX_CACHE, lockstep: bool = False,
-                 decode_sample: Any = None, name: str = "llamacpp") -> None:
+                 decode_sample: Any = None, name: str = "llamacpp",
+                 kv_layout: str = "unified") -> None:
+        self.split = check_kv_layout(kv_layout)
         if parallel < 1:
             raise InvalidRequest(f"parallel={parallel} must be >= 1")
         if max_queued < 0:
@@ -208,6 +234,8 @@ class Scheduler:
         self.parallel = parallel
         self.n_ctx = int(ctx.n_ctx)
         self.n_ctx_seq = min(n_ctx_seq, self.n_ctx)
+        if self.split:
+            self.n_ctx_seq = self._slot_limit(n_ctx_seq)
         # every running sequence's next token always fits next to a prompt chunk
         self.step_tokens = max(1, min(step_tokens, n_batch - parallel)) if (
             n_batch > parallel) else 1
@@ -222,11 +250,17 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending: collections.deque[SeqStream] = collections.deque()
         self._active: list[SeqStream] = []  # admission order
-        self._free_slots = list(range(parallel - 1, -1, -1))
+        # unified: a stack (lowest id on top); split: least recently used first
+        self._free_slots = list(range(parallel)) if self.split else list(
+            range(parallel - 1, -1, -1))
         self._cancels: list[SeqStream] = []
-        # prefix cache: seq id -> token list, least recently used first
+        # unified prefix cache: seq id -> token list, least recently used first
         self._cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
-        self._free_cache_ids = list(range(parallel + prefix_cache - 1, parallel - 1, -1))
+        self._free_cache_ids = [] if self.split else list(
+            range(parallel + prefix_cache - 1, parallel - 1, -1))
+        # split: tokens whose cells a free slot still holds (reused in place)
+        self._slot_kv: dict[int, list[int]] = {}
+        self.n_seq = parallel if self.split else parallel + prefix_cache
         self._reserved = 0  # worst-case cells of admitted sequences
         self._head_fits = True  # False while the queue head waits for KV room
         self._ctx_lock = threading.Lock()  # held during a step; kv queries take it
@@ -267,16 +301,39 @@ class Scheduler:
             self._cond.notify()
         return stream
 
-    def check_prompt(self, n: int) -> None:
-        """``InvalidRequest`` naming the limits when ``n`` prompt tokens never fit."""
+    def check_prompt(self, n: int, max_tokens: int | None = None) -> None:
+        """``InvalidRequest`` naming the limits when ``n`` prompt tokens never fit.
+
+        With the split layout a request also needs room for ``max_tokens`` (when given)
+        in its one slot: the slot cannot borrow cells, so a reply cut short by a full
+        slot would be a surprise; say so before the stream starts instead.
+        """
         if n == 0:
             raise InvalidRequest("the prompt is empty after tokenization")
+        if self.split and (n >= self.n_ctx_seq or n + (max_tokens or 0) > self.n_ctx_seq):
+            raise InvalidRequest(
+                f"the prompt is {n} tokens and max_tokens={max_tokens}, but one slot "
+                f"holds at most {self.n_ctx_seq} tokens of prompt and reply "
+                f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
+                f"{self.parallel} slots); lower max_tokens, shorten the conversation or "
+                "create LlamaCpp with a larger n_ctx (or a smaller parallel)")
         if n >= self.n_ctx_seq:
             raise InvalidRequest(
                 f"the prompt is {n} tokens, but one sequence holds at most "
                 f"{self.n_ctx_seq} tokens of prompt and reply (n_ctx={self.n_ctx} shared "
                 f"by parallel={self.parallel}); shorten the conversation or create "
                 "LlamaCpp with a larger n_ctx (or n_ctx_seq)")
+
+    def _slot_limit(self, n_ctx_seq: int) -> int:
+        """Split layout: a sequence lives in its slot's ``n_ctx // parallel`` cells, so an
+        ``n_ctx_seq`` beyond that (oversubscription) can never work; say so now."""
+        slot = self.n_ctx // self.parallel
+        if n_ctx_seq > slot:
+            raise InvalidRequest(
+                f"n_ctx_seq={n_ctx_seq} exceeds the {slot} cells of one slot "
+                f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
+                f"{self.parallel} slots); use kv_layout='unified' to oversubscribe")
+        return n_ctx_seq
 
     def _wake(self) -> None:
         with self._cond:
@@ -308,29 +365,43 @@ class Scheduler:
         return len(self._pending)
 
     def kv_cells(self) -> list[tuple[int, int]]:
-        """``(pos_min, pos_max)`` of every sequence id (slots, then cache ids)."""
+        """``(pos_min, pos_max)`` of every sequence id (slots, then unified cache ids)."""
+        with self._ctx_lock:
+            return self._cells()
+
+    def _cells(self) -> list[tuple[int, int]]:  # with self._ctx_lock held
         from inferd._fast import _llama
 
-        with self._ctx_lock:
-            if self.ctx.closed:
-                return []
-            return _llama.seq_cells(self.ctx, self.parallel + self.prefix_cache)
+        return [] if self.ctx.closed else _llama.seq_cells(self.ctx, self.n_seq)
 
     def kv_used(self) -> int:
-        """KV cells held by running sequences (0 when every stream has ended)."""
-        cells = self.kv_cells()[: self.parallel]
-        return sum(hi - lo + 1 for lo, hi in cells if hi >= 0)
+        """KV cells held by slots, except those a free slot keeps for prefix reuse (0
+        when every stream has ended: a leaked cell shows up here)."""
+        with self._ctx_lock:
+            kept = {seq for seq, toks in self._slot_kv.items() if toks}
+            cells = self._cells()[: self.parallel]
+        return sum(hi - lo + 1 for seq, (lo, hi) in enumerate(cells)
+                   if hi >= 0 and seq not in kept)
 
     def kv_cached(self) -> int:
         """Tokens kept for prefix reuse (their cells may be shared with running ones)."""
         with self._ctx_lock:
-            return sum(len(t) for t in self._cache.values())
+            return sum(len(t) for t in self._cache.values()) + sum(
+                len(t) for t in self._slot_kv.values())
 
     def clear_prefix_cache(self) -> None:
         """Drop every cached prefix (their KV cells are freed now)."""
         with self._ctx_lock:
-            for cid in list(self._cache):
-                self._evict(cid)
+            self._drop_cached()
+
+    def _drop_cached(self) -> None:  # with self._ctx_lock held
+        for cid in list(self._cache):
+            self._evict(cid)
+        for seq, toks in list(self._slot_kv.items()):
+            if toks:
+                self.ctx.seq_rm(seq, -1, -1)
+                self._slot_kv[seq] = []
+                self.stats["evicted"] += 1
 
     # ------------------------------------------------------------------ closing
 
@@ -398,38 +469,75 @@ class Scheduler:
             self._cond.wait(left)
 
     def _admit(self) -> None:
-        """Move queue heads into free slots while the KV cache can hold them (FCFS)."""
+        """Move queue heads into free slots while they fit (FCFS: nobody overtakes)."""
         while True:
             with self._cond:
                 if not self._pending or not self._free_slots:
                     return
                 s = self._pending[0]
-                src, lcp = self._best_prefix(s.prompt)
-                if not self._make_room(s.need, keep=src):
-                    if lcp and src in self._cache:  # the kept source must go too
-                        src, lcp = -1, 0
-                        fits = self._make_room(s.need, keep=-1)
-                    else:
-                        fits = False
-                    if not fits:  # context pressure: wait for a sequence to end
-                        self._head_fits = False
-                        self.stats["waited_for_kv"] += 1
-                        return
+                placed = self._place_split(s.prompt) if self.split else self._place(s)
+                if placed is None:  # context pressure: wait for a sequence to end
+                    self._head_fits = False
+                    self.stats["waited_for_kv"] += 1
+                    return
+                seq, src, lcp = placed
                 self._pending.popleft()
-                seq = self._free_slots.pop()
                 s.seq = seq
                 self._active.append(s)
                 self._reserved += s.need
+            lcp = self._reuse_in_slot(seq, lcp) if self.split else self._copy_prefix(
+                seq, src, lcp)
             if lcp > 0:
-                self.ctx.seq_rm(seq, -1, -1)
-                self.ctx.seq_cp(src, seq, 0, lcp)
                 s.n_past = lcp
                 s.kv = s.prompt[:lcp]
                 s.cached_tokens = lcp
                 self.stats["cached_tokens"] += lcp
-                if src in self._cache:
-                    self._cache.move_to_end(src)
             self.stats["admitted"] += 1
+
+    def _place(self, s: SeqStream) -> tuple[int, int, int] | None:
+        """Unified: ``(slot, prefix source, prefix length)`` once the shared cache can
+        hold ``s``'s worst case next to the other reservations; None: not yet."""
+        src, lcp = self._best_prefix(s.prompt)
+        if not self._make_room(s.need, keep=src):
+            if not (lcp and src in self._cache):
+                return None
+            src, lcp = -1, 0  # the kept source must go too
+            if not self._make_room(s.need, keep=-1):
+                return None
+        return self._free_slots.pop(), src, lcp
+
+    def _copy_prefix(self, seq: int, src: int, lcp: int) -> int:
+        """Unified: tag ``src``'s first ``lcp`` cells for ``seq`` too (no copy)."""
+        if lcp > 0:
+            self.ctx.seq_rm(seq, -1, -1)
+            self.ctx.seq_cp(src, seq, 0, lcp)
+            if src in self._cache:
+                self._cache.move_to_end(src)
+        return lcp
+
+    def _place_split(self, prompt: list[int]) -> tuple[int, int, int]:
+        """Split: ``(slot, slot, prefix length)`` for the free slot whose kept tokens
+        share the longest prefix with ``prompt`` (as llama-server picks a slot); ties and
+        no match take the least recently used one. Its cells past the prefix go later."""
+        best, slot = 0, self._free_slots[0]
+        cap = len(prompt) - 1  # the last prompt token is decoded to get logits
+        for seq in self._free_slots:  # least recently used first: a tie keeps the first
+            n = min(common_prefix(prompt, self._slot_kv.get(seq, ())), cap)
+            if n > best:
+                best, slot = n, seq
+        if best < MIN_CACHED_PREFIX:
+            best, slot = 0, self._free_slots[0]
+        self._free_slots.remove(slot)
+        return slot, slot, best
+
+    def _reuse_in_slot(self, seq: int, lcp: int) -> int:
+        """Split: keep the slot's first ``lcp`` cells and drop the rest (all of them when
+        ``lcp`` is 0 or libllama cannot cut there); returns the prefix kept."""
+        self._slot_kv[seq] = []
+        if lcp > 0 and self.ctx.seq_rm(seq, lcp, -1):
+            return lcp
+        self.ctx.seq_rm(seq, -1, -1)
+        return 0
 
     def _best_prefix(self, prompt: list[int]) -> tuple[int, int]:
         """(sequence id, length) of the longest reusable prefix of ``prompt``."""
@@ -465,6 +573,32 @@ class Scheduler:
         self._free_cache_ids.append(cid)
         self.stats["evicted"] += 1
 
+    def _plan(self) -> list[tuple[SeqStream, list[int]]]:
+        """This step's tokens, per sequence: the next token of every decoding sequence
+        whose consumer keeps up, then prompt chunks (oldest admission first) within the
+        step budget."""
+        fed: list[tuple[SeqStream, list[int]]] = []
+        for s in self._active:
+            if s.cancelled or s.n_past < len(s.prompt):
+                continue
+            if s.sent - s.taken >= PIPELINE_DEPTH:
+                self.stats["paused"] += 1
+                continue
+            fed.append((s, [s.last]))
+        room = max(self.step_tokens - len(fed), 1)
+        room = min(room, self.batch_capacity - len(fed))
+        for s in self._active:
+            if room <= 0:
+                break
+            if s.cancelled or s.n_past >= len(s.prompt):
+                continue
+            chunk = s.prompt[s.n_past:s.n_past + room]
+            room -= len(chunk)
+            fed.append((s, chunk))
+        if self.split:  # libllama splits a split-cache batch at every non-consecutive id
+            fed.sort(key=lambda e: e[0].seq)
+        return fed
+
     def _step(self) -> None:
         """Build one batch, decode it, sample, deliver."""
         batch = self._batch
@@ -472,33 +606,12 @@ class Scheduler:
         samplers: list[Any] = []
         idxs: list[int] = []
         owners: list[SeqStream] = []
-        fed: list[tuple[SeqStream, list[int]]] = []
-        # 1. the next token of every decoding sequence whose consumer keeps up
-        for s in self._active:
-            if s.cancelled or s.n_past < len(s.prompt):
-                continue
-            if s.sent - s.taken >= PIPELINE_DEPTH:
-                self.stats["paused"] += 1
-                continue
-            pos = len(s.kv)
-            idxs.append(batch.add(s.last, pos, s.seq, True))
-            samplers.append(s.sampler)
-            owners.append(s)
-            fed.append((s, [s.last]))
-        # 2. prompt chunks, oldest admission first, within the step budget
-        room = max(self.step_tokens - len(owners), 1)
-        room = min(room, self.batch_capacity - len(owners))
-        for s in self._active:
-            if room <= 0:
-                break
-            if s.cancelled or s.n_past >= len(s.prompt):
-                continue
-            chunk = s.prompt[s.n_past:s.n_past + room]
-            last_chunk = s.n_past + len(chunk) >= len(s.prompt)
-            i = batch.add_sequence(chunk, s.n_past, s.seq, last_chunk)
-            room -= len(chunk)
-            fed.append((s, chunk))
-            if last_chunk:
+        fed = self._plan()
+        for s, toks in fed:
+            # a decoding sequence, or the last chunk of a prompt: sample its next token
+            wants = s.n_past + len(toks) >= len(s.prompt)
+            i = batch.add_sequence(toks, len(s.kv), s.seq, wants)
+            if wants:
                 idxs.append(i)
                 samplers.append(s.sampler)
                 owners.append(s)
@@ -544,8 +657,7 @@ class Scheduler:
         for s in dict.fromkeys(streams):
             out.setdefault(s.loop, []).append((s, ("error", err)))
             self._finish(s, cache=False, out=out)
-        for cid in list(self._cache):
-            self._evict(cid)
+        self._drop_cached()
         self._send(out)
 
     def _finish(self, s: SeqStream, *, cache: bool,
@@ -556,9 +668,12 @@ class Scheduler:
             return
         s.done = True
         seq = s.seq
-        if cache and self.prefix_cache and len(s.kv) >= MIN_CACHED_PREFIX:
-            self._remember(seq, s.kv)
-        self.ctx.seq_rm(seq, -1, -1)
+        if self.split:
+            self._keep_in_slot(seq, s.kv if cache else None)
+        else:
+            if cache and self.prefix_cache and len(s.kv) >= MIN_CACHED_PREFIX:
+                self._remember(seq, s.kv)
+            self.ctx.seq_rm(seq, -1, -1)
         with self._cond:
             self._active.remove(s)
             self._free_slots.append(seq)
@@ -571,6 +686,16 @@ class Scheduler:
             self._send(out)
         else:
             out.setdefault(s.loop, []).append((s, ("freed",)))
+
+    def _keep_in_slot(self, seq: int, kv: list[int] | None) -> None:
+        """Split: a slot whose stream ended normally keeps its cells for the next request
+        sharing a prefix with ``kv``; ``None`` (cancelled, failed) clears the slot."""
+        keep = kv is not None and self.prefix_cache > 0 and len(kv) >= MIN_CACHED_PREFIX
+        if not keep:
+            self.ctx.seq_rm(seq, -1, -1)
+        self._slot_kv[seq] = list(kv) if keep and kv is not None else []
+        if keep:
+            self.stats["remembered"] += 1
 
     def _remember(self, seq: int, kv: list[int]) -> None:
         """Keep ``kv`` (the cells of ``seq``) under a cache id, deduplicating prefixes."""
@@ -629,8 +754,7 @@ class Scheduler:
                     s.done = True
                     out.setdefault(s.loop, []).append((s, ("freed",)))
             try:
-                for cid in list(self._cache):
-                    self._evict(cid)
+                self._drop_cached()
             except Exception:
                 pass
         with self._cond:
