@@ -42,15 +42,20 @@ class _FailsAfterTwo:
 
 
 class TestLlamaCppContract(BackendContract):
+    kv_layout = "unified"
+
+    def _new(self, path, **kw):
+        return _make(path, kv_layout=self.kv_layout, **kw)
+
     @pytest.fixture
     async def backend(self, smollm2_path):
-        b = _make(smollm2_path)
+        b = self._new(smollm2_path)
         yield b
         await b.aclose()
 
     @pytest.fixture(params=["closed", "too_long", "image"])
     async def pre_stream_failure(self, request, smollm2_path):
-        b = _make(smollm2_path)
+        b = self._new(smollm2_path)
         kind = request.param
         if kind == "closed":
             await b.aclose()
@@ -63,13 +68,13 @@ class TestLlamaCppContract(BackendContract):
 
     @pytest.fixture
     async def mid_stream_failure(self, smollm2_path):
-        b = _make(smollm2_path, output_parser=lambda *a: _FailsAfterTwo())
+        b = self._new(smollm2_path, output_parser=lambda *a: _FailsAfterTwo())
         yield b, Request.chat("Tell me a story.", max_tokens=40, ignore_eos=True)
         await b.aclose()
 
     @pytest.fixture
     async def long_stream(self, smollm2_path):
-        b = _make(smollm2_path)
+        b = self._new(smollm2_path)
         yield b, Request.chat("Write a long story about the sea.", max_tokens=240,
                               ignore_eos=True, temperature=0)
         await b.aclose()
@@ -79,3 +84,17 @@ class TestLlamaCppContract(BackendContract):
             return True
         return (backend._active is None and backend._idle.is_set()
                 and backend.model is not None and backend._ctx.seq_pos_max(0) == -1)
+
+
+class TestLlamaCppSplitContract(TestLlamaCppContract):
+    """The same contract with one KV stream per slot (``kv_layout="split"``)."""
+
+    kv_layout = "split"
+
+    async def released(self, backend) -> bool:
+        if not backend.ready():
+            return True
+        # a finished slot may keep its cells for prefix reuse (kv_used() leaves those
+        # out); a cancelled stream's slot must be empty
+        return (backend._active is None and backend._idle.is_set()
+                and backend.kv_layout == "split" and backend.kv_used() == 0)

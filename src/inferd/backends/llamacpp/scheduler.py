@@ -311,9 +311,10 @@ class Scheduler:
         if n == 0:
             raise InvalidRequest("the prompt is empty after tokenization")
         if self.split and (n >= self.n_ctx_seq or n + (max_tokens or 0) > self.n_ctx_seq):
+            asked = f" and max_tokens={max_tokens}" if max_tokens else ""
             raise InvalidRequest(
-                f"the prompt is {n} tokens and max_tokens={max_tokens}, but one slot "
-                f"holds at most {self.n_ctx_seq} tokens of prompt and reply "
+                f"the prompt is {n} tokens{asked}, but one slot holds at most "
+                f"{self.n_ctx_seq} tokens of prompt and reply "
                 f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
                 f"{self.parallel} slots); lower max_tokens, shorten the conversation or "
                 "create LlamaCpp with a larger n_ctx (or a smaller parallel)")
