@@ -11,8 +11,10 @@ How a request flows:
    own sampler chain. Tokens reach the event loop through a bounded hand-off: a
    consumer that falls :data:`.scheduler.PIPELINE_DEPTH` tokens behind pauses its sequence only.
    A prompt prefix already in the KV cache (a running or recently finished sequence)
-   is copied, not recomputed. Pacing: when the compute threads take every CPU the
-   scheduler waits briefly for consumers before the next decode (*lock-step*), because
+   is copied, not recomputed; with ``kv_layout="split"`` only a prefix still held by
+   the slot the request gets (one KV stream per slot, ADR 0008). Pacing: when the
+   compute threads take every CPU the scheduler waits briefly for consumers before the
+   next decode (*lock-step*), because
    an event-loop thread preempting a compute thread mid-graph makes ggml's barriers
    stall the whole step (measured on 2 cores: 45 tok/s overlapped vs 110 tok/s raw).
 3. (event loop) bytes -> text with an incremental UTF-8 decoder (a character split
