@@ -188,20 +188,29 @@ async def test_request_that_never_fits_names_the_limits(backend):
 
 
 @split_only
-async def test_split_request_too_big_for_its_slot_is_invalid(backend):
-    """Split: prompt + max_tokens must fit one slot's 256 cells; the error says so."""
-    req = Request.chat("word " * 100, max_tokens=200)
+async def test_split_prompt_too_big_for_its_slot_is_invalid(backend):
+    """Split: a prompt must fit one slot's 256 cells; the error names that limit."""
+    req = Request.chat("word " * 300, max_tokens=8)
     n_prompt = len(backend.tokenize_prompt(backend.render(req)))
-    assert n_prompt < 256 < n_prompt + 200
+    assert n_prompt >= 256
     gen = backend.generate(req)
     with pytest.raises(InvalidRequest, match=(
-            rf"prompt is {n_prompt} tokens and max_tokens=200.*one slot holds at most 256 "
+            rf"prompt is {n_prompt} tokens.*one slot holds at most 256 "
             r"tokens.*kv_layout='split'.*parallel=8")):
         await gen.__anext__()
-    # what fits runs: the same prompt with room for its reply
-    _, done = await _text(backend, Request.chat("word " * 100, max_tokens=256 - n_prompt,
-                                                temperature=0))
+    await _wait_quiet(backend)
+
+
+async def test_reply_is_cut_at_the_end_of_its_sequence(backend):
+    """A generous max_tokens is shortened to what the sequence (its slot, when split) has
+    left, as llama-server and the OpenAI API do, and the reply says why it stopped."""
+    req = Request.chat("word " * 100, max_tokens=4096, ignore_eos=True, temperature=0)
+    n_prompt = len(backend.tokenize_prompt(backend.render(req)))
+    assert n_prompt < 256
+    _, done = await _text(backend, req)
     assert done.usage.input_tokens == n_prompt
+    assert done.usage.output_tokens == 256 - n_prompt
+    assert done.stop_reason == StopReason.MAX_TOKENS
     await _wait_quiet(backend)
 
 

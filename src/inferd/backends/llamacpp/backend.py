@@ -146,8 +146,9 @@ class LlamaCpp(Backend):
     :param kv_layout: ``"unified"`` (default): one KV cache shared by every stream,
         requests may oversubscribe it; ``"split"``: each of the ``parallel`` slots owns
         ``n_ctx // parallel`` cells (llama-server's ``-np`` slots), so a stream's
-        attention never spans the others', a request (prompt + ``max_tokens``) must fit
-        one slot, and prefix reuse stays in a slot (ADR 0008). libllama rounds a slot up
+        attention never spans the others', a prompt must fit one slot (a larger
+        ``max_tokens`` is shortened to what the slot has left), and prefix reuse stays
+        in a slot (ADR 0008). libllama rounds a slot up
         to a multiple of 256 cells, which can make ``n_ctx`` larger than asked.
     """
 
@@ -455,7 +456,7 @@ class LlamaCpp(Backend):
         tokens = self.tokenize_prompt(prompt)
         n_prompt = len(tokens)
         sched = self._scheduler()
-        sched.check_prompt(n_prompt, request.max_tokens)
+        sched.check_prompt(n_prompt)
         room = sched.n_ctx_seq - n_prompt
         max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
         sampler = self._sampler(request, plan)

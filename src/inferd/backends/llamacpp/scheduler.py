@@ -301,29 +301,25 @@ class Scheduler:
             self._cond.notify()
         return stream
 
-    def check_prompt(self, n: int, max_tokens: int | None = None) -> None:
+    def check_prompt(self, n: int) -> None:
         """``InvalidRequest`` naming the limits when ``n`` prompt tokens never fit.
 
-        With the split layout a request also needs room for ``max_tokens`` (when given)
-        in its one slot: the slot cannot borrow cells, so a reply cut short by a full
-        slot would be a surprise; say so before the stream starts instead.
+        A ``max_tokens`` beyond what is left is shortened to fit (``submit``) under both
+        layouts, as llama-server and the OpenAI API end such a reply with ``length``:
+        clients routinely send a generous ``max_tokens``, and refusing them would make
+        the split layout unusable behind an OpenAI-compatible front.
         """
         if n == 0:
             raise InvalidRequest("the prompt is empty after tokenization")
-        if self.split and (n >= self.n_ctx_seq or n + (max_tokens or 0) > self.n_ctx_seq):
-            asked = f" and max_tokens={max_tokens}" if max_tokens else ""
-            raise InvalidRequest(
-                f"the prompt is {n} tokens{asked}, but one slot holds at most "
-                f"{self.n_ctx_seq} tokens of prompt and reply "
-                f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
-                f"{self.parallel} slots); lower max_tokens, shorten the conversation or "
-                "create LlamaCpp with a larger n_ctx (or a smaller parallel)")
         if n >= self.n_ctx_seq:
+            where = (f"one slot holds at most {self.n_ctx_seq} tokens of prompt and reply "
+                     f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
+                     f"{self.parallel} slots)") if self.split else (
+                     f"one sequence holds at most {self.n_ctx_seq} tokens of prompt and "
+                     f"reply (n_ctx={self.n_ctx} shared by parallel={self.parallel})")
             raise InvalidRequest(
-                f"the prompt is {n} tokens, but one sequence holds at most "
-                f"{self.n_ctx_seq} tokens of prompt and reply (n_ctx={self.n_ctx} shared "
-                f"by parallel={self.parallel}); shorten the conversation or create "
-                "LlamaCpp with a larger n_ctx (or n_ctx_seq)")
+                f"the prompt is {n} tokens, but {where}; shorten the conversation or create "
+                "LlamaCpp with a larger n_ctx (or n_ctx_seq, or a smaller parallel)")
 
     def _slot_limit(self, n_ctx_seq: int) -> int:
         """Split layout: a sequence lives in its slot's ``n_ctx // parallel`` cells, so an
