@@ -266,6 +266,13 @@ def _spawn(peer: str, a: argparse.Namespace) -> dict:
     return {int(k): v for k, v in json.loads(p.stdout.strip().splitlines()[-1]).items()}
 
 
+def _paired(ours: list[dict], theirs: list[dict]) -> list[float]:
+    """inferd/peer tok/s round by round. Peers run interleaved, so a load spike from
+    other jobs hits one round of both: on a shared box these ratios are steadier than the
+    ratio of the overall medians."""
+    return [round(o["tps"] / t["tps"], 2) for o, t in zip(ours, theirs, strict=False)]
+
+
 def _median(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
@@ -370,11 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     for c in a.conc:
         ours = med["inferd"][c]["tps"]
         parts = []
-        if "llama-server" in med:
-            parts.append(f"{ours / med['llama-server'][c]['tps']:.2f}x llama-server")
-        if "llama-cpp-python" in med:
-            parts.append(f"{ours / med['llama-cpp-python'][c]['tps']:.2f}x llama-cpp-python")
-        print(f"concurrency {c}: inferd = " + ", ".join(parts))
+        for peer in ("llama-server", "llama-cpp-python"):
+            if peer in med:
+                paired = _paired(raw["inferd"][c], raw[peer][c])
+                parts.append(f"{ours / med[peer][c]['tps']:.2f}x {peer} (per-round median "
+                             f"{statistics.median(paired):.2f}x, {paired})")
+        print(f"concurrency {c}: inferd = " + "; ".join(parts))
     print("(targets: >= 1.0x llama-server at every concurrency, >= 1.8x llama-cpp-python at 8)")
     out = plot(med, a.conc, a.plot, a.title)
     if out:
