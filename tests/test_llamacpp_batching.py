@@ -309,14 +309,18 @@ async def test_slow_consumer_pauses_only_its_own_sequence(backend):
 # ---------------------------------------------------------------- prefix reuse
 
 
+def _shared_system_requests() -> tuple[str, Request, Request]:
+    """A long system prompt and two short questions under it (greedy, 8 tokens)."""
+    system = "You are a terse assistant. " * 10
+    ask = [Request((Message.system(system), Message.user(q)), temperature=0, max_tokens=8)
+           for q in ("Name a fruit.", "Name a planet.")]
+    return system, ask[0], ask[1]
+
+
 @unified_only
 async def test_prefix_reuse_reports_cached_tokens_and_keeps_the_answer(backend):
     backend.clear_prefix_cache()
-    system = "You are a terse assistant. " * 10
-    r1 = Request((Message.system(system), Message.user("Name a fruit.")), temperature=0,
-                 max_tokens=8)
-    r2 = Request((Message.system(system), Message.user("Name a planet.")), temperature=0,
-                 max_tokens=8)
+    system, r1, r2 = _shared_system_requests()
     t1, d1 = await _text(backend, r1)
     assert d1.usage.cached_tokens == 0
     _, d2 = await _text(backend, r2)
@@ -344,11 +348,7 @@ def _held(b) -> list[int]:
 @split_only
 async def test_split_reuses_a_prefix_in_its_slot_and_keeps_the_answer(backend):
     backend.clear_prefix_cache()
-    system = "You are a terse assistant. " * 10
-    r1 = Request((Message.system(system), Message.user("Name a fruit.")), temperature=0,
-                 max_tokens=8)
-    r2 = Request((Message.system(system), Message.user("Name a planet.")), temperature=0,
-                 max_tokens=8)
+    system, r1, r2 = _shared_system_requests()
     _, d1 = await _text(backend, r1)
     assert d1.usage.cached_tokens == 0
     assert len(_held(backend)) == 1  # the finished slot keeps its tokens
