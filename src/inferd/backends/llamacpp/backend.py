@@ -9,14 +9,15 @@ How a request flows:
    other running sequences: one batch holds each one's next token plus prompt chunks
    of new ones, one ``llama_decode`` (GIL released), one draw per sequence from its
    own sampler chain. Tokens reach the event loop through a bounded hand-off: a
-   consumer that falls :data:`.scheduler.PIPELINE_DEPTH` tokens behind pauses its sequence only.
+   consumer that falls :data:`.scheduler.PIPELINE_DEPTH` tokens behind pauses its
+   sequence only.
    A prompt prefix already in the KV cache (a running or recently finished sequence)
    is copied, not recomputed; with ``kv_layout="split"`` only a prefix still held by
    the slot the request gets (one KV stream per slot, ADR 0008). Pacing: when the
    compute threads take every CPU the scheduler waits briefly for consumers before the
-   next decode (*lock-step*), because
-   an event-loop thread preempting a compute thread mid-graph makes ggml's barriers
-   stall the whole step (measured on 2 cores: 45 tok/s overlapped vs 110 tok/s raw).
+   next decode (*lock-step*), because an event-loop thread preempting a compute thread
+   mid-graph makes ggml's barriers stall the whole step (measured on 2 cores: 45 tok/s
+   overlapped vs 110 tok/s raw).
 3. (event loop) bytes -> text with an incremental UTF-8 decoder (a character split
    across tokens is held until complete), stop sequences held back until they can no
    longer match, the per-model output parser, then events and one ``Done``.
@@ -148,8 +149,8 @@ class LlamaCpp(Backend):
         ``n_ctx // parallel`` cells (llama-server's ``-np`` slots), so a stream's
         attention never spans the others', a prompt must fit one slot (a larger
         ``max_tokens`` is shortened to what the slot has left), and prefix reuse stays
-        in a slot (ADR 0008). libllama rounds a slot up
-        to a multiple of 256 cells, which can make ``n_ctx`` larger than asked.
+        in a slot (ADR 0008). libllama rounds a slot up to a multiple of 256 cells,
+        which can make ``n_ctx`` larger than asked.
     """
 
     name = "llamacpp"
