@@ -14,28 +14,30 @@
 #   llama_cpp_py.tar.gz  llama-cpp-python's Python package from the same pinned sdist
 #   skel.gguf            SmolLM2's tokenizer and chat template (bench/synth_model.py)
 #   *.whl                Python wheels the host lacks (orjson, diskcache)
-# Environment: OUT (results folder), GPU=0 for a CPU dry run, SHAPE (smollm2-1.7b),
-# DEADLINE_S (seconds from start after which remaining benchmarks are skipped: 540).
+# Environment: OUT (results folder), SCRATCH (work folder), GPU=0 for a CPU dry run,
+# SHAPE (smollm2-1.7b), DEADLINE_S (seconds from start after which remaining benchmarks are skipped: 540).
 set -uo pipefail
 T0=$(date +%s)
 CARRY=${CARRY:-.devcarry}
-OUT=${OUT:-/tmp/inferd-gpu-out}
+SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}/inferd-gpu}  # wheels, llama_cpp package, the model
+OUT=${OUT:-$SCRATCH/out}
 GPU=${GPU:-1}
 SHAPE=${SHAPE:-smollm2-1.7b}
 DEADLINE_S=${DEADLINE_S:-540}
 JOBS=${JOBS:-$(nproc)}
 PY=${PY:-python3}
 BUILD=${BUILD:-build/gpu}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$SCRATCH"
 log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( DEADLINE_S - ($(date +%s) - T0) )); }
 
 log "host: $(nproc) CPUs, $($PY -V 2>&1)"
 [ "$GPU" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-$PY -m pip install -q --no-index --no-deps --target /tmp/inferd-site "$CARRY"/*.whl || exit 1
-export PYTHONPATH=/tmp/inferd-site:/tmp/inferd-lcp:$PWD/src:$PWD
-mkdir -p /tmp/inferd-lcp vendor/llama.cpp
-tar xzf "$CARRY/llama_cpp_py.tar.gz" -C /tmp/inferd-lcp
+$PY -m pip install -q --no-index --no-deps --upgrade --target "$SCRATCH/site" "$CARRY"/*.whl \
+  || exit 1
+export PYTHONPATH=$SCRATCH/site:$SCRATCH/lcp:$PWD/src:$PWD
+mkdir -p "$SCRATCH/lcp" vendor/llama.cpp
+tar xzf "$CARRY/llama_cpp_py.tar.gz" -C "$SCRATCH/lcp"
 [ -f vendor/llama.cpp/CMakeLists.txt ] || tar xzf "$CARRY/llama-src.tar.gz" -C vendor/llama.cpp
 $PY -c "import sysconfig, os; p = sysconfig.get_paths()['include']; \
 print('Python.h:', os.path.exists(os.path.join(p, 'Python.h')), p)"
@@ -76,7 +78,7 @@ cp "$BUILD"/_llama.*.so "$BUILD"/_sse_c.*.so "$BUILD"/_chunks_c.*.so src/inferd/
 export INFERD_PEERS_DIR=$PWD/$BUILD LLAMA_CPP_LIB_PATH=$PWD/$BUILD/bin
 $PY -c "import inferd; print(inferd.about())" | tee "$OUT/about.txt"
 
-MODEL=/tmp/inferd-$SHAPE.gguf
+MODEL=$SCRATCH/$SHAPE.gguf
 log "model: $SHAPE"
 $PY bench/synth_model.py --from "$CARRY/skel.gguf" --shape "$SHAPE" "$MODEL" || exit 1
 NGL=$([ "$GPU" = 1 ] && echo -1 || echo 0)
