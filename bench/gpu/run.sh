@@ -15,7 +15,8 @@
 #   skel.gguf            SmolLM2's tokenizer and chat template (bench/synth_model.py)
 #   *.whl                Python wheels the host lacks (orjson, diskcache)
 # Environment: OUT (results folder), SCRATCH (work folder), GPU=0 for a CPU dry run,
-# SHAPE (smollm2-1.7b), DEADLINE_S (seconds from start after which remaining benchmarks are skipped: 540).
+# SHAPE (smollm2-1.7b), DEADLINE_S (seconds from the start after which the remaining
+# benchmarks are skipped: 540), ROUNDS, CONC, THREADS, JOBS, PY, BUILD.
 set -uo pipefail
 T0=$(date +%s)
 CARRY=${CARRY:-.devcarry}
