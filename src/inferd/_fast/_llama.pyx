@@ -1042,7 +1042,7 @@ cdef class Context:
         cdef float * p = llama_get_logits_ith(self.ptr, idx)
         if p == NULL:
             raise ValueError(f"batch index {idx} has no logits (ask for them when adding "
-                             f"the token, and decode first)")
+                             "the token, and decode first)")
         cdef Py_ssize_t n = llama_vocab_n_tokens(self.model.vocab)
         out = array.array("f")
         out.frombytes(PyBytes_FromStringAndSize(<char *>p, n * sizeof(float)))
