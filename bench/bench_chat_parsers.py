@@ -25,13 +25,14 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))
 
+from bench.timing import median_time  # noqa: E402
 from inferd.chat import get_parser  # noqa: E402
 from inferd.types import Text  # noqa: E402
 
@@ -53,15 +54,6 @@ REPLIES = {
 }
 _TOKEN = re.compile(r"<\|[^|]*\|>|\[[A-Z_/]+\]|</?\w+>| ?\w+|\s+|.", re.S)
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-
-
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:

@@ -34,7 +34,9 @@ import orjson
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))
 
+from bench.timing import median_time  # noqa: E402
 from inferd._fast import load_twin  # noqa: E402
 
 WORDS = ("the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "é", " 😀",
@@ -140,15 +142,6 @@ def run_floor(slices: list[bytes], body: bytes) -> int:
             loads(block[6:])
             n += 1
     return n
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_stream(n_events: int, repeats: int) -> dict[str, Any]:

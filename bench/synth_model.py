@@ -87,8 +87,9 @@ def _copy_tokenizer(gguf, reader, writer) -> int:
     return vocab
 
 
-def write(src: Path, dst: Path, shape: Shape | None, *, seed: int = 0) -> None:
-    """Write ``dst``: ``src``'s tokenizer, and random F16 weights of ``shape`` (or none)."""
+def write(src: Path, dst: Path, shape: Shape | None, *, seed: int = 0) -> int:
+    """Write ``dst``: ``src``'s tokenizer, and random F16 weights of ``shape`` (or none).
+    Returns the vocabulary size."""
     gguf = _gguf()
     import numpy as np
 
@@ -140,6 +141,7 @@ def write(src: Path, dst: Path, shape: Shape | None, *, seed: int = 0) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return vocab
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,18 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give exactly one of --shape or --tokenizer-only")
     shape = SHAPES[a.shape] if a.shape else None
     t0 = time.perf_counter()
-    write(a.src, a.out, shape, seed=a.seed)
+    vocab = write(a.src, a.out, shape, seed=a.seed)
     size = a.out.stat().st_size
-    what = f"{a.shape}, {shape.params(_vocab(a.out)) / 1e9:.2f} B params" if shape else \
+    what = f"{a.shape}, {shape.params(vocab) / 1e9:.2f} B params" if shape else \
         "tokenizer only"
     print(f"wrote {a.out} ({what}, {size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     return 0
-
-
-def _vocab(path: Path) -> int:
-    reader = _gguf().GGUFReader(str(path))
-    return len(reader.fields["tokenizer.ggml.tokens"].data)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,17 @@ async def _drained(resp: aiohttp.ClientResponse) -> bool:
     return resp.content.at_eof()
 
 
+async def _next_events(chunks: AsyncIterator[bytes], decoder: ChatStreamDecoder,
+                       url: str) -> list[Event]:
+    """The events of the next body read; at the end of the body, the decoder's last ones
+    (never empty: a truncated stream raises, see :func:`_at_eof`)."""
+    try:
+        data = await chunks.__anext__()
+    except StopAsyncIteration:
+        return _at_eof(decoder, url)
+    return decoder.feed(data)
+
+
 def _at_eof(decoder: ChatStreamDecoder, url: str) -> list[Event]:
     """The decoder's last events at end of body, or an error for a truncated stream.
 
@@ -245,13 +256,8 @@ class OpenAICompat(Backend):
                 chunks = resp.content.iter_any()
                 try:
                     batch: list[Event] = []
-                    while not batch:
-                        try:
-                            data = await chunks.__anext__()
-                        except StopAsyncIteration:
-                            batch = _at_eof(decoder, url)
-                            break
-                        batch = decoder.feed(data)
+                    while not batch:  # the end of the body always gives events (or raises)
+                        batch = await _next_events(chunks, decoder, url)
                     break
                 except WIRE_ERRORS as e:
                     resp.close()
@@ -277,12 +283,7 @@ class OpenAICompat(Backend):
                         yield ev
                     if decoder.finished:  # pragma: no cover - the decoder ends with Done
                         raise InternalError("the stream decoder finished without a Done")
-                    try:
-                        data = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        batch = _at_eof(decoder, url)
-                        continue
-                    batch = decoder.feed(data)
+                    batch = await _next_events(chunks, decoder, url)
             except WIRE_ERRORS as e:
                 raise connection_error(e, url, timeouts=self._client.timeout,
                                        mid_stream=True) from None
