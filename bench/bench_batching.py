@@ -40,10 +40,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-TOPICS = ("a lighthouse keeper", "a lost robot", "the first rain on Mars", "a jazz cat",
-          "an old map", "a paper boat", "a clockmaker", "a winter garden", "a pirate cook",
-          "a shy dragon", "a talking tree", "a deep-sea diver", "a kite festival",
-          "a bakery at dawn", "a desert train", "a moon library")
+TOPICS = (
+    "a lighthouse keeper",
+    "a lost robot",
+    "the first rain on Mars",
+    "a jazz cat",
+    "an old map",
+    "a paper boat",
+    "a clockmaker",
+    "a winter garden",
+    "a pirate cook",
+    "a shy dragon",
+    "a talking tree",
+    "a deep-sea diver",
+    "a kite festival",
+    "a bakery at dawn",
+    "a desert train",
+    "a moon library",
+)
 
 
 def _prompt(i: int) -> str:
@@ -89,8 +103,14 @@ def child_inferd(a: argparse.Namespace) -> dict:
     async def run() -> dict:
         out = {}
         for c in a.conc:
-            b = LlamaCpp(a.model, n_ctx=c * a.ctx, n_threads=a.threads, parallel=c,
-                         n_gpu_layers=a.gpu_layers, kv_layout=a.kv_layout)
+            b = LlamaCpp(
+                a.model,
+                n_ctx=c * a.ctx,
+                n_threads=a.threads,
+                parallel=c,
+                n_gpu_layers=a.gpu_layers,
+                kv_layout=a.kv_layout,
+            )
             await client(b, 999, time.perf_counter())  # warm-up
             rounds = []
             for r in range(a.rounds):
@@ -122,11 +142,17 @@ def child_server(a: argparse.Namespace) -> dict:
 
     exe = ensure_peer("llama-server")
 
-    async def client(session: aiohttp.ClientSession, url: str, i: int,
-                     t0: float) -> tuple[int, float]:
-        body = {"messages": [{"role": "user", "content": _prompt(i)}], "stream": True,
-                "max_tokens": a.tokens, "temperature": 0, "ignore_eos": True,
-                "stream_options": {"include_usage": True}}
+    async def client(
+        session: aiohttp.ClientSession, url: str, i: int, t0: float
+    ) -> tuple[int, float]:
+        body = {
+            "messages": [{"role": "user", "content": _prompt(i)}],
+            "stream": True,
+            "max_tokens": a.tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
         first = None
         n = 0
         async with session.post(url, json=body) as resp:
@@ -136,8 +162,9 @@ def child_server(a: argparse.Namespace) -> dict:
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
-                if first is None and any((ch.get("delta") or {}).get("content")
-                                         for ch in chunk.get("choices") or ()):
+                if first is None and any(
+                    (ch.get("delta") or {}).get("content") for ch in chunk.get("choices") or ()
+                ):
                     first = time.perf_counter() - t0
                 if chunk.get("usage"):
                     n = chunk["usage"]["completion_tokens"]
@@ -164,8 +191,9 @@ def child_server(a: argparse.Namespace) -> dict:
             rounds = []
             for r in range(a.rounds):
                 t0 = time.perf_counter()
-                res = await asyncio.gather(*(client(session, url, r * 100 + i, t0)
-                                             for i in range(c)))
+                res = await asyncio.gather(
+                    *(client(session, url, r * 100 + i, t0) for i in range(c))
+                )
                 wall = time.perf_counter() - t0
                 rounds.append(_summary(sum(n for n, _ in res), wall, [f for _, f in res]))
             return rounds
@@ -173,10 +201,26 @@ def child_server(a: argparse.Namespace) -> dict:
     out = {}
     for c in a.conc:
         port = _free_port()
-        cmd = [str(exe), "-m", a.model, "-np", str(c), "-c", str(c * a.ctx),
-               "-t", str(a.threads), "-tb", str(a.threads), "--host", "127.0.0.1",
-               "--port", str(port), "--no-webui",
-               "-ngl", "all" if a.gpu_layers < 0 else str(a.gpu_layers)]
+        cmd = [
+            str(exe),
+            "-m",
+            a.model,
+            "-np",
+            str(c),
+            "-c",
+            str(c * a.ctx),
+            "-t",
+            str(a.threads),
+            "-tb",
+            str(a.threads),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-webui",
+            "-ngl",
+            "all" if a.gpu_layers < 0 else str(a.gpu_layers),
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             out[c] = asyncio.run(bench_one(c, port))
@@ -203,8 +247,14 @@ def child_lcp(a: argparse.Namespace) -> dict:
             prompts[i] = renderer.render(Request.chat(_prompt(i)))
         return prompts[i]
 
-    llm = llama_cpp.Llama(a.model, n_ctx=a.ctx, n_threads=a.threads,
-                          n_threads_batch=a.threads, n_gpu_layers=a.gpu_layers, verbose=False)
+    llm = llama_cpp.Llama(
+        a.model,
+        n_ctx=a.ctx,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        n_gpu_layers=a.gpu_layers,
+        verbose=False,
+    )
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     bias = {t: -1e9 for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
     lock = threading.Lock()
@@ -213,8 +263,9 @@ def child_lcp(a: argparse.Namespace) -> dict:
         prompt = rendered(i)
         first = None
         with lock:  # llama-cpp-python serves one stream at a time
-            for _ in llm.create_completion(prompt, max_tokens=a.tokens, temperature=0.0,
-                                           top_k=1, stream=True, logit_bias=bias):
+            for _ in llm.create_completion(
+                prompt, max_tokens=a.tokens, temperature=0.0, top_k=1, stream=True, logit_bias=bias
+            ):
                 if first is None:
                     first = time.perf_counter() - t0
             n = llm.n_tokens - len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
@@ -230,8 +281,9 @@ def child_lcp(a: argparse.Namespace) -> dict:
             rounds = []
             for r in range(a.rounds):
                 t0 = time.perf_counter()
-                res = await asyncio.gather(*(asyncio.to_thread(one, r * 100 + i, t0)
-                                             for i in range(c)))
+                res = await asyncio.gather(
+                    *(asyncio.to_thread(one, r * 100 + i, t0) for i in range(c))
+                )
                 wall = time.perf_counter() - t0
                 rounds.append(_summary(sum(n for n, _ in res), wall, [f for _, f in res]))
             out[c] = rounds
@@ -243,23 +295,44 @@ def child_lcp(a: argparse.Namespace) -> dict:
         renderer.close()
 
 
-CHILDREN = {"inferd": child_inferd, "llama-server": child_server,
-            "llama-cpp-python": child_lcp}
+CHILDREN = {"inferd": child_inferd, "llama-server": child_server, "llama-cpp-python": child_lcp}
 
 
 # ---------------------------------------------------------------- parent
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")])
+        ),
+    }
 
 
 def _spawn(peer: str, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", peer,
-           "--model", a.model, "--tokens", str(a.tokens), "--threads", str(a.threads),
-           "--rounds", str(a.rounds), "--ctx", str(a.ctx), "--gpu-layers", str(a.gpu_layers),
-           "--conc", ",".join(map(str, a.conc)), "--kv-layout", a.kv_layout]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        peer,
+        "--model",
+        a.model,
+        "--tokens",
+        str(a.tokens),
+        "--threads",
+        str(a.threads),
+        "--rounds",
+        str(a.rounds),
+        "--ctx",
+        str(a.ctx),
+        "--gpu-layers",
+        str(a.gpu_layers),
+        "--conc",
+        ",".join(map(str, a.conc)),
+        "--kv-layout",
+        a.kv_layout,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if p.returncode != 0:
         raise RuntimeError(f"{peer} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -287,8 +360,7 @@ def plot(med: dict, conc: list[int], path: Path, title: str) -> Path | None:
         print("(matplotlib missing: no plot; pip install matplotlib)")
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    for peer, style in (("inferd", "o-"), ("llama-server", "s--"),
-                        ("llama-cpp-python", "^:")):
+    for peer, style in (("inferd", "o-"), ("llama-server", "s--"), ("llama-cpp-python", "^:")):
         if peer in med:
             ax.plot(conc, [med[peer][c]["tps"] for c in conc], style, label=peer)
     ax.set_xlabel("concurrent streams")
@@ -309,38 +381,59 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI: must run)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per stream (128)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="compute threads per peer (default: the CPUs available; on a "
-                         "shared box use 1: spinning OpenMP threads collapse under load)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads per peer (default: the CPUs available; on a "
+        "shared box use 1: spinning OpenMP threads collapse under load)",
+    )
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=512, help="context tokens per sequence")
     ap.add_argument("--conc", type=str, default=None, help="concurrencies, e.g. 1,4,8,16")
     ap.add_argument("--peers", type=str, default="inferd,llama-server,llama-cpp-python")
-    ap.add_argument("--kv-layout", type=str, default="unified", choices=("unified", "split"),
-                    help="KV cache layout of the inferd peer (only inferd reads it)")
+    ap.add_argument(
+        "--kv-layout",
+        type=str,
+        default="unified",
+        choices=("unified", "split"),
+        help="KV cache layout of the inferd peer (only inferd reads it)",
+    )
     ap.add_argument("--json", type=str, default=None, help="write raw results here")
     ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model", type=str, default=None,
-                    help="GGUF to serve (default: SmolLM2-135M-Instruct from the model store)")
-    ap.add_argument("--gpu-layers", type=int, default=0,
-                    help="layers to offload on a GPU build, for every peer (-1 = all)")
-    ap.add_argument("--title", type=str, default="SmolLM2-135M Q4_1, continuous batching",
-                    help="plot title")
+    ap.add_argument(
+        "--model",
+        type=str,
+        default=None,
+        help="GGUF to serve (default: SmolLM2-135M-Instruct from the model store)",
+    )
+    ap.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=0,
+        help="layers to offload on a GPU build, for every peer (-1 = all)",
+    )
+    ap.add_argument(
+        "--title", type=str, default="SmolLM2-135M Q4_1, continuous batching", help="plot title"
+    )
     ap.add_argument("--plot", type=Path, default=RESULTS / "batching.png", help="PNG path")
     a = ap.parse_args(argv)
     a.tokens = a.tokens or (8 if a.smoke else 128)
     a.rounds = a.rounds or (1 if a.smoke else 3)
     a.conc = [int(x) for x in (a.conc or ("1,2" if a.smoke else "1,4,8,16")).split(",")]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+    cpus = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     a.threads = a.threads or (1 if a.smoke else cpus)
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
         return 0
     a.model = a.model or str(_model_path())
     peers = [p for p in a.peers.split(",") if p]
-    print(f"# batching: {a.tokens} new tokens per stream, {a.threads} threads, "
-          f"rounds={a.rounds}, concurrency {a.conc}, inferd kv_layout={a.kv_layout}")
+    print(
+        f"# batching: {a.tokens} new tokens per stream, {a.threads} threads, "
+        f"rounds={a.rounds}, concurrency {a.conc}, inferd kv_layout={a.kv_layout}"
+    )
     raw: dict[str, dict] = {}
     one = argparse.Namespace(**{**vars(a), "rounds": 1})
     skipped: set[str] = set()
@@ -371,8 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         for p in peers:
             if p in med:
                 m = med[p][c]
-                print(f"| {c} | {p} | {m['tps']:.1f} | {m['ttft_p50'] * 1000:.0f} | "
-                      f"{m['ttft_p99'] * 1000:.0f} |")
+                print(
+                    f"| {c} | {p} | {m['tps']:.1f} | {m['ttft_p50'] * 1000:.0f} | "
+                    f"{m['ttft_p99'] * 1000:.0f} |"
+                )
     print()
     for c in a.conc:
         ours = med["inferd"][c]["tps"]
@@ -380,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         for peer in ("llama-server", "llama-cpp-python"):
             if peer in med:
                 paired = _paired(raw["inferd"][c], raw[peer][c])
-                parts.append(f"{ours / med[peer][c]['tps']:.2f}x {peer} (per-round median "
-                             f"{statistics.median(paired):.2f}x, {paired})")
+                parts.append(
+                    f"{ours / med[peer][c]['tps']:.2f}x {peer} (per-round median "
+                    f"{statistics.median(paired):.2f}x, {paired})"
+                )
         print(f"concurrency {c}: inferd = " + "; ".join(parts))
     print("(targets: >= 1.0x llama-server at every concurrency, >= 1.8x llama-cpp-python at 8)")
     out = plot(med, a.conc, a.plot, a.title)
@@ -390,8 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"raw": raw, "median": med}))
     if skipped and os.environ.get("CI"):
-        print(f"peers that did not run: {', '.join(sorted(skipped))} (CI builds them all)",
-              file=sys.stderr)
+        print(
+            f"peers that did not run: {', '.join(sorted(skipped))} (CI builds them all)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -37,20 +37,33 @@ from inferd.chat import get_parser  # noqa: E402
 from inferd.types import Text  # noqa: E402
 
 Q = '<|"|>'
-PROSE = ("The weather service says it is mild today, with a light breeze from the west "
-         "and a chance of rain later — über-typical for the season. 東京 is warmer. ")
+PROSE = (
+    "The weather service says it is mild today, with a light breeze from the west "
+    "and a chance of rain later — über-typical for the season. 東京 is warmer. "
+)
 REPLIES = {
     "plain": PROSE * 4,
-    "hermes": "<think>\n" + PROSE + "\n</think>\n\n" + PROSE + "".join(
+    "hermes": "<think>\n"
+    + PROSE
+    + "\n</think>\n\n"
+    + PROSE
+    + "".join(
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}'
-        "\n</tool_call>\n" for _ in range(2)),
+        "\n</tool_call>\n"
+        for _ in range(2)
+    ),
     "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "note": "'
-              + PROSE.replace('"', "'") + '"}}; {"name": "get_time", "parameters": {}}',
-    "mistral": PROSE + "".join('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}'
-                               for _ in range(2)),
-    "gemma4": "<|channel>thought\n" + PROSE + "<channel|>" + PROSE + "".join(
-        f"<|tool_call>call:get_weather{{city:{Q}Zürich{Q},days:3}}<tool_call|>"
-        for _ in range(2)),
+    + PROSE.replace('"', "'")
+    + '"}}; {"name": "get_time", "parameters": {}}',
+    "mistral": PROSE
+    + "".join('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}' for _ in range(2)),
+    "gemma4": "<|channel>thought\n"
+    + PROSE
+    + "<channel|>"
+    + PROSE
+    + "".join(
+        f"<|tool_call>call:get_weather{{city:{Q}Zürich{Q},days:3}}<tool_call|>" for _ in range(2)
+    ),
 }
 _TOKEN = re.compile(r"<\|[^|]*\|>|\[[A-Z_/]+\]|</?\w+>| ?\w+|\s+|.", re.S)
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
@@ -67,7 +80,7 @@ def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:
             per = len(pieces) // copies
             for c in range(copies):
                 p = get_parser(fmt)
-                for piece in pieces[c * per:(c + 1) * per]:
+                for piece in pieces[c * per : (c + 1) * per]:
                     p.feed(piece)
                 p.finish()
 
@@ -78,7 +91,7 @@ def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:
         def buffer_regex(pieces: list[str] = pieces) -> None:
             per = len(pieces) // copies
             for c in range(copies):
-                text = "".join(pieces[c * per:(c + 1) * per])
+                text = "".join(pieces[c * per : (c + 1) * per])
                 for m in _CALL.finditer(text):
                     try:
                         json.loads(m.group(1))
@@ -88,11 +101,17 @@ def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:
         t_ours = median_time(ours, repeats)
         t_pass = median_time(passthrough, repeats)
         t_buf = median_time(buffer_regex, repeats)
-        rows.append({"format": fmt, "chars": n_chars, "pieces": len(pieces),
-                     "chars_per_s": n_chars / t_ours,
-                     "us_per_piece": 1e6 * t_ours / len(pieces),
-                     "x_passthrough_time": t_ours / t_pass,
-                     "x_buffer_regex_time": t_ours / t_buf})
+        rows.append(
+            {
+                "format": fmt,
+                "chars": n_chars,
+                "pieces": len(pieces),
+                "chars_per_s": n_chars / t_ours,
+                "us_per_piece": 1e6 * t_ours / len(pieces),
+                "x_passthrough_time": t_ours / t_pass,
+                "x_buffer_regex_time": t_ours / t_buf,
+            }
+        )
     return rows
 
 
@@ -116,11 +135,19 @@ def bench_grammar(n_tokens: int, repeats: int) -> dict[str, Any] | None:
     model = L.Model(str(path))
     ctx = L.Context(model, n_ctx=512, n_batch=256, n_threads=1)
     batch = L.Batch(256, 1)
-    prompt = model.tokenize("<|im_start|>user\nList ten cities as JSON.<|im_end|>\n"
-                            "<|im_start|>assistant\n", add_special=False, parse_special=True)
-    schema = {"type": "array", "items": {"type": "object", "properties": {
-        "city": {"type": "string"}, "population": {"type": "integer"}},
-        "required": ["city", "population"]}}
+    prompt = model.tokenize(
+        "<|im_start|>user\nList ten cities as JSON.<|im_end|>\n<|im_start|>assistant\n",
+        add_special=False,
+        parse_special=True,
+    )
+    schema = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+            "required": ["city", "population"],
+        },
+    }
     grammar = schema_to_gbnf(schema)
     result: dict[str, Any] = {"model": "SmolLM2-135M-Instruct Q4_1", "vocab": model.n_vocab}
 
@@ -158,8 +185,9 @@ def bench_grammar(n_tokens: int, repeats: int) -> dict[str, Any] | None:
         }
     u, g_ = result["unconstrained"], result["grammar"]
     result["x_sample_time"] = g_["sample_ms_per_token"] / u["sample_ms_per_token"]
-    result["x_token_time"] = ((g_["sample_ms_per_token"] + g_["decode_ms_per_token"])
-                              / (u["sample_ms_per_token"] + u["decode_ms_per_token"]))
+    result["x_token_time"] = (g_["sample_ms_per_token"] + g_["decode_ms_per_token"]) / (
+        u["sample_ms_per_token"] + u["decode_ms_per_token"]
+    )
     ctx.close()
     model.close()
     return result
@@ -171,23 +199,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats, copies, n_tokens = (1, 2, 8) if args.smoke else (7, 200, 64)
     rows = bench_parsers(repeats, copies)
-    print(f"{'format':8} {'chars/s':>12} {'us/piece':>9} {'x passthrough':>14} "
-          f"{'x buffer+regex':>15}")
+    print(
+        f"{'format':8} {'chars/s':>12} {'us/piece':>9} {'x passthrough':>14} {'x buffer+regex':>15}"
+    )
     for r in rows:
-        print(f"{r['format']:8} {r['chars_per_s']:12,.0f} {r['us_per_piece']:9.2f} "
-              f"{r['x_passthrough_time']:14.1f} {r['x_buffer_regex_time']:15.1f}")
+        print(
+            f"{r['format']:8} {r['chars_per_s']:12,.0f} {r['us_per_piece']:9.2f} "
+            f"{r['x_passthrough_time']:14.1f} {r['x_buffer_regex_time']:15.1f}"
+        )
     gram = bench_grammar(n_tokens, 1 if args.smoke else 3)
     if gram:
         for label in ("unconstrained", "grammar"):
             d = gram[label]
-            print(f"{label:14} decode {d['decode_ms_per_token']:.2f} ms/tok, sample "
-                  f"{d['sample_ms_per_token']:.2f} ms/tok ({d['tokens']} tokens)")
-        print(f"grammar: sample x{gram['x_sample_time']:.1f}, whole token "
-              f"x{gram['x_token_time']:.2f}")
+            print(
+                f"{label:14} decode {d['decode_ms_per_token']:.2f} ms/tok, sample "
+                f"{d['sample_ms_per_token']:.2f} ms/tok ({d['tokens']} tokens)"
+            )
+        print(
+            f"grammar: sample x{gram['x_sample_time']:.1f}, whole token x{gram['x_token_time']:.2f}"
+        )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "chat_parsers.json").write_text(json.dumps(
-        {"smoke": args.smoke, "parsers": rows, "grammar": gram}, indent=2))
+    (out / "chat_parsers.json").write_text(
+        json.dumps({"smoke": args.smoke, "parsers": rows, "grammar": gram}, indent=2)
+    )
     return 0
 
 

@@ -53,10 +53,12 @@ def child_inferd(a: argparse.Namespace) -> dict:
 
     async def run() -> dict:
         b = LlamaCpp(a.model, n_ctx=a.ctx, n_threads=a.threads, n_gpu_layers=a.gpu_layers)
+
         def req(i: int) -> Request:
             # a different first word each run: no prefix cache, TTFT includes the prompt
-            return Request.chat(f"({i}) {PROMPT}", temperature=0, max_tokens=a.tokens,
-                                ignore_eos=True)
+            return Request.chat(
+                f"({i}) {PROMPT}", temperature=0, max_tokens=a.tokens, ignore_eos=True
+            )
 
         short = Request.chat(PROMPT, temperature=0, max_tokens=4, ignore_eos=True)
         async for _ in b.generate(short):  # warm-up
@@ -111,15 +113,26 @@ def child_binding(a: argparse.Namespace) -> dict:
 def child_lcp(a: argparse.Namespace) -> dict:
     import llama_cpp
 
-    llm = llama_cpp.Llama(a.model, n_ctx=a.ctx, n_threads=a.threads,
-                          n_threads_batch=a.threads, n_gpu_layers=a.gpu_layers, verbose=False)
+    llm = llama_cpp.Llama(
+        a.model,
+        n_ctx=a.ctx,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        n_gpu_layers=a.gpu_layers,
+        verbose=False,
+    )
     prompt = a.prompt_text
-    eog = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(
-        llama_cpp.llama_model_get_vocab(llm.model), t)] if hasattr(
-        llama_cpp, "llama_vocab_is_eog") else [llm.token_eos()]
+    eog = (
+        [
+            t
+            for t in range(llm.n_vocab())
+            if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), t)
+        ]
+        if hasattr(llama_cpp, "llama_vocab_is_eog")
+        else [llm.token_eos()]
+    )
     bias = {t: -1e9 for t in eog}
-    kw = dict(max_tokens=a.tokens, temperature=0.0, top_k=1, stream=True,
-              logit_bias=bias)
+    kw = dict(max_tokens=a.tokens, temperature=0.0, top_k=1, stream=True, logit_bias=bias)
     warm = prompt.replace(f"(0) {PROMPT}", f"(warm-up) {PROMPT}")
     for _ in llm.create_completion(warm, **{**kw, "max_tokens": 4}):  # not a prefix of a run
         pass
@@ -154,8 +167,19 @@ def _spawn_rss(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
 
 
 def llama_bench(exe: Path, a: argparse.Namespace, prompt_tokens: int) -> tuple[dict, int]:
-    base = [str(exe), "-m", a.model, "-t", str(a.threads), "-r", str(a.repeats), "-o", "json",
-            "-ngl", str(a.gpu_layers if a.gpu_layers >= 0 else 999)]
+    base = [
+        str(exe),
+        "-m",
+        a.model,
+        "-t",
+        str(a.threads),
+        "-r",
+        str(a.repeats),
+        "-o",
+        "json",
+        "-ngl",
+        str(a.gpu_layers if a.gpu_layers >= 0 else 999),
+    ]
     out, rss = _spawn_rss([*base, "-p", "0", "-n", str(a.tokens)])
     tg = json.loads(out)[0]
     out2, rss2 = _spawn_rss([*base, "-p", str(prompt_tokens), "-n", "0"])
@@ -177,10 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model", default=None,
-                    help="GGUF to run (default: SmolLM2-135M-Instruct from the model store)")
-    ap.add_argument("--gpu-layers", type=int, default=0,
-                    help="layers to offload on a GPU build, for every peer (-1 = all)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="GGUF to run (default: SmolLM2-135M-Instruct from the model store)",
+    )
+    ap.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=0,
+        help="layers to offload on a GPU build, for every peer (-1 = all)",
+    )
     ap.add_argument("--prompt-text", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write results to this file")
     a = ap.parse_args(argv)
@@ -211,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, dict[str, list[float]]] = {}
     rss: dict[str, int] = {}
     prompt_text, prompt_tokens = None, 0
-    print(f"model {Path(a.model).name}, threads {a.threads}, {a.tokens} tokens, "
-          f"{a.rounds} rounds x {a.repeats} repeats", file=sys.stderr)
+    print(
+        f"model {Path(a.model).name}, threads {a.threads}, {a.tokens} tokens, "
+        f"{a.rounds} rounds x {a.repeats} repeats",
+        file=sys.stderr,
+    )
     for r in range(a.rounds):
         out, m = _spawn_rss(_child_cmd("inferd", a), _env())
         res = json.loads(out)
@@ -240,45 +274,78 @@ def main(argv: list[str] | None = None) -> int:
         if peer in samples:
             k = a.repeats
             ours, theirs = samples["inferd"]["tps"], samples[peer]["tps"]
-            paired[peer] = [statistics.median(ours[i:i + k]) / statistics.median(theirs[i:i + k])
-                            for i in range(0, min(len(ours), len(theirs)), k)]
-    print(f"\n{Path(a.model).name}, {a.threads} threads, {a.gpu_layers} GPU layers, "
-          f"{prompt_tokens}-token prompt, "
-          f"{a.tokens} generated tokens, medians of {a.rounds * a.repeats} runs\n")
+            paired[peer] = [
+                statistics.median(ours[i : i + k]) / statistics.median(theirs[i : i + k])
+                for i in range(0, min(len(ours), len(theirs)), k)
+            ]
+    print(
+        f"\n{Path(a.model).name}, {a.threads} threads, {a.gpu_layers} GPU layers, "
+        f"{prompt_tokens}-token prompt, "
+        f"{a.tokens} generated tokens, medians of {a.rounds * a.repeats} runs\n"
+    )
     print("| peer | decode tok/s | TTFT ms | peak RSS MiB |")
     print("|---|---:|---:|---:|")
     for k in ("inferd", "binding", "llama-cpp-python", "llama-bench"):
         if k in med:
             note = " (est.)" if k == "llama-bench" else ""
-            print(f"| {k} | {med[k]['tps']:.1f} | {med[k]['ttft'] * 1000:.1f}{note} | "
-                  f"{rss[k] / 2**20:.0f} |")
+            print(
+                f"| {k} | {med[k]['tps']:.1f} | {med[k]['ttft'] * 1000:.1f}{note} | "
+                f"{rss[k] / 2**20:.0f} |"
+            )
     ours = med["inferd"]["tps"]
     print()
-    print(f"binding alone / llama-bench decode: "
-          f"{med['binding']['tps'] / med['llama-bench']['tps']:.3f}x")
+    print(
+        f"binding alone / llama-bench decode: "
+        f"{med['binding']['tps'] / med['llama-bench']['tps']:.3f}x"
+    )
     for peer, target in (("llama-bench", 0.97), ("llama-cpp-python", 1.10)):
         if peer in med:
-            print(f"inferd / {peer} decode: {ours / med[peer]['tps']:.3f}x of medians, "
-                  f"{statistics.median(paired[peer]):.3f}x median of per-round ratios "
-                  f"{[round(x, 2) for x in paired[peer]]} (target >= {target})")
+            print(
+                f"inferd / {peer} decode: {ours / med[peer]['tps']:.3f}x of medians, "
+                f"{statistics.median(paired[peer]):.3f}x median of per-round ratios "
+                f"{[round(x, 2) for x in paired[peer]]} (target >= {target})"
+            )
     if "llama-cpp-python" in med:
-        print(f"TTFT inferd vs llama-cpp-python: {med['inferd']['ttft'] * 1000:.1f} ms vs "
-              f"{med['llama-cpp-python']['ttft'] * 1000:.1f} ms")
+        print(
+            f"TTFT inferd vs llama-cpp-python: {med['inferd']['ttft'] * 1000:.1f} ms vs "
+            f"{med['llama-cpp-python']['ttft'] * 1000:.1f} ms"
+        )
     if a.json:
-        Path(a.json).write_text(json.dumps({"samples": samples, "median": med, "rss": rss,
-                                            "paired": paired}))
+        Path(a.json).write_text(
+            json.dumps({"samples": samples, "median": med, "rss": rss, "paired": paired})
+        )
     return 0
 
 
 def _child_cmd(kind: str, a: argparse.Namespace, *extra: str) -> list[str]:
-    return [sys.executable, __file__, "--child", kind, "--model", a.model,
-            "--tokens", str(a.tokens), "--threads", str(a.threads), "--repeats", str(a.repeats),
-            "--ctx", str(a.ctx), "--gpu-layers", str(a.gpu_layers), *extra]
+    return [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--model",
+        a.model,
+        "--tokens",
+        str(a.tokens),
+        "--threads",
+        str(a.threads),
+        "--repeats",
+        str(a.repeats),
+        "--ctx",
+        str(a.ctx),
+        "--gpu-layers",
+        str(a.gpu_layers),
+        *extra,
+    ]
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")])
+        ),
+    }
 
 
 def _add(samples: dict, name: str, res: dict) -> None:

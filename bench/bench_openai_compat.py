@@ -36,24 +36,53 @@ import orjson
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-WORDS = ("the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", " é",
-         " 中文", ",", ".")
+WORDS = (
+    "the",
+    " quick",
+    " brown",
+    " fox",
+    " jumps",
+    " over",
+    " lazy",
+    " dog",
+    " é",
+    " 中文",
+    ",",
+    ".",
+)
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-    return b"data: " + orjson.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
-        "model": "bench", "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        **extra}) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "chatcmpl-bench",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "bench",
+                "system_fingerprint": "fp_bench",
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+                **extra,
+            }
+        )
+        + b"\n\n"
+    )
 
 
 def make_stream(n: int) -> bytes:
     """``n`` chunks: a role chunk, n-2 content deltas, a finish chunk with usage; [DONE]."""
     parts = [_chunk({"role": "assistant", "content": ""})]
     parts += [_chunk({"content": WORDS[i % len(WORDS)]}) for i in range(n - 2)]
-    parts.append(_chunk({}, "stop", usage={"prompt_tokens": 5, "completion_tokens": n - 2,
-                                           "total_tokens": n + 3}))
+    parts.append(
+        _chunk(
+            {},
+            "stop",
+            usage={"prompt_tokens": 5, "completion_tokens": n - 2, "total_tokens": n + 3},
+        )
+    )
     parts.append(b"data: [DONE]\n\n")
     return b"".join(parts)
 
@@ -75,7 +104,7 @@ def _serve(conn: Any, n_chunks: int) -> None:
         await resp.prepare(request)
         data = body if request.path.startswith("/fast") else first
         for i in range(0, len(data), slice_bytes):
-            await resp.write(data[i:i + slice_bytes])
+            await resp.write(data[i : i + slice_bytes])
         await resp.write_eof()
         return resp
 
@@ -116,6 +145,7 @@ def _measure(fn: Any) -> Any:
         w0, c0 = time.perf_counter(), time.process_time()
         n = await fn()
         return n, time.perf_counter() - w0, time.process_time() - c0
+
     return run
 
 
@@ -143,8 +173,11 @@ async def bench_throughput(port: int, n_chunks: int, repeats: int) -> dict[str, 
     async def run_openai() -> int:
         n = 0
         stream = await theirs.chat.completions.create(
-            model="bench", messages=[{"role": "user", "content": "go"}], stream=True,
-            max_tokens=n_chunks)
+            model="bench",
+            messages=[{"role": "user", "content": "go"}],
+            stream=True,
+            max_tokens=n_chunks,
+        )
         async for _chunk_obj in stream:
             n += 1
         return n
@@ -156,8 +189,11 @@ async def bench_throughput(port: int, n_chunks: int, repeats: int) -> dict[str, 
                 n += len(data)
         return n_chunks
 
-    runners = {"inferd OpenAICompat": run_ours, "openai-python AsyncOpenAI": run_openai,
-               "raw aiohttp read (floor)": run_raw}
+    runners = {
+        "inferd OpenAICompat": run_ours,
+        "openai-python AsyncOpenAI": run_openai,
+        "raw aiohttp read (floor)": run_raw,
+    }
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     try:
         for fn in runners.values():  # warm-up: connections, imports, caches
@@ -174,8 +210,10 @@ async def bench_throughput(port: int, n_chunks: int, repeats: int) -> dict[str, 
     for name, s in samples.items():
         wall = statistics.median(w for w, _ in s)
         cpu = statistics.median(c for _, c in s)
-        out["clients"][name] = {"chunks_per_s": n_chunks / wall,
-                                "cpu_s_per_1000_chunks": cpu / (n_chunks / 1000)}
+        out["clients"][name] = {
+            "chunks_per_s": n_chunks / wall,
+            "cpu_s_per_1000_chunks": cpu / (n_chunks / 1000),
+        }
     c = out["clients"]
     o, t = c["inferd OpenAICompat"], c["openai-python AsyncOpenAI"]
     out["ratio_chunks_per_s"] = o["chunks_per_s"] / t["chunks_per_s"]
@@ -191,8 +229,9 @@ async def bench_latency(port: int, samples: int, paced_chunks: int) -> dict[str,
 
     request = Request.chat("go")
     ours_first = OpenAICompat(f"http://127.0.0.1:{port}/first", api_key="", max_retries=0)
-    ours_paced = OpenAICompat(f"http://127.0.0.1:{port}/paced?n={paced_chunks}&gap=0.002",
-                              api_key="", max_retries=0)
+    ours_paced = OpenAICompat(
+        f"http://127.0.0.1:{port}/paced?n={paced_chunks}&gap=0.002", api_key="", max_retries=0
+    )
     session = aiohttp.ClientSession()
     first_url = f"http://127.0.0.1:{port}/first/v1/chat/completions"
     paced_url = f"http://127.0.0.1:{port}/paced/v1/chat/completions?n={paced_chunks}&gap=0.002"
@@ -238,7 +277,7 @@ async def bench_latency(port: int, samples: int, paced_chunks: int) -> dict[str,
                 start = 0
                 while (i := data.find(b'"content":"', start)) >= 0:
                     j = data.index(b'"', i + 11)
-                    lat_raw.append(now - float(data[i + 11:j]))
+                    lat_raw.append(now - float(data[i + 11 : j]))
                     start = j
     finally:
         await ours_first.aclose()
@@ -246,8 +285,10 @@ async def bench_latency(port: int, samples: int, paced_chunks: int) -> dict[str,
         await session.close()
     med = statistics.median
     return {
-        "samples": samples, "paced_chunks": paced_chunks,
-        "ttfe_ours_ms": med(ttfe_ours) * 1e3, "ttfb_raw_ms": med(ttfb_raw) * 1e3,
+        "samples": samples,
+        "paced_chunks": paced_chunks,
+        "ttfe_ours_ms": med(ttfe_ours) * 1e3,
+        "ttfb_raw_ms": med(ttfb_raw) * 1e3,
         # median of paired differences: each pair ran back to back, so machine noise
         # (other processes on a shared box) cancels better than in a difference of medians
         "ttfe_overhead_ms": med(a - b for a, b in zip(ttfe_ours, ttfb_raw, strict=True)) * 1e3,
@@ -276,31 +317,43 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         port = parent.recv()
         tp = asyncio.run(bench_throughput(port, n_chunks, repeats))
-        lat = asyncio.run(bench_latency(port, 50 if args.smoke else 300,
-                                        100 if args.smoke else 500))
+        lat = asyncio.run(
+            bench_latency(port, 50 if args.smoke else 300, 100 if args.smoke else 500)
+        )
     finally:
         server.terminate()
         server.join(5)
 
     from inferd.toolcalls import IMPLEMENTATION
 
-    print(f"throughput: {n_chunks} chunks over loopback HTTP, median of {repeats} "
-          f"(decoder core: {IMPLEMENTATION})")
+    print(
+        f"throughput: {n_chunks} chunks over loopback HTTP, median of {repeats} "
+        f"(decoder core: {IMPLEMENTATION})"
+    )
     for name, r in tp["clients"].items():
-        print(f"  {name:28s} {r['chunks_per_s']:12,.0f} chunks/s  "
-              f"{r['cpu_s_per_1000_chunks'] * 1e3:8.3f} ms CPU per 1,000 chunks")
-    print(f"  ratio vs openai-python: {tp['ratio_chunks_per_s']:.1f}x chunks/s, "
-          f"{tp['ratio_cpu']:.1f}x less CPU (target >= 10x)")
-    print(f"latency (medians): time to first event {lat['ttfe_ours_ms']:.3f} ms vs raw "
-          f"{lat['ttfb_raw_ms']:.3f} ms -> overhead {lat['ttfe_overhead_ms']:+.3f} ms; "
-          f"per chunk {lat['chunk_latency_ours_ms']:.3f} ms vs raw "
-          f"{lat['chunk_latency_raw_ms']:.3f} ms -> overhead {lat['chunk_overhead_ms']:+.3f} ms "
-          "(target within 0.2 ms)")
+        print(
+            f"  {name:28s} {r['chunks_per_s']:12,.0f} chunks/s  "
+            f"{r['cpu_s_per_1000_chunks'] * 1e3:8.3f} ms CPU per 1,000 chunks"
+        )
+    print(
+        f"  ratio vs openai-python: {tp['ratio_chunks_per_s']:.1f}x chunks/s, "
+        f"{tp['ratio_cpu']:.1f}x less CPU (target >= 10x)"
+    )
+    print(
+        f"latency (medians): time to first event {lat['ttfe_ours_ms']:.3f} ms vs raw "
+        f"{lat['ttfb_raw_ms']:.3f} ms -> overhead {lat['ttfe_overhead_ms']:+.3f} ms; "
+        f"per chunk {lat['chunk_latency_ours_ms']:.3f} ms vs raw "
+        f"{lat['chunk_latency_raw_ms']:.3f} ms -> overhead {lat['chunk_overhead_ms']:+.3f} ms "
+        "(target within 0.2 ms)"
+    )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "openai_compat.json").write_text(json.dumps(
-        {"throughput": tp, "latency": lat, "core": IMPLEMENTATION, "smoke": args.smoke},
-        indent=2))
+    (out / "openai_compat.json").write_text(
+        json.dumps(
+            {"throughput": tp, "latency": lat, "core": IMPLEMENTATION, "smoke": args.smoke},
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -57,11 +57,15 @@ def _start_daemon(d: Path, n_tokens: int) -> tuple[subprocess.Popen[bytes], Path
     d.mkdir()
     cfg = d / "c.toml"
     toks = ", ".join(f'"t{i} "' for i in range(n_tokens))
-    cfg.write_text(f'[daemon]\nmax_concurrent = 64\nmax_queued = 1024\n'
-                   f'[[backend]]\ntype = "mock"\nname = "m"\ntokens = [{toks}]\n')
+    cfg.write_text(
+        f"[daemon]\nmax_concurrent = 64\nmax_queued = 1024\n"
+        f'[[backend]]\ntype = "mock"\nname = "m"\ntokens = [{toks}]\n'
+    )
     sock = d / "infer.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "inferd.serve.daemon", "--config", str(cfg),
-                             "--socket", str(sock)], env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inferd.serve.daemon", "--config", str(cfg), "--socket", str(sock)],
+        env=_env(),
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     while not sock.with_name("admin.sock").exists():
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -71,8 +75,11 @@ def _start_daemon(d: Path, n_tokens: int) -> tuple[subprocess.Popen[bytes], Path
 
 
 def _start_bridge(sock: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "inferd.serve.bridge", "--port", "0",
-                             "--socket", str(sock)], env=_env(), stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inferd.serve.bridge", "--port", "0", "--socket", str(sock)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if "listening on " not in line:
@@ -87,28 +94,30 @@ def in_process(n_tokens: int) -> Stream:
     mock = Mock([f"t{i} " for i in range(n_tokens)], name="m")
 
     async def run(n: int) -> list[float]:
-        return [time.perf_counter() async for _ in mock.generate(Request.chat("hi",
-                                                                               max_tokens=n))]
+        return [time.perf_counter() async for _ in mock.generate(Request.chat("hi", max_tokens=n))]
+
     return run
 
 
 def via_client(client: Client) -> Stream:
     async def run(n: int) -> list[float]:
-        return [time.perf_counter() async for _ in client.generate(Request.chat("hi",
-                                                                                 max_tokens=n))]
+        return [
+            time.perf_counter() async for _ in client.generate(Request.chat("hi", max_tokens=n))
+        ]
+
     return run
 
 
 def via_bridge(session: Any, url: str) -> Stream:
     async def run(n: int) -> list[float]:
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": n,
-                "stream": True}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": n, "stream": True}
         times = []
         async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
             async for line in resp.content:
                 if line.startswith(b"data: "):
                     times.append(time.perf_counter())
         return times
+
     return run
 
 
@@ -147,12 +156,16 @@ async def measure(name: str, short: Stream, long: Stream, smoke: bool) -> dict[s
     reps = 1 if smoke else 5
     await short(SHORT_TOKENS)  # warm up connections and imports
     await long(2)
-    rps = statistics.median([await requests_per_s(short, 100 if smoke else 500)
-                             for _ in range(reps)])
+    rps = statistics.median(
+        [await requests_per_s(short, 100 if smoke else 500) for _ in range(reps)]
+    )
     first = await first_frame_ms(short, 20 if smoke else 200)
     frame = await per_frame_us(long, reps)
-    print(f"  {name:<14} {rps:>10.0f} req/s   first frame {first:>7.3f} ms   "
-          f"per frame {frame:>8.2f} us", flush=True)
+    print(
+        f"  {name:<14} {rps:>10.0f} req/s   first frame {first:>7.3f} ms   "
+        f"per frame {frame:>8.2f} us",
+        flush=True,
+    )
     return {"requests_per_s": rps, "first_frame_ms": first, "per_frame_us": frame}
 
 
@@ -170,21 +183,27 @@ async def main_async(smoke: bool) -> dict[str, Any]:
             procs.append(bridge)
             socks.append(sock)
             urls.append(url)
-        print(f"serving overhead (Mock, {SHORT_TOKENS}-token requests at concurrency "
-              f"{CONCURRENCY}; {LONG_TOKENS}-token stream for per-frame time)")
-        results = {"in-process": await measure(
-            "in-process", in_process(SHORT_TOKENS), in_process(LONG_TOKENS), smoke)}
+        print(
+            f"serving overhead (Mock, {SHORT_TOKENS}-token requests at concurrency "
+            f"{CONCURRENCY}; {LONG_TOKENS}-token stream for per-frame time)"
+        )
+        results = {
+            "in-process": await measure(
+                "in-process", in_process(SHORT_TOKENS), in_process(LONG_TOKENS), smoke
+            )
+        }
         clients = [Client(s) for s in socks]
         try:
             results["daemon"] = await measure(
-                "daemon", via_client(clients[0]), via_client(clients[1]), smoke)
+                "daemon", via_client(clients[0]), via_client(clients[1]), smoke
+            )
         finally:
             for c in clients:
                 await c.aclose()
         async with aiohttp.ClientSession() as session:
             results["daemon+bridge"] = await measure(
-                "daemon+bridge", via_bridge(session, urls[0]), via_bridge(session, urls[1]),
-                smoke)
+                "daemon+bridge", via_bridge(session, urls[0]), via_bridge(session, urls[1]), smoke
+            )
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
@@ -196,9 +215,11 @@ async def main_async(smoke: bool) -> dict[str, Any]:
         r["rps_ratio_vs_in_process"] = r["requests_per_s"] / base["requests_per_s"]
         r["first_frame_overhead_ms"] = r["first_frame_ms"] - base["first_frame_ms"]
         r["per_frame_overhead_us"] = r["per_frame_us"] - base["per_frame_us"]
-        print(f"  {name:<14} req/s x{r['rps_ratio_vs_in_process']:.3f} of in-process; "
-              f"+{r['first_frame_overhead_ms']:.3f} ms first frame; "
-              f"+{r['per_frame_overhead_us']:.2f} us per frame")
+        print(
+            f"  {name:<14} req/s x{r['rps_ratio_vs_in_process']:.3f} of in-process; "
+            f"+{r['first_frame_overhead_ms']:.3f} ms first frame; "
+            f"+{r['per_frame_overhead_us']:.2f} us per frame"
+        )
     return results
 
 

@@ -39,17 +39,39 @@ sys.path.insert(0, str(HERE.parent))
 from bench.timing import median_time  # noqa: E402
 from inferd._fast import load_twin  # noqa: E402
 
-WORDS = ("the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", "é", " 😀",
-         "\n", " résumé", " naïve", " 中文", ",", ".", " model", " tokens")
+WORDS = (
+    "the",
+    " quick",
+    " brown",
+    " fox",
+    " jumps",
+    " over",
+    " lazy",
+    " dog",
+    "é",
+    " 😀",
+    "\n",
+    " résumé",
+    " naïve",
+    " 中文",
+    ",",
+    ".",
+    " model",
+    " tokens",
+)
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    return orjson.dumps({
-        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG", "object": "chat.completion.chunk",
-        "created": 1741570283, "model": "gpt-4o-2024-08-06",
-        "system_fingerprint": "fp_eb9dce56a8",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    })
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+            "object": "chat.completion.chunk",
+            "created": 1741570283,
+            "model": "gpt-4o-2024-08-06",
+            "system_fingerprint": "fp_eb9dce56a8",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+    )
 
 
 def make_stream(n_events: int, seed: int = 7) -> tuple[bytes, int]:
@@ -65,12 +87,33 @@ def make_stream(n_events: int, seed: int = 7) -> tuple[bytes, int]:
         elif r < 0.03:
             # A burst of 2-3 parallel tool calls, arguments in 3..15-byte fragments.
             k = rng.randint(2, 3)
-            args = [orjson.dumps({"city": f"City {rng.randint(0, 999)}", "days": rng.randint(1, 9),
-                                  "units": "metric"}).decode() for _ in range(k)]
+            args = [
+                orjson.dumps(
+                    {
+                        "city": f"City {rng.randint(0, 999)}",
+                        "days": rng.randint(1, 9),
+                        "units": "metric",
+                    }
+                ).decode()
+                for _ in range(k)
+            ]
             for j in range(k):
-                parts.append(b"data: " + _chunk({"tool_calls": [{
-                    "index": next_call + j, "id": f"call_{next_call + j:08d}", "type": "function",
-                    "function": {"name": "get_weather", "arguments": ""}}]}) + b"\n\n")
+                parts.append(
+                    b"data: "
+                    + _chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": next_call + j,
+                                    "id": f"call_{next_call + j:08d}",
+                                    "type": "function",
+                                    "function": {"name": "get_weather", "arguments": ""},
+                                }
+                            ]
+                        }
+                    )
+                    + b"\n\n"
+                )
                 events += 1
             pos = [0] * k
             while any(pos[j] < len(args[j]) for j in range(k)):
@@ -78,10 +121,15 @@ def make_stream(n_events: int, seed: int = 7) -> tuple[bytes, int]:
                 if pos[j] >= len(args[j]):
                     continue
                 step = rng.randint(3, 15)
-                frag = args[j][pos[j]:pos[j] + step]
+                frag = args[j][pos[j] : pos[j] + step]
                 pos[j] += step
-                parts.append(b"data: " + _chunk({"tool_calls": [{
-                    "index": next_call + j, "function": {"arguments": frag}}]}) + b"\n\n")
+                parts.append(
+                    b"data: "
+                    + _chunk(
+                        {"tool_calls": [{"index": next_call + j, "function": {"arguments": frag}}]}
+                    )
+                    + b"\n\n"
+                )
                 events += 1
             next_call += k
         else:
@@ -89,8 +137,10 @@ def make_stream(n_events: int, seed: int = 7) -> tuple[bytes, int]:
             parts.append(b"data: " + _chunk({"content": text}) + b"\n\n")
             events += 1
     parts.append(b"data: " + _chunk({}, "tool_calls") + b"\n\n")
-    parts.append(b'data: {"id":"chatcmpl-B9","object":"chat.completion.chunk","choices":[],'
-                 b'"usage":{"prompt_tokens":120,"completion_tokens":99000}}\n\n')
+    parts.append(
+        b'data: {"id":"chatcmpl-B9","object":"chat.completion.chunk","choices":[],'
+        b'"usage":{"prompt_tokens":120,"completion_tokens":99000}}\n\n'
+    )
     parts.append(b"data: [DONE]\n\n")
     return b"".join(parts), events + 3
 
@@ -100,7 +150,7 @@ def slice_randomly(body: bytes, seed: int = 11) -> list[bytes]:
     out, i = [], 0
     while i < len(body):
         n = rng.randint(1, 4096)
-        out.append(body[i:i + n])
+        out.append(body[i : i + n])
         i += n
     return out
 
@@ -153,8 +203,12 @@ def bench_stream(n_events: int, repeats: int) -> dict[str, Any]:
         "openai SSEDecoder + json.loads": run_openai,
         "floor: split + orjson.loads": run_floor,
     }
-    res: dict[str, Any] = {"events": events, "bytes": len(body), "slices": len(slices),
-                           "events_per_s": {}}
+    res: dict[str, Any] = {
+        "events": events,
+        "bytes": len(body),
+        "slices": len(slices),
+        "events_per_s": {},
+    }
     for name, fn in contenders.items():
         fn(slices, body)  # warm-up
         t = median_time(lambda fn=fn: fn(slices, body), repeats)
@@ -170,12 +224,42 @@ def bench_stream(n_events: int, repeats: int) -> dict[str, Any]:
 
 def _arg_chunks(total: int, step: int = 20) -> list[dict[str, Any]]:
     arg = orjson.dumps({"blob": "x" * (total - 12)}).decode()
-    chunks: list[dict[str, Any]] = [{"choices": [{"index": 0, "delta": {"tool_calls": [{
-        "index": 0, "id": "call_big", "type": "function",
-        "function": {"name": "store", "arguments": ""}}]}, "finish_reason": None}]}]
+    chunks: list[dict[str, Any]] = [
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_big",
+                                "type": "function",
+                                "function": {"name": "store", "arguments": ""},
+                            }
+                        ]
+                    },
+                    "finish_reason": None,
+                }
+            ]
+        }
+    ]
     for i in range(0, len(arg), step):
-        chunks.append({"choices": [{"index": 0, "delta": {"tool_calls": [{
-            "index": 0, "function": {"arguments": arg[i:i + step]}}]}, "finish_reason": None}]})
+        chunks.append(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [
+                                {"index": 0, "function": {"arguments": arg[i : i + step]}}
+                            ]
+                        },
+                        "finish_reason": None,
+                    }
+                ]
+            }
+        )
     chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
     return chunks
 
@@ -205,8 +289,11 @@ def bench_big_args(total: int, repeats: int, extra: bool = False) -> dict[str, A
     for size in sizes:
         blob = orjson.dumps(_arg_chunks(size))
         row = {}
-        for name, fn in (("ours C", ours("c")), ("ours py", ours("py")),
-                         ("openai accumulate_delta", theirs)):
+        for name, fn in (
+            ("ours C", ours("c")),
+            ("ours py", ours("py")),
+            ("openai accumulate_delta", theirs),
+        ):
             times = []
             for _ in range(repeats if size <= total else 1):
                 chunks = orjson.loads(blob)  # fresh dicts: accumulate_delta keeps them
@@ -219,7 +306,8 @@ def bench_big_args(total: int, repeats: int, extra: bool = False) -> dict[str, A
     res["growth 4x size"] = {k: res[big][k] / res[small][k] for k in res[big]}
     for size in sizes:
         res[f"speedup vs openai at {size} B"] = {
-            k: res[size]["openai accumulate_delta"] / res[size][k] for k in ("ours C", "ours py")}
+            k: res[size]["openai accumulate_delta"] / res[size][k] for k in ("ours C", "ours py")
+        }
     return res
 
 
@@ -244,15 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [k for k in b if isinstance(k, int)]
     for size in sizes:
         print(f"  {size:>8} B: " + ", ".join(f"{k} {v:.4f}" for k, v in b[size].items()))
-        print("            speedup vs openai: " + ", ".join(
-            f"{k} {v:.0f}x" for k, v in b[f"speedup vs openai at {size} B"].items()))
-    print(f"  growth {total // 4} B -> {total} B (4x; linear = ~4x): " + ", ".join(
-        f"{k} {v:.1f}x" for k, v in b["growth 4x size"].items()))
+        print(
+            "            speedup vs openai: "
+            + ", ".join(f"{k} {v:.0f}x" for k, v in b[f"speedup vs openai at {size} B"].items())
+        )
+    print(
+        f"  growth {total // 4} B -> {total} B (4x; linear = ~4x): "
+        + ", ".join(f"{k} {v:.1f}x" for k, v in b["growth 4x size"].items())
+    )
     if not args.smoke:
         out = HERE / "results"
         out.mkdir(exist_ok=True)
-        (out / "stream_core.json").write_text(json.dumps(
-            {"stream": s, "big_args": {str(k): v for k, v in b.items()}}, indent=2))
+        (out / "stream_core.json").write_text(
+            json.dumps({"stream": s, "big_args": {str(k): v for k, v in b.items()}}, indent=2)
+        )
     return 0
 
 

@@ -42,8 +42,11 @@ def source_dir() -> Path:
         return Path(override)
     src = ROOT / "vendor" / "llama.cpp"
     # The CMake glue owns download + sha256 check + extraction; reuse it in script mode.
-    subprocess.run(["cmake", f"-DPython_EXECUTABLE={sys.executable}", "-P", str(VENDOR_CMAKE)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", f"-DPython_EXECUTABLE={sys.executable}", "-P", str(VENDOR_CMAKE)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return src
 
 
@@ -51,8 +54,9 @@ def peer_path(name: str) -> Path:
     return build_dir() / "bin" / name
 
 
-def build(names: tuple[str, ...] = PEERS, *, jobs: int | None = None,
-          quiet: bool = False) -> dict[str, Path]:
+def build(
+    names: tuple[str, ...] = PEERS, *, jobs: int | None = None, quiet: bool = False
+) -> dict[str, Path]:
     """Configure (once) and build ``names``; return their paths. Reuses what exists."""
     for n in names:
         if n not in PEERS:
@@ -64,12 +68,24 @@ def build(names: tuple[str, ...] = PEERS, *, jobs: int | None = None,
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         if not (out / "CMakeCache.txt").exists():
             args = [
-                "cmake", "-S", str(src), "-B", str(out), *gen,
-                "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
-                "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
-                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-                "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                "cmake",
+                "-S",
+                str(src),
+                "-B",
+                str(out),
+                *gen,
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DBUILD_SHARED_LIBS=OFF",
+                "-DLLAMA_BUILD_COMMON=ON",
+                "-DLLAMA_BUILD_TOOLS=ON",
+                "-DLLAMA_BUILD_SERVER=ON",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_APP=OFF",
+                "-DLLAMA_BUILD_UI=OFF",
+                "-DLLAMA_USE_PREBUILT_UI=OFF",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF",
                 f"-DGGML_CCACHE={'ON' if shutil.which('ccache') else 'OFF'}",
                 *shlex.split(os.environ.get("CMAKE_ARGS", "")),
             ]

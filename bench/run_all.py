@@ -28,16 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     if not scripts:
         print("no benchmarks found", file=sys.stderr)
         return 1
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
+        ),
+    }
     failed = []
     for i, script in enumerate(scripts, 1):
         print(f"\n=== [{i}/{len(scripts)}] {script.stem} ===", flush=True)
         t0 = time.perf_counter()
         cmd = [sys.executable, str(script)] + (["--smoke"] if args.smoke else [])
         rc = subprocess.run(cmd, env=env, check=False).returncode
-        print(f"=== {script.stem}: {'ok' if rc == 0 else f'FAILED ({rc})'} "
-              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"=== {script.stem}: {'ok' if rc == 0 else f'FAILED ({rc})'} "
+            f"in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
         if rc != 0:
             failed.append(script.stem)
     if failed:

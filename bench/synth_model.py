@@ -43,8 +43,12 @@ class Shape:
 
     def params(self, vocab: int) -> int:
         kv = self.hidden // self.heads * self.kv_heads
-        per_layer = 2 * self.hidden * self.hidden + 2 * kv * self.hidden \
-            + 3 * self.hidden * self.ffn + 2 * self.hidden
+        per_layer = (
+            2 * self.hidden * self.hidden
+            + 2 * kv * self.hidden
+            + 3 * self.hidden * self.ffn
+            + 2 * self.hidden
+        )
         return vocab * self.hidden + self.layers * per_layer + self.hidden
 
 
@@ -52,8 +56,9 @@ class Shape:
 #: ``tiny`` exists so the pipeline can be checked on a CPU in seconds.
 SHAPES = {
     "tiny": Shape(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2),
-    "smollm2-360m": Shape(hidden=960, ffn=2560, layers=32, heads=15, kv_heads=5,
-                          rope_base=100000.0),
+    "smollm2-360m": Shape(
+        hidden=960, ffn=2560, layers=32, heads=15, kv_heads=5, rope_base=100000.0
+    ),
     "smollm2-1.7b": Shape(hidden=2048, ffn=8192, layers=24, heads=32, kv_heads=32),
 }
 
@@ -146,11 +151,19 @@ def write(src: Path, dst: Path, shape: Shape | None, *, seed: int = 0) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--from", dest="src", type=Path, required=True,
-                    help="GGUF whose tokenizer and chat template are copied")
+    ap.add_argument(
+        "--from",
+        dest="src",
+        type=Path,
+        required=True,
+        help="GGUF whose tokenizer and chat template are copied",
+    )
     ap.add_argument("--shape", choices=sorted(SHAPES), help="model shape to write")
-    ap.add_argument("--tokenizer-only", action="store_true",
-                    help="write the tokenizer metadata alone (no tensors)")
+    ap.add_argument(
+        "--tokenizer-only",
+        action="store_true",
+        help="write the tokenizer metadata alone (no tensors)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("out", type=Path)
     a = ap.parse_args(argv)
@@ -160,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     vocab = write(a.src, a.out, shape, seed=a.seed)
     size = a.out.stat().st_size
-    what = f"{a.shape}, {shape.params(vocab) / 1e9:.2f} B params" if shape else \
-        "tokenizer only"
-    print(f"wrote {a.out} ({what}, {size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+    what = f"{a.shape}, {shape.params(vocab) / 1e9:.2f} B params" if shape else "tokenizer only"
+    print(
+        f"wrote {a.out} ({what}, {size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -55,14 +55,23 @@ Node = Union[Lit, Cls, Ref, Rep, Alt]  # noqa: UP007 - forward refs in a runtime
 
 def _unescape(s: str, i: int) -> tuple[str, int]:
     c = s[i + 1]
-    simple = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "]": "]", "[": "[",
-              "-": "-", "^": "^"}
+    simple = {
+        "n": "\n",
+        "r": "\r",
+        "t": "\t",
+        "\\": "\\",
+        '"': '"',
+        "]": "]",
+        "[": "[",
+        "-": "-",
+        "^": "^",
+    }
     if c in simple:
         return simple[c], i + 2
     if c == "x":
-        return chr(int(s[i + 2:i + 4], 16)), i + 4
+        return chr(int(s[i + 2 : i + 4], 16)), i + 4
     if c == "u":
-        return chr(int(s[i + 2:i + 6], 16)), i + 6
+        return chr(int(s[i + 2 : i + 6], 16)), i + 6
     raise ValueError(f"escape \\{c}")
 
 
@@ -133,7 +142,7 @@ class _P:
             self.i += 1
             return a
         m = re.compile(r"[a-zA-Z0-9-]+").match(s, self.i)
-        assert m, f"bad GBNF at {s[self.i:]!r}"
+        assert m, f"bad GBNF at {s[self.i :]!r}"
         self.i = m.end()
         return Ref(m.group())
 
@@ -145,7 +154,7 @@ class _P:
             return Rep(node, 1 if op == "+" else 0, 1 if op == "?" else None)
         if self.i < len(s) and s[self.i] == "{":
             j = s.index("}", self.i)
-            body = s[self.i + 1:j]
+            body = s[self.i + 1 : j]
             self.i = j + 1
             if "," in body:
                 lo, hi = body.split(",")
@@ -162,7 +171,7 @@ def parse_gbnf(text: str) -> dict[str, Alt]:
         name, _, body = line.partition("::=")
         p = _P(body.strip())
         rules[name.strip()] = p.alt()
-        assert p.i == len(p.s), f"trailing text in rule {name}: {p.s[p.i:]!r}"
+        assert p.i == len(p.s), f"trailing text in rule {name}: {p.s[p.i :]!r}"
     for rule in rules.values():
         _check_refs(rule, rules)
     return rules

@@ -101,13 +101,21 @@ class DaemonProc:
         self.admin = sock.with_name("admin.sock")
 
     @classmethod
-    def start(
-        cls, config: Path, sock: Path, *args: str, wait: bool = True
-    ) -> DaemonProc:
+    def start(cls, config: Path, sock: Path, *args: str, wait: bool = True) -> DaemonProc:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "inferd.serve.daemon", "--config", str(config),
-             "--socket", str(sock), *args],
-            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "inferd.serve.daemon",
+                "--config",
+                str(config),
+                "--socket",
+                str(sock),
+                *args,
+            ],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         d = cls(proc, sock)
         if wait:
@@ -202,7 +210,9 @@ class BridgeProc:
     ) -> BridgeProc:
         proc = subprocess.Popen(
             [sys.executable, "-m", "inferd.serve.bridge", "--port", "0", *args],
-            env=subprocess_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=subprocess_env(**(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         bridge = cls(proc, "")
         if wait:

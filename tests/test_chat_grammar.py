@@ -55,36 +55,59 @@ SCHEMAS: dict[str, Any] = {
     "nested": {
         "type": "object",
         "properties": {
-            "user": {"type": "object", "properties": {
-                "name": {"type": "string"}, "age": {"type": ["integer", "null"]},
-            }, "required": ["name", "age"]},
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 5},
-                     "minItems": 1, "maxItems": 3},
+            "user": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "age": {"type": ["integer", "null"]},
+                },
+                "required": ["name", "age"],
+            },
+            "tags": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 5},
+                "minItems": 1,
+                "maxItems": 3,
+            },
             "score": {"type": "number"},
             "mode": {"const": "fast"},
         },
         "required": ["user", "tags", "mode"],
     },
-    "all-optional": {"type": "object", "properties": {
-        "a": {"type": "integer"}, "b": {"type": "string"}, "c": {"type": "null"}}},
-    "any-of": {"anyOf": [{"type": "integer"}, {"type": "array", "items": {"type": "boolean"}},
-                         {"type": "object", "properties": {"k": {"type": "string"}},
-                          "required": ["k"]}]},
+    "all-optional": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "string"}, "c": {"type": "null"}},
+    },
+    "any-of": {
+        "anyOf": [
+            {"type": "integer"},
+            {"type": "array", "items": {"type": "boolean"}},
+            {"type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]},
+        ]
+    },
     "refs": {
-        "$defs": {"node": {"type": "object", "properties": {
-            "v": {"type": "integer"},
-            "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
-            "required": ["v"]}},
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {
+                    "v": {"type": "integer"},
+                    "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2},
+                },
+                "required": ["v"],
+            }
+        },
         "$ref": "#/$defs/node",
     },
     "free-object": {"type": "object", "additionalProperties": {"type": "integer"}},
     "anything": {},
-    "enum-mixed": {"enum": ["a\"b", 1, True, None, {"x": [1]}]},
-    "array-exact": {"type": "array", "items": {"type": "integer"}, "minItems": 2,
-                    "maxItems": 2},
+    "enum-mixed": {"enum": ['a"b', 1, True, None, {"x": [1]}]},
+    "array-exact": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
     "empty-object": {"type": "object", "properties": {}, "additionalProperties": False},
-    "unicode": {"type": "object", "properties": {"名前": {"enum": ["東京", "Zoë"]}},
-                "required": ["名前"]},
+    "unicode": {
+        "type": "object",
+        "properties": {"名前": {"enum": ["東京", "Zoë"]}},
+        "required": ["名前"],
+    },
 }
 
 
@@ -133,8 +156,9 @@ def test_response_format_forms() -> None:
     assert g is not None
     for i in range(50):
         assert isinstance(json.loads(Sampler(g.text, seed=i).sentence()), dict)
-    g = response_format_grammar({"type": "json_schema",
-                                 "json_schema": {"name": "w", "schema": WEATHER}})
+    g = response_format_grammar(
+        {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
+    )
     assert g is not None and not g.lazy
     with pytest.raises(InvalidRequest, match="needs"):
         response_format_grammar({"type": "json_schema", "json_schema": {}})
@@ -143,17 +167,20 @@ def test_response_format_forms() -> None:
 # ------------------------------------------------------------------ limits and refusals
 
 
-@pytest.mark.parametrize(("schema", "match"), [
-    ({"not": {"type": "string"}}, "'not'"),
-    ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "allOf"),
-    ({"type": "object", "patternProperties": {"x": {}}}, "patternProperties"),
-    ({"$ref": "https://example.invalid/s.json"}, r"\$ref"),
-    ({"$ref": "#/$defs/missing"}, "points at nothing"),
-    ({"type": "tuple"}, "unknown type"),
-    ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems < minItems"),
-    (False, "nothing can match"),
-    ({"enum": []}, "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("schema", "match"),
+    [
+        ({"not": {"type": "string"}}, "'not'"),
+        ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "allOf"),
+        ({"type": "object", "patternProperties": {"x": {}}}, "patternProperties"),
+        ({"$ref": "https://example.invalid/s.json"}, r"\$ref"),
+        ({"$ref": "#/$defs/missing"}, "points at nothing"),
+        ({"type": "tuple"}, "unknown type"),
+        ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems < minItems"),
+        (False, "nothing can match"),
+        ({"enum": []}, "non-empty"),
+    ],
+)
 def test_refused_schemas(schema: Any, match: str) -> None:
     with pytest.raises(InvalidRequest, match=match):
         schema_to_gbnf(schema)
@@ -175,8 +202,10 @@ def test_depth_limit() -> None:
 
 
 def test_size_limit() -> None:
-    schema = {"type": "object", "properties": {f"p{i}" * 20: {"type": "string"}
-                                               for i in range(100)}}
+    schema = {
+        "type": "object",
+        "properties": {f"p{i}" * 20: {"type": "string"} for i in range(100)},
+    }
     with pytest.raises(InvalidRequest, match="MAX_GRAMMAR_BYTES"):
         schema_to_gbnf(schema, limits=GrammarLimits(max_bytes=2000))
 
@@ -191,8 +220,15 @@ def test_recursive_ref_allowed() -> None:
 
 TOOLS = (
     Tool("get_weather", "Weather for a city", WEATHER),
-    Tool("add", "Add two numbers", {"type": "object", "properties": {
-        "a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}),
+    Tool(
+        "add",
+        "Add two numbers",
+        {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        },
+    ),
     Tool("ping", "No arguments"),
 )
 SCHEMA_BY_NAME = {t.name: dict(t.parameters) for t in TOOLS}
@@ -202,8 +238,9 @@ SCHEMA_BY_NAME = {t.name: dict(t.parameters) for t in TOOLS}
 @pytest.mark.parametrize("parallel", [False, True])
 def test_tool_call_grammar_sentences_parse_as_valid_calls(fmt: str, parallel: bool) -> None:
     family = fmt.split("-")[0]
-    g = tool_call_grammar(family, TOOLS, ToolChoice("required"), parallel=parallel,
-                          mistral_v11=fmt != "mistral-v3")
+    g = tool_call_grammar(
+        family, TOOLS, ToolChoice("required"), parallel=parallel, mistral_v11=fmt != "mistral-v3"
+    )
     sampler = Sampler(g.text, seed=7)
     for _ in range(100):
         text = sampler.sentence()
@@ -283,7 +320,7 @@ def test_exclusion_grammar_is_exact(opener: str) -> None:
         parts = []
         for _ in range(rng.randint(1, 4)):
             a = rng.randint(0, len(opener))
-            parts.append(opener[a:rng.randint(a, len(opener))] + rng.choice(["", "z", opener[0]]))
+            parts.append(opener[a : rng.randint(a, len(opener))] + rng.choice(["", "z", opener[0]]))
         text = "".join(parts)
         assert accepts(text) == (opener not in text), text
 
@@ -313,21 +350,24 @@ def test_request_grammar_choices() -> None:
     assert g is not None and g.text.startswith("root ::= s0")
     rf = {"type": "json_schema", "json_schema": {"schema": WEATHER}}
     assert request_grammar(Request(msgs, response_format=rf), "plain") is not None
-    g = request_grammar(Request(msgs, tools=TOOLS, tool_choice="none", response_format=rf),
-                        "hermes")
+    g = request_grammar(
+        Request(msgs, tools=TOOLS, tool_choice="none", response_format=rf), "hermes"
+    )
     assert g is not None and "celsius" in g.text
     for choice in (None, "auto", "required", "add"):
         with pytest.raises(InvalidRequest, match="cannot be combined"):
-            request_grammar(Request(msgs, tools=TOOLS, tool_choice=choice,
-                                    response_format=rf), "hermes")
+            request_grammar(
+                Request(msgs, tools=TOOLS, tool_choice=choice, response_format=rf), "hermes"
+            )
     assert request_grammar(Request(msgs, tools=TOOLS), "plain") is None
 
 
 def test_bad_tool_schema_is_invalid_request() -> None:
     bad = Tool("f", "", {"type": "object", "properties": {"x": {"not": {}}}})
     with pytest.raises(InvalidRequest, match="tool call grammar"):
-        request_grammar(Request((Message.user("hi"),), tools=(bad,), tool_choice="required"),
-                        "hermes")
+        request_grammar(
+            Request((Message.user("hi"),), tools=(bad,), tool_choice="required"), "hermes"
+        )
 
 
 # ------------------------------------------------------------------ llama.cpp parses them
@@ -352,8 +392,9 @@ def test_llama_cpp_accepts_every_grammar() -> None:
     texts = [schema_to_gbnf(s) for s in SCHEMAS.values()]
     for fmt in ("hermes", "llama3", "mistral", "gemma4"):
         for parallel in (False, True):
-            texts.append(tool_call_grammar(fmt, TOOLS, ToolChoice("required"),
-                                           parallel=parallel).text)
+            texts.append(
+                tool_call_grammar(fmt, TOOLS, ToolChoice("required"), parallel=parallel).text
+            )
         texts.append(exclusion_grammar(OPENERS[fmt]).text)
     texts.append(exclusion_grammar(OPENERS["llama3"], "{").text)
     texts.append(tool_call_grammar("mistral", TOOLS, None, mistral_v11=False).text)
@@ -374,25 +415,41 @@ def test_template_messages_shapes() -> None:
         Message.assistant("It is 21 degrees."),
     ]
     d = template_messages(msgs)
-    assert d[2] == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c1", "type": "function",
-         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
-    assert d[3] == {"role": "tool", "tool_call_id": "c1", "name": "get_weather",
-                    "content": '{"temp": 21}'}
+    assert d[2] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ],
+    }
+    assert d[3] == {
+        "role": "tool",
+        "tool_call_id": "c1",
+        "name": "get_weather",
+        "content": '{"temp": 21}',
+    }
     assert template_tools(TOOLS[:1])[0]["function"]["name"] == "get_weather"
 
 
 def test_fold_tools_for_tool_less_templates() -> None:
-    msgs = template_messages([
-        Message.user("weather?"),
-        Message.assistant([ToolUseBlock("c1", "get_weather", {"city": "Oslo"})]),
-        Message.tool("c1", "cold"),
-    ])
+    msgs = template_messages(
+        [
+            Message.user("weather?"),
+            Message.assistant([ToolUseBlock("c1", "get_weather", {"city": "Oslo"})]),
+            Message.tool("c1", "cold"),
+        ]
+    )
     out = fold_tools_into_messages(msgs, template_tools(TOOLS))
     assert out[0]["role"] == "system" and '"name": "get_weather"' in out[0]["content"]
-    assert out[2] == {"role": "assistant", "content":
-                      '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
-                      "\n</tool_call>"}
+    assert out[2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+        "\n</tool_call>",
+    }
     assert out[3] == {"role": "user", "content": "<tool_response>\ncold\n</tool_response>"}
     # the reply format the prompt asks for is what the hermes parser reads
     p = get_parser("hermes")
@@ -413,6 +470,10 @@ def test_llama_cpp_accepts_lazy_grammars() -> None:
         missing("lazy grammar support in the compiled binding")
     for fmt in ("hermes", "llama3", "mistral", "gemma4"):
         g = lazy_tool_call_grammar(fmt, TOOLS)
-        _llama.Sampler(model, grammar=g.text, grammar_trigger_patterns=list(g.trigger_patterns),
-                       grammar_trigger_tokens=[]).close()
+        _llama.Sampler(
+            model,
+            grammar=g.text,
+            grammar_trigger_patterns=list(g.trigger_patterns),
+            grammar_trigger_tokens=[],
+        ).close()
     model.close()

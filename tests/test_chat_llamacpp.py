@@ -42,8 +42,15 @@ WEATHER = {
 }
 TOOLS = (
     Tool("get_weather", "Current weather for a city", WEATHER),
-    Tool("add", "Add two integers", {"type": "object", "properties": {
-        "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}),
+    Tool(
+        "add",
+        "Add two integers",
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    ),
 )
 ASK = (Message.user("What is the weather in Paris right now?"),)
 RUNS = 50
@@ -74,13 +81,19 @@ def test_format_detected_from_template(backend: Any) -> None:
 
 
 async def test_tool_round_trip(backend: Any) -> None:
-    events = await collect(backend.generate(
-        Request(ASK, tools=TOOLS, tool_choice="get_weather", max_tokens=64, seed=3)))
+    events = await collect(
+        backend.generate(
+            Request(ASK, tools=TOOLS, tool_choice="get_weather", max_tokens=64, seed=3)
+        )
+    )
     calls = [e for e in events if isinstance(e, ToolUse)]
     assert len(calls) == 1 and calls[0].name == "get_weather", events
     call = calls[0]
-    history = (*ASK, Message.assistant([ToolUseBlock(call.id, call.name, call.input or {})]),
-               Message.tool(call.id, '{"temperature": 21, "unit": "celsius"}'))
+    history = (
+        *ASK,
+        Message.assistant([ToolUseBlock(call.id, call.name, call.input or {})]),
+        Message.tool(call.id, '{"temperature": 21, "unit": "celsius"}'),
+    )
     follow = Request(history, tools=TOOLS, tool_choice="none", max_tokens=24, seed=3)
     prompt = backend.render(follow)
     assert '"name": "get_weather"' in prompt and "<tool_response>" in prompt
@@ -95,9 +108,18 @@ async def test_required_always_valid(backend: Any) -> None:
     schemas = {t.name: dict(t.parameters) for t in TOOLS}
     bad = []
     for seed in range(RUNS):
-        events = await collect(backend.generate(Request(
-            ASK, tools=TOOLS, tool_choice="required", max_tokens=96, seed=seed,
-            temperature=1.0)))
+        events = await collect(
+            backend.generate(
+                Request(
+                    ASK,
+                    tools=TOOLS,
+                    tool_choice="required",
+                    max_tokens=96,
+                    seed=seed,
+                    temperature=1.0,
+                )
+            )
+        )
         calls = [e for e in events if isinstance(e, ToolUse)]
         done = events[-1]
         try:
@@ -113,18 +135,28 @@ async def test_required_always_valid(backend: Any) -> None:
 async def test_response_format_always_validates(backend: Any) -> None:
     # Every field is bounded so the longest valid reply fits in max_tokens: a reply
     # cut short by max_tokens would be unparseable through no fault of the grammar.
-    schema = {"type": "object", "properties": {
-        "answer": {"type": "string", "maxLength": 12},
-        "confidence": {"enum": [1, 2, 3, 4, 5]},
-        "sure": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"enum": ["weather", "city", "other"]},
-                 "maxItems": 2}},
-        "required": ["answer", "sure"]}
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "maxLength": 12},
+            "confidence": {"enum": [1, 2, 3, 4, 5]},
+            "sure": {"type": "boolean"},
+            "tags": {
+                "type": "array",
+                "items": {"enum": ["weather", "city", "other"]},
+                "maxItems": 2,
+            },
+        },
+        "required": ["answer", "sure"],
+    }
     rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
     bad = []
     for seed in range(RUNS):
-        events = await collect(backend.generate(Request(
-            ASK, response_format=rf, max_tokens=96, seed=seed, temperature=1.0)))
+        events = await collect(
+            backend.generate(
+                Request(ASK, response_format=rf, max_tokens=96, seed=seed, temperature=1.0)
+            )
+        )
         text = "".join(e.text for e in events if isinstance(e, Text))
         try:
             jsonschema.validate(json.loads(text), schema)
@@ -151,9 +183,13 @@ async def test_auto_never_leaves_a_broken_call(backend: Any) -> None:
     """``auto``: free text stays free; no reply ends with a half-made call as Text."""
     schemas = {t.name: dict(t.parameters) for t in TOOLS}
     for seed in range(6):
-        events = await collect(backend.generate(Request(
-            ASK, tools=TOOLS, tool_choice="auto", max_tokens=48, seed=seed,
-            temperature=1.0)))
+        events = await collect(
+            backend.generate(
+                Request(
+                    ASK, tools=TOOLS, tool_choice="auto", max_tokens=48, seed=seed, temperature=1.0
+                )
+            )
+        )
         done = events[-1]
         assert isinstance(done, Done)
         text = "".join(e.text for e in events if isinstance(e, Text))
@@ -185,13 +221,21 @@ def test_lazy_grammar_engages_at_the_opener(smollm2_path: Path) -> None:
     ctx = L.Context(model, n_ctx=512, n_batch=256, n_threads=1)
     batch = L.Batch(256, 1)
     g = lazy_tool_call_grammar("hermes", TOOLS)
-    head = model.tokenize("<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
-                          "<|im_start|>assistant\n", add_special=False, parse_special=True)
+    head = model.tokenize(
+        "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n",
+        add_special=False,
+        parse_special=True,
+    )
     opener = model.tokenize("<tool_call>\n", add_special=False, parse_special=True)
     try:
         for seed in range(8):
-            s = L.Sampler(model, temperature=1.0, seed=seed, grammar=g.text,
-                          grammar_trigger_patterns=list(g.trigger_patterns))
+            s = L.Sampler(
+                model,
+                temperature=1.0,
+                seed=seed,
+                grammar=g.text,
+                grammar_trigger_patterns=list(g.trigger_patterns),
+            )
             for t in opener:
                 s.accept(t)
             ctx.seq_rm(0)

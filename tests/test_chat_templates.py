@@ -37,8 +37,11 @@ EXPECTED = {
     "microsoft-Phi-3.5-mini-instruct.jinja": ("plain", False),
 }
 
-WEATHER = Tool("get_weather", "Current weather for a city", {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+WEATHER = Tool(
+    "get_weather",
+    "Current weather for a city",
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
 
 
 def _template(name: str) -> str:
@@ -62,17 +65,21 @@ def test_tools_calls_and_results_render(name: str) -> None:
 
     src = _template(name)
     call_id = "abcDEF123"  # 9 alphanumerics: Mistral templates accept nothing else
-    req = Request((
-        Message.system("Be brief."),
-        Message.user("Weather in Zürich?"),
-        Message.assistant([ToolUseBlock(call_id, "get_weather", {"city": "Zürich"})]),
-        Message.tool(call_id, "14 degrees and sunny"),
-        Message.assistant("It is 14 degrees and sunny in Zürich."),
-        Message.user("Thanks. And tomorrow?"),
-    ), tools=(WEATHER,))
+    req = Request(
+        (
+            Message.system("Be brief."),
+            Message.user("Weather in Zürich?"),
+            Message.assistant([ToolUseBlock(call_id, "get_weather", {"city": "Zürich"})]),
+            Message.tool(call_id, "14 degrees and sunny"),
+            Message.assistant("It is 14 degrees and sunny in Zürich."),
+            Message.user("Thanks. And tomorrow?"),
+        ),
+        tools=(WEATHER,),
+    )
     plan = plan_chat(src, req)
     prompt = ChatTemplate(src, bos_token="<s>", eos_token="</s>").render(
-        plan.messages, tools=plan.tools)
+        plan.messages, tools=plan.tools
+    )
     assert "get_weather" in prompt
     assert "Zürich" in prompt  # the call's arguments (and the question)
     assert "14 degrees and sunny" in prompt

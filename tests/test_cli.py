@@ -14,8 +14,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def inferd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     e = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "inferd", *args], capture_output=True,
-                          text=True, env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "inferd", *args], capture_output=True, text=True, env=e, timeout=300
+    )
 
 
 def test_run_mock_streams_text_and_summary():
@@ -36,8 +37,9 @@ def test_run_json_prints_one_event_per_line():
 def test_errors_are_one_line_and_nonzero():
     r = inferd("run", "--backend", "mock", "--max-tokens", "0", "x")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["inferd: error: max_tokens=0 is out of range "
-                                            "[1, 10000000]"]
+    assert r.stderr.strip().splitlines() == [
+        "inferd: error: max_tokens=0 is out of range [1, 10000000]"
+    ]
     assert "Traceback" not in r.stderr
     r = inferd("pull", "definitely-not-a-model")
     assert r.returncode == 1 and r.stderr.startswith("inferd: error: no model named")
@@ -49,8 +51,15 @@ def test_help_documents_every_command():
     for cmd in ("run", "pull", "models", "about", "serve", "bridge", "bench"):
         assert cmd in r.stdout
     r = inferd("run", "--help")
-    for flag in ("--backend", "--model", "--base-url", "--system", "--max-tokens",
-                 "--temperature", "--json"):
+    for flag in (
+        "--backend",
+        "--model",
+        "--base-url",
+        "--system",
+        "--max-tokens",
+        "--temperature",
+        "--json",
+    ):
         assert flag in r.stdout
 
 

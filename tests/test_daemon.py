@@ -35,9 +35,12 @@ TOKENS = [f"t{i} " for i in range(50)]  # 50 x 10 ms: long enough to cancel mid-
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProc]:
     with short_tmpdir() as d:
-        cfg = write_config(d / "c.toml", [
-            {"type": "mock", "name": "m1", "tokens": TOKENS, "delay": 0.01},
-        ])
+        cfg = write_config(
+            d / "c.toml",
+            [
+                {"type": "mock", "name": "m1", "tokens": TOKENS, "delay": 0.01},
+            ],
+        )
         proc = DaemonProc.start(cfg, d / "run" / "infer.sock")
         yield proc
         proc.stop()
@@ -101,8 +104,12 @@ async def test_malformed_frames_get_errors_and_the_connection_survives(
         (b'{"type":"generate","id":"y"}\n', "y", "messages"),
         (b'{"type":"generate","id":"z","messages":[],"bogus":1}\n', "z", "bogus"),
         (b'{"type":"embed","id":"w","input":[]}\n', "w", "embed input is empty"),
-        (b'{"type":"generate","id":"t","messages":[{"role":"user","content":"hi"}],'
-         b'"temperature":-1}\n', "t", "temperature"),
+        (
+            b'{"type":"generate","id":"t","messages":[{"role":"user","content":"hi"}],'
+            b'"temperature":-1}\n',
+            "t",
+            "temperature",
+        ),
     ]
     for raw, rid, needle in cases:
         await conn.send(raw)
@@ -136,8 +143,7 @@ async def test_frame_too_large_is_skipped_and_the_connection_survives(
     big = b'{"type":"generate","id":"big","pad":"' + b"a" * wire.MAX_FRAME_BYTES + b'"}\n'
     await conn.send(big)
     f = await conn.recv(timeout=30)
-    assert f == {"type": "error", "id": None, "code": "frame_too_large",
-                 "message": f["message"]}
+    assert f == {"type": "error", "id": None, "code": "frame_too_large", "message": f["message"]}
     assert str(wire.MAX_FRAME_BYTES) in f["message"]
     await conn.send(gen_frame("after", max_tokens=2))
     got = await conn.until_terminal({"after"})
@@ -225,22 +231,25 @@ async def test_client_without_daemon_is_backend_unavailable(tmp_path: Path) -> N
 
 async def test_queue_full_when_running_and_queued_are_at_their_limits() -> None:
     with short_tmpdir() as d:
-        cfg = write_config(d / "c.toml", [{"type": "mock", "tokens": ["a", "b"], "delay": 0.2}],
-                           daemon={"max_concurrent": 1, "max_queued": 1})
+        cfg = write_config(
+            d / "c.toml",
+            [{"type": "mock", "tokens": ["a", "b"], "delay": 0.2}],
+            daemon={"max_concurrent": 1, "max_queued": 1},
+        )
         proc = DaemonProc.start(cfg, d / "infer.sock")
         try:
             conn = await RawConn.open(proc.sock)
             for rid in (1, 2, 3):
                 await conn.send(gen_frame(rid))
             got = await conn.until_terminal({1, 2, 3})
-            assert got[3] == [{"type": "error", "id": 3, "code": "queue_full",
-                               "message": got[3][0]["message"]}]
+            assert got[3] == [
+                {"type": "error", "id": 3, "code": "queue_full", "message": got[3][0]["message"]}
+            ]
             assert "max_concurrent" in got[3][0]["message"]
             assert got[1][-1]["type"] == "done" and got[2][-1]["type"] == "done"
             st = await admin_status(proc.sock)
             assert st["counters"]["queue_full"] == 1
-            assert st["queue"] == {"running": 0, "queued": 0, "max_concurrent": 1,
-                                   "max_queued": 1}
+            assert st["queue"] == {"running": 0, "queued": 0, "max_concurrent": 1, "max_queued": 1}
             await conn.close()
         finally:
             proc.stop()
@@ -248,8 +257,11 @@ async def test_queue_full_when_running_and_queued_are_at_their_limits() -> None:
 
 async def test_admin_reports_queue_depth_while_busy() -> None:
     with short_tmpdir() as d:
-        cfg = write_config(d / "c.toml", [{"type": "mock", "tokens": ["a"] * 20, "delay": 0.05}],
-                           daemon={"max_concurrent": 2, "max_queued": 5})
+        cfg = write_config(
+            d / "c.toml",
+            [{"type": "mock", "tokens": ["a"] * 20, "delay": 0.05}],
+            daemon={"max_concurrent": 2, "max_queued": 5},
+        )
         proc = DaemonProc.start(cfg, d / "infer.sock")
         try:
             conn = await RawConn.open(proc.sock)
@@ -289,8 +301,11 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0() -> None:
 
 async def test_drain_timeout_cancels_with_an_error_frame() -> None:
     with short_tmpdir() as d:
-        cfg = write_config(d / "c.toml", [{"type": "mock", "tokens": ["a"] * 100, "delay": 0.05}],
-                           daemon={"drain_timeout_s": 0.3})
+        cfg = write_config(
+            d / "c.toml",
+            [{"type": "mock", "tokens": ["a"] * 100, "delay": 0.05}],
+            daemon={"drain_timeout_s": 0.3},
+        )
         proc = DaemonProc.start(cfg, d / "infer.sock")
         try:
             conn = await RawConn.open(proc.sock)
@@ -319,9 +334,19 @@ def test_stale_socket_is_removed_and_a_live_one_refused() -> None:
         first = DaemonProc.start(cfg, sock)
         try:
             second = subprocess.run(
-                [sys.executable, "-m", "inferd.serve.daemon", "--config", str(cfg),
-                 "--socket", str(sock)],
-                env=subprocess_env(), capture_output=True, text=True, timeout=30,
+                [
+                    sys.executable,
+                    "-m",
+                    "inferd.serve.daemon",
+                    "--config",
+                    str(cfg),
+                    "--socket",
+                    str(sock),
+                ],
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
             assert second.returncode != 0
             lines = second.stderr.strip().splitlines()
@@ -334,9 +359,19 @@ def test_stale_socket_is_removed_and_a_live_one_refused() -> None:
 def test_config_problems_are_one_clear_line() -> None:
     with short_tmpdir() as d:
         r = subprocess.run(
-            [sys.executable, "-m", "inferd.serve.daemon", "--config", str(d / "none.toml"),
-             "--socket", str(d / "s.sock")],
-            env=subprocess_env(), capture_output=True, text=True, timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "inferd.serve.daemon",
+                "--config",
+                str(d / "none.toml"),
+                "--socket",
+                str(d / "s.sock"),
+            ],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert r.returncode == 1
         assert r.stderr.strip().splitlines() == [r.stderr.strip()]

@@ -19,9 +19,13 @@ def data(obj: Any, end: bytes = b"\n\n") -> bytes:
 
 
 def ch(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
-    return data({"object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
-                 **extra})
+    return data(
+        {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
+            **extra,
+        }
+    )
 
 
 def decode(mod: ModuleType, pieces: list[bytes], **kw: Any) -> list[Any]:
@@ -33,22 +37,39 @@ def decode(mod: ModuleType, pieces: list[bytes], **kw: Any) -> list[Any]:
     return out
 
 
-STREAM = b"".join([
-    ch({"role": "assistant", "content": ""}),
-    b": keep-alive\n\n",
-    ch({"reasoning_content": "think"}),
-    ch({"content": "Hé"}),
-    ch({"content": "llo €"}),
-    ch({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
-                        "function": {"name": "f", "arguments": ""}}]}),
-    ch({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]}),
-    ch({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}),
-    ch({}, "tool_calls"),
-    data({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}}),
-    b"data: [DONE]\n\n",
-])
-EXPECTED = [Thinking("think"), Text("Hé"), Text("llo €"), ToolUse("c1", "f", {"a": 1}, '{"a": 1}'),
-            Done(StopReason.TOOL_USE, Usage(4, 6, 0))]
+STREAM = b"".join(
+    [
+        ch({"role": "assistant", "content": ""}),
+        b": keep-alive\n\n",
+        ch({"reasoning_content": "think"}),
+        ch({"content": "Hé"}),
+        ch({"content": "llo €"}),
+        ch(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": ""},
+                    }
+                ]
+            }
+        ),
+        ch({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]}),
+        ch({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}),
+        ch({}, "tool_calls"),
+        data({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}}),
+        b"data: [DONE]\n\n",
+    ]
+)
+EXPECTED = [
+    Thinking("think"),
+    Text("Hé"),
+    Text("llo €"),
+    ToolUse("c1", "f", {"a": 1}, '{"a": 1}'),
+    Done(StopReason.TOOL_USE, Usage(4, 6, 0)),
+]
 
 
 def test_whole_stream(chunks: ModuleType) -> None:
@@ -57,13 +78,15 @@ def test_whole_stream(chunks: ModuleType) -> None:
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000])
 def test_any_split_gives_the_same_events(chunks: ModuleType, size: int) -> None:
-    pieces = [STREAM[i:i + size] for i in range(0, len(STREAM), size)]
+    pieces = [STREAM[i : i + size] for i in range(0, len(STREAM), size)]
     assert decode(chunks, pieces) == EXPECTED
 
 
 def test_crlf_bom_and_multiline_data(chunks: ModuleType) -> None:
-    body = (b"\xef\xbb\xbfdata: {\"choices\": [{\"index\": 0,\r\ndata: \"delta\": "
-            b"{\"content\": \"x\"}, \"finish_reason\": \"stop\"}]}\r\n\r\ndata: [DONE]\r\n\r\n")
+    body = (
+        b'\xef\xbb\xbfdata: {"choices": [{"index": 0,\r\ndata: "delta": '
+        b'{"content": "x"}, "finish_reason": "stop"}]}\r\n\r\ndata: [DONE]\r\n\r\n'
+    )
     assert decode(chunks, [body]) == [Text("x"), Done(StopReason.END_TURN)]
 
 
@@ -78,20 +101,23 @@ def test_done_finishes_and_later_bytes_are_ignored(chunks: ModuleType) -> None:
 
 def test_close_without_done_marker(chunks: ModuleType) -> None:
     assert decode(chunks, [ch({"content": "a"}, "length")]) == [
-        Text("a"), Done(StopReason.MAX_TOKENS)]
+        Text("a"),
+        Done(StopReason.MAX_TOKENS),
+    ]
 
 
 def test_truncated_stream_ends_with_error_stop_reason(chunks: ModuleType) -> None:
     dec = chunks.ChatStreamDecoder()
-    assert dec.feed(ch({"content": "a"}) + b"data: {\"choi") == [Text("a")]
+    assert dec.feed(ch({"content": "a"}) + b'data: {"choi') == [Text("a")]
     assert not dec.finished
     assert dec.close() == [Done(StopReason.ERROR)]
     assert dec.finished
     assert dec.close() == []
 
 
-def test_malformed_json_is_logged_cut_and_skipped(chunks: ModuleType,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_malformed_json_is_logged_cut_and_skipped(
+    chunks: ModuleType, caplog: pytest.LogCaptureFixture
+) -> None:
     bad = b"data: {not json " + b"y" * 1000 + b"\n\n"
     with caplog.at_level(logging.WARNING, logger="inferd.toolcalls"):
         dec = chunks.ChatStreamDecoder()
@@ -117,11 +143,14 @@ def test_error_payload_raises_and_finishes(chunks: ModuleType) -> None:
     assert dec.close() == []
 
 
-@pytest.mark.parametrize(("payload", "message"), [
-    (b'{"error": {"message": "quota", "code": "429"}}', "quota (code=429)"),
-    (b"upstream overloaded", "upstream overloaded"),
-    (b"", "no message given"),
-])
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b'{"error": {"message": "quota", "code": "429"}}', "quota (code=429)"),
+        (b"upstream overloaded", "upstream overloaded"),
+        (b"", "no message given"),
+    ],
+)
 def test_error_event_raises(chunks: ModuleType, payload: bytes, message: str) -> None:
     dec = chunks.ChatStreamDecoder()
     with pytest.raises(BackendUnavailable) as ei:
@@ -130,8 +159,10 @@ def test_error_event_raises(chunks: ModuleType, payload: bytes, message: str) ->
 
 
 def test_other_event_types_are_ignored(chunks: ModuleType) -> None:
-    body = (b"event: ping\ndata: {\"choices\": [{\"delta\": {\"content\": \"no\"}}]}\n\n"
-            b"event: message\n" + ch({"content": "yes"}, "stop"))
+    body = (
+        b'event: ping\ndata: {"choices": [{"delta": {"content": "no"}}]}\n\n'
+        b"event: message\n" + ch({"content": "yes"}, "stop")
+    )
     assert decode(chunks, [body]) == [Text("yes"), Done(StopReason.END_TURN)]
 
 
@@ -143,7 +174,7 @@ def test_event_only_block_and_comments_do_not_break(chunks: ModuleType) -> None:
 def test_stats_count_bytes_and_events(chunks: ModuleType) -> None:
     dec = chunks.ChatStreamDecoder()
     for i in range(0, len(STREAM), 10):
-        dec.feed(STREAM[i:i + 10])
+        dec.feed(STREAM[i : i + 10])
     assert dec.stats == {"bytes": len(STREAM), "events": 10, "malformed": 0}
 
 

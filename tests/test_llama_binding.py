@@ -40,15 +40,17 @@ def ctx(L, model):
 def _prompt(model, text="Hello"):
     return model.tokenize(
         f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
-        add_special=False, parse_special=True,
+        add_special=False,
+        parse_special=True,
     )
 
 
 def test_devices_and_system_info(L):
     devs = L.devices()
     assert any(d["type"] == "cpu" for d in devs)
-    assert all({"type", "name", "description", "memory_total", "memory_free"} <= d.keys()
-               for d in devs)
+    assert all(
+        {"type", "name", "description", "memory_total", "memory_free"} <= d.keys() for d in devs
+    )
     assert "CPU" in L.system_info() or "AVX" in L.system_info()
 
 
@@ -198,8 +200,17 @@ def test_seeded_sampling_repeats(L, model, ctx):
         b = L.Batch(128)
         last = b.add_sequence(toks, 0, 0)
         ctx.decode(b)
-        s = L.Sampler(model, temperature=1.0, top_k=100, top_p=1.0, min_p=0.0, seed=seed,
-                      repeat_penalty=1.1, frequency_penalty=0.1, presence_penalty=0.1)
+        s = L.Sampler(
+            model,
+            temperature=1.0,
+            top_k=100,
+            top_p=1.0,
+            min_p=0.0,
+            seed=seed,
+            repeat_penalty=1.1,
+            frequency_penalty=0.1,
+            presence_penalty=0.1,
+        )
         out = [s.sample(ctx, last)]
         for i in range(10):
             out.append(ctx.step(s, out[-1], len(toks) + i))
@@ -350,9 +361,15 @@ def test_use_after_close_is_a_clear_error(L, smollm2_path):
     m.close()
     m.close()  # idempotent
     assert m.closed and c.closed
-    for call in (lambda: m.tokenize("x"), lambda: m.name, lambda: c.n_ctx,
-                 lambda: c.seq_rm(0), lambda: s.accept(1), lambda: L.Context(m),
-                 lambda: L.Sampler(m)):
+    for call in (
+        lambda: m.tokenize("x"),
+        lambda: m.name,
+        lambda: c.n_ctx,
+        lambda: c.seq_rm(0),
+        lambda: s.accept(1),
+        lambda: L.Context(m),
+        lambda: L.Sampler(m),
+    ):
         with pytest.raises(NotReady, match="closed"):
             call()
     assert "closed" in repr(m)

@@ -82,8 +82,23 @@ def _serve(binary: Path, model: Path, *extra: str) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+b", prefix="llama-server-", suffix=".log")
-    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "-c", str(CTX), "-np", str(SLOTS), "--jinja", "-t", "2", *extra]
+    cmd = [
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(CTX),
+        "-np",
+        str(SLOTS),
+        "--jinja",
+        "-t",
+        "2",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -91,8 +106,9 @@ def _serve(binary: Path, model: Path, *extra: str) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 tail = log.read()[-3000:].decode("utf-8", "replace")
-                pytest.fail(f"llama-server did not become healthy ({' '.join(cmd)}):\n{tail}",
-                            pytrace=False)
+                pytest.fail(
+                    f"llama-server did not become healthy ({' '.join(cmd)}):\n{tail}", pytrace=False
+                )
             time.sleep(0.2)
         yield url
     finally:
@@ -121,15 +137,13 @@ def llama_embed_server(llama_server_bin: Path, smollm2_path: Path) -> Iterator[s
 @pytest.fixture
 async def backend(llama_server: str):
     # generous timeouts: CI machines are shared, and a loaded 2-core box decodes slowly
-    b = OpenAICompat(llama_server, api_key="", model="smollm2", read_timeout=300,
-                     max_retries=0)
+    b = OpenAICompat(llama_server, api_key="", model="smollm2", read_timeout=300, max_retries=0)
     yield b
     await b.aclose()
 
 
 async def test_plain_chat(backend):
-    r = Request.chat("Say hello.", system="You are brief.", max_tokens=16, temperature=0.0,
-                     seed=1)
+    r = Request.chat("Say hello.", system="You are brief.", max_tokens=16, temperature=0.0, seed=1)
     events = [ev async for ev in backend.generate(r)]
     done = events[-1]
     assert isinstance(done, Done) and sum(isinstance(e, Done) for e in events) == 1
@@ -140,8 +154,9 @@ async def test_plain_chat(backend):
 
 
 async def test_streamed_usage_and_max_tokens(backend):
-    r = Request.chat("Count from one to one hundred in words.", max_tokens=8,
-                     temperature=0.0, ignore_eos=True)
+    r = Request.chat(
+        "Count from one to one hundred in words.", max_tokens=8, temperature=0.0, ignore_eos=True
+    )
     events = [ev async for ev in backend.generate(r)]
     done = events[-1]
     assert isinstance(done, Done)
@@ -154,22 +169,35 @@ async def test_streamed_usage_and_max_tokens(backend):
 
 async def test_tool_call_round_trip(backend):
     """Tools out, an assistant tool call and its result back in, a reply streams."""
-    weather = Tool("get_weather", "Current weather for a city",
-                   {"type": "object", "properties": {"city": {"type": "string"}},
-                    "required": ["city"]})
-    first = Request.chat("What is the weather in Paris? Use the tool.", tools=(weather,),
-                         max_tokens=64, temperature=0.0)
+    weather = Tool(
+        "get_weather",
+        "Current weather for a city",
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    )
+    first = Request.chat(
+        "What is the weather in Paris? Use the tool.",
+        tools=(weather,),
+        max_tokens=64,
+        temperature=0.0,
+    )
     events = [ev async for ev in backend.generate(first)]
     assert isinstance(events[-1], Done)
     calls = [e for e in events if isinstance(e, ToolUse)]
     # SmolLM2-135M may or may not call the tool; the round trip below must work either way.
-    call = calls[0] if calls else ToolUse("call_1", "get_weather", {"city": "Paris"},
-                                          '{"city": "Paris"}')
+    call = (
+        calls[0]
+        if calls
+        else ToolUse("call_1", "get_weather", {"city": "Paris"}, '{"city": "Paris"}')
+    )
     follow = Request(
-        (*first.messages,
-         Message.assistant([ToolUseBlock(call.id, call.name, dict(call.input or {}))]),
-         Message.tool(call.id, '{"temperature_c": 21, "sky": "clear"}')),
-        tools=(weather,), max_tokens=24, temperature=0.0,
+        (
+            *first.messages,
+            Message.assistant([ToolUseBlock(call.id, call.name, dict(call.input or {}))]),
+            Message.tool(call.id, '{"temperature_c": 21, "sky": "clear"}'),
+        ),
+        tools=(weather,),
+        max_tokens=24,
+        temperature=0.0,
     )
     events = [ev async for ev in backend.generate(follow)]
     assert isinstance(events[-1], Done)
@@ -183,8 +211,9 @@ def _busy_slots(url: str) -> int:
 
 
 async def test_cancellation_frees_the_slot(backend, llama_server):
-    r = Request.chat("Write a long story about a fox.", max_tokens=1500, temperature=0.8,
-                     ignore_eos=True)
+    r = Request.chat(
+        "Write a long story about a fox.", max_tokens=1500, temperature=0.8, ignore_eos=True
+    )
     got = asyncio.Event()
 
     async def consume():

@@ -34,8 +34,11 @@ async def collect(backend, request) -> tuple[str, Done, list]:
 
 
 def idle(backend) -> bool:
-    return backend._active is None and backend._idle.is_set() and (
-        backend.model is not None and backend._ctx.seq_pos_max(0) == -1)
+    return (
+        backend._active is None
+        and backend._idle.is_set()
+        and (backend.model is not None and backend._ctx.seq_pos_max(0) == -1)
+    )
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -54,8 +57,12 @@ def test_stop_helpers():
 
 
 async def test_chat_answers(backend):
-    text, done, _ = await collect(backend, Request.chat(
-        "What is the capital of France? Answer in one word.", temperature=0, max_tokens=32))
+    text, done, _ = await collect(
+        backend,
+        Request.chat(
+            "What is the capital of France? Answer in one word.", temperature=0, max_tokens=32
+        ),
+    )
     assert "Paris" in text
     assert done.stop_reason is StopReason.END_TURN
     assert done.backend == "llamacpp"
@@ -79,34 +86,42 @@ async def test_seeded_sampling_is_reproducible(backend):
 
 
 async def test_max_tokens_is_exact(backend):
-    _, done, _ = await collect(backend, Request.chat(
-        "Tell me a long story.", temperature=0, max_tokens=17, ignore_eos=True))
+    _, done, _ = await collect(
+        backend,
+        Request.chat("Tell me a long story.", temperature=0, max_tokens=17, ignore_eos=True),
+    )
     assert done.stop_reason is StopReason.MAX_TOKENS
     assert done.usage.output_tokens == 17
 
 
 async def test_ignore_eos_runs_past_end_of_turn(backend):
-    _, done, _ = await collect(backend, Request.chat(
-        "Say hi.", temperature=0, max_tokens=60, ignore_eos=True))
+    _, done, _ = await collect(
+        backend, Request.chat("Say hi.", temperature=0, max_tokens=60, ignore_eos=True)
+    )
     assert done.usage.output_tokens == 60 and done.stop_reason is StopReason.MAX_TOKENS
 
 
 async def test_stop_sequence_is_cut_and_held_back(backend):
-    r = Request.chat("Count from 1 to 20, one number per line.", temperature=0,
-                     max_tokens=120)
+    r = Request.chat("Count from 1 to 20, one number per line.", temperature=0, max_tokens=120)
     full, _, _ = await collect(backend, r)
     assert "7" in full
-    text, done, _events = await collect(backend, Request.chat(
-        "Count from 1 to 20, one number per line.", temperature=0, max_tokens=120,
-        stop=("7",)))
+    text, done, _events = await collect(
+        backend,
+        Request.chat(
+            "Count from 1 to 20, one number per line.", temperature=0, max_tokens=120, stop=("7",)
+        ),
+    )
     assert done.stop_reason is StopReason.STOP_SEQUENCE
     assert "7" not in text
     assert full.startswith(text)
     # a multi-token stop sequence: nothing of it leaks, even partially
-    stop = full[full.index("5"):full.index("5") + 3]
-    text2, done2, _events2 = await collect(backend, Request.chat(
-        "Count from 1 to 20, one number per line.", temperature=0, max_tokens=120,
-        stop=(stop,)))
+    stop = full[full.index("5") : full.index("5") + 3]
+    text2, done2, _events2 = await collect(
+        backend,
+        Request.chat(
+            "Count from 1 to 20, one number per line.", temperature=0, max_tokens=120, stop=(stop,)
+        ),
+    )
     assert done2.stop_reason is StopReason.STOP_SEQUENCE
     assert stop not in text2 and full.startswith(text2)
     assert idle(backend)
@@ -115,23 +130,42 @@ async def test_stop_sequence_is_cut_and_held_back(backend):
 async def test_utf8_split_across_tokens_is_never_mangled(backend):
     target = "日本語 🙂 ñ"
     schema = {"type": "object", "properties": {"w": {"enum": [target]}}}
-    text, _done, events = await collect(backend, Request.chat(
-        "Give me the word.", temperature=0, max_tokens=60,
-        response_format={"type": "json_schema", "json_schema": {"schema": schema}}))
+    text, _done, events = await collect(
+        backend,
+        Request.chat(
+            "Give me the word.",
+            temperature=0,
+            max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"schema": schema}},
+        ),
+    )
     assert json.loads(text) == {"w": target}
     assert all("\ufffd" not in e.text for e in events[:-1])
     # the emoji really was split across tokens, and was held until complete
-    pieces = [backend.model.token_to_piece(t) for t in backend.model.tokenize(
-        "🙂", add_special=False)]
+    pieces = [
+        backend.model.token_to_piece(t) for t in backend.model.tokenize("🙂", add_special=False)
+    ]
     assert len(pieces) > 1
 
 
 async def test_json_object_response_format(backend):
-    text, done, _ = await collect(backend, Request.chat(
-        "Describe a dog as JSON with keys name and age.", temperature=0, max_tokens=80,
-        response_format={"type": "json_schema", "json_schema": {"schema": {
-            "type": "object", "properties": {"name": {"type": "string"},
-                                             "age": {"type": "integer"}}}}}))
+    text, done, _ = await collect(
+        backend,
+        Request.chat(
+            "Describe a dog as JSON with keys name and age.",
+            temperature=0,
+            max_tokens=80,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    }
+                },
+            },
+        ),
+    )
     if done.stop_reason is StopReason.END_TURN:
         obj = json.loads(text)
         assert set(obj) == {"name", "age"} and isinstance(obj["age"], int)
@@ -140,8 +174,16 @@ async def test_json_object_response_format(backend):
 
 
 async def test_multi_turn_and_system(backend):
-    r = Request((Message.system("You only answer with numbers."), Message.user("2+2?"),
-                 Message.assistant("4"), Message.user("3+3?")), temperature=0, max_tokens=10)
+    r = Request(
+        (
+            Message.system("You only answer with numbers."),
+            Message.user("2+2?"),
+            Message.assistant("4"),
+            Message.user("3+3?"),
+        ),
+        temperature=0,
+        max_tokens=10,
+    )
     prompt = backend.render(r)
     assert prompt.count("<|im_start|>") == 5 and prompt.endswith("<|im_start|>assistant\n")
     text, _, _ = await collect(backend, r)
@@ -166,8 +208,9 @@ async def test_unsupported_content_is_pre_stream(backend):
 
 
 async def test_aclose_stops_within_a_step_and_frees_the_sequence(backend):
-    gen = backend.generate(Request.chat("Write a very long essay.", max_tokens=900,
-                                        ignore_eos=True))
+    gen = backend.generate(
+        Request.chat("Write a very long essay.", max_tokens=900, ignore_eos=True)
+    )
     n = 0
     async for _ in gen:
         n += 1
@@ -184,8 +227,9 @@ async def test_task_cancellation_frees_the_sequence(backend):
     started = asyncio.Event()
 
     async def consume():
-        async for _ in backend.generate(Request.chat("Write a long essay.", max_tokens=900,
-                                                     ignore_eos=True)):
+        async for _ in backend.generate(
+            Request.chat("Write a long essay.", max_tokens=900, ignore_eos=True)
+        ):
             started.set()
 
     task = asyncio.create_task(consume())
@@ -221,8 +265,9 @@ async def test_event_loop_is_not_blocked(backend):
             await asyncio.sleep(0.005)
 
     t = asyncio.create_task(ticker())
-    _, _done, _ = await collect(backend, Request.chat("Tell me a story.", max_tokens=40,
-                                                     ignore_eos=True, temperature=0))
+    _, _done, _ = await collect(
+        backend, Request.chat("Tell me a story.", max_tokens=40, ignore_eos=True, temperature=0)
+    )
     stop = True
     await t
     assert ticks >= 3
@@ -245,8 +290,7 @@ async def test_parser_failure_mid_stream_is_backend_unavailable(smollm2_path):
     b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256, output_parser=lambda *a: Flaky())
     seen = []
     with pytest.raises(BackendUnavailable, match="parser bug"):
-        async for ev in b.generate(Request.chat("Tell a story", max_tokens=50,
-                                                ignore_eos=True)):
+        async for ev in b.generate(Request.chat("Tell a story", max_tokens=50, ignore_eos=True)):
             seen.append(ev)
     assert seen and not any(isinstance(e, Done) for e in seen)
     await b.aclose()
@@ -259,13 +303,21 @@ async def test_chat_template_override_and_errors(smollm2_path):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256,
-                 chat_template="{% for m in messages %}[{{ m.role }}] {{ m.content }}\n"
-                               "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    b = LlamaCpp(
+        smollm2_path,
+        n_threads=1,
+        n_ctx=256,
+        chat_template="{% for m in messages %}[{{ m.role }}] {{ m.content }}\n"
+        "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}",
+    )
     assert b.render(Request.chat("hi")) == "[user] hi\n[assistant] "
     await b.aclose()
-    b = LlamaCpp(smollm2_path, n_threads=1, n_ctx=256,
-                 chat_template="{{ raise_exception('no system messages please') }}")
+    b = LlamaCpp(
+        smollm2_path,
+        n_threads=1,
+        n_ctx=256,
+        chat_template="{{ raise_exception('no system messages please') }}",
+    )
     gen = b.generate(Request.chat("hi"))
     with pytest.raises(InvalidRequest, match="no system messages please"):
         await gen.__anext__()
@@ -288,15 +340,22 @@ def test_template_sees_tools_and_tojson():
     from inferd.backends.llamacpp.chat_template import ChatTemplate
     from inferd.types import Tool, ToolUseBlock
 
-    t = ChatTemplate("{% for t in tools %}{{ t.function.name }}:{{ t | tojson }}{% endfor %}"
-                     "|{% for m in messages %}{{ m.role }}={{ m.content }}"
-                     "{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}"
-                     "{% endif %};{% endfor %}{{ bos_token }}{{ eos_token }}",
-                     bos_token="<s>", eos_token="</s>")
+    t = ChatTemplate(
+        "{% for t in tools %}{{ t.function.name }}:{{ t | tojson }}{% endfor %}"
+        "|{% for m in messages %}{{ m.role }}={{ m.content }}"
+        "{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}"
+        "{% endif %};{% endfor %}{{ bos_token }}{{ eos_token }}",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     out = t.render(
-        (Message.user("héllo"), Message.assistant([ToolUseBlock("c1", "f", {"x": "é"})]),
-         Message.tool("c1", "42")),
-        tools=(Tool("f", "does f"),))
+        (
+            Message.user("héllo"),
+            Message.assistant([ToolUseBlock("c1", "f", {"x": "é"})]),
+            Message.tool("c1", "42"),
+        ),
+        tools=(Tool("f", "does f"),),
+    )
     assert out.startswith('f:{"type": "function"')
     assert 'user=héllo;assistant={"x": "é"};tool=42;<s></s>' in out
 

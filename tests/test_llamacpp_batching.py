@@ -20,14 +20,28 @@ from .conftest import require_llama_core
 
 pytestmark = pytest.mark.llama
 
-WORDS = ("apple river stone cloud seven music garden paper light window orange "
-         "bridge candle winter forest silver").split()
+WORDS = (
+    "apple river stone cloud seven music garden paper light window orange "
+    "bridge candle winter forest silver"
+).split()
 
 #: Each prompt asks for its own word; SmolLM2 answers with it, so an answer that names
 #: another prompt's word would be cross-talk. Robust to batch-shape numerics, unlike a
 #: token-for-token comparison (which the test reports instead).
-KEYWORDS = ("banana", "elephant", "guitar", "volcano", "pizza", "rocket", "tomato",
-            "dolphin", "diamond", "pencil", "castle", "penguin")
+KEYWORDS = (
+    "banana",
+    "elephant",
+    "guitar",
+    "volcano",
+    "pizza",
+    "rocket",
+    "tomato",
+    "dolphin",
+    "diamond",
+    "pencil",
+    "castle",
+    "penguin",
+)
 LAYOUTS = ("unified", "split")
 #: Run a test on the shared ``backend`` of one layout only.
 unified_only = pytest.mark.parametrize("backend", ["unified"], indirect=True)
@@ -36,8 +50,10 @@ split_only = pytest.mark.parametrize("backend", ["split"], indirect=True)
 
 def _keyword_prompt(i: int, word: str) -> str:
     if i % 2:  # mixed prompt lengths
-        return ("I am practising my spelling today and would like some help with it. "
-                f"Repeat this word three times: {word}")
+        return (
+            "I am practising my spelling today and would like some help with it. "
+            f"Repeat this word three times: {word}"
+        )
     return f"Repeat this word three times: {word}"
 
 
@@ -47,8 +63,9 @@ def backend(request, smollm2_path):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=2048, n_threads=1, parallel=8, max_queued=64,
-                 kv_layout=request.param)
+    b = LlamaCpp(
+        smollm2_path, n_ctx=2048, n_threads=1, parallel=8, max_queued=64, kv_layout=request.param
+    )
     assert b.kv_layout == request.param and b.n_ctx_seq == 256
     yield b
     b.close()
@@ -105,9 +122,13 @@ async def test_random_streams_each_end_once_and_leak_nothing(backend, n_streams)
     async def client(i: int, mode: str) -> None:
         await asyncio.sleep(rng.random() * 0.3)  # random arrival
         prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 24)))
-        req = Request.chat(f"Continue: {prompt}", temperature=rng.choice([0.0, 0.7]),
-                           seed=i, max_tokens=rng.randint(8, 16 if n_streams < 64 else 10),
-                           ignore_eos=True)
+        req = Request.chat(
+            f"Continue: {prompt}",
+            temperature=rng.choice([0.0, 0.7]),
+            seed=i,
+            max_tokens=rng.randint(8, 16 if n_streams < 64 else 10),
+            ignore_eos=True,
+        )
         events = []
         gen = backend.generate(req)
         try:
@@ -151,8 +172,9 @@ async def test_queue_overflow_is_queue_full_pre_stream(smollm2_path, kv_layout):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=512, n_threads=1, parallel=1, max_queued=2,
-                 kv_layout=kv_layout)
+    b = LlamaCpp(
+        smollm2_path, n_ctx=512, n_threads=1, parallel=1, max_queued=2, kv_layout=kv_layout
+    )
     try:
         long = Request.chat("Write a story.", max_tokens=200, ignore_eos=True)
         first = b.generate(long)
@@ -194,9 +216,13 @@ async def test_split_prompt_too_big_for_its_slot_is_invalid(backend):
     n_prompt = len(backend.tokenize_prompt(backend.render(req)))
     assert n_prompt >= 256
     gen = backend.generate(req)
-    with pytest.raises(InvalidRequest, match=(
+    with pytest.raises(
+        InvalidRequest,
+        match=(
             rf"prompt is {n_prompt} tokens.*one slot holds at most 256 "
-            r"tokens.*kv_layout='split'.*parallel=8")):
+            r"tokens.*kv_layout='split'.*parallel=8"
+        ),
+    ):
         await gen.__anext__()
     await _wait_quiet(backend)
 
@@ -220,11 +246,9 @@ async def test_context_pressure_waits_in_the_queue(smollm2_path):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, parallel=3, n_ctx_seq=256,
-                 prefix_cache=0)
+    b = LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, parallel=3, n_ctx_seq=256, prefix_cache=0)
     try:
-        req = Request.chat("Tell me about rivers.", max_tokens=100, ignore_eos=True,
-                           temperature=0)
+        req = Request.chat("Tell me about rivers.", max_tokens=100, ignore_eos=True, temperature=0)
         peak = 0
 
         async def watch() -> None:
@@ -249,17 +273,20 @@ def test_limits_are_validated(smollm2_path):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    for kw in ({"parallel": 0}, {"max_queued": -1}, {"step_tokens": 0},
-               {"prefix_cache": -1}):
+    for kw in ({"parallel": 0}, {"max_queued": -1}, {"step_tokens": 0}, {"prefix_cache": -1}):
         with pytest.raises(InvalidRequest):
             LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, **kw)
     with pytest.raises(InvalidRequest, match=r"kv_layout='paged'.*'unified'.*'split'"):
         LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, kv_layout="paged")
     # a split slot cannot be oversubscribed
-    with pytest.raises(InvalidRequest, match=r"n_ctx_seq=1024 exceeds the 512 cells of "
-                                             r"one slot.*kv_layout='split'"):
-        LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1, parallel=2, n_ctx_seq=1024,
-                 kv_layout="split")
+    with pytest.raises(
+        InvalidRequest,
+        match=r"n_ctx_seq=1024 exceeds the 512 cells of "
+        r"one slot.*kv_layout='split'",
+    ):
+        LlamaCpp(
+            smollm2_path, n_ctx=1024, n_threads=1, parallel=2, n_ctx_seq=1024, kv_layout="split"
+        )
     b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1)
     try:
         assert b.parallel == 2 and b.n_ctx_seq == 512  # min(8, n_ctx // 512) on CPU
@@ -278,6 +305,7 @@ async def test_cancel_one_stream_frees_it_and_the_others_continue(backend):
     assert all(isinstance(e, Text) for e in firsts)
     await gens[0].aclose()  # returns once its sequence and cells are freed
     assert backend.batching_stats()["admitted"] >= 4
+
     async def drain(g) -> list:
         return [ev async for ev in g]
 
@@ -312,8 +340,10 @@ async def test_slow_consumer_pauses_only_its_own_sequence(backend):
 def _shared_system_requests() -> tuple[str, Request, Request]:
     """A long system prompt and two short questions under it (greedy, 8 tokens)."""
     system = "You are a terse assistant. " * 10
-    ask = [Request((Message.system(system), Message.user(q)), temperature=0, max_tokens=8)
-           for q in ("Name a fruit.", "Name a planet.")]
+    ask = [
+        Request((Message.system(system), Message.user(q)), temperature=0, max_tokens=8)
+        for q in ("Name a fruit.", "Name a planet.")
+    ]
     return system, ask[0], ask[1]
 
 
@@ -331,9 +361,16 @@ async def test_prefix_reuse_reports_cached_tokens_and_keeps_the_answer(backend):
     assert d1b.usage.cached_tokens == d1.usage.input_tokens - 1
     assert t1b == t1
     # multi-turn: the next turn reuses the previous prompt and reply
-    r3 = Request((Message.system(system), Message.user("Name a fruit."),
-                  Message.assistant(t1), Message.user("Another one?")), temperature=0,
-                 max_tokens=8)
+    r3 = Request(
+        (
+            Message.system(system),
+            Message.user("Name a fruit."),
+            Message.assistant(t1),
+            Message.user("Another one?"),
+        ),
+        temperature=0,
+        max_tokens=8,
+    )
     _, d3 = await _text(backend, r3)
     assert d3.usage.cached_tokens >= d1.usage.input_tokens - 1
     await _wait_quiet(backend)
@@ -361,9 +398,16 @@ async def test_split_reuses_a_prefix_in_its_slot_and_keeps_the_answer(backend):
     t2b, d2b = await _text(backend, r2)
     assert d2b.usage.cached_tokens == n_prompt - 1
     # multi-turn: the next turn reuses the previous prompt and reply in place
-    r3 = Request((Message.system(system), Message.user("Name a planet."),
-                  Message.assistant(t2), Message.user("Another one?")), temperature=0,
-                 max_tokens=8)
+    r3 = Request(
+        (
+            Message.system(system),
+            Message.user("Name a planet."),
+            Message.assistant(t2),
+            Message.user("Another one?"),
+        ),
+        temperature=0,
+        max_tokens=8,
+    )
     _, d3 = await _text(backend, r3)
     assert d3.usage.cached_tokens >= n_prompt - 1
     # without reuse: the same greedy answer, computed from scratch
@@ -382,8 +426,9 @@ async def test_split_cancelled_stream_clears_its_slot(backend):
     await _text(backend, Request.chat("Say hi.", temperature=0, max_tokens=4))
     kept = _held(backend)
     assert len(kept) == 1
-    gen = backend.generate(Request.chat("Write a long story.", max_tokens=64,
-                                        ignore_eos=True, temperature=0))
+    gen = backend.generate(
+        Request.chat("Write a long story.", max_tokens=64, ignore_eos=True, temperature=0)
+    )
     await gen.__anext__()
     stream = backend._active
     assert stream is not None and stream.seq in kept  # it reused the finished slot
@@ -400,8 +445,10 @@ async def test_split_cancelled_stream_clears_its_slot(backend):
 async def test_no_cross_talk_and_report_agreement(backend, capsys):
     """Batched answers name their own keyword; token-for-token agreement with the
     single-stream path is printed per layout, not asserted."""
-    reqs = [Request.chat(_keyword_prompt(i, w), temperature=0, max_tokens=20)
-            for i, w in enumerate(KEYWORDS)]
+    reqs = [
+        Request.chat(_keyword_prompt(i, w), temperature=0, max_tokens=20)
+        for i, w in enumerate(KEYWORDS)
+    ]
     backend.clear_prefix_cache()
     single = []
     for r in reqs:  # one at a time: the single-stream path
@@ -432,8 +479,10 @@ async def test_no_cross_talk_and_report_agreement(backend, capsys):
         exact += a == b
         lines.append(f"  {KEYWORDS[i]:>9}: first {n}/{len(a)} tokens agree")
     with capsys.disabled():
-        print(f"\n[batching kv_layout={backend.kv_layout}] greedy outputs token-for-token "
-              f"identical to the single-stream path: {exact}/{len(reqs)}")
+        print(
+            f"\n[batching kv_layout={backend.kv_layout}] greedy outputs token-for-token "
+            f"identical to the single-stream path: {exact}/{len(reqs)}"
+        )
         print("\n".join(lines))
     await _wait_quiet(backend)
     _assert_empty(backend)
@@ -443,6 +492,12 @@ async def test_no_cross_talk_and_report_agreement(backend, capsys):
 
 
 def test_ignore_eos_is_read_from_the_openai_body():
-    r = request_from_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                             "ignore_eos": True, "max_tokens": 128})
+    r = request_from_openai(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "ignore_eos": True,
+            "max_tokens": 128,
+        }
+    )
     assert r.ignore_eos is True and r.max_tokens == 128

@@ -41,10 +41,16 @@ _CHILD = textwrap.dedent("""
 
 def load_in_child(path: Path | str, **kwargs) -> str:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", _CHILD, str(path), repr(kwargs)],
-                       capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), repr(kwargs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert p.returncode == 0, (
-        f"loading {path} crashed the process (exit {p.returncode}):\n{p.stderr[-2000:]}")
+        f"loading {path} crashed the process (exit {p.returncode}):\n{p.stderr[-2000:]}"
+    )
     out = p.stdout.strip().splitlines()[-1]
     if out == "NO-CORE":
         missing("the compiled llama.cpp core inferd._fast._llama")
@@ -120,8 +126,9 @@ def test_huge_string_array_claim(tmp_path):
 def test_unknown_value_type(tmp_path):
     key = b"x"
     p = tmp_path / "type.gguf"
-    p.write_bytes(_gguf_header(n_kv=1) + struct.pack("<Q", 1) + key + struct.pack("<I", 77)
-                  + b"\0" * 32)
+    p.write_bytes(
+        _gguf_header(n_kv=1) + struct.pack("<Q", 1) + key + struct.pack("<I", 77) + b"\0" * 32
+    )
     with pytest.raises(ModelLoadError, match="unknown type 77"):
         loader.prepare(p)
 
@@ -187,7 +194,7 @@ def test_child_corrupted_metadata_values(smollm2_path, tmp_path):
     data = bytearray(smollm2_path.read_bytes())
     i = data.find(b"llama", 0, 4096)
     assert i > 0
-    data[i:i + 5] = b"zzzzz"
+    data[i : i + 5] = b"zzzzz"
     p = tmp_path / "arch.gguf"
     p.write_bytes(bytes(data))
     out = load_in_child(p)
@@ -196,8 +203,7 @@ def test_child_corrupted_metadata_values(smollm2_path, tmp_path):
 
 def test_child_minimal_valid_header_without_tensors(tmp_path):
     p = tmp_path / "tiny.gguf"
-    p.write_bytes(_gguf_header(n_kv=1) + _kv_string("general.architecture", "llama")
-                  + b"\0" * 64)
+    p.write_bytes(_gguf_header(n_kv=1) + _kv_string("general.architecture", "llama") + b"\0" * 64)
     out = load_in_child(p)
     assert out.startswith("ModelLoadError"), out
 

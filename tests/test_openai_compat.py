@@ -82,39 +82,60 @@ def test_defaults_are_named():
     assert b.model == "gpt-4o-mini"
     t = b._client.timeout
     assert (t.total, t.connect, t.sock_read) == (
-        DEFAULT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S)
+        DEFAULT_TIMEOUT_S,
+        DEFAULT_CONNECT_TIMEOUT_S,
+        DEFAULT_READ_TIMEOUT_S,
+    )
     assert DEFAULT_TIMEOUT_S == 300
     assert b._client.retry.max_retries == DEFAULT_MAX_RETRIES == 2
     assert b._client.max_connections == DEFAULT_MAX_CONNECTIONS
     caps = b.capabilities()
     assert (caps.v2, caps.tools, caps.thinking, caps.embed, caps.vision) == (
-        True, True, True, True, False)
+        True,
+        True,
+        True,
+        True,
+        False,
+    )
     assert caps.accelerator == AcceleratorInfo(kind="remote")
     assert OpenAICompat(api_key="", vision=True).capabilities().vision is True
 
 
-@pytest.mark.parametrize("base", [
-    "http://h:1", "http://h:1/", "http://h:1/v1", "http://h:1/v1/",
-    "http://h:1/v1/chat/completions",
-])
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://h:1",
+        "http://h:1/",
+        "http://h:1/v1",
+        "http://h:1/v1/",
+        "http://h:1/v1/chat/completions",
+    ],
+)
 def test_url_building(base):
     assert endpoint_url(base, "chat/completions") == "http://h:1/v1/chat/completions"
     assert endpoint_url(base.replace("/chat/completions", ""), "embeddings") == (
-        "http://h:1/v1/embeddings")
+        "http://h:1/v1/embeddings"
+    )
 
 
 def test_url_building_keeps_prefix_and_query():
     assert endpoint_url("https://h/openai/v1?api-version=2", "chat/completions") == (
-        "https://h/openai/v1/chat/completions?api-version=2")
+        "https://h/openai/v1/chat/completions?api-version=2"
+    )
     with pytest.raises(InvalidRequest):
         endpoint_url("ftp://h", "chat/completions")
 
 
-@pytest.mark.parametrize(("kw", "what"), [
-    ({"timeout": 0}, "timeout"), ({"read_timeout": -1}, "read_timeout"),
-    ({"connect_timeout": 0}, "connect_timeout"), ({"max_connections": 0}, "max_connections"),
-    ({"max_event_bytes": 10}, "max_event_bytes"),
-])
+@pytest.mark.parametrize(
+    ("kw", "what"),
+    [
+        ({"timeout": 0}, "timeout"),
+        ({"read_timeout": -1}, "read_timeout"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_event_bytes": 10}, "max_event_bytes"),
+    ],
+)
 def test_bad_limits_rejected(kw, what):
     with pytest.raises(ValueError, match=what):
         OpenAICompat(api_key="", **kw)
@@ -164,8 +185,11 @@ def test_secret_never_prints():
 
 
 async def test_plain_stream_and_what_the_upstream_received(up):
-    b = make(up.script("plain", Stream(QUIRKS["plain"].pieces)),
-             headers={"X-Extra": "1"}, extra_body={"top_k": 3, "temperature": 1.5})
+    b = make(
+        up.script("plain", Stream(QUIRKS["plain"].pieces)),
+        headers={"X-Extra": "1"},
+        extra_body={"top_k": 3, "temperature": 1.5},
+    )
     r = Request.chat("hi", system="sys", temperature=0.2, max_tokens=9, tools=(Tool("f"),))
     async with b:
         events = await collect(b, r)
@@ -182,8 +206,10 @@ async def test_plain_stream_and_what_the_upstream_received(up):
     assert rec.headers["X-Extra"] == "1"
     assert rec.body["model"] == "test-model"
     assert rec.body["stream"] is True and rec.body["stream_options"] == {"include_usage": True}
-    assert rec.body["messages"] == [{"role": "system", "content": "sys"},
-                                    {"role": "user", "content": "hi"}]
+    assert rec.body["messages"] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+    ]
     assert rec.body["top_k"] == 3  # from extra_body
     assert rec.body["temperature"] == 0.2  # the request's own value wins
     assert rec.body["max_tokens"] == 9 and rec.body["tools"][0]["function"]["name"] == "f"
@@ -222,7 +248,7 @@ async def test_recorded_quirks_decode(up, twin, name, bytewise):
     pieces = quirk.pieces
     if bytewise:  # every byte its own write: events split at every possible point
         raw = b"".join(pieces)
-        pieces = [raw[i:i + 1] for i in range(len(raw))]
+        pieces = [raw[i : i + 1] for i in range(len(raw))]
     async with make(up.script(name, Stream(pieces))) as b:
         events = await collect(b)
     assert events[:-1] == quirk.events[:-1]
@@ -308,8 +334,9 @@ async def test_max_retries_zero_means_one_attempt(up):
 
 
 async def test_retry_after_seconds_is_honoured(up):
-    url = up.script("ra", Status(429, headers={"Retry-After": "0.4"}),
-                    Stream(QUIRKS["plain"].pieces))
+    url = up.script(
+        "ra", Status(429, headers={"Retry-After": "0.4"}), Stream(QUIRKS["plain"].pieces)
+    )
     async with make(url, backoff_base=0.0) as b:
         t0 = time.perf_counter()
         events = await collect(b)
@@ -320,8 +347,9 @@ async def test_retry_after_seconds_is_honoured(up):
 
 async def test_retry_after_http_date_is_honoured(up):
     when = email.utils.formatdate(time.time() + 1.5, usegmt=True)  # whole seconds
-    url = up.script("rad", Status(503, headers={"Retry-After": when}),
-                    Stream(QUIRKS["plain"].pieces))
+    url = up.script(
+        "rad", Status(503, headers={"Retry-After": when}), Stream(QUIRKS["plain"].pieces)
+    )
     async with make(url, backoff_base=0.0) as b:
         t0 = time.perf_counter()
         await collect(b)
@@ -330,8 +358,9 @@ async def test_retry_after_http_date_is_honoured(up):
 
 
 async def test_retry_after_over_the_limit_fails_at_once(up):
-    url = up.script("long", Status(429, headers={"Retry-After": "3600"}),
-                    Stream(QUIRKS["plain"].pieces))
+    url = up.script(
+        "long", Status(429, headers={"Retry-After": "3600"}), Stream(QUIRKS["plain"].pieces)
+    )
     async with make(url, max_retry_after=5) as b:
         t0 = time.perf_counter()
         with pytest.raises(BackendUnavailable, match="max_retry_after"):
@@ -582,11 +611,16 @@ async def test_max_connections_limits_concurrency(up):
 
 
 async def test_embeddings_order_usage_and_request(up):
-    reply = {"object": "list", "model": "emb",
-             "data": [{"index": 2, "embedding": [0.0, 0.0, 1.0]},
-                      {"index": 0, "embedding": [1.0, 0.0, 0.0]},
-                      {"index": 1, "embedding": [0.0, 1.0, 0.0]}],
-             "usage": {"prompt_tokens": 6, "total_tokens": 6}}
+    reply = {
+        "object": "list",
+        "model": "emb",
+        "data": [
+            {"index": 2, "embedding": [0.0, 0.0, 1.0]},
+            {"index": 0, "embedding": [1.0, 0.0, 0.0]},
+            {"index": 1, "embedding": [0.0, 1.0, 0.0]},
+        ],
+        "usage": {"prompt_tokens": 6, "total_tokens": 6},
+    }
     url = up.script("emb", Json(reply))
     async with make(url, embed_model="emb") as b:
         res = await b.embed(EmbedRequest(("a", "b", "c"), dimensions=3))
@@ -594,8 +628,12 @@ async def test_embeddings_order_usage_and_request(up):
     assert res.dimensions == 3 and res.usage.input_tokens == 6 and res.model == "emb"
     [rec] = up.requests("emb")
     assert rec.path == "/s/emb/v1/embeddings"
-    assert rec.body == {"input": ["a", "b", "c"], "dimensions": 3, "model": "emb",
-                        "encoding_format": "float"}
+    assert rec.body == {
+        "input": ["a", "b", "c"],
+        "dimensions": 3,
+        "model": "emb",
+        "encoding_format": "float",
+    }
     assert rec.headers["Authorization"] == f"Bearer {KEY}"
 
 

@@ -55,8 +55,11 @@ from inferd.types import (
     Usage,
 )
 
-WEATHER = Tool("get_weather", "Weather for a city",
-               {"type": "object", "properties": {"city": {"type": "string"}}})
+WEATHER = Tool(
+    "get_weather",
+    "Weather for a city",
+    {"type": "object", "properties": {"city": {"type": "string"}}},
+)
 
 
 def tool_round_trip_request() -> Request:
@@ -64,8 +67,9 @@ def tool_round_trip_request() -> Request:
         (
             Message.system("be brief"),
             Message.user("Weather in Paris?"),
-            Message.assistant([TextBlock("Checking. "),
-                               ToolUseBlock("call_1", "get_weather", {"city": "Paris"})]),
+            Message.assistant(
+                [TextBlock("Checking. "), ToolUseBlock("call_1", "get_weather", {"city": "Paris"})]
+            ),
             Message.tool("call_1", '{"temp": 21}'),
         ),
         tools=(WEATHER,),
@@ -100,18 +104,36 @@ def test_full_request_maps_every_field():
     assert body["messages"] == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "Checking. ",
-         "tool_calls": [{"id": "call_1", "type": "function",
-                         "function": {"name": "get_weather",
-                                      "arguments": '{"city":"Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": "Checking. ",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
     ]
-    assert body["tools"] == [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     assert body["tool_choice"] == "auto"
     assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (
-        0.2, 0.9, 64, 7)
+        0.2,
+        0.9,
+        64,
+        7,
+    )
     assert body["stop"] == ["END", "STOP"]
     assert body["response_format"] == {"type": "json_object"}
     orjson.dumps(body)  # JSON-serialisable as is
@@ -123,19 +145,30 @@ def test_text_blocks_are_joined():
 
 
 def test_assistant_tool_call_without_text_has_null_content():
-    r = Request((Message.user("q"), Message.assistant([ToolUseBlock("c", "f", {})]),
-                 Message.tool("c", "r")), tools=(Tool("f"),))
+    r = Request(
+        (
+            Message.user("q"),
+            Message.assistant([ToolUseBlock("c", "f", {})]),
+            Message.tool("c", "r"),
+        ),
+        tools=(Tool("f"),),
+    )
     msg = request_to_openai(r)["messages"][1]
     assert msg["content"] is None and msg["tool_calls"][0]["function"]["arguments"] == "{}"
 
 
 def test_each_tool_result_becomes_its_own_tool_message():
-    r = Request((
-        Message.user("q"),
-        Message.assistant([ToolUseBlock("a", "f", {}), ToolUseBlock("b", "f", {})]),
-        Message("user", [ToolResultBlock("a", "ra"), ToolResultBlock("b", "rb"),
-                         TextBlock("and now?")]),
-    ), tools=(Tool("f"),))
+    r = Request(
+        (
+            Message.user("q"),
+            Message.assistant([ToolUseBlock("a", "f", {}), ToolUseBlock("b", "f", {})]),
+            Message(
+                "user",
+                [ToolResultBlock("a", "ra"), ToolResultBlock("b", "rb"), TextBlock("and now?")],
+            ),
+        ),
+        tools=(Tool("f"),),
+    )
     msgs = request_to_openai(r)["messages"]
     assert msgs[2:] == [
         {"role": "tool", "tool_call_id": "a", "content": "ra"},
@@ -146,8 +179,10 @@ def test_each_tool_result_becomes_its_own_tool_message():
 
 def test_tool_choice_named_tool():
     r = Request.chat("q", tools=(WEATHER,), tool_choice=ToolChoice("tool", "get_weather"))
-    assert request_to_openai(r)["tool_choice"] == {"type": "function",
-                                                   "function": {"name": "get_weather"}}
+    assert request_to_openai(r)["tool_choice"] == {
+        "type": "function",
+        "function": {"name": "get_weather"},
+    }
     r2 = Request.chat("q", tools=(WEATHER,), tool_choice="required")
     assert request_to_openai(r2)["tool_choice"] == "required"
 
@@ -155,19 +190,28 @@ def test_tool_choice_named_tool():
 def test_images_become_data_urls_including_attachments():
     png = b"\x89PNG fake"
     r = Request(
-        (Message.user([TextBlock("what is "), TextBlock("this?"),
-                       ImageBlock(data=png, media_type="image/png"),
-                       ImageBlock(url="https://example.invalid/cat.jpg"),
-                       ImageBlock(attachment="img1")]),),
+        (
+            Message.user(
+                [
+                    TextBlock("what is "),
+                    TextBlock("this?"),
+                    ImageBlock(data=png, media_type="image/png"),
+                    ImageBlock(url="https://example.invalid/cat.jpg"),
+                    ImageBlock(attachment="img1"),
+                ]
+            ),
+        ),
         attachments=(Attachment("img1", "image", b"JPEGDATA", "image/jpeg"),),
     )
     parts = request_to_openai(r, vision=True)["messages"][0]["content"]
     assert parts[0] == {"type": "text", "text": "what is this?"}
     assert parts[1]["image_url"]["url"] == (
-        "data:image/png;base64," + base64.b64encode(png).decode())
+        "data:image/png;base64," + base64.b64encode(png).decode()
+    )
     assert parts[2]["image_url"]["url"] == "https://example.invalid/cat.jpg"
     assert parts[3]["image_url"]["url"] == (
-        "data:image/jpeg;base64," + base64.b64encode(b"JPEGDATA").decode())
+        "data:image/jpeg;base64," + base64.b64encode(b"JPEGDATA").decode()
+    )
 
 
 def test_images_without_vision_are_a_clear_invalid_request():
@@ -179,8 +223,10 @@ def test_images_without_vision_are_a_clear_invalid_request():
 def test_audio_becomes_input_audio():
     r = Request((Message.user([AudioBlock(data=b"RIFF", format="wav")]),))
     part = request_to_openai(r)["messages"][0]["content"][0]
-    assert part == {"type": "input_audio",
-                    "input_audio": {"data": base64.b64encode(b"RIFF").decode(), "format": "wav"}}
+    assert part == {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(b"RIFF").decode(), "format": "wav"},
+    }
 
 
 def test_extensions_sent_only_when_set():
@@ -210,8 +256,9 @@ def test_round_trip_preserves_body():
 
 
 def test_round_trip_with_images():
-    r = Request((Message.user([TextBlock("see"), ImageBlock(data=b"abc",
-                                                            media_type="image/webp")]),))
+    r = Request(
+        (Message.user([TextBlock("see"), ImageBlock(data=b"abc", media_type="image/webp")]),)
+    )
     assert request_from_openai(request_to_openai(r)) == r
 
 
@@ -220,13 +267,25 @@ def test_from_openai_accepts_client_variants():
         "model": "x",
         "messages": [
             {"role": "developer", "content": "sys"},
-            {"role": "user", "content": [{"type": "text", "text": "a"},
-                                         {"type": "image_url",
-                                          "image_url": {"url": "data:image/png;base64,AAEC"}},
-                                         {"type": "image_url", "image_url": "http://h/i.png"}]},
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"id": "c1", "type": "function",
-                             "function": {"name": "f", "arguments": {"k": 1}}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "a"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAEC"}},
+                    {"type": "image_url", "image_url": "http://h/i.png"},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": {"k": 1}},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "ok"}]},
         ],
         "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -250,68 +309,133 @@ def test_from_openai_accepts_client_variants():
     assert r.messages[3] == Message.tool("c1", "ok")
     assert r.tool_choice == ToolChoice("tool", "f")
     assert (r.max_tokens, r.stop, r.seed, r.top_k, r.min_p, r.ignore_eos, r.model) == (
-        9, ("X",), 3, 5, 0.1, True, "x")
+        9,
+        ("X",),
+        3,
+        5,
+        0.1,
+        True,
+        "x",
+    )
     assert r.response_format == {"type": "text"}
 
 
 def test_max_tokens_legacy_name():
-    assert request_from_openai({"messages": [{"role": "user", "content": "a"}],
-                                "max_tokens": 5}).max_tokens == 5
+    assert (
+        request_from_openai(
+            {"messages": [{"role": "user", "content": "a"}], "max_tokens": 5}
+        ).max_tokens
+        == 5
+    )
 
 
-@pytest.mark.parametrize(("extra", "thinking"), [
-    ({}, False),
-    ({"reasoning_effort": "high"}, True),
-    ({"reasoning_effort": "none"}, False),
-    ({"reasoning": {"effort": "low"}}, True),
-    ({"thinking": {"type": "enabled", "budget_tokens": 100}}, True),
-    ({"thinking": {"type": "disabled"}}, False),
-    ({"chat_template_kwargs": {"enable_thinking": True}}, True),
-])
+@pytest.mark.parametrize(
+    ("extra", "thinking"),
+    [
+        ({}, False),
+        ({"reasoning_effort": "high"}, True),
+        ({"reasoning_effort": "none"}, False),
+        ({"reasoning": {"effort": "low"}}, True),
+        ({"thinking": {"type": "enabled", "budget_tokens": 100}}, True),
+        ({"thinking": {"type": "disabled"}}, False),
+        ({"chat_template_kwargs": {"enable_thinking": True}}, True),
+    ],
+)
 def test_thinking_flag(extra, thinking):
     body = {"messages": [{"role": "user", "content": "a"}], **extra}
     assert request_from_openai(body).thinking is thinking
 
 
 def test_auto_tool_choice_without_tools_is_dropped():
-    r = request_from_openai({"messages": [{"role": "user", "content": "a"}],
-                             "tool_choice": "auto"})
+    r = request_from_openai({"messages": [{"role": "user", "content": "a"}], "tool_choice": "auto"})
     assert r.tool_choice is None
 
 
-@pytest.mark.parametrize(("body", "match"), [
-    ([], "JSON object"),
-    ({"messages": []}, "messages"),
-    ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "a"}]}, "role"),
-    ({"messages": ["hi"]}, r"messages\[0\]"),
-    ({"messages": [{"role": "user", "content": 3}]}, "content"),
-    ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, "video"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "text"),
-    ({"messages": [{"role": "system", "content": [{"type": "image_url",
-                                                   "image_url": {"url": "x"}}]}]}, "image_url"),
-    ({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png,raw"}}]}]}, "base64"),
-    ({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, "base64"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c",
-                                                         "function": {"name": "f",
-                                                                      "arguments": "{oops"}}]}]},
-     "not valid JSON"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c",
-                                                         "function": {"name": "f",
-                                                                      "arguments": "[1]"}}]}]},
-     "JSON object"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]}, "id"),
-    ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "retrieval"}]},
-     "function"),
-    ({"messages": [{"role": "user", "content": "a"}], "stop": 5}, "stop"),
-    ({"messages": [{"role": "user", "content": "a"}], "n": 2}, "n=2"),
-    ({"messages": [{"role": "user", "content": "a"}], "temperature": "hot"}, "temperature"),
-    ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, "tool"),
-    ({"messages": [{"role": "user", "content": "a"}], "model": 5}, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ([], "JSON object"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "a"}]}, "role"),
+        ({"messages": ["hi"]}, r"messages\[0\]"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content"),
+        ({"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}, "video"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "text"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "system",
+                        "content": [{"type": "image_url", "image_url": {"url": "x"}}],
+                    }
+                ]
+            },
+            "image_url",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/png,raw"}}
+                        ],
+                    }
+                ]
+            },
+            "base64",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}
+                        ],
+                    }
+                ]
+            },
+            "base64",
+        ),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c", "function": {"name": "f", "arguments": "{oops"}}
+                        ],
+                    }
+                ]
+            },
+            "not valid JSON",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}],
+                    }
+                ]
+            },
+            "JSON object",
+        ),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]}, "id"),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "retrieval"}]},
+            "function",
+        ),
+        ({"messages": [{"role": "user", "content": "a"}], "stop": 5}, "stop"),
+        ({"messages": [{"role": "user", "content": "a"}], "n": 2}, "n=2"),
+        ({"messages": [{"role": "user", "content": "a"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, "tool"),
+        ({"messages": [{"role": "user", "content": "a"}], "model": 5}, "model"),
+    ],
+)
 def test_bad_input_is_a_clear_invalid_request(body, match):
     with pytest.raises(InvalidRequest, match=match):
         request_from_openai(body)
@@ -323,25 +447,44 @@ def test_bad_input_is_a_clear_invalid_request(body, match):
 def test_chunk_writer_stream():
     w = ChunkWriter("m", "chatcmpl-1", created=123)
     chunks = []
-    for ev in (Thinking("hmm"), Text("Hi"), Text(""),
-               ToolUse("c1", "f", {"a": 1}, '{"a": 1}'), ToolUse("c2", "g", {"b": 2}),
-               Done(StopReason.TOOL_USE, Usage(10, 5, 4))):
+    for ev in (
+        Thinking("hmm"),
+        Text("Hi"),
+        Text(""),
+        ToolUse("c1", "f", {"a": 1}, '{"a": 1}'),
+        ToolUse("c2", "g", {"b": 2}),
+        Done(StopReason.TOOL_USE, Usage(10, 5, 4)),
+    ):
         chunks += w.write(ev)
-    assert all(c["id"] == "chatcmpl-1" and c["model"] == "m" and c["created"] == 123
-               and c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all(
+        c["id"] == "chatcmpl-1"
+        and c["model"] == "m"
+        and c["created"] == 123
+        and c["object"] == "chat.completion.chunk"
+        for c in chunks
+    )
     deltas = [c["choices"][0]["delta"] if c["choices"] else None for c in chunks]
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert deltas[1] == {"reasoning_content": "hmm"}
     assert deltas[2] == {"content": "Hi"}
-    assert deltas[3]["tool_calls"] == [{"index": 0, "id": "c1", "type": "function",
-                                        "function": {"name": "f", "arguments": '{"a": 1}'}}]
+    assert deltas[3]["tool_calls"] == [
+        {
+            "index": 0,
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "f", "arguments": '{"a": 1}'},
+        }
+    ]
     assert deltas[4]["tool_calls"][0]["index"] == 1
     assert deltas[4]["tool_calls"][0]["function"]["arguments"] == '{"b":2}'
     assert chunks[5]["choices"][0]["finish_reason"] == "tool_calls"
     assert chunks[6]["choices"] == []
-    assert chunks[6]["usage"] == {"prompt_tokens": 10, "completion_tokens": 5,
-                                  "total_tokens": 15, "prompt_tokens_details":
-                                  {"cached_tokens": 4}}
+    assert chunks[6]["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
     assert len(chunks) == 7 and w.finished
     with pytest.raises(InvalidRequest):
         w.write(Text("late"))
@@ -359,11 +502,17 @@ def test_sse_encoding():
     assert SSE_DONE == b"data: [DONE]\n\n"
 
 
-@pytest.mark.parametrize(("stop", "reason"), [
-    (StopReason.END_TURN, "stop"), (StopReason.STOP_SEQUENCE, "stop"),
-    (StopReason.MAX_TOKENS, "length"), (StopReason.TOOL_USE, "tool_calls"),
-    (StopReason.CANCELLED, "stop"), (StopReason.ERROR, "stop"),
-])
+@pytest.mark.parametrize(
+    ("stop", "reason"),
+    [
+        (StopReason.END_TURN, "stop"),
+        (StopReason.STOP_SEQUENCE, "stop"),
+        (StopReason.MAX_TOKENS, "length"),
+        (StopReason.TOOL_USE, "tool_calls"),
+        (StopReason.CANCELLED, "stop"),
+        (StopReason.ERROR, "stop"),
+    ],
+)
 def test_finish_reasons(stop, reason):
     assert finish_reason(stop) == reason
 
@@ -383,36 +532,51 @@ def test_usage_both_ways():
 
 
 def test_response_to_completion():
-    resp = Response("Hello", "thought", (ToolUse("c", "f", {"x": 1}, '{"x":1}'),),
-                    Done(StopReason.TOOL_USE, Usage(2, 3)))
+    resp = Response(
+        "Hello",
+        "thought",
+        (ToolUse("c", "f", {"x": 1}, '{"x":1}'),),
+        Done(StopReason.TOOL_USE, Usage(2, 3)),
+    )
     out = response_to_completion(resp, model="m", id="cmpl-9", created=5)
     assert out["object"] == "chat.completion" and out["id"] == "cmpl-9"
     msg = out["choices"][0]["message"]
-    assert msg == {"role": "assistant", "content": "Hello", "reasoning_content": "thought",
-                   "tool_calls": [{"id": "c", "type": "function",
-                                   "function": {"name": "f", "arguments": '{"x":1}'}}]}
+    assert msg == {
+        "role": "assistant",
+        "content": "Hello",
+        "reasoning_content": "thought",
+        "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}}
+        ],
+    }
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     assert out["usage"]["total_tokens"] == 5
     only_tools = Response("", "", resp.tool_calls, resp.done)
-    assert response_to_completion(only_tools, model="m", id="i")["choices"][0]["message"][
-        "content"] is None
+    assert (
+        response_to_completion(only_tools, model="m", id="i")["choices"][0]["message"]["content"]
+        is None
+    )
     plain = Response("", "", (), Done(StopReason.END_TURN))
     msg = response_to_completion(plain, model="m", id="i")["choices"][0]["message"]
     assert msg == {"role": "assistant", "content": ""}
 
 
-@pytest.mark.parametrize(("exc", "etype", "status"), [
-    (InvalidRequest("bad"), "invalid_request_error", 400),
-    (EmbedUnsupported("no"), "invalid_request_error", 400),
-    (NotReady("loading"), "server_error", 503),
-    (QueueFull("full"), "rate_limit_error", 429),
-    (BackendUnavailable("down", status=502), "server_error", 502),
-    (InternalError("bug"), "server_error", 500),
-])
+@pytest.mark.parametrize(
+    ("exc", "etype", "status"),
+    [
+        (InvalidRequest("bad"), "invalid_request_error", 400),
+        (EmbedUnsupported("no"), "invalid_request_error", 400),
+        (NotReady("loading"), "server_error", 503),
+        (QueueFull("full"), "rate_limit_error", 429),
+        (BackendUnavailable("down", status=502), "server_error", 502),
+        (InternalError("bug"), "server_error", 500),
+    ],
+)
 def test_error_objects(exc, etype, status):
     obj = error_object(exc)
-    assert obj == {"error": {"message": exc.message, "type": etype, "code": exc.code,
-                             "param": None}}
+    assert obj == {
+        "error": {"message": exc.message, "type": etype, "code": exc.code, "param": None}
+    }
     assert http_status(exc) == status
 
 
@@ -427,8 +591,7 @@ def test_foreign_exceptions_do_not_leak_their_text():
 
 def test_embed_request_both_ways():
     body = embed_request_to_openai(EmbedRequest(("a", "b"), dimensions=4), model="e")
-    assert body == {"input": ["a", "b"], "encoding_format": "float", "model": "e",
-                    "dimensions": 4}
+    assert body == {"input": ["a", "b"], "encoding_format": "float", "model": "e", "dimensions": 4}
     assert embed_request_from_openai(body) == EmbedRequest(("a", "b"), 4)
     assert embed_request_from_openai({"input": "x"}).input == ("x",)
     with pytest.raises(InvalidRequest):
@@ -438,25 +601,31 @@ def test_embed_request_both_ways():
 
 
 def test_embed_result_reorders_by_index():
-    body = {"data": [{"index": 1, "embedding": [0.0, 1.0]},
-                     {"index": 0, "embedding": [1.0, 0.0]}],
-            "model": "e", "usage": {"prompt_tokens": 4, "total_tokens": 4}}
+    body = {
+        "data": [{"index": 1, "embedding": [0.0, 1.0]}, {"index": 0, "embedding": [1.0, 0.0]}],
+        "model": "e",
+        "usage": {"prompt_tokens": 4, "total_tokens": 4},
+    }
     res = embed_result_from_openai(body, count=2)
     assert res.embeddings == ((1.0, 0.0), (0.0, 1.0))
     assert (res.dimensions, res.model, res.usage.input_tokens) == (2, "e", 4)
     back = embed_result_to_openai(res)
     assert [d["index"] for d in back["data"]] == [0, 1]
     assert embed_result_from_openai(back, count=2) == EmbedResult(
-        res.embeddings, 2, "e", Usage(4, 0))
+        res.embeddings, 2, "e", Usage(4, 0)
+    )
 
 
-@pytest.mark.parametrize("body", [
-    {},
-    {"data": [{"index": 0, "embedding": [1.0]}]},
-    {"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]},
-    {"data": [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}]},
-    {"data": [{"index": 0}, {"index": 1, "embedding": [1.0]}]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"data": [{"index": 0, "embedding": [1.0]}]},
+        {"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]},
+        {"data": [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}]},
+        {"data": [{"index": 0}, {"index": 1, "embedding": [1.0]}]},
+    ],
+)
 def test_embed_result_faults(body):
     with pytest.raises(BackendUnavailable):
         embed_result_from_openai(body, count=2)

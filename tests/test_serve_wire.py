@@ -25,7 +25,11 @@ from inferd.types import (
 def test_frame_limit_is_64_mib() -> None:
     assert wire.MAX_FRAME_BYTES == 64 * 1024 * 1024
     assert set(wire.ERROR_CODES) == {
-        "queue_full", "backend_unavailable", "invalid_request", "frame_too_large", "internal",
+        "queue_full",
+        "backend_unavailable",
+        "invalid_request",
+        "frame_too_large",
+        "internal",
     }
 
 
@@ -36,22 +40,30 @@ def test_encode_decode_round_trip() -> None:
     assert wire.decode(data) == frame
 
 
-@pytest.mark.parametrize("raw, needle", [
-    (b"not json", "not valid JSON"),
-    (b"[1, 2]", "expected a JSON object, got list"),
-    (b'"s"', "got str"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'"s"', "got str"),
+    ],
+)
 def test_decode_names_the_problem(raw: bytes, needle: str) -> None:
     with pytest.raises(wire.FrameError, match=needle) as info:
         wire.decode(raw)
     assert info.value.code == "invalid_request"
 
 
-@pytest.mark.parametrize("event", [
-    Text("hé"), Thinking("hmm"), ToolUse("c1", "f", {"a": 1}, '{"a": 1}'),
-    ToolUse("c", "g", None, "{"),
-    Done(StopReason.TOOL_USE, Usage(3, 4, 1), Timings(0.1, 0.5, 20.0), "m1"),
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        Text("hé"),
+        Thinking("hmm"),
+        ToolUse("c1", "f", {"a": 1}, '{"a": 1}'),
+        ToolUse("c", "g", None, "{"),
+        Done(StopReason.TOOL_USE, Usage(3, 4, 1), Timings(0.1, 0.5, 20.0), "m1"),
+    ],
+)
 def test_event_frames_round_trip(event) -> None:
     frame = wire.event_frame("r1", event)
     assert frame["id"] == "r1"
@@ -60,7 +72,10 @@ def test_event_frames_round_trip(event) -> None:
         assert set(frame) == {"type", "id", "stop_reason", "usage", "timings", "backend"}
     else:
         assert frame["type"] == "frame" and frame["block"]["type"] in (
-            "text", "thinking", "tool_use")
+            "text",
+            "thinking",
+            "tool_use",
+        )
     assert wire.event_from_frame(wire.decode(wire.encode(frame))) == event
 
 
@@ -72,9 +87,12 @@ def test_unexpected_frame_is_internal_error() -> None:
 
 
 def test_error_frames_map_back_to_error_classes() -> None:
-    for exc, cls in ((QueueFull("q"), QueueFull), (BackendUnavailable("b"), BackendUnavailable),
-                     (InvalidRequest("i"), InvalidRequest), (wire.FrameTooLarge("t"),
-                                                             wire.FrameTooLarge)):
+    for exc, cls in (
+        (QueueFull("q"), QueueFull),
+        (BackendUnavailable("b"), BackendUnavailable),
+        (InvalidRequest("i"), InvalidRequest),
+        (wire.FrameTooLarge("t"), wire.FrameTooLarge),
+    ):
         f = wire.error_frame_for(5, exc)
         assert f == {"type": "error", "id": 5, "code": exc.code, "message": exc.message}
         back = wire.error_from_frame(f)
@@ -86,8 +104,9 @@ def test_error_frames_map_back_to_error_classes() -> None:
 
 
 def test_capabilities_round_trip() -> None:
-    caps = Capabilities(tools=True, embed=True,
-                        accelerator=AcceleratorInfo("cuda", 10, "gpu", 1 << 30))
+    caps = Capabilities(
+        tools=True, embed=True, accelerator=AcceleratorInfo("cuda", 10, "gpu", 1 << 30)
+    )
     assert wire.capabilities_from_dict(caps.to_dict()) == caps
     assert wire.capabilities_from_dict({}) == Capabilities()
 
@@ -108,8 +127,7 @@ async def test_reader_splits_across_chunks_and_ignores_blank_lines() -> None:
 async def test_reader_skips_an_oversized_frame_and_resyncs() -> None:
     limit = 16
     exact = b"x" * limit
-    out = await _frames([b"a" * 40 + b"\n", exact + b"\n", b"b" * 17, b"b" * 30 + b"\nok\n"],
-                        limit)
+    out = await _frames([b"a" * 40 + b"\n", exact + b"\n", b"b" * 17, b"b" * 30 + b"\nok\n"], limit)
     assert isinstance(out[0], wire.FrameTooLarge)
     assert "at most 16 bytes" in out[0].message
     assert out[1] == exact  # a frame of exactly the limit is fine
@@ -127,13 +145,20 @@ async def test_reader_oversized_without_newline_at_eof() -> None:
 
 
 def test_config_parses_backends_in_order_and_limits() -> None:
-    cfg = parse_config({
-        "daemon": {"max_concurrent": 2, "max_queued": 0, "drain_timeout_s": 1.5},
-        "router": {"failure_threshold": 5},
-        "backend": [{"type": "mock", "name": "a", "tokens": ["x"]},
-                    {"type": "openai", "base_url": "http://127.0.0.1:1/v1",
-                     "api_key_env": "INFERD_TEST_KEY"}],
-    })
+    cfg = parse_config(
+        {
+            "daemon": {"max_concurrent": 2, "max_queued": 0, "drain_timeout_s": 1.5},
+            "router": {"failure_threshold": 5},
+            "backend": [
+                {"type": "mock", "name": "a", "tokens": ["x"]},
+                {
+                    "type": "openai",
+                    "base_url": "http://127.0.0.1:1/v1",
+                    "api_key_env": "INFERD_TEST_KEY",
+                },
+            ],
+        }
+    )
     assert (cfg.max_concurrent, cfg.max_queued, cfg.drain_timeout_s) == (2, 0, 1.5)
     assert [b.type for b in cfg.backends] == ["mock", "openai"]
     assert cfg.backends[1].api_key_env == "INFERD_TEST_KEY"
@@ -142,14 +167,17 @@ def test_config_parses_backends_in_order_and_limits() -> None:
     assert mock.name == "a"
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({}, "no [[backend]]"),
-    ({"backend": [{"type": "gpu-magic"}]}, "type 'gpu-magic'"),
-    ({"backend": [{"type": "openai", "api_key": "sk-secret"}]}, "api_key_env"),
-    ({"daemon": {"max_concurrent": 0}, "backend": [{"type": "mock"}]}, "max_concurrent"),
-    ({"daemon": {"bogus": 1}, "backend": [{"type": "mock"}]}, "bogus"),
-    ({"extra": {}, "backend": [{"type": "mock"}]}, "extra"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({}, "no [[backend]]"),
+        ({"backend": [{"type": "gpu-magic"}]}, "type 'gpu-magic'"),
+        ({"backend": [{"type": "openai", "api_key": "sk-secret"}]}, "api_key_env"),
+        ({"daemon": {"max_concurrent": 0}, "backend": [{"type": "mock"}]}, "max_concurrent"),
+        ({"daemon": {"bogus": 1}, "backend": [{"type": "mock"}]}, "bogus"),
+        ({"extra": {}, "backend": [{"type": "mock"}]}, "extra"),
+    ],
+)
 def test_config_errors_say_what_is_wrong(data, needle) -> None:
     with pytest.raises(ConfigError, match=r".*") as info:
         parse_config(data)
@@ -177,8 +205,18 @@ def test_bad_backend_setting_is_a_config_error() -> None:
 
 def test_openai_backend_gets_its_key_from_the_env_only(monkeypatch) -> None:
     monkeypatch.setenv("INFERD_T_KEY2", "sk-never-shown-42")
-    cfg = parse_config({"backend": [{"type": "openai", "base_url": "http://127.0.0.1:9/v1",
-                                     "model": "m", "api_key_env": "INFERD_T_KEY2"}]})
+    cfg = parse_config(
+        {
+            "backend": [
+                {
+                    "type": "openai",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "model": "m",
+                    "api_key_env": "INFERD_T_KEY2",
+                }
+            ]
+        }
+    )
     backend = build_backend(cfg.backends[0])
     assert type(backend).__name__ == "OpenAICompat"
     assert "sk-never-shown-42" not in repr(backend) + repr(cfg)

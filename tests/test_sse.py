@@ -25,7 +25,7 @@ def run(mod: ModuleType, chunks: list[bytes], **kw: int) -> list[tuple]:
 
 def splits(raw: bytes) -> list[list[bytes]]:
     """The whole input, one byte at a time, and every split into two pieces."""
-    ways = [[raw], [raw[i:i + 1] for i in range(len(raw))]]
+    ways = [[raw], [raw[i : i + 1] for i in range(len(raw))]]
     ways += [[raw[:i], raw[i:]] for i in range(1, len(raw))]
     return ways
 
@@ -38,19 +38,31 @@ CASES: list[tuple[str, bytes, list[tuple]]] = [
     ("mixed line ends", b"data: a\r\ndata: b\rdata: c\n\r\n", [E("a\nb\nc")]),
     ("CRLF then LF is a blank line", b"data: a\r\n\n", [E("a")]),
     ("LF then CR is a blank line", b"data: a\n\r", [E("a")]),
-    ("leading BOM stripped (openai-python drops this event)",
-     b"\xef\xbb\xbfdata: first\n\ndata: second\n\n", [E("first"), E("second")]),
-    ("only one BOM stripped: the second is part of the field name",
-     b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\n", []),
+    (
+        "leading BOM stripped (openai-python drops this event)",
+        b"\xef\xbb\xbfdata: first\n\ndata: second\n\n",
+        [E("first"), E("second")],
+    ),
+    (
+        "only one BOM stripped: the second is part of the field name",
+        b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\n",
+        [],
+    ),
     ("BOM-like prefix that is not a BOM", b"\xef\xbbdata: a\n\ndata: b\n\n", [E("b")]),
     ("BOM later in the stream is data", b"data: \xef\xbb\xbfx\n\n", [E("\ufeffx")]),
     ("comments ignored", b": keep-alive\n:\ndata: a\n: mid\n\n", [E("a")]),
-    ("event:-only block dispatches nothing (openai-python raises)",
-     b"event: ping\n\ndata: a\n\n", [E("a")]),
+    (
+        "event:-only block dispatches nothing (openai-python raises)",
+        b"event: ping\n\ndata: a\n\n",
+        [E("a")],
+    ),
     ("event type", b"event: update\ndata: x\n\n", [E("x", "update")]),
     ("empty event type means message", b"event:\ndata: x\n\n", [E("x")]),
-    ("event type does not leak into the next event",
-     b"event: a\ndata: 1\n\ndata: 2\n\n", [E("1", "a"), E("2")]),
+    (
+        "event type does not leak into the next event",
+        b"event: a\ndata: 1\n\ndata: 2\n\n",
+        [E("1", "a"), E("2")],
+    ),
     ("no colon: field with empty value", b"data\n\n", [E("")]),
     ("two bare data lines", b"data\ndata\n\n", [E("\n")]),
     ("trailing empty data line keeps its LF", b"data: a\ndata:\n\n", [E("a\n")]),
@@ -59,31 +71,43 @@ CASES: list[tuple[str, bytes, list[tuple]]] = [
     ("value may contain colons", b"data: a:b: c\n\n", [E("a:b: c")]),
     ("field names are case-sensitive", b"Data: x\nDATA: y\nEvent: z\ndata: ok\n\n", [E("ok")]),
     ("unknown fields ignored", b"foo: bar\ndata: a\nidx: 3\n\n", [E("a")]),
-    ("id persists across events",
-     b"id: 1\ndata: a\n\ndata: b\n\nid\ndata: c\n\n", [E("a", id="1"), E("b", id="1"), E("c")]),
+    (
+        "id persists across events",
+        b"id: 1\ndata: a\n\ndata: b\n\nid\ndata: c\n\n",
+        [E("a", id="1"), E("b", id="1"), E("c")],
+    ),
     ("id set in a block without data persists", b"id: 7\n\ndata: a\n\n", [E("a", id="7")]),
-    ("id containing NUL ignored", b"id: 1\ndata: a\n\nid: 2\x003\ndata: b\n\n",
-     [E("a", id="1"), E("b", id="1")]),
+    (
+        "id containing NUL ignored",
+        b"id: 1\ndata: a\n\nid: 2\x003\ndata: b\n\n",
+        [E("a", id="1"), E("b", id="1")],
+    ),
     ("retry all digits", b"retry: 1000\ndata: a\n\n", [E("a", retry=1000)]),
     ("retry with a letter ignored", b"retry: 10a\ndata: a\n\n", [E("a")]),
     ("retry negative ignored", b"retry: -5\ndata: a\n\n", [E("a")]),
     ("retry empty ignored", b"retry:\ndata: a\n\n", [E("a")]),
     ("retry non-ASCII digits ignored", "retry: ١٢\ndata: a\n\n".encode(), [E("a")]),
-    ("retry from a data-less block goes with the next event only",
-     b"retry: 5\n\ndata: a\n\ndata: b\n\n", [E("a", retry=5), E("b")]),
+    (
+        "retry from a data-less block goes with the next event only",
+        b"retry: 5\n\ndata: a\n\ndata: b\n\n",
+        [E("a", retry=5), E("b")],
+    ),
     ("blank lines alone dispatch nothing", b"\n\n\r\n\r\r", []),
     ("incomplete event at end of stream discarded", b"data: a\n\ndata: b\n", [E("a")]),
     ("unterminated last line discarded", b"data: a\n\ndata: b", [E("a")]),
     ("invalid UTF-8 becomes U+FFFD", b"data: \xff\xfeok\n\n", [E("\ufffd\ufffdok")]),
-    ("truncated sequence before the line end is one U+FFFD", b"data: \xe2\x82\n\n",
-     [E("\ufffd")]),
-    ("multi-byte characters intact at every split", "data: €😀中\n\n".encode(),
-     [E("€😀中")]),
-    ("invalid UTF-8 in event type and id", b"event: \xffx\nid: \xfe\ndata: a\n\n",
-     [E("a", "\ufffdx", "\ufffd")]),
-    ("U+2028, U+2029, U+0085, VT and FF are not line breaks",
-     "data: a\u2028b\u2029c\u0085d\x0be\x0cf\n\n".encode(),
-     [E("a\u2028b\u2029c\u0085d\x0be\x0cf")]),
+    ("truncated sequence before the line end is one U+FFFD", b"data: \xe2\x82\n\n", [E("\ufffd")]),
+    ("multi-byte characters intact at every split", "data: €😀中\n\n".encode(), [E("€😀中")]),
+    (
+        "invalid UTF-8 in event type and id",
+        b"event: \xffx\nid: \xfe\ndata: a\n\n",
+        [E("a", "\ufffdx", "\ufffd")],
+    ),
+    (
+        "U+2028, U+2029, U+0085, VT and FF are not line breaks",
+        "data: a\u2028b\u2029c\u0085d\x0be\x0cf\n\n".encode(),
+        [E("a\u2028b\u2029c\u0085d\x0be\x0cf")],
+    ),
     ("space-only value is empty", b"data: \n\n", [E("")]),
     ("JSON payload untouched", b'data: {"a": [1, 2]}\n\n', [E('{"a": [1, 2]}')]),
 ]
@@ -189,7 +213,7 @@ def test_long_line_in_small_feeds_is_linear(sse: ModuleType) -> None:
     t0 = time.perf_counter()
     p.feed(b"data: ")
     for i in range(0, len(payload), 1024):
-        assert p.feed(payload[i:i + 1024]) == []
+        assert p.feed(payload[i : i + 1024]) == []
     (ev,) = p.feed(b"\n\n")
     assert len(ev.data) == len(payload)
     assert time.perf_counter() - t0 < 5.0

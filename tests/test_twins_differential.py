@@ -16,8 +16,11 @@ from inferd._fast import load_twin
 from inferd.types import ToolUse
 from tests.conftest import missing
 
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _twins(core: str) -> tuple[ModuleType, ModuleType]:
@@ -41,16 +44,39 @@ def chunk_twins() -> tuple[ModuleType, ModuleType]:
 # --------------------------------------------------------------------------- strategies
 
 VALUES = st.one_of(
-    st.sampled_from([b"", b" ", b"x", b"hello world", b"12", b"007", b"1a", "é€😀中".encode(),
-                     b"\xff\xfe", b"\xe2\x82", b"\xf0\x9f", b"a:b", b"\x00", b"1\x002",
-                     "\u2028\u2029\u0085".encode(), b"\xef\xbb\xbf", b"[DONE]", b'{"a": 1}']),
+    st.sampled_from(
+        [
+            b"",
+            b" ",
+            b"x",
+            b"hello world",
+            b"12",
+            b"007",
+            b"1a",
+            "é€😀中".encode(),
+            b"\xff\xfe",
+            b"\xe2\x82",
+            b"\xf0\x9f",
+            b"a:b",
+            b"\x00",
+            b"1\x002",
+            "\u2028\u2029\u0085".encode(),
+            b"\xef\xbb\xbf",
+            b"[DONE]",
+            b'{"a": 1}',
+        ]
+    ),
     st.binary(max_size=12),
     st.text(max_size=8).map(lambda s: s.encode("utf-8", "surrogatepass")),
 )
 LINE = st.one_of(
-    st.tuples(st.sampled_from([b"data", b"data", b"event", b"id", b"retry", b"Data", b"foo",
-                               b"", b"dat"]),
-              st.sampled_from([b":", b": ", b"", b":  "]), VALUES).map(b"".join),
+    st.tuples(
+        st.sampled_from(
+            [b"data", b"data", b"event", b"id", b"retry", b"Data", b"foo", b"", b"dat"]
+        ),
+        st.sampled_from([b":", b": ", b"", b":  "]),
+        VALUES,
+    ).map(b"".join),
     st.just(b""),
     VALUES.map(lambda v: b":" + v),
 )
@@ -75,7 +101,7 @@ def cut(draw: st.DrawFn, body: bytes) -> list[bytes]:
     if mode == "whole":
         return [body]
     if mode == "bytes":
-        return [body[i:i + 1] for i in range(len(body))]
+        return [body[i : i + 1] for i in range(len(body))]
     points = sorted(draw(st.lists(st.integers(0, len(body)), max_size=12)))
     pieces, last = [], 0
     for p in [*points, len(body)]:
@@ -110,8 +136,9 @@ MAX = st.sampled_from([8, 16, 64, 64 * 1024 * 1024])
 
 @SETTINGS
 @given(data=st.data(), body=sse_streams(), limit=MAX)
-def test_sse_twins_agree(sse_twins: tuple[ModuleType, ModuleType], data: st.DataObject,
-                         body: bytes, limit: int) -> None:
+def test_sse_twins_agree(
+    sse_twins: tuple[ModuleType, ModuleType], data: st.DataObject, body: bytes, limit: int
+) -> None:
     c, py = sse_twins
     pieces = data.draw(cut(body))
     assert feed_all(c.SSEParser(limit), pieces) == feed_all(py.SSEParser(limit), pieces)
@@ -119,8 +146,9 @@ def test_sse_twins_agree(sse_twins: tuple[ModuleType, ModuleType], data: st.Data
 
 @SETTINGS
 @given(data=st.data(), body=sse_streams(), limit=MAX)
-def test_sse_split_invariance(sse_twins: tuple[ModuleType, ModuleType], data: st.DataObject,
-                              body: bytes, limit: int) -> None:
+def test_sse_split_invariance(
+    sse_twins: tuple[ModuleType, ModuleType], data: st.DataObject, body: bytes, limit: int
+) -> None:
     pieces = data.draw(cut(body))
     for mod in sse_twins:
         whole_events, whole_err = flat(feed_all(mod.SSEParser(limit), [body]))
@@ -129,11 +157,12 @@ def test_sse_split_invariance(sse_twins: tuple[ModuleType, ModuleType], data: st
         if whole_err is None:
             assert events == whole_events
         else:  # events before the error may come out in earlier feeds
-            assert events[:len(whole_events)] == whole_events
+            assert events[: len(whole_events)] == whole_events
 
 
 def test_sse_matches_a_reference_reading_on_simple_input(
-        sse_twins: tuple[ModuleType, ModuleType]) -> None:
+    sse_twins: tuple[ModuleType, ModuleType],
+) -> None:
     # Guards against both twins agreeing on something wrong.
     for mod in sse_twins:
         out = mod.SSEParser().feed(b"id: 1\nevent: e\ndata: a\ndata: b\nretry: 9\n\n")
@@ -143,34 +172,61 @@ def test_sse_matches_a_reference_reading_on_simple_input(
 # --------------------------------------------------------------------------- chat chunks
 
 TEXT = st.one_of(st.none(), st.sampled_from(["", "a", "é€", "x y"]), st.text(max_size=5))
-ARGS = st.one_of(st.sampled_from(['{"x":', " 1}", "", "{}", "bad", "[1]", "  ", '"s"']),
-                 st.dictionaries(st.text(max_size=3), st.integers(-(2**40), 2**40), max_size=2),
-                 st.none())
-TOOL = st.fixed_dictionaries({}, optional={
-    "index": st.one_of(st.none(), st.integers(0, 3), st.just("0")),
-    "id": st.sampled_from(["a", "b", "c", "", None]),
-    "type": st.just("function"),
-    "function": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
-        "name": st.sampled_from(["f", "g", "", None]), "arguments": ARGS})),
-})
-DELTA = st.fixed_dictionaries({}, optional={
-    "role": st.just("assistant"), "content": TEXT, "reasoning_content": TEXT, "reasoning": TEXT,
-    "tool_calls": st.one_of(st.none(), st.lists(TOOL, max_size=3)),
-    "function_call": st.fixed_dictionaries({}, optional={"name": st.sampled_from(["f", "h"]),
-                                                         "arguments": ARGS}),
-})
-USAGE = st.fixed_dictionaries({}, optional={
-    "prompt_tokens": st.integers(0, 10**6), "completion_tokens": st.integers(0, 10**6),
-    "prompt_tokens_details": st.one_of(st.none(), st.fixed_dictionaries(
-        {"cached_tokens": st.integers(0, 100)}))})
-CHOICE = st.fixed_dictionaries({"delta": DELTA}, optional={
-    "index": st.sampled_from([0, 0, 0, 1, None]),
-    "finish_reason": st.sampled_from([None, None, None, "stop", "length", "tool_calls",
-                                      "content_filter", "eos"]),
-})
-CHUNK = st.fixed_dictionaries({"choices": st.lists(CHOICE, max_size=2)},
-                              optional={"usage": st.one_of(st.none(), USAGE),
-                                        "id": st.just("chatcmpl-1")})
+ARGS = st.one_of(
+    st.sampled_from(['{"x":', " 1}", "", "{}", "bad", "[1]", "  ", '"s"']),
+    st.dictionaries(st.text(max_size=3), st.integers(-(2**40), 2**40), max_size=2),
+    st.none(),
+)
+TOOL = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": st.one_of(st.none(), st.integers(0, 3), st.just("0")),
+        "id": st.sampled_from(["a", "b", "c", "", None]),
+        "type": st.just("function"),
+        "function": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {}, optional={"name": st.sampled_from(["f", "g", "", None]), "arguments": ARGS}
+            ),
+        ),
+    },
+)
+DELTA = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.just("assistant"),
+        "content": TEXT,
+        "reasoning_content": TEXT,
+        "reasoning": TEXT,
+        "tool_calls": st.one_of(st.none(), st.lists(TOOL, max_size=3)),
+        "function_call": st.fixed_dictionaries(
+            {}, optional={"name": st.sampled_from(["f", "h"]), "arguments": ARGS}
+        ),
+    },
+)
+USAGE = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt_tokens": st.integers(0, 10**6),
+        "completion_tokens": st.integers(0, 10**6),
+        "prompt_tokens_details": st.one_of(
+            st.none(), st.fixed_dictionaries({"cached_tokens": st.integers(0, 100)})
+        ),
+    },
+)
+CHOICE = st.fixed_dictionaries(
+    {"delta": DELTA},
+    optional={
+        "index": st.sampled_from([0, 0, 0, 1, None]),
+        "finish_reason": st.sampled_from(
+            [None, None, None, "stop", "length", "tool_calls", "content_filter", "eos"]
+        ),
+    },
+)
+CHUNK = st.fixed_dictionaries(
+    {"choices": st.lists(CHOICE, max_size=2)},
+    optional={"usage": st.one_of(st.none(), USAGE), "id": st.just("chatcmpl-1")},
+)
 RARE_ERROR = {"error": {"message": "boom", "type": "server_error"}}
 
 
@@ -178,8 +234,11 @@ RARE_ERROR = {"error": {"message": "boom", "type": "server_error"}}
 def chat_streams(draw: st.DrawFn) -> bytes:
     parts = []
     for _ in range(draw(st.integers(0, 12))):
-        kind = draw(st.sampled_from(["chunk"] * 12 + ["bad", "comment", "ping", "done",
-                                                      "error", "errevent", "crlf"]))
+        kind = draw(
+            st.sampled_from(
+                ["chunk"] * 12 + ["bad", "comment", "ping", "done", "error", "errevent", "crlf"]
+            )
+        )
         if kind == "chunk":
             parts.append(b"data: " + orjson.dumps(draw(CHUNK)) + b"\n\n")
         elif kind == "crlf":
@@ -215,8 +274,9 @@ def normalize(per_feed: list[Any]) -> list[Any]:
 
 @SETTINGS
 @given(data=st.data(), body=chat_streams(), limit=st.sampled_from([64, 4096, 1 << 26]))
-def test_chat_decoder_twins_agree(chunk_twins: tuple[ModuleType, ModuleType],
-                                  data: st.DataObject, body: bytes, limit: int) -> None:
+def test_chat_decoder_twins_agree(
+    chunk_twins: tuple[ModuleType, ModuleType], data: st.DataObject, body: bytes, limit: int
+) -> None:
     c, py = chunk_twins
     pieces = data.draw(cut(body))
     out_c = normalize(feed_all(c.ChatStreamDecoder(limit), pieces))
@@ -230,8 +290,9 @@ def test_chat_decoder_twins_agree(chunk_twins: tuple[ModuleType, ModuleType],
 
 @SETTINGS
 @given(data=st.data(), body=chat_streams())
-def test_chat_decoder_split_invariance(chunk_twins: tuple[ModuleType, ModuleType],
-                                       data: st.DataObject, body: bytes) -> None:
+def test_chat_decoder_split_invariance(
+    chunk_twins: tuple[ModuleType, ModuleType], data: st.DataObject, body: bytes
+) -> None:
     pieces = data.draw(cut(body))
     for mod in chunk_twins:
         whole = flat(normalize(feed_all(mod.ChatStreamDecoder(), [body])))
@@ -243,12 +304,14 @@ def test_chat_decoder_split_invariance(chunk_twins: tuple[ModuleType, ModuleType
 
 @SETTINGS
 @given(items=st.lists(CHUNK, max_size=12))
-def test_accumulator_twins_agree(chunk_twins: tuple[ModuleType, ModuleType],
-                                 items: list[dict[str, Any]]) -> None:
+def test_accumulator_twins_agree(
+    chunk_twins: tuple[ModuleType, ModuleType], items: list[dict[str, Any]]
+) -> None:
     outs = []
     for mod in chunk_twins:
         acc = mod.ChunkAccumulator()
         # fresh copies: the accumulator must not depend on sharing input objects
-        outs.append(normalize([acc.ingest(orjson.loads(orjson.dumps(c))) for c in items]
-                              + [acc.finalize()]))
+        outs.append(
+            normalize([acc.ingest(orjson.loads(orjson.dumps(c))) for c in items] + [acc.finalize()])
+        )
     assert outs[0] == outs[1]

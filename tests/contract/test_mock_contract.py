@@ -25,8 +25,11 @@ class TestMockContract(BackendContract):
             b = Mock()
             b.set_ready(False)
             return b, Request.chat("hi"), NotReady
-        exc = {"not_ready": NotReady, "invalid_request": InvalidRequest,
-               "unavailable": BackendUnavailable}[kind]
+        exc = {
+            "not_ready": NotReady,
+            "invalid_request": InvalidRequest,
+            "unavailable": BackendUnavailable,
+        }[kind]
         return Mock(pre_stream_error=kind), Request.chat("hi"), exc
 
     @pytest.fixture

@@ -35,21 +35,28 @@ class TestOpenAICompatContract(BackendContract):
     async def pre_stream_failure(self, request, up):
         kind = request.param
         if kind == "http_503":
-            return _backend(up.script("p503", Status(503)), max_retries=1), \
-                Request.chat("hi"), BackendUnavailable
+            return (
+                _backend(up.script("p503", Status(503)), max_retries=1),
+                Request.chat("hi"),
+                BackendUnavailable,
+            )
         if kind == "http_400":
             return _backend(up.script("p400", Status(400))), Request.chat("hi"), InvalidRequest
         if kind == "refused":
-            return _backend("http://127.0.0.1:9", max_retries=0), Request.chat("hi"), \
-                BackendUnavailable
+            return (
+                _backend("http://127.0.0.1:9", max_retries=0),
+                Request.chat("hi"),
+                BackendUnavailable,
+            )
         img = Request((Message.user([TextBlock("x"), ImageBlock(data=b"1")]),))
         return _backend(up.url("img")), img, InvalidRequest
 
     @pytest.fixture
     def mid_stream_failure(self, up):
         pieces = text_stream(["a", "b", "c", "d"])
-        return _backend(up.script("drop", Stream(pieces, drop_after=3, delay=0.01))), \
-            Request.chat("hi")
+        return _backend(up.script("drop", Stream(pieces, drop_after=3, delay=0.01))), Request.chat(
+            "hi"
+        )
 
     @pytest.fixture
     def long_stream(self, up):

@@ -187,8 +187,8 @@ class ChunkAccumulator:
         # an id or name that arrives after the arguments began (they come first).
         if call_id is not None and call_id != call.id and (call.id is not None or call.parts):
             return True
-        return name is not None and name != call.name and (
-            call.name is not None or bool(call.parts)
+        return (
+            name is not None and name != call.name and (call.name is not None or bool(call.parts))
         )
 
     # -- finish ---------------------------------------------------------------
@@ -210,7 +210,8 @@ class ChunkAccumulator:
             log.warning(
                 "tool call %s (index %d) never got a function name; it is reported "
                 "with name '' so the caller can answer it with an error",
-                call_id, c.index,
+                call_id,
+                c.index,
             )
             name = ""
         raw = "".join(c.parts)
@@ -224,7 +225,9 @@ class ChunkAccumulator:
             log.warning(
                 "tool call %s (%s): arguments are not a JSON object; input=None, "
                 "raw_arguments kept: %.200r",
-                call_id, name, raw,
+                call_id,
+                name,
+                raw,
             )
             return ToolUse(call_id, name, None, raw)
         return ToolUse(call_id, name, value, raw)

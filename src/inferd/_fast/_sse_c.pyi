@@ -1,6 +1,5 @@
 """Type stub for the compiled SSE core (same API as ``_sse_py``)."""
 
-
 from inferd._fast._stream_common import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
 from inferd._fast._stream_common import SSEError as SSEError
 from inferd._fast._stream_common import SSEEvent as SSEEvent

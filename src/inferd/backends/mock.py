@@ -99,7 +99,11 @@ class Mock(Backend):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            tools=True, vision=True, audio=True, thinking=True, embed=True,
+            tools=True,
+            vision=True,
+            audio=True,
+            thinking=True,
+            embed=True,
             accelerator=AcceleratorInfo(kind="cpu", device_name="mock"),
         )
 

@@ -78,9 +78,7 @@ def parser_for(
     thinking = options.pop("thinking", None)
     if thinking is None:
         thinking = cls.thinking_default or detect_thinking(chat_template)
-    in_thinking = bool(thinking) and prompt_opens_thinking(
-        prompt, cls.think_open, cls.think_close
-    )
+    in_thinking = bool(thinking) and prompt_opens_thinking(prompt, cls.think_open, cls.think_close)
     return cls(thinking=thinking, in_thinking=in_thinking, **options)
 
 

@@ -254,7 +254,7 @@ class SentinelParser:
             s, self._think_ws = s.rstrip(), ""
         else:
             body = s.rstrip()
-            s, self._think_ws = body, s[len(body):]
+            s, self._think_ws = body, s[len(body) :]
         if s:
             out.append(Thinking(s))
 
@@ -291,10 +291,10 @@ class SentinelParser:
         if i < 0:
             keep = 0 if final else holdback(buf, self._text_sentinels)
             self._emit_text(out, buf[: len(buf) - keep])
-            self._buf = buf[len(buf) - keep:]
+            self._buf = buf[len(buf) - keep :]
             return False
         self._emit_text(out, buf[:i])
-        self._buf = buf[i + len(s):]
+        self._buf = buf[i + len(s) :]
         if s == self.call_open:
             self._mode, self._call_opener = _CALL, s
         elif self.thinking and s == self.think_open:
@@ -309,17 +309,17 @@ class SentinelParser:
             if not final and len(buf) < len(label) and label.startswith(buf):
                 return False
             if buf.startswith(label):
-                self._buf = buf[len(label):]
+                self._buf = buf[len(label) :]
             self._think_label_pending = False
         buf = self._buf
         i = buf.find(self.think_close)
         if i < 0:
             keep = 0 if final else holdback(buf, (self.think_close,))
             self._emit_think(out, buf[: len(buf) - keep], closing=False)
-            self._buf = buf[len(buf) - keep:]
+            self._buf = buf[len(buf) - keep :]
             return False
         self._emit_think(out, buf[:i], closing=True)
-        self._buf = buf[i + len(self.think_close):]
+        self._buf = buf[i + len(self.think_close) :]
         self._mode = _TEXT
         self._lstrip_text = True
         self._at_start = False
@@ -339,7 +339,7 @@ class SentinelParser:
             self._buf, self._mode = "", _END
             return False
         ok = self._end_call(out, buf[:i], closed=True, closer=s if s == self.call_close else "")
-        self._buf = buf[i + len(s):]
+        self._buf = buf[i + len(s) :]
         if s == self.call_close:
             self._mode = _TEXT
             self._lstrip_text = ok

@@ -46,4 +46,4 @@ def prompt_opens_thinking(prompt: str, opener: str = "<think>", closer: str = "<
     only the closer is ever generated.
     """
     i = prompt.rfind(opener)
-    return i >= 0 and prompt.rfind(closer) < i and not prompt[i + len(opener):].strip()
+    return i >= 0 and prompt.rfind(closer) < i and not prompt[i + len(opener) :].strip()

@@ -52,8 +52,8 @@ class _Reader:
         self.i += len(QUOTE)
         end = self.s.find(QUOTE, self.i)
         if end < 0:
-            raise self.fail("unterminated <|\"|> string")
-        value, self.i = self.s[self.i:end], end + len(QUOTE)
+            raise self.fail('unterminated <|"|> string')
+        value, self.i = self.s[self.i : end], end + len(QUOTE)
         return value
 
     def key(self) -> str:
@@ -63,7 +63,7 @@ class _Reader:
         end = self.s.find(":", self.i)
         if end < 0:
             raise self.fail("expected 'key:'")
-        key, self.i = self.s[self.i:end].strip(), end
+        key, self.i = self.s[self.i : end].strip(), end
         if not key or any(c in key for c in "{}[],"):
             raise self.fail(f"bad key {key!r}")
         return key
@@ -114,7 +114,7 @@ class _Reader:
         end = self.i
         while end < len(self.s) and self.s[end] not in ",}]":
             end += 1
-        word = self.s[self.i:end].strip()
+        word = self.s[self.i : end].strip()
         if not word:
             raise self.fail("expected a value")
         self.i = end
@@ -154,5 +154,5 @@ class Gemma4Parser(SentinelParser):
         brace = text.find("{")
         if brace < 0:
             raise MalformedCall("gemma4 call has no {arguments}")
-        name = text[len("call:"):brace].strip()
+        name = text[len("call:") : brace].strip()
         return [arguments_to_tool_use(self.new_id(), name, parse_arguments(text[brace:]))]

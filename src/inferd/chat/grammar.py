@@ -48,8 +48,18 @@ MAX_SCHEMA_DEPTH = 32
 #: ``maxItems`` / ``maxLength`` above this are not enforced (the rule would explode).
 MAX_REPEAT = 256
 
-_REFUSED = ("not", "if", "then", "else", "patternProperties", "prefixItems",
-            "dependentSchemas", "unevaluatedProperties", "unevaluatedItems", "contains")
+_REFUSED = (
+    "not",
+    "if",
+    "then",
+    "else",
+    "patternProperties",
+    "prefixItems",
+    "dependentSchemas",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "contains",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +130,11 @@ class JsonDialect:
         "array": '"[" ws (value ws ("," ws value ws)*)? "]"',
     }
     deps: dict[str, tuple[str, ...]] = {
-        "string": ("char",), "number": ("integer",),
+        "string": ("char",),
+        "number": ("integer",),
         "value": ("object", "array", "string", "number", "boolean", "null"),
-        "object": ("ws", "string", "value"), "array": ("ws", "value"),
+        "object": ("ws", "string", "value"),
+        "array": ("ws", "value"),
     }
 
     def literal(self, value: Any) -> str:
@@ -158,9 +170,11 @@ class Gemma4Dialect(JsonDialect):
         "array": '"[" (value ("," value)*)? "]"',
     }
     deps = {
-        "string": ("char",), "number": ("integer",),
+        "string": ("char",),
+        "number": ("integer",),
         "value": ("object", "array", "string", "number", "boolean", "null"),
-        "object": ("key", "value"), "array": ("value",),
+        "object": ("key", "value"),
+        "array": ("value",),
     }
 
     def literal(self, value: Any) -> str:
@@ -200,8 +214,14 @@ class SchemaConverter:
     name), add your own rules with :meth:`add`, then :meth:`render` with a root.
     """
 
-    def __init__(self, dialect: JsonDialect = JSON, limits: GrammarLimits | None = None,
-                 *, what: str = "schema", all_properties: bool = False) -> None:
+    def __init__(
+        self,
+        dialect: JsonDialect = JSON,
+        limits: GrammarLimits | None = None,
+        *,
+        what: str = "schema",
+        all_properties: bool = False,
+    ) -> None:
         self.d = dialect
         self.all_properties = all_properties
         self.limits = limits or GrammarLimits()
@@ -266,8 +286,7 @@ class SchemaConverter:
             self._root_schema = schema
         if depth > self.limits.max_depth:
             raise self.fail(
-                f"the schema nests deeper than {self.limits.max_depth} levels "
-                "(MAX_SCHEMA_DEPTH)"
+                f"the schema nests deeper than {self.limits.max_depth} levels (MAX_SCHEMA_DEPTH)"
             )
         if schema is True or schema == {}:
             return self.prim("value")
@@ -311,8 +330,9 @@ class SchemaConverter:
             self.count_alternatives(len(typ))
             exprs = [self.visit({**schema, "type": t}, f"{hint}-{t}", depth + 1) for t in typ]
             return self.add(hint, " | ".join(exprs))
-        if typ == "object" or (typ is None and ("properties" in schema
-                                                or "additionalProperties" in schema)):
+        if typ == "object" or (
+            typ is None and ("properties" in schema or "additionalProperties" in schema)
+        ):
             return self._object(schema, hint, depth)
         if typ == "array" or (typ is None and "items" in schema):
             return self._array(schema, hint, depth)
@@ -366,8 +386,11 @@ class SchemaConverter:
         if not props and not required:
             if extra is False:
                 return self.add(hint, f'{open_} "}}"')
-            value = self.prim("value") if extra in (None, True) else self.visit(
-                extra, hint + "-value", depth + 1)
+            value = (
+                self.prim("value")
+                if extra in (None, True)
+                else self.visit(extra, hint + "-value", depth + 1)
+            )
             key = self.prim(self.d.any_key())
             member = self._member(key, value)
             return self.add(hint, f'{open_} ({member} ({sep} {member})*)? "}}"')
@@ -378,8 +401,7 @@ class SchemaConverter:
             req = [n for n in names if n in required]
             opt = [n for n in names if n not in required]
         member = {
-            n: self._member(self.d.key(n),
-                            self.visit(props.get(n, {}), f"{hint}-{n}", depth + 1))
+            n: self._member(self.d.key(n), self.visit(props.get(n, {}), f"{hint}-{n}", depth + 1))
             for n in names
         }
         parts = [member[n] for n in req]
@@ -391,8 +413,7 @@ class SchemaConverter:
                     tail = self.add(f"{hint}-{n}-tail", member[n])
                 else:
                     self.count_alternatives(2)
-                    tail = self.add(f"{hint}-{n}-tail",
-                                    f"{member[n]} ({sep} {tail})? | {tail}")
+                    tail = self.add(f"{hint}-{n}-tail", f"{member[n]} ({sep} {tail})? | {tail}")
             body = f"{body} ({sep} {tail})?" if body else f"({tail})?"
         return self.add(hint, f'{open_} {body} "}}"')
 
@@ -415,9 +436,14 @@ class SchemaConverter:
         return self.add(hint, f'{open_} {body} "]"')
 
 
-def schema_to_gbnf(schema: Any, *, dialect: JsonDialect = JSON,
-                   limits: GrammarLimits | None = None, what: str = "schema",
-                   all_properties: bool = False) -> str:
+def schema_to_gbnf(
+    schema: Any,
+    *,
+    dialect: JsonDialect = JSON,
+    limits: GrammarLimits | None = None,
+    what: str = "schema",
+    all_properties: bool = False,
+) -> str:
     """GBNF text whose ``root`` matches JSON values valid under ``schema``.
 
     ``all_properties=True`` writes every declared property, required or not (what
@@ -429,8 +455,9 @@ def schema_to_gbnf(schema: Any, *, dialect: JsonDialect = JSON,
     return conv.render(expr)
 
 
-def response_format_grammar(response_format: Mapping[str, Any] | None,
-                            limits: GrammarLimits | None = None) -> Grammar | None:
+def response_format_grammar(
+    response_format: Mapping[str, Any] | None, limits: GrammarLimits | None = None
+) -> Grammar | None:
     """The grammar for a request's ``response_format`` (None for text / absent)."""
     if not response_format or response_format.get("type") == "text":
         return None
@@ -446,8 +473,9 @@ def response_format_grammar(response_format: Mapping[str, Any] | None,
         schema = response_format.get("schema")
     if schema is None:
         raise InvalidRequest("response_format json_schema needs {'json_schema': {'schema': ...}}")
-    return Grammar(schema_to_gbnf(schema, limits=limits, what="response_format",
-                                  all_properties=True))
+    return Grammar(
+        schema_to_gbnf(schema, limits=limits, what="response_format", all_properties=True)
+    )
 
 
 def json_literals(values: Sequence[Any]) -> list[str]:

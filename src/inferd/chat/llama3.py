@@ -30,7 +30,7 @@ def _match_tokens(s: str, tokens: tuple[str, ...]) -> bool | None:
     for tok in tokens:
         while i < len(s) and s[i] in " \t\r\n":
             i += 1
-        part = s[i:i + len(tok)]
+        part = s[i : i + len(tok)]
         if part != tok:
             return None if tok.startswith(part) and i + len(part) == len(s) else False
         i += len(tok)

@@ -22,9 +22,14 @@ from inferd.types import Message, TextBlock, Tool, ToolResultBlock, ToolUseBlock
 def template_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
     """Tools in the OpenAI function form templates iterate over."""
     return [
-        {"type": "function", "function": {
-            "name": t.name, "description": t.description, "parameters": dict(t.parameters),
-        }}
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description,
+                "parameters": dict(t.parameters),
+            },
+        }
         for t in tools
     ]
 
@@ -44,16 +49,25 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         results = [b for b in m.content if isinstance(b, ToolResultBlock)]
         if m.role == "tool" or (results and not calls and not text):
             for r in results:
-                out.append({"role": "tool", "tool_call_id": r.tool_use_id,
-                            "name": names.get(r.tool_use_id, ""), "content": r.content})
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": r.tool_use_id,
+                        "name": names.get(r.tool_use_id, ""),
+                        "content": r.content,
+                    }
+                )
             if m.role == "tool" and not results and text:
                 out.append({"role": "tool", "content": text})
             continue
         d: dict[str, Any] = {"role": m.role, "content": text}
         if calls:
             d["tool_calls"] = [
-                {"id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": dict(c.input)}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": dict(c.input)},
+                }
                 for c in calls
             ]
             for c in calls:

@@ -54,8 +54,7 @@ class ChatPlan:
         return parser_for(self.template, prompt, tool_format=self.format, **self.options)
 
 
-def effective_format(template: str | None, request: Request,
-                     tool_format: str | None = None) -> str:
+def effective_format(template: str | None, request: Request, tool_format: str | None = None) -> str:
     """The format replies are parsed in (and calls are constrained to)."""
     fmt = tool_format or detect_format(template)
     if request.tools and fmt == "plain" and not template_supports_tools(template):
@@ -80,12 +79,15 @@ def plan_chat(
         messages = fold_tools_into_messages(messages, template_tools(tools))
         tools = ()
     grammar = request_grammar(
-        request, fmt, parallel=parallel_tool_calls,
+        request,
+        fmt,
+        parallel=parallel_tool_calls,
         mistral_v11=bool(template) and "[ARGS]" in template,  # type: ignore[operator]
         limits=limits,
     )
-    kwargs = ({"enable_thinking": request.thinking}
-              if template and "enable_thinking" in template else {})
+    kwargs = (
+        {"enable_thinking": request.thinking} if template and "enable_thinking" in template else {}
+    )
     return ChatPlan(fmt, template, messages, tools, grammar, folded, template_kwargs=kwargs)
 
 

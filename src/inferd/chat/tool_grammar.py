@@ -59,23 +59,32 @@ def _one_call(fmt: str, conv: SchemaConverter, tool: Tool, mistral_v11: bool) ->
     name = JSON.literal(tool.name)
     args = _args_rule(conv, tool)
     if fmt == "hermes":
-        body = (f'"{{" {ws} "\\"name\\"" {ws} ":" {ws} {name} "," {ws} '
-                f'"\\"arguments\\"" {ws} ":" {ws} {args} {ws} "}}"')
+        body = (
+            f'"{{" {ws} "\\"name\\"" {ws} ":" {ws} {name} "," {ws} '
+            f'"\\"arguments\\"" {ws} ":" {ws} {args} {ws} "}}"'
+        )
         return conv.add(f"call-{tool.name}", f'"<tool_call>" "\\n"? {body} "\\n"? "</tool_call>"')
     if fmt == "llama3":
-        return conv.add(f"call-{tool.name}",
-                        f'"{{" {ws} "\\"name\\"" {ws} ":" {ws} {name} "," {ws} '
-                        f'"\\"parameters\\"" {ws} ":" {ws} {args} {ws} "}}"')
+        return conv.add(
+            f"call-{tool.name}",
+            f'"{{" {ws} "\\"name\\"" {ws} ":" {ws} {name} "," {ws} '
+            f'"\\"parameters\\"" {ws} ":" {ws} {args} {ws} "}}"',
+        )
     if fmt == "mistral":
         if mistral_v11:
-            return conv.add(f"call-{tool.name}",
-                            f'"[TOOL_CALLS]" {gbnf_literal(tool.name)} "[ARGS]" {args}')
-        return conv.add(f"call-{tool.name}",
-                        f'"{{" {ws} "\\"name\\"" {ws} ":" {ws} {name} "," {ws} '
-                        f'"\\"arguments\\"" {ws} ":" {ws} {args} {ws} "}}"')
+            return conv.add(
+                f"call-{tool.name}", f'"[TOOL_CALLS]" {gbnf_literal(tool.name)} "[ARGS]" {args}'
+            )
+        return conv.add(
+            f"call-{tool.name}",
+            f'"{{" {ws} "\\"name\\"" {ws} ":" {ws} {name} "," {ws} '
+            f'"\\"arguments\\"" {ws} ":" {ws} {args} {ws} "}}"',
+        )
     if fmt == "gemma4":
-        return conv.add(f"call-{tool.name}",
-                        f'"<|tool_call>call:" {gbnf_literal(tool.name)} {args} "<tool_call|>"')
+        return conv.add(
+            f"call-{tool.name}",
+            f'"<|tool_call>call:" {gbnf_literal(tool.name)} {args} "<tool_call|>"',
+        )
     raise InvalidRequest(f"tool format {fmt!r} has no call grammar")
 
 
@@ -120,8 +129,9 @@ def lazy_tool_call_grammar(
     ``parallel=False`` (the default, as for ``required``) ends the reply after one
     call: small models otherwise tend to repeat a call until ``max_tokens``.
     """
-    g = tool_call_grammar(fmt, tools, None, parallel=parallel, mistral_v11=mistral_v11,
-                          limits=limits)
+    g = tool_call_grammar(
+        fmt, tools, None, parallel=parallel, mistral_v11=mistral_v11, limits=limits
+    )
     if fmt == "llama3":
         # Marker-less calls: a reply that starts with '{' is a call.
         return Grammar(g.text, lazy=True, trigger_patterns=(r"\s*(\{[\s\S]*)",))
@@ -159,10 +169,12 @@ def exclusion_grammar(forbidden: str, no_leading: str = "") -> Grammar:
     lines = ["root ::= s0"]
     if no_leading:
         lead = sorted(set(no_leading) | set(" \t\r\n") | set(chars))
-        first = ['""', '[ \\t\\r\\n] root',
-                 "[^" + "".join(_class_escape(c) for c in lead) + "] s0"]
-        first += [f"{gbnf_literal(c)} s{step(0, c)}" for c in chars
-                  if c not in no_leading and c not in " \t\r\n"]
+        first = ['""', "[ \\t\\r\\n] root", "[^" + "".join(_class_escape(c) for c in lead) + "] s0"]
+        first += [
+            f"{gbnf_literal(c)} s{step(0, c)}"
+            for c in chars
+            if c not in no_leading and c not in " \t\r\n"
+        ]
         lines = ["root ::= " + " | ".join(first)]
     for i in range(n):
         alts = ['""', f"[^{escaped}] s0"]
@@ -209,9 +221,11 @@ def request_grammar(
     if not request.tools or fmt not in OPENERS:
         return None
     if kind in ("required", "tool"):
-        return tool_call_grammar(fmt, request.tools, choice, parallel=parallel,
-                                 mistral_v11=mistral_v11, limits=limits)
+        return tool_call_grammar(
+            fmt, request.tools, choice, parallel=parallel, mistral_v11=mistral_v11, limits=limits
+        )
     if kind == "none":
         return exclusion_grammar(OPENERS[fmt], "{" if fmt == "llama3" else "")
-    return lazy_tool_call_grammar(fmt, request.tools, parallel=parallel,
-                                  mistral_v11=mistral_v11, limits=limits)
+    return lazy_tool_call_grammar(
+        fmt, request.tools, parallel=parallel, mistral_v11=mistral_v11, limits=limits
+    )

@@ -74,14 +74,16 @@ def fold_tools_into_messages(
             pending = []
         if m.get("tool_calls"):
             blocks = [
-                "<tool_call>\n" + json.dumps(
+                "<tool_call>\n"
+                + json.dumps(
                     {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                    ensure_ascii=False) + "\n</tool_call>"
+                    ensure_ascii=False,
+                )
+                + "\n</tool_call>"
                 for c in m["tool_calls"]
             ]
             text = m.get("content") or ""
-            out.append({"role": m["role"],
-                        "content": "\n".join(([text] if text else []) + blocks)})
+            out.append({"role": m["role"], "content": "\n".join(([text] if text else []) + blocks)})
             continue
         out.append(dict(m))
     if pending:

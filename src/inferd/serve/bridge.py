@@ -68,8 +68,9 @@ def _error(exc: BaseException) -> web.Response:
 
 
 def _http_error(status: int, message: str, code: str, etype: str) -> web.Response:
-    return _json({"error": {"message": message, "type": etype, "code": code, "param": None}},
-                 status)
+    return _json(
+        {"error": {"message": message, "type": etype, "code": code, "param": None}}, status
+    )
 
 
 @web.middleware
@@ -79,8 +80,12 @@ async def _errors_and_auth(request: web.Request, handler: Handler) -> web.Stream
         given = request.headers.get("Authorization", "")
         token = given[7:].encode() if given[:7].lower() == "bearer " else b""
         if not hmac.compare_digest(token, key):
-            return _http_error(401, "missing or wrong API key: send 'Authorization: Bearer "
-                               "<key>'", "invalid_api_key", "invalid_request_error")
+            return _http_error(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                "invalid_api_key",
+                "invalid_request_error",
+            )
     try:
         return await handler(request)
     except web.HTTPException as e:  # 404, 405, 413 ... as OpenAI error objects too
@@ -106,16 +111,24 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 async def health(request: web.Request) -> web.Response:
     ready = request.app[BACKEND_KEY].ready()
-    return _json({"status": "ok" if ready else "not_ready", "ready": ready},
-                 200 if ready else 503)
+    return _json({"status": "ok" if ready else "not_ready", "ready": ready}, 200 if ready else 503)
 
 
 async def models(request: web.Request) -> web.Response:
     name = request.app[SETTINGS_KEY]["model_name"]
-    return _json({"object": "list", "data": [
-        {"id": name, "object": "model", "created": request.app[SETTINGS_KEY]["created"],
-         "owned_by": "inferd"},
-    ]})
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": request.app[SETTINGS_KEY]["created"],
+                    "owned_by": "inferd",
+                },
+            ],
+        }
+    )
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -133,7 +146,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             try:
                 events = [ev async for ev in stream]
                 completion = openai_wire.response_to_completion(
-                    Response.collect(events), model=model, id=cid)
+                    Response.collect(events), model=model, id=cid
+                )
             except Exception as e:
                 return _error(e)
             return _json(completion)
@@ -144,8 +158,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             first = await stream.__anext__()  # pre-stream errors keep their HTTP status
         except Exception as e:
             return _error(e)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(request)
         try:
             event: Event | None = first
@@ -157,8 +172,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client left: the finally below cancels the generation
         except StopAsyncIteration:
-            await resp.write(openai_wire.sse_encode(openai_wire.error_object(
-                BackendUnavailable("the backend ended the stream without a Done event"))))
+            await resp.write(
+                openai_wire.sse_encode(
+                    openai_wire.error_object(
+                        BackendUnavailable("the backend ended the stream without a Done event")
+                    )
+                )
+            )
         except Exception as e:
             if not isinstance(e, InferdError):
                 log.error("stream failed: %s", type(e).__name__, exc_info=e)
@@ -181,8 +201,11 @@ async def embeddings(request: web.Request) -> web.Response:
     except Exception as e:
         return _error(e)
     model = body.get("model") or request.app[SETTINGS_KEY]["model_name"]
-    to_openai = (openai_wire.embed_result_to_openai_base64 if fmt == "base64"
-                 else openai_wire.embed_result_to_openai)
+    to_openai = (
+        openai_wire.embed_result_to_openai_base64
+        if fmt == "base64"
+        else openai_wire.embed_result_to_openai
+    )
     return _json(to_openai(result, model=model))
 
 
@@ -217,20 +240,35 @@ class BridgeError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``inferd bridge`` options."""
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to bind (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help="TCP port, 0 for any free one (default %(default)s)")
-    parser.add_argument("--socket", default=None,
-                        help="daemon socket to forward to (default: the daemon's default)")
-    parser.add_argument("--config", default=None,
-                        help="serve the backends of this TOML config in-process instead of "
-                             "forwarding to a daemon")
-    parser.add_argument("--api-key-env", default=None, metavar="VAR",
-                        help="require 'Authorization: Bearer <key>' with the key read from "
-                             "environment variable VAR")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
-                        help="model id reported by /v1/models (default %(default)s)")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="TCP port, 0 for any free one (default %(default)s)",
+    )
+    parser.add_argument(
+        "--socket", default=None, help="daemon socket to forward to (default: the daemon's default)"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="serve the backends of this TOML config in-process instead of forwarding to a daemon",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="VAR",
+        help="require 'Authorization: Bearer <key>' with the key read from "
+        "environment variable VAR",
+    )
+    parser.add_argument(
+        "--model-name",
+        default=DEFAULT_MODEL_NAME,
+        help="model id reported by /v1/models (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -252,8 +290,9 @@ async def bridge_main(args: argparse.Namespace) -> int:
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
-            raise BridgeError(f"environment variable {args.api_key_env} (--api-key-env) "
-                              "is not set or empty")
+            raise BridgeError(
+                f"environment variable {args.api_key_env} (--api-key-env) is not set or empty"
+            )
     backend = _backend_from_args(args)
     connect = getattr(backend, "connect", None)
     if connect is not None:
@@ -283,8 +322,9 @@ async def bridge_main(args: argparse.Namespace) -> int:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=str(args.log_level).upper(),
-                        format="inferd bridge: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=str(args.log_level).upper(), format="inferd bridge: %(levelname)s %(message)s"
+    )
     from inferd.serve.config import ConfigError
 
     try:

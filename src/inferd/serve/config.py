@@ -89,8 +89,10 @@ class BackendSpec:
     api_key_env: str | None = None
 
     def __repr__(self) -> str:  # options never hold the key itself, only its env name
-        return f"BackendSpec(type={self.type!r}, options={self.options!r}, " \
-               f"api_key_env={self.api_key_env!r})"
+        return (
+            f"BackendSpec(type={self.type!r}, options={self.options!r}, "
+            f"api_key_env={self.api_key_env!r})"
+        )
 
 
 @dataclass
@@ -137,16 +139,19 @@ def _positive(where: str, name: str, value: Any, *, integer: bool) -> Any:
 def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
     unknown = set(data) - {"daemon", "router", "backend"}
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; "
-                          "expected [daemon], [router], [[backend]]")
+        raise ConfigError(
+            f"{where}: unknown section(s) {sorted(unknown)}; "
+            "expected [daemon], [router], [[backend]]"
+        )
     cfg = Config()
     daemon = data.get("daemon", {})
     if not isinstance(daemon, Mapping):
         raise ConfigError(f"{where}: [daemon] must be a table")
     bad = set(daemon) - _DAEMON_KEYS
     if bad:
-        raise ConfigError(f"{where}: unknown [daemon] key(s) {sorted(bad)}; "
-                          f"known: {sorted(_DAEMON_KEYS)}")
+        raise ConfigError(
+            f"{where}: unknown [daemon] key(s) {sorted(bad)}; known: {sorted(_DAEMON_KEYS)}"
+        )
     if "socket" in daemon:
         cfg.socket = Path(str(daemon["socket"])).expanduser()
     for name in ("max_concurrent", "max_queued"):
@@ -168,8 +173,10 @@ def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
         opts = dict(table)
         kind = opts.pop("type", None)
         if kind not in BACKEND_TYPES:
-            raise ConfigError(f"{where}: backend #{i + 1} has type {kind!r}; "
-                              f"expected one of {sorted(BACKEND_TYPES)}")
+            raise ConfigError(
+                f"{where}: backend #{i + 1} has type {kind!r}; "
+                f"expected one of {sorted(BACKEND_TYPES)}"
+            )
         if "api_key" in opts:
             raise ConfigError(
                 f"{where}: backend #{i + 1} has api_key in the file; put the key in an "

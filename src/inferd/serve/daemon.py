@@ -89,8 +89,10 @@ class _Loading(Backend):
         return Capabilities()
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
-        raise NotReady("the daemon is still loading its backends; retry shortly "
-                       "(the admin socket shows the progress)")
+        raise NotReady(
+            "the daemon is still loading its backends; retry shortly "
+            "(the admin socket shows the progress)"
+        )
         yield  # pragma: no cover - makes this an async generator
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
@@ -132,9 +134,14 @@ class Metrics:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "requests": self.requests, "embeddings": self.embeddings, "tokens": self.tokens,
-            "errors": self.errors, "queue_full": self.queue_full, "cancelled": self.cancelled,
-            "ttft_s": percentiles(self.ttft_s), "tokens_per_s": percentiles(self.tokens_per_s),
+            "requests": self.requests,
+            "embeddings": self.embeddings,
+            "tokens": self.tokens,
+            "errors": self.errors,
+            "queue_full": self.queue_full,
+            "cancelled": self.cancelled,
+            "ttft_s": percentiles(self.ttft_s),
+            "tokens_per_s": percentiles(self.tokens_per_s),
         }
 
 
@@ -227,8 +234,9 @@ class Daemon:
         elif d == default_socket_path().parent:
             # a shared /tmp lets anyone pre-create our directory: use it only if it is ours
             if d.stat().st_uid != os.getuid():
-                raise DaemonError(f"socket directory {d} belongs to another user; remove it "
-                                  "or pass --socket")
+                raise DaemonError(
+                    f"socket directory {d} belongs to another user; remove it or pass --socket"
+                )
             os.chmod(d, 0o700)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -247,8 +255,9 @@ class Daemon:
                 continue
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 self._release_lock()
-                raise DaemonError(f"{path} exists and is not a socket; remove it or "
-                                  "choose another --socket")
+                raise DaemonError(
+                    f"{path} exists and is not a socket; remove it or choose another --socket"
+                )
             if _socket_alive(path):
                 self._release_lock()
                 raise DaemonError(f"another process is listening on {path}; stop it first")
@@ -360,8 +369,11 @@ class Daemon:
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout_s)
             if pending:
-                log.warning("drain timeout (%.1fs): cancelling %d request(s)",
-                            self.drain_timeout_s, len(pending))
+                log.warning(
+                    "drain timeout (%.1fs): cancelling %d request(s)",
+                    self.drain_timeout_s,
+                    len(pending),
+                )
                 self._shutting_down = True
                 for t in pending:
                     t.cancel()
@@ -463,10 +475,13 @@ class Daemon:
         rid = frame.get("id")
         kind = frame.get("type", "generate")
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            await conn.send(wire.error_frame(
-                None, wire.INVALID_REQUEST,
-                f"malformed frame: 'id' must be a string or an integer, got {rid!r:.80}",
-            ))
+            await conn.send(
+                wire.error_frame(
+                    None,
+                    wire.INVALID_REQUEST,
+                    f"malformed frame: 'id' must be a string or an integer, got {rid!r:.80}",
+                )
+            )
             return
         if kind == "cancel":
             task = conn.tasks.pop(rid, None)
@@ -474,28 +489,41 @@ class Daemon:
                 task.cancel()
             return
         if kind == "capabilities":
-            await conn.send({"type": "capabilities", "id": rid,
-                             "capabilities": self.backend.capabilities().to_dict(),
-                             "ready": self.backend.ready() and self.status != "draining"})
+            await conn.send(
+                {
+                    "type": "capabilities",
+                    "id": rid,
+                    "capabilities": self.backend.capabilities().to_dict(),
+                    "ready": self.backend.ready() and self.status != "draining",
+                }
+            )
             return
         if kind not in ("generate", "embed"):
-            await conn.send(wire.error_frame(
-                rid, wire.INVALID_REQUEST,
-                f"unknown frame type {kind!r}; expected generate, embed, cancel or "
-                "capabilities",
-            ))
+            await conn.send(
+                wire.error_frame(
+                    rid,
+                    wire.INVALID_REQUEST,
+                    f"unknown frame type {kind!r}; expected generate, embed, cancel or "
+                    "capabilities",
+                )
+            )
             return
         if rid in conn.tasks:
-            await conn.send(wire.error_frame(
-                rid, wire.INVALID_REQUEST,
-                f"id {rid!r} is already in flight on this connection; ids must be unique",
-            ))
+            await conn.send(
+                wire.error_frame(
+                    rid,
+                    wire.INVALID_REQUEST,
+                    f"id {rid!r} is already in flight on this connection; ids must be unique",
+                )
+            )
             return
         try:
             parsed: Request | EmbedRequest = (
-                Request.from_dict(frame) if kind == "generate"
-                else EmbedRequest.from_dict({k: v for k, v in frame.items()
-                                             if k not in ("id", "type")})
+                Request.from_dict(frame)
+                if kind == "generate"
+                else EmbedRequest.from_dict(
+                    {k: v for k, v in frame.items() if k not in ("id", "type")}
+                )
             )
             self._admit()
         except InferdError as e:
@@ -507,11 +535,15 @@ class Daemon:
             return
         except (TypeError, ValueError, KeyError) as e:
             self.metrics.errors += 1
-            await conn.send(wire.error_frame(rid, wire.INVALID_REQUEST,
-                                             f"malformed {kind} frame: {e}"))
+            await conn.send(
+                wire.error_frame(rid, wire.INVALID_REQUEST, f"malformed {kind} frame: {e}")
+            )
             return
-        coro = (self._run_generate(conn, rid, parsed) if isinstance(parsed, Request)
-                else self._run_embed(conn, rid, parsed))
+        coro = (
+            self._run_generate(conn, rid, parsed)
+            if isinstance(parsed, Request)
+            else self._run_embed(conn, rid, parsed)
+        )
         task = asyncio.create_task(coro)
         conn.tasks[rid] = task
         self._tasks.add(task)
@@ -527,8 +559,10 @@ class Daemon:
     def _admit(self) -> None:
         """Admission, decided synchronously at frame arrival so bursts are counted exactly."""
         if self.status == "draining" or self._shutting_down:
-            raise BackendUnavailable("the daemon is draining (shutting down); retry after "
-                                     "it restarts or on another daemon")
+            raise BackendUnavailable(
+                "the daemon is draining (shutting down); retry after "
+                "it restarts or on another daemon"
+            )
         if self._admitted >= self.max_concurrent + self.max_queued:
             raise QueueFull(
                 f"queue full: {self.max_concurrent} running and {self.max_queued} queued "
@@ -600,11 +634,14 @@ class Daemon:
     def _on_cancel(self, conn: _Connection, rid: str | int) -> None:
         self.metrics.cancelled += 1
         if self._shutting_down:  # the client is still there: tell it, don't leave it hanging
-            conn.send_nowait(wire.error_frame(
-                rid, wire.BACKEND_UNAVAILABLE,
-                f"the daemon shut down before the request finished (drain timeout "
-                f"{self.drain_timeout_s:g}s)",
-            ))
+            conn.send_nowait(
+                wire.error_frame(
+                    rid,
+                    wire.BACKEND_UNAVAILABLE,
+                    f"the daemon shut down before the request finished (drain timeout "
+                    f"{self.drain_timeout_s:g}s)",
+                )
+            )
 
 
 def _socket_alive(path: Path) -> bool:
@@ -626,23 +663,45 @@ def _socket_alive(path: Path) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``inferd serve`` options (the lead's CLI calls this, then :func:`run_args`)."""
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
-                        help="TOML config file (default: %(default)s)")
-    parser.add_argument("--socket", default=None,
-                        help="socket path (default: config, else "
-                             "$XDG_RUNTIME_DIR/inferd/infer.sock)")
-    parser.add_argument("--max-concurrent", type=int, default=None,
-                        help=f"generations running at once (default {DEFAULT_MAX_CONCURRENT})")
-    parser.add_argument("--max-queued", type=int, default=None,
-                        help=f"generations waiting for a slot (default {DEFAULT_MAX_QUEUED})")
-    parser.add_argument("--drain-timeout", type=float, default=None,
-                        help=f"seconds to finish in-flight requests on SIGTERM "
-                             f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})")
-    parser.add_argument("--load-timeout", type=float, default=None,
-                        help=f"seconds to wait for backends to load "
-                             f"(default {DEFAULT_LOAD_TIMEOUT_S:g})")
-    parser.add_argument("--max-frame-bytes", type=int, default=wire.MAX_FRAME_BYTES,
-                        help="largest request frame accepted (default 64 MiB)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG_PATH), help="TOML config file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--socket",
+        default=None,
+        help="socket path (default: config, else $XDG_RUNTIME_DIR/inferd/infer.sock)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help=f"generations running at once (default {DEFAULT_MAX_CONCURRENT})",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        default=None,
+        help=f"generations waiting for a slot (default {DEFAULT_MAX_QUEUED})",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help=f"seconds to finish in-flight requests on SIGTERM "
+        f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--load-timeout",
+        type=float,
+        default=None,
+        help=f"seconds to wait for backends to load (default {DEFAULT_LOAD_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=wire.MAX_FRAME_BYTES,
+        help="largest request frame accepted (default 64 MiB)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -660,10 +719,10 @@ async def serve_main(args: argparse.Namespace) -> int:
         args.socket or cfg.socket,
         max_concurrent=args.max_concurrent or cfg.max_concurrent,
         max_queued=args.max_queued if args.max_queued is not None else cfg.max_queued,
-        drain_timeout_s=(args.drain_timeout if args.drain_timeout is not None
-                         else cfg.drain_timeout_s),
-        load_timeout_s=(args.load_timeout if args.load_timeout is not None
-                        else cfg.load_timeout_s),
+        drain_timeout_s=(
+            args.drain_timeout if args.drain_timeout is not None else cfg.drain_timeout_s
+        ),
+        load_timeout_s=(args.load_timeout if args.load_timeout is not None else cfg.load_timeout_s),
         max_frame_bytes=args.max_frame_bytes,
     )
     return await daemon.run(loader, len(cfg.backends))
@@ -671,8 +730,9 @@ async def serve_main(args: argparse.Namespace) -> int:
 
 def run_args(args: argparse.Namespace) -> int:
     """Run ``inferd serve`` from parsed arguments; one clear line and 1 on failure."""
-    logging.basicConfig(level=str(args.log_level).upper(),
-                        format="inferd serve: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=str(args.log_level).upper(), format="inferd serve: %(levelname)s %(message)s"
+    )
     try:
         return asyncio.run(serve_main(args))
     except (ConfigError, DaemonError, InvalidRequest, ValueError) as e:

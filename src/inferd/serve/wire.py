@@ -88,8 +88,11 @@ def event_frame(rid: Any, event: Event) -> dict[str, Any]:
     """The frame for one stream event."""
     if isinstance(event, Done):
         return {
-            "type": "done", "id": rid, "stop_reason": event.stop_reason.value,
-            "usage": event.usage.to_dict(), "timings": event.timings.to_dict(),
+            "type": "done",
+            "id": rid,
+            "stop_reason": event.stop_reason.value,
+            "usage": event.usage.to_dict(),
+            "timings": event.timings.to_dict(),
             "backend": event.backend,
         }
     return {"type": "frame", "id": rid, "block": event.to_dict()}
@@ -135,12 +138,12 @@ def capabilities_from_dict(d: Mapping[str, Any]) -> Capabilities:
     accel = None
     if isinstance(acc, Mapping):
         accel = AcceleratorInfo(
-            kind=acc.get("kind", "cpu"), gpu_layers=int(acc.get("gpu_layers", 0)),
+            kind=acc.get("kind", "cpu"),
+            gpu_layers=int(acc.get("gpu_layers", 0)),
             device_name=str(acc.get("device_name", "")),
             vram_total_bytes=int(acc.get("vram_total_bytes", 0)),
         )
-    flags = {k: bool(d.get(k, False)) for k in
-             ("tools", "vision", "audio", "thinking", "embed")}
+    flags = {k: bool(d.get(k, False)) for k in ("tools", "vision", "audio", "thinking", "embed")}
     return Capabilities(v2=bool(d.get("v2", True)), accelerator=accel, **flags)
 
 

@@ -194,7 +194,8 @@ class LlamaCpp(Backend):
         if max_queued < 0 or step_tokens < 1 or prefix_cache < 0:
             raise InvalidRequest(
                 f"max_queued={max_queued} and prefix_cache={prefix_cache} must be >= 0, "
-                f"step_tokens={step_tokens} >= 1")
+                f"step_tokens={step_tokens} >= 1"
+            )
         split = check_kv_layout(kv_layout)
         if name:
             self.name = name
@@ -212,24 +213,32 @@ class LlamaCpp(Backend):
         path = self._resolve(model)
         self._mf = loader.prepare(path, sha256=sha256)
         try:
-            self._model = L.Model(str(self._mf.path), n_gpu_layers=n_gpu_layers,
-                                  use_mmap=use_mmap, progress=progress)
+            self._model = L.Model(
+                str(self._mf.path), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, progress=progress
+            )
             # Unified KV cache: sequences share cells (prefix reuse is free) and every
             # step decodes as one micro-batch; spare ids hold cached prefixes. Split: one
             # stream of cells per slot and no spare ids, each would cost a whole stream
             # (ADR 0008).
-            self._ctx = L.Context(self._model, n_ctx=n_ctx,
-                                  n_batch=max(n_batch, parallel + 1),
-                                  n_seq_max=parallel if split else parallel + prefix_cache,
-                                  n_threads=n_threads, kv_unified=not split)
+            self._ctx = L.Context(
+                self._model,
+                n_ctx=n_ctx,
+                n_batch=max(n_batch, parallel + 1),
+                n_seq_max=parallel if split else parallel + prefix_cache,
+                n_threads=n_threads,
+                kv_unified=not split,
+            )
         except BaseException:
             self._release()
             raise
         self._n_ctx = int(self._ctx.n_ctx)
         self._n_batch = int(self._ctx.n_batch)
         self._n_threads = n_threads
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cpus = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
         threads = n_threads or cpus
         #: lock-step pacing when the compute threads use every CPU (see module docstring)
         self._lockstep = (threads >= cpus) if overlap is None else not overlap
@@ -240,15 +249,25 @@ class LlamaCpp(Backend):
         self._template: ChatTemplate | None = None
         self._parser_factory: ParserFactory | None = output_parser
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="inferd-llama")
+            max_workers=1, thread_name_prefix="inferd-llama"
+        )
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         try:
             self._sched = Scheduler(
-                self._ctx, self._model, L.Batch, parallel=parallel,
-                n_ctx_seq=n_ctx_seq or self._n_ctx // parallel, step_tokens=step_tokens,
-                max_queued=max_queued, prefix_cache=prefix_cache, lockstep=self._lockstep,
-                decode_sample=L.decode_sample, name=self.name, kv_layout=kv_layout)
+                self._ctx,
+                self._model,
+                L.Batch,
+                parallel=parallel,
+                n_ctx_seq=n_ctx_seq or self._n_ctx // parallel,
+                step_tokens=step_tokens,
+                max_queued=max_queued,
+                prefix_cache=prefix_cache,
+                lockstep=self._lockstep,
+                decode_sample=L.decode_sample,
+                name=self.name,
+                kv_layout=kv_layout,
+            )
         except BaseException:
             self._release()
             raise
@@ -341,8 +360,15 @@ class LlamaCpp(Backend):
         return dict(s.stats) if s is not None else {}
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(v2=True, tools=True, vision=False, audio=False,
-                            thinking=True, embed=True, accelerator=self.accelerator())
+        return Capabilities(
+            v2=True,
+            tools=True,
+            vision=False,
+            audio=False,
+            thinking=True,
+            embed=True,
+            accelerator=self.accelerator(),
+        )
 
     def accelerator(self) -> AcceleratorInfo:
         """Where this model computes, from ggml's backend device list."""
@@ -352,14 +378,23 @@ class LlamaCpp(Backend):
         if gpus and self._n_gpu_layers != 0:
             d = gpus[0]
             label = f"{d['name']} {d['description']}".lower()
-            kind = ("cuda" if "cuda" in label else "metal" if "metal" in label
-                    else "vulkan" if "vulkan" in label else "rocm" if "rocm" in label
-                    or "hip" in label else "cuda")
+            kind = (
+                "cuda"
+                if "cuda" in label
+                else "metal"
+                if "metal" in label
+                else "vulkan"
+                if "vulkan" in label
+                else "rocm"
+                if "rocm" in label or "hip" in label
+                else "cuda"
+            )
             layers = self._n_gpu_layers
             if layers < 0 and self._model is not None and not self._closed:
                 layers = int(self._model.n_layer) + 1
-            return AcceleratorInfo(kind, layers, d["description"] or d["name"],
-                                   int(d["memory_total"]))
+            return AcceleratorInfo(
+                kind, layers, d["description"] or d["name"], int(d["memory_total"])
+            )
         cpu = next((d for d in devs if d["type"] == "cpu"), None)
         return AcceleratorInfo("cpu", 0, cpu["description"] if cpu else "CPU", 0)
 
@@ -368,7 +403,8 @@ class LlamaCpp(Backend):
         if self._lock is None or self._lock_loop is not loop:
             if self._lock is not None and self._lock.locked():
                 raise BackendUnavailable(
-                    f"backend {self.name!r} is busy serving another event loop")
+                    f"backend {self.name!r} is busy serving another event loop"
+                )
             self._lock = asyncio.Lock()
             self._lock_loop = loop
         return self._lock
@@ -382,8 +418,13 @@ class LlamaCpp(Backend):
             m = self._model
             bos = m.token_text(m.bos) if m.bos >= 0 else ""
             eos = m.token_text(m.eos) if m.eos >= 0 else ""
-            self._template = from_model(m.chat_template, model_name=m.name, bos_token=bos,
-                                        eos_token=eos, override=self._template_override)
+            self._template = from_model(
+                m.chat_template,
+                model_name=m.name,
+                bos_token=bos,
+                eos_token=eos,
+                override=self._template_override,
+            )
         return self._template
 
     def plan(self, request: Request) -> ChatPlan:
@@ -393,9 +434,9 @@ class LlamaCpp(Backend):
     def render(self, request: Request, plan: ChatPlan | None = None) -> str:
         """The prompt text the model sees for ``request``."""
         plan = plan or self.plan(request)
-        return self.chat_template().render(plan.messages, tools=plan.tools,
-                                           add_generation_prompt=True,
-                                           **plan.template_kwargs)
+        return self.chat_template().render(
+            plan.messages, tools=plan.tools, add_generation_prompt=True, **plan.template_kwargs
+        )
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
         """Prompt tokens: special tokens in the text are parsed (the template wrote them);
@@ -412,12 +453,15 @@ class LlamaCpp(Backend):
         try:
             return L.Sampler(
                 self._model,
-                temperature=DEFAULT_TEMPERATURE if request.temperature is None
+                temperature=DEFAULT_TEMPERATURE
+                if request.temperature is None
                 else float(request.temperature),
                 top_k=DEFAULT_TOP_K if request.top_k is None else int(request.top_k),
                 top_p=DEFAULT_TOP_P if request.top_p is None else float(request.top_p),
                 min_p=DEFAULT_MIN_P if request.min_p is None else float(request.min_p),
-                repeat_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+                repeat_penalty=rep,
+                frequency_penalty=freq,
+                presence_penalty=pres,
                 seed=request.seed,
                 **self._grammar_args(plan or self.plan(request)),
             )
@@ -438,9 +482,12 @@ class LlamaCpp(Backend):
             toks = m.tokenize(word, add_special=False, parse_special=True)
             if len(toks) == 1:
                 tokens.append(toks[0])
-        return {"grammar": g.text, "grammar_root": g.root,
-                "grammar_trigger_patterns": list(g.trigger_patterns),
-                "grammar_trigger_tokens": tokens}
+        return {
+            "grammar": g.text,
+            "grammar_root": g.root,
+            "grammar_trigger_patterns": list(g.trigger_patterns),
+            "grammar_trigger_tokens": tokens,
+        }
 
     # ------------------------------------------------------------------ generation
 
@@ -463,14 +510,17 @@ class LlamaCpp(Backend):
         sampler = self._sampler(request, plan)
         parser: OutputParser = (
             self._parser_factory(self._template_source(), prompt, request)
-            if self._parser_factory is not None else plan.parser(prompt))
+            if self._parser_factory is not None
+            else plan.parser(prompt)
+        )
         # Tool-call and thinking sentinels are often control tokens: render them.
         special = plan.format != "plain"
         stops = request.stop
 
         # Pre-stream: QueueFull / InvalidRequest (can never fit) raise from here.
-        stream: SeqStream = sched.submit(tokens, sampler, max_tokens=max_tokens,
-                                         ignore_eos=request.ignore_eos)
+        stream: SeqStream = sched.submit(
+            tokens, sampler, max_tokens=max_tokens, ignore_eos=request.ignore_eos
+        )
 
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         model = self._model
@@ -484,8 +534,7 @@ class LlamaCpp(Backend):
                 item = await stream.get()
                 kind = item[0]
                 if self._closed:  # tokens still queued when close() ran
-                    raise BackendUnavailable(
-                        f"backend {self.name!r} was closed during generation")
+                    raise BackendUnavailable(f"backend {self.name!r} was closed during generation")
                 if kind == "tok":
                     tok, eog = item[1], item[2]
                     if eog and not request.ignore_eos:
@@ -520,10 +569,10 @@ class LlamaCpp(Backend):
                         raise err
                     raise BackendUnavailable(
                         f"llama.cpp failed {'during' if started else 'before'} generation: "
-                        f"{type(err).__name__}: {err}") from err
+                        f"{type(err).__name__}: {err}"
+                    ) from err
                 else:  # "end": the worker stopped without a reason (closed under us)
-                    raise BackendUnavailable(
-                        f"backend {self.name!r} was closed during generation")
+                    raise BackendUnavailable(f"backend {self.name!r} was closed during generation")
             if stop_reason is not StopReason.STOP_SEQUENCE:
                 pending += decoder.decode(b"", final=True)
                 if pending:
@@ -534,8 +583,12 @@ class LlamaCpp(Backend):
                 first = first or time.perf_counter()
                 yield ev
             end = time.perf_counter()
-            yield Done(stop_reason, Usage(n_prompt, produced, stream.cached_tokens),
-                       Timings.measure(start, first, end, produced), self.name)
+            yield Done(
+                stop_reason,
+                Usage(n_prompt, produced, stream.cached_tokens),
+                Timings.measure(start, first, end, produced),
+                self.name,
+            )
         except (InferdError, GeneratorExit, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -544,7 +597,8 @@ class LlamaCpp(Backend):
             if not started:
                 raise
             raise BackendUnavailable(
-                f"generation failed mid-stream: {type(e).__name__}: {e}") from e
+                f"generation failed mid-stream: {type(e).__name__}: {e}"
+            ) from e
         finally:
             if not stream.done:
                 # Left early (break, aclose, cancellation) or stopped on a stop sequence:
@@ -575,16 +629,24 @@ class LlamaCpp(Backend):
         fut.add_done_callback(lambda _f: lock.release())
         vectors, n_tokens = await asyncio.shield(fut)
         dims = len(vectors[0]) if vectors else 0
-        return EmbedResult(tuple(tuple(v) for v in vectors), dims, self.model_name,
-                           Usage(n_tokens, 0, 0))
+        return EmbedResult(
+            tuple(tuple(v) for v in vectors), dims, self.model_name, Usage(n_tokens, 0, 0)
+        )
 
     def _embed_work(self, request: EmbedRequest) -> tuple[list[list[float]], int]:
         L = _llama()
         if self._ectx is None:
             n = self._embed_n_ctx or min(int(self._model.n_ctx_train) or 2048, 2048)
             # Pooled embeddings need the whole input in one micro-batch.
-            self._ectx = L.Context(self._model, n_ctx=n, n_batch=n, n_ubatch=n,
-                                   n_threads=self._n_threads, embeddings=True, pooling="mean")
+            self._ectx = L.Context(
+                self._model,
+                n_ctx=n,
+                n_batch=n,
+                n_ubatch=n,
+                n_threads=self._n_threads,
+                embeddings=True,
+                pooling="mean",
+            )
             self._ebatch = L.Batch(n, 1)
         ctx, batch = self._ectx, self._ebatch
         out: list[list[float]] = []
@@ -596,7 +658,8 @@ class LlamaCpp(Backend):
             if len(toks) > batch.capacity:
                 raise InvalidRequest(
                     f"input[{i}] is {len(toks)} tokens; embeddings take at most "
-                    f"{batch.capacity} (pass embed_n_ctx= to LlamaCpp for more)")
+                    f"{batch.capacity} (pass embed_n_ctx= to LlamaCpp for more)"
+                )
             total += len(toks)
             ctx.clear()
             batch.clear()

@@ -41,10 +41,20 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(f"the model's chat template refused the conversation: {message}")
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
-            separators: Any = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii,
-                      separators=tuple(separators) if separators else None, sort_keys=sort_keys)
+def _tojson(
+    value: Any,
+    indent: int | None = None,
+    ensure_ascii: bool = False,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value,
+        indent=indent,
+        ensure_ascii=ensure_ascii,
+        separators=tuple(separators) if separators else None,
+        sort_keys=sort_keys,
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -76,8 +86,13 @@ def message_to_dict(m: Message) -> dict[str, Any]:
         if isinstance(b, TextBlock):
             texts.append(b.text)
         elif isinstance(b, ToolUseBlock):
-            calls.append({"id": b.id, "type": "function",
-                          "function": {"name": b.name, "arguments": dict(b.input)}})
+            calls.append(
+                {
+                    "id": b.id,
+                    "type": "function",
+                    "function": {"name": b.name, "arguments": dict(b.input)},
+                }
+            )
         elif isinstance(b, ToolResultBlock):
             results.append(b)
         elif isinstance(b, (ImageBlock, AudioBlock)):
@@ -95,8 +110,14 @@ def message_to_dict(m: Message) -> dict[str, Any]:
 
 
 def tool_to_dict(t: Tool) -> dict[str, Any]:
-    return {"type": "function", "function": {"name": t.name, "description": t.description,
-                                             "parameters": dict(t.parameters)}}
+    return {
+        "type": "function",
+        "function": {
+            "name": t.name,
+            "description": t.description,
+            "parameters": dict(t.parameters),
+        },
+    }
 
 
 class ChatTemplate:
@@ -110,9 +131,14 @@ class ChatTemplate:
         self.eos_token = eos_token
         self._template = _compile(source)
 
-    def render(self, messages: Sequence[Message | dict[str, Any]], *,
-               tools: Sequence[Tool] = (),
-               add_generation_prompt: bool = True, **extra: Any) -> str:
+    def render(
+        self,
+        messages: Sequence[Message | dict[str, Any]],
+        *,
+        tools: Sequence[Tool] = (),
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> str:
         """The prompt text for ``messages`` (tools are passed only when there are some)."""
         ctx: dict[str, Any] = {
             # Template-ready dicts (from inferd.chat.messages) pass through unchanged.
@@ -136,9 +162,15 @@ class ChatTemplate:
             ) from None
 
 
-def from_model(template: str | None, *, model_name: str, bos_token: str, eos_token: str,
-               override: str | None = None, extra: Mapping[str, Any] | None = None
-               ) -> ChatTemplate:
+def from_model(
+    template: str | None,
+    *,
+    model_name: str,
+    bos_token: str,
+    eos_token: str,
+    override: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> ChatTemplate:
     """The override if given, else the model's template, else a clear error."""
     source = override if override is not None else template
     if not source:

@@ -204,8 +204,10 @@ def _skip_value(r: _Reader, vtype: int, key: str) -> None:
             for _ in range(n):
                 r.string(repr(key))
         else:
-            raise ModelLoadError(f"{r.name}: metadata {key!r} is an array of type {etype}, "
-                                 "which GGUF does not define (corrupt file?)")
+            raise ModelLoadError(
+                f"{r.name}: metadata {key!r} is an array of type {etype}, "
+                "which GGUF does not define (corrupt file?)"
+            )
     else:
         raise ModelLoadError(f"{r.name}: metadata {key!r} has unknown type {vtype} (corrupt file?)")
 

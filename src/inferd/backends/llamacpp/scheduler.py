@@ -81,7 +81,8 @@ def check_kv_layout(kv_layout: str) -> bool:
     if kv_layout not in KV_LAYOUTS:
         raise InvalidRequest(
             f"kv_layout={kv_layout!r} is not a KV cache layout; choose 'unified' (one "
-            "shared cache, the default) or 'split' (one stream of cells per slot)")
+            "shared cache, the default) or 'split' (one stream of cells per slot)"
+        )
     return kv_layout == "split"
 
 
@@ -134,8 +135,15 @@ class SeqStream:
         "taken",
     )
 
-    def __init__(self, sched: Scheduler, loop: asyncio.AbstractEventLoop, prompt: list[int],
-                 sampler: Any, max_tokens: int, ignore_eos: bool) -> None:
+    def __init__(
+        self,
+        sched: Scheduler,
+        loop: asyncio.AbstractEventLoop,
+        prompt: list[int],
+        sampler: Any,
+        max_tokens: int,
+        ignore_eos: bool,
+    ) -> None:
         self.sched = sched
         self.loop = loop
         self.prompt = prompt
@@ -212,12 +220,22 @@ class Scheduler:
     :param kv_layout: ``"unified"`` or ``"split"``, as the context was created.
     """
 
-    def __init__(self, ctx: Any, model: Any, batch_factory: Any, *, parallel: int,
-                 n_ctx_seq: int, step_tokens: int = DEFAULT_STEP_TOKENS,
-                 max_queued: int = DEFAULT_MAX_QUEUED,
-                 prefix_cache: int = DEFAULT_PREFIX_CACHE, lockstep: bool = False,
-                 decode_sample: Any = None, name: str = "llamacpp",
-                 kv_layout: str = "unified") -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        model: Any,
+        batch_factory: Any,
+        *,
+        parallel: int,
+        n_ctx_seq: int,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        prefix_cache: int = DEFAULT_PREFIX_CACHE,
+        lockstep: bool = False,
+        decode_sample: Any = None,
+        name: str = "llamacpp",
+        kv_layout: str = "unified",
+    ) -> None:
         self.split = check_kv_layout(kv_layout)
         if parallel < 1:
             raise InvalidRequest(f"parallel={parallel} must be >= 1")
@@ -237,8 +255,9 @@ class Scheduler:
         if self.split:
             self.n_ctx_seq = self._slot_limit(n_ctx_seq)
         # every running sequence's next token always fits next to a prompt chunk
-        self.step_tokens = max(1, min(step_tokens, n_batch - parallel)) if (
-            n_batch > parallel) else 1
+        self.step_tokens = (
+            max(1, min(step_tokens, n_batch - parallel)) if (n_batch > parallel) else 1
+        )
         self.batch_capacity = max(n_batch, parallel + 1)
         self._batch = batch_factory(self.batch_capacity, 1)
         if decode_sample is None:
@@ -251,13 +270,15 @@ class Scheduler:
         self._pending: collections.deque[SeqStream] = collections.deque()
         self._active: list[SeqStream] = []  # admission order
         # unified: a stack (lowest id on top); split: least recently used first
-        self._free_slots = list(range(parallel)) if self.split else list(
-            range(parallel - 1, -1, -1))
+        self._free_slots = (
+            list(range(parallel)) if self.split else list(range(parallel - 1, -1, -1))
+        )
         self._cancels: list[SeqStream] = []
         # unified prefix cache: seq id -> token list, least recently used first
         self._cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
-        self._free_cache_ids = [] if self.split else list(
-            range(parallel + prefix_cache - 1, parallel - 1, -1))
+        self._free_cache_ids = (
+            [] if self.split else list(range(parallel + prefix_cache - 1, parallel - 1, -1))
+        )
         # split: tokens whose cells a free slot still holds (reused in place)
         self._slot_kv: dict[int, list[int]] = {}
         self.n_seq = parallel if self.split else parallel + prefix_cache
@@ -268,14 +289,14 @@ class Scheduler:
         self.idle = threading.Event()
         self.idle.set()
         self.stats: collections.Counter[str] = collections.Counter()
-        self._thread = threading.Thread(target=self._run, name="inferd-llama-sched",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="inferd-llama-sched", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ event loop side
 
-    def submit(self, prompt: list[int], sampler: Any, *, max_tokens: int,
-               ignore_eos: bool = False) -> SeqStream:
+    def submit(
+        self, prompt: list[int], sampler: Any, *, max_tokens: int, ignore_eos: bool = False
+    ) -> SeqStream:
         """Queue a sequence (call from the consumer's event loop).
 
         Raises ``InvalidRequest`` when it can never fit, ``QueueFull`` when the
@@ -289,13 +310,13 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise NotReady(f"backend {self.name!r} is closed")
-            if len(self._pending) >= self.max_queued and (
-                    not self._free_slots or self._pending):
+            if len(self._pending) >= self.max_queued and (not self._free_slots or self._pending):
                 self.stats["queue_full"] += 1
                 raise QueueFull(
                     f"backend {self.name!r}: {len(self._pending)} requests already wait "
                     f"for one of {self.parallel} sequence slots (max_queued="
-                    f"{self.max_queued}); retry later")
+                    f"{self.max_queued}); retry later"
+                )
             self._pending.append(stream)
             self.idle.clear()
             self._cond.notify()
@@ -312,14 +333,22 @@ class Scheduler:
         if n == 0:
             raise InvalidRequest("the prompt is empty after tokenization")
         if n >= self.n_ctx_seq:
-            where = (f"one slot holds at most {self.n_ctx_seq} tokens of prompt and reply "
-                     f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
-                     f"{self.parallel} slots)") if self.split else (
-                     f"one sequence holds at most {self.n_ctx_seq} tokens of prompt and "
-                     f"reply (n_ctx={self.n_ctx} shared by parallel={self.parallel})")
+            where = (
+                (
+                    f"one slot holds at most {self.n_ctx_seq} tokens of prompt and reply "
+                    f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
+                    f"{self.parallel} slots)"
+                )
+                if self.split
+                else (
+                    f"one sequence holds at most {self.n_ctx_seq} tokens of prompt and "
+                    f"reply (n_ctx={self.n_ctx} shared by parallel={self.parallel})"
+                )
+            )
             raise InvalidRequest(
                 f"the prompt is {n} tokens, but {where}; shorten the conversation or create "
-                "LlamaCpp with a larger n_ctx (or n_ctx_seq, or a smaller parallel)")
+                "LlamaCpp with a larger n_ctx (or n_ctx_seq, or a smaller parallel)"
+            )
 
     def _slot_limit(self, n_ctx_seq: int) -> int:
         """Split layout: a sequence lives in its slot's ``n_ctx // parallel`` cells, so an
@@ -329,7 +358,8 @@ class Scheduler:
             raise InvalidRequest(
                 f"n_ctx_seq={n_ctx_seq} exceeds the {slot} cells of one slot "
                 f"(kv_layout='split': n_ctx={self.n_ctx} split into parallel="
-                f"{self.parallel} slots); use kv_layout='unified' to oversubscribe")
+                f"{self.parallel} slots); use kv_layout='unified' to oversubscribe"
+            )
         return n_ctx_seq
 
     def _wake(self) -> None:
@@ -377,14 +407,14 @@ class Scheduler:
         with self._ctx_lock:
             kept = {seq for seq, toks in self._slot_kv.items() if toks}
             cells = self._cells()[: self.parallel]
-        return sum(hi - lo + 1 for seq, (lo, hi) in enumerate(cells)
-                   if hi >= 0 and seq not in kept)
+        return sum(hi - lo + 1 for seq, (lo, hi) in enumerate(cells) if hi >= 0 and seq not in kept)
 
     def kv_cached(self) -> int:
         """Tokens kept for prefix reuse (their cells may be shared with running ones)."""
         with self._ctx_lock:
             return sum(len(t) for t in self._cache.values()) + sum(
-                len(t) for t in self._slot_kv.values())
+                len(t) for t in self._slot_kv.values()
+            )
 
     def clear_prefix_cache(self) -> None:
         """Drop every cached prefix (their KV cells are freed now)."""
@@ -482,8 +512,7 @@ class Scheduler:
                 s.seq = seq
                 self._active.append(s)
                 self._reserved += s.need
-            lcp = self._reuse_in_slot(seq, lcp) if self.split else self._copy_prefix(
-                seq, src, lcp)
+            lcp = self._reuse_in_slot(seq, lcp) if self.split else self._copy_prefix(seq, src, lcp)
             if lcp > 0:
                 s.n_past = lcp
                 s.kv = s.prompt[:lcp]
@@ -554,6 +583,7 @@ class Scheduler:
 
     def _make_room(self, need: int, keep: int) -> bool:
         """Evict cached prefixes (LRU, sparing ``keep``) until ``need`` cells fit."""
+
         def used() -> int:
             return self._reserved + sum(len(t) for t in self._cache.values())
 
@@ -589,7 +619,7 @@ class Scheduler:
                 break
             if s.cancelled or s.n_past >= len(s.prompt):
                 continue
-            chunk = s.prompt[s.n_past:s.n_past + room]
+            chunk = s.prompt[s.n_past : s.n_past + room]
             room -= len(chunk)
             fed.append((s, chunk))
         if self.split:  # libllama splits a split-cache batch at every non-consecutive id
@@ -657,9 +687,13 @@ class Scheduler:
         self._drop_cached()
         self._send(out)
 
-    def _finish(self, s: SeqStream, *, cache: bool,
-                out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]]
-                | None = None) -> None:
+    def _finish(
+        self,
+        s: SeqStream,
+        *,
+        cache: bool,
+        out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] | None = None,
+    ) -> None:
         """Free ``s``'s slot (keeping its tokens as a cached prefix when asked)."""
         if s.done:
             return
@@ -697,10 +731,10 @@ class Scheduler:
     def _remember(self, seq: int, kv: list[int]) -> None:
         """Keep ``kv`` (the cells of ``seq``) under a cache id, deduplicating prefixes."""
         for cid, toks in list(self._cache.items()):
-            if len(toks) >= len(kv) and toks[:len(kv)] == kv:
+            if len(toks) >= len(kv) and toks[: len(kv)] == kv:
                 self._cache.move_to_end(cid)  # already covered by a longer entry
                 return
-            if len(toks) < len(kv) and kv[:len(toks)] == toks:
+            if len(toks) < len(kv) and kv[: len(toks)] == toks:
                 self._evict(cid)  # superseded by the longer one
         if not self._free_cache_ids:
             self._evict(next(iter(self._cache)))
@@ -710,8 +744,9 @@ class Scheduler:
         self._cache[cid] = list(kv)
         self.stats["remembered"] += 1
 
-    def _send(self, out: dict[asyncio.AbstractEventLoop,
-                              list[tuple[SeqStream, tuple[Any, ...]]]]) -> None:
+    def _send(
+        self, out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]]
+    ) -> None:
         for loop, items in out.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

@@ -107,8 +107,9 @@ async def _drained(resp: aiohttp.ClientResponse) -> bool:
     return resp.content.at_eof()
 
 
-async def _next_events(chunks: AsyncIterator[bytes], decoder: ChatStreamDecoder,
-                       url: str) -> list[Event]:
+async def _next_events(
+    chunks: AsyncIterator[bytes], decoder: ChatStreamDecoder, url: str
+) -> list[Event]:
     """The events of the next body read; at the end of the body, the decoder's last ones
     (never empty: a truncated stream raises, see :func:`_at_eof`)."""
     try:
@@ -178,8 +179,11 @@ class OpenAICompat(Backend):
         self.vision = vision
         self.extra_body = dict(extra_body or {})
         self.max_event_bytes = max_event_bytes
-        for label, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
-                             ("read_timeout", read_timeout)):
+        for label, value in (
+            ("timeout", timeout),
+            ("connect_timeout", connect_timeout),
+            ("read_timeout", read_timeout),
+        ):
             if not value > 0:
                 raise ValueError(f"{label}={value!r} must be > 0 seconds")
         if max_connections < 1:
@@ -188,8 +192,9 @@ class OpenAICompat(Backend):
             raise ValueError(f"max_event_bytes={max_event_bytes} must be >= 1024")
         self._api_key = Secret(_key_from_env() if api_key is None else api_key)
         self._client = HttpClient(
-            timeout=aiohttp.ClientTimeout(total=timeout, connect=connect_timeout,
-                                          sock_read=read_timeout),
+            timeout=aiohttp.ClientTimeout(
+                total=timeout, connect=connect_timeout, sock_read=read_timeout
+            ),
             headers=dict(headers or {}),
             api_key=self._api_key,
             max_connections=max_connections,
@@ -201,9 +206,11 @@ class OpenAICompat(Backend):
     # ------------------------------------------------------------------ status
 
     def __repr__(self) -> str:
-        return (f"<OpenAICompat name={self.name!r} base_url={redact_url(self.base_url)!r} "
-                f"model={self.model!r} api_key={'set' if self._api_key else 'unset'} "
-                f"ready={self.ready()}>")
+        return (
+            f"<OpenAICompat name={self.name!r} base_url={redact_url(self.base_url)!r} "
+            f"model={self.model!r} api_key={'set' if self._api_key else 'unset'} "
+            f"ready={self.ready()}>"
+        )
 
     @property
     def active(self) -> int:
@@ -214,8 +221,14 @@ class OpenAICompat(Backend):
         return not self._client.closed
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(v2=True, tools=True, vision=self.vision, thinking=True,
-                            embed=True, accelerator=AcceleratorInfo(kind="remote"))
+        return Capabilities(
+            v2=True,
+            tools=True,
+            vision=self.vision,
+            thinking=True,
+            embed=True,
+            accelerator=AcceleratorInfo(kind="remote"),
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -229,8 +242,9 @@ class OpenAICompat(Backend):
     def chat_body(self, request: Request) -> dict[str, Any]:
         """The exact JSON body :meth:`generate` sends for ``request``."""
         body = dict(self.extra_body)
-        body.update(request_to_openai(request, model=request.model or self.model,
-                                      vision=self.vision))
+        body.update(
+            request_to_openai(request, model=request.model or self.model, vision=self.vision)
+        )
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         return body
@@ -251,7 +265,8 @@ class OpenAICompat(Backend):
             # been shown to the caller yet, so another attempt cannot duplicate output.
             while True:
                 resp, attempt = await self._client.post(
-                    url, payload, accept="text/event-stream", attempt=attempt)
+                    url, payload, accept="text/event-stream", attempt=attempt
+                )
                 decoder = ChatStreamDecoder(max_event_bytes=self.max_event_bytes)
                 chunks = resp.content.iter_any()
                 try:
@@ -272,9 +287,9 @@ class OpenAICompat(Backend):
                         if isinstance(ev, Done):
                             tokens = ev.usage.output_tokens or count
                             yield ev.replace(
-                                timings=Timings.measure(start, first, time.perf_counter(),
-                                                        tokens),
-                                backend=self.name)
+                                timings=Timings.measure(start, first, time.perf_counter(), tokens),
+                                backend=self.name,
+                            )
                             if await _drained(resp):
                                 resp.release()  # fully read: safe to reuse
                                 resp = None
@@ -285,8 +300,9 @@ class OpenAICompat(Backend):
                         raise InternalError("the stream decoder finished without a Done")
                     batch = await _next_events(chunks, decoder, url)
             except WIRE_ERRORS as e:
-                raise connection_error(e, url, timeouts=self._client.timeout,
-                                       mid_stream=True) from None
+                raise connection_error(
+                    e, url, timeouts=self._client.timeout, mid_stream=True
+                ) from None
         finally:
             # close(), not release(): a half-read connection must never be pooled
             # (a fully read one was released above and is None here).

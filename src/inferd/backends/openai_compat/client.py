@@ -257,15 +257,17 @@ def status_error(status: int, body: str, url: str) -> BackendUnavailable | Inval
         return BackendUnavailable(
             f"upstream {where} refused the API key (HTTP {status}); set a valid key with "
             "api_key= or INFERD_OPENAI_API_KEY / OPENAI_API_KEY",
-            status=status, body=body,
+            status=status,
+            body=body,
         )
     return BackendUnavailable(
         f"upstream {where} answered HTTP {status}: {detail}", status=status, body=body
     )
 
 
-def connection_error(exc: BaseException, url: str, *, timeouts: aiohttp.ClientTimeout,
-                     mid_stream: bool = False) -> BackendUnavailable:
+def connection_error(
+    exc: BaseException, url: str, *, timeouts: aiohttp.ClientTimeout, mid_stream: bool = False
+) -> BackendUnavailable:
     """A :class:`BackendUnavailable` naming what went wrong on the wire, and where."""
     where = redact_url(url)
     phase = "mid-stream" if mid_stream else "before the reply"
@@ -321,8 +323,10 @@ class HttpClient:
     _closed: bool = False
 
     def __repr__(self) -> str:
-        return (f"HttpClient(max_connections={self.max_connections}, "
-                f"retries={self.retry.max_retries}, api_key={self.api_key!r})")
+        return (
+            f"HttpClient(max_connections={self.max_connections}, "
+            f"retries={self.retry.max_retries}, api_key={self.api_key!r})"
+        )
 
     @property
     def closed(self) -> bool:
@@ -334,7 +338,9 @@ class HttpClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, headers=self._all_headers(),
+                connector=connector,
+                timeout=self.timeout,
+                headers=self._all_headers(),
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 read_bufsize=2**18,
             )
@@ -390,8 +396,9 @@ class HttpClient:
             raise _Retryable(err, parse_retry_after(resp.headers.get("Retry-After")))
         raise err
 
-    async def post(self, url: str, payload: bytes, *, accept: str = "application/json",
-                   attempt: int = 0) -> tuple[aiohttp.ClientResponse, int]:
+    async def post(
+        self, url: str, payload: bytes, *, accept: str = "application/json", attempt: int = 0
+    ) -> tuple[aiohttp.ClientResponse, int]:
         """POST, retrying per :class:`RetryPolicy`: an open 2xx response, or an error.
 
         ``attempt`` is how many retries were already spent (the adapter re-enters
@@ -411,8 +418,9 @@ class HttpClient:
             except _Retryable as r:
                 attempt = await self.wait_before_retry(r.error, attempt, r.retry_after)
 
-    async def wait_before_retry(self, error: BackendUnavailable, attempt: int,
-                                retry_after: float | None = None) -> int:
+    async def wait_before_retry(
+        self, error: BackendUnavailable, attempt: int, retry_after: float | None = None
+    ) -> int:
         """Sleep before the next attempt, or raise ``error`` if none is left.
 
         Returns the new attempt count.
@@ -423,14 +431,21 @@ class HttpClient:
                 error.args = (error.message,)
             raise error
         if retry_after is not None and retry_after > self.retry.max_retry_after_s:
-            error.message = (f"{error.message}; the upstream asked to retry after "
-                             f"{retry_after:.0f}s, more than max_retry_after "
-                             f"({self.retry.max_retry_after_s:.0f}s), so not waiting")
+            error.message = (
+                f"{error.message}; the upstream asked to retry after "
+                f"{retry_after:.0f}s, more than max_retry_after "
+                f"({self.retry.max_retry_after_s:.0f}s), so not waiting"
+            )
             error.args = (error.message,)
             raise error
         delay = retry_after if retry_after is not None else self.retry.backoff(attempt)
-        log.info("retrying in %.2fs (attempt %d of %d): %s", delay, attempt + 2,
-                 self.retry.max_retries + 1, error.message)
+        log.info(
+            "retrying in %.2fs (attempt %d of %d): %s",
+            delay,
+            attempt + 2,
+            self.retry.max_retries + 1,
+            error.message,
+        )
         await asyncio.sleep(delay)
         return attempt + 1
 
@@ -452,7 +467,8 @@ class HttpClient:
             except WIRE_ERRORS as e:
                 resp.close()
                 attempt = await self.wait_before_retry(
-                    connection_error(e, url, timeouts=self.timeout), attempt)
+                    connection_error(e, url, timeouts=self.timeout), attempt
+                )
                 continue
             finally:
                 resp.release()
@@ -461,6 +477,6 @@ class HttpClient:
             except orjson.JSONDecodeError:
                 raise BackendUnavailable(
                     f"upstream {redact_url(url)} sent a reply that is not JSON",
-                    status=resp.status, body=scrub(bytes(buf).decode("utf-8", "replace"),
-                                                   self.api_key),
+                    status=resp.status,
+                    body=scrub(bytes(buf).decode("utf-8", "replace"), self.api_key),
                 ) from None
