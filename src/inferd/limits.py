@@ -10,6 +10,7 @@ the connection. Error messages that repeat a client's value use :func:`echo`, so
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from inferd.errors import InvalidRequest
@@ -20,6 +21,26 @@ from inferd.errors import InvalidRequest
 MAX_JSON_DEPTH = 64
 #: Most characters of a client's value repeated in an error message.
 MAX_ECHO_CHARS = 80
+#: Most characters of one error message sent to a client: a last cut for messages built
+#: from text nobody bounded (an exception's ``str``), so no error frame is ever large.
+MAX_ERROR_MESSAGE_CHARS = 1000
+#: Levels of a container :func:`echo` shows before writing ``...`` (a 1,000-deep list
+#: is echoed as ``[[[...]]]`` instead of raising ``RecursionError``).
+ECHO_MAX_LEVEL = 3
+
+
+class _EchoRepr(reprlib.Repr):
+    """A few levels and elements of a container, strings and other values cut at ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxlevel = ECHO_MAX_LEVEL
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 6
+        self.maxstring = self.maxother = limit
+
+    def repr_int(self, x: int, level: int) -> str:
+        bits = x.bit_length()
+        return super().repr_int(x, level) if bits <= 128 else f"<int of {bits} bits>"
 
 
 def check_depth(obj: Any, max_depth: int = MAX_JSON_DEPTH, *, what: str = "request") -> None:
@@ -48,9 +69,23 @@ def check_depth(obj: Any, max_depth: int = MAX_JSON_DEPTH, *, what: str = "reque
 
 
 def echo(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
-    """``repr`` of a client's value cut to ``limit`` characters, saying how much was cut."""
-    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    """``repr`` of a client's value cut to ``limit`` characters, saying how much was cut.
+
+    Never walks more than a few elements or levels of a container, so a deep or huge
+    value is echoed in constant time and cannot raise ``RecursionError``.
+    """
+    if isinstance(value, str | bytes):
+        text = repr(value[: limit + 1])
+    else:
+        text = _EchoRepr(limit).repr(value)  # one per call: echo runs in worker threads too
     if len(text) <= limit:
         return text
     size = len(value) if isinstance(value, str | bytes | list | dict | tuple) else len(text)
     return f"{text[:limit]}... ({size} long, cut)"
+
+
+def cut_message(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (saying so): the last guard on an error message."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... (message cut from {len(text)} characters)"

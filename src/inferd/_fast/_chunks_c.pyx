@@ -19,6 +19,7 @@ import orjson
 
 from inferd._fast._stream_common import LOG_PAYLOAD_CHARS, upstream_error_message
 from inferd.errors import BackendUnavailable
+from inferd.openai_wire import STOP_REASONS
 from inferd.types import Done, StopReason, Text, Thinking, ToolUse, Usage
 
 __all__ = ["IMPLEMENTATION", "ChatStreamDecoder", "ChunkAccumulator"]
@@ -35,13 +36,8 @@ cdef object _Text = Text
 cdef object _Thinking = Thinking
 cdef str _S_TEXT = "text"
 
-cdef dict _FINISH = {
-    "stop": StopReason.END_TURN,
-    "length": StopReason.MAX_TOKENS,
-    "tool_calls": StopReason.TOOL_USE,
-    "function_call": StopReason.TOOL_USE,
-    "content_filter": StopReason.END_TURN,
-}
+# OpenAI finish_reason -> StopReason: the one table, owned by inferd.openai_wire.
+cdef dict _FINISH = STOP_REASONS
 cdef object _END_TURN = StopReason.END_TURN
 cdef object _TOOL_USE = StopReason.TOOL_USE
 cdef object _ERROR = StopReason.ERROR

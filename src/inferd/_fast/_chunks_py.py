@@ -21,6 +21,7 @@ from inferd._fast._stream_common import (
     upstream_error_message,
 )
 from inferd.errors import BackendUnavailable, InternalError
+from inferd.openai_wire import STOP_REASONS
 from inferd.types import Done, Event, StopReason, Text, Thinking, ToolUse, Usage
 
 __all__ = ["IMPLEMENTATION", "ChatStreamDecoder", "ChunkAccumulator"]
@@ -29,13 +30,8 @@ IMPLEMENTATION = "py"
 
 log = logging.getLogger("inferd.toolcalls")
 
-_FINISH: dict[str, StopReason] = {
-    "stop": StopReason.END_TURN,
-    "length": StopReason.MAX_TOKENS,
-    "tool_calls": StopReason.TOOL_USE,
-    "function_call": StopReason.TOOL_USE,
-    "content_filter": StopReason.END_TURN,
-}
+#: OpenAI finish_reason -> StopReason: the one table, owned by :mod:`inferd.openai_wire`.
+_FINISH: dict[str, StopReason] = STOP_REASONS
 
 
 def _new_call_id() -> str:

@@ -310,14 +310,7 @@ class Daemon:
         if isinstance(self.backend, _Loading):
             return sum(self._load_fractions.values()) / max(1, self._load_count)
         backends = list(getattr(self.backend, "backends", (self.backend,)))
-        total = 0.0
-        for b in backends:
-            if b.ready():
-                total += 1.0
-            else:
-                p = getattr(b, "load_progress", 0.0)
-                total += float(p() if callable(p) else p or 0.0)
-        return total / len(backends)
+        return sum(1.0 for b in backends if b.ready()) / len(backends)
 
     async def _load(self, loader: Loader, count: int, stop: asyncio.Event) -> bool:
         """Build the backend in a thread while the sockets answer; False if stopped first."""
@@ -519,11 +512,9 @@ class Daemon:
             return
         try:
             parsed: Request | EmbedRequest = (
-                Request.from_dict(frame)
+                Request.from_dict(wire.frame_body(frame))
                 if kind == "generate"
-                else EmbedRequest.from_dict(
-                    {k: v for k, v in frame.items() if k not in ("id", "type")}
-                )
+                else EmbedRequest.from_dict(wire.frame_body(frame))
             )
             self._admit()
         except InferdError as e:
