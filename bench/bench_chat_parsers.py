@@ -1,12 +1,16 @@
 """Chat-format benchmark: output parsers per family, and grammar-constrained sampling.
 
-1. *Parser throughput.* A reply typical of each family (text, reasoning, two tool
+1. *Parser throughput.* A reply typical of each family (plain, plain with a
+   ``<think>`` block, hermes, llama3, mistral, gemma4: text, reasoning, two tool
    calls) is cut into token-like pieces and fed through that family's streaming
-   parser. Reported: characters per second, and two ratios against peers timed in the
-   same run on the same pieces: the backend's plain pass-through parser (the floor:
-   what streaming costs with no parsing) and "buffer everything, one regex at the end"
-   (how non-streaming tool-call handlers work; it cannot stream, it is the bar for
-   total work).
+   parser. Reported: characters per second, and two ratios against peers timed in
+   the same run on the same pieces: the backend's plain pass-through parser (the floor:
+   what streaming costs with no parsing) and "buffer everything, parse once at the end"
+   with a regex (or ``raw_decode``) and ``json.loads`` written for each family: content,
+   reasoning and every tool call with its arguments (how non-streaming tool-call
+   handlers work; it cannot stream, it is the bar for total work). The three run round
+   robin within each repeat (``bench/timing.py``) and the ratios are medians of
+   per-round ratios.
 2. *Grammar cost.* On SmolLM2-135M-Instruct through the compiled binding: per-token
    time of ``decode`` and of ``sample`` with a JSON-schema grammar against the same
    sampler without one, same prompt, same seed. Skipped (with a line saying so) when
@@ -32,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent))
 
-from bench.timing import median_time  # noqa: E402
+from bench.timing import interleaved_times, ratio  # noqa: E402
 from inferd.chat import get_parser  # noqa: E402
 from inferd.types import Text  # noqa: E402
 
@@ -65,22 +69,110 @@ REPLIES = {
         f"<|tool_call>call:get_weather{{city:{Q}Zürich{Q},days:3}}<tool_call|>" for _ in range(2)
     ),
 }
+REPLIES["thinking"] = "<think>\n" + PROSE + "\n</think>\n\n" + PROSE * 2
+#: Family -> (parser name, parser options). "thinking" is the plain format with a
+#: reasoning block (``<think>``), as templates that mention one get.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": ("plain", {}),
+    "thinking": ("plain", {"thinking": True}),
+    "hermes": ("hermes", {}),
+    "llama3": ("llama3", {}),
+    "mistral": ("mistral", {}),
+    "gemma4": ("gemma4", {}),
+}
 _TOKEN = re.compile(r"<\|[^|]*\|>|\[[A-Z_/]+\]|</?\w+>| ?\w+|\s+|.", re.S)
-_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+_MISTRAL_CALL = re.compile(r"\[TOOL_CALLS\](\w+)\[ARGS\]")
+_GEMMA_THOUGHT = re.compile(r"<\|channel>thought\n(.*?)<channel\|>", re.S)
+_GEMMA_CALL = re.compile(r"<\|tool_call>call:(\w+)(\{.*?\})<tool_call\|>", re.S)
+_GEMMA_KEY = re.compile(r"([{,])(\w+):")
+_DECODER = json.JSONDecoder()
+
+Parsed = tuple[str, str, list[Any]]  # content, reasoning, calls
+
+
+def _split_think(text: str, pattern: re.Pattern[str] = _THINK) -> tuple[str, str]:
+    m = pattern.search(text)
+    return (text, "") if m is None else (text[: m.start()] + text[m.end() :], m.group(1))
+
+
+def _json_objects(text: str, pos: int = 0) -> list[Any]:
+    """Consecutive JSON objects separated by ``;`` or blanks (llama3's calls)."""
+    out = []
+    while pos < len(text):
+        while pos < len(text) and text[pos] in " \t\r\n;":
+            pos += 1
+        if pos == len(text):
+            break
+        obj, pos = _DECODER.raw_decode(text, pos)
+        out.append(obj)
+    return out
+
+
+def buffered_hermes(text: str) -> Parsed:
+    content, reasoning = _split_think(text)
+    calls = [json.loads(m.group(1)) for m in _HERMES_CALL.finditer(content)]
+    return _HERMES_CALL.sub("", content), reasoning, calls
+
+
+def buffered_llama3(text: str) -> Parsed:
+    return "", "", _json_objects(text)
+
+
+def buffered_mistral(text: str) -> Parsed:
+    calls = []
+    for m in _MISTRAL_CALL.finditer(text):
+        calls.append((m.group(1), _DECODER.raw_decode(text, m.end())[0]))
+    cut = text.find("[TOOL_CALLS]")
+    return (text if cut < 0 else text[:cut]), "", calls
+
+
+def buffered_gemma4(text: str) -> Parsed:
+    content, reasoning = _split_think(text, _GEMMA_THOUGHT)
+    calls = []
+    for m in _GEMMA_CALL.finditer(content):  # Gemma's bare keys and <|"|> quotes to JSON
+        args = _GEMMA_KEY.sub(r'\1"\2":', m.group(2).replace(Q, '"'))
+        calls.append((m.group(1), json.loads(args)))
+    return _GEMMA_CALL.sub("", content), reasoning, calls
+
+
+#: "Buffer everything, parse once at the end" for every family: the non-streaming bar.
+BUFFERED: dict[str, Any] = {
+    "plain": lambda text: (text, "", []),
+    "thinking": lambda text: (*_split_think(text), []),
+    "hermes": buffered_hermes,
+    "llama3": buffered_llama3,
+    "mistral": buffered_mistral,
+    "gemma4": buffered_gemma4,
+}
+
+
+def _check_buffered() -> None:
+    """Each buffered peer must find the calls and reasoning our parser finds."""
+    for fmt, reply in REPLIES.items():
+        name, opts = FAMILIES[fmt]
+        p = get_parser(name, **opts)
+        events = p.feed(reply) + p.finish()
+        ours = sum(type(e).__name__ == "ToolUse" for e in events)
+        _, reasoning, calls = BUFFERED[fmt](reply)
+        thought = any(type(e).__name__ == "Thinking" for e in events)
+        if len(calls) != ours or bool(reasoning) != thought:
+            raise AssertionError(f"{fmt}: buffered peer found {len(calls)} calls, ours {ours}")
 
 
 def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:
+    _check_buffered()
     rows = []
     for fmt, reply in REPLIES.items():
-        pieces = _TOKEN.findall(reply) * copies
-        n_chars = sum(map(len, pieces))
+        one = _TOKEN.findall(reply)  # one reply's pieces; ``copies`` replies per call
+        pieces = one * copies
+        name, opts = FAMILIES[fmt]
 
-        def ours(fmt: str = fmt, pieces: list[str] = pieces) -> None:
-            # one parser per reply, as the backend does
-            per = len(pieces) // copies
-            for c in range(copies):
-                p = get_parser(fmt)
-                for piece in pieces[c * per : (c + 1) * per]:
+        def ours(name: str = name, opts: dict = opts, one: list[str] = one) -> None:
+            for _ in range(copies):  # one parser per reply, as the backend does
+                p = get_parser(name, **opts)
+                for piece in one:
                     p.feed(piece)
                 p.finish()
 
@@ -88,28 +180,23 @@ def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:
             for piece in pieces:
                 [Text(piece)] if piece else []
 
-        def buffer_regex(pieces: list[str] = pieces) -> None:
-            per = len(pieces) // copies
-            for c in range(copies):
-                text = "".join(pieces[c * per : (c + 1) * per])
-                for m in _CALL.finditer(text):
-                    try:
-                        json.loads(m.group(1))
-                    except ValueError:
-                        pass
+        def buffer_parse(fmt: str = fmt, one: list[str] = one) -> None:
+            for _ in range(copies):
+                BUFFERED[fmt]("".join(one))
 
-        t_ours = median_time(ours, repeats)
-        t_pass = median_time(passthrough, repeats)
-        t_buf = median_time(buffer_regex, repeats)
+        times = interleaved_times(
+            {"ours": ours, "passthrough": passthrough, "buffer": buffer_parse}, repeats
+        )
+        t_ours = statistics.median(times["ours"])
         rows.append(
             {
                 "format": fmt,
-                "chars": n_chars,
+                "chars": sum(map(len, pieces)),
                 "pieces": len(pieces),
-                "chars_per_s": n_chars / t_ours,
+                "chars_per_s": sum(map(len, pieces)) / t_ours,
                 "us_per_piece": 1e6 * t_ours / len(pieces),
-                "x_passthrough_time": t_ours / t_pass,
-                "x_buffer_regex_time": t_ours / t_buf,
+                "x_passthrough_time": ratio(times, "ours", "passthrough"),
+                "x_buffer_regex_time": ratio(times, "ours", "buffer"),
             }
         )
     return rows

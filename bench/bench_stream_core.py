@@ -15,7 +15,9 @@ Two measurements, every number a ratio against a peer timed in the same run:
    where the quadratic peer is heading.
 
 ``python bench/bench_stream_core.py [--smoke]``; ``--smoke`` runs tiny sizes once (CI).
-Medians over repeats; results also go to ``bench/results/stream_core.json``.
+Contenders run round robin within each repeat (``bench/timing.py``); ratios are medians
+of per-round ratios, rates medians over repeats; results also go to
+``bench/results/stream_core.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent))
 
-from bench.timing import median_time  # noqa: E402
+from bench.timing import interleaved_times, per_round, ratio  # noqa: E402
 from inferd._fast import load_twin  # noqa: E402
 
 WORDS = (
@@ -157,6 +159,12 @@ def slice_randomly(body: bytes, seed: int = 11) -> list[bytes]:
 
 # --------------------------------------------------------------------------- contenders
 
+FUSED = "fused C decoder"
+TWIN = "pure-Python twin"
+OPENAI = "openai SSEDecoder + json.loads"
+FLOOR = "floor: split + orjson.loads"
+OPENAI_ACC = "openai accumulate_delta"
+
 
 def run_ours(kind: str) -> Callable[[list[bytes], bytes], int]:
     mod = load_twin("chunks", kind)
@@ -197,28 +205,30 @@ def run_floor(slices: list[bytes], body: bytes) -> int:
 def bench_stream(n_events: int, repeats: int) -> dict[str, Any]:
     body, events = make_stream(n_events)
     slices = slice_randomly(body)
-    contenders: dict[str, Callable[[list[bytes], bytes], int]] = {
-        "fused C decoder": run_ours("c"),
-        "pure-Python twin": run_ours("py"),
-        "openai SSEDecoder + json.loads": run_openai,
-        "floor: split + orjson.loads": run_floor,
+    runners: dict[str, Callable[[list[bytes], bytes], int]] = {
+        FUSED: run_ours("c"),
+        TWIN: run_ours("py"),
+        OPENAI: run_openai,
+        FLOOR: run_floor,
     }
+    times = interleaved_times(
+        {name: (lambda fn=fn: fn(slices, body)) for name, fn in runners.items()}, repeats
+    )
     res: dict[str, Any] = {
         "events": events,
         "bytes": len(body),
         "slices": len(slices),
-        "events_per_s": {},
+        "events_per_s": {n: events / statistics.median(t) for n, t in times.items()},
+        "ratios": {},
+        "per_round": {},
     }
-    for name, fn in contenders.items():
-        fn(slices, body)  # warm-up
-        t = median_time(lambda fn=fn: fn(slices, body), repeats)
-        res["events_per_s"][name] = events / t
-    eps = res["events_per_s"]
-    res["ratios"] = {
-        "fused / openai": eps["fused C decoder"] / eps["openai SSEDecoder + json.loads"],
-        "fused / floor": eps["fused C decoder"] / eps["floor: split + orjson.loads"],
-        "python twin / openai": eps["pure-Python twin"] / eps["openai SSEDecoder + json.loads"],
-    }
+    for label, fast, slow in (
+        ("fused / openai", FUSED, OPENAI),
+        ("fused / floor", FUSED, FLOOR),
+        ("python twin / openai", TWIN, OPENAI),
+    ):
+        res["ratios"][label] = ratio(times, slow, fast)
+        res["per_round"][label] = per_round(times, slow, fast)
     return res
 
 
@@ -284,31 +294,37 @@ def bench_big_args(total: int, repeats: int, extra: bool = False) -> dict[str, A
             snap = accumulate_delta(snap, c["choices"][0]["delta"])
         return snap
 
+    runners = {"ours C": ours("c"), "ours py": ours("py"), OPENAI_ACC: theirs}
     res: dict[str, Any] = {}
     sizes = (total // 4, total, total * 2) if extra else (total // 4, total)
     for size in sizes:
-        blob = orjson.dumps(_arg_chunks(size))
-        row = {}
-        for name, fn in (
-            ("ours C", ours("c")),
-            ("ours py", ours("py")),
-            ("openai accumulate_delta", theirs),
-        ):
-            times = []
-            for _ in range(repeats if size <= total else 1):
-                chunks = orjson.loads(blob)  # fresh dicts: accumulate_delta keeps them
-                t0 = time.perf_counter()
-                fn(chunks)
-                times.append(time.perf_counter() - t0)
-            row[name] = statistics.median(times)
-        res[size] = row
+        times = _interleaved_fresh(runners, orjson.dumps(_arg_chunks(size)), repeats, size > total)
+        res[size] = {k: statistics.median(v) for k, v in times.items()}
+        res[f"speedup vs openai at {size} B"] = {
+            k: ratio(times, OPENAI_ACC, k) for k in ("ours C", "ours py")
+        }
     small, big = total // 4, total
     res["growth 4x size"] = {k: res[big][k] / res[small][k] for k in res[big]}
-    for size in sizes:
-        res[f"speedup vs openai at {size} B"] = {
-            k: res[size]["openai accumulate_delta"] / res[size][k] for k in ("ours C", "ours py")
-        }
     return res
+
+
+def _interleaved_fresh(
+    runners: dict[str, Callable[[list[dict[str, Any]]], object]],
+    blob: bytes,
+    repeats: int,
+    once: bool,
+) -> dict[str, list[float]]:
+    """Round robin per repeat, each call on fresh dicts (accumulate_delta keeps them)."""
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(1 if once else repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            chunks = orjson.loads(blob)
+            t0 = time.perf_counter()
+            runners[name](chunks)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     base = s["events_per_s"]["openai SSEDecoder + json.loads"]
     for name, eps in s["events_per_s"].items():
         print(f"  {name:32s} {eps:12,.0f} events/s  {eps / base:6.2f}x openai")
+    print("  medians of per-round ratios (contenders round robin within each repeat):")
     for name, r in s["ratios"].items():
-        print(f"  {name:32s} {r:6.2f}")
+        print(f"  {name:32s} {r:6.2f}  per round {s['per_round'][name]}")
     b = bench_big_args(total, 1 if args.smoke else 3, extra=not args.smoke)
-    print(f"tool-call argument of {total} B in 20-byte deltas (seconds, median):")
+    print(
+        f"tool-call argument of {total} B in 20-byte deltas (seconds, median; "
+        "speedups: medians of per-round ratios):"
+    )
     sizes = [k for k in b if isinstance(k, int)]
     for size in sizes:
         print(f"  {size:>8} B: " + ", ".join(f"{k} {v:.4f}" for k, v in b[size].items()))
