@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from inferd.errors import BackendUnavailable, InvalidRequest, NotReady
+from inferd.errors import BackendUnavailable, InvalidRequest, NotReady, QueueFull
 from inferd.serve import wire
+from inferd.serve.admission import (
+    DEFAULT_FRAME_TIMEOUT_S,
+    DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED_PER_CONNECTION,
+    DEFAULT_WRITE_STALL_TIMEOUT_S,
+    Admission,
+    Limits,
+)
 from inferd.serve.client import Client, admin_status
 from inferd.serve.config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 from inferd.types import Done, EmbedRequest, Request, Text
@@ -56,6 +65,42 @@ async def wait_for(cond, timeout: float = 5.0) -> None:
 
 def test_defaults_are_named() -> None:
     assert (DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED) == (16, 64)
+    assert DEFAULT_MAX_QUEUED_PER_CONNECTION == 32 and DEFAULT_MAX_CONNECTIONS == 512
+    assert DEFAULT_MAX_BUFFERED_BYTES == 256 * 1024 * 1024
+    assert (DEFAULT_FRAME_TIMEOUT_S, DEFAULT_WRITE_STALL_TIMEOUT_S) == (30.0, 60.0)
+    lim = Limits()
+    assert (lim.max_frame_bytes, lim.max_reply_bytes) == (wire.MAX_FRAME_BYTES,) * 2
+    assert lim.max_frame_elements == wire.MAX_FRAME_ELEMENTS == 250_000
+    with pytest.raises(ValueError, match="max_connections"):
+        Limits(max_connections=0)
+    with pytest.raises(ValueError, match="write_stall_timeout_s"):
+        Limits(write_stall_timeout_s=-1)
+
+
+async def test_admission_is_fifo_with_a_per_connection_share() -> None:
+    adm = Admission(Limits(max_concurrent=1, max_queued=3, max_queued_per_connection=2))
+    a, b = object(), object()
+    first = adm.admit(a)
+    assert first.state == "running" and first.granted.done()
+    queued = [adm.admit(a), adm.admit(a)]
+    with pytest.raises(QueueFull, match="max_queued_per_connection"):
+        adm.admit(a)
+    other = adm.admit(b)
+    with pytest.raises(QueueFull, match="max_concurrent, max_queued"):
+        adm.admit(b)
+    adm.finish(queued[0])  # left while waiting: its place is freed, nobody is granted
+    assert adm.status()["queued"] == 2 and adm.running == 1
+    adm.finish(first)
+    assert queued[1].state == "running" and other.state == "queued"
+    adm.finish(queued[1])
+    await adm.wait(other)
+    assert other.state == "running" and adm.queued == 0
+    adm.finish(other)
+    adm.finish(other)  # idempotent
+    assert adm.running == 0
+    adm.draining = True
+    with pytest.raises(BackendUnavailable, match="draining"):
+        adm.admit(a)
 
 
 async def test_admin_status_and_socket_permissions(daemon: DaemonProc) -> None:
@@ -249,7 +294,13 @@ async def test_queue_full_when_running_and_queued_are_at_their_limits() -> None:
             assert got[1][-1]["type"] == "done" and got[2][-1]["type"] == "done"
             st = await admin_status(proc.sock)
             assert st["counters"]["queue_full"] == 1
-            assert st["queue"] == {"running": 0, "queued": 0, "max_concurrent": 1, "max_queued": 1}
+            assert st["queue"] == {
+                "running": 0,
+                "queued": 0,
+                "max_concurrent": 1,
+                "max_queued": 1,
+                "max_queued_per_connection": DEFAULT_MAX_QUEUED_PER_CONNECTION,
+            }
             await conn.close()
         finally:
             proc.stop()
@@ -445,7 +496,7 @@ async def _async(value):
 
 
 def test_metrics_window_is_bounded_and_percentiles_are_nearest_rank() -> None:
-    from inferd.serve.daemon import METRICS_WINDOW, Metrics, percentiles
+    from inferd.serve.metrics import METRICS_WINDOW, Metrics, percentiles
 
     assert METRICS_WINDOW == 1024
     m = Metrics(window=10)

@@ -223,3 +223,129 @@ def test_openai_backend_gets_its_key_from_the_env_only(monkeypatch) -> None:
     backend = build_backend(cfg.backends[0])
     assert type(backend).__name__ == "OpenAICompat"
     assert "sk-never-shown-42" not in repr(backend) + repr(cfg)
+
+
+@pytest.mark.parametrize("header", ["Authorization", "X-Api-Key", "x-auth-token", "Cookie"])
+def test_config_refuses_a_credential_in_headers(header: str) -> None:
+    data = {"backend": [{"type": "openai", "headers": {header: "sk-in-the-file"}}]}
+    with pytest.raises(ConfigError, match="api_key_env") as info:
+        parse_config(data)
+    assert header in str(info.value) and "sk-in-the-file" not in str(info.value)
+
+
+def test_config_refuses_user_info_in_a_url_and_keeps_plain_headers() -> None:
+    data = {"backend": [{"type": "openai", "base_url": "https://bob:hunter2@api.example/v1"}]}
+    with pytest.raises(ConfigError, match="user:password@") as info:
+        parse_config(data)
+    assert "hunter2" not in str(info.value) and "bob" not in str(info.value)
+    ok = parse_config({"backend": [{"type": "openai", "headers": {"X-Title": "my app"}}]})
+    assert ok.backends[0].options["headers"] == {"X-Title": "my app"}
+
+
+def test_backend_spec_repr_redacts_what_could_be_a_secret() -> None:
+    from inferd.serve.config import BackendSpec
+
+    spec = BackendSpec(
+        "openai",
+        {
+            "base_url": "https://u:pw-123@h.example/v1?key=q-456",
+            "headers": {"X-Api-Key": "hdr-789"},
+            "auth_token": "tok-000",
+            "model": "m",
+            "tokens": ["a"],
+        },
+    )
+    text = repr(spec)
+    for secret in ("pw-123", "q-456", "hdr-789", "tok-000"):
+        assert secret not in text
+    assert "X-Api-Key" in text and "'model': 'm'" in text and "['a']" in text
+
+
+def test_config_daemon_limits_are_parsed_and_checked() -> None:
+    cfg = parse_config(
+        {
+            "daemon": {"max_connections": 3, "write_stall_timeout_s": 2.5, "max_queued": 0},
+            "backend": [{"type": "mock"}],
+        }
+    )
+    assert (cfg.limits.max_connections, cfg.limits.write_stall_timeout_s) == (3, 2.5)
+    assert cfg.max_queued == 0 and cfg.max_concurrent == 16
+    with pytest.raises(ConfigError, match="frame_timeout_s"):
+        parse_config({"daemon": {"frame_timeout_s": 0}, "backend": [{"type": "mock"}]})
+
+
+# --------------------------------------------------------------------------- hostile frames
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+async def test_reader_skips_a_frame_that_would_pass_the_shared_budget() -> None:
+    budget = _Budget(20)
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"a" * 30 + b"\nok\n" + b"b" * 13 + b"\n")  # read 15 bytes at a time
+    reader.feed_eof()
+    frames = wire.FrameReader(reader, 100, chunk_bytes=15, budget=budget)
+    out = [f async for f in frames]
+    assert isinstance(out[0], wire.BufferFull) and out[0].code == "queue_full"
+    assert "max_buffered_bytes" in out[0].message
+    assert out[1:] == [b"ok", b"b" * 13]  # a frame within the budget passes
+    assert budget.used == 0  # everything given back
+
+
+async def test_reader_closes_a_frame_that_never_ends() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b'{"ok":1}\n{"never":')
+    frames = wire.FrameReader(reader, 100, frame_timeout_s=0.2)
+    got = []
+    with pytest.raises(wire.FrameTimeout, match=r"frame_timeout_s=0\.2"):
+        async for f in frames:
+            got.append(f)
+    assert got == [b'{"ok":1}']
+
+
+async def test_reader_does_not_time_out_between_frames() -> None:
+    reader = asyncio.StreamReader()
+    frames = wire.FrameReader(reader, 100, frame_timeout_s=0.05)
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)  # silence with no frame started is not a timeout
+        reader.feed_data(b'{"a":1}\n')
+        reader.feed_eof()
+
+    feeder = asyncio.create_task(later())
+    assert [f async for f in frames] == [b'{"a":1}']
+    await feeder
+
+
+def test_client_frames_are_checked_before_they_are_walked() -> None:
+    bomb = b'{"type":"embed","id":1,"input":[' + b'"",' * 300 + b'""]}'
+    f = wire.parse_client_frame(bomb, max_elements=100)
+    assert f.rid is None and "max_frame_elements=100" in f.error.message
+    deep = b'{"type":"embed","id":"d","input":' + b"[" * 100 + b"]" * 100 + b"}"
+    f = wire.parse_client_frame(deep)
+    assert f.rid == "d" and "MAX_JSON_DEPTH" in f.error.message
+    f = wire.parse_client_frame(b'{"type":"embed","id":"x' + b"y" * 300 + b'","input":["a"]}')
+    assert f.rid is None and "MAX_ID_CHARS" in f.error.message and len(f.error.message) < 300
+    f = wire.parse_client_frame(b'{"type":"embed","id":2,"input":["a"],"bogus":1}')
+    assert f.rid == 2 and "'bogus'" in f.error.message
+    f = wire.parse_client_frame(b'{"type":"cancel","id":3}')
+    assert (f.kind, f.request, f.error) == ("cancel", None, None)
+    f = wire.parse_client_frame(b'{"type":"embed","id":4,"input":["a","b"]}')
+    assert f.request is not None and f.request.input == ("a", "b")
+
+
+def test_error_messages_are_cut_whatever_built_them() -> None:
+    f = wire.error_frame(1, "invalid_request", "x" * 100_000)
+    assert len(f["message"]) < 1100

@@ -7,6 +7,9 @@ Example (``~/.config/inferd/config.toml``)::
     max_concurrent = 16        # generations running at once
     max_queued = 64            # generations waiting for a slot; beyond: queue_full
     drain_timeout_s = 30       # SIGTERM: how long in-flight requests may still run
+    # and every other limit of inferd.serve.admission.Limits (ADR 0010), e.g.
+    max_connections = 512
+    write_stall_timeout_s = 60
 
     [router]
     failure_threshold = 3
@@ -24,28 +27,39 @@ Example (``~/.config/inferd/config.toml``)::
     api_key_env = "UPSTREAM_API_KEY"   # the key itself never appears in this file
 
 Why keys only by environment-variable name: a config file gets copied, committed and
-pasted into bug reports; an environment variable name is safe in all three. Every
-other ``[[backend]]`` key is passed to the backend's constructor as a keyword.
+pasted into bug reports; an environment variable name is safe in all three. So a key
+is refused wherever it would sit in the file: ``api_key``, a credential-like header
+(``Authorization``, ``X-Api-Key``, anything named like a key, token, secret or
+password) and a ``user:password@`` in a URL; and ``BackendSpec``'s repr redacts what
+could still hold one. Every other ``[[backend]]`` key is passed to the backend's
+constructor as a keyword.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from inferd.backend import Backend
+from inferd.errors import redact_url
+from inferd.limits import echo
+from inferd.serve.admission import (
+    DEFAULT_MAX_CONCURRENT as DEFAULT_MAX_CONCURRENT,
+)
+from inferd.serve.admission import (
+    DEFAULT_MAX_QUEUED as DEFAULT_MAX_QUEUED,
+)
+from inferd.serve.admission import Limits
 
 #: Where ``inferd serve`` looks for its configuration when ``--config`` is not given.
 DEFAULT_CONFIG_PATH = Path("~/.config/inferd/config.toml")
-#: Generations running at once.
-DEFAULT_MAX_CONCURRENT = 16
-#: Generations admitted but waiting for a running slot; one more gets ``queue_full``.
-DEFAULT_MAX_QUEUED = 64
 #: Seconds in-flight requests may still run after SIGTERM before they are cancelled.
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 #: Seconds the daemon waits for its backends to become ready before serving anyway.
@@ -88,25 +102,56 @@ class BackendSpec:
     options: dict[str, Any] = field(default_factory=dict)
     api_key_env: str | None = None
 
-    def __repr__(self) -> str:  # options never hold the key itself, only its env name
+    def __repr__(self) -> str:
+        # parse_config refuses keys in the file, but a spec can be built by hand: values
+        # that could hold a credential are redacted here whatever their origin
         return (
-            f"BackendSpec(type={self.type!r}, options={self.options!r}, "
+            f"BackendSpec(type={self.type!r}, options={redact_options(self.options)!r}, "
             f"api_key_env={self.api_key_env!r})"
         )
+
+
+#: Names (of headers and options) that hold credentials; matched case-insensitively.
+SECRET_NAME = re.compile(r"auth|key|token|secret|passw|cookie|credential|session", re.I)
+#: Option names that are never secrets although they match :data:`SECRET_NAME`.
+_NOT_SECRET = frozenset({"api_key_env", "tokens", "max_tokens"})
+
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with header values, credential-named values and URL user-info hidden."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "headers" and isinstance(value, Mapping):
+            out[name] = {h: "<redacted>" for h in value}
+        elif SECRET_NAME.search(name) and name not in _NOT_SECRET:
+            out[name] = "<redacted>"
+        elif isinstance(value, str) and "://" in value:
+            out[name] = redact_url(value)
+        else:
+            out[name] = value
+    return out
 
 
 @dataclass
 class Config:
     socket: Path | None = None
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT
-    max_queued: int = DEFAULT_MAX_QUEUED
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S
+    limits: Limits = field(default_factory=Limits)
     router: dict[str, Any] = field(default_factory=dict)
     backends: list[BackendSpec] = field(default_factory=list)
 
+    @property
+    def max_concurrent(self) -> int:
+        return self.limits.max_concurrent
 
-_DAEMON_KEYS = {"socket", "max_concurrent", "max_queued", "drain_timeout_s", "load_timeout_s"}
+    @property
+    def max_queued(self) -> int:
+        return self.limits.max_queued
+
+
+_LIMIT_KEYS = {f.name for f in fields(Limits)}
+_DAEMON_KEYS = {"socket", "drain_timeout_s", "load_timeout_s"} | _LIMIT_KEYS
 _ROUTER_KEYS = {"failure_threshold", "failure_window_s", "open_for_s"}
 
 
@@ -154,12 +199,13 @@ def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
         )
     if "socket" in daemon:
         cfg.socket = Path(str(daemon["socket"])).expanduser()
-    for name in ("max_concurrent", "max_queued"):
-        if name in daemon:
-            setattr(cfg, name, _positive(where, name, daemon[name], integer=True))
     for name in ("drain_timeout_s", "load_timeout_s"):
         if name in daemon:
             setattr(cfg, name, float(_positive(where, name, daemon[name], integer=False)))
+    try:
+        cfg.limits = Limits(**{k: v for k, v in daemon.items() if k in _LIMIT_KEYS})
+    except ValueError as e:
+        raise ConfigError(f"{where}: [daemon] {e}") from None
     router = data.get("router", {})
     if not isinstance(router, Mapping) or set(router) - _ROUTER_KEYS:
         raise ConfigError(f"{where}: [router] accepts only {sorted(_ROUTER_KEYS)}")
@@ -182,11 +228,38 @@ def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
                 f"{where}: backend #{i + 1} has api_key in the file; put the key in an "
                 "environment variable and name it with api_key_env instead"
             )
+        _refuse_inline_secrets(f"{where}: backend #{i + 1}", opts)
         key_env = opts.pop("api_key_env", None)
         if key_env is not None and (not isinstance(key_env, str) or not key_env):
             raise ConfigError(f"{where}: backend #{i + 1}: api_key_env must be a variable name")
         cfg.backends.append(BackendSpec(kind, opts, key_env))
     return cfg
+
+
+def _refuse_inline_secrets(where: str, opts: Mapping[str, Any]) -> None:
+    """A credential in a header or in a URL's user-info is refused like ``api_key``."""
+    headers = opts.get("headers")
+    if headers is not None and not isinstance(headers, Mapping):
+        raise ConfigError(f"{where}: headers must be a table of name = value")
+    for name in headers or ():
+        if SECRET_NAME.search(str(name)):
+            raise ConfigError(
+                f"{where}: header {echo(str(name), 40)} looks like a credential; a key "
+                "never sits in the config file: put it in an environment variable and "
+                "name it with api_key_env"
+            )
+    for name, value in opts.items():
+        if isinstance(value, str) and "://" in value:
+            try:
+                userinfo = urlsplit(value).netloc.rpartition("@")[0]
+            except ValueError:
+                continue
+            if userinfo:
+                raise ConfigError(
+                    f"{where}: {name} carries a user:password@ part "
+                    f"({redact_url(value)} without it); put the key in an environment "
+                    "variable and name it with api_key_env"
+                )
 
 
 def build_backend(

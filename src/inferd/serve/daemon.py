@@ -6,22 +6,30 @@ permissions are the access control: the socket is 0600 in a 0700 directory), spe
 the NDJSON frames of :mod:`inferd.serve.wire`, and serves whatever backend it was
 given (normally a :class:`~inferd.router.Router` over the configured backends).
 
-Behaviour worth knowing:
+Behaviour worth knowing (ADR 0005; the limits and their defaults: ADR 0010):
 
 * **One daemon per socket.** An ``flock`` on ``<socket>.lock`` decides; a socket file
   left by a crashed daemon (nobody holds the lock, nobody answers) is removed.
 * **Multiplexing.** Requests on one connection run concurrently, told apart by ``id``.
-* **Admission.** At most ``max_concurrent`` generations run; up to ``max_queued`` more
-  wait for a slot; beyond that a request gets ``queue_full`` at once (a fast "no" beats
-  an unbounded queue whose latency nobody asked for).
+* **Admission** (:mod:`inferd.serve.admission`). At most ``max_concurrent``
+  generations run; up to ``max_queued`` more wait for a slot, at most
+  ``max_queued_per_connection`` of them from one connection; beyond that a request
+  gets ``queue_full`` at once.
+* **Hostile clients.** Connections beyond ``max_connections`` get an error frame and
+  are closed; unfinished frames share ``max_buffered_bytes``; a frame must reach its
+  newline within ``frame_timeout_s`` or the connection is closed; frames are bounded
+  in bytes, elements and depth before they are walked; a stream whose reader takes
+  nothing for ``write_stall_timeout_s`` is cancelled and its slot freed; a reply over
+  ``max_reply_bytes`` becomes an error frame for that request alone.
 * **Disconnect = cancel.** When a connection reaches EOF, its generations are
   cancelled (a client that half-closes its write side has disconnected).
 * **SIGTERM drains.** Stop accepting, refuse new requests with ``backend_unavailable``,
   let in-flight ones finish for up to ``drain_timeout_s``, cancel the rest with an
-  error frame, exit 0.
+  error frame, close the connections quietly, exit 0.
 * **Admin socket** (``admin.sock`` beside the inference socket): send any line, get one
   JSON line back: status (starting / loading with progress / ready / draining),
-  capabilities, accelerator, queue depth, counters and latency percentiles.
+  capabilities, accelerator, queue depth, limits, counters and latency percentiles
+  (:mod:`inferd.serve.metrics`).
 """
 
 from __future__ import annotations
@@ -29,23 +37,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
-import math
 import os
 import signal
 import socket
 import stat
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from inferd.backend import Backend
-from inferd.errors import BackendUnavailable, InferdError, InvalidRequest, NotReady, QueueFull
+from inferd.errors import InferdError, InvalidRequest, NotReady, QueueFull
+from inferd.limits import echo
 from inferd.serve import wire
+from inferd.serve.admission import Admission, ByteBudget, Limits, Ticket
 from inferd.serve.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -58,23 +67,38 @@ from inferd.serve.config import (
     default_socket_path,
     load_config,
 )
+from inferd.serve.metrics import METRICS_WINDOW, Metrics, percentiles
 from inferd.types import Capabilities, Done, EmbedRequest, EmbedResult, Event, Request
 
 log = logging.getLogger("inferd.serve")
 
-#: Latency samples kept for the admin percentiles (a sliding window, bounded memory).
-METRICS_WINDOW = 1024
+__all__ = ["METRICS_WINDOW", "Daemon", "DaemonError", "Limits", "Metrics", "percentiles"]
+
 #: Pending connections the listening socket queues (asyncio's default of 100 refuses
 #: bursts of clients that connect at once).
 LISTEN_BACKLOG = 1024
 #: How often the loading phase polls its backends for readiness.
 LOAD_POLL_S = 0.05
+#: Frames at least this large are parsed in a worker thread, one at a time, so their
+#: Python-level checks (depth, request mapping) do not hold the event loop and only one
+#: frame's parsed objects exist at once (ADR 0010).
+THREAD_PARSE_BYTES = 1024 * 1024
+#: Seconds shutdown and a closing connection wait for cancelled requests to end.
+CLOSE_WAIT_S = 5.0
 
 Status = Literal["starting", "loading", "ready", "draining"]
 
 
 class DaemonError(Exception):
     """The daemon cannot start (socket held by another daemon, path unusable)."""
+
+
+class WriteStalled(Exception):
+    """The peer took no bytes for ``write_stall_timeout_s``; the request is cancelled."""
+
+
+class ReplyTooLarge(wire.FrameTooLarge):
+    """A reply frame would pass ``max_reply_bytes``; that request gets an error instead."""
 
 
 class _Loading(Backend):
@@ -103,76 +127,50 @@ class _Loading(Backend):
 Loader = Callable[[Callable[[int, float], None]], Backend]
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def percentiles(samples: Sequence[float]) -> dict[str, float | None]:
-    """p50/p90/p99 by nearest rank; ``None`` without samples."""
-    if not samples:
-        return {"p50": None, "p90": None, "p99": None}
-    s = sorted(samples)
-    n = len(s)
-
-    def rank(p: float) -> float:
-        return s[min(n - 1, max(0, math.ceil(p * n - 1e-9) - 1))]  # rank = ceil(p*n)
-
-    return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99)}
-
-
-class Metrics:
-    """Counters since start and a window of TTFT / tokens-per-second samples."""
-
-    def __init__(self, window: int = METRICS_WINDOW) -> None:
-        self.requests = 0
-        self.embeddings = 0
-        self.tokens = 0
-        self.errors = 0
-        self.queue_full = 0
-        self.cancelled = 0
-        self.ttft_s: deque[float] = deque(maxlen=window)
-        self.tokens_per_s: deque[float] = deque(maxlen=window)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "embeddings": self.embeddings,
-            "tokens": self.tokens,
-            "errors": self.errors,
-            "queue_full": self.queue_full,
-            "cancelled": self.cancelled,
-            "ttft_s": percentiles(self.ttft_s),
-            "tokens_per_s": percentiles(self.tokens_per_s),
-        }
-
-
 # --------------------------------------------------------------------------- connection
 
 
 class _Connection:
     """One client connection: its writer and its in-flight requests by id."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, limits: Limits) -> None:
         self.writer = writer
         self.tasks: dict[str | int, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
+        self._max_reply = limits.max_reply_bytes
+        self._stall_s = limits.write_stall_timeout_s
         self.closed = False
 
     async def send(self, frame: dict[str, Any]) -> None:
-        """Write one whole frame; frames of different requests never interleave."""
+        """Write one whole frame; frames of different requests never interleave.
+
+        ``ReplyTooLarge`` (nothing written) for a frame over ``max_reply_bytes``;
+        ``WriteStalled`` when the peer took nothing for ``write_stall_timeout_s``,
+        waiting for the connection included (a slow reader slows only its own
+        connection's streams, and not forever).
+        """
         if self.closed:
             return
         data = wire.encode(frame)
-        async with self._lock:
-            if self.closed:
-                return
-            try:
+        if len(data) > self._max_reply:
+            raise ReplyTooLarge(
+                f"reply too large: its {frame.get('type')} frame would be {len(data)} bytes, "
+                f"over max_reply_bytes={self._max_reply} (MAX_FRAME_BYTES, what a reader "
+                "accepts); ask for less (fewer inputs, fewer dimensions)"
+            )
+        try:
+            async with asyncio.timeout(self._stall_s), self._lock:
+                if self.closed:
+                    return
                 self.writer.write(data)
-                await self.writer.drain()  # a slow reader slows its own generations
-            except (ConnectionError, RuntimeError):
-                self.closed = True
+                await self.writer.drain()
+        except TimeoutError:
+            raise WriteStalled from None
+        except (ConnectionError, RuntimeError):
+            self.closed = True
 
     def send_nowait(self, frame: dict[str, Any]) -> None:
-        """Best-effort write without waiting (used while shutting down)."""
+        """Best-effort write without waiting (shutting down; a stalled peer's last word)."""
         if not self.closed and not self.writer.is_closing():
             with contextlib.suppress(ConnectionError, RuntimeError):
                 self.writer.write(wire.encode(frame))
@@ -189,33 +187,29 @@ class Daemon:
         backend: Backend | None,
         socket_path: str | os.PathLike[str] | None = None,
         *,
-        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-        max_queued: int = DEFAULT_MAX_QUEUED,
+        limits: Limits | None = None,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
-        max_frame_bytes: int = wire.MAX_FRAME_BYTES,
     ) -> None:
-        if max_concurrent < 1 or max_queued < 0:
-            raise ValueError("max_concurrent must be >= 1 and max_queued >= 0")
         self.backend: Backend = backend if backend is not None else _Loading()
         self._load_fractions: dict[int, float] = {}
         self._load_count = 1
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
         self.admin_path = admin_socket_path(self.socket_path)
         self.lock_path = self.socket_path.with_name(self.socket_path.name + ".lock")
-        self.max_concurrent = max_concurrent
-        self.max_queued = max_queued
+        self.limits = limits if limits is not None else Limits()
         self.drain_timeout_s = drain_timeout_s
         self.load_timeout_s = load_timeout_s
-        self.max_frame_bytes = max_frame_bytes
+        self.admission = Admission(self.limits)
+        self.budget = ByteBudget(self.limits.max_buffered_bytes)
         self.metrics = Metrics()
         self.status: Status = "starting"
         self.started_at = time.time()
-        self._slots: asyncio.Semaphore | None = None
-        self._admitted = 0  # running + waiting
-        self._running = 0
+        self._big_parse = asyncio.Semaphore(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._conns: set[_Connection] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()  # connection callbacks, admin too
+        self._admin_writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.AbstractServer | None = None
         self._admin: asyncio.AbstractServer | None = None
         self._lock_fd: int | None = None
@@ -274,7 +268,6 @@ class Daemon:
     async def start(self) -> None:
         """Bind both sockets (admin first, so loading can be watched), then load."""
         self._claim_socket()
-        self._slots = asyncio.Semaphore(self.max_concurrent)
         old = os.umask(0o177)  # sockets are born 0600: no window where others may connect
         try:
             self._admin = await asyncio.start_unix_server(self._serve_admin, self.admin_path)
@@ -356,6 +349,7 @@ class Daemon:
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), cancel the rest."""
         self.status = "draining"
+        self.admission.draining = True
         log.info("draining: %d request(s) in flight", len(self._tasks))
         if self._server is not None:
             self._server.close()
@@ -370,22 +364,32 @@ class Daemon:
                 self._shutting_down = True
                 for t in pending:
                     t.cancel()
-                await asyncio.wait(pending, timeout=5.0)
+                await asyncio.wait(pending, timeout=CLOSE_WAIT_S)
         self._shutting_down = True
 
     async def close(self) -> None:
-        """Close connections and sockets, close the backend, remove the socket files."""
+        """Close connections and sockets, close the backend, remove the socket files.
+
+        Connection handlers are let finish (their transports close, their reads see
+        EOF) rather than cancelled by the loop's shutdown, which on Python 3.11 logs a
+        ``CancelledError`` traceback per open connection: a clean stop is quiet.
+        """
         self._shutting_down = True
+        self.admission.draining = True
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=5.0)
+            await asyncio.wait(set(self._tasks), timeout=CLOSE_WAIT_S)
         for conn in list(self._conns):
             conn.closed = True
             conn.writer.close()
+        for writer in list(self._admin_writers):
+            writer.close()
         for server in (self._server, self._admin):
             if server is not None:
                 server.close()
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=CLOSE_WAIT_S)
         with contextlib.suppress(Exception):
             await self.backend.aclose()
         for path in (self.socket_path, self.admin_path):
@@ -405,13 +409,10 @@ class Daemon:
             "ready": self.backend.ready(),
             "capabilities": caps.to_dict(),
             "accelerator": caps.accelerator.to_dict() if caps.accelerator else None,
-            "queue": {
-                "running": self._running,
-                "queued": self._admitted - self._running,
-                "max_concurrent": self.max_concurrent,
-                "max_queued": self.max_queued,
-            },
+            "queue": self.admission.status(),
             "connections": len(self._conns),
+            "buffered_bytes": self.budget.used,
+            "limits": dataclasses.asdict(self.limits),
             "counters": self.metrics.to_dict(),
         }
         if self.status == "loading":
@@ -424,160 +425,213 @@ class Daemon:
     async def _serve_admin(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        self._admin_writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             while await reader.readline():
                 writer.write(wire.encode(self.status_dict()))
                 await writer.drain()
-        except (ConnectionError, ValueError):
-            pass
+        except (ConnectionError, ValueError, asyncio.CancelledError):
+            pass  # a cancel here is the loop's shutdown: nothing to report
         finally:
+            self._admin_writers.discard(writer)
+            self._handlers.discard(task)  # type: ignore[arg-type]
             writer.close()
 
-    # ------------------------------------------------------------------ clients
+    # ------------------------------------------------------------------ connections
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        conn = _Connection(writer)
-        self._conns.add(conn)
-        try:
-            async for item in wire.FrameReader(reader, self.max_frame_bytes):
-                if isinstance(item, wire.FrameTooLarge):
-                    await conn.send(wire.error_frame(None, wire.FRAME_TOO_LARGE, item.message))
-                    continue
-                await self._dispatch(conn, item)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            # EOF or a broken connection: its generations are cancelled, not orphaned.
-            conn.closed = True
-            tasks = list(conn.tasks.values())
-            for t in tasks:
-                t.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=5.0)
-            self._conns.discard(conn)
-            writer.close()
-
-    async def _dispatch(self, conn: _Connection, raw: bytes) -> None:
-        try:
-            frame = wire.decode(raw)
-        except wire.FrameError as e:
-            await conn.send(wire.error_frame(None, wire.INVALID_REQUEST, e.message))
+        if len(self._conns) >= self.limits.max_connections:
+            await self._refuse_connection(writer)
             return
-        rid = frame.get("id")
-        kind = frame.get("type", "generate")
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            await conn.send(
+        conn = _Connection(writer, self.limits)
+        self._conns.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await self._read_frames(conn, reader)
+        except asyncio.CancelledError:
+            pass  # the loop is shutting down; close() already told the client
+        finally:
+            await self._hang_up(conn)
+            self._handlers.discard(task)  # type: ignore[arg-type]
+
+    async def _refuse_connection(self, writer: asyncio.StreamWriter) -> None:
+        """One connection too many: say why, then close (``max_connections``)."""
+        self.metrics.refused_connections += 1
+        limit = self.limits.max_connections
+        log.info("refusing a connection: %d open (max_connections)", limit)
+        writer.write(
+            wire.encode(
                 wire.error_frame(
                     None,
-                    wire.INVALID_REQUEST,
-                    f"malformed frame: 'id' must be a string or an integer, got {rid!r:.80}",
+                    wire.QUEUE_FULL,
+                    f"too many connections: the daemon serves at most {limit} at once "
+                    "(max_connections); retry later",
                 )
             )
-            return
-        if kind == "cancel":
-            task = conn.tasks.pop(rid, None)
+        )
+        with contextlib.suppress(ConnectionError, TimeoutError, RuntimeError):
+            async with asyncio.timeout(self.limits.write_stall_timeout_s):
+                await writer.drain()
+        writer.close()
+
+    async def _read_frames(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
+        """Read, parse and route frames until EOF, a frame timeout or a stalled peer."""
+        lim = self.limits
+        frames = wire.FrameReader(
+            reader, lim.max_frame_bytes, budget=self.budget, frame_timeout_s=lim.frame_timeout_s
+        )
+        try:
+            async with contextlib.aclosing(frames.__aiter__()) as items:
+                async for item in items:
+                    if isinstance(item, InferdError):  # skipped: too large, or budget spent
+                        self._count_refusal(item)
+                        await conn.send(wire.error_frame(None, item.code, item.message))
+                    else:
+                        await self._route(conn, await self._parse(item))
+        except wire.FrameTimeout as e:
+            self.metrics.closed_connections += 1
+            log.info("closing a connection: %s", e.message)
+            conn.send_nowait(wire.error_frame(None, e.code, e.message))
+        except WriteStalled:
+            self.metrics.closed_connections += 1
+            log.info(
+                "closing a connection that took no reply for %gs (write_stall_timeout_s)",
+                lim.write_stall_timeout_s,
+            )
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+
+    async def _hang_up(self, conn: _Connection) -> None:
+        """EOF or a broken connection: its requests are cancelled, not orphaned."""
+        conn.closed = True
+        tasks = list(conn.tasks.values())
+        if tasks:
+            log.info("a client left with %d request(s) in flight; cancelling them", len(tasks))
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+        self._conns.discard(conn)
+        conn.writer.close()
+
+    # ------------------------------------------------------------------ frames
+
+    async def _parse(self, raw: bytes) -> wire.ClientFrame:
+        """Phase 1: bytes to a checked frame; large frames off the loop, one at a time."""
+        max_elements = self.limits.max_frame_elements
+        if len(raw) < THREAD_PARSE_BYTES:
+            return wire.parse_client_frame(raw, max_elements)
+        async with self._big_parse:
+            return await asyncio.to_thread(wire.parse_client_frame, raw, max_elements)
+
+    async def _route(self, conn: _Connection, frame: wire.ClientFrame) -> None:
+        """Phase 2: answer a refused frame, a cancel or a capabilities query, or admit."""
+        rid = frame.rid
+        if frame.error is not None:
+            self._count_refusal(frame.error)
+            await conn.send(wire.error_frame_for(rid, frame.error))
+        elif frame.kind == "cancel":
+            task = conn.tasks.pop(rid, None)  # type: ignore[arg-type]
             if task is not None:
                 task.cancel()
-            return
-        if kind == "capabilities":
-            await conn.send(
-                {
-                    "type": "capabilities",
-                    "id": rid,
-                    "capabilities": self.backend.capabilities().to_dict(),
-                    "ready": self.backend.ready() and self.status != "draining",
-                }
-            )
-            return
-        if kind not in ("generate", "embed"):
-            await conn.send(
-                wire.error_frame(
-                    rid,
-                    wire.INVALID_REQUEST,
-                    f"unknown frame type {kind!r}; expected generate, embed, cancel or "
-                    "capabilities",
-                )
-            )
-            return
-        if rid in conn.tasks:
-            await conn.send(
-                wire.error_frame(
-                    rid,
-                    wire.INVALID_REQUEST,
-                    f"id {rid!r} is already in flight on this connection; ids must be unique",
-                )
-            )
-            return
-        try:
-            parsed: Request | EmbedRequest = (
-                Request.from_dict(wire.frame_body(frame))
-                if kind == "generate"
-                else EmbedRequest.from_dict(wire.frame_body(frame))
-            )
-            self._admit()
-        except InferdError as e:
-            if isinstance(e, QueueFull):
-                self.metrics.queue_full += 1
-            else:
-                self.metrics.errors += 1
-            await conn.send(wire.error_frame_for(rid, e))
-            return
-        except (TypeError, ValueError, KeyError) as e:
+        elif frame.kind == "capabilities":
+            await self._reply(conn, rid, self._capabilities_frame(rid))
+        elif rid in conn.tasks:
             self.metrics.errors += 1
             await conn.send(
-                wire.error_frame(rid, wire.INVALID_REQUEST, f"malformed {kind} frame: {e}")
+                wire.error_frame(
+                    rid,
+                    wire.INVALID_REQUEST,
+                    f"id {echo(rid)} is already in flight on this connection; ids must be unique",
+                )
             )
+        else:
+            await self._admit(conn, rid, frame.request)  # type: ignore[arg-type]
+
+    def _capabilities_frame(self, rid: str | int | None) -> dict[str, Any]:
+        return {
+            "type": "capabilities",
+            "id": rid,
+            "capabilities": self.backend.capabilities().to_dict(),
+            "ready": self.backend.ready() and self.status != "draining",
+        }
+
+    async def _admit(
+        self, conn: _Connection, rid: str | int, request: Request | EmbedRequest
+    ) -> None:
+        """Phase 3: admission at arrival (ADR 0005), then the request runs as a task."""
+        try:
+            ticket = self.admission.admit(conn)
+        except InferdError as e:
+            self._count_refusal(e)
+            await conn.send(wire.error_frame_for(rid, e))
             return
-        coro = (
-            self._run_generate(conn, rid, parsed)
-            if isinstance(parsed, Request)
-            else self._run_embed(conn, rid, parsed)
-        )
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(self._run(conn, rid, request, ticket))
         conn.tasks[rid] = task
         self._tasks.add(task)
 
-        def _done(t: asyncio.Task[None], rid: str | int = rid) -> None:
+        def _done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            self._admitted -= 1
+            self.admission.finish(ticket)  # frees its slot or queue place, however it ended
             if conn.tasks.get(rid) is t:
                 del conn.tasks[rid]
 
         task.add_done_callback(_done)
 
-    def _admit(self) -> None:
-        """Admission, decided synchronously at frame arrival so bursts are counted exactly."""
-        if self.status == "draining" or self._shutting_down:
-            raise BackendUnavailable(
-                "the daemon is draining (shutting down); retry after "
-                "it restarts or on another daemon"
-            )
-        if self._admitted >= self.max_concurrent + self.max_queued:
-            raise QueueFull(
-                f"queue full: {self.max_concurrent} running and {self.max_queued} queued "
-                "(max_concurrent, max_queued); retry later"
-            )
-        self._admitted += 1
+    def _count_refusal(self, error: InferdError) -> None:
+        if isinstance(error, QueueFull):
+            self.metrics.queue_full += 1
+        else:
+            self.metrics.errors += 1
 
-    async def _slot(self) -> None:
-        assert self._slots is not None
-        await self._slots.acquire()
-        self._running += 1
-
-    def _free_slot(self) -> None:
-        assert self._slots is not None
-        self._running -= 1
-        self._slots.release()
-
-    async def _run_generate(self, conn: _Connection, rid: str | int, request: Request) -> None:
-        self.metrics.requests += 1
+    async def _reply(self, conn: _Connection, rid: str | int | None, frame: dict[str, Any]) -> None:
+        """Send a one-frame answer; one too large becomes an error frame for ``rid``."""
         try:
-            await self._slot()
+            await conn.send(frame)
+        except ReplyTooLarge as e:
+            self.metrics.errors += 1
+            await conn.send(wire.error_frame_for(rid, e))
+
+    # ------------------------------------------------------------------ requests
+
+    async def _run(
+        self, conn: _Connection, rid: str | int, request: Request | EmbedRequest, ticket: Ticket
+    ) -> None:
+        """Phase 4: wait for a slot, serve, and end in exactly one terminal frame."""
+        is_embed = isinstance(request, EmbedRequest)
+        if is_embed:
+            self.metrics.embeddings += 1
+        else:
+            self.metrics.requests += 1
+        try:
+            await self.admission.wait(ticket)
+            if isinstance(request, EmbedRequest):
+                result = await self.backend.embed(request)
+                await conn.send({"type": "embedding", "id": rid, **result.to_dict()})
+            else:
+                await self._stream(conn, rid, request)
         except asyncio.CancelledError:
             self._on_cancel(conn, rid)
             raise
+        except WriteStalled:
+            self._on_stall(conn, rid)
+        except Exception as e:  # every failure becomes exactly one error frame
+            self.metrics.errors += 1
+            if not isinstance(e, InferdError):  # the detail stays here, the client gets the type
+                log.error("request %s failed with an unexpected error", echo(rid), exc_info=e)
+            try:
+                await conn.send(wire.error_frame_for(rid, e))
+            except WriteStalled:
+                self._on_stall(conn, rid)
+
+    async def _stream(self, conn: _Connection, rid: str | int, request: Request) -> None:
         start = time.perf_counter()
         first: float | None = None
         stream = self.backend.generate(request)
@@ -591,36 +645,8 @@ class Daemon:
                     if event.timings.tokens_per_s:
                         self.metrics.tokens_per_s.append(event.timings.tokens_per_s)
                 await conn.send(wire.event_frame(rid, event))
-        except asyncio.CancelledError:
-            self._on_cancel(conn, rid)
-            raise
-        except Exception as e:  # every failure becomes exactly one error frame
-            self.metrics.errors += 1
-            if not isinstance(e, InferdError):
-                log.exception("request %r failed with an unexpected error", rid)
-            await conn.send(wire.error_frame_for(rid, e))
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
-            self._free_slot()
-
-    async def _run_embed(self, conn: _Connection, rid: str | int, request: EmbedRequest) -> None:
-        self.metrics.embeddings += 1
-        try:
-            await self._slot()
-        except asyncio.CancelledError:
-            self._on_cancel(conn, rid)
-            raise
-        try:
-            result = await self.backend.embed(request)
-            await conn.send({"type": "embedding", "id": rid, **result.to_dict()})
-        except asyncio.CancelledError:
-            self._on_cancel(conn, rid)
-            raise
-        except Exception as e:
-            self.metrics.errors += 1
-            await conn.send(wire.error_frame_for(rid, e))
-        finally:
-            self._free_slot()
 
     def _on_cancel(self, conn: _Connection, rid: str | int) -> None:
         self.metrics.cancelled += 1
@@ -633,6 +659,21 @@ class Daemon:
                     f"{self.drain_timeout_s:g}s)",
                 )
             )
+
+    def _on_stall(self, conn: _Connection, rid: str | int) -> None:
+        """The peer read nothing for the stall timeout: the request ends, its slot is freed."""
+        self.metrics.write_stalls += 1
+        self.metrics.cancelled += 1
+        stall = self.limits.write_stall_timeout_s
+        log.info("request %s cancelled: its reader took nothing for %gs", echo(rid), stall)
+        conn.send_nowait(
+            wire.error_frame(
+                rid,
+                wire.BACKEND_UNAVAILABLE,
+                f"cancelled: the client took no frame for {stall:g}s "
+                "(write_stall_timeout_s); its slot was given to other requests",
+            )
+        )
 
 
 def _socket_alive(path: Path) -> bool:
@@ -690,8 +731,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-frame-bytes",
         type=int,
-        default=wire.MAX_FRAME_BYTES,
-        help="largest request frame accepted (default 64 MiB)",
+        default=None,
+        help="largest request frame accepted (default 64 MiB); the other limits of ADR "
+        "0010 are set in the config's [daemon] table",
     )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
@@ -705,16 +747,21 @@ async def serve_main(args: argparse.Namespace) -> int:
     def loader(progress: Callable[[int, float], None]) -> Backend:
         return Router(build_backends(cfg, progress), **cfg.router)
 
+    overrides = {
+        "max_concurrent": args.max_concurrent,
+        "max_queued": args.max_queued,
+        "max_frame_bytes": args.max_frame_bytes,
+    }
     daemon = Daemon(
         None,
         args.socket or cfg.socket,
-        max_concurrent=args.max_concurrent or cfg.max_concurrent,
-        max_queued=args.max_queued if args.max_queued is not None else cfg.max_queued,
+        limits=dataclasses.replace(
+            cfg.limits, **{k: v for k, v in overrides.items() if v is not None}
+        ),
         drain_timeout_s=(
             args.drain_timeout if args.drain_timeout is not None else cfg.drain_timeout_s
         ),
         load_timeout_s=(args.load_timeout if args.load_timeout is not None else cfg.load_timeout_s),
-        max_frame_bytes=args.max_frame_bytes,
     )
     return await daemon.run(loader, len(cfg.backends))
 

@@ -251,8 +251,9 @@ def parse_client_frame(raw: bytes, max_elements: int = MAX_FRAME_ELEMENTS) -> Cl
         return ClientFrame(rid, name, error=InvalidRequest(f"malformed {name} frame: {detail}"))
 
 
-#: Keys each frame type accepts beside :data:`FRAME_KEYS` (``generate`` is checked by
-#: ``Request.from_dict`` itself); one rule for all: an unknown key is refused by name.
+#: Keys each frame type accepts beside :data:`FRAME_KEYS` (``generate`` bodies are
+#: checked by ``Request.from_dict`` itself); one rule for all: an unknown key is refused
+#: by name.
 _EXTRA_KEYS: dict[str, frozenset[str]] = {
     "embed": frozenset(f.name for f in fields(EmbedRequest)),
     "cancel": frozenset(),
@@ -262,7 +263,7 @@ _EXTRA_KEYS: dict[str, frozenset[str]] = {
 
 def _request_of(kind: Any, frame: dict[str, Any]) -> Request | EmbedRequest | None:
     if kind == "generate":
-        return Request.from_dict(frame)
+        return Request.from_dict(frame_body(frame))
     if not isinstance(kind, str) or kind not in _EXTRA_KEYS:
         raise InvalidRequest(
             f"unknown frame type {echo(kind)}; expected one of {', '.join(CLIENT_FRAME_TYPES)}"
