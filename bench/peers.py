@@ -18,12 +18,15 @@ moves the build folder; ``INFERD_PEERS_JOBS`` sets the parallelism (default 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +64,30 @@ def build(
     for n in names:
         if n not in PEERS:
             raise ValueError(f"unknown peer {n!r}; choose from {PEERS}")
-    todo = [n for n in names if not peer_path(n).is_file()]
+    if any(not peer_path(n).is_file() for n in names):
+        with _build_lock():  # another process building the same tree: wait for it
+            _build_missing(names, jobs, quiet)
+    missing = [n for n in names if not peer_path(n).is_file()]
+    if missing:
+        raise RuntimeError(f"build finished but {missing} are not in {build_dir() / 'bin'}")
+    return {n: peer_path(n) for n in names}
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """An exclusive lock on the build folder: two benchmarks or tests that both find a peer
+    missing build it once, one after the other, instead of racing in one CMake tree."""
+    build_dir().mkdir(parents=True, exist_ok=True)
+    with open(build_dir() / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_missing(names: tuple[str, ...], jobs: int | None, quiet: bool) -> None:
+    todo = [n for n in names if not peer_path(n).is_file()]  # re-read under the lock
     if todo:
         src, out = source_dir(), build_dir()
         jobs = jobs or int(os.environ.get("INFERD_PEERS_JOBS", "2"))
@@ -94,10 +120,6 @@ def build(
         _run(["cmake", "--build", str(out), "--target", *todo, "-j", str(jobs)], quiet)
         if not quiet:
             print(f"built {', '.join(todo)} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    missing = [n for n in names if not peer_path(n).is_file()]
-    if missing:
-        raise RuntimeError(f"build finished but {missing} are not in {build_dir() / 'bin'}")
-    return {n: peer_path(n) for n in names}
 
 
 def _run(args: list[str], quiet: bool) -> None:
