@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
 
-from inferd.backend import Backend
+from inferd.backend import Backend, ended_without_done
 from inferd.backends.mock import Mock
 from inferd.errors import BackendUnavailable, EmbedUnsupported, InvalidRequest
 from inferd.router import (
@@ -14,7 +20,25 @@ from inferd.router import (
     CircuitBreaker,
     Router,
 )
-from inferd.types import Capabilities, Done, EmbedRequest, Request, Text, Tool
+from inferd.serve.client import Client
+from inferd.types import (
+    Capabilities,
+    Done,
+    EmbedRequest,
+    Event,
+    ImageBlock,
+    Message,
+    Request,
+    Response,
+    Text,
+    TextBlock,
+    Tool,
+)
+
+from .serve_helpers import short_tmpdir
+
+#: Router settings that keep a breaker from opening.
+NEVER_TRIP = {"failure_threshold": 1_000_000}
 
 
 class FakeClock:
@@ -217,3 +241,115 @@ async def test_capabilities_union_ready_and_close() -> None:
     assert not router.ready() and not a.ready()
     with pytest.raises(BackendUnavailable, match="closed"):
         await collect(router, Request.chat("hi"))
+
+
+# --------------------------------------------------------------------------- issue 12 / 13
+
+
+class _Buggy(Mock):
+    """Fails with a non-inferd exception whose text must stay in the server log."""
+
+    def __init__(self, *, after: int, **kw: Any) -> None:
+        super().__init__(["a", "b"], **kw)
+        self.after = after
+
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        for i, ev in enumerate([Text("a"), Text("b")]):
+            if i == self.after:
+                raise KeyError("api_key=sk-secret-123")
+            yield ev
+
+
+async def test_non_inferd_failures_are_logged_by_reference_not_sent(caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="inferd.router")
+    router = Router([_Buggy(after=0, name="buggy"), Mock(["ok"], name="good")], **NEVER_TRIP)
+    events = await collect(router, Request.chat("hi"))
+    assert events[-1].backend == "good"  # failed over
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert "KeyError" in warning.getMessage() and "sk-secret" not in warning.getMessage()
+    assert "sk-secret-123" in caplog.text  # the traceback, at DEBUG
+    with pytest.raises(BackendUnavailable) as info:  # pre-stream, nobody left
+        await collect(Router([_Buggy(after=0, name="buggy")]), Request.chat("hi"))
+    assert "KeyError" in info.value.message and "sk-secret" not in info.value.message
+    ref = info.value.message.split("ref ", 1)[1].rstrip(")")
+    assert ref in caplog.text
+    with pytest.raises(BackendUnavailable) as info:  # mid-stream: wrapped, not raw
+        await collect(Router([_Buggy(after=1, name="buggy")]), Request.chat("hi"))
+    assert "mid-stream" in info.value.message and "sk-secret" not in info.value.message
+
+
+async def test_a_request_no_backend_can_serve_is_invalid_naming_the_capability() -> None:
+    image = Message("user", (TextBlock("what is it?"), ImageBlock(b"\x89PNG", "image/png")))
+    router = Router([NoToolsMock(name="a"), NoToolsMock(name="b", ready=False)])
+    with pytest.raises(InvalidRequest, match="vision"):
+        await collect(router, Request(messages=(image,)))
+    with pytest.raises(InvalidRequest, match="tool"):
+        await collect(router, Request.chat("hi", tools=(Tool("f"),)))
+    # a capable backend that is down is an outage, not the caller's fault
+    with pytest.raises(BackendUnavailable, match="not ready"):
+        await collect(Router([Mock(name="m", ready=False)]), Request(messages=(image,)))
+
+
+class _NoDone(Mock):
+    def __init__(self, events: list[Event], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.events = events
+
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        for ev in self.events:
+            yield ev
+
+
+async def test_stream_without_done_is_one_error_everywhere() -> None:
+    want = ended_without_done("nodone").message
+    with pytest.raises(BackendUnavailable) as info:  # pre-stream: skipped with that reason
+        await collect(Router([_NoDone([], name="nodone")]), Request.chat("hi"))
+    assert want in info.value.message
+    with pytest.raises(BackendUnavailable) as info:  # mid-stream
+        await collect(Router([_NoDone([Text("a")], name="nodone")]), Request.chat("hi"))
+    assert info.value.message == want
+    with pytest.raises(BackendUnavailable) as info:
+        Response.collect([Text("a")])
+    assert info.value.message == ended_without_done().message
+
+
+#: The largest pause of the event loop tolerated while a Router asks a Client about a
+#: daemon that never answers (it was 2 s: a blocking probe per request).
+MAX_LOOP_GAP_S = 0.5
+
+
+async def test_a_client_behind_a_router_never_blocks_the_loop() -> None:
+    loop = asyncio.get_running_loop()
+    with short_tmpdir() as d:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.bind(str(d / "silent.sock"))
+        silent.listen(64)  # connections land in the backlog; nobody ever answers
+        client = Client(d / "silent.sock")
+        router = Router([client, Mock(["ok"], name="local")])
+        gaps: list[float] = []
+        running = True
+
+        async def ticker() -> None:
+            last = loop.time()
+            while running:
+                await asyncio.sleep(0.01)
+                now = loop.time()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.create_task(ticker())
+        try:
+            async with asyncio.timeout(30):
+                for _ in range(5):
+                    events = await collect(router, Request.chat("hi"))
+                    assert events[-1].backend == "local"
+                    assert not client.ready()
+                    client.capabilities()
+                    await asyncio.sleep(0.3)  # let background refreshes start and stall
+        finally:
+            running = False
+            await task
+            await router.aclose()
+            silent.close()
+    assert len(gaps) > 50
+    assert max(gaps) < MAX_LOOP_GAP_S, f"the loop stalled for {max(gaps):.2f}s"

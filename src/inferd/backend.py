@@ -1,6 +1,6 @@
 """The ``Backend`` interface every model location implements.
 
-The stream contract (DESIGN.md, tested once for all in ``tests/contract``):
+The stream contract (``docs/architecture.md``, tested once for all in ``tests/contract``):
 
 * ``generate(request)`` returns an async iterator of events;
 * a problem found before the first event raises from the first ``__anext__``
@@ -20,8 +20,18 @@ import abc
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-from inferd.errors import EmbedUnsupported
+from inferd.errors import BackendUnavailable, EmbedUnsupported
 from inferd.types import Capabilities, EmbedRequest, EmbedResult, Event, Request
+
+
+def ended_without_done(backend: str | None = None) -> BackendUnavailable:
+    """The one error for a stream that stopped before its ``Done`` (the stream contract).
+
+    Raised wherever a stream is consumed (``Response.collect``, the Router, the bridge),
+    so every caller sees the same message naming the backend when it is known.
+    """
+    who = f"backend {backend!r}" if backend else "the backend"
+    return BackendUnavailable(f"{who} ended its stream without a Done event")
 
 
 class Backend(abc.ABC):
@@ -41,6 +51,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: Request) -> AsyncIterator[Event]:
         """Stream the reply to ``request`` as events ending in one ``Done``."""
+
+    async def refresh_state(self) -> None:  # noqa: B027 - optional hook, not abstract on purpose
+        """Make ``ready()`` and ``capabilities()`` current without blocking the loop.
+
+        Routers await this before asking either. Backends whose state is local answer
+        those from memory and need nothing; one whose state lives elsewhere (the daemon
+        ``Client``) fetches it the first time and refreshes it in the background after.
+        """
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Embed ``request.input``; backends without embeddings raise ``EmbedUnsupported``."""

@@ -5,7 +5,7 @@ cloud upstream (or the other way round) should not have to write the failover lo
 and must not get it wrong in the one place where it matters: once a backend has
 yielded an event, the caller has seen part of *that* backend's answer, so switching
 backends would splice two different replies. Failover therefore happens only before
-the first event (DESIGN.md, "pre-stream"); after that a failure is the caller's
+the first event (the stream contract in ``inferd.backend``); after that a failure is the caller's
 ``BackendUnavailable``.
 
 The breaker keeps a failing backend from eating every request's latency budget:
@@ -16,12 +16,14 @@ then one trial request is let through (half-open) and its outcome closes or re-o
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Literal
 
-from inferd.backend import Backend
+from inferd.backend import Backend, ended_without_done
 from inferd.errors import (
     BackendUnavailable,
     EmbedUnsupported,
@@ -45,6 +47,8 @@ DEFAULT_FAILURE_THRESHOLD = 3
 DEFAULT_FAILURE_WINDOW_S = 60.0
 #: Seconds an open breaker stays open before one trial request is let through.
 DEFAULT_OPEN_FOR_S = 30.0
+
+log = logging.getLogger("inferd.router")
 
 BreakerState = Literal["closed", "open", "half_open"]
 
@@ -125,9 +129,33 @@ class CircuitBreaker:
         return {"state": self.state, "recent_failures": len(self._failures)}
 
 
-def _describe(exc: BaseException) -> str:
-    msg = getattr(exc, "message", None) or str(exc)
-    return f"failed with {type(exc).__name__}: {msg}"
+def _describe(backend: str, exc: BaseException) -> str:
+    """Why ``backend`` was passed over, in words fit for the caller.
+
+    inferd errors carry messages written for callers. Any other exception is a bug or
+    a library's failure whose text may hold anything (paths, URLs, payloads): the caller
+    gets its type and a reference; the log gets the reference at WARNING and the
+    traceback at DEBUG.
+    """
+    if isinstance(exc, InferdError):
+        return f"failed with {type(exc).__name__}: {exc.message}"
+    ref = uuid.uuid4().hex[:12]
+    log.warning("backend %r failed with %s (ref %s)", backend, type(exc).__name__, ref)
+    log.debug("backend %r failure (ref %s)", backend, ref, exc_info=exc)
+    return f"failed with {type(exc).__name__} (see the server log, ref {ref})"
+
+
+def _unservable(backends: tuple[Backend, ...], request: Request) -> InvalidRequest | None:
+    """``InvalidRequest`` naming what is missing when *no* backend could ever serve it.
+
+    The caller's request asks for something (images, audio, tools) that none of the
+    backends offers; that is the request's fault (400), not an outage (502).
+    """
+    lacks = [(b.name, b.capabilities().covers(request)) for b in backends]
+    if any(reason is None for _, reason in lacks):
+        return None
+    why = "; ".join(f"{name}: {reason}" for name, reason in lacks)
+    return InvalidRequest(f"no backend can serve this request ({why})")
 
 
 class Router(Backend):
@@ -201,10 +229,40 @@ class Router(Backend):
 
     # ------------------------------------------------------------------ generate
 
+    async def refresh_state(self) -> None:
+        """Let every backend make its ``ready()``/``capabilities()`` current."""
+        for b in self.backends:
+            await b.refresh_state()
+
     async def generate(self, request: Request) -> AsyncIterator[Event]:
+        """Pick (pre-stream, with failover), then relay the committed backend's stream."""
         if self._closed:
             raise BackendUnavailable(f"router {self.name!r} is closed; create a new one")
+        await self.refresh_state()
         skipped: list[str] = []
+        for backend, breaker in self._candidates(request, skipped):
+            opened = await self._first_event(backend, breaker, request, skipped)
+            if opened is None:
+                continue
+            relay = self._relay(backend, breaker, *opened)
+            try:
+                async for event in relay:
+                    yield event
+            finally:  # leaving early closes the relay (and the stream) now, not at GC
+                await relay.aclose()
+            return
+        raise _unservable(self.backends, request) or BackendUnavailable(
+            "no backend could serve the request: " + "; ".join(skipped)
+        )
+
+    def _candidates(
+        self, request: Request, skipped: list[str]
+    ) -> Iterator[tuple[Backend, CircuitBreaker]]:
+        """Backends in priority order that are ready, capable and not tripped.
+
+        Lazy on purpose: a half-open breaker's trial slot is taken only when its backend
+        is about to be tried.
+        """
         for backend, breaker in zip(self.backends, self._breakers, strict=True):
             if not backend.ready():
                 skipped.append(f"{backend.name}: not ready")
@@ -217,78 +275,77 @@ class Router(Backend):
             if blocked is not None:
                 skipped.append(f"{backend.name}: {blocked}")
                 continue
+            yield backend, breaker
 
-            stream = backend.generate(request)
-            try:
-                first = await stream.__anext__()
-            except InvalidRequest:
-                breaker.release()
-                await _aclose(stream)
-                raise
-            except QueueFull as e:  # busy, not broken: try the next one, no breaker hit
-                breaker.release()
-                skipped.append(f"{backend.name}: {_describe(e)}")
-                await _aclose(stream)
-                continue
-            except StopAsyncIteration:
-                breaker.failure()
-                skipped.append(f"{backend.name}: ended its stream without a Done event")
-                continue
-            except Exception as e:  # NotReady, BackendUnavailable, InternalError, bugs
-                breaker.failure()
-                skipped.append(f"{backend.name}: {_describe(e)}")
-                await _aclose(stream)
-                continue
-            except BaseException:  # cancelled while waiting for the first event
-                breaker.release()
-                await _aclose(stream)
-                raise
+    async def _first_event(
+        self, backend: Backend, breaker: CircuitBreaker, request: Request, skipped: list[str]
+    ) -> tuple[AsyncIterator[Event], Event] | None:
+        """Open ``backend``'s stream up to its first event; ``None`` means fail over."""
+        stream = backend.generate(request)
+        try:
+            return stream, await stream.__anext__()
+        except InvalidRequest:
+            breaker.release()
+            await _aclose(stream)
+            raise
+        except QueueFull as e:  # busy, not broken: try the next one, no breaker hit
+            breaker.release()
+            skipped.append(f"{backend.name}: {_describe(backend.name, e)}")
+        except StopAsyncIteration:
+            breaker.failure()
+            skipped.append(f"{backend.name}: {ended_without_done(backend.name).message}")
+            return None
+        except Exception as e:  # NotReady, BackendUnavailable, InternalError, bugs
+            breaker.failure()
+            skipped.append(f"{backend.name}: {_describe(backend.name, e)}")
+        except BaseException:  # cancelled while waiting for the first event
+            breaker.release()
+            await _aclose(stream)
+            raise
+        await _aclose(stream)
+        return None
 
-            # Committed: from here on there is no failover (the caller has seen output).
-            verdict = False
-            try:
-                event = first
-                while True:
-                    if isinstance(event, Done):
-                        breaker.success()
-                        verdict = True
-                        yield event.replace(backend=backend.name)
-                        return
-                    yield event
-                    try:
-                        event = await stream.__anext__()
-                    except StopAsyncIteration:
-                        breaker.failure()
-                        verdict = True
-                        raise BackendUnavailable(
-                            f"backend {backend.name!r} ended its stream without a Done event"
-                        ) from None
-            except BackendUnavailable:
-                if not verdict:
-                    breaker.failure()
-                    verdict = True
-                raise
-            except InternalError:
-                breaker.failure()
-                verdict = True
-                raise
-            except InferdError as e:  # the contract says BackendUnavailable mid-stream
-                breaker.failure()
-                verdict = True
-                raise BackendUnavailable(
-                    f"backend {backend.name!r} failed mid-stream: {_describe(e)}"
-                ) from e
-            finally:
-                if not verdict:
-                    breaker.release()
-                await _aclose(stream)
-        raise BackendUnavailable("no backend could serve the request: " + "; ".join(skipped))
+    async def _relay(
+        self,
+        backend: Backend,
+        breaker: CircuitBreaker,
+        stream: AsyncIterator[Event],
+        first: Event,
+    ) -> AsyncIterator[Event]:
+        """The committed phase: no failover (the caller has seen output), one verdict."""
+        verdict = False
+        try:
+            event = first
+            while not isinstance(event, Done):
+                yield event
+                try:
+                    event = await stream.__anext__()
+                except StopAsyncIteration:
+                    raise ended_without_done(backend.name) from None
+            breaker.success()
+            verdict = True
+            yield event.replace(backend=backend.name)
+        except (BackendUnavailable, InternalError):
+            breaker.failure()
+            verdict = True
+            raise
+        except Exception as e:  # the contract says BackendUnavailable mid-stream
+            breaker.failure()
+            verdict = True
+            raise BackendUnavailable(
+                f"backend {backend.name!r} failed mid-stream: {_describe(backend.name, e)}"
+            ) from e
+        finally:
+            if not verdict:
+                breaker.release()
+            await _aclose(stream)
 
     # ------------------------------------------------------------------ embed
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         if self._closed:
             raise BackendUnavailable(f"router {self.name!r} is closed; create a new one")
+        await self.refresh_state()
         skipped: list[str] = []
         any_embed = False
         for backend, breaker in zip(self.backends, self._breakers, strict=True):
@@ -310,11 +367,11 @@ class Router(Backend):
                 raise
             except (EmbedUnsupported, QueueFull) as e:
                 breaker.release()
-                skipped.append(f"{backend.name}: {_describe(e)}")
+                skipped.append(f"{backend.name}: {_describe(backend.name, e)}")
                 continue
             except Exception as e:
                 breaker.failure()
-                skipped.append(f"{backend.name}: {_describe(e)}")
+                skipped.append(f"{backend.name}: {_describe(backend.name, e)}")
                 continue
             except BaseException:
                 breaker.release()

@@ -897,7 +897,7 @@ class Response:
             elif isinstance(ev, Done):
                 done = ev
         if done is None:
-            from inferd.errors import BackendUnavailable
+            from inferd.backend import ended_without_done
 
-            raise BackendUnavailable("stream ended without a Done event")
+            raise ended_without_done()
         return cls("".join(text), "".join(thinking), tuple(calls), done)

@@ -4,11 +4,21 @@ Why a Backend: a program switches between an in-process model and the shared dae
 by changing one line (``LlamaCpp(...)`` -> ``Client()``); the router, the bridge and
 the contract suite treat it like any other backend.
 
-One connection carries every request of the client, multiplexed by ``id``. Frames are
-routed to a bounded queue per request; when a consumer is slow its queue fills, the
-reader stops reading, the socket fills, and the daemon's generation waits: memory stays
-bounded at the price of head-of-line blocking on this connection (open a second
-``Client`` for an independent lane). Leaving a stream early sends a ``cancel`` frame.
+Connections (ADR ``docs/adr/0011-client-connection-per-request.md``): each request
+borrows a connection of its own from a small pool, up to ``max_connections``, so the
+socket's flow control is per request: a consumer that stops reading fills *its*
+connection and pauses *its* generation, and nobody else's. Frames are still routed by
+``id`` into a bounded queue per request (stale frames of a cancelled request are
+dropped). A stream left early sends ``cancel`` and closes its connection (the daemon
+cancels on EOF too); a finished one returns its connection to the idle pool. When all
+connections are busy a request waits up to ``pool_timeout_s`` for one, then gets
+``QueueFull``.
+
+``ready()`` and ``capabilities()`` are synchronous in the Backend API and are called
+per request by routers, so they never touch the socket: they answer from state cached
+from the daemon's last ``capabilities`` reply and start a background refresh when
+that state is older than :data:`READY_RECHECK_S`. :meth:`refresh_state` (awaited by
+the Router) fetches it the first time.
 """
 
 from __future__ import annotations
@@ -16,17 +26,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from inferd.backend import Backend
-from inferd.errors import BackendUnavailable, InternalError, NotReady
+from inferd.errors import BackendUnavailable, InferdError, InternalError, NotReady, QueueFull
 from inferd.serve import wire
 from inferd.serve.config import admin_socket_path, default_socket_path
 from inferd.types import (
@@ -38,16 +46,98 @@ from inferd.types import (
     Request,
 )
 
+log = logging.getLogger("inferd.client")
+
 #: Seconds to wait for the daemon to accept a connection.
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 #: Frames buffered per request before the connection's reader waits for the consumer.
 DEFAULT_STREAM_BUFFER_FRAMES = 1024
-#: Seconds the blocking capabilities probe (used before connecting) may take.
+#: Seconds a state refresh (the daemon's capabilities and readiness) may take.
 CAPABILITIES_PROBE_TIMEOUT_S = 2.0
-#: While the daemon says "not ready" (loading), ``ready()`` re-asks at most this often.
+#: Cached readiness and capabilities older than this are refreshed in the background.
 READY_RECHECK_S = 1.0
+#: Most connections (hence requests in flight) one Client opens to the daemon.
+DEFAULT_MAX_CONNECTIONS = 64
+#: Finished requests' connections kept open for reuse.
+DEFAULT_MAX_IDLE_CONNECTIONS = 8
+#: Seconds a request waits for a free connection before ``QueueFull``.
+DEFAULT_POOL_TIMEOUT_S = 30.0
+
+#: What ``capabilities()`` claims before the daemon has answered once: everything, so
+#: nothing is refused on a guess; the daemon then refuses what it cannot do itself.
+ASSUMED_CAPABILITIES = Capabilities(tools=True, vision=True, audio=True, thinking=True, embed=True)
 
 _LOST = object()  # queue sentinel: the connection is gone
+
+
+class _Conn:
+    """One connection to the daemon; its reader routes frames by ``id`` to queues."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame_bytes: int
+    ) -> None:
+        self.writer = writer
+        self.streams: dict[int, asyncio.Queue[Any]] = {}
+        self.lost_reason = "the connection to the daemon closed"
+        self.task = asyncio.create_task(self._read_loop(reader, max_frame_bytes))
+
+    @property
+    def alive(self) -> bool:
+        return not self.writer.is_closing() and not self.task.done()
+
+    async def _read_loop(self, reader: asyncio.StreamReader, max_frame_bytes: int) -> None:
+        try:
+            async for item in wire.FrameReader(reader, max_frame_bytes):
+                if isinstance(item, InferdError):  # too large, or over the buffer budget
+                    self.lost_reason = f"the daemon sent a frame that was skipped: {item.message}"
+                    break
+                try:
+                    frame = wire.decode(item)
+                except wire.FrameError as e:
+                    self.lost_reason = f"the daemon sent a malformed frame: {e.message}"
+                    break
+                q = self.streams.get(frame.get("id"))  # type: ignore[arg-type]
+                if q is not None:  # frames of cancelled requests are dropped
+                    await q.put(frame)
+        except (ConnectionError, OSError) as e:
+            self.lost_reason = f"the connection to the daemon broke ({e})"
+        finally:
+            self.writer.close()
+            for q in list(self.streams.values()):
+                _put_lost(q)
+
+    async def open_stream(self, rid: int, frame: dict[str, Any], size: int) -> asyncio.Queue[Any]:
+        q: asyncio.Queue[Any] = asyncio.Queue(size)
+        self.streams[rid] = q
+        try:
+            self.writer.write(wire.encode({**frame, "id": rid}))
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError) as e:
+            del self.streams[rid]
+            raise BackendUnavailable(f"cannot send to the inferd daemon: {e}") from None
+        return q
+
+    def forget(self, rid: int) -> None:
+        """Drop a request's queue; emptying it frees a reader blocked on a full queue."""
+        q = self.streams.pop(rid, None)
+        while q is not None and not q.empty():
+            q.get_nowait()
+
+    def send_nowait(self, frame: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self.writer.write(wire.encode(frame))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.task.cancel()
+
+    async def wait_closed(self) -> None:
+        self.close()
+        with contextlib.suppress(BaseException):
+            await self.writer.wait_closed()
+        with contextlib.suppress(BaseException):
+            await self.task
 
 
 class Client(Backend):
@@ -62,166 +152,213 @@ class Client(Backend):
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         stream_buffer_frames: int = DEFAULT_STREAM_BUFFER_FRAMES,
         max_frame_bytes: int = wire.MAX_FRAME_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_idle_connections: int = DEFAULT_MAX_IDLE_CONNECTIONS,
+        pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
         name: str = "daemon",
     ) -> None:
+        if max_connections < 1 or max_idle_connections < 0:
+            raise ValueError("max_connections must be >= 1 and max_idle_connections >= 0")
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
         self.connect_timeout_s = connect_timeout_s
         self.stream_buffer_frames = stream_buffer_frames
         self.max_frame_bytes = max_frame_bytes
+        self.max_connections = max_connections
+        self.max_idle_connections = max_idle_connections
+        self.pool_timeout_s = pool_timeout_s
         self.name = name
         self._ids = itertools.count(1)
-        self._streams: dict[int, asyncio.Queue[Any]] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._connect_lock: asyncio.Lock | None = None
+        self._conns: set[_Conn] = set()
+        self._idle: list[_Conn] = []
+        self._slots: asyncio.Semaphore | None = None
         self._caps: Capabilities | None = None
         self._daemon_ready = False
-        self._ready_checked = 0.0
-        self._lost_reason = "the connection to the daemon closed"
+        self._state_at: float | None = None  # when the daemon last answered (or failed to)
+        self._refresh_task: asyncio.Task[None] | None = None
         self._closed = False
 
-    # ------------------------------------------------------------------ connection
+    # ------------------------------------------------------------------ connections
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        """True while at least one connection to the daemon is open."""
+        return any(c.alive for c in self._conns)
 
     @property
     def active_streams(self) -> int:
         """Requests of this client still waiting for frames."""
-        return len(self._streams)
+        return sum(len(c.streams) for c in self._conns)
+
+    def pool_stats(self) -> dict[str, int]:
+        """Open, idle and busy daemon connections (tests and the bridge's /health)."""
+        idle = sum(1 for c in self._idle if c.alive)
+        open_ = sum(1 for c in self._conns if c.alive)
+        return {"open": open_, "idle": idle, "busy": open_ - idle}
 
     async def connect(self) -> None:
-        """Open the connection (done lazily by the first request) and read capabilities."""
+        """Check the daemon answers and cache its state (requests also connect lazily)."""
         if self._closed:
             raise NotReady("client is closed; create a new one")
-        if self._connect_lock is None:
-            self._connect_lock = asyncio.Lock()
-        async with self._connect_lock:
-            if self.connected:
-                return
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(self.socket_path), self.connect_timeout_s
-                )
-            except (OSError, TimeoutError) as e:
-                raise BackendUnavailable(
-                    f"cannot connect to the inferd daemon at {self.socket_path} "
-                    f"({type(e).__name__}: {e}); is `inferd serve` running?"
-                ) from None
-            self._writer = writer
-            self._reader_task = asyncio.create_task(self._read_loop(reader))
         await self.refresh()
 
-    async def refresh(self) -> Capabilities:
-        """Ask the daemon for its capabilities and readiness (cached for the sync API)."""
-        frame = await self._request({"type": "capabilities"}, "capabilities")
-        self._caps = wire.capabilities_from_dict(frame.get("capabilities") or {})
-        self._daemon_ready = bool(frame.get("ready"))
-        self._ready_checked = time.monotonic()
-        return self._caps
-
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    async def _open(self) -> _Conn:
         try:
-            async for item in wire.FrameReader(reader, self.max_frame_bytes):
-                if isinstance(item, wire.FrameTooLarge):
-                    self._lost_reason = f"the daemon sent a frame too large: {item.message}"
-                    break
-                try:
-                    frame = wire.decode(item)
-                except wire.FrameError as e:
-                    self._lost_reason = f"the daemon sent a malformed frame: {e.message}"
-                    break
-                q = self._streams.get(frame.get("id"))  # type: ignore[arg-type]
-                if q is not None:  # frames of cancelled requests are dropped
-                    await q.put(frame)
-        except (ConnectionError, OSError) as e:
-            self._lost_reason = f"the connection to the daemon broke ({e})"
-        finally:
-            writer, self._writer = self._writer, None
-            if writer is not None:
-                writer.close()
-            for q in list(self._streams.values()):
-                _put_lost(q)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.socket_path), self.connect_timeout_s
+            )
+        except (OSError, TimeoutError) as e:
+            self._daemon_ready, self._state_at = False, time.monotonic()
+            raise BackendUnavailable(
+                f"cannot connect to the inferd daemon at {self.socket_path} "
+                f"({type(e).__name__}: {e}); is `inferd serve` running?"
+            ) from None
+        conn = _Conn(reader, writer, self.max_frame_bytes)
+        self._conns.add(conn)
+        return conn
 
-    def _send_nowait(self, frame: dict[str, Any]) -> None:
-        w = self._writer
-        if w is not None and not w.is_closing():
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                w.write(wire.encode(frame))
-
-    async def _open_stream(self, frame: dict[str, Any]) -> tuple[int, asyncio.Queue[Any]]:
+    async def _acquire(self) -> _Conn:
+        """A connection for one request: an idle one, or a new one under the limit."""
         if self._closed:
             raise NotReady("client is closed; create a new one")
-        if not self.connected:
-            await self.connect()
-        rid = next(self._ids)
-        q: asyncio.Queue[Any] = asyncio.Queue(self.stream_buffer_frames)
-        self._streams[rid] = q
-        w = self._writer
-        if w is None:
-            del self._streams[rid]
-            raise BackendUnavailable(f"{self._lost_reason}; retry")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_connections)
         try:
-            w.write(wire.encode({**frame, "id": rid}))
-            await w.drain()
-        except (ConnectionError, RuntimeError) as e:
-            del self._streams[rid]
-            raise BackendUnavailable(f"cannot send to the inferd daemon: {e}") from None
-        return rid, q
+            async with asyncio.timeout(self.pool_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise QueueFull(
+                f"all {self.max_connections} connections to the daemon stayed busy for "
+                f"{self.pool_timeout_s:g}s (max_connections, pool_timeout_s); retry later"
+            ) from None
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.alive:
+                return conn
+            self._discard(conn)
+        try:
+            return await self._open()
+        except BaseException:
+            self._slots.release()
+            raise
 
-    def _forget(self, rid: int) -> None:
-        """Drop a request's queue; emptying it frees a reader blocked on a full queue."""
-        q = self._streams.pop(rid, None)
-        while q is not None and not q.empty():
-            q.get_nowait()
+    def _release(self, conn: _Conn, *, reuse: bool) -> None:
+        """Give a request's connection back: to the idle pool when clean, else close it."""
+        if (
+            reuse
+            and conn.alive
+            and not self._closed
+            and len(self._idle) < self.max_idle_connections
+        ):
+            self._idle.append(conn)
+        else:
+            self._discard(conn)
+        if self._slots is not None:
+            self._slots.release()
+
+    def _discard(self, conn: _Conn) -> None:
+        self._conns.discard(conn)
+        conn.close()
 
     async def _request(self, frame: dict[str, Any], want: str) -> dict[str, Any]:
         """Send one frame and wait for its single answer of type ``want``."""
-        rid, q = await self._open_stream(frame)
+        conn = await self._acquire()
+        rid = next(self._ids)
+        reuse = False
         try:
+            q = await conn.open_stream(rid, frame, 1)
             reply = await q.get()
+            reuse = reply is not _LOST
         finally:
-            self._forget(rid)
+            conn.forget(rid)
+            self._release(conn, reuse=reuse)
         if reply is _LOST:
-            raise BackendUnavailable(f"{self._lost_reason}; retry")
+            raise BackendUnavailable(f"{conn.lost_reason}; retry")
         if reply.get("type") == "error":
             raise wire.error_from_frame(reply)
         if reply.get("type") != want:
             raise InternalError(f"daemon answered {reply.get('type')!r} where {want!r} was due")
         return reply  # type: ignore[no-any-return]
 
+    # ------------------------------------------------------------------ cached state
+
+    async def refresh(self) -> Capabilities:
+        """Ask the daemon for its capabilities and readiness (cached for the sync API)."""
+        try:
+            async with asyncio.timeout(CAPABILITIES_PROBE_TIMEOUT_S):
+                frame = await self._request({"type": "capabilities"}, "capabilities")
+        except TimeoutError:
+            self._daemon_ready, self._state_at = False, time.monotonic()
+            raise BackendUnavailable(
+                f"the inferd daemon at {self.socket_path} did not answer within "
+                f"{CAPABILITIES_PROBE_TIMEOUT_S:g}s (CAPABILITIES_PROBE_TIMEOUT_S)"
+            ) from None
+        except InferdError:
+            self._daemon_ready, self._state_at = False, time.monotonic()
+            raise
+        self._caps = wire.capabilities_from_dict(frame.get("capabilities") or {})
+        self._daemon_ready = bool(frame.get("ready"))
+        self._state_at = time.monotonic()
+        return self._caps
+
+    async def refresh_state(self) -> None:
+        """Fetch the state the first time; afterwards only refresh it in the background."""
+        if self._closed:
+            return
+        if self._state_at is None:
+            with contextlib.suppress(InferdError):
+                await self.refresh()
+        else:
+            self._kick_refresh()
+
+    def _kick_refresh(self) -> None:
+        """Start a background refresh when the cached state is stale (never blocks)."""
+        if self._closed or (self._refresh_task is not None and not self._refresh_task.done()):
+            return
+        if self._state_at is not None and time.monotonic() - self._state_at < READY_RECHECK_S:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # called outside a loop: the cached answer is all there is
+        self._refresh_task = loop.create_task(self._background_refresh())
+
+    async def _background_refresh(self) -> None:
+        try:
+            await self.refresh()
+        except InferdError as e:
+            log.debug("daemon state refresh failed: %s", e.message)
+
     # ------------------------------------------------------------------ Backend
 
     def ready(self) -> bool:
+        """Cached readiness; before the first answer, whether the socket exists."""
         if self._closed:
             return False
-        if self.connected:
-            if not self._daemon_ready and time.monotonic() - self._ready_checked > READY_RECHECK_S:
-                # loading daemons become ready; ready() is sync, so a short blocking probe
-                self._ready_checked = time.monotonic()
-                probed = _probe(self.socket_path)
-                if probed is not None:
-                    self._caps, self._daemon_ready = probed
-            return self._daemon_ready
-        return self.socket_path.exists()
+        self._kick_refresh()
+        if self._state_at is None:
+            return self.socket_path.exists()
+        return self._daemon_ready
 
     def capabilities(self) -> Capabilities:
-        """Cached from the last connect; before that, a short blocking probe."""
+        """Cached from the daemon's last answer (:data:`ASSUMED_CAPABILITIES` before one)."""
         if self._caps is None:
-            probed = _probe(self.socket_path)
-            self._caps = probed[0] if probed is not None else Capabilities()
+            self._kick_refresh()
+            return ASSUMED_CAPABILITIES
         return self._caps
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
-        rid, q = await self._open_stream({"type": "generate", **request.to_dict()})
+        conn = await self._acquire()
+        rid = next(self._ids)
         finished = False
         try:
+            q = await conn.open_stream(
+                rid, {"type": "generate", **request.to_dict()}, self.stream_buffer_frames
+            )
             while True:
                 frame = await q.get()
                 if frame is _LOST:
                     finished = True
-                    raise BackendUnavailable(f"{self._lost_reason} before the reply finished")
+                    raise BackendUnavailable(f"{conn.lost_reason} before the reply finished")
                 if frame.get("type") == "error":
                     finished = True
                     raise wire.error_from_frame(frame)
@@ -232,27 +369,27 @@ class Client(Backend):
                     return
                 yield event
         finally:
-            self._forget(rid)
+            conn.forget(rid)
             if not finished:  # left early: the daemon stops generating for us
-                self._send_nowait({"type": "cancel", "id": rid})
+                conn.send_nowait({"type": "cancel", "id": rid})
+            self._release(conn, reuse=finished)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         reply = await self._request({"type": "embed", **request.to_dict()}, "embedding")
         return EmbedResult.from_dict(reply)
 
     async def aclose(self) -> None:
-        """Close the connection; the daemon cancels whatever is still running for us."""
+        """Close every connection; the daemon cancels whatever is still running for us."""
         self._closed = True
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-        task, self._reader_task = self._reader_task, None
+        task, self._refresh_task = self._refresh_task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        conns, self._idle = list(self._conns), []
+        self._conns.clear()
+        for conn in conns:
+            await conn.wait_closed()
 
     def __repr__(self) -> str:
         return f"<Client socket={str(self.socket_path)!r} connected={self.connected}>"
@@ -266,28 +403,6 @@ def _put_lost(q: asyncio.Queue[Any]) -> None:
         except asyncio.QueueFull:
             with contextlib.suppress(asyncio.QueueEmpty):
                 q.get_nowait()
-
-
-def _probe(path: Path) -> tuple[Capabilities, bool] | None:
-    """Blocking one-shot capabilities and readiness query (the Backend API's are sync)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(CAPABILITIES_PROBE_TIMEOUT_S)
-    try:
-        s.connect(str(path))
-        s.sendall(wire.encode({"type": "capabilities", "id": 0}))
-        buf = b""
-        while b"\n" not in buf:
-            chunk = s.recv(65536)
-            if not chunk:
-                return None
-            buf += chunk
-        frame = orjson.loads(buf.split(b"\n", 1)[0])
-        caps = wire.capabilities_from_dict(frame.get("capabilities") or {})
-        return caps, bool(frame.get("ready"))
-    except (OSError, ValueError):
-        return None
-    finally:
-        s.close()
 
 
 async def admin_status(
