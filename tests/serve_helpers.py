@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +250,54 @@ class BridgeProc:
             if f is not None:
                 f.close()
         return rc
+
+
+@contextlib.asynccontextmanager
+async def bridge_in_process(backend: Any, **kw: Any) -> AsyncIterator[tuple[str, Any, Any]]:
+    """The bridge app over ``backend`` on 127.0.0.1 (any free port), run as ``inferd
+    bridge`` runs it (``BridgeRunner``): yields ``(url, app, runner)``."""
+    from aiohttp import web
+
+    from inferd.serve.bridge import BridgeRunner, make_app
+
+    app = make_app(backend, **kw)
+    runner = BridgeRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        yield f"http://127.0.0.1:{port}", app, runner
+    finally:
+        await runner.cleanup()
+
+
+async def raw_http(
+    url: str, data: bytes, timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes to an HTTP server and read its whole answer (it must close or send
+    a Content-Length): ``(status, headers lower-cased, body)``."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        if "content-length" in headers:
+            body = await asyncio.wait_for(
+                reader.readexactly(int(headers["content-length"])), timeout
+            )
+        else:
+            body = await asyncio.wait_for(reader.read(), timeout)
+        return status, headers, body
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()

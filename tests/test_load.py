@@ -13,6 +13,7 @@ import random
 import socket
 from collections.abc import Iterator
 
+import aiohttp
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -270,3 +271,178 @@ async def test_16_clients_on_smollm2(smollm2_path) -> None:
             assert st_["counters"]["ttft_s"]["p50"] is not None
         finally:
             proc.stop()
+
+
+# --------------------------------------------------------------------------- the bridge
+
+#: Clients of the bridge load test, and how many of them misbehave in each way.
+BRIDGE_CLIENTS = 200
+NEVER_READ = 20
+LEAVE_MID_STREAM = 20
+GARBAGE = 20
+#: The bridge daemon's stream: far longer than a stalled reader's buffers hold.
+BRIDGE_TOKENS = ["t" * 1024] * 3000
+#: Well-behaved clients ask for this many tokens.
+GOOD_TOKENS = 8
+#: Growth of this process's resident memory (bridge and clients) tolerated by the load.
+BRIDGE_RSS_GROWTH_LIMIT = 300 * 1024 * 1024
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.fixture(scope="module")
+def bridge_daemon() -> Iterator[DaemonProc]:
+    with short_tmpdir() as d:
+        cfg = write_config(
+            d / "big.toml",
+            [{"type": "mock", "name": "big", "tokens": BRIDGE_TOKENS}],
+            daemon={"max_concurrent": 64, "max_queued": MAX_QUEUED},
+        )
+        proc = DaemonProc.start(cfg, d / "infer.sock")
+        yield proc
+        proc.stop()
+
+
+def _post(body: dict, host: str = "x") -> bytes:
+    payload = orjson.dumps(body)
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+
+
+_GARBAGE = [
+    b"\x00\xff\xfe not http at all\r\n\r\n",
+    _post({"messages": "nope"}),
+    _post({"messages": [{"role": "user", "content": "hi"}]})[:-10],  # then hang up
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{nope",
+]
+
+
+async def _good(h: aiohttp.ClientSession, url: str, i: int) -> str:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": GOOD_TOKENS}
+    want = "t" * 1024 * GOOD_TOKENS
+    if i % 2:
+        async with h.post(f"{url}/v1/chat/completions", json=body) as r:
+            got = await r.json()
+        assert r.status == 200, got
+        assert got["choices"][0]["message"]["content"] == want
+        return "good"
+    async with h.post(f"{url}/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status == 200
+        text = []
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                chunk = orjson.loads(line[6:])
+                text += [c["delta"].get("content") or "" for c in chunk["choices"]]
+    assert "".join(text) == want
+    return "good"
+
+
+async def _never_reads(url: str, stalled: list[socket.socket]) -> str:
+    s = await asyncio.to_thread(
+        _blocking_post, url, {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    stalled.append(s)  # closed by the test once the others are done
+    return "never_read"
+
+
+def _blocking_post(url: str, body: dict) -> socket.socket:
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: stays small
+    s.connect((host, int(port)))
+    s.sendall(_post(body))
+    return s
+
+
+async def _leaves(h: aiohttp.ClientSession, url: str) -> str:
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with h.post(f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status == 200
+        for _ in range(3):
+            await r.content.readline()
+        r.close()  # hang up mid-stream
+    return "left"
+
+
+async def _garbage(url: str, i: int) -> str:
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(_GARBAGE[i % len(_GARBAGE)])
+        await writer.drain()
+        if i % len(_GARBAGE) == 2:
+            return "garbage"  # truncated request, then gone
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), LOAD_TIMEOUT_S)
+        assert head.split()[1] == b"400", head
+        assert b"application/json" in head
+        return "garbage"
+    finally:
+        writer.close()
+
+
+async def test_200_bridge_clients_the_well_behaved_all_finish(bridge_daemon: DaemonProc) -> None:
+    from inferd.serve.bridge import STATS_KEY
+
+    from .serve_helpers import bridge_in_process
+
+    client = Client(bridge_daemon.sock)
+    stalled: list[socket.socket] = []
+    kinds = (
+        ["never_read"] * NEVER_READ
+        + ["leave"] * LEAVE_MID_STREAM
+        + ["garbage"] * GARBAGE
+        + ["good"] * (BRIDGE_CLIENTS - NEVER_READ - LEAVE_MID_STREAM - GARBAGE)
+    )
+    random.Random(7).shuffle(kinds)
+    async with bridge_in_process(client) as (url, app, runner):
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn) as h:
+            await _good(h, url, 1)  # warm up before the memory baseline
+            rss_before = _rss()
+
+            def one(i: int, kind: str):  # type: ignore[no-untyped-def]
+                if kind == "never_read":
+                    return _never_reads(url, stalled)
+                if kind == "leave":
+                    return _leaves(h, url)
+                if kind == "garbage":
+                    return _garbage(url, i)
+                return _good(h, url, i)
+
+            try:
+                ends = await asyncio.wait_for(
+                    asyncio.gather(*(one(i, k) for i, k in enumerate(kinds))), LOAD_TIMEOUT_S
+                )
+                rss_peak = _rss()
+            finally:
+                for s in stalled:
+                    s.close()
+        assert ends.count("good") == kinds.count("good")
+        assert len(stalled) == NEVER_READ
+
+        async def settled() -> bool:
+            st_ = await admin_status(bridge_daemon.sock)
+            return (
+                app[STATS_KEY].in_flight == 0
+                and client.active_streams == 0
+                and client.pool_stats()["busy"] == 0
+                and not runner.server.connections
+                and st_["queue"]["running"] == 0
+                and st_["queue"]["queued"] == 0
+            )
+
+        async with asyncio.timeout(LOAD_TIMEOUT_S):
+            while not await settled():
+                await asyncio.sleep(0.1)
+        assert app[STATS_KEY].clients_left >= LEAVE_MID_STREAM
+        growth = max(rss_peak, _rss()) - rss_before
+        print(f"bridge load: RSS grew by {growth / 2**20:.1f} MiB")
+        assert growth < BRIDGE_RSS_GROWTH_LIMIT
+    await client.aclose()

@@ -31,15 +31,18 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from inferd import openai_wire
-from inferd.backend import Backend
-from inferd.errors import BackendUnavailable, InferdError, InvalidRequest
-from inferd.types import Event, Response
+from inferd.backend import Backend, ended_without_done
+from inferd.errors import InferdError, InvalidRequest
+from inferd.limits import check_depth, echo
+from inferd.types import Event, Request, Response, Text, Thinking
 
 log = logging.getLogger("inferd.bridge")
 
@@ -51,10 +54,26 @@ DEFAULT_PORT = 8800
 MAX_BODY_BYTES = 64 * 1024 * 1024
 #: The model id reported by ``/v1/models`` and in responses when the client sends none.
 DEFAULT_MODEL_NAME = "inferd"
+#: Connections (hence streams in flight) the bridge opens to the daemon: one per
+#: request, so one client that stops reading pauses only its own stream.
+DEFAULT_DAEMON_CONNECTIONS = 64
+#: Seconds open requests get to finish on SIGTERM before they are cancelled.
+SHUTDOWN_TIMEOUT_S = 10.0
 BACKEND_KEY = web.AppKey("backend", Backend)
 SETTINGS_KEY = web.AppKey("settings", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class BridgeStats:
+    """Counters a test (or an operator with a debugger) reads to see nothing leaks."""
+
+    in_flight: int = 0
+    clients_left: int = 0
+
+
+STATS_KEY = web.AppKey("stats", BridgeStats)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -62,9 +81,13 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 
 def _error(exc: BaseException) -> web.Response:
+    """An OpenAI error object; a non-inferd exception's text stays in the server log."""
+    obj = openai_wire.error_object(exc)
     if not isinstance(exc, InferdError):
-        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
-    return _json(openai_wire.error_object(exc), openai_wire.http_status(exc))
+        ref = uuid.uuid4().hex[:12]
+        log.error("unexpected %s (ref %s)", type(exc).__name__, ref, exc_info=exc)
+        obj["error"]["message"] = f"{obj['error']['message']} (ref {ref})"
+    return _json(obj, openai_wire.http_status(exc))
 
 
 def _http_error(status: int, message: str, code: str, etype: str) -> web.Response:
@@ -73,26 +96,91 @@ def _http_error(status: int, message: str, code: str, etype: str) -> web.Respons
     )
 
 
+def _authorized(request: web.Request, key: bytes) -> bool:
+    """Bearer check on the raw header bytes (any bytes a client sends), in constant time."""
+    given = next((v for k, v in request.raw_headers if k.lower() == b"authorization"), b"")
+    token = given[7:] if given[:7].lower() == b"bearer " else b""
+    return hmac.compare_digest(token, key)
+
+
 @web.middleware
 async def _errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    stats = request.app[STATS_KEY]
     key: bytes | None = request.app[SETTINGS_KEY]["api_key"]
-    if key is not None and request.path != "/health":
-        given = request.headers.get("Authorization", "")
-        token = given[7:].encode() if given[:7].lower() == "bearer " else b""
-        if not hmac.compare_digest(token, key):
-            return _http_error(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                "invalid_api_key",
-                "invalid_request_error",
-            )
+    if key is not None and request.path != "/health" and not _authorized(request, key):
+        return _http_error(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "invalid_api_key",
+            "invalid_request_error",
+        )
+    stats.in_flight += 1
     try:
         return await handler(request)
     except web.HTTPException as e:  # 404, 405, 413 ... as OpenAI error objects too
         if e.status < 400:
             raise
-        what = e.text if e.status == 413 else f"{e.reason}: {request.method} {request.path}"
+        what = (
+            e.text
+            if e.status == 413
+            else f"{e.reason}: {echo(request.method)} {echo(request.path)}"
+        )
         return _http_error(e.status, what, str(e.status), "invalid_request_error")
+    finally:
+        stats.in_flight -= 1
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors as OpenAI error objects.
+
+    aiohttp rejects some requests before any middleware runs (a malformed request
+    line, an unknown method token, an 8 KiB header, too many headers) with text/plain;
+    clients of an OpenAI API parse JSON, so these get the same shape as every other
+    bridge error. A client's bad request is INFO, not an ERROR traceback.
+    """
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response started already; cannot send an error")
+        if status >= 500:
+            ref = uuid.uuid4().hex[:12]
+            log.error("unexpected %s (ref %s)", type(exc).__name__, ref, exc_info=exc)
+            text = f"internal error ({type(exc).__name__}); see the server log (ref {ref})"
+            etype = "server_error"
+        else:
+            log.info("rejected a malformed HTTP request (%d): %s", status, echo(message))
+            text = f"malformed HTTP request: {echo(message or type(exc).__name__, 200)}"
+            etype = "invalid_request_error"
+        resp = _http_error(status, text, str(status), etype)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class BridgeRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections answer aiohttp's own errors as JSON and whose
+    handlers are cancelled when their client disconnects (so the generation stops)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("access_log", None)
+        kwargs.setdefault("handler_cancellation", True)
+        kwargs.setdefault("shutdown_timeout", SHUTDOWN_TIMEOUT_S)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -103,7 +191,25 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    check_depth(body, what="request body")
     return body
+
+
+def _model(request: web.Request, body: dict[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) and model else request.app[SETTINGS_KEY]["model_name"]
+
+
+async def _aclose(stream: AsyncIterator[Event]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _client_left(request: web.Request, exc: BaseException) -> None:
+    """A client hanging up is routine: one INFO line, no traceback."""
+    request.app[STATS_KEY].clients_left += 1
+    log.info("client left %s mid-reply (%s)", request.path, type(exc).__name__)
 
 
 # --------------------------------------------------------------------------- routes
@@ -132,62 +238,143 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    backend = request.app[BACKEND_KEY]
     try:
         body = await _body(request)
         req = openai_wire.request_from_openai(body)
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise InvalidRequest("'stream_options' must be an object")
     except InferdError as e:
         return _error(e)
-    model = body.get("model") or request.app[SETTINGS_KEY]["model_name"]
+    model = _model(request, body)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
-    stream: AsyncIterator[Event] = backend.generate(req)
+    if not body.get("stream"):
+        return await _complete(request, req, model, cid)
+    include_usage = bool(opts.get("include_usage"))
+    writer = openai_wire.ChunkWriter(model, cid, include_usage=include_usage)
+    return await _stream(request, req, writer)
+
+
+async def _complete(request: web.Request, req: Request, model: str, cid: str) -> web.Response:
+    """A non-streaming reply; a client that leaves cancels it (the handler is cancelled)."""
+    stream = request.app[BACKEND_KEY].generate(req)
     try:
-        if not body.get("stream"):
-            try:
-                events = [ev async for ev in stream]
-                completion = openai_wire.response_to_completion(
-                    Response.collect(events), model=model, id=cid
-                )
-            except Exception as e:
-                return _error(e)
-            return _json(completion)
-        opts = body.get("stream_options") or {}
-        include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-        writer = openai_wire.ChunkWriter(model, cid, include_usage=include_usage)
+        events = [ev async for ev in stream]
+        completion = openai_wire.response_to_completion(
+            Response.collect(events), model=model, id=cid
+        )
+    except asyncio.CancelledError as e:
+        _client_left(request, e)
+        raise
+    except Exception as e:
+        return _error(e)
+    finally:
+        await _aclose(stream)
+    return _json(completion)
+
+
+async def _stream(
+    request: web.Request, req: Request, writer: openai_wire.ChunkWriter
+) -> web.StreamResponse:
+    """A streamed reply. Errors before the first event keep their HTTP status; after it
+    they are an SSE error event. A client leaving stops the generation."""
+    stream = request.app[BACKEND_KEY].generate(req)
+    resp: web.StreamResponse | None = None
+    try:
         try:
-            first = await stream.__anext__()  # pre-stream errors keep their HTTP status
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return _error(ended_without_done())
         except Exception as e:
             return _error(e)
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await resp.prepare(request)
-        try:
-            event: Event | None = first
-            while event is not None:
-                for chunk in writer.write(event):
-                    await resp.write(openai_wire.sse_encode(chunk))
-                event = None if writer.finished else await stream.__anext__()
-            await resp.write(openai_wire.SSE_DONE)
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise  # the client left: the finally below cancels the generation
-        except StopAsyncIteration:
-            await resp.write(
-                openai_wire.sse_encode(
-                    openai_wire.error_object(
-                        BackendUnavailable("the backend ended the stream without a Done event")
-                    )
-                )
-            )
-        except Exception as e:
-            if not isinstance(e, InferdError):
-                log.error("stream failed: %s", type(e).__name__, exc_info=e)
-            await resp.write(openai_wire.sse_encode(openai_wire.error_object(e)))
-        with contextlib.suppress(ConnectionResetError):
+        await _pump(resp, writer, stream, first)
+        with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         return resp
+    except (ConnectionError, asyncio.CancelledError) as e:
+        _client_left(request, e)
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        assert resp is not None
+        return resp  # aiohttp finishes quietly on a closed connection
     finally:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await _aclose(stream)
+
+
+async def _pump(
+    resp: web.StreamResponse,
+    writer: openai_wire.ChunkWriter,
+    stream: AsyncIterator[Event],
+    event: Event,
+) -> None:
+    """Events -> SSE, one write per event; a backend failure becomes an SSE error event."""
+    fast = _FastChunks(writer)
+    try:
+        while True:
+            data = fast.encode(event)
+            if writer.finished:
+                await resp.write(data + openai_wire.SSE_DONE)
+                return
+            await resp.write(data)
+            try:
+                event = await stream.__anext__()
+            except StopAsyncIteration:
+                raise ended_without_done() from None
+    except InferdError as e:
+        await resp.write(openai_wire.sse_encode(openai_wire.error_object(e)))
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        await resp.write(openai_wire.sse_encode(_error_object_logged(e)))
+
+
+def _error_object_logged(exc: Exception) -> dict[str, Any]:
+    ref = uuid.uuid4().hex[:12]
+    log.error("stream failed with %s (ref %s)", type(exc).__name__, ref, exc_info=exc)
+    obj = openai_wire.error_object(exc)
+    obj["error"]["message"] = f"{obj['error']['message']} (ref {ref})"
+    return obj
+
+
+class _FastChunks:
+    """SSE bytes for a stream's events; text deltas skip the intermediate dicts.
+
+    The hot path of a streamed reply is one ``Text`` per token. Its chunk differs from
+    the last only in the text, so the bytes around it are built once and the text is
+    the only thing serialised per token. Every other event (role, tool calls, Done,
+    usage) goes through :class:`inferd.openai_wire.ChunkWriter`, which owns the
+    mapping; ``tests/test_hostile_bridge.py`` checks both give identical bytes.
+    """
+
+    __slots__ = ("_content", "_reasoning", "_started", "_suffix", "_writer")
+
+    def __init__(self, writer: openai_wire.ChunkWriter) -> None:
+        self._writer = writer
+        self._started = False
+        head = orjson.dumps(
+            {
+                "id": writer.id,
+                "object": "chat.completion.chunk",
+                "created": writer.created,
+                "model": writer.model,
+            }
+        )
+        base = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":{'
+        self._content = base + b'"content":'
+        self._reasoning = base + b'"reasoning_content":'
+        self._suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def encode(self, event: Event) -> bytes:
+        """The SSE bytes for one event (the first event also carries the role chunk)."""
+        if self._started and isinstance(event, Text | Thinking) and event.text:
+            prefix = self._content if type(event) is Text else self._reasoning
+            return prefix + orjson.dumps(event.text) + self._suffix
+        self._started = True
+        return b"".join(openai_wire.sse_encode(c) for c in self._writer.write(event))
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -200,7 +387,7 @@ async def embeddings(request: web.Request) -> web.Response:
         result = await backend.embed(ereq)
     except Exception as e:
         return _error(e)
-    model = body.get("model") or request.app[SETTINGS_KEY]["model_name"]
+    model = _model(request, body)
     to_openai = (
         openai_wire.embed_result_to_openai_base64
         if fmt == "base64"
@@ -219,6 +406,7 @@ def make_app(
     """The bridge as an aiohttp application over ``backend`` (a ``Client`` or any Backend)."""
     app = web.Application(middlewares=[_errors_and_auth], client_max_size=max_body_bytes)
     app[BACKEND_KEY] = backend
+    app[STATS_KEY] = BridgeStats()
     app[SETTINGS_KEY] = {
         "api_key": api_key.encode() if api_key else None,
         "model_name": model_name,
@@ -265,6 +453,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "environment variable VAR",
     )
     parser.add_argument(
+        "--daemon-connections",
+        type=int,
+        default=DEFAULT_DAEMON_CONNECTIONS,
+        help="most connections (streams in flight) to the daemon (default %(default)s)",
+    )
+    parser.add_argument(
         "--model-name",
         default=DEFAULT_MODEL_NAME,
         help="model id reported by /v1/models (default %(default)s)",
@@ -281,7 +475,7 @@ def _backend_from_args(args: argparse.Namespace) -> Backend:
         return Router(build_backends(cfg), **cfg.router)
     from inferd.serve.client import Client
 
-    return Client(args.socket)
+    return Client(args.socket, max_connections=args.daemon_connections)
 
 
 async def bridge_main(args: argparse.Namespace) -> int:
@@ -299,7 +493,7 @@ async def bridge_main(args: argparse.Namespace) -> int:
         with contextlib.suppress(InferdError):  # the daemon may come up later
             await connect()
     app = make_app(backend, api_key=api_key, model_name=args.model_name)
-    runner = web.AppRunner(app, access_log=None)
+    runner = BridgeRunner(app)
     await runner.setup()
     try:
         site = web.TCPSite(runner, args.host, args.port)
