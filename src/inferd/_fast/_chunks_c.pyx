@@ -17,7 +17,14 @@ import uuid
 
 import orjson
 
-from inferd._fast._stream_common import LOG_PAYLOAD_CHARS, upstream_error_message
+from inferd._fast._stream_common import (
+    DEFAULT_MAX_CALL_ARGS,
+    DEFAULT_MAX_STREAM_ARGS,
+    FRAGMENT_COST,
+    LOG_PAYLOAD_CHARS,
+    args_too_big_message,
+    upstream_error_message,
+)
 from inferd.errors import BackendUnavailable
 from inferd.openai_wire import STOP_REASONS
 from inferd.types import Done, StopReason, Text, Thinking, ToolUse, Usage
@@ -64,6 +71,7 @@ cdef class _Call:
     cdef public object name
     cdef public object type
     cdef public list parts
+    cdef public Py_ssize_t size
     cdef public bint emitted
 
     def __init__(self, object index, Py_ssize_t seq):
@@ -73,6 +81,7 @@ cdef class _Call:
         self.name = None
         self.type = None
         self.parts = []
+        self.size = 0
         self.emitted = False
 
 
@@ -94,8 +103,15 @@ cdef class ChunkAccumulator:
     cdef object _usage
     cdef Py_ssize_t _named
     cdef bint _finalized
+    cdef Py_ssize_t _max_call_args
+    cdef Py_ssize_t _max_stream_args
+    cdef Py_ssize_t _args_size
 
-    def __init__(self):
+    def __init__(self, max_call_args=DEFAULT_MAX_CALL_ARGS,
+                 max_stream_args=DEFAULT_MAX_STREAM_ARGS):
+        self._max_call_args = max_call_args
+        self._max_stream_args = max_stream_args
+        self._args_size = 0
         self._calls = []
         self._by_index = {}
         self._open = None
@@ -109,6 +125,11 @@ cdef class ChunkAccumulator:
     def finish_reason(self):
         """The last ``finish_reason`` seen, as the upstream spelled it."""
         return self._finish_reason
+
+    @property
+    def usage(self):
+        """The last ``usage`` seen, ``None`` until one arrives."""
+        return self._usage
 
     def ingest(self, chunk):
         """Take one chunk; return the events it completes (text at once, tools at finish)."""
@@ -218,6 +239,7 @@ cdef class ChunkAccumulator:
         if call is None or call.emitted or _starts_new(call, call_id, name):
             idx = idx_obj if has_idx else self._next_index
             call = _Call(idx, len(self._calls))
+            self._charge(call, FRAGMENT_COST)
             self._calls.append(call)
             self._by_index[idx] = call
             if idx >= self._next_index:
@@ -232,9 +254,24 @@ cdef class ChunkAccumulator:
             self._named += 1
         if type(args) is str:
             if args:
+                self._charge(call, len(<str> args) + FRAGMENT_COST)
                 call.parts.append(args)
         elif args is not None:
-            call.parts.append(_dumps(args).decode())
+            text = _dumps(args).decode()
+            self._charge(call, len(text) + FRAGMENT_COST)
+            call.parts.append(text)
+        return 0
+
+    cdef int _charge(self, _Call call, Py_ssize_t cost) except -1:
+        # Refuse before keeping: an endless argument stream must not exhaust memory.
+        call.size += cost
+        self._args_size += cost
+        if call.size > self._max_call_args:
+            raise BackendUnavailable(
+                args_too_big_message("one call", "max_call_args", self._max_call_args))
+        if self._args_size > self._max_stream_args:
+            raise BackendUnavailable(
+                args_too_big_message("one stream", "max_stream_args", self._max_stream_args))
         return 0
 
     cdef int _emit_calls(self, list out) except -1:
@@ -318,9 +355,10 @@ cdef class ChatStreamDecoder(_SSEScanner):
     cdef Py_ssize_t _events_in
     cdef Py_ssize_t _malformed
 
-    def __init__(self, max_event_bytes=DEFAULT_MAX_EVENT_BYTES):
+    def __init__(self, max_event_bytes=DEFAULT_MAX_EVENT_BYTES,
+                 max_call_args=DEFAULT_MAX_CALL_ARGS, max_stream_args=DEFAULT_MAX_STREAM_ARGS):
         _SSEScanner.__init__(self, max_event_bytes)
-        self._acc = ChunkAccumulator()
+        self._acc = ChunkAccumulator(max_call_args, max_stream_args)
         self._out = []
         self._finished = False
         self._bytes_in = 0
@@ -331,6 +369,16 @@ cdef class ChatStreamDecoder(_SSEScanner):
     def finished(self):
         """True once ``Done`` was produced (at ``[DONE]``, at ``close()``, or on an error)."""
         return self._finished
+
+    @property
+    def finish_reason(self):
+        """The last ``finish_reason`` seen (the stream may still send usage or ``[DONE]``)."""
+        return self._acc._finish_reason
+
+    @property
+    def usage(self):
+        """The last ``usage`` seen, ``None`` until one arrives."""
+        return self._acc._usage
 
     @property
     def stats(self):

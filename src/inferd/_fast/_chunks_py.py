@@ -16,8 +16,12 @@ import orjson
 
 from inferd._fast._sse_py import _SSEScanner
 from inferd._fast._stream_common import (
+    DEFAULT_MAX_CALL_ARGS,
     DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_MAX_STREAM_ARGS,
+    FRAGMENT_COST,
     LOG_PAYLOAD_CHARS,
+    args_too_big_message,
     upstream_error_message,
 )
 from inferd.errors import BackendUnavailable, InternalError
@@ -45,7 +49,7 @@ def _as_int(v: object) -> int:
 class _Call:
     """One tool call being assembled. ``parts`` are joined once, at the end."""
 
-    __slots__ = ("emitted", "id", "index", "name", "parts", "seq", "type")
+    __slots__ = ("emitted", "id", "index", "name", "parts", "seq", "size", "type")
 
     def __init__(self, index: int, seq: int) -> None:
         self.index = index
@@ -54,6 +58,7 @@ class _Call:
         self.name: str | None = None
         self.type: str | None = None
         self.parts: list[str] = []
+        self.size = 0  # what this call counts against max_call_args
         self.emitted = False
 
 
@@ -63,7 +68,14 @@ class ChunkAccumulator:
     The rules are listed in :mod:`inferd.toolcalls`.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_call_args: int = DEFAULT_MAX_CALL_ARGS,
+        max_stream_args: int = DEFAULT_MAX_STREAM_ARGS,
+    ) -> None:
+        self._max_call_args = max_call_args
+        self._max_stream_args = max_stream_args
+        self._args_size = 0  # what all calls count against max_stream_args
         self._calls: list[_Call] = []
         self._by_index: dict[int, _Call] = {}
         self._open: _Call | None = None  # the call a delta without index continues
@@ -77,6 +89,11 @@ class ChunkAccumulator:
     def finish_reason(self) -> str | None:
         """The last ``finish_reason`` seen, as the upstream spelled it."""
         return self._finish_reason
+
+    @property
+    def usage(self) -> Usage | None:
+        """The last ``usage`` seen, ``None`` until one arrives."""
+        return self._usage
 
     # -- ingest ---------------------------------------------------------------
 
@@ -159,6 +176,7 @@ class ChunkAccumulator:
             if idx is None:
                 idx = self._next_index
             call = _Call(idx, len(self._calls))
+            self._charge(call, FRAGMENT_COST)
             self._calls.append(call)
             self._by_index[idx] = call
             if idx >= self._next_index:
@@ -173,9 +191,25 @@ class ChunkAccumulator:
             self._named += 1
         if type(args) is str:
             if args:
+                self._charge(call, len(args) + FRAGMENT_COST)
                 call.parts.append(args)
         elif args is not None:
-            call.parts.append(orjson.dumps(args).decode())
+            text = orjson.dumps(args).decode()
+            self._charge(call, len(text) + FRAGMENT_COST)
+            call.parts.append(text)
+
+    def _charge(self, call: _Call, cost: int) -> None:
+        # Refuse before keeping: an endless argument stream must not exhaust memory.
+        call.size += cost
+        self._args_size += cost
+        if call.size > self._max_call_args:
+            raise BackendUnavailable(
+                args_too_big_message("one call", "max_call_args", self._max_call_args)
+            )
+        if self._args_size > self._max_stream_args:
+            raise BackendUnavailable(
+                args_too_big_message("one stream", "max_stream_args", self._max_stream_args)
+            )
 
     @staticmethod
     def _starts_new(call: _Call, call_id: str | None, name: str | None) -> bool:
@@ -254,9 +288,14 @@ class ChunkAccumulator:
 class ChatStreamDecoder(_SSEScanner):
     """Raw ``text/event-stream`` bytes of a chat completion in, inferd events out."""
 
-    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(
+        self,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_call_args: int = DEFAULT_MAX_CALL_ARGS,
+        max_stream_args: int = DEFAULT_MAX_STREAM_ARGS,
+    ) -> None:
         super().__init__(max_event_bytes)
-        self._acc = ChunkAccumulator()
+        self._acc = ChunkAccumulator(max_call_args, max_stream_args)
         self._out: list[Event] = []
         self._finished = False
         self._bytes_in = 0
@@ -267,6 +306,16 @@ class ChatStreamDecoder(_SSEScanner):
     def finished(self) -> bool:
         """True once ``Done`` was produced (at ``[DONE]``, at ``close()``, or on an error)."""
         return self._finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The last ``finish_reason`` seen (the stream may still send usage or ``[DONE]``)."""
+        return self._acc._finish_reason
+
+    @property
+    def usage(self) -> Usage | None:
+        """The last ``usage`` seen, ``None`` until one arrives."""
+        return self._acc._usage
 
     @property
     def stats(self) -> dict[str, int]:

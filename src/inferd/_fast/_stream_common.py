@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from inferd.errors import BackendUnavailable
+from inferd.errors import BackendUnavailable, cut_body
 
 #: Default bound on one event (and one line): far above any real chat chunk, far
 #: below what would hurt a process if an upstream streams garbage without newlines.
@@ -16,6 +16,17 @@ DEFAULT_MAX_EVENT_BYTES = 64 * 1024 * 1024
 
 #: Malformed payloads are logged cut to this many characters.
 LOG_PAYLOAD_CHARS = 200
+
+#: Tool-call arguments kept for one call / for one whole stream before the stream is
+#: refused: far above any real call, far below what would hurt a process when an
+#: upstream streams argument deltas forever
+#: (docs/adr/0012-openai-compat-bounds-hostile-upstreams.md). Counted in characters
+#: plus :data:`FRAGMENT_COST` per kept fragment and per call, so a flood of
+#: one-character deltas is bounded too.
+DEFAULT_MAX_CALL_ARGS = 16 * 1024 * 1024
+DEFAULT_MAX_STREAM_ARGS = 64 * 1024 * 1024
+#: What one kept fragment (or call) costs beyond its characters: about a small str.
+FRAGMENT_COST = 64
 
 
 class SSEEvent(NamedTuple):
@@ -50,6 +61,15 @@ def too_big_message(what: str, limit: int) -> str:
     )
 
 
+def args_too_big_message(scope: str, option: str, limit: int) -> str:
+    """The one message both twins use when tool-call arguments cross a limit."""
+    return (
+        f"tool-call arguments for {scope} exceed {option}={limit} (characters, plus "
+        f"{FRAGMENT_COST} per fragment): the upstream streams more than any real tool call "
+        f"needs; raise {option} if such calls are expected"
+    )
+
+
 def upstream_error_message(error: object) -> str:
     """Message for a ``{"error": ...}`` payload: its ``message`` plus type/code if any."""
     if isinstance(error, dict):
@@ -66,4 +86,4 @@ def upstream_error_message(error: object) -> str:
         text = error
     else:
         text = "no message given"
-    return f"upstream reported an error in the stream: {text}"
+    return f"upstream reported an error in the stream: {cut_body(text)}"

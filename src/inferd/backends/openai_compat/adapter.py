@@ -7,7 +7,10 @@ missing or shared tool-call indexes, usage in a ``choices: []`` chunk, no ``[DON
 into complete inferd events. This module only wires the two to HTTP
 (:mod:`.client`) and adds what the contract needs: retries before the first event
 only, exactly one ``Done`` with timings, and closing the response the moment a
-caller leaves.
+caller leaves. It also bounds what a hostile upstream can make the caller hold or wait
+for (:class:`StreamLimits`): tool-call arguments per call and per stream, and a short
+grace after the finish reason for an upstream that never ends the body
+(docs/adr/0012-openai-compat-bounds-hostile-upstreams.md).
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
+from inferd._fast._stream_common import DEFAULT_MAX_CALL_ARGS, DEFAULT_MAX_STREAM_ARGS
 from inferd.backend import Backend
-from inferd.errors import BackendUnavailable, InternalError, NotReady, redact_url
+from inferd.errors import (
+    BackendUnavailable,
+    EmbedUnsupported,
+    InternalError,
+    InvalidRequest,
+    NotReady,
+    redact_url,
+)
 from inferd.openai_wire import (
     embed_request_to_openai,
     embed_result_from_openai,
@@ -47,6 +59,7 @@ from .client import (
     DEFAULT_BACKOFF_MAX_S,
     DEFAULT_BASE_URL,
     DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_FOLLOW_REDIRECTS,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_RETRIES,
     DEFAULT_MAX_RETRY_AFTER_S,
@@ -70,6 +83,11 @@ DEFAULT_EMBED_MODEL = "text-embedding-3-small"
 #: Largest single SSE event accepted from an upstream; a bigger one is a broken or
 #: hostile upstream, and buffering it without limit would let it exhaust memory.
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
+#: After ``finish_reason`` and ``usage``, seconds the upstream has to send ``[DONE]`` or
+#: end the body before the (complete) reply is ended with ``Done`` anyway.
+DEFAULT_DONE_GRACE_S = 1.0
+#: The same wait after ``finish_reason`` while the asked-for ``usage`` has not come.
+DEFAULT_USAGE_GRACE_S = 5.0
 #: After ``Done``, how long to wait for the end of the body so the connection can be
 #: reused, and how many trailing bytes to accept; past either, it is closed instead.
 POOL_DRAIN_TIMEOUT_S = 0.25
@@ -84,6 +102,14 @@ def _key_from_env() -> str:
         if value:
             return value
     return ""
+
+
+def _timeouts(total: float, connect: float, read: float) -> aiohttp.ClientTimeout:
+    """The session's timeouts, each checked to be a positive number of seconds."""
+    for label, value in (("timeout", total), ("connect_timeout", connect), ("read_timeout", read)):
+        if not value > 0:
+            raise ValueError(f"{label}={value!r} must be > 0 seconds")
+    return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=read)
 
 
 async def _drained(resp: aiohttp.ClientResponse) -> bool:
@@ -107,18 +133,6 @@ async def _drained(resp: aiohttp.ClientResponse) -> bool:
     return resp.content.at_eof()
 
 
-async def _next_events(
-    chunks: AsyncIterator[bytes], decoder: ChatStreamDecoder, url: str
-) -> list[Event]:
-    """The events of the next body read; at the end of the body, the decoder's last ones
-    (never empty: a truncated stream raises, see :func:`_at_eof`)."""
-    try:
-        data = await chunks.__anext__()
-    except StopAsyncIteration:
-        return _at_eof(decoder, url)
-    return decoder.feed(data)
-
-
 def _at_eof(decoder: ChatStreamDecoder, url: str) -> list[Event]:
     """The decoder's last events at end of body, or an error for a truncated stream.
 
@@ -136,6 +150,87 @@ def _at_eof(decoder: ChatStreamDecoder, url: str) -> list[Event]:
     return batch
 
 
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What one chat stream may make the caller hold or wait for (all constructor options).
+
+    ``done_grace``: once ``finish_reason`` and ``usage`` are in, how long the upstream
+    has to send ``[DONE]`` or end the body before the reply is ended with ``Done``
+    anyway; ``usage_grace`` is the same wait when usage has not come (it was asked for,
+    and OpenAI sends it after the finish reason). A reply the upstream finished is never
+    turned into a read timeout (docs/adr/0012-openai-compat-bounds-hostile-upstreams.md).
+    """
+
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    max_call_args: int = DEFAULT_MAX_CALL_ARGS
+    max_stream_args: int = DEFAULT_MAX_STREAM_ARGS
+    done_grace: float = DEFAULT_DONE_GRACE_S
+    usage_grace: float = DEFAULT_USAGE_GRACE_S
+
+    def __post_init__(self) -> None:
+        if self.max_event_bytes < 1024:
+            raise ValueError(f"max_event_bytes={self.max_event_bytes} must be >= 1024")
+        for label in ("max_call_args", "max_stream_args"):
+            if getattr(self, label) < 1024:
+                raise ValueError(f"{label}={getattr(self, label)} must be >= 1024")
+        for label in ("done_grace", "usage_grace"):
+            if not getattr(self, label) > 0:
+                raise ValueError(f"{label}={getattr(self, label)!r} must be > 0 seconds")
+
+    def decoder(self) -> ChatStreamDecoder:
+        return ChatStreamDecoder(self.max_event_bytes, self.max_call_args, self.max_stream_args)
+
+
+class _Body:
+    """Events from one streamed response body, read by the adapter batch by batch.
+
+    The end of the body always gives events (or raises, see :func:`_at_eof`). After the
+    finish reason, the upstream gets a short grace to end the body; past it the reply,
+    which is complete, ends with ``Done`` (``quiet_end`` is then True).
+    """
+
+    __slots__ = ("_chunks", "_deadline", "decoder", "limits", "quiet_end", "url")
+
+    def __init__(self, resp: aiohttp.ClientResponse, limits: StreamLimits, url: str) -> None:
+        self._chunks = resp.content.iter_any()
+        self.decoder = limits.decoder()
+        self.limits = limits
+        self.url = url
+        self._deadline: float | None = None
+        self.quiet_end = False
+
+    def _grace_deadline(self) -> float | None:
+        d = self.decoder
+        if d.finish_reason is None:
+            return None
+        now = asyncio.get_running_loop().time()
+        grace = self.limits.done_grace if d.usage is not None else self.limits.usage_grace
+        if self._deadline is None or now + grace < self._deadline:
+            self._deadline = now + grace
+        return self._deadline
+
+    async def next_events(self) -> list[Event]:
+        deadline = self._grace_deadline()
+        guard = asyncio.timeout_at(deadline)
+        try:
+            async with guard:
+                data = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return _at_eof(self.decoder, self.url)
+        except TimeoutError:
+            if deadline is None or not guard.expired():
+                raise  # aiohttp's own read or total timeout
+            log.info(
+                "upstream %s sent finish_reason %r but neither [DONE] nor the end of the "
+                "body; ending the complete reply",
+                redact_url(self.url),
+                self.decoder.finish_reason,
+            )
+            self.quiet_end = True
+            return self.decoder.close()
+        return self.decoder.feed(data)
+
+
 class OpenAICompat(Backend):
     """A backend that streams from an OpenAI-compatible ``/v1/chat/completions``.
 
@@ -146,7 +241,13 @@ class OpenAICompat(Backend):
     ``extra_body`` is merged into every chat request under the mapped fields (so a
     request's own ``top_k`` wins over a configured default); use it for upstream
     extensions (``top_k``, ``min_p``, ``chat_template_kwargs``, ...). ``headers`` are
-    added to every request. ``vision=True`` lets images through (as data URLs).
+    added to every request (never to a redirect to another origin; see
+    :class:`~.client.HttpClient`). ``tools``, ``vision``, ``thinking`` and ``embed``
+    say what the upstream serves: :meth:`capabilities` reports them, so a
+    :class:`~inferd.router.Router` never sends a request there that it cannot serve,
+    and a request needing a missing one is refused with :class:`InvalidRequest`.
+    ``max_call_args``/``max_stream_args``/``done_grace``/``usage_grace`` are the
+    stream's limits (:class:`StreamLimits`).
     """
 
     def __init__(
@@ -166,7 +267,15 @@ class OpenAICompat(Backend):
         extra_body: Mapping[str, Any] | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_call_args: int = DEFAULT_MAX_CALL_ARGS,
+        max_stream_args: int = DEFAULT_MAX_STREAM_ARGS,
+        done_grace: float = DEFAULT_DONE_GRACE_S,
+        usage_grace: float = DEFAULT_USAGE_GRACE_S,
+        follow_redirects: bool = DEFAULT_FOLLOW_REDIRECTS,
+        tools: bool = True,
         vision: bool = False,
+        thinking: bool = True,
+        embed: bool = True,
         embed_model: str = DEFAULT_EMBED_MODEL,
         name: str = "openai_compat",
     ) -> None:
@@ -177,29 +286,30 @@ class OpenAICompat(Backend):
         self.model = model
         self.embed_model = embed_model
         self.vision = vision
+        self._caps = Capabilities(
+            v2=True,
+            tools=tools,
+            vision=vision,
+            thinking=thinking,
+            embed=embed,
+            accelerator=AcceleratorInfo(kind="remote"),
+        )
         self.extra_body = dict(extra_body or {})
+        self.limits = StreamLimits(
+            max_event_bytes, max_call_args, max_stream_args, done_grace, usage_grace
+        )
         self.max_event_bytes = max_event_bytes
-        for label, value in (
-            ("timeout", timeout),
-            ("connect_timeout", connect_timeout),
-            ("read_timeout", read_timeout),
-        ):
-            if not value > 0:
-                raise ValueError(f"{label}={value!r} must be > 0 seconds")
         if max_connections < 1:
             raise ValueError(f"max_connections={max_connections} must be >= 1")
-        if max_event_bytes < 1024:
-            raise ValueError(f"max_event_bytes={max_event_bytes} must be >= 1024")
         self._api_key = Secret(_key_from_env() if api_key is None else api_key)
         self._client = HttpClient(
-            timeout=aiohttp.ClientTimeout(
-                total=timeout, connect=connect_timeout, sock_read=read_timeout
-            ),
+            timeout=_timeouts(timeout, connect_timeout, read_timeout),
             headers=dict(headers or {}),
             api_key=self._api_key,
             max_connections=max_connections,
             basic_auth=url_basic_auth(base_url),
             retry=RetryPolicy(max_retries, backoff_base, backoff_max, max_retry_after),
+            follow_redirects=follow_redirects,
         )
         self._active = 0
 
@@ -221,14 +331,7 @@ class OpenAICompat(Backend):
         return not self._client.closed
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            v2=True,
-            tools=True,
-            vision=self.vision,
-            thinking=True,
-            embed=True,
-            accelerator=AcceleratorInfo(kind="remote"),
-        )
+        return self._caps
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -249,60 +352,73 @@ class OpenAICompat(Backend):
         body["stream_options"] = {"include_usage": True}
         return body
 
-    async def generate(self, request: Request) -> AsyncIterator[Event]:
-        """Stream the reply; see the module docstring and DESIGN.md for the contract."""
-        self._check_open()
-        payload = orjson.dumps(self.chat_body(request))
+    async def _open_stream(
+        self, payload: bytes
+    ) -> tuple[aiohttp.ClientResponse, _Body, list[Event]]:
+        """Connect, retrying until the first events are in hand.
+
+        Nothing has been shown to the caller yet, so another attempt cannot duplicate
+        output (docs/adr/0007-openai-compat-retries-and-connections.md). The caller owns
+        (and must close) the response returned.
+        """
         url = self.chat_url
-        start = time.perf_counter()
-        first: float | None = None
-        count = 0
-        resp: aiohttp.ClientResponse | None = None
-        self._active += 1
-        try:
-            attempt = 0
-            # Phase 1: connect, retrying until the first event is in hand. Nothing has
-            # been shown to the caller yet, so another attempt cannot duplicate output.
-            while True:
-                resp, attempt = await self._client.post(
-                    url, payload, accept="text/event-stream", attempt=attempt
-                )
-                decoder = ChatStreamDecoder(max_event_bytes=self.max_event_bytes)
-                chunks = resp.content.iter_any()
-                try:
-                    batch: list[Event] = []
-                    while not batch:  # the end of the body always gives events (or raises)
-                        batch = await _next_events(chunks, decoder, url)
-                    break
-                except WIRE_ERRORS as e:
-                    resp.close()
-                    resp = None
-                    err = connection_error(e, url, timeouts=self._client.timeout)
-                    attempt = await self._client.wait_before_retry(err, attempt)
-            # Phase 2: stream. Any failure from here on is mid-stream.
-            first = time.perf_counter()
+        attempt = 0
+        while True:
+            resp, attempt = await self._client.post(
+                url, payload, accept="text/event-stream", attempt=attempt
+            )
+            body = _Body(resp, self.limits, url)
             try:
-                while True:
-                    for ev in batch:
-                        if isinstance(ev, Done):
-                            tokens = ev.usage.output_tokens or count
-                            yield ev.replace(
-                                timings=Timings.measure(start, first, time.perf_counter(), tokens),
-                                backend=self.name,
-                            )
-                            if await _drained(resp):
-                                resp.release()  # fully read: safe to reuse
-                                resp = None
-                            return
-                        count += 1
-                        yield ev
-                    if decoder.finished:  # pragma: no cover - the decoder ends with Done
-                        raise InternalError("the stream decoder finished without a Done")
-                    batch = await _next_events(chunks, decoder, url)
+                batch: list[Event] = []
+                while not batch:  # the end of the body always gives events (or raises)
+                    batch = await body.next_events()
+                return resp, body, batch
             except WIRE_ERRORS as e:
-                raise connection_error(
-                    e, url, timeouts=self._client.timeout, mid_stream=True
-                ) from None
+                err = connection_error(e, url, timeouts=self._client.timeout)
+                resp.close()
+                attempt = await self._client.wait_before_retry(err, attempt)
+            except BaseException:
+                resp.close()
+                raise
+
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        """Stream the reply: retries before the first event only, then exactly one ``Done``
+        (docs/adr/0007-openai-compat-retries-and-connections.md)."""
+        self._check_open()
+        lacks = self._caps.covers(request)
+        if lacks is not None:
+            raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {lacks}")
+        payload = orjson.dumps(self.chat_body(request))
+        start = time.perf_counter()
+        count = 0
+        self._active += 1
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            resp, body, batch = await self._open_stream(payload)
+            first = time.perf_counter()  # any failure from here on is mid-stream
+            while True:
+                for ev in batch:
+                    if isinstance(ev, Done):
+                        tokens = ev.usage.output_tokens or count
+                        yield ev.replace(
+                            timings=Timings.measure(start, first, time.perf_counter(), tokens),
+                            backend=self.name,
+                        )
+                        if not body.quiet_end and await _drained(resp):
+                            resp.release()  # fully read: safe to reuse
+                            resp = None
+                        return
+                    count += 1
+                    yield ev
+                if body.decoder.finished:  # pragma: no cover - the decoder ends with Done
+                    raise InternalError("the stream decoder finished without a Done")
+                batch = await body.next_events()
+        except WIRE_ERRORS as e:
+            if resp is None:
+                raise
+            raise connection_error(
+                e, self.chat_url, timeouts=self._client.timeout, mid_stream=True
+            ) from None
         finally:
             # close(), not release(): a half-read connection must never be pooled
             # (a fully read one was released above and is None here).
@@ -315,6 +431,11 @@ class OpenAICompat(Backend):
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Embed via ``/v1/embeddings``; vectors come back in input order."""
         self._check_open()
+        if not self._caps.embed:
+            raise EmbedUnsupported(
+                f"backend {self.name!r} was configured with embed=False (its upstream "
+                "serves no embeddings)"
+            )
         body = embed_request_to_openai(request, model=self.embed_model)
         reply = await self._client.post_json(self.embeddings_url, body)
         return embed_result_from_openai(reply, count=len(request.input))

@@ -12,7 +12,12 @@ fails lives here, so the rules are read (and tested) in one place:
 * everything else -> :class:`BackendUnavailable` with the status and the body cut to
   4 KiB on a character boundary, naming the URL without credentials;
 * the API key never reaches a message, a log line or a ``repr``: it lives in a
-  :class:`Secret`, and upstream bodies are scrubbed of it before they are kept.
+  :class:`Secret`, and upstream bodies are scrubbed of it before they are kept;
+* redirects are followed by hand: 307/308 within the same origin with every header,
+  to another origin only with ``follow_redirects=True`` and then without the key, the
+  basic auth or the custom ``headers=`` (any of which may be a credential); other 3xx
+  are errors (a POST cannot follow them unchanged). See
+  docs/adr/0012-openai-compat-bounds-hostile-upstreams.md.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from inferd.errors import (
     MAX_ERROR_BODY_BYTES,
@@ -69,10 +75,17 @@ DEFAULT_MAX_CONNECTIONS = 100
 STALE_CONNECTION_RETRIES = 2
 #: Largest non-streamed response body (embeddings) read into memory.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+#: Redirect hops followed per request before giving up.
+MAX_REDIRECTS = 5
+#: Whether a redirect to another origin is followed (without credentials) by default.
+DEFAULT_FOLLOW_REDIRECTS = False
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 INVALID_STATUSES = frozenset({400, 404, 422})
 AUTH_STATUSES = frozenset({401, 403})
+#: Redirects that keep the method and body (the only ones a POST can follow).
+FOLLOWED_REDIRECTS = frozenset({307, 308})
+REDIRECT_STATUSES = frozenset({301, 302, 303, *FOLLOWED_REDIRECTS})
 
 _DNS_ERROR: type[BaseException] = getattr(aiohttp, "ClientConnectorDNSError", ())  # type: ignore[assignment]
 _TLS_ERRORS = (aiohttp.ClientSSLError,)
@@ -302,6 +315,45 @@ def connection_error(
 WIRE_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
 
 
+# --------------------------------------------------------------------------- redirects
+
+
+def same_origin(a: str, b: str) -> bool:
+    """True when ``a`` and ``b`` share scheme, host and port (the web's origin rule)."""
+    ua, ub = URL(a), URL(b)
+    return (ua.scheme, ua.host, ua.port) == (ub.scheme, ub.host, ub.port)
+
+
+def redirect_target(status: int, location: str, current: str, origin: str, follow: bool) -> str:
+    """Where a redirect from ``current`` leads, or the error saying why it is not followed.
+
+    ``origin`` is the configured URL: only it gets credentials. User-info in a
+    ``Location`` is dropped (an upstream must not choose the credentials either).
+    """
+    where = redact_url(current)
+    target = urljoin(current, location.strip()) if location.strip() else ""
+    parts = urlsplit(target)
+    if status not in FOLLOWED_REDIRECTS or parts.scheme not in ("http", "https"):
+        raise BackendUnavailable(
+            f"upstream {where} answered HTTP {status} (a redirect to "
+            f"{redact_url(target) if target else 'nowhere'}) that a POST cannot follow "
+            "unchanged; set base_url to the new address",
+            status=status,
+        )
+    target = urlunsplit(
+        (parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, "")
+    )
+    if not follow and not same_origin(origin, target):
+        raise BackendUnavailable(
+            f"upstream {where} redirected (HTTP {status}) to another origin, "
+            f"{redact_url(target)}; not followed, so neither the key, the headers nor the "
+            "prompt go there. Set base_url to the new address, or follow_redirects=True "
+            "to follow such redirects without credentials",
+            status=status,
+        )
+    return target
+
+
 # --------------------------------------------------------------------------- client
 
 
@@ -319,6 +371,7 @@ class HttpClient:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     basic_auth: Secret = field(default_factory=lambda: Secret(""))
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    follow_redirects: bool = DEFAULT_FOLLOW_REDIRECTS
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     _closed: bool = False
 
@@ -340,14 +393,15 @@ class HttpClient:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self.timeout,
-                headers=self._all_headers(),
+                headers={"Content-Type": "application/json", "User-Agent": "inferd"},
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 read_bufsize=2**18,
             )
         return self._session
 
-    def _all_headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "User-Agent": "inferd"}
+    def _credentials(self) -> dict[str, str]:
+        """Headers only the configured origin gets: the key, basic auth, ``headers=``."""
+        h: dict[str, str] = {}
         if self.api_key:
             h["Authorization"] = f"Bearer {self.api_key.get()}"
         elif self.basic_auth:
@@ -376,8 +430,32 @@ class HttpClient:
         return scrub(bytes(buf).decode("utf-8", "replace"), self.api_key)
 
     async def _attempt(self, url: str, payload: bytes, accept: str) -> aiohttp.ClientResponse:
+        """One request, following redirects by the rules in the module docstring."""
+        target = url
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {"Accept": accept}
+            if same_origin(url, target):
+                headers.update(self._credentials())
+            resp = await self._send(target, payload, headers)
+            if resp.status not in REDIRECT_STATUSES:
+                return await self._checked(resp, target)
+            try:
+                location = resp.headers.get("Location", "")
+                target = redirect_target(resp.status, location, target, url, self.follow_redirects)
+            finally:
+                resp.close()
+        raise BackendUnavailable(
+            f"upstream {redact_url(url)} redirected more than {MAX_REDIRECTS} times; "
+            "set base_url to the final address"
+        )
+
+    async def _send(
+        self, url: str, payload: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
         try:
-            resp = await self.session().post(url, data=payload, headers={"Accept": accept})
+            return await self.session().post(
+                url, data=payload, headers=headers, allow_redirects=False
+            )
         except WIRE_ERRORS as e:
             err = connection_error(e, url, timeouts=self.timeout)
             if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) and (
@@ -385,6 +463,9 @@ class HttpClient:
             ):
                 raise _Stale(err) from e
             raise _Retryable(err) from e
+
+    async def _checked(self, resp: aiohttp.ClientResponse, url: str) -> aiohttp.ClientResponse:
+        """``resp`` when it is a 2xx; else the error (retryable or not) it stands for."""
         if 200 <= resp.status < 300:
             return resp
         try:
