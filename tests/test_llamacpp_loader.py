@@ -19,6 +19,7 @@ from inferd.backends.llamacpp import loader
 from inferd.errors import ModelLoadError
 
 from .conftest import missing
+from .gguf_bytes import gguf_header, kv_string
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -57,15 +58,6 @@ def load_in_child(path: Path | str, **kwargs) -> str:
     return out
 
 
-def _gguf_header(version=3, n_tensors=0, n_kv=0) -> bytes:
-    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
-
-
-def _kv_string(key: str, value: str) -> bytes:
-    k, v = key.encode(), value.encode()
-    return struct.pack("<Q", len(k)) + k + struct.pack("<I", 8) + struct.pack("<Q", len(v)) + v
-
-
 # ---------------------------------------------------------------- pure Python checks
 
 
@@ -95,21 +87,21 @@ def test_empty_file(tmp_path):
 
 def test_bad_version(tmp_path):
     p = tmp_path / "v9.gguf"
-    p.write_bytes(_gguf_header(version=9) + b"\0" * 64)
+    p.write_bytes(gguf_header(version=9) + b"\0" * 64)
     with pytest.raises(ModelLoadError, match="version 9"):
         loader.prepare(p)
 
 
 def test_absurd_counts_are_rejected_before_looping(tmp_path):
     p = tmp_path / "huge.gguf"
-    p.write_bytes(_gguf_header(n_tensors=2**62, n_kv=2**62) + b"\0" * 64)
+    p.write_bytes(gguf_header(n_tensors=2**62, n_kv=2**62) + b"\0" * 64)
     with pytest.raises(ModelLoadError, match="more than a"):
         loader.prepare(p)
 
 
 def test_string_length_past_end(tmp_path):
     p = tmp_path / "liar.gguf"
-    p.write_bytes(_gguf_header(n_kv=1) + struct.pack("<Q", 2**60) + b"general.name")
+    p.write_bytes(gguf_header(n_kv=1) + struct.pack("<Q", 2**60) + b"general.name")
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         loader.prepare(p)
 
@@ -118,7 +110,7 @@ def test_huge_string_array_claim(tmp_path):
     key = b"tokenizer.ggml.tokens"
     body = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 8, 2**40)
     p = tmp_path / "arr.gguf"
-    p.write_bytes(_gguf_header(n_kv=1) + body + b"\0" * 32)
+    p.write_bytes(gguf_header(n_kv=1) + body + b"\0" * 32)
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         loader.prepare(p)
 
@@ -127,7 +119,7 @@ def test_unknown_value_type(tmp_path):
     key = b"x"
     p = tmp_path / "type.gguf"
     p.write_bytes(
-        _gguf_header(n_kv=1) + struct.pack("<Q", 1) + key + struct.pack("<I", 77) + b"\0" * 32
+        gguf_header(n_kv=1) + struct.pack("<Q", 1) + key + struct.pack("<I", 77) + b"\0" * 32
     )
     with pytest.raises(ModelLoadError, match="unknown type 77"):
         loader.prepare(p)
@@ -203,7 +195,7 @@ def test_child_corrupted_metadata_values(smollm2_path, tmp_path):
 
 def test_child_minimal_valid_header_without_tensors(tmp_path):
     p = tmp_path / "tiny.gguf"
-    p.write_bytes(_gguf_header(n_kv=1) + _kv_string("general.architecture", "llama") + b"\0" * 64)
+    p.write_bytes(gguf_header(n_kv=1) + kv_string("general.architecture", "llama") + b"\0" * 64)
     out = load_in_child(p)
     assert out.startswith("ModelLoadError"), out
 

