@@ -8,14 +8,22 @@ Routes: ``POST /v1/chat/completions`` (streaming SSE and not, tool calls, usage)
 ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``. Every mapping between
 OpenAI JSON and inferd types comes from :mod:`inferd.openai_wire`; this module only
 moves bytes. Errors are OpenAI error objects with the status of
-:func:`inferd.openai_wire.http_status`. A pre-stream failure of a streaming request is
-still a proper HTTP error (the first event is awaited before the 200 is sent); a
-failure after that is an SSE ``data: {"error": ...}`` event, which openai-python
-raises as an ``APIError``.
+:func:`inferd.openai_wire.http_status`, aiohttp's own (malformed request line, huge
+headers) included; a non-inferd exception reaches the client as its type and a log
+reference only. A pre-stream failure of a streaming request is still a proper HTTP
+error (the first event is awaited before the 200 is sent); a failure after that is an
+SSE ``data: {"error": ...}`` event, which openai-python raises as an ``APIError``.
+
+Hostile clients (issue 13): in front of a daemon each HTTP request gets a daemon
+connection of its own (``--daemon-connections``, ADR 0011), so a client that stops
+reading stalls only its own stream; a client that disconnects cancels its request,
+streaming or not (the handler is cancelled), and is logged at INFO; bodies are
+depth-checked (:func:`inferd.limits.check_depth`) before they are mapped.
 
 Binds 127.0.0.1 by default. An optional bearer key (read from the environment
 variable named by ``--api-key-env``, never from the command line, where ``ps`` shows
-it) is compared in constant time and never logged. ``/health`` stays open for probes.
+it) is compared in constant time on the header's raw bytes and never logged.
+``/health`` stays open for probes.
 """
 
 from __future__ import annotations
