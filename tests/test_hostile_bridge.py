@@ -356,3 +356,21 @@ def test_fast_chunks_are_byte_identical_to_the_chunk_writer() -> None:
         for ev in events:
             want = b"".join(openai_wire.sse_encode(c) for c in slow.write(ev))
             assert fast.encode(ev) == want, ev
+
+
+def test_daemon_connections_is_a_named_option() -> None:
+    import argparse
+
+    from inferd.serve.bridge import (
+        DEFAULT_DAEMON_CONNECTIONS,
+        _backend_from_args,
+        add_arguments,
+        main,
+    )
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).daemon_connections == DEFAULT_DAEMON_CONNECTIONS == 64
+    client = _backend_from_args(parser.parse_args(["--daemon-connections", "3"]))
+    assert isinstance(client, Client) and client.max_connections == 3
+    assert main(["--daemon-connections", "0", "--port", "0"]) == 1  # refused, not served
