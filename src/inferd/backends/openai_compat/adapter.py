@@ -211,15 +211,14 @@ class _Body:
 
     async def next_events(self) -> list[Event]:
         deadline = self._grace_deadline()
-        guard = asyncio.timeout_at(deadline)
         try:
-            async with guard:
+            if deadline is None:  # the hot path: no timer per read
                 data = await self._chunks.__anext__()
+            else:
+                data = await self._read_before(deadline)
         except StopAsyncIteration:
             return _at_eof(self.decoder, self.url)
-        except TimeoutError:
-            if deadline is None or not guard.expired():
-                raise  # aiohttp's own read or total timeout
+        if data is None:
             log.info(
                 "upstream %s sent finish_reason %r but neither [DONE] nor the end of the "
                 "body; ending the complete reply",
@@ -229,6 +228,17 @@ class _Body:
             self.quiet_end = True
             return self.decoder.close()
         return self.decoder.feed(data)
+
+    async def _read_before(self, deadline: float) -> bytes | None:
+        """The next read, or ``None`` when the grace deadline passes first."""
+        guard = asyncio.timeout_at(deadline)
+        try:
+            async with guard:
+                return await self._chunks.__anext__()
+        except TimeoutError:
+            if not guard.expired():
+                raise  # aiohttp's own read or total timeout
+            return None
 
 
 class OpenAICompat(Backend):
