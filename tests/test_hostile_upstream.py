@@ -173,9 +173,9 @@ def test_limits_are_named_and_checked():
     assert lim == StreamLimits()
     assert lim.max_call_args == 16 * 1024 * 1024 and lim.max_stream_args == 64 * 1024 * 1024
     assert (lim.done_grace, lim.usage_grace) == (DEFAULT_DONE_GRACE_S, DEFAULT_USAGE_GRACE_S)
-    with pytest.raises(ValueError, match="max_call_args=10 must be >= 1024"):
+    with pytest.raises(InvalidRequest, match="max_call_args=10 must be >= 1024"):
         OpenAICompat(api_key="", max_call_args=10)
-    with pytest.raises(ValueError, match="done_grace=0"):
+    with pytest.raises(InvalidRequest, match="done_grace=0"):
         OpenAICompat(api_key="", done_grace=0)
 
 

@@ -137,7 +137,8 @@ def test_url_building_keeps_prefix_and_query():
     ],
 )
 def test_bad_limits_rejected(kw, what):
-    with pytest.raises(ValueError, match=what):
+    # the error rule (docs/architecture.md): a bad constructor argument is InvalidRequest
+    with pytest.raises(InvalidRequest, match=what):
         OpenAICompat(api_key="", **kw)
 
 

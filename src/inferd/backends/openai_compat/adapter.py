@@ -108,7 +108,7 @@ def _timeouts(total: float, connect: float, read: float) -> aiohttp.ClientTimeou
     """The session's timeouts, each checked to be a positive number of seconds."""
     for label, value in (("timeout", total), ("connect_timeout", connect), ("read_timeout", read)):
         if not value > 0:
-            raise ValueError(f"{label}={value!r} must be > 0 seconds")
+            raise InvalidRequest(f"{label}={value!r} must be > 0 seconds")
     return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=read)
 
 
@@ -169,13 +169,13 @@ class StreamLimits:
 
     def __post_init__(self) -> None:
         if self.max_event_bytes < 1024:
-            raise ValueError(f"max_event_bytes={self.max_event_bytes} must be >= 1024")
+            raise InvalidRequest(f"max_event_bytes={self.max_event_bytes} must be >= 1024")
         for label in ("max_call_args", "max_stream_args"):
             if getattr(self, label) < 1024:
-                raise ValueError(f"{label}={getattr(self, label)} must be >= 1024")
+                raise InvalidRequest(f"{label}={getattr(self, label)} must be >= 1024")
         for label in ("done_grace", "usage_grace"):
             if not getattr(self, label) > 0:
-                raise ValueError(f"{label}={getattr(self, label)!r} must be > 0 seconds")
+                raise InvalidRequest(f"{label}={getattr(self, label)!r} must be > 0 seconds")
 
     def decoder(self) -> ChatStreamDecoder:
         return ChatStreamDecoder(self.max_event_bytes, self.max_call_args, self.max_stream_args)
@@ -310,7 +310,7 @@ class OpenAICompat(Backend):
         )
         self.max_event_bytes = max_event_bytes
         if max_connections < 1:
-            raise ValueError(f"max_connections={max_connections} must be >= 1")
+            raise InvalidRequest(f"max_connections={max_connections} must be >= 1")
         self._api_key = Secret(_key_from_env() if api_key is None else api_key)
         self._client = HttpClient(
             timeout=_timeouts(timeout, connect_timeout, read_timeout),
