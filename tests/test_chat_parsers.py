@@ -29,7 +29,7 @@ from inferd.chat import (
 )
 from inferd.chat.gemma4 import parse_arguments
 from inferd.chat.mistral import mistral_call_id
-from inferd.errors import InvalidRequest
+from inferd.errors import InternalError, InvalidRequest
 from inferd.types import Event, Text, Thinking, ToolUse
 
 
@@ -483,8 +483,8 @@ def test_feed_after_finish_and_double_finish() -> None:
     p = get_parser("plain")
     p.finish()
     assert p.finish() == []
-    with pytest.raises(ValueError):
-        p.feed("x")
+    with pytest.raises(InternalError, match="feed\\(\\) after finish\\(\\)"):
+        p.feed("x")  # misuse of the parser, not a bad request
 
 
 def test_unknown_format() -> None:

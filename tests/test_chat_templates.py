@@ -101,3 +101,60 @@ def test_request_thinking_reaches_the_template(thinking: bool) -> None:
     assert prompt.rstrip().endswith("</think>") is not thinking
     assert not prompt_opens_thinking(prompt)
     assert plan_chat("{{ messages }}", Request((Message.user("x"),))).template_kwargs == {}
+
+
+LOOP = (
+    "{% for m in messages %}[{{ m.role }}"
+    "{% if m.tool_call_id %} {{ m.tool_call_id }}/{{ m.name }}{% endif %}]"
+    "{{ m.content }}{% for c in m.tool_calls or [] %}<{{ c.id }}:{{ c.function.name }}>"
+    "{% endfor %}\n{% endfor %}"
+)
+
+
+def test_several_tool_results_in_one_message_give_one_turn_each() -> None:
+    """One mapper (``template_messages``): every result keeps its own call id.
+
+    The renderer used to map messages itself and kept only the first result's id.
+    """
+    from inferd.backends.llamacpp.chat_template import ChatTemplate
+    from inferd.chat.messages import template_messages
+    from inferd.types import ToolResultBlock
+
+    msgs = [
+        Message.user("Weather in Oslo and Rome?"),
+        Message.assistant(
+            [
+                ToolUseBlock("c1", "get_weather", {"city": "Oslo"}),
+                ToolUseBlock("c2", "get_weather", {"city": "Rome"}),
+            ]
+        ),
+        Message("tool", [ToolResultBlock("c1", "cold"), ToolResultBlock("c2", "warm")]),
+        Message.user([ToolResultBlock("c2", "still warm"), *Message.user("and now?").content]),
+    ]
+    dicts = template_messages(msgs)
+    tool_turns = [d for d in dicts if d["role"] == "tool"]
+    assert [(d["tool_call_id"], d["name"], d["content"]) for d in tool_turns] == [
+        ("c1", "get_weather", "cold"),
+        ("c2", "get_weather", "warm"),
+        ("c2", "get_weather", "still warm"),
+    ]
+    assert dicts[-1] == {"role": "user", "content": "and now?"}  # the text is kept too
+    tpl = ChatTemplate(LOOP)
+    prompt = tpl.render(msgs, add_generation_prompt=False)
+    assert prompt == tpl.render(dicts, add_generation_prompt=False)
+    assert "[tool c1/get_weather]cold" in prompt and "[tool c2/get_weather]warm" in prompt
+    assert "<c1:get_weather><c2:get_weather>" in prompt
+
+
+def test_template_mapper_refuses_media_and_mixed_tool_turns() -> None:
+    from inferd.backends.llamacpp.chat_template import ChatTemplate
+    from inferd.chat.messages import template_messages
+    from inferd.errors import InvalidRequest
+    from inferd.types import ImageBlock, TextBlock, ToolResultBlock
+
+    with pytest.raises(InvalidRequest, match=r"messages\[0\] \(user\) carries ImageBlock"):
+        template_messages([Message.user([ImageBlock(url="http://x/y.png")])])
+    with pytest.raises(InvalidRequest, match="both tool results and text"):
+        template_messages([Message("tool", [ToolResultBlock("c1", "x"), TextBlock("y")])])
+    with pytest.raises(InvalidRequest, match="not a mix"):
+        ChatTemplate(LOOP).render([Message.user("x"), {"role": "user", "content": "y"}])

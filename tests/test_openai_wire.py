@@ -17,6 +17,7 @@ from inferd.errors import (
 )
 from inferd.openai_wire import (
     SSE_DONE,
+    STOP_REASONS,
     ChunkWriter,
     embed_request_from_openai,
     embed_request_to_openai,
@@ -522,6 +523,26 @@ def test_stop_reason_from_finish():
     assert stop_reason_from_finish("tool_calls") is StopReason.TOOL_USE
     assert stop_reason_from_finish(None) is StopReason.END_TURN
     assert stop_reason_from_finish("eos") is StopReason.END_TURN
+
+
+def test_content_filter_is_end_turn_and_every_reader_uses_one_table():
+    """``content_filter``: the upstream ended the reply itself, so END_TURN.
+
+    STOP_SEQUENCE would tell the caller that one of *its* ``stop`` strings matched,
+    which did not happen (and a request without ``stop`` could then end with it).
+    The streaming cores read the same table object, so they cannot drift from it.
+    """
+    from inferd._fast import _chunks_py
+
+    assert stop_reason_from_finish("content_filter") is StopReason.END_TURN
+    assert _chunks_py._FINISH is STOP_REASONS
+    acc = _chunks_py.ChunkAccumulator()
+    acc.ingest({"choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]})
+    assert acc.finalize()[-1].stop_reason is StopReason.END_TURN
+    for reason, stop in STOP_REASONS.items():
+        acc = _chunks_py.ChunkAccumulator()
+        acc.ingest({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+        assert acc.finalize()[-1].stop_reason is stop is stop_reason_from_finish(reason)
 
 
 def test_usage_both_ways():

@@ -7,7 +7,7 @@ from types import ModuleType
 
 import pytest
 
-from inferd.errors import BackendUnavailable, InternalError
+from inferd.errors import BackendUnavailable, InternalError, InvalidRequest
 
 
 def E(data: str, event: str = "message", id: str = "", retry: int | None = None) -> tuple:
@@ -199,7 +199,7 @@ def test_partial_line_is_bounded_while_it_arrives(sse: ModuleType) -> None:
 def test_error_is_backend_unavailable_and_value_error(sse: ModuleType) -> None:
     assert issubclass(sse.SSEError, BackendUnavailable)
     assert issubclass(sse.SSEError, ValueError)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(InvalidRequest, match="positive integer"):  # also a ValueError
         sse.SSEParser(max_event_bytes=0)
 
 

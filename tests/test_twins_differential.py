@@ -3,6 +3,7 @@ any split of an input gives the same result as the whole."""
 
 from __future__ import annotations
 
+import os
 import re
 from types import ModuleType
 from typing import Any
@@ -315,3 +316,51 @@ def test_accumulator_twins_agree(
             normalize([acc.ingest(orjson.loads(orjson.dumps(c))) for c in items] + [acc.finalize()])
         )
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(
+    "reason", ["stop", "length", "tool_calls", "function_call", "content_filter", "eos", None]
+)
+def test_twins_read_finish_reasons_from_the_one_table(chunk_twins, reason) -> None:
+    """Both cores map ``finish_reason`` through ``openai_wire.STOP_REASONS`` (one table)."""
+    from inferd.openai_wire import stop_reason_from_finish
+    from inferd.types import StopReason
+
+    chunk: dict[str, Any] = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+    chunk["choices"][0]["finish_reason"] = reason
+    got = []
+    for twin in chunk_twins:
+        acc = twin.ChunkAccumulator()
+        acc.ingest(chunk)
+        got.append(acc.finalize()[-1].stop_reason)
+    want = StopReason.ERROR if reason is None else stop_reason_from_finish(reason)
+    assert got == [want, want]
+
+
+def test_about_reports_the_twin_each_core_loaded() -> None:
+    """``about()`` reports every core as the facades loaded it (not ``_sse_c`` alone)."""
+    import inferd
+    import inferd.sse
+    import inferd.toolcalls
+
+    info = inferd.about()
+    assert info["cores"] == {
+        "sse": inferd.sse.IMPLEMENTATION,
+        "chunks": inferd.toolcalls.IMPLEMENTATION,
+    }
+    assert set(info["compiled_cores"]) == {"sse", "chunks"}
+    kinds = set(info["cores"].values())
+    assert info["cores_in_use"] == (kinds.pop() if len(kinds) == 1 else "mixed")
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="CI only: a local tree may run pure Python")
+def test_ci_runs_the_compiled_cores() -> None:
+    """CI measures and tests what users get: the compiled cores, not their twins."""
+    import inferd
+    from inferd import _fast
+
+    assert not _fast.NO_EXTENSIONS, "CI must not set INFERD_NO_EXTENSIONS"
+    info = inferd.about()
+    assert info["compiled_cores"] == {"sse": True, "chunks": True}
+    assert info["cores"] == {"sse": "c", "chunks": "c"}
+    assert info["cores_in_use"] == "c"

@@ -227,3 +227,141 @@ def test_chat_helper_and_message_text():
     assert req.messages[1].text == "hi"
     assert isinstance(req.messages[0].content[0], TextBlock)
     assert Message.tool("c1", "ok").content == (ToolResultBlock("c1", "ok"),)
+
+
+# --------------------------------------------------------------------------- one error rule
+
+
+def test_invalid_request_is_a_value_error_and_both_readers_follow_one_rule():
+    """Bad input from a dict raises InvalidRequest (a ValueError) naming the field,
+    whether it is a content block or a stream event."""
+    from inferd.types import block_from_dict
+
+    assert issubclass(InvalidRequest, ValueError)
+    for reader, kind in ((block_from_dict, "content block"), (event_from_dict, "event")):
+        with pytest.raises(InvalidRequest, match=f"unknown {kind} type 'nope'"):
+            reader({"type": "nope"})
+        with pytest.raises(InvalidRequest, match=r"x needs 'text'"):
+            reader({"type": "text"}, "x")
+        with pytest.raises(InvalidRequest, match=r"x\.text has the wrong type \(list\)"):
+            reader({"type": "text", "text": ["a"]}, "x")
+        with pytest.raises(InvalidRequest, match="must be a JSON object"):
+            reader(["text"])  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="stop_reason 'later' is not a stop reason"):
+        event_from_dict({"type": "done", "stop_reason": "later"})
+    with pytest.raises(ValueError, match=r"messages\[0\] needs 'role'"):
+        Request.from_dict({"messages": [{"content": "hi"}]})
+
+
+def test_attachment_data_must_be_strict_base64():
+    """Issue 13, item 15: ``"!!!"`` used to decode to b"" and be accepted."""
+    att = {"id": "a", "kind": "image", "data": "!!!"}
+    body = {"messages": [{"role": "user", "content": "hi"}], "attachments": [att]}
+    with pytest.raises(InvalidRequest, match=r"attachments\[0\]\.data is not valid base64"):
+        Request.from_dict(body)
+    with pytest.raises(InvalidRequest, match=r"content\[0\]\.data is not valid base64"):
+        Message.from_dict({"role": "user", "content": [{"type": "image", "data": "a b"}]})
+    good = {**att, "data": "iVBORw=="}
+    req = Request.from_dict({**body, "attachments": [good]})
+    assert req.attachments[0].data == b"\x89PNG"
+
+
+def test_request_from_dict_reads_fields_without_coercing_them():
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    assert Request.from_dict({**base, "stop": "END"}).stop == ("END",)  # not ("E", "N", "D")
+    with pytest.raises(InvalidRequest, match="thinking must be true or false"):
+        Request.from_dict({**base, "thinking": "yes"})
+    with pytest.raises(InvalidRequest, match="stop must be a list"):
+        Request.from_dict({**base, "stop": {"a": 1}})
+    # Frame keys are the wire's business (serve.wire.frame_body strips them).
+    with pytest.raises(InvalidRequest, match=r"unknown request field\(s\): \['id', 'type'\]"):
+        Request.from_dict({**base, "id": 1, "type": "generate"})
+    from inferd.serve import wire
+
+    frame = {**base, "id": 1, "type": "generate"}
+    assert Request.from_dict(wire.frame_body(frame)) == Request.chat("hi")
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+def test_every_size_field_is_bounded_with_a_named_limit(monkeypatch):
+    """Issue 13, item 4: sizes a client can send are refused past a named limit."""
+    from inferd import types
+
+    with pytest.raises(InvalidRequest, match="MAX_EMBED_DIMENSIONS"):
+        EmbedRequest(("a",), dimensions=9_000_000)
+    assert EmbedRequest(("a",), dimensions=types.MAX_EMBED_DIMENSIONS).dimensions
+    with pytest.raises(InvalidRequest, match="MAX_EMBED_DIMENSIONS"):
+        EmbedRequest.from_dict({"input": "a", "dimensions": True})
+    with pytest.raises(InvalidRequest, match="MAX_STOP_CHARS"):
+        Request.chat("hi", stop=("x" * (types.MAX_STOP_CHARS + 1),))
+    with pytest.raises(InvalidRequest, match="MAX_TOKENS_LIMIT"):
+        Request.chat("hi", max_tokens=types.MAX_TOKENS_LIMIT + 1)
+    with pytest.raises(InvalidRequest, match="MAX_TOP_K"):
+        Request.chat("hi", top_k=types.MAX_TOP_K + 1)
+    monkeypatch.setattr(types, "MAX_MESSAGES", 2)
+    monkeypatch.setattr(types, "MAX_EMBED_INPUTS", 2)
+    monkeypatch.setattr(types, "MAX_ATTACHMENTS", 1)
+    monkeypatch.setattr(types, "MAX_TOOLS", 1)
+    user = {"role": "user", "content": "hi"}
+    with pytest.raises(InvalidRequest, match=r"3 messages given; at most 2 \(MAX_MESSAGES\)"):
+        Request.from_dict({"messages": [user] * 3})
+    with pytest.raises(InvalidRequest, match="MAX_MESSAGES"):
+        Request((Message.user("a"),) * 3)
+    with pytest.raises(InvalidRequest, match=r"3 embed inputs given; at most 2"):
+        EmbedRequest.from_dict({"input": ["a", "b", "c"]})
+    att = {"id": "a", "kind": "image", "data": ""}
+    with pytest.raises(InvalidRequest, match="MAX_ATTACHMENTS"):
+        Request.from_dict({"messages": [user], "attachments": [att, {**att, "id": "b"}]})
+    tools = [{"name": "a"}, {"name": "b"}]
+    with pytest.raises(InvalidRequest, match="MAX_TOOLS"):
+        Request.from_dict({"messages": [user], "tools": tools})
+
+
+def test_readers_bound_depth_before_walking():
+    """Issue 13, item 7: 1000-deep JSON is an InvalidRequest, not a RecursionError."""
+    deep: object = "auto"
+    for _ in range(1000):
+        deep = {"kind": deep}
+    body = {"messages": [{"role": "user", "content": "hi"}], "tool_choice": deep}
+    for read in (Request.from_dict, Request.from_openai):
+        with pytest.raises(InvalidRequest, match="MAX_JSON_DEPTH"):
+            read(body)
+    nested: object = "x"
+    for _ in range(1000):
+        nested = [nested]
+    with pytest.raises(InvalidRequest, match="MAX_JSON_DEPTH"):
+        EmbedRequest.from_dict({"input": nested})
+
+
+def test_errors_echo_client_values_cut():
+    """Issue 13, item 11: a huge bad value is cut in the message, not echoed whole."""
+    from inferd.limits import MAX_ECHO_CHARS
+
+    huge = "v" * 1_000_000
+    for call in (
+        lambda: Message.from_dict({"role": "user", "content": [{"type": huge}]}),
+        lambda: Message(huge, "hi"),  # type: ignore[arg-type]
+        lambda: ToolChoice.parse({"kind": huge}),
+        lambda: EmbedRequest.from_dict({"input": "a", huge: 1}),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            call()
+        assert len(info.value.message) < 300 + MAX_ECHO_CHARS
+        assert "cut" in info.value.message
+
+
+def test_embed_request_from_dict_refuses_unknown_keys_like_request():
+    """Issue 13, item 15: one rule for unknown keys in every request kind."""
+    with pytest.raises(InvalidRequest, match=r"unknown embed request field\(s\): \['dims'\]"):
+        EmbedRequest.from_dict({"input": "a", "dims": 3})
+    req = EmbedRequest(("a", "b"), 4, "query")
+    assert EmbedRequest.from_dict(orjson.loads(orjson.dumps(req.to_dict()))) == req
+
+
+def test_capabilities_from_dict_round_trip_and_tolerance():
+    caps = Capabilities(tools=True, embed=True, accelerator=AcceleratorInfo("cuda", 9, "g", 1))
+    assert Capabilities.from_dict(orjson.loads(orjson.dumps(caps.to_dict()))) == caps
+    assert Capabilities.from_dict({}) == Capabilities()
+    assert Capabilities.from_dict({"vision": True, "new_flag": 1}) == Capabilities(vision=True)

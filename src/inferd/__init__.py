@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 from typing import TYPE_CHECKING, Any
 
+from inferd import types as _types
 from inferd.backend import Backend
 from inferd.backends.mock import Mock
 from inferd.errors import (
@@ -25,35 +26,14 @@ from inferd.errors import (
     NotReady,
     QueueFull,
 )
-from inferd.types import (
-    AcceleratorInfo,
-    Attachment,
-    AudioBlock,
-    Capabilities,
-    Done,
-    EmbedRequest,
-    EmbedResult,
-    Event,
-    ImageBlock,
-    Message,
-    Request,
-    Response,
-    StopReason,
-    Text,
-    TextBlock,
-    Thinking,
-    Timings,
-    Tool,
-    ToolChoice,
-    ToolResultBlock,
-    ToolUse,
-    ToolUseBlock,
-    Usage,
-)
+from inferd.types import *  # noqa: F403 (the public types: inferd.types.__all__)
+from inferd.types import Request, Response
 
 if TYPE_CHECKING:
     from inferd.backends.llamacpp import LlamaCpp
     from inferd.backends.openai_compat import OpenAICompat
+    from inferd.router import Router
+    from inferd.serve.client import Client
 
 try:
     __version__ = _dist_version("inferd")
@@ -76,14 +56,18 @@ def __getattr__(name: str) -> Any:
 
 
 def about() -> dict[str, Any]:
-    """Version, which fast cores are compiled and in use, and the llama.cpp build."""
+    """Version, which fast cores are compiled and which twin each one uses, llama.cpp."""
     from inferd import _fast
 
+    cores = _fast.cores_in_use()
+    kinds = set(cores.values())
     info: dict[str, Any] = {
         "version": __version__,
         "extensions_disabled": _fast.NO_EXTENSIONS,
-        "compiled_cores": _fast.compiled_available(),
-        "cores_in_use": "py" if _fast.NO_EXTENSIONS or not _fast.compiled_available() else "c",
+        "compiled_cores": _fast.compiled_cores(),
+        # "c" or "py" when every core agrees, else "mixed"; "cores" says which is which.
+        "cores_in_use": kinds.pop() if len(kinds) == 1 else "mixed",
+        "cores": cores,
         "llama_cpp": None,
     }
     try:
@@ -113,44 +97,22 @@ def complete(backend: Backend, request: Request | str) -> Response:
 
 
 __all__ = [
-    "AcceleratorInfo",
-    "Attachment",
-    "AudioBlock",
     "Backend",
     "BackendUnavailable",
-    "Capabilities",
     "Client",
-    "Done",
-    "EmbedRequest",
-    "EmbedResult",
     "EmbedUnsupported",
-    "Event",
-    "ImageBlock",
     "InferdError",
     "InternalError",
     "InvalidRequest",
     "LlamaCpp",
-    "Message",
     "Mock",
     "ModelLoadError",
     "NotReady",
     "OpenAICompat",
     "QueueFull",
-    "Request",
-    "Response",
     "Router",
-    "StopReason",
-    "Text",
-    "TextBlock",
-    "Thinking",
-    "Timings",
-    "Tool",
-    "ToolChoice",
-    "ToolResultBlock",
-    "ToolUse",
-    "ToolUseBlock",
-    "Usage",
     "about",
     "acollect",
     "complete",
+    *_types.__all__,
 ]

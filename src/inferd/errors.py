@@ -34,8 +34,15 @@ class NotReady(InferdError):
     code = "not_ready"
 
 
-class InvalidRequest(InferdError):
-    """The request itself is wrong; retrying it elsewhere will not help."""
+class InvalidRequest(InferdError, ValueError):
+    """The request itself is wrong; retrying it elsewhere will not help.
+
+    The one rule for bad values (``docs/architecture.md``, "Errors"): anything a
+    request, a wire frame, a config file or a constructor argument can carry raises
+    ``InvalidRequest`` naming the field. It subclasses :class:`ValueError`, so code
+    that catches ``ValueError`` (the Python convention for a bad argument) catches it
+    too, and a caller never has to know which of the two a given check used.
+    """
 
     code = "invalid_request"
 

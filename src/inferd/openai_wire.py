@@ -1,6 +1,6 @@
 """OpenAI Chat Completions <-> inferd types, both directions, in one place.
 
-One mapping module used three ways (DESIGN.md, "Layers"):
+One mapping module used three ways (``docs/architecture.md``, "Layers"):
 
 * the cloud adapter maps requests *out* (:func:`request_to_openai`), while the streaming
   decoder in :mod:`inferd.toolcalls` maps chunks *in*;
@@ -36,6 +36,7 @@ from inferd.errors import (
     NotReady,
     QueueFull,
 )
+from inferd.limits import check_depth, echo
 from inferd.types import (
     AudioBlock,
     Block,
@@ -62,6 +63,7 @@ from inferd.types import (
 __all__ = [
     "FINISH_REASONS",
     "SSE_DONE",
+    "STOP_REASONS",
     "ChunkWriter",
     "embed_request_from_openai",
     "embed_request_to_openai",
@@ -90,12 +92,18 @@ FINISH_REASONS: dict[StopReason, str] = {
     StopReason.ERROR: "stop",
 }
 
-_STOP_REASONS: dict[str, StopReason] = {
+#: OpenAI ``finish_reason`` -> :class:`StopReason`: the one table. The streaming cores
+#: (``inferd._fast._chunks_py`` / ``_chunks_c``) read it too, so a reply read live and
+#: one read whole can never disagree. ``content_filter`` is ``END_TURN``: the upstream
+#: ended the reply on its own, and ``STOP_SEQUENCE`` would tell the caller that one of
+#: *its* ``stop`` strings matched, which did not happen. Any other value ("eos",
+#: "abort", ...) is also read as ``END_TURN`` by the readers below.
+STOP_REASONS: dict[str, StopReason] = {
     "stop": StopReason.END_TURN,
     "length": StopReason.MAX_TOKENS,
     "tool_calls": StopReason.TOOL_USE,
     "function_call": StopReason.TOOL_USE,
-    "content_filter": StopReason.STOP_SEQUENCE,
+    "content_filter": StopReason.END_TURN,
 }
 
 #: The SSE terminator OpenAI streams end with.
@@ -115,7 +123,7 @@ def stop_reason_from_finish(reason: str | None) -> StopReason:
     """
     if reason is None:
         return StopReason.END_TURN
-    return _STOP_REASONS.get(reason, StopReason.END_TURN)
+    return STOP_REASONS.get(reason, StopReason.END_TURN)
 
 
 def sse_encode(chunk: Mapping[str, Any]) -> bytes:
@@ -367,7 +375,7 @@ def _parts_in(content: Any, where: str, *, media: bool) -> list[Block]:
             blocks.append(AudioBlock(data=data, format=str(ia.get("format") or "wav")))
         else:
             allowed = "text, image_url or input_audio" if media else "text"
-            raise InvalidRequest(f"{pw} has type {kind!r}; expected {allowed}")
+            raise InvalidRequest(f"{pw} has type {echo(kind)}; expected {allowed}")
     return blocks
 
 
@@ -422,7 +430,7 @@ def _message_in(m: Any, i: int) -> Message:
         blocks = _parts_in(m.get("content"), where, media=role == "user")
         return Message(role, blocks)
     raise InvalidRequest(
-        f"{where}.role is {role!r}; expected system, developer, user, assistant or tool"
+        f"{where}.role is {echo(role)}; expected system, developer, user, assistant or tool"
     )
 
 
@@ -431,7 +439,7 @@ def _tool_in(t: Any, i: int) -> Tool:
     if not isinstance(t, Mapping):
         raise InvalidRequest(f"{where} must be an object")
     if t.get("type", "function") != "function":
-        raise InvalidRequest(f"{where}.type is {t.get('type')!r}; only 'function' is supported")
+        raise InvalidRequest(f"{where}.type is {echo(t.get('type'))}; only 'function' is supported")
     fn = t.get("function")
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
         raise InvalidRequest(f"{where}.function.name must be a string")
@@ -477,12 +485,13 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
     """
     if not isinstance(body, Mapping):
         raise InvalidRequest("a Chat Completions request must be a JSON object")
+    check_depth(body)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise InvalidRequest("'messages' must be a non-empty list")
     n = body.get("n")
     if n not in (None, 1):
-        raise InvalidRequest(f"n={n!r} is not supported; inferd returns one choice (n=1)")
+        raise InvalidRequest(f"n={echo(n)} is not supported; inferd returns one choice (n=1)")
     messages = tuple(_message_in(m, i) for i, m in enumerate(msgs))
     raw_tools = body.get("tools") or []
     if not isinstance(raw_tools, list):
@@ -723,6 +732,7 @@ def embed_request_from_openai(body: Mapping[str, Any]) -> EmbedRequest:
     """Read an ``/v1/embeddings`` request body (string or list input)."""
     if not isinstance(body, Mapping):
         raise InvalidRequest("an embeddings request must be a JSON object")
+    check_depth(body, what="embeddings request")
     inp = body.get("input")
     if isinstance(inp, str):
         inp = [inp]
@@ -732,7 +742,7 @@ def embed_request_from_openai(body: Mapping[str, Any]) -> EmbedRequest:
         )
     fmt = body.get("encoding_format")
     if fmt not in (None, "float"):
-        raise InvalidRequest(f"encoding_format={fmt!r} is not supported; use 'float'")
+        raise InvalidRequest(f"encoding_format={echo(fmt)} is not supported; use 'float'")
     return EmbedRequest(tuple(inp), body.get("dimensions"))
 
 
@@ -752,7 +762,7 @@ def embed_result_from_openai(body: Any, *, count: int) -> EmbedResult:
         idx = item.get("index", pos)
         if not isinstance(idx, int) or not 0 <= idx < count or slots[idx] is not None:
             raise BackendUnavailable(
-                f"embeddings response data[{pos}] has a bad or repeated index {idx!r}"
+                f"embeddings response data[{pos}] has a bad or repeated index {echo(idx)}"
             )
         slots[idx] = tuple(float(x) for x in item["embedding"])
     if any(v is None for v in slots):
@@ -792,7 +802,7 @@ def embed_encoding_format(body: Mapping[str, Any]) -> str:
         return "float"
     if fmt == "base64":
         return "base64"
-    raise InvalidRequest(f"encoding_format={fmt!r} is not supported; use 'float' or 'base64'")
+    raise InvalidRequest(f"encoding_format={echo(fmt)} is not supported; use 'float' or 'base64'")
 
 
 def embed_result_to_openai_base64(

@@ -21,14 +21,19 @@ framing with JSON decoding and chunk accumulation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from inferd._fast import load
+from inferd._fast._stream_common import DEFAULT_MAX_EVENT_BYTES, SSEError, SSEEvent
 
 _core = load("sse")
 
-SSEParser = _core.SSEParser
-SSEEvent = _core.SSEEvent
-SSEError = _core.SSEError
-DEFAULT_MAX_EVENT_BYTES: int = _core.DEFAULT_MAX_EVENT_BYTES
+if TYPE_CHECKING:
+    # Both twins have this API (``_sse_c.pyi`` states it for the compiled one); the
+    # type checker sees the Python twin's class, the runtime gets whichever loaded.
+    from inferd._fast._sse_py import SSEParser
+else:
+    SSEParser = _core.SSEParser
 
 #: ``"c"`` for the compiled core, ``"py"`` for the pure-Python twin.
 IMPLEMENTATION: str = _core.IMPLEMENTATION

@@ -23,9 +23,11 @@
   without an id gets a generated one (``call_`` + 24 hex digits).
 - ``finish_reason``: stop -> end_turn (tool_use when named calls are pending), length
   -> max_tokens, tool_calls / function_call -> tool_use, content_filter (and any
-  other value) -> end_turn, none at all -> error. ``usage`` from any chunk (also a
-  ``choices: []`` one) fills ``Done.usage``. A ``{"error": ...}`` chunk raises
-  :class:`~inferd.errors.BackendUnavailable` with its message. Only choice 0 counts.
+  other value) -> end_turn, none at all -> error (the table is
+  :data:`inferd.openai_wire.STOP_REASONS`, shared with every other reader). ``usage``
+  from any chunk (also a ``choices: []`` one) fills ``Done.usage``. A
+  ``{"error": ...}`` chunk raises :class:`~inferd.errors.BackendUnavailable` with its
+  message. Only choice 0 counts.
 - :meth:`ChunkAccumulator.finalize` returns the calls not yet emitted and exactly one
   :class:`~inferd.types.Done` (timings are left for the backend to fill with
   ``done.replace(...)``); ``ingest`` after ``finalize`` raises
@@ -46,12 +48,19 @@ twin; :data:`IMPLEMENTATION` says which.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from inferd._fast import load
 
 _core = load("chunks")
 
-ChunkAccumulator = _core.ChunkAccumulator
-ChatStreamDecoder = _core.ChatStreamDecoder
+if TYPE_CHECKING:
+    # Both twins have this API (``_chunks_c.pyi`` states it for the compiled one); the
+    # type checker sees the Python twin's classes, the runtime gets whichever loaded.
+    from inferd._fast._chunks_py import ChatStreamDecoder, ChunkAccumulator
+else:
+    ChunkAccumulator = _core.ChunkAccumulator
+    ChatStreamDecoder = _core.ChatStreamDecoder
 
 #: ``"c"`` for the compiled core, ``"py"`` for the pure-Python twin.
 IMPLEMENTATION: str = _core.IMPLEMENTATION

@@ -4,14 +4,23 @@ Everything here is an immutable, slotted dataclass with a readable repr and a JS
 form (``to_dict`` / ``from_dict``, tagged by ``type`` where a union needs it): the
 daemon, the bridge and the benchmark reports all speak these dicts.
 
-Validation happens at construction, so an invalid :class:`Request` cannot exist;
-every failure is an :class:`~inferd.errors.InvalidRequest` naming the field.
-This module imports only :mod:`inferd.errors` (the other bottom-layer module).
+Validation happens at construction, so an invalid :class:`Request` cannot exist
+(``docs/adr/0003-validate-requests-at-construction.md``); every failure is an
+:class:`~inferd.errors.InvalidRequest` (a ``ValueError``) naming the field, and every
+size a request can carry has a named bound below. The ``from_dict`` readers take
+untrusted JSON: they bound its depth (:func:`inferd.limits.check_depth`) before
+walking it and repeat client values only through :func:`inferd.limits.echo`.
+They read bare objects; wire framing (a frame's ``id`` and ``type``) belongs to
+:mod:`inferd.serve.wire`. This module imports only :mod:`inferd.errors` and
+:mod:`inferd.limits` (the other bottom-layer modules), except that
+:meth:`Request.from_openai` / :meth:`Request.to_openai` import
+:mod:`inferd.openai_wire` when called (see their docstrings).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,15 +28,63 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeAlias
 
 from inferd.errors import InvalidRequest
+from inferd.limits import check_depth, echo
+
+#: The public types, re-exported whole by :mod:`inferd` (listed here once). The
+#: limits and the ``*_from_dict`` readers are public too, under ``inferd.types``.
+__all__ = [
+    "AcceleratorInfo",
+    "Attachment",
+    "AudioBlock",
+    "Block",
+    "Capabilities",
+    "Done",
+    "EmbedRequest",
+    "EmbedResult",
+    "Event",
+    "ImageBlock",
+    "Message",
+    "Request",
+    "Response",
+    "Role",
+    "StopReason",
+    "Text",
+    "TextBlock",
+    "Thinking",
+    "Timings",
+    "Tool",
+    "ToolChoice",
+    "ToolResultBlock",
+    "ToolUse",
+    "ToolUseBlock",
+    "Usage",
+]
 
 # --------------------------------------------------------------------------- limits
+# Values outside these bounds are rejected as absurd, never clamped. Each bounds
+# something a client can send, so that no request (and no reply it asks for) can
+# outgrow what the daemon and the bridge frame (issue 13, item 4).
 
-#: Sampling values outside these ranges are rejected as absurd, not clamped.
+#: Highest sampling temperature.
 MAX_TEMPERATURE = 100.0
+#: Largest ``top_k`` (far above any vocabulary).
 MAX_TOP_K = 1_000_000
+#: Largest ``max_tokens`` (backends clamp further to their context).
 MAX_TOKENS_LIMIT = 10_000_000
+#: Most stop sequences in one request, and most characters in one of them.
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 1024
+#: Most tools in one request.
 MAX_TOOLS = 512
+#: Most messages in one request (a long agent transcript has a few hundred).
+MAX_MESSAGES = 10_000
+#: Most attachments in one request.
+MAX_ATTACHMENTS = 256
+#: Most strings in one embeddings request (OpenAI's own limit is 2048).
+MAX_EMBED_INPUTS = 2048
+#: Largest ``dimensions`` an embeddings request may ask for (the widest real models
+#: have 4096-12288; 9,000,000 would make a reply no frame can carry).
+MAX_EMBED_DIMENSIONS = 16_384
 
 
 def _freeze(obj: object, name: str, value: object) -> None:
@@ -38,8 +95,50 @@ def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
-def _unb64(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
+def _unb64(text: Any, where: str) -> bytes | None:
+    """Strict base64 (``None`` stays ``None``): ``"!!!"`` is an error, not ``b""``."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{where} must be a base64 string, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{where} is not valid base64: {echo(text)}") from None
+
+
+def _obj(d: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise InvalidRequest(f"{where} must be a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _get(d: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
+    """``d[key]``, which must be present and of type ``kind``."""
+    if key not in d:
+        raise InvalidRequest(f"{where} needs {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        raise InvalidRequest(f"{where}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _opt(
+    d: Mapping[str, Any], key: str, where: str, default: Any, kind: type | tuple[type, ...] = str
+) -> Any:
+    """``d[key]`` if present and not null (it must be of type ``kind``), else ``default``."""
+    if d.get(key) is None:
+        return default
+    return _get(d, key, where, kind)
+
+
+def _seq(value: Any, name: str, *, one: type | None = None) -> tuple[Any, ...]:
+    """A list/tuple field as a tuple (a lone ``one``-typed value counts as one item)."""
+    if one is not None and isinstance(value, one):
+        return (value,)
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidRequest(f"{name} must be a list, got {type(value).__name__}")
+    return tuple(value)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -72,7 +171,7 @@ class ImageBlock:
             raise InvalidRequest(
                 "ImageBlock needs exactly one of data=, url= or attachment= "
                 f"(got data={self.data is not None}, url={self.url is not None}, "
-                f"attachment={self.attachment!r})"
+                f"attachment={echo(self.attachment)})"
             )
 
     def __repr__(self) -> str:
@@ -156,32 +255,38 @@ class ToolResultBlock:
 Block: TypeAlias = TextBlock | ImageBlock | AudioBlock | ToolUseBlock | ToolResultBlock
 
 
-def block_from_dict(d: Mapping[str, Any]) -> Block:
-    """Build a content block from its ``to_dict`` form."""
+def block_from_dict(d: Mapping[str, Any], where: str = "block") -> Block:
+    """Build a content block from its ``to_dict`` form (``where`` names it in errors)."""
+    d = _obj(d, where)
     kind = d.get("type")
     if kind == "text":
-        return TextBlock(str(d["text"]))
+        return TextBlock(_get(d, "text", where))
     if kind == "image":
         return ImageBlock(
-            data=_unb64(d.get("data")),
-            media_type=d.get("media_type") or "image/png",
-            url=d.get("url"),
-            attachment=d.get("attachment"),
+            data=_unb64(d.get("data"), f"{where}.data"),
+            media_type=_opt(d, "media_type", where, "image/png"),
+            url=_opt(d, "url", where, None),
+            attachment=_opt(d, "attachment", where, None),
         )
     if kind == "audio":
         return AudioBlock(
-            data=_unb64(d.get("data")),
-            format=d.get("format") or "wav",
-            attachment=d.get("attachment"),
+            data=_unb64(d.get("data"), f"{where}.data"),
+            format=_opt(d, "format", where, "wav"),
+            attachment=_opt(d, "attachment", where, None),
         )
     if kind == "tool_use":
-        return ToolUseBlock(str(d["id"]), str(d["name"]), dict(d.get("input") or {}))
+        return ToolUseBlock(
+            _get(d, "id", where), _get(d, "name", where), _opt(d, "input", where, {}, Mapping)
+        )
     if kind == "tool_result":
         return ToolResultBlock(
-            str(d["tool_use_id"]), str(d.get("content", "")), bool(d.get("is_error", False))
+            _get(d, "tool_use_id", where),
+            _opt(d, "content", where, ""),
+            _opt(d, "is_error", where, False, bool),
         )
     raise InvalidRequest(
-        f"unknown content block type {kind!r}; expected text, image, audio, tool_use or tool_result"
+        f"{where} has unknown content block type {echo(kind)}; expected text, image, audio, "
+        "tool_use or tool_result"
     )
 
 
@@ -200,12 +305,12 @@ class Message:
 
     def __init__(self, role: Role, content: str | Iterable[Block]) -> None:
         if role not in ROLES:
-            raise InvalidRequest(f"unknown message role {role!r}; expected one of {ROLES}")
+            raise InvalidRequest(f"unknown message role {echo(role)}; expected one of {ROLES}")
         blocks: tuple[Block, ...]
         if isinstance(content, str):
             blocks = (TextBlock(content),)
         else:
-            blocks = tuple(content)
+            blocks = _seq(content, f"{role} message content")
         for b in blocks:
             if not isinstance(b, _BLOCK_TYPES):
                 raise InvalidRequest(
@@ -240,11 +345,16 @@ class Message:
         return {"role": self.role, "content": [b.to_dict() for b in self.content]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Message:
+    def from_dict(cls, d: Mapping[str, Any], where: str = "message") -> Message:
+        d = _obj(d, where)
+        role = _get(d, "role", where)
         content = d.get("content", ())
         if isinstance(content, str):
-            return cls(d["role"], content)
-        return cls(d["role"], [block_from_dict(b) for b in content])
+            return cls(role, content)
+        blocks = _seq(content, f"{where}.content")
+        return cls(
+            role, [block_from_dict(b, f"{where}.content[{j}]") for j, b in enumerate(blocks)]
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +365,14 @@ class Attachment:
     kind: Literal["image", "audio"]
     data: bytes
     media_type: str = "application/octet-stream"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise InvalidRequest("attachment id must be a non-empty string")
+        if self.kind not in ("image", "audio"):
+            raise InvalidRequest(f"attachment {echo(self.id)} has unknown kind {echo(self.kind)}")
+        if not isinstance(self.data, bytes):
+            raise InvalidRequest(f"attachment {echo(self.id)}: data must be bytes")
 
     def __repr__(self) -> str:
         return (
@@ -271,12 +389,14 @@ class Attachment:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Attachment:
+    def from_dict(cls, d: Mapping[str, Any], where: str = "attachment") -> Attachment:
+        """From ``to_dict`` form; ``data`` must be strict base64 (``"!!!"`` is refused)."""
+        d = _obj(d, where)
         return cls(
-            d["id"],
-            d["kind"],
-            _unb64(d["data"]) or b"",
-            d.get("media_type", "application/octet-stream"),
+            _get(d, "id", where),
+            _get(d, "kind", where),
+            _unb64(_get(d, "data", where), f"{where}.data") or b"",
+            _opt(d, "media_type", where, "application/octet-stream"),
         )
 
 
@@ -293,8 +413,10 @@ class Tool:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise InvalidRequest("tool name must be a non-empty string")
+        if not isinstance(self.description, str):
+            raise InvalidRequest(f"tool {echo(self.name)}: description must be a string")
         if not isinstance(self.parameters, Mapping):
-            raise InvalidRequest(f"tool {self.name!r}: parameters must be a JSON-schema object")
+            raise InvalidRequest(f"tool {echo(self.name)}: parameters must be a JSON-schema object")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -304,11 +426,12 @@ class Tool:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Tool:
+    def from_dict(cls, d: Mapping[str, Any], where: str = "tool") -> Tool:
+        d = _obj(d, where)
         return cls(
-            d["name"],
-            d.get("description", "") or "",
-            d.get("parameters") or {"type": "object", "properties": {}},
+            _get(d, "name", where),
+            _opt(d, "description", where, ""),
+            _opt(d, "parameters", where, None, Mapping) or {"type": "object", "properties": {}},
         )
 
 
@@ -325,7 +448,7 @@ class ToolChoice:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "required", "none", "tool"):
             raise InvalidRequest(
-                f"tool_choice {self.kind!r} is not one of auto, required, none, or a tool name"
+                f"tool_choice {echo(self.kind)} is not one of auto, required, none, or a tool name"
             )
         if (self.kind == "tool") != bool(self.name):
             raise InvalidRequest("tool_choice 'tool' needs a name (and only it)")
@@ -341,10 +464,11 @@ class ToolChoice:
         if isinstance(value, Mapping):
             if value.get("kind") in ("auto", "required", "none"):
                 return cls(value["kind"])
-            name = value.get("name") or (value.get("function") or {}).get("name")
-            if name:
-                return cls("tool", str(name))
-        raise InvalidRequest(f"cannot read tool_choice {value!r}")
+            fn = value.get("function")
+            name = value.get("name") or (fn.get("name") if isinstance(fn, Mapping) else None)
+            if isinstance(name, str) and name:
+                return cls("tool", name)
+        raise InvalidRequest(f"cannot read tool_choice {echo(value)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name}
@@ -353,13 +477,16 @@ class ToolChoice:
 # --------------------------------------------------------------------------- request
 
 
-def _check_range(name: str, value: float | int | None, lo: float, hi: float) -> None:
+def _check_range(
+    name: str, value: float | int | None, lo: float, hi: float, limit: str = ""
+) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequest(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < lo or value > hi:
-        raise InvalidRequest(f"{name}={value!r} is out of range [{lo}, {hi}]")
+        named = f" ({limit})" if limit else ""
+        raise InvalidRequest(f"{name}={echo(value)} is out of range [{lo}, {hi}]{named}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,21 +515,20 @@ class Request:
     model: str | None = None
 
     def __post_init__(self) -> None:
-        msgs = self.messages
-        if isinstance(msgs, (str, bytes)) or not isinstance(msgs, Iterable):
-            raise InvalidRequest("messages must be a list of Message")
-        msgs = tuple(msgs)
-        _freeze(self, "messages", msgs)
-        _freeze(self, "tools", tuple(self.tools))
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        _freeze(self, "stop", stop)
-        _freeze(self, "attachments", tuple(self.attachments))
+        _freeze(self, "messages", _seq(self.messages, "messages"))
+        _freeze(self, "tools", _seq(self.tools, "tools"))
+        _freeze(self, "stop", _seq(self.stop, "stop", one=str))
+        _freeze(self, "attachments", _seq(self.attachments, "attachments"))
         _freeze(self, "tool_choice", ToolChoice.parse(self.tool_choice))
         self._validate()
 
     def _validate(self) -> None:
         if not self.messages:
             raise InvalidRequest("messages is empty: a request needs at least one message")
+        _check_count("messages", len(self.messages), MAX_MESSAGES, "MAX_MESSAGES")
+        _check_count("tools", len(self.tools), MAX_TOOLS, "MAX_TOOLS")
+        _check_count("attachments", len(self.attachments), MAX_ATTACHMENTS, "MAX_ATTACHMENTS")
+        _check_count("stop sequences", len(self.stop), MAX_STOP_SEQUENCES, "MAX_STOP_SEQUENCES")
         for i, m in enumerate(self.messages):
             if not isinstance(m, Message):
                 raise InvalidRequest(f"messages[{i}] is a {type(m).__name__}, not a Message")
@@ -412,39 +538,34 @@ class Request:
                 isinstance(b, TextBlock) and not b.text for b in m.content
             ):
                 raise InvalidRequest(f"messages[{i}] ({m.role}) has empty text content")
-        if len(self.tools) > MAX_TOOLS:
-            raise InvalidRequest(f"{len(self.tools)} tools given; at most {MAX_TOOLS}")
-        names: set[str] = set()
-        for t in self.tools:
-            if not isinstance(t, Tool):
-                raise InvalidRequest(f"tools must be Tool objects, got {type(t).__name__}")
-            if t.name in names:
-                raise InvalidRequest(f"duplicate tool name {t.name!r}: tool names must be unique")
-            names.add(t.name)
+        names = self._validate_tools()
         tc = self.tool_choice
         if tc is not None and tc.kind != "none" and not self.tools:
             raise InvalidRequest(f"tool_choice={tc.kind!r} given without any tools")
         if tc is not None and tc.kind == "tool" and tc.name not in names:
             raise InvalidRequest(
-                f"tool_choice names tool {tc.name!r}, which is not among the tools "
-                f"({sorted(names)})"
+                f"tool_choice names tool {echo(tc.name)}, which is not among the tools "
+                f"({echo(sorted(names))})"
             )
-        _check_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        _check_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE, "MAX_TEMPERATURE")
         _check_range("top_p", self.top_p, 0.0, 1.0)
         _check_range("min_p", self.min_p, 0.0, 1.0)
-        _check_range("top_k", self.top_k, 0, MAX_TOP_K)
-        _check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
+        _check_range("top_k", self.top_k, 0, MAX_TOP_K, "MAX_TOP_K")
+        _check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT, "MAX_TOKENS_LIMIT")
         _check_range("seed", self.seed, -(2**63), 2**64 - 1)
         for name in ("top_k", "max_tokens", "seed"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, int):
-                raise InvalidRequest(f"{name} must be an integer, got {v!r}")
-        if len(self.stop) > MAX_STOP_SEQUENCES:
-            raise InvalidRequest(
-                f"{len(self.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}"
-            )
+                raise InvalidRequest(f"{name} must be an integer, got {echo(v)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("stop sequences must be non-empty strings")
+        longest = max((len(s) for s in self.stop), default=0)
+        _check_count("characters in a stop sequence", longest, MAX_STOP_CHARS, "MAX_STOP_CHARS")
+        for name in ("thinking", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false")
+        if self.model is not None and not isinstance(self.model, str):
+            raise InvalidRequest(f"model must be a string, got {type(self.model).__name__}")
         if self.response_format is not None:
             rf = self.response_format
             if not isinstance(rf, Mapping) or rf.get("type") not in (
@@ -458,13 +579,27 @@ class Request:
                 )
         self._validate_attachments()
 
+    def _validate_tools(self) -> set[str]:
+        names: set[str] = set()
+        for t in self.tools:
+            if not isinstance(t, Tool):
+                raise InvalidRequest(f"tools must be Tool objects, got {type(t).__name__}")
+            if t.name in names:
+                raise InvalidRequest(
+                    f"duplicate tool name {echo(t.name)}: tool names must be unique"
+                )
+            names.add(t.name)
+        return names
+
     def _validate_attachments(self) -> None:
         by_id: dict[str, Attachment] = {}
         for a in self.attachments:
+            if not isinstance(a, Attachment):
+                raise InvalidRequest(
+                    f"attachments must be Attachment objects, not {type(a).__name__}"
+                )
             if a.id in by_id:
-                raise InvalidRequest(f"duplicate attachment id {a.id!r}")
-            if a.kind not in ("image", "audio"):
-                raise InvalidRequest(f"attachment {a.id!r} has unknown kind {a.kind!r}")
+                raise InvalidRequest(f"duplicate attachment id {echo(a.id)}")
             by_id[a.id] = a
         for i, m in enumerate(self.messages):
             for b in m.content:
@@ -475,12 +610,12 @@ class Request:
                 att = by_id.get(ref)
                 if att is None:
                     raise InvalidRequest(
-                        f"messages[{i}] refers to attachment {ref!r}, which is not in "
+                        f"messages[{i}] refers to attachment {echo(ref)}, which is not in "
                         "request.attachments"
                     )
                 if att.kind != want:
                     raise InvalidRequest(
-                        f"messages[{i}] uses attachment {ref!r} as {want}, but it is {att.kind}"
+                        f"messages[{i}] uses attachment {echo(ref)} as {want}, but it is {att.kind}"
                     )
 
     # -- conveniences ---------------------------------------------------------
@@ -496,18 +631,23 @@ class Request:
         for a in self.attachments:
             if a.id == ref:
                 return a
-        raise InvalidRequest(f"no attachment {ref!r}")
+        raise InvalidRequest(f"no attachment {echo(ref)}")
+
+    # The one import that points up a layer, deferred to call time: these two public
+    # conveniences (README, callers) belong on Request, while the mapping itself
+    # belongs with the rest of the OpenAI mapping in inferd.openai_wire, which builds
+    # Requests and so must import this module. At import time the arrow is one-way.
 
     @classmethod
     def from_openai(cls, body: Mapping[str, Any]) -> Request:
         """Read an OpenAI Chat Completions request body (see :mod:`inferd.openai_wire`)."""
-        from inferd.openai_wire import request_from_openai
+        from inferd.openai_wire import request_from_openai  # deferred: see above
 
         return request_from_openai(body)
 
     def to_openai(self, *, model: str | None = None) -> dict[str, Any]:
         """Write this request as an OpenAI Chat Completions body."""
-        from inferd.openai_wire import request_to_openai
+        from inferd.openai_wire import request_to_openai  # deferred: see above
 
         return request_to_openai(self, model=model)
 
@@ -542,35 +682,55 @@ class Request:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Request:
-        if not isinstance(d, Mapping):
-            raise InvalidRequest("a request must be a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"id", "type"}
+        """Inverse of :meth:`to_dict`, for untrusted JSON: unknown keys are refused."""
+        d = _obj(d, "request")
+        check_depth(d)
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise InvalidRequest(f"unknown request field(s): {sorted(unknown)}")
-        msgs = d.get("messages")
-        if not isinstance(msgs, list):
-            raise InvalidRequest("request.messages must be a list")
+            raise InvalidRequest(f"unknown request field(s): {echo(sorted(unknown))}")
+        msgs = _seq(d.get("messages"), "request.messages")
+        _check_count("messages", len(msgs), MAX_MESSAGES, "MAX_MESSAGES")
+        tools = _seq(d.get("tools") or (), "request.tools")
+        _check_count("tools", len(tools), MAX_TOOLS, "MAX_TOOLS")
+        atts = _seq(d.get("attachments") or (), "request.attachments")
+        _check_count("attachments", len(atts), MAX_ATTACHMENTS, "MAX_ATTACHMENTS")
         try:
-            return cls(
-                messages=tuple(Message.from_dict(m) for m in msgs),
-                tools=tuple(Tool.from_dict(t) for t in d.get("tools") or ()),
-                tool_choice=ToolChoice.parse(d.get("tool_choice")),
-                temperature=d.get("temperature"),
-                top_p=d.get("top_p"),
-                top_k=d.get("top_k"),
-                min_p=d.get("min_p"),
-                max_tokens=d.get("max_tokens"),
-                stop=tuple(d.get("stop") or ()),
-                seed=d.get("seed"),
-                response_format=d.get("response_format"),
-                thinking=bool(d.get("thinking", False)),
-                attachments=tuple(Attachment.from_dict(a) for a in d.get("attachments") or ()),
-                ignore_eos=bool(d.get("ignore_eos", False)),
-                model=d.get("model"),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise InvalidRequest(f"malformed request: {type(e).__name__}: {e}") from None
+            return cls._from_parts(d, msgs, tools, atts)
+        except (KeyError, TypeError, AttributeError) as e:  # a reader missed a check
+            raise InvalidRequest(f"malformed request ({type(e).__name__})") from None
+
+    @classmethod
+    def _from_parts(
+        cls,
+        d: Mapping[str, Any],
+        msgs: tuple[Any, ...],
+        tools: tuple[Any, ...],
+        atts: tuple[Any, ...],
+    ) -> Request:
+        return cls(
+            messages=tuple(Message.from_dict(m, f"messages[{i}]") for i, m in enumerate(msgs)),
+            tools=tuple(Tool.from_dict(t, f"tools[{i}]") for i, t in enumerate(tools)),
+            tool_choice=ToolChoice.parse(d.get("tool_choice")),
+            temperature=d.get("temperature"),
+            top_p=d.get("top_p"),
+            top_k=d.get("top_k"),
+            min_p=d.get("min_p"),
+            max_tokens=d.get("max_tokens"),
+            stop=d.get("stop") or (),
+            seed=d.get("seed"),
+            response_format=d.get("response_format"),
+            thinking=d.get("thinking", False),
+            attachments=tuple(
+                Attachment.from_dict(a, f"attachments[{i}]") for i, a in enumerate(atts)
+            ),
+            ignore_eos=d.get("ignore_eos", False),
+            model=d.get("model"),
+        )
+
+
+def _check_count(what: str, n: int, limit: int, name: str) -> None:
+    if n > limit:
+        raise InvalidRequest(f"{n} {what} given; at most {limit} ({name})")
 
 
 # --------------------------------------------------------------------------- events
@@ -719,23 +879,34 @@ class Done:
 Event: TypeAlias = Text | Thinking | ToolUse | Done
 
 
-def event_from_dict(d: Mapping[str, Any]) -> Event:
-    """Inverse of ``Event.to_dict()``."""
+def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
+    """Inverse of ``Event.to_dict()``; the same rule as :func:`block_from_dict`."""
+    d = _obj(d, where)
     kind = d.get("type")
     if kind == "text":
-        return Text(d["text"])
+        return Text(_get(d, "text", where))
     if kind == "thinking":
-        return Thinking(d["text"])
+        return Thinking(_get(d, "text", where))
     if kind == "tool_use":
-        return ToolUse(d["id"], d["name"], d.get("input"), d.get("raw_arguments", ""))
-    if kind == "done":
-        return Done(
-            StopReason(d["stop_reason"]),
-            Usage.from_dict(d.get("usage")),
-            Timings.from_dict(d.get("timings")),
-            d.get("backend"),
+        return ToolUse(
+            _get(d, "id", where),
+            _get(d, "name", where),
+            _opt(d, "input", where, None, Mapping),
+            _opt(d, "raw_arguments", where, ""),
         )
-    raise ValueError(f"unknown event type {kind!r}")
+    if kind == "done":
+        reason = _get(d, "stop_reason", where)
+        if reason not in StopReason._value2member_map_:
+            raise InvalidRequest(f"{where}.stop_reason {echo(reason)} is not a stop reason")
+        return Done(
+            StopReason(reason),
+            Usage.from_dict(_opt(d, "usage", where, None, Mapping)),
+            Timings.from_dict(_opt(d, "timings", where, None, Mapping)),
+            _opt(d, "backend", where, None),
+        )
+    raise InvalidRequest(
+        f"{where} has unknown event type {echo(kind)}; expected text, thinking, tool_use or done"
+    )
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -759,6 +930,16 @@ class AcceleratorInfo:
             "device_name": self.device_name,
             "vram_total_bytes": self.vram_total_bytes,
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AcceleratorInfo:
+        """Inverse of :meth:`to_dict` (unknown keys ignored, for newer peers)."""
+        return cls(
+            kind=d.get("kind", "cpu"),
+            gpu_layers=int(d.get("gpu_layers", 0)),
+            device_name=str(d.get("device_name", "")),
+            vram_total_bytes=int(d.get("vram_total_bytes", 0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -796,6 +977,17 @@ class Capabilities:
             "accelerator": self.accelerator.to_dict() if self.accelerator else None,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Capabilities:
+        """Inverse of :meth:`to_dict`. Unknown keys are ignored and missing flags are
+        false, so a client can read the capabilities of a newer or older daemon."""
+        acc = d.get("accelerator")
+        accel = AcceleratorInfo.from_dict(acc) if isinstance(acc, Mapping) else None
+        flags = {
+            k: bool(d.get(k, False)) for k in ("tools", "vision", "audio", "thinking", "embed")
+        }
+        return cls(v2=bool(d.get("v2", True)), accelerator=accel, **flags)
+
 
 # --------------------------------------------------------------------------- embeddings
 
@@ -809,26 +1001,42 @@ class EmbedRequest:
     task: str | None = None
 
     def __post_init__(self) -> None:
-        inp = (self.input,) if isinstance(self.input, str) else tuple(self.input)
+        inp = _seq(self.input, "embed input", one=str)
         if not inp:
             raise InvalidRequest("embed input is empty: give at least one string")
+        _check_count("embed inputs", len(inp), MAX_EMBED_INPUTS, "MAX_EMBED_INPUTS")
         if any(not isinstance(s, str) for s in inp):
             raise InvalidRequest("embed input must be strings")
         _freeze(self, "input", inp)
-        if self.dimensions is not None and (
-            not isinstance(self.dimensions, int) or self.dimensions < 1
+        dims = self.dimensions
+        if dims is not None and (
+            not isinstance(dims, int)
+            or isinstance(dims, bool)
+            or not 1 <= dims <= MAX_EMBED_DIMENSIONS
         ):
-            raise InvalidRequest(f"dimensions={self.dimensions!r} must be a positive integer")
+            raise InvalidRequest(
+                f"dimensions={echo(dims)} must be an integer from 1 to {MAX_EMBED_DIMENSIONS} "
+                "(MAX_EMBED_DIMENSIONS)"
+            )
+        if self.task is not None and not isinstance(self.task, str):
+            raise InvalidRequest(f"task must be a string, got {type(self.task).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"input": list(self.input), "dimensions": self.dimensions, "task": self.task}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EmbedRequest:
+        """Inverse of :meth:`to_dict`, for untrusted JSON: unknown keys are refused, as
+        :meth:`Request.from_dict` refuses them (one rule for every request kind)."""
+        d = _obj(d, "embed request")
+        check_depth(d, what="embed request")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InvalidRequest(f"unknown embed request field(s): {echo(sorted(unknown))}")
         inp = d.get("input")
         if inp is None:
             raise InvalidRequest("embed request needs 'input'")
-        return cls(inp if isinstance(inp, str) else tuple(inp), d.get("dimensions"), d.get("task"))
+        return cls(inp, d.get("dimensions"), d.get("task"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,15 +36,34 @@ def load_twin(core: str, kind: str) -> ModuleType:
     return importlib.import_module(f"inferd._fast._{core}_{kind}")
 
 
+#: The cores that have a C and a Python twin (``_llama`` is compiled only).
+TWIN_CORES = ("sse", "chunks")
+
+
 def cores_in_use() -> dict[str, str]:
-    """Which twin each loaded core uses: ``{"sse": "c", ...}``."""
+    """Which twin each core uses, loading every core first: ``{"sse": "c", ...}``.
+
+    :func:`load` is what the facades (:mod:`inferd.sse`, :mod:`inferd.toolcalls`) call,
+    and it returns the same module every time, so this is what they use.
+    """
+    for core in TWIN_CORES:
+        load(core)
     return dict(_in_use)
 
 
+def compiled_cores() -> dict[str, bool]:
+    """Whether each core's compiled twin is importable (whatever the env says)."""
+    found: dict[str, bool] = {}
+    for core in TWIN_CORES:
+        try:
+            importlib.import_module(f"inferd._fast._{core}_c")
+        except ImportError:
+            found[core] = False
+        else:
+            found[core] = True
+    return found
+
+
 def compiled_available() -> bool:
-    """True when the compiled streaming cores are importable (whatever the env says)."""
-    try:
-        importlib.import_module("inferd._fast._sse_c")
-    except ImportError:
-        return False
-    return True
+    """True when every compiled streaming core is importable (whatever the env says)."""
+    return all(compiled_cores().values())

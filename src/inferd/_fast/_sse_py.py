@@ -21,7 +21,8 @@ from inferd._fast._stream_common import (
     SSEEvent,
     too_big_message,
 )
-from inferd.errors import InternalError
+from inferd.errors import InternalError, InvalidRequest
+from inferd.limits import echo
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "IMPLEMENTATION", "SSEError", "SSEEvent", "SSEParser"]
 
@@ -37,7 +38,9 @@ class _SSEScanner:
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         if not isinstance(max_event_bytes, int) or max_event_bytes < 1:
-            raise ValueError(f"max_event_bytes must be a positive integer, got {max_event_bytes!r}")
+            raise InvalidRequest(
+                f"max_event_bytes must be a positive integer, got {echo(max_event_bytes)}"
+            )
         self._max = max_event_bytes
         self._pend = bytearray()  # the partial line carried between feeds
         self._bom_pos = 0  # bytes of a leading BOM matched so far; 3 = decided

@@ -16,7 +16,8 @@ from inferd._fast._stream_common import (
     SSEEvent,
     too_big_message,
 )
-from inferd.errors import InternalError
+from inferd.errors import InternalError, InvalidRequest
+from inferd.limits import echo
 
 cdef const unsigned char* _BOM = b"\xef\xbb\xbf"
 
@@ -38,8 +39,8 @@ cdef class _SSEScanner:
 
     def __init__(self, max_event_bytes=DEFAULT_MAX_EVENT_BYTES):
         if not isinstance(max_event_bytes, int) or max_event_bytes < 1:
-            raise ValueError(
-                f"max_event_bytes must be a positive integer, got {max_event_bytes!r}")
+            raise InvalidRequest(
+                f"max_event_bytes must be a positive integer, got {echo(max_event_bytes)}")
         self._max = max_event_bytes
         self._pend = bytearray()
         self._bom_pos = 0

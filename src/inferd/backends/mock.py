@@ -18,6 +18,7 @@ import orjson
 
 from inferd.backend import Backend
 from inferd.errors import BackendUnavailable, InvalidRequest, NotReady
+from inferd.limits import echo
 from inferd.types import (
     AcceleratorInfo,
     Capabilities,
@@ -61,12 +62,15 @@ class Mock(Backend):
         name: str = "mock",
         ready: bool = True,
     ) -> None:
+        # Configs build Mocks too, so bad arguments are InvalidRequest (a ValueError).
         if pre_stream_error not in (None, "not_ready", "invalid_request", "unavailable"):
-            raise ValueError(f"unknown pre_stream_error {pre_stream_error!r}")
+            raise InvalidRequest(f"unknown pre_stream_error {echo(pre_stream_error)}")
         if delay < 0:
-            raise ValueError("delay must be >= 0")
+            raise InvalidRequest(f"delay={echo(delay)} must be >= 0")
         if drop_after is not None and drop_after < 0:
-            raise ValueError("drop_after must be >= 0")
+            raise InvalidRequest(f"drop_after={echo(drop_after)} must be >= 0")
+        if embed_dims < 1:
+            raise InvalidRequest(f"embed_dims={echo(embed_dims)} must be >= 1")
         self.tokens = tuple(tokens)
         self.delay = delay
         self.pre_stream_error: PreStreamError | None = pre_stream_error
@@ -131,6 +135,8 @@ class Mock(Backend):
             script += [Text(t) for t in self.tokens]
             script += list(self.tool_calls)
             limit = request.max_tokens
+            # Hitting max_tokens cuts the scripted calls off with the text, as a real
+            # model's are; Done then says MAX_TOKENS.
             stop = StopReason.TOOL_USE if self.tool_calls else StopReason.END_TURN
             for ev in script:
                 if isinstance(ev, (Text, Thinking)) and limit is not None and produced >= limit:
@@ -150,8 +156,6 @@ class Mock(Backend):
                 if isinstance(ev, (Text, Thinking)):
                     produced += 1
                 yield ev
-            if stop is StopReason.MAX_TOKENS and self.tool_calls:
-                pass  # the scripted calls were cut off with the text, as a real model's are
             end = time.perf_counter()
             input_tokens = sum(len(m.text.split()) for m in request.messages)
             yield Done(

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from inferd.errors import InternalError, InvalidRequest
 from inferd.types import Event, Text, Thinking, ToolUse
 
 IdFactory = Callable[[], str]
@@ -31,8 +32,12 @@ IdFactory = Callable[[], str]
 _TEXT, _THINK, _CALL, _END = "text", "think", "call", "end"
 
 
+@runtime_checkable
 class OutputParser(Protocol):
-    """What a backend feeds generated text through (the ``output.py`` seam)."""
+    """What a backend feeds generated text through: one instance per generation.
+
+    The one parser protocol (``inferd.backends.llamacpp.output`` re-exports it).
+    """
 
     def feed(self, text: str) -> list[Event]:
         """Consume one piece of generated text; return the events it completes."""
@@ -187,7 +192,7 @@ class SentinelParser:
         if in_thinking and self.thinking:
             self._enter_think()
         elif in_thinking:
-            raise ValueError(f"{self.name}: in_thinking=True needs thinking enabled")
+            raise InvalidRequest(f"{self.name}: in_thinking=True needs thinking enabled")
 
     # -- hooks a family overrides ------------------------------------------
 
@@ -207,7 +212,7 @@ class SentinelParser:
 
     def feed(self, text: str) -> list[Event]:
         if self._finished:
-            raise ValueError(f"{self.name} parser: feed() after finish()")
+            raise InternalError(f"{self.name} parser: feed() after finish()")
         if not text:
             return []
         self._buf += text

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferd.errors import InvalidRequest
+from inferd.limits import echo
 
 #: Largest grammar text accepted, in UTF-8 bytes (llama.cpp parses it per request).
 MAX_GRAMMAR_BYTES = 64 * 1024
@@ -293,7 +294,7 @@ class SchemaConverter:
         if schema is False:
             raise self.fail(f"schema at {hint!r} is false: nothing can match it")
         if not isinstance(schema, Mapping):
-            raise self.fail(f"schema at {hint!r} must be an object, got {schema!r}")
+            raise self.fail(f"schema at {echo(hint)} must be an object, got {echo(schema)}")
         for key in _REFUSED:
             if key in schema:
                 raise self.fail(f"'{key}' (at {hint!r}) cannot be enforced by a grammar")
@@ -346,19 +347,19 @@ class SchemaConverter:
             return self.prim(typ)
         if typ is None:
             return self.prim("value")
-        raise self.fail(f"unknown type {typ!r} at {hint!r}")
+        raise self.fail(f"unknown type {echo(typ)} at {echo(hint)}")
 
     def _ref(self, ref: Any, depth: int) -> str:
         m = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", ref) if isinstance(ref, str) else None
         if not m:
-            raise self.fail(f"$ref {ref!r} is not supported (only #/$defs/NAME)")
+            raise self.fail(f"$ref {echo(ref)} is not supported (only #/$defs/NAME)")
         name = "ref-" + re.sub(r"[^a-zA-Z0-9]+", "-", m.group(2)).lower()
         if name in self.rules:
             return name
         root = self._root_schema if isinstance(self._root_schema, Mapping) else {}
         target = (root.get(m.group(1)) or {}).get(m.group(2))
         if target is None:
-            raise self.fail(f"$ref {ref!r} points at nothing")
+            raise self.fail(f"$ref {echo(ref)} points at nothing")
         self.rules[name] = ""  # reserve: recursive refs resolve to the name
         body = self.visit(target, name + "-body", depth + 1)
         self.rules[name] = body
@@ -466,7 +467,7 @@ def response_format_grammar(
         conv = SchemaConverter(JSON, limits, what="response_format")
         return Grammar(conv.render(conv.prim("object")))
     if kind != "json_schema":
-        raise InvalidRequest(f"response_format type {kind!r} is not supported")
+        raise InvalidRequest(f"response_format type {echo(kind)} is not supported")
     spec = response_format.get("json_schema") or {}
     schema = spec.get("schema") if isinstance(spec, Mapping) else None
     if schema is None:

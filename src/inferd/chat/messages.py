@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from inferd.errors import InvalidRequest
 from inferd.types import Message, TextBlock, Tool, ToolResultBlock, ToolUseBlock
 
 
@@ -37,28 +38,29 @@ def template_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
 def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     """Messages as template dicts: text ``content``, ``tool_calls``, ``tool`` turns.
 
-    A tool message carries every one of its results as its own ``tool`` turn (the
-    shape templates loop over), named after the call it answers when an earlier
-    assistant turn made that call.
+    The one mapper from inferd messages to template dicts (the llama.cpp backend's
+    renderer uses it too). Every tool result becomes its own ``tool`` turn (the shape
+    templates loop over), named after the call it answers when an earlier assistant
+    turn made that call; results come before the rest of their message, since they
+    must follow the assistant turn that made the calls. Images and audio cannot be
+    written into a text template: they raise :class:`InvalidRequest` rather than
+    being dropped.
     """
     names: dict[str, str] = {}
     out: list[dict[str, Any]] = []
-    for m in messages:
-        text = "".join(b.text for b in m.content if isinstance(b, TextBlock))
-        calls = [b for b in m.content if isinstance(b, ToolUseBlock)]
-        results = [b for b in m.content if isinstance(b, ToolResultBlock)]
-        if m.role == "tool" or (results and not calls and not text):
-            for r in results:
-                out.append(
-                    {
-                        "role": "tool",
-                        "tool_call_id": r.tool_use_id,
-                        "name": names.get(r.tool_use_id, ""),
-                        "content": r.content,
-                    }
+    for i, m in enumerate(messages):
+        text, calls, results = _split(m, i)
+        out.extend(_tool_turn(r, names) for r in results)
+        if m.role == "tool":
+            if text and results:
+                raise InvalidRequest(
+                    f"messages[{i}] (tool) holds both tool results and text; send the "
+                    "text in a user or assistant message"
                 )
-            if m.role == "tool" and not results and text:
+            if text:
                 out.append({"role": "tool", "content": text})
+            continue
+        if results and not calls and not text:
             continue
         d: dict[str, Any] = {"role": m.role, "content": text}
         if calls:
@@ -70,7 +72,35 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
                 }
                 for c in calls
             ]
-            for c in calls:
-                names[c.id] = c.name
+            names.update((c.id, c.name) for c in calls)
         out.append(d)
     return out
+
+
+def _split(m: Message, i: int) -> tuple[str, list[ToolUseBlock], list[ToolResultBlock]]:
+    """A message's text, tool calls and tool results; media is refused."""
+    texts: list[str] = []
+    calls: list[ToolUseBlock] = []
+    results: list[ToolResultBlock] = []
+    for b in m.content:
+        if isinstance(b, TextBlock):
+            texts.append(b.text)
+        elif isinstance(b, ToolUseBlock):
+            calls.append(b)
+        elif isinstance(b, ToolResultBlock):
+            results.append(b)
+        else:
+            raise InvalidRequest(
+                f"messages[{i}] ({m.role}) carries {type(b).__name__}: a chat template "
+                "takes text only, and this local model has no vision/audio support"
+            )
+    return "".join(texts), calls, results
+
+
+def _tool_turn(r: ToolResultBlock, names: dict[str, str]) -> dict[str, Any]:
+    return {
+        "role": "tool",
+        "tool_call_id": r.tool_use_id,
+        "name": names.get(r.tool_use_id, ""),
+        "content": r.content,
+    }

@@ -16,7 +16,6 @@ The backend renders ``messages``/``tools`` with its Jinja renderer, applies
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,15 +88,3 @@ def plan_chat(
         {"enable_thinking": request.thinking} if template and "enable_thinking" in template else {}
     )
     return ChatPlan(fmt, template, messages, tools, grammar, folded, template_kwargs=kwargs)
-
-
-def chat_parser_factory(
-    tool_format: str | None = None,
-) -> Callable[[str | None, str, Request], SentinelParser]:
-    """``factory(chat_template, prompt, request)``: the llama.cpp backend's parser seam."""
-
-    def factory(chat_template: str | None, prompt: str, request: Request) -> SentinelParser:
-        fmt = effective_format(chat_template, request, tool_format)
-        return parser_for(chat_template, prompt, tool_format=fmt)
-
-    return factory

@@ -33,6 +33,7 @@ from inferd.chat.grammar import (
     response_format_grammar,
 )
 from inferd.errors import InvalidRequest
+from inferd.limits import echo
 from inferd.types import Request, Tool, ToolChoice
 
 #: The text that opens a call, per format (what ``none`` forbids, ``auto`` waits for).
@@ -212,7 +213,7 @@ def request_grammar(
     wants_json = bool(rf) and rf.get("type") != "text"  # type: ignore[union-attr]
     if wants_json and request.tools and kind != "none":
         raise InvalidRequest(
-            f"response_format {rf.get('type')!r} cannot be combined with tools and "  # type: ignore[union-attr]
+            f"response_format {echo(rf.get('type'))} cannot be combined with tools and "  # type: ignore[union-attr]
             f"tool_choice={kind!r}: a reply cannot be both a call and a JSON document; "
             "use tool_choice='none' or drop response_format"
         )

@@ -21,16 +21,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from inferd.chat.messages import template_messages, template_tools
 from inferd.errors import InvalidRequest
-from inferd.types import (
-    AudioBlock,
-    ImageBlock,
-    Message,
-    TextBlock,
-    Tool,
-    ToolResultBlock,
-    ToolUseBlock,
-)
+from inferd.types import Message, Tool
 
 
 class TemplateError(InvalidRequest):
@@ -77,49 +70,6 @@ def _compile(source: str) -> jinja2.Template:
         ) from None
 
 
-def message_to_dict(m: Message) -> dict[str, Any]:
-    """One message in the shape chat templates expect (OpenAI-like dicts)."""
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    results: list[ToolResultBlock] = []
-    for b in m.content:
-        if isinstance(b, TextBlock):
-            texts.append(b.text)
-        elif isinstance(b, ToolUseBlock):
-            calls.append(
-                {
-                    "id": b.id,
-                    "type": "function",
-                    "function": {"name": b.name, "arguments": dict(b.input)},
-                }
-            )
-        elif isinstance(b, ToolResultBlock):
-            results.append(b)
-        elif isinstance(b, (ImageBlock, AudioBlock)):
-            raise InvalidRequest(
-                f"a {m.role} message carries {type(b).__name__}: this local model has no "
-                "vision/audio support"
-            )
-    d: dict[str, Any] = {"role": m.role, "content": "".join(texts)}
-    if calls:
-        d["tool_calls"] = calls
-    if results:
-        d["content"] = "".join(r.content for r in results) if not texts else d["content"]
-        d["tool_call_id"] = results[0].tool_use_id
-    return d
-
-
-def tool_to_dict(t: Tool) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": t.name,
-            "description": t.description,
-            "parameters": dict(t.parameters),
-        },
-    }
-
-
 class ChatTemplate:
     """A compiled chat template plus the special tokens it may refer to."""
 
@@ -133,27 +83,36 @@ class ChatTemplate:
 
     def render(
         self,
-        messages: Sequence[Message | dict[str, Any]],
+        messages: Sequence[Message] | Sequence[dict[str, Any]],
         *,
         tools: Sequence[Tool] = (),
         add_generation_prompt: bool = True,
         **extra: Any,
     ) -> str:
-        """The prompt text for ``messages`` (tools are passed only when there are some)."""
+        """The prompt text for ``messages`` (tools are passed only when there are some).
+
+        Template-ready dicts (from :func:`inferd.chat.messages.template_messages`, which
+        a :class:`~inferd.chat.plan.ChatPlan` holds) pass through unchanged; inferd
+        :class:`~inferd.types.Message` objects go through that same mapper.
+        """
+        dicts = [m for m in messages if isinstance(m, dict)]
+        if len(dicts) != len(messages):
+            if dicts:
+                raise InvalidRequest("render() takes Messages or template dicts, not a mix")
+            dicts = template_messages(messages)  # type: ignore[arg-type]
         ctx: dict[str, Any] = {
-            # Template-ready dicts (from inferd.chat.messages) pass through unchanged.
-            "messages": [m if isinstance(m, dict) else message_to_dict(m) for m in messages],
+            "messages": dicts,
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         }
         if tools:
-            ctx["tools"] = [tool_to_dict(t) for t in tools]
+            ctx["tools"] = template_tools(tools)
         ctx.update(extra)
         try:
             return self._template.render(**ctx)
-        except TemplateError:
-            raise
+        except InvalidRequest:
+            raise  # TemplateError from raise_exception, already worded
         except jinja2.exceptions.SecurityError as e:
             raise InvalidRequest(f"the chat template tried an unsafe operation: {e}") from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:

@@ -1,33 +1,24 @@
 """The seam between generated text and events: a per-model output parser.
 
 The backend streams decoded text (UTF-8 complete, stop sequences already cut) into a
-parser and yields whatever events it returns. The default passes text through as
-``Text``. Tool-call and thinking parsers for local models (``inferd.chat``) implement
-the same two methods and are passed to ``LlamaCpp(output_parser=...)`` as a
-:data:`ParserFactory`.
+parser and yields whatever events it returns. By default the backend builds the parser
+from its chat plan (:meth:`inferd.chat.plan.ChatPlan.parser`); ``LlamaCpp(output_parser=
+...)`` takes a :data:`ParserFactory` instead. The parser protocol is
+:class:`inferd.chat.OutputParser` (one definition, re-exported here for the backend).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
 
+from inferd.chat._stream import OutputParser
 from inferd.types import Event, Request, Text
 
-
-@runtime_checkable
-class OutputParser(Protocol):
-    """Turns a stream of text pieces into events. One instance per generation."""
-
-    def feed(self, text: str) -> list[Event]:
-        """Events made complete by ``text`` (may be empty while a construct is open)."""
-
-    def finish(self) -> list[Event]:
-        """Events still held when generation ends (a parser flushes what it buffered)."""
+__all__ = ["OutputParser", "ParserFactory", "PlainText"]
 
 
 class PlainText:
-    """Every piece of text is a ``Text`` event, unchanged."""
+    """Every piece of text is a ``Text`` event, unchanged (for ``output_parser=``)."""
 
     __slots__ = ()
 
@@ -43,8 +34,3 @@ class PlainText:
 #: inside an open reasoning block) and the request (tools, thinking). This matches
 #: ``inferd.chat.parser_for(chat_template, prompt, ...)`` so it plugs in directly.
 ParserFactory = Callable[[str | None, str, Request], OutputParser]
-
-
-def plain_text(chat_template: str | None, prompt: str, request: Request) -> OutputParser:
-    """The default factory: plain text, whatever the model."""
-    return PlainText()
