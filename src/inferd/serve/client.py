@@ -230,6 +230,9 @@ class Client(Backend):
                 f"all {self.max_connections} connections to the daemon stayed busy for "
                 f"{self.pool_timeout_s:g}s (max_connections, pool_timeout_s); retry later"
             ) from None
+        if self._closed:  # closed while this request waited for a connection
+            self._slots.release()
+            raise NotReady("client is closed; create a new one")
         while self._idle:
             conn = self._idle.pop()
             if conn.alive:
@@ -327,6 +330,8 @@ class Client(Backend):
             await self.refresh()
         except InferdError as e:
             log.debug("daemon state refresh failed: %s", e.message)
+        except Exception as e:  # a bug: keep the cached state, say so in the log
+            log.warning("daemon state refresh failed with %s", type(e).__name__, exc_info=e)
 
     # ------------------------------------------------------------------ Backend
 
