@@ -1,67 +1,59 @@
-"""Continuous batching: aggregate tok/s and TTFT under concurrent load, three servers.
+"""Continuous batching: aggregate tok/s and TTFT under concurrent load, same work for every peer.
 
-The same client load hits each peer: ``C`` clients arrive at once, each streams one
-chat completion of exactly ``--tokens`` new tokens (greedy, end-of-generation ignored),
-each with its own prompt. Peers, each in its own process, same model (SmolLM2-135M-
-Instruct Q4_1), same threads, the same context per sequence:
+``C`` clients arrive at once; each streams one chat completion of exactly ``--tokens``
+new tokens (end-of-generation ignored, so token counts are exact), each with its own
+prompt; greedy and sampled (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, seed =
+request id, sent to both sides). Every peer gets the same model, slots (``C``), context
+per slot (``--ctx``, 1,024), threads, batch (512) and flash-attention setting (ours is
+libllama's AUTO; the others get what AUTO resolves to: ``bench/fair.py``).
 
-* ``inferd``: ``LlamaCpp(parallel=C, n_ctx=C*ctx, kv_layout=...)`` in-process,
-  ``generate()`` streams (``--kv-layout``: ``unified``, the default, or ``split``, one
-  KV stream per slot as llama-server's ``-np`` uses);
-* ``llama-server``: llama.cpp's server built from the vendored tree
-  (``bench/peers.py``), ``-np C -c C*ctx``, driven over loopback HTTP with aiohttp
-  (SSE, ``ignore_eos``, usage in the last chunk);
-* ``llama-cpp-python``: one ``Llama`` behind a lock (it serves one stream at a time),
-  the clients queued on that lock; EOG banned through ``logit_bias`` (no ignore_eos).
+``--suite http`` (the default, the headline; issue 14): ``inferd bridge`` serving an
+in-process ``LlamaCpp`` over HTTP against llama-server (``-np C -c C*ctx``, built from
+the vendored tree by ``bench/peers.py``), both driven by the same aiohttp client
+(``bench/http_load.py``: streamed SSE read line by line, usage from the last chunk).
+llama-server gives each slot its own KV stream, so ``bridge split`` is the like-for-like
+peer; ``bridge unified`` (ADR 0008) is reported beside it. All servers of one ``C`` stay
+up together; within each round the peers run one after another in a rotating order, and
+the ratio to llama-server is taken per round (same round, same prompts, same seeds),
+then its median is reported.
 
-Reports aggregate generated tokens/s (all tokens / wall time from arrival to the last
-``Done``) and p50/p99 time to first token (from arrival, queueing included), medians
-over ``--rounds`` (peers interleaved round by round); ratios inferd/llama-server
-(target >= 1.0 at every concurrency) and inferd/llama-cpp-python (target >= 1.8 at
-concurrency 8). Writes a PNG of tok/s against concurrency to
-``bench/results/batching.png``.
+``--suite inprocess`` (the second table): ``LlamaCpp.generate`` in-process (unified and
+split), llama-server (same HTTP client) and llama-cpp-python (one ``Llama`` behind a
+lock: it serves one stream at a time), each peer a fresh process per round, peers
+interleaved round by round.
 
-    python bench/bench_batching.py [--smoke] [--tokens N] [--threads T] [--rounds R]
-                                   [--kv-layout unified|split]
+Reports medians of tok/s (all tokens / wall time from arrival to the last token) and
+TTFT p50/p99 (from arrival, queueing included), and medians of per-round ratios.
+
+    python bench/bench_batching.py [--smoke] [--suite http|inprocess] [--tokens N]
+        [--threads T] [--rounds R] [--conc 1,4,8,16] [--modes greedy,sampled]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import http_load  # noqa: E402
+from bench.http_load import RoundResult  # noqa: E402
+
 RESULTS = HERE / "results"
-TOPICS = (
-    "a lighthouse keeper",
-    "a lost robot",
-    "the first rain on Mars",
-    "a jazz cat",
-    "an old map",
-    "a paper boat",
-    "a clockmaker",
-    "a winter garden",
-    "a pirate cook",
-    "a shy dragon",
-    "a talking tree",
-    "a deep-sea diver",
-    "a kite festival",
-    "a bakery at dawn",
-    "a desert train",
-    "a moon library",
-)
-
-
-def _prompt(i: int) -> str:
-    return f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]} (#{i})."
+HTTP_PEERS = ("bridge split", "bridge unified", "llama-server")
+INPROC_PEERS = ("inferd unified", "inferd split", "llama-server", "llama-cpp-python")
+#: Request ids: round r, mode m use ids ``r * ROUND_IDS + m * MODE_IDS + i``.
+ROUND_IDS, MODE_IDS, WARMUP_ID = 1000, 100, 900_000
+#: New tokens per stream of the warm-up round (primes every slot of every peer).
+WARMUP_TOKENS = 4
 
 
 def _model_path() -> Path:
@@ -70,287 +62,294 @@ def _model_path() -> Path:
     return Path(resolve("smollm2-135m", pull=True, progress=False))
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+def _ids(r: int, mode: str) -> int:
+    return r * ROUND_IDS + (MODE_IDS if mode == "sampled" else 0)
 
 
-def _summary(n_tokens: int, wall: float, ttfts: list[float]) -> dict:
-    return {"tps": n_tokens / wall, "ttft_p50": _pct(ttfts, 0.5), "ttft_p99": _pct(ttfts, 0.99)}
+# ---------------------------------------------------------------- http suite
 
 
-# ---------------------------------------------------------------- children
+def _start_http(a: argparse.Namespace, conc: int) -> dict:
+    from bench.peers import ensure_peer
+    from bench.servers import Settings, start_bridge, start_llama_server
+
+    s = Settings(a.model, conc, a.ctx, a.threads, a.gpu_layers, a.flash_attn)
+    servers = {}
+    try:
+        for name in a.peer_list:
+            if name == "llama-server":
+                port = _free_port()
+                servers[name] = start_llama_server(ensure_peer("llama-server"), s, port)
+            else:
+                servers[name] = start_bridge(s, name.split()[1])
+    except BaseException:
+        for srv in servers.values():
+            srv.stop()
+        raise
+    return servers
 
 
-def child_inferd(a: argparse.Namespace) -> dict:
-    import asyncio
+def _free_port() -> int:
+    import socket
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _drive_http(servers: dict, a: argparse.Namespace, conc: int, raw: dict) -> None:
+    """All peers of one concurrency: warm up, then rounds with a rotating peer order."""
+    for srv in servers.values():
+        await http_load.wait_healthy(srv.base_url, srv.alive)
+    for srv in servers.values():  # untimed: loads weights, primes every slot's prefix
+        await http_load.run_round(srv.base_url, conc, WARMUP_TOKENS, False, WARMUP_ID)
+    names = list(servers)
+    for r in range(a.rounds):
+        for m, mode in enumerate(a.mode_list):
+            k = (r * len(a.mode_list) + m) % len(names)
+            for name in names[k:] + names[:k]:
+                res = await http_load.run_round(
+                    servers[name].base_url, conc, a.tokens, mode == "sampled", _ids(r, mode)
+                )
+                raw.setdefault(mode, {}).setdefault(name, {}).setdefault(conc, []).append(
+                    res.summary()
+                )
+        print(f"  C={conc}: round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+
+
+def run_http(a: argparse.Namespace) -> dict:
+    raw: dict = {}
+    for conc in a.conc:
+        servers = _start_http(a, conc)
+        try:
+            asyncio.run(_drive_http(servers, a, conc, raw))
+        finally:
+            for srv in servers.values():
+                srv.stop()
+        if a.json:  # as we go: a run cut short still leaves its data
+            Path(a.json).with_suffix(".partial.json").write_text(json.dumps({"raw": raw}))
+    return raw
+
+
+# ---------------------------------------------------------------- in-process suite
+
+
+def _inferd_request(i: int, tokens: int, sampled: bool):
+    from inferd.types import Request
+
+    opts = dict(http_load.SAMPLED if sampled else http_load.GREEDY)
+    if sampled:
+        opts["seed"] = i
+    return Request.chat(http_load.prompt(i), max_tokens=tokens, ignore_eos=True, **opts)
+
+
+def child_inferd(a: argparse.Namespace, kv_layout: str) -> dict:
     from inferd.backends.llamacpp import LlamaCpp
-    from inferd.types import Done, Request
+    from inferd.types import Done, Text
 
-    async def client(b: LlamaCpp, i: int, t0: float) -> tuple[int, float]:
-        req = Request.chat(_prompt(i), temperature=0, max_tokens=a.tokens, ignore_eos=True)
-        first = None
-        n = 0
-        async for ev in b.generate(req):
-            if first is None:
+    async def client(b: LlamaCpp, i: int, sampled: bool, t0: float) -> tuple[int, float]:
+        first, n = None, 0
+        async for ev in b.generate(_inferd_request(i, a.tokens, sampled)):
+            if first is None and isinstance(ev, Text) and ev.text:
                 first = time.perf_counter() - t0
             if isinstance(ev, Done):
                 n = ev.usage.output_tokens
         assert n == a.tokens, f"generated {n}, wanted {a.tokens}"
-        return n, first or 0.0
+        return n, first if first is not None else time.perf_counter() - t0
 
     async def run() -> dict:
-        out = {}
+        out: dict = {}
         for c in a.conc:
             b = LlamaCpp(
                 a.model,
                 n_ctx=c * a.ctx,
                 n_threads=a.threads,
                 parallel=c,
+                n_batch=512,
                 n_gpu_layers=a.gpu_layers,
-                kv_layout=a.kv_layout,
+                kv_layout=kv_layout,
             )
-            await client(b, 999, time.perf_counter())  # warm-up
-            rounds = []
-            for r in range(a.rounds):
-                # the prefix cache stays: llama-server (slot cache) and llama-cpp-python
-                # (last prompt) reuse a shared chat-template prefix too
+            t0 = time.perf_counter()  # warm-up: every slot, as the HTTP peers get
+            await asyncio.gather(*(client(b, WARMUP_ID + i, False, t0) for i in range(c)))
+            for mode in a.mode_list:
+                ids = _ids(a.round, mode)
                 t0 = time.perf_counter()
-                res = await asyncio.gather(*(client(b, r * 100 + i, t0) for i in range(c)))
+                res = await asyncio.gather(
+                    *(client(b, ids + i, mode == "sampled", t0) for i in range(c))
+                )
                 wall = time.perf_counter() - t0
-                rounds.append(_summary(sum(n for n, _ in res), wall, [f for _, f in res]))
-            out[c] = rounds
+                rr = RoundResult(sum(n for n, _ in res), wall, [f for _, f in res])
+                out.setdefault(mode, {})[c] = rr.summary()
             await b.aclose()
         return out
 
     return asyncio.run(run())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def child_server(a: argparse.Namespace) -> dict:
-    import asyncio
-
-    import aiohttp
-
-    from bench.peers import ensure_peer
-
-    exe = ensure_peer("llama-server")
-
-    async def client(
-        session: aiohttp.ClientSession, url: str, i: int, t0: float
-    ) -> tuple[int, float]:
-        body = {
-            "messages": [{"role": "user", "content": _prompt(i)}],
-            "stream": True,
-            "max_tokens": a.tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True},
-        }
-        first = None
-        n = 0
-        async with session.post(url, json=body) as resp:
-            resp.raise_for_status()
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if first is None and any(
-                    (ch.get("delta") or {}).get("content") for ch in chunk.get("choices") or ()
-                ):
-                    first = time.perf_counter() - t0
-                if chunk.get("usage"):
-                    n = chunk["usage"]["completion_tokens"]
-        assert n == a.tokens, f"llama-server generated {n}, wanted {a.tokens}"
-        return n, first or 0.0
-
-    async def bench_one(c: int, port: int) -> list[dict]:
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        # llama-server closes a keep-alive connection after a stream without saying so;
-        # a fresh connection per request keeps the next request from hitting a dead one.
-        conn = aiohttp.TCPConnector(limit=0, force_close=True)
-        async with aiohttp.ClientSession(connector=conn) as session:
-            for _ in range(600):  # wait (up to a minute) for the model to load
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError(f"llama-server on port {port} never became healthy")
-            await client(session, url, 999, time.perf_counter())  # warm-up
-            rounds = []
-            for r in range(a.rounds):
-                t0 = time.perf_counter()
-                res = await asyncio.gather(
-                    *(client(session, url, r * 100 + i, t0) for i in range(c))
-                )
-                wall = time.perf_counter() - t0
-                rounds.append(_summary(sum(n for n, _ in res), wall, [f for _, f in res]))
-            return rounds
-
-    out = {}
+    out: dict = {}
     for c in a.conc:
-        port = _free_port()
-        cmd = [
-            str(exe),
-            "-m",
-            a.model,
-            "-np",
-            str(c),
-            "-c",
-            str(c * a.ctx),
-            "-t",
-            str(a.threads),
-            "-tb",
-            str(a.threads),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-webui",
-            "-ngl",
-            "all" if a.gpu_layers < 0 else str(a.gpu_layers),
-        ]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers = _start_http(argparse.Namespace(**{**vars(a), "peer_list": ["llama-server"]}), c)
+        srv = servers["llama-server"]
+
+        async def drive(srv=srv, c=c) -> None:
+            await http_load.wait_healthy(srv.base_url, srv.alive)
+            await http_load.run_round(srv.base_url, c, WARMUP_TOKENS, False, WARMUP_ID)
+            for mode in a.mode_list:
+                res = await http_load.run_round(
+                    srv.base_url, c, a.tokens, mode == "sampled", _ids(a.round, mode)
+                )
+                out.setdefault(mode, {})[c] = res.summary()
+
         try:
-            out[c] = asyncio.run(bench_one(c, port))
+            asyncio.run(drive())
         finally:
-            proc.terminate()
-            proc.wait(10)
+            srv.stop()
     return out
 
 
 def child_lcp(a: argparse.Namespace) -> dict:
-    import asyncio
+    """llama-cpp-python behind a lock; EOG banned in its C sampler chain (bench/fair.py)."""
     import threading
 
-    import llama_cpp
-
+    from bench.fair import eog_banned_llama
     from inferd.backends.llamacpp import LlamaCpp
     from inferd.types import Request
 
     renderer = LlamaCpp(a.model, n_ctx=512, n_threads=1, parallel=1)
-    prompts = {}
-
-    def rendered(i: int) -> str:
-        if i not in prompts:
-            prompts[i] = renderer.render(Request.chat(_prompt(i)))
-        return prompts[i]
-
-    llm = llama_cpp.Llama(
+    llm = eog_banned_llama(
         a.model,
         n_ctx=a.ctx,
+        n_batch=512,
         n_threads=a.threads,
         n_threads_batch=a.threads,
         n_gpu_layers=a.gpu_layers,
+        flash_attn=a.flash_attn,
         verbose=False,
     )
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    bias = {t: -1e9 for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
     lock = threading.Lock()
 
-    def one(i: int, t0: float) -> tuple[int, float]:
-        prompt = rendered(i)
+    def one(i: int, sampled: bool, t0: float) -> tuple[int, float]:
+        s = http_load.SAMPLED if sampled else http_load.GREEDY
+        kw = {k: s[k] for k in ("top_k", "top_p", "min_p") if k in s}
+        if not sampled:
+            kw["top_k"] = 1
+        prompt = prompts[i]
         first = None
         with lock:  # llama-cpp-python serves one stream at a time
+            llm.sampled = 0
             for _ in llm.create_completion(
-                prompt, max_tokens=a.tokens, temperature=0.0, top_k=1, stream=True, logit_bias=bias
+                prompt,
+                max_tokens=a.tokens,
+                temperature=s["temperature"],
+                seed=i if sampled else None,
+                stream=True,
+                **kw,
             ):
                 if first is None:
                     first = time.perf_counter() - t0
-            n = llm.n_tokens - len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
-        return n, first or 0.0
+            n = llm.sampled
+        assert n == a.tokens, f"llama-cpp-python sampled {n}, wanted {a.tokens}"
+        return n, first if first is not None else time.perf_counter() - t0
+
+    wanted = [WARMUP_ID] + [_ids(a.round, m) + i for m in a.mode_list for i in range(max(a.conc))]
+    prompts = {i: renderer.render(Request.chat(http_load.prompt(i))) for i in wanted}
+    renderer.close()
 
     async def run() -> dict:
-        out = {}
-        await asyncio.to_thread(one, 999, time.perf_counter())  # warm-up
+        out: dict = {}
+        await asyncio.to_thread(one, WARMUP_ID, False, time.perf_counter())
         for c in a.conc:
-            for r in range(a.rounds):  # render outside the timed region
-                for i in range(c):
-                    rendered(r * 100 + i)
-            rounds = []
-            for r in range(a.rounds):
+            for mode in a.mode_list:
+                ids = _ids(a.round, mode)
                 t0 = time.perf_counter()
                 res = await asyncio.gather(
-                    *(asyncio.to_thread(one, r * 100 + i, t0) for i in range(c))
+                    *(asyncio.to_thread(one, ids + i, mode == "sampled", t0) for i in range(c))
                 )
                 wall = time.perf_counter() - t0
-                rounds.append(_summary(sum(n for n, _ in res), wall, [f for _, f in res]))
-            out[c] = rounds
+                rr = RoundResult(sum(n for n, _ in res), wall, [f for _, f in res])
+                out.setdefault(mode, {})[c] = rr.summary()
         return out
 
-    try:
-        return asyncio.run(run())
-    finally:
-        renderer.close()
+    return asyncio.run(run())
 
 
-CHILDREN = {"inferd": child_inferd, "llama-server": child_server, "llama-cpp-python": child_lcp}
+def _child(a: argparse.Namespace) -> dict:
+    if a.child.startswith("inferd "):
+        return child_inferd(a, a.child.split()[1])
+    return {"llama-server": child_server, "llama-cpp-python": child_lcp}[a.child](a)
 
 
-# ---------------------------------------------------------------- parent
+def _spawn(peer: str, a: argparse.Namespace, r: int) -> dict:
+    import subprocess
 
-
-def _env() -> dict:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")])
-        ),
-    }
-
-
-def _spawn(peer: str, a: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        peer,
-        "--model",
-        a.model,
-        "--tokens",
-        str(a.tokens),
-        "--threads",
-        str(a.threads),
-        "--rounds",
-        str(a.rounds),
-        "--ctx",
-        str(a.ctx),
-        "--gpu-layers",
-        str(a.gpu_layers),
-        "--conc",
-        ",".join(map(str, a.conc)),
-        "--kv-layout",
-        a.kv_layout,
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", peer, "--round", str(r)]
+    cmd += ["--model", a.model]
+    for flag in ("tokens", "threads", "ctx", "gpu_layers", "flash_attn"):
+        cmd += [f"--{flag.replace('_', '-')}", str(int(getattr(a, flag)))]
+    cmd += ["--conc", ",".join(map(str, a.conc)), "--modes", ",".join(a.mode_list)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{peer} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return {int(k): v for k, v in json.loads(p.stdout.strip().splitlines()[-1]).items()}
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _paired(ours: list[dict], theirs: list[dict]) -> list[float]:
-    """inferd/peer tok/s round by round. Peers run interleaved, so a load spike from
-    other jobs hits one round of both: on a shared box these ratios are steadier than the
-    ratio of the overall medians."""
-    return [round(o["tps"] / t["tps"], 2) for o, t in zip(ours, theirs, strict=False)]
+def run_inprocess(a: argparse.Namespace) -> dict:
+    raw: dict = {}
+    for r in range(a.rounds):  # peers interleaved round by round, rotating order
+        k = r % len(a.peer_list)
+        for peer in a.peer_list[k:] + a.peer_list[:k]:
+            for mode, by_c in _spawn(peer, a, r).items():
+                for c, summary in by_c.items():
+                    raw.setdefault(mode, {}).setdefault(peer, {}).setdefault(int(c), [])
+                    raw[mode][peer][int(c)].append(summary)
+        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+        if a.json:
+            Path(a.json).with_suffix(".partial.json").write_text(json.dumps({"raw": raw}))
+    return raw
+
+
+# ---------------------------------------------------------------- report
 
 
 def _median(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
-def plot(med: dict, conc: list[int], path: Path, title: str) -> Path | None:
+def paired(ours: list[dict], theirs: list[dict]) -> list[float]:
+    """ours/theirs tok/s round by round: a load spike hits one round of both peers."""
+    return [round(o["tps"] / t["tps"], 3) for o, t in zip(ours, theirs, strict=True)]
+
+
+def report(raw: dict, a: argparse.Namespace, reference: str, ours: tuple[str, ...]) -> dict:
+    """Print one table per mode and the per-round ratios; return the medians."""
+    med: dict = {}
+    for mode, by_peer in raw.items():
+        med[mode] = {p: {c: _median(v) for c, v in by_c.items()} for p, by_c in by_peer.items()}
+        peers = [p for p in a.peer_list if p in by_peer]
+        print(f"\n{mode}: tok/s (TTFT p50 / p99 ms), medians of {a.rounds} rounds\n")
+        print("| C | " + " | ".join(peers) + " |")
+        print("|---:|" + "---:|" * len(peers))
+        for c in a.conc:
+            cells = []
+            for p in peers:
+                m = med[mode][p][c]
+                p50, p99 = m["ttft_p50"] * 1e3, m["ttft_p99"] * 1e3
+                cells.append(f"{m['tps']:.1f} ({p50:.0f} / {p99:.0f})")
+            print(f"| {c} | " + " | ".join(cells) + " |")
+        print()
+        for c in a.conc:
+            for p in (x for x in ours if x in by_peer and reference in by_peer):
+                pr = paired(by_peer[p][c], by_peer[reference][c])
+                print(
+                    f"{mode} C={c}: {p} / {reference} = {statistics.median(pr):.2f}x "
+                    f"(median of per-round ratios {pr})"
+                )
+    return med
+
+
+def plot(med: dict, conc: list[int], peers: list[str], path: Path, title: str) -> Path | None:
     try:
         import matplotlib
 
@@ -360,7 +359,7 @@ def plot(med: dict, conc: list[int], path: Path, title: str) -> Path | None:
         print("(matplotlib missing: no plot; pip install matplotlib)")
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    for peer, style in (("inferd", "o-"), ("llama-server", "s--"), ("llama-cpp-python", "^:")):
+    for peer, style in zip(peers, ("o-", "s--", "^:", "d-."), strict=False):
         if peer in med:
             ax.plot(conc, [med[peer][c]["tps"] for c in conc], style, label=peer)
     ax.set_xlabel("concurrent streams")
@@ -377,122 +376,95 @@ def plot(med: dict, conc: list[int], path: Path, title: str) -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+# ---------------------------------------------------------------- main
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI: must run)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, both suites (CI)")
+    ap.add_argument("--suite", choices=("http", "inprocess", "all"), default=None)
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per stream (128)")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="compute threads per peer (default: the CPUs available; on a "
-        "shared box use 1: spinning OpenMP threads collapse under load)",
-    )
+    ap.add_argument("--threads", type=int, default=None, help="compute threads per peer")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--ctx", type=int, default=512, help="context tokens per sequence")
+    ap.add_argument("--ctx", type=int, default=1024, help="context tokens per slot")
     ap.add_argument("--conc", type=str, default=None, help="concurrencies, e.g. 1,4,8,16")
-    ap.add_argument("--peers", type=str, default="inferd,llama-server,llama-cpp-python")
-    ap.add_argument(
-        "--kv-layout",
-        type=str,
-        default="unified",
-        choices=("unified", "split"),
-        help="KV cache layout of the inferd peer (only inferd reads it)",
-    )
+    ap.add_argument("--modes", type=str, default=None, help="greedy,sampled")
+    ap.add_argument("--peers", type=str, default=None, help="subset of the suite's peers")
     ap.add_argument("--json", type=str, default=None, help="write raw results here")
-    ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
-    ap.add_argument(
-        "--model",
-        type=str,
-        default=None,
-        help="GGUF to serve (default: SmolLM2-135M-Instruct from the model store)",
-    )
-    ap.add_argument(
-        "--gpu-layers",
-        type=int,
-        default=0,
-        help="layers to offload on a GPU build, for every peer (-1 = all)",
-    )
-    ap.add_argument(
-        "--title", type=str, default="SmolLM2-135M Q4_1, continuous batching", help="plot title"
-    )
+    ap.add_argument("--model", type=str, default=None, help="GGUF (default: SmolLM2-135M)")
+    ap.add_argument("--gpu-layers", type=int, default=0, help="offload, every peer (-1 = all)")
+    ap.add_argument("--title", type=str, default="SmolLM2-135M Q4_1, continuous batching")
     ap.add_argument("--plot", type=Path, default=RESULTS / "batching.png", help="PNG path")
+    ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--flash-attn", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.suite = a.suite or ("all" if a.smoke else "http")
     a.tokens = a.tokens or (8 if a.smoke else 128)
     a.rounds = a.rounds or (1 if a.smoke else 3)
     a.conc = [int(x) for x in (a.conc or ("1,2" if a.smoke else "1,4,8,16")).split(",")]
-    cpus = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    )
-    a.threads = a.threads or (1 if a.smoke else cpus)
-    if a.child:
-        print(json.dumps(CHILDREN[a.child](a)))
-        return 0
-    a.model = a.model or str(_model_path())
-    peers = [p for p in a.peers.split(",") if p]
+    a.mode_list = (a.modes or "greedy,sampled").split(",")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    a.threads = a.threads or (1 if a.smoke else cpus or 1)
+    return a
+
+
+def run_suite(a: argparse.Namespace, suite: str) -> dict:
+    """Run one suite, print its tables and ratios; return {"raw", "median"}."""
+    all_peers = HTTP_PEERS if suite == "http" else INPROC_PEERS
+    a.peer_list = [p for p in (a.peers.split(",") if a.peers else all_peers) if p in all_peers]
     print(
-        f"# batching: {a.tokens} new tokens per stream, {a.threads} threads, "
-        f"rounds={a.rounds}, concurrency {a.conc}, inferd kv_layout={a.kv_layout}"
+        f"\n# batching, {suite} suite: {a.tokens} new tokens per stream, {a.threads} threads, "
+        f"{a.ctx}-token slots, batch 512, flash attention "
+        f"{'on' if a.flash_attn else 'off'} for every peer (ours: AUTO, resolved), "
+        f"rounds={a.rounds}, concurrency {a.conc}, modes {a.mode_list}, peers {a.peer_list}",
+        flush=True,
     )
-    raw: dict[str, dict] = {}
-    one = argparse.Namespace(**{**vars(a), "rounds": 1})
-    skipped: set[str] = set()
-    for _ in range(a.rounds):  # peers interleaved round by round: noise hits all alike
-        for peer in peers:
-            if peer in skipped:
-                continue
-            try:
-                try:
-                    res = _spawn(peer, one)
-                except RuntimeError:  # a shared box: one retry (port race, OOM kill)
-                    res = _spawn(peer, one)
-            except Exception as e:  # a missing peer is reported, the rest still run
-                if peer == "inferd":
-                    raise
-                print(f"({peer} skipped: {str(e)[-1500:]})")
-                skipped.add(peer)
-                continue
-            for c, rounds in res.items():
-                raw.setdefault(peer, {}).setdefault(c, []).extend(rounds)
-            if a.json:  # as we go: a run cut short by a time limit still leaves its data
-                Path(a.json).write_text(json.dumps({"raw": raw}))
-    med = {p: {c: _median(r[c]) for c in a.conc} for p, r in raw.items()}
-    print()
-    print("| concurrency | peer | tok/s | TTFT p50 ms | TTFT p99 ms |")
-    print("|---:|---|---:|---:|---:|")
-    for c in a.conc:
-        for p in peers:
-            if p in med:
-                m = med[p][c]
-                print(
-                    f"| {c} | {p} | {m['tps']:.1f} | {m['ttft_p50'] * 1000:.0f} | "
-                    f"{m['ttft_p99'] * 1000:.0f} |"
-                )
-    print()
-    for c in a.conc:
-        ours = med["inferd"][c]["tps"]
-        parts = []
-        for peer in ("llama-server", "llama-cpp-python"):
-            if peer in med:
-                paired = _paired(raw["inferd"][c], raw[peer][c])
-                parts.append(
-                    f"{ours / med[peer][c]['tps']:.2f}x {peer} (per-round median "
-                    f"{statistics.median(paired):.2f}x, {paired})"
-                )
-        print(f"concurrency {c}: inferd = " + "; ".join(parts))
-    print("(targets: >= 1.0x llama-server at every concurrency, >= 1.8x llama-cpp-python at 8)")
-    out = plot(med, a.conc, a.plot, a.title)
+    t0 = time.perf_counter()
+    raw = run_http(a) if suite == "http" else run_inprocess(a)
+    ours = ("bridge split", "bridge unified", "inferd unified", "inferd split")
+    med = report(raw, a, "llama-server", ours)
+    if suite == "inprocess":
+        report_lcp(raw, a)
+    print(f"\n({suite} suite: {time.perf_counter() - t0:.0f} s)")
+    return {"raw": raw, "median": med}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
+    if a.child:
+        a.flash_attn = bool(a.flash_attn)
+        print(json.dumps(_child(a)))
+        return 0
+    from bench.fair import our_flash_attn
+
+    a.model = a.model or str(_model_path())
+    a.flash_attn = our_flash_attn(a.model, a.gpu_layers)
+    results = {}
+    for suite in ("http", "inprocess") if a.suite == "all" else (a.suite,):
+        results[suite] = run_suite(a, suite)
+        if a.json:
+            Path(a.json).write_text(json.dumps(results))
+    first = results[next(iter(results))]
+    peers = HTTP_PEERS if "http" in results else INPROC_PEERS
+    out = plot(first["median"].get(a.mode_list[0], {}), a.conc, list(peers), a.plot, a.title)
     if out:
         print(f"plot: {out}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"raw": raw, "median": med}))
-    if skipped and os.environ.get("CI"):
-        print(
-            f"peers that did not run: {', '.join(sorted(skipped))} (CI builds them all)",
-            file=sys.stderr,
-        )
-        return 1
     return 0
+
+
+def report_lcp(raw: dict, a: argparse.Namespace) -> None:
+    for mode, by_peer in raw.items():
+        if "llama-cpp-python" not in by_peer:
+            continue
+        for p in ("inferd unified", "inferd split"):
+            if p in by_peer:
+                for c in a.conc:
+                    pr = paired(by_peer[p][c], by_peer["llama-cpp-python"][c])
+                    print(
+                        f"{mode} C={c}: {p} / llama-cpp-python = "
+                        f"{statistics.median(pr):.2f}x (per round {pr})"
+                    )
 
 
 if __name__ == "__main__":

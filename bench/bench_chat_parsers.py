@@ -47,6 +47,7 @@ PROSE = (
 )
 REPLIES = {
     "plain": PROSE * 4,
+    "thinking": "<think>\n" + PROSE + "\n</think>\n\n" + PROSE * 2,
     "hermes": "<think>\n"
     + PROSE
     + "\n</think>\n\n"
@@ -69,7 +70,6 @@ REPLIES = {
         f"<|tool_call>call:get_weather{{city:{Q}Zürich{Q},days:3}}<tool_call|>" for _ in range(2)
     ),
 }
-REPLIES["thinking"] = "<think>\n" + PROSE + "\n</think>\n\n" + PROSE * 2
 #: Family -> (parser name, parser options). "thinking" is the plain format with a
 #: reasoning block (``<think>``), as templates that mention one get.
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {

@@ -6,14 +6,21 @@ three peers interleaved round by round so that machine noise hits all of them al
 
 * ``inferd``: ``LlamaCpp.generate`` (async stream of events, greedy, ``ignore_eos``);
 * ``llama-cpp-python``: ``Llama.create_completion(stream=True)`` on the same rendered
-  prompt, EOG tokens banned through ``logit_bias`` (it has no ignore_eos);
+  prompt; it has no ignore_eos, so end-of-generation is banned by a ``-inf`` logit bias
+  in its C sampler chain, as llama-server's ``ignore_eos`` does (``bench/fair.py``; its
+  ``logit_bias`` argument would add a Python logits processor per token), and its
+  count is the tokens its sampler drew, the last one included;
 * ``binding``: ``inferd._fast._llama`` alone (``Context.step`` in a Python loop, no
   event loop, no scheduler): what the Cython layer itself costs;
 * ``llama-bench``: llama.cpp's own tool built from the same vendored tree
   (``bench/peers.py``), ``-p 0 -n N`` for decode and ``-p P -n 0`` for prompt speed
   (its TTFT is estimated as P / prompt-tokens-per-second; it has no streaming).
 
-Each peer runs in its own process; peak RSS comes from ``wait4`` of that process.
+Same work: same batch (512), and the same flash-attention setting for every peer: ours
+is libllama's AUTO (``Context`` has no flash-attention argument), resolved once by
+``bench/fair.py``; llama-cpp-python (whose default is off) and llama-bench get that
+value explicitly, and the report says which. Each peer runs in its own process; peak
+RSS comes from ``wait4`` of that process.
 Reports medians and the ratios inferd/llama-bench (target >= 0.97) and
 inferd/llama-cpp-python (target >= 1.10).
 
@@ -34,6 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROMPT = "Write a long, detailed story about a lighthouse keeper and the sea."
+#: Logical and physical batch of every peer (LlamaCpp's and llama-cpp-python's default).
+N_BATCH = 512
 
 
 def _model_path() -> Path:
@@ -111,45 +120,40 @@ def child_binding(a: argparse.Namespace) -> dict:
 
 
 def child_lcp(a: argparse.Namespace) -> dict:
-    import llama_cpp
+    """llama-cpp-python's streaming ``create_completion``; EOG banned in its C sampler chain
+    and flash attention set as ours resolves (bench/fair.py)."""
+    from bench.fair import eog_banned_llama
 
-    llm = llama_cpp.Llama(
+    llm = eog_banned_llama(
         a.model,
         n_ctx=a.ctx,
+        n_batch=N_BATCH,
         n_threads=a.threads,
         n_threads_batch=a.threads,
         n_gpu_layers=a.gpu_layers,
+        flash_attn=bool(a.flash_attn),
         verbose=False,
     )
     prompt = a.prompt_text
-    eog = (
-        [
-            t
-            for t in range(llm.n_vocab())
-            if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), t)
-        ]
-        if hasattr(llama_cpp, "llama_vocab_is_eog")
-        else [llm.token_eos()]
-    )
-    bias = {t: -1e9 for t in eog}
-    kw = dict(max_tokens=a.tokens, temperature=0.0, top_k=1, stream=True, logit_bias=bias)
+    kw = dict(max_tokens=a.tokens, temperature=0.0, stream=True)
     warm = prompt.replace(f"(0) {PROMPT}", f"(warm-up) {PROMPT}")
     for _ in llm.create_completion(warm, **{**kw, "max_tokens": 4}):  # not a prefix of a run
         pass
     tps, ttft = [], []
     for i in range(a.repeats):
-        n, first = 0, None
+        first = None
         p_i = prompt.replace(f"(0) {PROMPT}", f"({i}) {PROMPT}")
+        llm.sampled = 0
         t0 = time.perf_counter()
         for _chunk in llm.create_completion(p_i, **kw):
             if first is None:
                 first = time.perf_counter()
-            n += 1
         end = time.perf_counter()
+        # chunks can merge tokens (held UTF-8): count what the sampler drew, the last
+        # token included (Llama.n_tokens misses it: the last token is never decoded)
+        n = llm.sampled
+        assert n == a.tokens, f"llama-cpp-python sampled {n}, wanted {a.tokens}"
         ttft.append(first - t0)
-        # chunks can merge tokens (held UTF-8); count the tokens actually generated
-        gen = llm.n_tokens - len(llm.tokenize(p_i.encode(), add_bos=True, special=True))
-        n = gen if gen > 0 else n
         tps.append((n - 1) / (end - first))
     return {"tps": tps, "ttft": ttft}
 
@@ -167,6 +171,8 @@ def _spawn_rss(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
 
 
 def llama_bench(exe: Path, a: argparse.Namespace, prompt_tokens: int) -> tuple[dict, int]:
+    from bench.fair import server_fa_flag
+
     base = [
         str(exe),
         "-m",
@@ -179,6 +185,11 @@ def llama_bench(exe: Path, a: argparse.Namespace, prompt_tokens: int) -> tuple[d
         "json",
         "-ngl",
         str(a.gpu_layers if a.gpu_layers >= 0 else 999),
+        "-b",
+        str(N_BATCH),
+        "-ub",
+        str(N_BATCH),
+        *server_fa_flag(bool(a.flash_attn)),
     ]
     out, rss = _spawn_rss([*base, "-p", "0", "-n", str(a.tokens)])
     tg = json.loads(out)[0]
@@ -213,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         help="layers to offload on a GPU build, for every peer (-1 = all)",
     )
     ap.add_argument("--prompt-text", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--flash-attn", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write results to this file")
     a = ap.parse_args(argv)
     a.tokens = a.tokens or (16 if a.smoke else 128)
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a.model = a.model or str(_model_path())
     sys.path.insert(0, str(ROOT))
+    from bench.fair import our_flash_attn
     from bench.peers import ensure_peer
 
     try:
@@ -238,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("llama-cpp-python is not installed; CI installs it") from None
         print("llama-cpp-python is not installed: skipping that peer", file=sys.stderr)
     exe = ensure_peer("llama-bench", quiet=True)
+    # ours is libllama's AUTO; every other peer gets what AUTO resolved to, explicitly
+    a.flash_attn = our_flash_attn(a.model, a.gpu_layers)
 
     samples: dict[str, dict[str, list[float]]] = {}
     rss: dict[str, int] = {}
@@ -280,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
     print(
         f"\n{Path(a.model).name}, {a.threads} threads, {a.gpu_layers} GPU layers, "
-        f"{prompt_tokens}-token prompt, "
+        f"{prompt_tokens}-token prompt, batch {N_BATCH}, flash attention "
+        f"{'on' if a.flash_attn else 'off'} for every peer (ours AUTO, resolved), "
         f"{a.tokens} generated tokens, medians of {a.rounds * a.repeats} runs\n"
     )
     print("| peer | decode tok/s | TTFT ms | peak RSS MiB |")
@@ -335,6 +351,8 @@ def _child_cmd(kind: str, a: argparse.Namespace, *extra: str) -> list[str]:
         str(a.ctx),
         "--gpu-layers",
         str(a.gpu_layers),
+        "--flash-attn",
+        str(int(a.flash_attn)),
         *extra,
     ]
 
