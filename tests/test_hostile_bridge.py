@@ -20,7 +20,7 @@ import pytest
 
 from inferd import openai_wire
 from inferd.backends.mock import Mock
-from inferd.errors import QueueFull
+from inferd.errors import BackendUnavailable, QueueFull
 from inferd.limits import MAX_JSON_DEPTH
 from inferd.router import Router
 from inferd.serve.bridge import SHUTDOWN_TIMEOUT_S, STATS_KEY, _FastChunks
@@ -28,6 +28,7 @@ from inferd.serve.client import Client, admin_status
 from inferd.types import (
     Capabilities,
     Done,
+    EmbedRequest,
     Event,
     Request,
     StopReason,
@@ -374,3 +375,17 @@ def test_daemon_connections_is_a_named_option() -> None:
     client = _backend_from_args(parser.parse_args(["--daemon-connections", "3"]))
     assert isinstance(client, Client) and client.max_connections == 3
     assert main(["--daemon-connections", "0", "--port", "0"]) == 1  # refused, not served
+
+
+async def test_a_reply_over_the_frame_limit_fails_only_its_own_request(daemons) -> None:
+    # 1,000 dimensions is a ~20 KB embedding frame, over this client's 4 KiB limit
+    client = Client(daemons["slow"].sock, max_frame_bytes=4096)
+    try:
+        stream = client.generate(Request.chat("hi", max_tokens=20))
+        assert await stream.__anext__() == Text("x")
+        with pytest.raises(BackendUnavailable, match="skipped"):
+            await client.embed(EmbedRequest(("a",), dimensions=1000))
+        rest = [e async for e in stream]  # the unrelated stream goes on to its Done
+        assert rest[:-1] == [Text("x")] * 19 and isinstance(rest[-1], Done)
+    finally:
+        await client.aclose()
