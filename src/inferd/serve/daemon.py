@@ -476,7 +476,10 @@ class Daemon:
                 )
             )
         )
-        with contextlib.suppress(ConnectionError, TimeoutError, RuntimeError):
+        # a cancel here is the loop's shutdown, which must stay quiet
+        with contextlib.suppress(
+            ConnectionError, TimeoutError, RuntimeError, asyncio.CancelledError
+        ):
             async with asyncio.timeout(self.limits.write_stall_timeout_s):
                 await writer.drain()
         writer.close()
