@@ -109,8 +109,9 @@ def test_pull_refuses_special_files_and_symlinks_to_them(home, tmp_path):
     text = tmp_path / "notes.gguf"
     text.write_text("OPENAI_API_KEY=sk-should-never-be-stored\n")
     (tmp_path / "notes-link.gguf").symlink_to(text)
-    with pytest.raises(ModelLoadError, match="not a GGUF model"):
+    with pytest.raises(ModelLoadError, match="not a GGUF model") as ei:
         models.pull(tmp_path / "notes-link.gguf")
+    assert "OPEN" not in ei.value.message  # not even the first bytes are echoed
     assert [n for n in _store_files(home) if n != "names.lock"] == []
 
 

@@ -330,8 +330,8 @@ def _open_model_source(path: Path) -> BinaryIO:
     if head != GGUF_MAGIC:
         f.close()
         raise ModelLoadError(
-            f"{path} is not a GGUF model (it starts with {head!r}, not b'GGUF'); "
-            "only GGUF files can be pulled into the store"
+            f"{path} is not a GGUF model (it does not start with b'GGUF'); only GGUF "
+            "files can be pulled into the store"
         )
     f.seek(0)
     return f
