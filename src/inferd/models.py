@@ -136,7 +136,10 @@ def _locked_index(store: Path) -> Iterator[dict[str, dict[str, object]]]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         index = _read_index(store)
+        before = dict(index)
         yield index
+        if index == before:
+            return  # nothing changed: no write
         data = orjson.dumps(index, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
         tmp_fd, tmp = tempfile.mkstemp(prefix=".names-", suffix=".tmp", dir=store)
         try:
