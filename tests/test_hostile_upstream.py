@@ -216,6 +216,24 @@ async def test_finished_reply_that_never_closes_ends_with_done(usage):
     assert b.active == 0
 
 
+async def test_keep_alive_comments_do_not_extend_the_grace():
+    sent: list[int] = []
+
+    async def pinging() -> AsyncIterator[bytes]:
+        async for piece in _finished_reply(usage=True)():
+            yield piece
+        for i in range(600):  # a minute of pings, then it would close
+            sent.append(i)
+            yield b": ping\n\n"
+            await asyncio.sleep(0.1)
+
+    async with Server(streaming(pinging)) as up:
+        async with make(up.url, read_timeout=60) as b:
+            events = await asyncio.wait_for(collect(b), timeout=50)
+    assert isinstance(events[-1], Done) and events[-1].usage.output_tokens == 1
+    assert len(sent) < 600  # the reply ended while the upstream was still pinging
+
+
 async def test_a_stall_before_the_finish_reason_is_still_a_timeout():
     async def unfinished() -> AsyncIterator[bytes]:
         yield sse(chunk({"content": "Hel"}))
