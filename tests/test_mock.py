@@ -92,6 +92,20 @@ def test_bad_configuration_is_refused():
         Mock(delay=-1)
 
 
+def test_bad_configuration_is_invalid_request_naming_the_argument():
+    """The error rule: what a config can carry raises InvalidRequest (a ValueError)."""
+    from inferd import InvalidRequest
+
+    for kwargs, name in (
+        ({"pre_stream_error": "boom"}, "pre_stream_error"),
+        ({"delay": -1}, "delay=-1"),
+        ({"drop_after": -2}, "drop_after=-2"),
+        ({"embed_dims": 0}, "embed_dims=0"),
+    ):
+        with pytest.raises(InvalidRequest, match=name):
+            Mock(**kwargs)  # type: ignore[arg-type]
+
+
 async def test_cancel_mid_stream_leaves_nothing_running():
     m = Mock([str(i) for i in range(1000)], delay=0.001)
 

@@ -650,3 +650,19 @@ def test_embed_result_reorders_by_index():
 def test_embed_result_faults(body):
     with pytest.raises(BackendUnavailable):
         embed_result_from_openai(body, count=2)
+
+
+def test_counts_are_refused_before_the_items_are_read(monkeypatch):
+    """Issue 13, item 4: a huge list is refused by its length, before it is walked."""
+    import inferd.openai_wire as ow
+
+    monkeypatch.setattr(ow, "MAX_MESSAGES", 2)
+    monkeypatch.setattr(ow, "MAX_TOOLS", 1)
+    user = {"role": "user", "content": "hi"}
+    bad = {"role": "robot"}  # would fail on its own if it were read
+    with pytest.raises(InvalidRequest, match=r"3 messages given; at most 2 \(MAX_MESSAGES\)"):
+        request_from_openai({"messages": [user, user, bad]})
+    with pytest.raises(InvalidRequest, match=r"2 tools given; at most 1 \(MAX_TOOLS\)"):
+        request_from_openai({"messages": [user], "tools": [{"type": "x"}, {"type": "y"}]})
+    with pytest.raises(InvalidRequest, match="ignore_eos must be true or false"):
+        request_from_openai({"messages": [user], "ignore_eos": "yes"})

@@ -38,6 +38,8 @@ from inferd.errors import (
 )
 from inferd.limits import check_depth, echo
 from inferd.types import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     AudioBlock,
     Block,
     Done,
@@ -470,6 +472,16 @@ def _thinking_in(body: Mapping[str, Any]) -> bool:
     return False
 
 
+def _stop_in(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list):
+        return tuple(stop)
+    raise InvalidRequest("'stop' must be a string or a list of strings")
+
+
 def request_from_openai(body: Mapping[str, Any]) -> Request:
     """Read an OpenAI Chat Completions request body into a :class:`Request`.
 
@@ -492,10 +504,14 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
     n = body.get("n")
     if n not in (None, 1):
         raise InvalidRequest(f"n={echo(n)} is not supported; inferd returns one choice (n=1)")
+    if len(msgs) > MAX_MESSAGES:  # refuse before walking them
+        raise InvalidRequest(f"{len(msgs)} messages given; at most {MAX_MESSAGES} (MAX_MESSAGES)")
     messages = tuple(_message_in(m, i) for i, m in enumerate(msgs))
     raw_tools = body.get("tools") or []
     if not isinstance(raw_tools, list):
         raise InvalidRequest("'tools' must be a list")
+    if len(raw_tools) > MAX_TOOLS:
+        raise InvalidRequest(f"{len(raw_tools)} tools given; at most {MAX_TOOLS} (MAX_TOOLS)")
     tools = tuple(_tool_in(t, i) for i, t in enumerate(raw_tools))
     tc_raw = body.get("tool_choice")
     # "auto" without tools means "no tools"; clients send it routinely.
@@ -503,15 +519,7 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list):
-        stops = tuple(stop)
-    else:
-        raise InvalidRequest("'stop' must be a string or a list of strings")
+    stops = _stop_in(body.get("stop"))
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("'model' must be a string")
@@ -529,13 +537,13 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
             seed=body.get("seed"),
             response_format=body.get("response_format"),
             thinking=_thinking_in(body),
-            ignore_eos=bool(body.get("ignore_eos", False)),
+            ignore_eos=body.get("ignore_eos", False),
             model=model or None,
         )
     except InvalidRequest:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise InvalidRequest(f"malformed Chat Completions request: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a reader missed a check
+        raise InvalidRequest(f"malformed Chat Completions request ({type(e).__name__})") from None
 
 
 # =========================================================================== chunks out

@@ -292,18 +292,23 @@ class SchemaConverter:
         if schema is True or schema == {}:
             return self.prim("value")
         if schema is False:
-            raise self.fail(f"schema at {hint!r} is false: nothing can match it")
+            raise self.fail(f"schema at {echo(hint)} is false: nothing can match it")
         if not isinstance(schema, Mapping):
             raise self.fail(f"schema at {echo(hint)} must be an object, got {echo(schema)}")
         for key in _REFUSED:
             if key in schema:
-                raise self.fail(f"'{key}' (at {hint!r}) cannot be enforced by a grammar")
+                raise self.fail(f"'{key}' (at {echo(hint)}) cannot be enforced by a grammar")
         if "$ref" in schema:
             return self._ref(schema["$ref"], depth)
+        combined = self._combinator(schema, hint, depth)
+        return combined if combined is not None else self._typed(schema, hint, depth)
+
+    def _combinator(self, schema: Mapping[str, Any], hint: str, depth: int) -> str | None:
+        """``allOf`` (one member), ``const``, ``enum``, ``anyOf`` / ``oneOf``; else None."""
         if "allOf" in schema:
             parts = schema["allOf"]
             if not isinstance(parts, list) or len(parts) != 1:
-                raise self.fail(f"'allOf' with several members (at {hint!r}) is not supported")
+                raise self.fail(f"'allOf' with several members (at {echo(hint)}) is not supported")
             merged = {k: v for k, v in schema.items() if k != "allOf"}
             if isinstance(parts[0], Mapping):
                 merged.update(parts[0])
@@ -313,21 +318,25 @@ class SchemaConverter:
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
-                raise self.fail(f"'enum' at {hint!r} must be a non-empty list")
+                raise self.fail(f"'enum' at {echo(hint)} must be a non-empty list")
             self.count_alternatives(len(values))
             return self.add(hint, " | ".join(self.d.literal(v) for v in values))
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 subs = schema[key]
                 if not isinstance(subs, list) or not subs:
-                    raise self.fail(f"'{key}' at {hint!r} must be a non-empty list")
+                    raise self.fail(f"'{key}' at {echo(hint)} must be a non-empty list")
                 self.count_alternatives(len(subs))
                 exprs = [self.visit(s, f"{hint}-{i}", depth + 1) for i, s in enumerate(subs)]
                 return self.add(hint, " | ".join(exprs))
+        return None
+
+    def _typed(self, schema: Mapping[str, Any], hint: str, depth: int) -> str:
+        """A schema by its ``type`` (a list of types is an alternative)."""
         typ = schema.get("type")
         if isinstance(typ, list):
             if not typ:
-                raise self.fail(f"'type' at {hint!r} is an empty list")
+                raise self.fail(f"'type' at {echo(hint)} is an empty list")
             self.count_alternatives(len(typ))
             exprs = [self.visit({**schema, "type": t}, f"{hint}-{t}", depth + 1) for t in typ]
             return self.add(hint, " | ".join(exprs))
@@ -378,11 +387,11 @@ class SchemaConverter:
         open_ = f'"{{" {ws}' if ws else '"{"'
         props = schema.get("properties") or {}
         if not isinstance(props, Mapping):
-            raise self.fail(f"'properties' at {hint!r} must be an object")
+            raise self.fail(f"'properties' at {echo(hint)} must be an object")
         required = list(schema.get("required") or [])
         for r in required:
             if not isinstance(r, str):
-                raise self.fail(f"'required' at {hint!r} must list strings")
+                raise self.fail(f"'required' at {echo(hint)} must list strings")
         extra = schema.get("additionalProperties", None)
         if not props and not required:
             if extra is False:
@@ -428,7 +437,7 @@ class SchemaConverter:
         hi = schema.get("maxItems")
         hi = None if hi is None else int(hi)
         if hi is not None and hi < lo:
-            raise self.fail(f"maxItems < minItems at {hint!r}")
+            raise self.fail(f"maxItems < minItems at {echo(hint)}")
         if hi == 0:
             return self.add(hint, f'{open_} "]"')
         more = f"({sep} {item_ws}){_rep(max(lo - 1, 0), None if hi is None else hi - 1)}"
