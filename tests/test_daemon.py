@@ -75,6 +75,8 @@ def test_defaults_are_named() -> None:
         Limits(max_connections=0)
     with pytest.raises(ValueError, match="write_stall_timeout_s"):
         Limits(write_stall_timeout_s=-1)
+    with pytest.raises(ValueError, match="max_reply_bytes must be an integer >= 4096"):
+        Limits(max_reply_bytes=100)  # an error frame must always fit in a reply
 
 
 async def test_admission_is_fifo_with_a_per_connection_share() -> None:

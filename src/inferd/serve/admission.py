@@ -35,6 +35,9 @@ DEFAULT_FRAME_TIMEOUT_S = 30.0
 #: Seconds a stream may wait for its reader to take a frame (the socket stays full);
 #: after that the request is cancelled and its slot given to others.
 DEFAULT_WRITE_STALL_TIMEOUT_S = 60.0
+#: The least ``max_reply_bytes`` may be: an error frame (message cut to
+#: ``limits.MAX_ERROR_MESSAGE_CHARS``, id at most ``wire.MAX_ID_CHARS``) always fits.
+MIN_REPLY_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,9 @@ class Limits:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            least = 0 if f.name in ("max_queued", "max_queued_per_connection") else 1
+            least = {"max_queued": 0, "max_queued_per_connection": 0}.get(f.name, 1)
+            if f.name == "max_reply_bytes":
+                least = MIN_REPLY_BYTES
             if f.name.endswith("_s"):
                 ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
                 want = "a positive number of seconds"
