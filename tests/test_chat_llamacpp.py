@@ -180,13 +180,18 @@ async def test_tool_format_override(smollm2_path: Path) -> None:
 
 
 async def test_auto_never_leaves_a_broken_call(backend: Any) -> None:
-    """``auto``: free text stays free; no reply ends with a half-made call as Text."""
+    """``auto``: free text stays free; no reply ends with a half-made call as Text.
+
+    The check on finished replies must run: some replies end on their own (END_TURN)
+    before ``max_tokens``, and those are the ones that must not show a raw call.
+    """
     schemas = {t.name: dict(t.parameters) for t in TOOLS}
+    ended = 0
     for seed in range(6):
         events = await collect(
             backend.generate(
                 Request(
-                    ASK, tools=TOOLS, tool_choice="auto", max_tokens=48, seed=seed, temperature=1.0
+                    ASK, tools=TOOLS, tool_choice="auto", max_tokens=160, seed=seed, temperature=1.0
                 )
             )
         )
@@ -194,10 +199,14 @@ async def test_auto_never_leaves_a_broken_call(backend: Any) -> None:
         assert isinstance(done, Done)
         text = "".join(e.text for e in events if isinstance(e, Text))
         if done.stop_reason is not StopReason.MAX_TOKENS:
+            assert done.stop_reason is StopReason.END_TURN, done
+            assert done.usage.output_tokens < 160
             assert "<tool_call>" not in text, (seed, text)  # a fallback shows the raw call
+            ended += 1
         for e in events:
             if isinstance(e, ToolUse):
                 jsonschema.validate(dict(e.input or {}), schemas[e.name])
+    assert ended >= 1, "no reply ended before max_tokens: the check above never ran"
 
 
 def test_lazy_grammar_engages_at_the_opener(smollm2_path: Path) -> None:

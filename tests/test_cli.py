@@ -37,12 +37,43 @@ def test_run_json_prints_one_event_per_line():
 def test_errors_are_one_line_and_nonzero():
     r = inferd("run", "--backend", "mock", "--max-tokens", "0", "x")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [
-        "inferd: error: max_tokens=0 is out of range [1, 10000000]"
-    ]
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("inferd: error: max_tokens=0 is out of range [1, 10000000]")
     assert "Traceback" not in r.stderr
     r = inferd("pull", "definitely-not-a-model")
     assert r.returncode == 1 and r.stderr.startswith("inferd: error: no model named")
+
+
+def test_run_builds_its_backend_like_the_config_does():
+    """``inferd run`` flags become a ``[[backend]]`` spec built by the config's one
+    builder: a bad setting is refused by the backend's options, before any model loads,
+    on one line."""
+    r = inferd("run", "--threads", "0", "--model", "no-such-model", "hi")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "inferd: error: llamacpp backend: InvalidRequest: n_threads=0 must be an integer >= 1"
+    ]
+    r = inferd("run", "--model", "no-such-model", "hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("inferd: error: llamacpp backend: ModelLoadError: unknown model")
+
+
+def test_run_spec_names_every_flag():
+    from inferd.cli import backend_spec, build_parser
+
+    args = build_parser().parse_args(
+        ["run", "--model", "m", "--threads", "2", "--n-gpu-layers", "-1", "hi"]
+    )
+    spec = backend_spec(args)
+    assert spec.type == "llamacpp"
+    assert spec.options == {
+        "model": "m",
+        "pull_progress": True,
+        "n_threads": 2,
+        "n_gpu_layers": -1,
+    }
+    args = build_parser().parse_args(["run", "--backend", "openai", "--model", "x", "hi"])
+    assert backend_spec(args).options == {"model": "x"}
 
 
 def test_help_documents_every_command():

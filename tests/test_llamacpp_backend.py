@@ -7,8 +7,16 @@ import json
 
 import pytest
 
-from inferd.backends.llamacpp.backend import _earliest_stop, _holdback
-from inferd.errors import BackendUnavailable, InvalidRequest, ModelLoadError, NotReady
+from inferd.backends.llamacpp.backend import is_embedding_model, template_thinks
+from inferd.backends.llamacpp.options import LlamaCppOptions
+from inferd.backends.llamacpp.text_tail import TextTail
+from inferd.errors import (
+    BackendUnavailable,
+    EmbedUnsupported,
+    InvalidRequest,
+    ModelLoadError,
+    NotReady,
+)
 from inferd.types import Done, EmbedRequest, Message, Request, StopReason, Text
 
 from .conftest import require_llama_core
@@ -21,7 +29,7 @@ def backend(smollm2_path):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1)
+    b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1, embed=True)
     yield b
     b.close()
 
@@ -44,13 +52,104 @@ def idle(backend) -> bool:
 # ---------------------------------------------------------------- pure helpers
 
 
-def test_stop_helpers():
-    assert _earliest_stop("abc STOP d END", ("END", "STOP")) == (4, "STOP")
-    assert _earliest_stop("abc", ("x",)) == (-1, "")
-    assert _holdback("hello ST", ("STOP",)) == 2
-    assert _holdback("hello S", ("STOP", "Sx")) == 1
-    assert _holdback("hello", ("STOP",)) == 0
-    assert _holdback("abcab", ("abcabd",)) == 5
+def _feed_all(tail: TextTail, pieces: list[bytes]) -> list[str]:
+    out = []
+    for p in pieces:
+        out.append(tail.feed(p))
+        if tail.stopped:
+            break
+    return out
+
+
+def test_text_tail_completes_utf8_split_across_tokens():
+    snowman = "☃".encode()  # three bytes, one character
+    tail = TextTail()
+    assert _feed_all(tail, [b"a", snowman[:1], snowman[1:2], snowman[2:] + b"b"]) == [
+        "a",
+        "",
+        "",
+        "☃b",
+    ]
+    assert tail.finish() == ""
+    broken = TextTail()
+    assert broken.feed(b"x" + snowman[:2]) == "x"
+    assert broken.finish() == "\ufffd"  # a character cut off at the end is replaced
+
+
+def test_text_tail_holds_back_only_what_can_still_stop():
+    tail = TextTail(("STOP",))
+    assert tail.feed(b"hello ST") == "hello "  # "ST" may grow into STOP
+    assert tail.feed(b"ART now") == "START now"  # it did not: released whole
+    assert tail.feed(b" S") == " "
+    assert tail.feed(b"TOP and more") == ""  # the stop sequence and all after it go
+    assert tail.stopped and tail.finish() == ""
+    # the earliest of several stops wins, whichever is listed first
+    two = TextTail(("END", "STOP"))
+    assert two.feed(b"abc STOP d END") == "abc " and two.stopped
+    # a partial stop at the end is text after all
+    partial = TextTail(("abcabd",))
+    assert partial.feed(b"xabcab") == "x" and partial.finish() == "abcab"
+    # a stop spread over three tokens leaks nothing, even partially
+    spread = TextTail(("<|im_end|>",))
+    assert _feed_all(spread, [b"ok <|", b"im_", b"end|> tail"]) == ["ok ", "", ""]
+    assert spread.stopped
+
+
+def test_text_tail_work_per_token_is_bounded_by_the_stop_length():
+    """The held tail never grows past the longest stop sequence (O(1) per token)."""
+    tail = TextTail(("<|im_end|>",))
+    for _ in range(2000):
+        tail.feed(b"<|im_e")
+        tail.feed(b"x ")
+        assert len(tail._pending) < len("<|im_end|>")
+
+
+def test_capability_derivation_helpers():
+    assert template_thinks("{% if enable_thinking %}<think>{% endif %}")
+    assert template_thinks("{{ message.reasoning_content }}")
+    assert not template_thinks("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert not template_thinks(None)
+
+    class Meta:
+        architecture = "bert"
+
+        def __init__(self, pooling: str | None) -> None:
+            self.pooling = pooling
+
+        def meta(self, key: str) -> str | None:
+            return self.pooling if key == "bert.pooling_type" else None
+
+    assert is_embedding_model(Meta("1")) and is_embedding_model(Meta("2"))
+    assert not is_embedding_model(Meta(None))  # a chat model
+    assert not is_embedding_model(Meta("4"))  # a reranker's scores are not embeddings
+
+
+def test_options_are_checked_before_any_model_loads():
+    """One place validates settings, whichever way they come (keywords, TOML, CLI)."""
+    for bad, match in (
+        ({"n_ctx": 8}, r"n_ctx=8 must be an integer >= 16"),
+        ({"n_ctx": "4096"}, r"n_ctx='4096' must be an integer"),
+        ({"n_batch": 0}, r"n_batch=0"),
+        ({"n_threads": 0}, r"n_threads=0"),
+        ({"parallel": 0}, r"parallel=0 must be an integer >= 1"),
+        ({"max_queued": -1}, r"max_queued=-1"),
+        ({"step_tokens": 0}, r"step_tokens=0"),
+        ({"prefix_cache": -1}, r"prefix_cache=-1"),
+        ({"kv_layout": "paged"}, r"kv_layout='paged' is not a KV cache layout"),
+        ({"tool_format": "nope"}, r"unknown tool format 'nope'"),
+        ({"repeat_penalty": "high"}, r"repeat_penalty='high' must be a number"),
+    ):
+        with pytest.raises(InvalidRequest, match=match):
+            LlamaCppOptions(**bad)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) n_cxt; known: .*n_ctx"):
+        LlamaCppOptions.from_kwargs(None, {"n_cxt": 1})
+    base = LlamaCppOptions(n_ctx=2048, parallel=2)
+    merged = LlamaCppOptions.from_kwargs(base, {"parallel": 4})
+    assert (merged.n_ctx, merged.parallel, base.parallel) == (2048, 4, 2)
+    assert LlamaCppOptions(n_ctx=1024).resolved_parallel == 2  # min(8, n_ctx // 512)
+    assert LlamaCppOptions(n_ctx=1024, n_gpu_layers=-1).resolved_parallel == 2
+    assert LlamaCppOptions(n_ctx=65536, n_gpu_layers=-1).resolved_parallel == 32
+    assert LlamaCppOptions(n_ctx=100).resolved_parallel == 1
 
 
 # ---------------------------------------------------------------- generation
@@ -245,12 +344,16 @@ async def test_task_cancellation_frees_the_sequence(backend):
 
 
 async def test_concurrent_requests_are_batched(backend):
-    # Concurrent streams share decode steps (tests/test_llamacpp_batching.py has the
-    # rest). Batch shapes change llama.cpp's float sums, so identical greedy requests
-    # may differ once batched: compare completion, not text.
-    r = Request.chat("Say hello.", temperature=0, max_tokens=12, ignore_eos=True)
+    """Concurrent streams share decode steps (tests/test_llamacpp_batching.py has the
+    rest): all three are submitted in one event-loop turn and each needs 24 steps, so
+    some decode step carries more than one sequence."""
+    before = backend.batching_stats().get("batched_steps", 0)
+    r = Request.chat("Say hello.", temperature=0, max_tokens=24, ignore_eos=True)
     results = await asyncio.gather(*(collect(backend, r) for _ in range(3)))
-    assert all(t and d.usage.output_tokens == 12 for t, d, _ in results)
+    assert all(t and d.usage.output_tokens == 24 for t, d, _ in results)
+    stats = backend.batching_stats()
+    assert stats["batched_steps"] > before, stats
+    assert stats["max_seqs"] >= 2, stats
     assert idle(backend)
 
 
@@ -382,9 +485,34 @@ async def test_embeddings(backend):
 
 async def test_capabilities(backend):
     caps = backend.capabilities()
-    assert caps.embed and not caps.vision
+    assert caps.embed and not caps.vision  # the fixture asked for embed=True
     assert caps.accelerator is not None and caps.accelerator.kind == "cpu"
     assert backend.ready()
+
+
+async def test_capabilities_are_derived_from_the_model(smollm2_path):
+    """SmolLM2 is a chat model (no pooling type, no reasoning in its template): it does
+    not claim embeddings or thinking, so a Router never sends it embeddings."""
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.router import Router
+
+    b = LlamaCpp(smollm2_path, n_ctx=256, n_threads=1)
+    try:
+        caps = b.capabilities()
+        assert caps.tools and not caps.embed and not caps.thinking
+        with pytest.raises(EmbedUnsupported, match=r"not an embedding model.*embed=True"):
+            await b.embed(EmbedRequest("a cat"))
+        with pytest.raises(EmbedUnsupported, match="no embeddings"):
+            await Router([b]).embed(EmbedRequest("a cat"))
+    finally:
+        b.close()
+    thinking = "{% for m in messages %}<think>{{ m.content }}</think>{% endfor %}"
+    t = LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, chat_template=thinking)
+    try:
+        assert t.capabilities().thinking
+    finally:
+        t.close()
 
 
 async def test_model_store_name_and_bad_paths(tmp_path):

@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from inferd.backends.llamacpp.scheduler import DEFAULT_KV_LAYOUT
 from inferd.errors import InvalidRequest, QueueFull
 from inferd.openai_wire import request_from_openai
 from inferd.types import Done, Message, Request, StopReason, Text
@@ -246,7 +247,15 @@ async def test_context_pressure_waits_in_the_queue(smollm2_path):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, parallel=3, n_ctx_seq=256, prefix_cache=0)
+    b = LlamaCpp(
+        smollm2_path,
+        n_ctx=256,
+        n_threads=1,
+        parallel=3,
+        n_ctx_seq=256,
+        prefix_cache=0,
+        kv_layout="unified",
+    )
     try:
         req = Request.chat("Tell me about rivers.", max_tokens=100, ignore_eos=True, temperature=0)
         peak = 0
@@ -276,7 +285,7 @@ def test_limits_are_validated(smollm2_path):
     for kw in ({"parallel": 0}, {"max_queued": -1}, {"step_tokens": 0}, {"prefix_cache": -1}):
         with pytest.raises(InvalidRequest):
             LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, **kw)
-    with pytest.raises(InvalidRequest, match=r"kv_layout='paged'.*'unified'.*'split'"):
+    with pytest.raises(InvalidRequest, match=r"kv_layout='paged'.*'split', 'unified'"):
         LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, kv_layout="paged")
     # a split slot cannot be oversubscribed
     with pytest.raises(
@@ -290,7 +299,7 @@ def test_limits_are_validated(smollm2_path):
     b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1)
     try:
         assert b.parallel == 2 and b.n_ctx_seq == 512  # min(8, n_ctx // 512) on CPU
-        assert b.kv_layout == "unified"  # the default
+        assert b.kv_layout == DEFAULT_KV_LAYOUT
     finally:
         b.close()
 

@@ -19,6 +19,7 @@ import orjson
 from inferd import __version__, about, models
 from inferd.backend import Backend
 from inferd.errors import InferdError
+from inferd.serve.config import BackendSpec, ConfigError, build_backend
 from inferd.types import Done, Request, Text, Thinking, ToolUse
 
 BACKENDS = ("llamacpp", "openai", "mock")
@@ -97,32 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def backend_spec(args: argparse.Namespace) -> BackendSpec:
+    """The ``[[backend]]`` table ``inferd run``'s flags stand for: the CLI, the TOML
+    config and the daemon then build a backend through one function
+    (:func:`inferd.serve.config.build_backend`)."""
+    opts: dict[str, Any] = {}
+    if args.backend == "mock":
+        opts["tokens"] = ["This ", "is ", "the ", "mock ", "backend."]
+    elif args.backend == "openai":
+        if args.base_url:
+            opts["base_url"] = args.base_url
+        if args.model:
+            opts["model"] = args.model
+    else:
+        # a store name is resolved (and pulled, with progress) once, by LlamaCpp
+        opts["model"] = args.model or models.DEFAULT_MODEL
+        opts["pull_progress"] = True
+        if args.n_gpu_layers is not None:
+            opts["n_gpu_layers"] = args.n_gpu_layers
+        if args.threads is not None:
+            opts["n_threads"] = args.threads
+    return BackendSpec(args.backend, opts)
+
+
 def make_backend(args: argparse.Namespace) -> Backend:
     """The backend ``inferd run`` streams from."""
-    if args.backend == "mock":
-        from inferd.backends.mock import Mock
-
-        return Mock(["This ", "is ", "the ", "mock ", "backend."])
-    if args.backend == "openai":
-        from inferd.backends.openai_compat import OpenAICompat
-
-        kw: dict[str, Any] = {}
-        if args.base_url:
-            kw["base_url"] = args.base_url
-        if args.model:
-            kw["model"] = args.model
-        return OpenAICompat(**kw)
-    from inferd.backends.llamacpp import LlamaCpp
-
-    kw = {}
-    if args.n_gpu_layers is not None:
-        kw["n_gpu_layers"] = args.n_gpu_layers
-    if args.threads is not None:
-        kw["n_threads"] = args.threads
-    path = models.resolve(args.model or models.DEFAULT_MODEL, progress=True)
-    if sys.stderr.isatty():
-        kw["progress"] = _load_progress
-    return LlamaCpp(str(path), **kw)
+    progress = _load_progress if sys.stderr.isatty() else None
+    return build_backend(backend_spec(args), None, progress)
 
 
 def _load_progress(fraction: float) -> bool:
@@ -268,6 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("INFERD_DEBUG"):
             raise
         return _fail(e.message)
+    except ConfigError as e:  # the backend could not be built from the flags
+        if os.environ.get("INFERD_DEBUG"):
+            raise
+        return _fail(str(e))
     except (OSError, ImportError) as e:
         if os.environ.get("INFERD_DEBUG"):
             raise

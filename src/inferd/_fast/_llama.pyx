@@ -349,6 +349,18 @@ cdef class Model:
     def closed(self):
         return self.ptr == NULL or self._closing
 
+    @property
+    def inflight(self):
+        """GIL-free calls (decode, sample, tokenize) running now on this model or on a
+        context or sampler made from it."""
+        return self._inflight
+
+    @property
+    def freed(self):
+        """True once the weights are released. ``close()`` during an in-flight call
+        leaves this False until that call returns (the memory is still in use)."""
+        return self.ptr == NULL
+
     # ---------------------------------------------------------------- metadata
 
     def meta(self, key):

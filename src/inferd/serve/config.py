@@ -263,15 +263,19 @@ def _refuse_inline_secrets(where: str, opts: Mapping[str, Any]) -> None:
 
 
 def build_backend(
-    spec: BackendSpec, index: int = 0, progress: Callable[[float], Any] | None = None
+    spec: BackendSpec, index: int | None = 0, progress: Callable[[float], Any] | None = None
 ) -> Backend:
     """Import the backend class lazily and construct it from the spec's keywords.
 
-    ``progress`` (a fraction 0..1) is passed to backends that load something big
-    (llamacpp) unless the config set its own.
+    The one place a backend is built from a spec: the daemon's and the bridge's config
+    (``build_backends``) and ``inferd run``'s flags (``index=None``: errors then name the
+    backend's type, not a config table). The backend checks its own settings (for
+    llamacpp, :class:`inferd.backends.llamacpp.options.LlamaCppOptions`). ``progress``
+    (a fraction 0..1) is passed to backends that load something big (llamacpp) unless
+    the config set its own.
     """
     module_name, cls_name = BACKEND_TYPES[spec.type]
-    label = f"backend #{index + 1} ({spec.type})"
+    label = f"{spec.type} backend" if index is None else f"backend #{index + 1} ({spec.type})"
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as e:

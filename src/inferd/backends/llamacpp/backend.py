@@ -8,19 +8,19 @@ How a request flows:
    for one of ``parallel`` sequence slots, then shares every decode step with the
    other running sequences: one batch holds each one's next token plus prompt chunks
    of new ones, one ``llama_decode`` (GIL released), one draw per sequence from its
-   own sampler chain. Tokens reach the event loop through a bounded hand-off: a
-   consumer that falls :data:`.scheduler.PIPELINE_DEPTH` tokens behind pauses its
-   sequence only.
+   own sampler chain. Tokens (with their bytes, detokenized in that thread) reach the
+   event loop in one callback per step through a bounded hand-off: a consumer that
+   falls :data:`.scheduler.PIPELINE_DEPTH` tokens behind pauses its sequence only.
    A prompt prefix already in the KV cache (a running or recently finished sequence)
    is copied, not recomputed; with ``kv_layout="split"`` only a prefix still held by
    the slot the request gets (one KV stream per slot, ADR 0008). Pacing: when the
-   compute threads take every CPU the scheduler waits briefly for consumers before the
-   next decode (*lock-step*), because an event-loop thread preempting a compute thread
-   mid-graph makes ggml's barriers stall the whole step (measured on 2 cores: 45 tok/s
-   overlapped vs 110 tok/s raw).
-3. (event loop) bytes -> text with an incremental UTF-8 decoder (a character split
-   across tokens is held until complete), stop sequences held back until they can no
-   longer match, the per-model output parser, then events and one ``Done``.
+   compute threads take every CPU the scheduler waits briefly for the event loop to
+   run the consumers of the last step before the next decode (*lock-step*), because an
+   event-loop thread preempting a compute thread mid-graph makes ggml's barriers stall
+   the whole step (measured on 2 cores: 45 tok/s overlapped vs 110 tok/s raw).
+3. (event loop) bytes -> text (:class:`.text_tail.TextTail`: a character split across
+   tokens is held until complete, stop sequences held back until they can no longer
+   match), the per-model output parser, then events and one ``Done``.
 
 One scheduler thread owns the libllama context (ADR 0008); cancelling a stream frees
 its sequence and KV cells at the next step, and the consumer waits for that before it
@@ -30,30 +30,25 @@ returns, so nothing outlives its stream.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import concurrent.futures
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from inferd.backend import Backend
 from inferd.backends.llamacpp import loader
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model
-from inferd.backends.llamacpp.output import OutputParser, ParserFactory
-from inferd.backends.llamacpp.scheduler import (
-    DEFAULT_MAX_QUEUED,
-    DEFAULT_PREFIX_CACHE,
-    DEFAULT_STEP_TOKENS,
-    Scheduler,
-    SeqStream,
-    check_kv_layout,
-)
-from inferd.chat import parser_class
+from inferd.backends.llamacpp.options import LlamaCppOptions
+from inferd.backends.llamacpp.scheduler import Scheduler, SeqStream
+from inferd.backends.llamacpp.text_tail import TextTail
+from inferd.chat._stream import OutputParser
 from inferd.chat.plan import ChatPlan, plan_chat
 from inferd.errors import (
     BackendUnavailable,
+    EmbedUnsupported,
     InferdError,
     InvalidRequest,
     ModelLoadError,
@@ -72,16 +67,15 @@ from inferd.types import (
     Usage,
 )
 
-#: Default ``parallel`` on CPU: at most this many sequences, and one per this many
-#: context tokens (a CPU step gets slower with every sequence; a GPU one barely does).
-CPU_MAX_PARALLEL = 8
-GPU_MAX_PARALLEL = 32
-CTX_PER_SLOT = 512
 #: Sampling defaults when a request leaves a field unset (llama-server's defaults).
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
 DEFAULT_MIN_P = 0.05
+#: A chat template that mentions one of these can put the model into a reasoning block.
+_THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
+#: ``<arch>.pooling_type`` values of embedding models (llama.cpp's mean, cls, last).
+_POOLED = frozenset({"1", "2", "3"})
 
 
 def _llama() -> Any:
@@ -96,32 +90,27 @@ def _llama() -> Any:
     return mod
 
 
-def _earliest_stop(buf: str, stops: tuple[str, ...]) -> tuple[int, str]:
-    best, which = -1, ""
-    for s in stops:
-        i = buf.find(s)
-        if i >= 0 and (best < 0 or i < best):
-            best, which = i, s
-    return best, which
+def is_embedding_model(model: Any) -> bool:
+    """True when the GGUF declares a pooling type (``<arch>.pooling_type`` mean, cls or
+    last): the model was trained to produce sentence embeddings. A chat model has none
+    (a reranker's ``rank`` pooling gives scores, not embeddings)."""
+    return model.meta(f"{model.architecture}.pooling_type") in _POOLED
 
 
-def _holdback(buf: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of ``buf`` that could still grow into a stop sequence."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(buf)), n, -1):
-            if buf.endswith(s[:k]):
-                n = k
-                break
-    return n
+def template_thinks(template: str | None) -> bool:
+    """True when a chat template can open a reasoning block (it mentions thinking or
+    reasoning: ``<think>``, ``enable_thinking``, ``reasoning_content``)."""
+    return bool(template and _THINKING_MARKERS.search(template))
 
 
 class LlamaCpp(Backend):
     """Run a GGUF model in this process through libllama.
 
     ``model`` is a path to a ``.gguf`` file or a model-store name (``"smollm2-135m"``,
-    resolved with :func:`inferd.models.resolve`). Loading happens in the constructor
-    (use ``await LlamaCpp.open(...)`` to load off the event loop).
+    resolved once with :func:`inferd.models.resolve`, pulled when absent). Loading
+    happens in the constructor (use ``await LlamaCpp.open(...)`` to load off the event
+    loop). Settings come as keywords or as a :class:`.options.LlamaCppOptions` (keywords
+    then override it); bad values raise ``InvalidRequest`` before the model loads.
 
     :param n_ctx: context length in tokens shared by prompt and reply.
     :param n_gpu_layers: layers to offload to a GPU build (-1 = all).
@@ -133,24 +122,30 @@ class LlamaCpp(Backend):
     :param tool_format: tool-call format (``hermes``, ``llama3``, ``mistral``,
         ``gemma4``, ``plain``); ``None`` detects it from the chat template.
     :param repeat_penalty, frequency_penalty, presence_penalty: sampler penalties.
+    :param embed: serve :meth:`embed` (default: only an embedding model, one whose GGUF
+        declares a pooling type; ``True`` mean-pools any model's hidden states).
+    :param pull_progress: print download progress when ``model`` is pulled.
     :param overlap: let decoding run ahead of the consumer (default: only when a CPU is
         left over beyond ``n_threads``; see the module docstring).
     :param parallel: streams decoded together on one context (default:
         ``min(8, n_ctx // 512)`` on CPU, ``min(32, n_ctx // 512)`` with GPU layers).
     :param n_ctx_seq: most tokens one stream (prompt + reply) may hold (default
-        ``n_ctx // parallel``); larger values oversubscribe the cache, and a stream
-        then waits in the queue until the cache can hold its worst case.
+        ``n_ctx // parallel``); with ``kv_layout="unified"`` larger values oversubscribe
+        the cache, and a stream then waits in the queue until the cache can hold its
+        worst case.
     :param max_queued: streams that may wait for a slot; beyond, ``QueueFull``.
     :param step_tokens: tokens per decode step (running streams + prompt chunks).
     :param prefix_cache: finished streams kept in the KV cache for prefix reuse
         (unified layout; with the split layout any value above 0 turns on in-slot reuse).
-    :param kv_layout: ``"unified"`` (default): one KV cache shared by every stream,
-        requests may oversubscribe it; ``"split"``: each of the ``parallel`` slots owns
+    :param kv_layout: ``"split"``: each of the ``parallel`` slots owns
         ``n_ctx // parallel`` cells (llama-server's ``-np`` slots), so a stream's
-        attention never spans the others', a prompt must fit one slot (a larger
-        ``max_tokens`` is shortened to what the slot has left), and prefix reuse stays
-        in a slot (ADR 0008). libllama rounds a slot up to a multiple of 256 cells,
-        which can make ``n_ctx`` larger than asked.
+        attention never spans the others' and batched greedy output equals the
+        single-stream output; a prompt must fit one slot (a larger ``max_tokens`` is
+        shortened to what the slot has left), and prefix reuse stays in a slot. libllama
+        rounds a slot up to a multiple of 256 cells, which can make ``n_ctx`` larger
+        than asked. ``"unified"``: one KV cache shared by every stream; requests may
+        oversubscribe it, a shared prefix is stored once, but batched output depends on
+        what else runs (ADR 0008 says which is the default and why).
     """
 
     name = "llamacpp"
@@ -158,50 +153,12 @@ class LlamaCpp(Backend):
     def __init__(
         self,
         model: str | os.PathLike[str],
-        *,
-        n_ctx: int = 4096,
-        n_batch: int = 512,
-        n_gpu_layers: int = 0,
-        n_threads: int | None = None,
-        sha256: str | None = None,
-        chat_template: str | None = None,
-        use_mmap: bool = True,
-        output_parser: ParserFactory | None = None,
-        tool_format: str | None = None,
-        repeat_penalty: float = 1.0,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        embed_n_ctx: int | None = None,
-        progress: Callable[[float], Any] | None = None,
-        name: str | None = None,
-        overlap: bool | None = None,
-        parallel: int | None = None,
-        n_ctx_seq: int | None = None,
-        max_queued: int = DEFAULT_MAX_QUEUED,
-        step_tokens: int = DEFAULT_STEP_TOKENS,
-        prefix_cache: int = DEFAULT_PREFIX_CACHE,
-        kv_layout: str = "unified",
+        options: LlamaCppOptions | None = None,
+        **kwargs: Any,
     ) -> None:
-        if n_ctx < 16:
-            raise InvalidRequest(f"n_ctx={n_ctx} is too small (at least 16 tokens)")
-        if n_batch < 1:
-            raise InvalidRequest(f"n_batch={n_batch} must be >= 1")
-        if parallel is None:
-            cap = GPU_MAX_PARALLEL if n_gpu_layers != 0 else CPU_MAX_PARALLEL
-            parallel = max(1, min(cap, n_ctx // CTX_PER_SLOT))
-        if parallel < 1:
-            raise InvalidRequest(f"parallel={parallel} must be >= 1")
-        if max_queued < 0 or step_tokens < 1 or prefix_cache < 0:
-            raise InvalidRequest(
-                f"max_queued={max_queued} and prefix_cache={prefix_cache} must be >= 0, "
-                f"step_tokens={step_tokens} >= 1"
-            )
-        split = check_kv_layout(kv_layout)
-        if name:
-            self.name = name
-        if tool_format is not None:
-            parser_class(tool_format)  # an unknown name fails here, not per request
-        self._tool_format = tool_format
+        opts = self.options = LlamaCppOptions.from_kwargs(options, kwargs)
+        if opts.name:
+            self.name = opts.name
         L = _llama()
         self._closed = False
         self._mf: loader.ModelFile | None = None
@@ -210,88 +167,79 @@ class LlamaCpp(Backend):
         self._ectx: Any = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._sched: Scheduler | None = None
-        path = self._resolve(model)
-        self._mf = loader.prepare(path, sha256=sha256)
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._template: ChatTemplate | None = None
         try:
+            self._mf = loader.prepare(self._resolve(model, opts), sha256=opts.sha256)
             self._model = L.Model(
-                str(self._mf.path), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, progress=progress
+                str(self._mf.path),
+                n_gpu_layers=opts.n_gpu_layers,
+                use_mmap=opts.use_mmap,
+                progress=opts.progress,
             )
-            # Unified KV cache: sequences share cells (prefix reuse is free) and every
-            # step decodes as one micro-batch; spare ids hold cached prefixes. Split: one
-            # stream of cells per slot and no spare ids, each would cost a whole stream
-            # (ADR 0008).
-            self._ctx = L.Context(
-                self._model,
-                n_ctx=n_ctx,
-                n_batch=max(n_batch, parallel + 1),
-                n_seq_max=parallel if split else parallel + prefix_cache,
-                n_threads=n_threads,
-                kv_unified=not split,
-            )
+            self._ctx, self._sched = self._start(L, opts)
         except BaseException:
             self._release()
             raise
         self._n_ctx = int(self._ctx.n_ctx)
-        self._n_batch = int(self._ctx.n_batch)
-        self._n_threads = n_threads
-        cpus = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1)
-        )
-        threads = n_threads or cpus
-        #: lock-step pacing when the compute threads use every CPU (see module docstring)
-        self._lockstep = (threads >= cpus) if overlap is None else not overlap
-        self._n_gpu_layers = n_gpu_layers
-        self._embed_n_ctx = embed_n_ctx
-        self._penalties = (repeat_penalty, frequency_penalty, presence_penalty)
-        self._template_override = chat_template
-        self._template: ChatTemplate | None = None
-        self._parser_factory: ParserFactory | None = output_parser
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="inferd-llama"
         )
-        self._lock: asyncio.Lock | None = None
-        self._lock_loop: asyncio.AbstractEventLoop | None = None
-        try:
-            self._sched = Scheduler(
-                self._ctx,
-                self._model,
-                L.Batch,
-                parallel=parallel,
-                n_ctx_seq=n_ctx_seq or self._n_ctx // parallel,
-                step_tokens=step_tokens,
-                max_queued=max_queued,
-                prefix_cache=prefix_cache,
-                lockstep=self._lockstep,
-                decode_sample=L.decode_sample,
-                name=self.name,
-                kv_layout=kv_layout,
-            )
-        except BaseException:
-            self._release()
-            raise
         self._idle = self._sched.idle
         self.model_name: str = self._model.name
         self.model_path: Path = self._mf.source
+        self._caps = self._derive_capabilities()
+
+    def _start(self, L: Any, opts: LlamaCppOptions) -> tuple[Any, Scheduler]:
+        """The generation context and the scheduler thread that owns it.
+
+        Unified KV cache: sequences share cells (prefix reuse is free) and every step
+        decodes as one micro-batch; spare ids hold cached prefixes. Split: one stream of
+        cells per slot and no spare ids, each would cost a whole stream (ADR 0008).
+        """
+        parallel = opts.resolved_parallel
+        ctx = L.Context(
+            self._model,
+            n_ctx=opts.n_ctx,
+            n_batch=max(opts.n_batch, parallel + 1),
+            n_seq_max=parallel if opts.split else parallel + opts.prefix_cache,
+            n_threads=opts.n_threads,
+            kv_unified=not opts.split,
+        )
+        self._ctx = ctx  # freed by _release if the scheduler fails to start
+        sched = Scheduler(
+            ctx,
+            self._model,
+            L.Batch,
+            parallel=parallel,
+            n_ctx_seq=opts.n_ctx_seq or int(ctx.n_ctx) // parallel,
+            step_tokens=opts.step_tokens,
+            max_queued=opts.max_queued,
+            prefix_cache=opts.prefix_cache,
+            lockstep=opts.lockstep(),
+            decode_sample=L.decode_sample,
+            name=self.name,
+            kv_layout=opts.kv_layout,
+        )
+        return ctx, sched
 
     # ------------------------------------------------------------------ construction
 
     @staticmethod
-    def _resolve(model: str | os.PathLike[str]) -> Path:
-        text = os.fspath(model)
-        if Path(text).expanduser().exists():
-            return loader.check_path(text)
-        try:
-            from inferd.models import resolve
-        except ImportError:  # pragma: no cover - the store ships with inferd
-            return loader.check_path(text)
-        return Path(resolve(text, pull=True, progress=False))
+    def _resolve(model: str | os.PathLike[str], opts: LlamaCppOptions) -> Path:
+        """The model's file: a path as it is, a store name through the store (the one
+        resolution on every path, ``inferd run`` included)."""
+        from inferd.models import resolve
+
+        return Path(resolve(model, pull=True, progress=opts.pull_progress))
 
     @classmethod
-    async def open(cls, model: str | os.PathLike[str], **kwargs: Any) -> LlamaCpp:
+    async def open(
+        cls, model: str | os.PathLike[str], options: LlamaCppOptions | None = None, **kwargs: Any
+    ) -> LlamaCpp:
         """Construct (load the model) in a worker thread so the event loop stays free."""
-        return await asyncio.to_thread(cls, model, **kwargs)
+        return await asyncio.to_thread(cls, model, options, **kwargs)
 
     # ------------------------------------------------------------------ state
 
@@ -360,13 +308,20 @@ class LlamaCpp(Backend):
         return dict(s.stats) if s is not None else {}
 
     def capabilities(self) -> Capabilities:
+        """What this model can serve, derived once at load (a Router trusts it):
+        ``embed`` for an embedding model (or ``embed=True``), ``thinking`` when the chat
+        template can open a reasoning block."""
+        return self._caps
+
+    def _derive_capabilities(self) -> Capabilities:
+        embed = self.options.embed
         return Capabilities(
             v2=True,
             tools=True,
             vision=False,
             audio=False,
-            thinking=True,
-            embed=True,
+            thinking=template_thinks(self._template_source()),
+            embed=is_embedding_model(self._model) if embed is None else embed,
             accelerator=self.accelerator(),
         )
 
@@ -375,7 +330,8 @@ class LlamaCpp(Backend):
         L = _llama()
         devs = L.devices()
         gpus = [d for d in devs if d["type"] in ("gpu", "igpu")]
-        if gpus and self._n_gpu_layers != 0:
+        n_gpu_layers = self.options.n_gpu_layers
+        if gpus and n_gpu_layers != 0:
             d = gpus[0]
             label = f"{d['name']} {d['description']}".lower()
             kind = (
@@ -389,7 +345,7 @@ class LlamaCpp(Backend):
                 if "rocm" in label or "hip" in label
                 else "cuda"
             )
-            layers = self._n_gpu_layers
+            layers = n_gpu_layers
             if layers < 0 and self._model is not None and not self._closed:
                 layers = int(self._model.n_layer) + 1
             return AcceleratorInfo(
@@ -423,13 +379,13 @@ class LlamaCpp(Backend):
                 model_name=m.name,
                 bos_token=bos,
                 eos_token=eos,
-                override=self._template_override,
+                override=self.options.chat_template,
             )
         return self._template
 
     def plan(self, request: Request) -> ChatPlan:
         """Tool format, prompt inputs and grammar for ``request`` (``inferd.chat.plan``)."""
-        return plan_chat(self._template_source(), request, tool_format=self._tool_format)
+        return plan_chat(self._template_source(), request, tool_format=self.options.tool_format)
 
     def render(self, request: Request, plan: ChatPlan | None = None) -> str:
         """The prompt text the model sees for ``request``."""
@@ -449,7 +405,7 @@ class LlamaCpp(Backend):
 
     def _sampler(self, request: Request, plan: ChatPlan | None = None) -> Any:
         L = _llama()
-        rep, freq, pres = self._penalties
+        o = self.options
         try:
             return L.Sampler(
                 self._model,
@@ -459,9 +415,9 @@ class LlamaCpp(Backend):
                 top_k=DEFAULT_TOP_K if request.top_k is None else int(request.top_k),
                 top_p=DEFAULT_TOP_P if request.top_p is None else float(request.top_p),
                 min_p=DEFAULT_MIN_P if request.min_p is None else float(request.min_p),
-                repeat_penalty=rep,
-                frequency_penalty=freq,
-                presence_penalty=pres,
+                repeat_penalty=o.repeat_penalty,
+                frequency_penalty=o.frequency_penalty,
+                presence_penalty=o.presence_penalty,
                 seed=request.seed,
                 **self._grammar_args(plan or self.plan(request)),
             )
@@ -493,102 +449,46 @@ class LlamaCpp(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:  # type: ignore[override]
         start = time.perf_counter()
-        self._check_open()
-        if not isinstance(request, Request):
-            raise InvalidRequest(f"generate() needs a Request, got {type(request).__name__}")
-        reason = self.capabilities().covers(request)
-        if reason is not None:
-            raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {reason}")
-        plan = self.plan(request)
-        prompt = self.render(request, plan)
-        tokens = self.tokenize_prompt(prompt)
-        n_prompt = len(tokens)
-        sched = self._scheduler()
-        sched.check_prompt(n_prompt)
-        room = sched.n_ctx_seq - n_prompt
-        max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        sampler = self._sampler(request, plan)
-        parser: OutputParser = (
-            self._parser_factory(self._template_source(), prompt, request)
-            if self._parser_factory is not None
-            else plan.parser(prompt)
+        tokens, sampler, parser, special = self._prepare(request)
+        # Pre-stream: InvalidRequest (never fits) / QueueFull raise from here; the
+        # scheduler fits max_tokens to the sequence (stream.max_tokens).
+        stream: SeqStream = self._scheduler().submit(
+            tokens,
+            sampler,
+            max_tokens=request.max_tokens,
+            ignore_eos=request.ignore_eos,
+            special=special,
         )
-        # Tool-call and thinking sentinels are often control tokens: render them.
-        special = plan.format != "plain"
-        stops = request.stop
-
-        # Pre-stream: QueueFull / InvalidRequest (can never fit) raise from here.
-        stream: SeqStream = sched.submit(
-            tokens, sampler, max_tokens=max_tokens, ignore_eos=request.ignore_eos
-        )
-
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        model = self._model
-        pending = ""
-        produced = 0
-        first: float | None = None
+        tail = TextTail(request.stop)
+        produced, first, started = 0, 0.0, False
         stop_reason: StopReason | None = None
-        started = False
         try:
             while stop_reason is None:
                 item = await stream.get()
-                kind = item[0]
                 if self._closed:  # tokens still queued when close() ran
                     raise BackendUnavailable(f"backend {self.name!r} was closed during generation")
-                if kind == "tok":
-                    tok, eog = item[1], item[2]
-                    if eog and not request.ignore_eos:
-                        stop_reason = StopReason.END_TURN
-                        break
-                    produced += 1
-                    pending += decoder.decode(model.token_to_piece(tok, special))
-                    if stops:
-                        at, _s = _earliest_stop(pending, stops)
-                        if at >= 0:
-                            out, pending = pending[:at], ""
-                            stop_reason = StopReason.STOP_SEQUENCE
-                        else:
-                            keep = _holdback(pending, stops)
-                            cut = len(pending) - keep
-                            out, pending = pending[:cut], pending[cut:]
-                    else:
-                        out, pending = pending, ""
-                    if out:
-                        for ev in parser.feed(out):
-                            if first is None:
-                                first = time.perf_counter()
-                            started = True
-                            yield ev
-                    if stop_reason is None and produced >= max_tokens:
-                        stop_reason = StopReason.MAX_TOKENS
-                elif kind == "full":
+                if item[0] != "tok":
+                    stop_reason = self._end_item(item, started)
+                    break
+                if item[2] and not request.ignore_eos:
+                    stop_reason = StopReason.END_TURN
+                    break
+                produced += 1
+                text = tail.feed(item[3])  # the token's bytes, from the scheduler thread
+                if tail.stopped:
+                    stop_reason = StopReason.STOP_SEQUENCE
+                elif produced >= stream.max_tokens:
                     stop_reason = StopReason.MAX_TOKENS
-                elif kind == "error":
-                    err = item[1]
-                    if isinstance(err, InferdError) and not started:
-                        raise err
-                    raise BackendUnavailable(
-                        f"llama.cpp failed {'during' if started else 'before'} generation: "
-                        f"{type(err).__name__}: {err}"
-                    ) from err
-                else:  # "end": the worker stopped without a reason (closed under us)
-                    raise BackendUnavailable(f"backend {self.name!r} was closed during generation")
-            if stop_reason is not StopReason.STOP_SEQUENCE:
-                pending += decoder.decode(b"", final=True)
-                if pending:
-                    for ev in parser.feed(pending):
-                        first = first or time.perf_counter()
-                        yield ev
-            for ev in parser.finish():
-                first = first or time.perf_counter()
+                for ev in parser.feed(text) if text else ():
+                    first, started = first or time.perf_counter(), True
+                    yield ev
+            rest = tail.finish()
+            for ev in (*(parser.feed(rest) if rest else ()), *parser.finish()):
+                first, started = first or time.perf_counter(), True
                 yield ev
-            end = time.perf_counter()
-            yield Done(
-                stop_reason,
-                Usage(n_prompt, produced, stream.cached_tokens),
-                Timings.measure(start, first, end, produced),
-                self.name,
-            )
+            usage = Usage(len(tokens), produced, stream.cached_tokens)
+            timings = Timings.measure(start, first or None, time.perf_counter(), produced)
+            yield Done(stop_reason, usage, timings, self.name)
         except (InferdError, GeneratorExit, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -607,16 +507,62 @@ class LlamaCpp(Backend):
                 stream.cancel(keep=stop_reason is not None)
             await stream.freed()
 
+    def _prepare(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
+        """(pre-stream) Prompt tokens, sampler, output parser and whether control tokens
+        are rendered as text, for a request this backend can serve."""
+        self._check_open()
+        if not isinstance(request, Request):
+            raise InvalidRequest(f"generate() needs a Request, got {type(request).__name__}")
+        reason = self.capabilities().covers(request)
+        if reason is not None:
+            raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {reason}")
+        plan = self.plan(request)
+        prompt = self.render(request, plan)
+        factory = self.options.output_parser
+        parser: OutputParser = (
+            factory(self._template_source(), prompt, request)
+            if factory is not None
+            else plan.parser(prompt)
+        )
+        # Tool-call and thinking sentinels are often control tokens: render them.
+        special = plan.format != "plain"
+        return self.tokenize_prompt(prompt), self._sampler(request, plan), parser, special
+
+    def _end_item(self, item: tuple[Any, ...], started: bool) -> StopReason:
+        """The stop reason of a non-token item, or the error it carries."""
+        kind = item[0]
+        if kind == "full":
+            return StopReason.MAX_TOKENS
+        if kind == "error":
+            err = item[1]
+            if isinstance(err, InferdError) and not started:
+                raise err
+            raise BackendUnavailable(
+                f"llama.cpp failed {'during' if started else 'before'} generation: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        # "end": the worker stopped without a reason (closed under us)
+        raise BackendUnavailable(f"backend {self.name!r} was closed during generation")
+
     def _template_source(self) -> str | None:
-        return self._template_override or (self._model.chat_template if self._model else None)
+        override = self.options.chat_template
+        return override or (self._model.chat_template if self._model else None)
 
     # ------------------------------------------------------------------ embeddings
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        """Mean-pooled, L2-normalised embeddings, truncated to ``request.dimensions``."""
+        """L2-normalised embeddings truncated to ``request.dimensions``, pooled as the
+        embedding model was trained to (mean-pooled for a model opened with
+        ``embed=True``); ``EmbedUnsupported`` when ``capabilities().embed`` is false."""
         self._check_open()
         if not isinstance(request, EmbedRequest):
             raise InvalidRequest(f"embed() needs an EmbedRequest, got {type(request).__name__}")
+        if not self._caps.embed:
+            raise EmbedUnsupported(
+                f"backend {self.name!r}: model {self.model_name!r} is not an embedding model "
+                "(its GGUF declares no pooling type); create LlamaCpp with embed=True to "
+                "mean-pool its hidden states anyway"
+            )
         lock = self._get_lock()
         await lock.acquire()
         loop = asyncio.get_running_loop()
@@ -636,16 +582,17 @@ class LlamaCpp(Backend):
     def _embed_work(self, request: EmbedRequest) -> tuple[list[list[float]], int]:
         L = _llama()
         if self._ectx is None:
-            n = self._embed_n_ctx or min(int(self._model.n_ctx_train) or 2048, 2048)
-            # Pooled embeddings need the whole input in one micro-batch.
+            n = self.options.embed_n_ctx or min(int(self._model.n_ctx_train) or 2048, 2048)
+            # Pooled embeddings need the whole input in one micro-batch. An embedding
+            # model pools as it was trained to; any other is mean-pooled.
             self._ectx = L.Context(
                 self._model,
                 n_ctx=n,
                 n_batch=n,
                 n_ubatch=n,
-                n_threads=self._n_threads,
+                n_threads=self.options.n_threads,
                 embeddings=True,
-                pooling="mean",
+                pooling=None if is_embedding_model(self._model) else "mean",
             )
             self._ebatch = L.Batch(n, 1)
         ctx, batch = self._ectx, self._ebatch

@@ -27,8 +27,9 @@ Why these choices:
   tokens; a stream whose consumer is slower is left out of the next batches (its KV
   stays) until it catches up. Memory is bounded and the others keep their pace.
 * **Lock-step pacing** when compute threads take every CPU: before the next decode the
-  scheduler waits (at most :data:`LOCKSTEP_GRACE_S`) for consumers to take the tokens
-  of the previous step, so the event loop does not preempt a ggml thread mid-graph.
+  scheduler waits (at most :data:`LOCKSTEP_GRACE_S`) until each event loop has run the
+  consumers of the previous step (one wake-up per loop and step), so the event loop
+  does not preempt a ggml thread mid-graph.
 * **Admission** is first come, first served: a bounded queue (``max_queued``; beyond it
   ``QueueFull`` at once) and a head that waits until a sequence slot is free and the
   KV cache can hold its worst case (prompt + ``max_tokens``). Nobody overtakes the
@@ -50,10 +51,11 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from inferd.errors import InvalidRequest, NotReady, QueueFull
+from inferd.limits import echo
 
 log = logging.getLogger("inferd.llamacpp.scheduler")
 
@@ -72,18 +74,39 @@ MIN_CACHED_PREFIX = 4
 LOCKSTEP_GRACE_S = 0.005
 #: Idle wake-up period of the scheduler thread (a safety net; work is signalled).
 _IDLE_POLL_S = 0.5
-#: KV cache layouts (ADR 0008): one shared buffer, or one stream of cells per slot.
-KV_LAYOUTS = ("unified", "split")
+#: KV cache layouts (ADR 0008): one stream of cells per slot, or one shared buffer.
+KV_LAYOUTS = ("split", "unified")
+#: The default layout (ADR 0008).
+DEFAULT_KV_LAYOUT = "unified"
 
 
 def check_kv_layout(kv_layout: str) -> bool:
     """True for ``"split"``; ``InvalidRequest`` naming the value when it is unknown."""
     if kv_layout not in KV_LAYOUTS:
         raise InvalidRequest(
-            f"kv_layout={kv_layout!r} is not a KV cache layout; choose 'unified' (one "
-            "shared cache, the default) or 'split' (one stream of cells per slot)"
+            f"kv_layout={echo(kv_layout)} is not a KV cache layout; choose one of "
+            f"{', '.join(repr(k) for k in KV_LAYOUTS)} (default {DEFAULT_KV_LAYOUT!r})"
         )
     return kv_layout == "split"
+
+
+def check_settings(
+    *, parallel: int, max_queued: int, step_tokens: int, prefix_cache: int, kv_layout: str
+) -> bool:
+    """The scheduler's one rule for its settings: ``InvalidRequest`` naming the first bad
+    value (the backend's options call it before loading a model, the scheduler again
+    when built on its own). Returns :func:`check_kv_layout`'s answer."""
+    least = {"parallel": 1, "max_queued": 0, "step_tokens": 1, "prefix_cache": 0}
+    values = {
+        "parallel": parallel,
+        "max_queued": max_queued,
+        "step_tokens": step_tokens,
+        "prefix_cache": prefix_cache,
+    }
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least[key]:
+            raise InvalidRequest(f"{key}={echo(value)} must be an integer >= {least[key]}")
+    return check_kv_layout(kv_layout)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -106,14 +129,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class SeqStream:
     """One generation's hand-off between the scheduler thread and its event loop.
 
-    The consumer awaits :meth:`get` for items ``("tok", token, is_eog)``, ``("full",)``
-    (the sequence reached its context), ``("error", exc)`` or ``("end",)`` (the
-    scheduler closed). It calls :meth:`cancel` when it leaves early and then awaits
-    :meth:`freed`.
+    The consumer awaits :meth:`get` for items ``("tok", token, is_eog, piece)`` (``piece``:
+    the token's bytes, detokenized in the scheduler thread), ``("full",)`` (the sequence
+    reached its context), ``("error", exc)`` or ``("end",)`` (the scheduler closed). It
+    calls :meth:`cancel` when it leaves early and then awaits :meth:`freed`.
+
+    The hand-off is a deque and at most one waiting future (not an ``asyncio.Queue``):
+    a token costs an append and, when the consumer waits, one ``set_result``.
     """
 
     __slots__ = (
         "_freed",
+        "_items",
+        "_waiter",
         "cache_on_cancel",
         "cached_tokens",
         "cancelled",
@@ -127,11 +155,11 @@ class SeqStream:
         "need",
         "produced",
         "prompt",
-        "queue",
         "sampler",
         "sched",
         "sent",
         "seq",
+        "special",
         "taken",
     )
 
@@ -143,6 +171,7 @@ class SeqStream:
         sampler: Any,
         max_tokens: int,
         ignore_eos: bool,
+        special: bool = False,
     ) -> None:
         self.sched = sched
         self.loop = loop
@@ -150,8 +179,10 @@ class SeqStream:
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.ignore_eos = ignore_eos
+        self.special = special  # render control tokens as text (tool/thinking sentinels)
         self.need = len(prompt) + max_tokens  # worst-case KV cells
-        self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._items: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._freed: asyncio.Future[None] = loop.create_future()
         # scheduler-thread state
         self.seq = -1  # sequence id while admitted
@@ -168,13 +199,25 @@ class SeqStream:
 
     async def get(self) -> tuple[Any, ...]:
         """The next item from the scheduler (waits; a slow caller pauses the sequence)."""
-        item = await self.queue.get()
+        items = self._items
+        while not items:
+            self._waiter = waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        item = items.popleft()
         if item[0] == "tok":
             self.taken += 1
-            inflight = self.sent - self.taken
-            if inflight == PIPELINE_DEPTH - 1 or (inflight == 0 and self.sched.lockstep):
-                self.sched._wake()
+            if self.sent - self.taken == PIPELINE_DEPTH - 1:
+                self.sched._wake()  # a paused sequence may run again
         return item
+
+    def _put(self, item: tuple[Any, ...]) -> None:  # event loop
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def cancel(self, *, keep: bool = False) -> None:
         """Stop this sequence at the next step. ``keep`` (the consumer finished on its
@@ -194,13 +237,21 @@ class SeqStream:
             self._freed.set_result(None)
 
 
-def _deliver(items: list[tuple[SeqStream, tuple[Any, ...]]]) -> None:
-    """(event loop) hand a step's items to their streams."""
+def _deliver(
+    items: list[tuple[SeqStream, tuple[Any, ...]]], handled: Callable[[], None] | None
+) -> None:
+    """(event loop) hand a step's items to their streams: one callback per loop and step.
+
+    ``handled`` (lock-step pacing) runs after the consumers this wakes have had their
+    turn: their wake-ups were queued first, and asyncio runs callbacks in order.
+    """
     for stream, item in items:
         if item[0] == "freed":
             stream._set_freed()
         else:
-            stream.queue.put_nowait(item)
+            stream._put(item)
+    if handled is not None:
+        asyncio.get_running_loop().call_soon(handled)
 
 
 class Scheduler:
@@ -234,18 +285,16 @@ class Scheduler:
         lockstep: bool = False,
         decode_sample: Any = None,
         name: str = "llamacpp",
-        kv_layout: str = "unified",
+        kv_layout: str = DEFAULT_KV_LAYOUT,
     ) -> None:
-        self.split = check_kv_layout(kv_layout)
-        if parallel < 1:
-            raise InvalidRequest(f"parallel={parallel} must be >= 1")
-        if max_queued < 0:
-            raise InvalidRequest(f"max_queued={max_queued} must be >= 0")
-        if prefix_cache < 0:
-            raise InvalidRequest(f"prefix_cache={prefix_cache} must be >= 0")
+        self.split = check_settings(
+            parallel=parallel,
+            max_queued=max_queued,
+            step_tokens=step_tokens,
+            prefix_cache=prefix_cache,
+            kv_layout=kv_layout,
+        )
         n_batch = int(ctx.n_batch)
-        if step_tokens < 1:
-            raise InvalidRequest(f"step_tokens={step_tokens} must be >= 1")
         self.ctx = ctx
         self.model = model
         self.name = name
@@ -285,6 +334,7 @@ class Scheduler:
         self._reserved = 0  # worst-case cells of admitted sequences
         self._head_fits = True  # False while the queue head waits for KV room
         self._ctx_lock = threading.Lock()  # held during a step; kv queries take it
+        self._unhandled = 0  # lock-step: deliveries whose loop has not yet run them
         self._closing = False
         self.idle = threading.Event()
         self.idle.set()
@@ -295,18 +345,27 @@ class Scheduler:
     # ------------------------------------------------------------------ event loop side
 
     def submit(
-        self, prompt: list[int], sampler: Any, *, max_tokens: int, ignore_eos: bool = False
+        self,
+        prompt: list[int],
+        sampler: Any,
+        *,
+        max_tokens: int | None = None,
+        ignore_eos: bool = False,
+        special: bool = False,
     ) -> SeqStream:
         """Queue a sequence (call from the consumer's event loop).
 
+        The one place that checks a prompt's length and fits ``max_tokens`` (``None``:
+        all the sequence has left) to the sequence; ``stream.max_tokens`` is the result.
         Raises ``InvalidRequest`` when it can never fit, ``QueueFull`` when the
         admission queue is at ``max_queued``, ``NotReady`` after :meth:`close`.
         """
         n = len(prompt)
         self.check_prompt(n)
-        max_tokens = max(1, min(max_tokens, self.n_ctx_seq - n))
+        room = self.n_ctx_seq - n
+        max_tokens = room if max_tokens is None else max(1, min(max_tokens, room))
         loop = asyncio.get_running_loop()
-        stream = SeqStream(self, loop, list(prompt), sampler, max_tokens, ignore_eos)
+        stream = SeqStream(self, loop, list(prompt), sampler, max_tokens, ignore_eos, special)
         with self._cond:
             if self._closing:
                 raise NotReady(f"backend {self.name!r} is closed")
@@ -485,15 +544,22 @@ class Scheduler:
             self._shutdown()
 
     def _await_consumers(self) -> None:  # with self._cond held
+        """Lock-step: wait (at most ``LOCKSTEP_GRACE_S``) until every event loop has run
+        the consumers of the last delivery; one wake-up per loop and step, not per
+        token, so the wait costs O(loops), whatever the number of streams."""
         deadline = time.monotonic() + LOCKSTEP_GRACE_S
-        while not self._closing and not self._cancels:
-            if all(s.sent == s.taken or s.cancelled for s in self._active):
-                return
+        while not self._closing and not self._cancels and self._unhandled > 0:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.stats["lockstep_timeouts"] += 1
                 return
             self._cond.wait(left)
+
+    def _handled(self) -> None:  # event loop: a delivery's consumers have run
+        with self._cond:
+            self._unhandled -= 1
+            if self._unhandled <= 0:
+                self._cond.notify()
 
     def _admit(self) -> None:
         """Move queue heads into free slots while they fit (FCFS: nobody overtakes)."""
@@ -654,19 +720,24 @@ class Scheduler:
         self.stats["batch_tokens"] += len(batch)
         self.stats["decode_us"] += int((time.perf_counter() - t0) * 1e6)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+        if len(fed) > 1:  # more than one sequence shared this decode
+            self.stats["batched_steps"] += 1
+            self.stats["max_seqs"] = max(self.stats["max_seqs"], len(fed))
         for s, chunk in fed:
             s.kv.extend(chunk)
             if s.n_past < len(s.prompt):
                 s.n_past += len(chunk)
         out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
         finished: list[SeqStream] = []
-        is_eog = self.model.is_eog
+        is_eog, to_piece = self.model.is_eog, self.model.token_to_piece
         for s, tok in zip(owners, toks, strict=True):
             eog = bool(is_eog(tok))
             s.last = tok
             s.produced += 1
             s.sent += 1
-            out.setdefault(s.loop, []).append((s, ("tok", tok, eog)))
+            shown = not eog or s.ignore_eos  # an end-of-generation token ends the text
+            item = ("tok", tok, eog, to_piece(tok, s.special) if shown else b"")
+            out.setdefault(s.loop, []).append((s, item))
             if (eog and not s.ignore_eos) or s.produced >= s.max_tokens:
                 finished.append(s)
             elif len(s.kv) >= self.n_ctx_seq:
@@ -747,11 +818,17 @@ class Scheduler:
     def _send(
         self, out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]]
     ) -> None:
+        handled = self._handled if self.lockstep else None
         for loop, items in out.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                if handled is not None:
+                    with self._cond:
+                        self._unhandled += 1
+                loop.call_soon_threadsafe(_deliver, items, handled)
             except RuntimeError:  # that loop is closed: its consumers are gone
                 with self._cond:
+                    if handled is not None:
+                        self._unhandled -= 1
                     for s, _ in items:
                         if not s.done and not s.cancelled:
                             s.cancelled = True

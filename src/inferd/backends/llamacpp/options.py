@@ -1,0 +1,148 @@
+"""``LlamaCppOptions``: every setting of a :class:`~.backend.LlamaCpp`, checked in one place.
+
+``LlamaCpp(model, **kwargs)``, ``LlamaCpp(model, options)``, the TOML config's
+``[[backend]]`` table and ``inferd run`` all end here (the last two through
+:func:`inferd.serve.config.build_backend`), so a setting means the same and is refused
+with the same message whichever way it came in. Bad values raise ``InvalidRequest``
+naming the setting (the error rule of ``docs/architecture.md``), before any model is
+loaded; an unknown setting raises ``TypeError`` as any unknown keyword does.
+
+Defaults that depend on the machine or the model (``parallel``, lock-step pacing) are
+resolved here too, so the backend, the scheduler and ``repr`` agree on one value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.backends.llamacpp.output import ParserFactory
+from inferd.backends.llamacpp.scheduler import (
+    DEFAULT_KV_LAYOUT,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_PREFIX_CACHE,
+    DEFAULT_STEP_TOKENS,
+    check_settings,
+)
+from inferd.errors import InvalidRequest
+from inferd.limits import echo
+
+#: Default ``parallel`` on CPU: at most this many sequences, and one per this many
+#: context tokens (a CPU step gets slower with every sequence; a GPU one barely does).
+CPU_MAX_PARALLEL = 8
+GPU_MAX_PARALLEL = 32
+CTX_PER_SLOT = 512
+#: Smallest context worth creating (a chat template alone takes a few tokens).
+MIN_N_CTX = 16
+
+#: Integer settings and their least value (``None`` allowed where the default is None).
+_INT_LEAST: dict[str, int] = {
+    "n_ctx": MIN_N_CTX,
+    "n_batch": 1,
+    "n_gpu_layers": -1,
+    "n_threads": 1,
+    "embed_n_ctx": 1,
+    "n_ctx_seq": 1,
+}
+_FLOATS = ("repeat_penalty", "frequency_penalty", "presence_penalty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaCppOptions:
+    """Settings of one ``LlamaCpp`` (see its docstring for what each one does)."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    sha256: str | None = None
+    chat_template: str | None = None
+    use_mmap: bool = True
+    output_parser: ParserFactory | None = None
+    tool_format: str | None = None
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    embed_n_ctx: int | None = None
+    #: ``None``: derived from the model (an embedding model has a pooling type).
+    embed: bool | None = None
+    progress: Callable[[float], Any] | None = None
+    #: print the model store's download progress when ``model`` is a name to pull
+    pull_progress: bool = False
+    name: str | None = None
+    overlap: bool | None = None
+    parallel: int | None = None
+    n_ctx_seq: int | None = None
+    max_queued: int = DEFAULT_MAX_QUEUED
+    step_tokens: int = DEFAULT_STEP_TOKENS
+    prefix_cache: int = DEFAULT_PREFIX_CACHE
+    kv_layout: str = DEFAULT_KV_LAYOUT
+
+    def __post_init__(self) -> None:
+        for key, least in _INT_LEAST.items():
+            value = getattr(self, key)
+            if value is None and key not in ("n_ctx", "n_batch", "n_gpu_layers"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidRequest(f"{key}={echo(value)} must be an integer >= {least}")
+        for key in _FLOATS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequest(f"{key}={echo(value)} must be a number")
+        check_settings(
+            parallel=self.resolved_parallel,
+            max_queued=self.max_queued,
+            step_tokens=self.step_tokens,
+            prefix_cache=self.prefix_cache,
+            kv_layout=self.kv_layout,
+        )
+        if self.tool_format is not None:
+            from inferd.chat import parser_class
+
+            parser_class(self.tool_format)  # an unknown name fails here, not per request
+
+    @classmethod
+    def from_kwargs(
+        cls, base: LlamaCppOptions | None = None, kwargs: Mapping[str, Any] | None = None
+    ) -> LlamaCppOptions:
+        """``base`` (default: all defaults) with ``kwargs`` replaced; ``TypeError`` names
+        an unknown setting and lists the known ones."""
+        kwargs = dict(kwargs or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"LlamaCpp got unknown setting(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        if base is None:
+            return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if kwargs else base
+
+    @property
+    def resolved_parallel(self) -> int:
+        """``parallel``, or its default: ``min(8, n_ctx // 512)`` on CPU, 32 with GPU
+        layers (ADR 0008), at least 1."""
+        if self.parallel is not None:
+            return self.parallel
+        cap = GPU_MAX_PARALLEL if self.n_gpu_layers != 0 else CPU_MAX_PARALLEL
+        return max(1, min(cap, self.n_ctx // CTX_PER_SLOT))
+
+    @property
+    def split(self) -> bool:
+        return self.kv_layout == "split"
+
+    def lockstep(self) -> bool:
+        """Pace decoding by the consumers when the compute threads take every CPU this
+        process may use (see :mod:`.backend`), unless ``overlap`` says otherwise."""
+        if self.overlap is not None:
+            return not self.overlap
+        cpus = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
+        return (self.n_threads or cpus) >= cpus
