@@ -408,10 +408,8 @@ def _message_in(m: Any, i: int) -> Message:
         call_id = m.get("tool_call_id")
         if not isinstance(call_id, str) or not call_id:
             raise InvalidRequest(f"{where} (tool) needs a 'tool_call_id'")
-        text = "".join(
-            b.text
-            for b in _parts_in(m.get("content"), where, media=False)  # type: ignore[union-attr]
-        )
+        parts = _parts_in(m.get("content"), where, media=False)  # text only
+        text = "".join(b.text for b in parts if isinstance(b, TextBlock))
         return Message.tool(call_id, text)
     if role == "assistant":
         blocks = _parts_in(m.get("content"), where, media=False)

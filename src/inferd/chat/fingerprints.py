@@ -35,7 +35,9 @@ def detect_format(chat_template: str | None) -> str:
 
 def detect_thinking(chat_template: str | None) -> bool:
     """True when the template knows a reasoning block (so the parser should too)."""
-    return bool(chat_template) and any(m in chat_template for m in THINKING_MARKERS)
+    if not chat_template:
+        return False
+    return any(m in chat_template for m in THINKING_MARKERS)
 
 
 def prompt_opens_thinking(prompt: str, opener: str = "<think>", closer: str = "</think>") -> bool:

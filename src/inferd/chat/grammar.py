@@ -410,20 +410,20 @@ class SchemaConverter:
         else:
             req = [n for n in names if n in required]
             opt = [n for n in names if n not in required]
-        member = {
+        members = {
             n: self._member(self.d.key(n), self.visit(props.get(n, {}), f"{hint}-{n}", depth + 1))
             for n in names
         }
-        parts = [member[n] for n in req]
+        parts = [members[n] for n in req]
         body = f" {sep} ".join(parts)
         if opt:
             tail = ""
             for n in reversed(opt):  # tail_i ::= m_i ("," tail_{i+1})? | tail_{i+1}
                 if not tail:
-                    tail = self.add(f"{hint}-{n}-tail", member[n])
+                    tail = self.add(f"{hint}-{n}-tail", members[n])
                 else:
                     self.count_alternatives(2)
-                    tail = self.add(f"{hint}-{n}-tail", f"{member[n]} ({sep} {tail})? | {tail}")
+                    tail = self.add(f"{hint}-{n}-tail", f"{members[n]} ({sep} {tail})? | {tail}")
             body = f"{body} ({sep} {tail})?" if body else f"({tail})?"
         return self.add(hint, f'{open_} {body} "}}"')
 
