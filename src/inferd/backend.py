@@ -20,18 +20,10 @@ import abc
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-from inferd.errors import BackendUnavailable, EmbedUnsupported
+from inferd.errors import EmbedUnsupported, ended_without_done
 from inferd.types import Capabilities, EmbedRequest, EmbedResult, Event, Request
 
-
-def ended_without_done(backend: str | None = None) -> BackendUnavailable:
-    """The one error for a stream that stopped before its ``Done`` (the stream contract).
-
-    Raised wherever a stream is consumed (``Response.collect``, the Router, the bridge),
-    so every caller sees the same message naming the backend when it is known.
-    """
-    who = f"backend {backend!r}" if backend else "the backend"
-    return BackendUnavailable(f"{who} ended its stream without a Done event")
+__all__ = ["Backend", "ended_without_done"]
 
 
 class Backend(abc.ABC):
