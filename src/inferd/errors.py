@@ -100,6 +100,18 @@ ERRORS_BY_CODE: dict[str, type[InferdError]] = {
 }
 
 
+def ended_without_done(backend: str | None = None) -> BackendUnavailable:
+    """The one error for a stream that stopped before its ``Done`` (the stream contract).
+
+    Raised wherever a stream is consumed (``Response.collect``, the Router, the bridge),
+    so every caller sees the same message naming the backend when it is known. It lives
+    here, in the bottom layer, so :mod:`inferd.types` can raise it without importing
+    up (``inferd.backend`` re-exports it).
+    """
+    who = f"backend {backend!r}" if backend else "the backend"
+    return BackendUnavailable(f"{who} ended its stream without a Done event")
+
+
 def cut_body(text: str, limit: int = MAX_ERROR_BODY_BYTES) -> str:
     """Cut ``text`` to at most ``limit`` UTF-8 bytes without splitting a character."""
     raw = text.encode("utf-8", "replace")

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeAlias
 
-from inferd.errors import InvalidRequest
+from inferd.errors import InvalidRequest, ended_without_done
 from inferd.limits import check_depth, echo
 
 #: The public types, re-exported whole by :mod:`inferd` (listed here once). The
@@ -1105,7 +1105,5 @@ class Response:
             elif isinstance(ev, Done):
                 done = ev
         if done is None:
-            from inferd.backend import ended_without_done
-
             raise ended_without_done()
         return cls("".join(text), "".join(thinking), tuple(calls), done)
