@@ -249,6 +249,10 @@ def test_invalid_request_is_a_value_error_and_both_readers_follow_one_rule():
             reader(["text"])  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="stop_reason 'later' is not a stop reason"):
         event_from_dict({"type": "done", "stop_reason": "later"})
+    with pytest.raises(InvalidRequest, match=r"usage\.input_tokens has the wrong type"):
+        event_from_dict({"type": "done", "stop_reason": "end_turn", "usage": {"input_tokens": "x"}})
+    with pytest.raises(InvalidRequest, match=r"timings\.total_s has the wrong type"):
+        event_from_dict({"type": "done", "stop_reason": "end_turn", "timings": {"total_s": "1"}})
     with pytest.raises(ValueError, match=r"messages\[0\] needs 'role'"):
         Request.from_dict({"messages": [{"content": "hi"}]})
 
@@ -280,6 +284,21 @@ def test_request_from_dict_reads_fields_without_coercing_them():
 
     frame = {**base, "id": 1, "type": "generate"}
     assert Request.from_dict(wire.frame_body(frame)) == Request.chat("hi")
+
+
+def test_event_frames_are_the_event_dicts_plus_framing_and_errors_are_the_daemons():
+    from inferd.errors import InternalError
+    from inferd.serve import wire
+
+    done = Done(StopReason.END_TURN, Usage(1, 2), backend="m")
+    assert wire.event_frame(7, done) == {**done.to_dict(), "id": 7}
+    call = ToolUse("call_1", "f", {}, "{}")  # its own "id" must not meet the frame's
+    assert wire.event_frame(7, call) == {"type": "frame", "id": 7, "block": call.to_dict()}
+    for ev in (done, call, Text("x")):
+        assert wire.event_from_frame(wire.event_frame(7, ev)) == ev
+    bad = {**wire.event_frame(7, done), "usage": {"input_tokens": "x"}}
+    with pytest.raises(InternalError, match=r"malformed done frame: .*input_tokens"):
+        wire.event_from_frame(bad)
 
 
 # --------------------------------------------------------------------------- size limits

@@ -767,11 +767,12 @@ class Usage:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Usage:
-        d = d or {}
+        """Inverse of :meth:`to_dict`; missing counts are 0, wrong types InvalidRequest."""
+        d = _obj(d or {}, "usage")
         return cls(
-            int(d.get("input_tokens", 0)),
-            int(d.get("output_tokens", 0)),
-            int(d.get("cached_tokens", 0)),
+            _opt(d, "input_tokens", "usage", 0, int),
+            _opt(d, "output_tokens", "usage", 0, int),
+            _opt(d, "cached_tokens", "usage", 0, int),
         )
 
 
@@ -800,8 +801,14 @@ class Timings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Timings:
-        d = d or {}
-        return cls(d.get("ttft_s"), float(d.get("total_s", 0.0)), d.get("tokens_per_s"))
+        """Inverse of :meth:`to_dict`; wrong types are InvalidRequest."""
+        d = _obj(d or {}, "timings")
+        num = (int, float)
+        return cls(
+            _opt(d, "ttft_s", "timings", None, num),
+            float(_opt(d, "total_s", "timings", 0.0, num)),
+            _opt(d, "tokens_per_s", "timings", None, num),
+        )
 
 
 @dataclass(frozen=True, slots=True)
