@@ -192,6 +192,10 @@ def test_embed_types():
         EmbedRequest(("a",), dimensions=0)
     res = EmbedResult([[0.1, 0.2]], 2, "m", Usage(1))
     assert EmbedResult.from_dict(orjson.loads(orjson.dumps(res.to_dict()))) == res
+    with pytest.raises(InvalidRequest, match=r"embeddings\[0\] must hold only numbers"):
+        EmbedResult.from_dict({"embeddings": [["x"]], "dimensions": 1})
+    with pytest.raises(InvalidRequest, match="embed result needs 'dimensions'"):
+        EmbedResult.from_dict({"embeddings": []})
     assert "<1 x 2>" in repr(res)
 
 

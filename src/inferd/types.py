@@ -1074,11 +1074,20 @@ class EmbedResult:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EmbedResult:
+        """Inverse of :meth:`to_dict`; the same reader rule (InvalidRequest, named field)."""
+        where = "embed result"
+        d = _obj(d, where)
+        rows = []
+        for i, v in enumerate(_seq(_get(d, "embeddings", where, list), f"{where}.embeddings")):
+            row = _seq(v, f"{where}.embeddings[{i}]")
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row):
+                raise InvalidRequest(f"{where}.embeddings[{i}] must hold only numbers")
+            rows.append(row)
         return cls(
-            tuple(tuple(v) for v in d["embeddings"]),
-            int(d["dimensions"]),
-            d.get("model", ""),
-            Usage.from_dict(d.get("usage")),
+            tuple(rows),
+            _get(d, "dimensions", where, int),
+            _opt(d, "model", where, ""),
+            Usage.from_dict(_opt(d, "usage", where, None, Mapping)),
         )
 
 
