@@ -30,6 +30,7 @@ from inferd.types import *  # noqa: F403 (the public types: inferd.types.__all__
 from inferd.types import Request, Response
 
 if TYPE_CHECKING:
+    from inferd.backends.anthropic_compat import AnthropicCompat
     from inferd.backends.llamacpp import LlamaCpp
     from inferd.backends.openai_compat import OpenAICompat
     from inferd.router import Router
@@ -43,6 +44,7 @@ except PackageNotFoundError:  # running from a source tree without an install
 _LAZY = {
     "LlamaCpp": "inferd.backends.llamacpp",
     "OpenAICompat": "inferd.backends.openai_compat",
+    "AnthropicCompat": "inferd.backends.anthropic_compat",
     "Router": "inferd.router",
     "Client": "inferd.serve.client",
 }
@@ -97,6 +99,7 @@ def complete(backend: Backend, request: Request | str) -> Response:
 
 
 __all__ = [
+    "AnthropicCompat",
     "Backend",
     "BackendUnavailable",
     "Client",

@@ -69,6 +69,7 @@ class MessagesStreamDecoder:
         "_max_call",
         "_max_stream",
         "_parser",
+        "_pending",
         "_stream_size",
         "finished",
         "stop_reason",
@@ -86,20 +87,36 @@ class MessagesStreamDecoder:
         self._max_call = max_call_args
         self._max_stream = max_stream_args
         self._stream_size = 0
+        self._pending: BackendUnavailable | None = None
         self.usage = Usage()
         self.stop_reason: str | None = None
         self.finished = False
 
     def feed(self, data: bytes) -> list[Event]:
+        """Events decoded from ``data``. An error after some events of the same chunk
+        is raised by the next call, so those events are still shown first (and the
+        error is then, correctly, a mid-stream one)."""
+        self._raise_pending()
         out: list[Event] = []
-        for ev in self._parser.feed(data):
-            if self.finished:
-                break
-            self._event(ev.data, out)
+        try:
+            for ev in self._parser.feed(data):
+                if self.finished:
+                    break
+                self._event(ev.data, out)
+        except BackendUnavailable as e:
+            if not out:
+                raise
+            self._pending = e
         return out
+
+    def _raise_pending(self) -> None:
+        if self._pending is not None:
+            e, self._pending = self._pending, None
+            raise e
 
     def close(self) -> list[Event]:
         """Events at the end of the body: ``Done`` if the reply was finished."""
+        self._raise_pending()
         if self.finished:
             return []
         if self.stop_reason is None:
