@@ -298,7 +298,7 @@ class Client(Backend):
         except InferdError:
             self._daemon_ready, self._state_at = False, time.monotonic()
             raise
-        self._caps = wire.capabilities_from_dict(frame.get("capabilities") or {})
+        self._caps = Capabilities.from_dict(frame.get("capabilities") or {})
         self._daemon_ready = bool(frame.get("ready"))
         self._state_at = time.monotonic()
         return self._caps
