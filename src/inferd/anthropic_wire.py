@@ -81,6 +81,15 @@ STOP_TO_ANTHROPIC: dict[StopReason, str] = {
 }
 
 
+def stop_reason_to_anthropic(stop: StopReason, *, called_tools: bool) -> str:
+    """Ours -> Anthropic's. A reply that called tools and ended on its own is
+    ``tool_use`` even if the backend said END_TURN (some local backends do, after a
+    grammar-forced call): Anthropic clients run their tool loop on that value."""
+    if called_tools and stop is StopReason.END_TURN:
+        return "tool_use"
+    return STOP_TO_ANTHROPIC[stop]
+
+
 def stop_reason_from_anthropic(reason: Any) -> StopReason:
     return STOP_FROM_ANTHROPIC.get(reason, StopReason.END_TURN) if reason else StopReason.END_TURN
 
@@ -463,7 +472,9 @@ def response_to_message(response: Response, *, model: str, id: str) -> dict[str,
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": STOP_TO_ANTHROPIC[response.stop_reason],
+        "stop_reason": stop_reason_to_anthropic(
+            response.stop_reason, called_tools=bool(response.tool_calls)
+        ),
         "stop_sequence": None,
         "usage": usage_to_anthropic(response.done.usage),
     }
@@ -484,13 +495,14 @@ class MessageStreamWriter:
     (stop reason, usage), ``message_stop``. A change of kind (text, thinking, a tool
     call) closes the open block and starts the next one."""
 
-    __slots__ = ("_index", "_open", "finished", "id", "model")
+    __slots__ = ("_called", "_index", "_open", "finished", "id", "model")
 
     def __init__(self, model: str, id: str | None = None) -> None:
         self.model = model
         self.id = id or new_message_id()
         self._index = -1
         self._open: str | None = None
+        self._called = False
         self.finished = False
 
     def start(self) -> bytes:
@@ -544,6 +556,7 @@ class MessageStreamWriter:
             )
             out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
         elif isinstance(event, ToolUse):
+            self._called = True
             out = self._switch("tool_use", {**_tool_use_block(event), "input": {}})
             raw = orjson.dumps(dict(event.input or {})).decode()
             out.append(self._delta({"type": "input_json_delta", "partial_json": raw}))
@@ -558,7 +571,12 @@ class MessageStreamWriter:
         u = usage_to_anthropic(done.usage)
         delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": STOP_TO_ANTHROPIC[done.stop_reason], "stop_sequence": None},
+            "delta": {
+                "stop_reason": stop_reason_to_anthropic(
+                    done.stop_reason, called_tools=self._called
+                ),
+                "stop_sequence": None,
+            },
             "usage": u,
         }
         return sse_event("message_delta", delta) + sse_event(

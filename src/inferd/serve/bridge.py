@@ -88,14 +88,18 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
-def _error(exc: BaseException) -> web.Response:
+def _error_body(exc: BaseException) -> dict[str, Any]:
     """An OpenAI error object; a non-inferd exception's text stays in the server log."""
     obj = openai_wire.error_object(exc)
     if not isinstance(exc, InferdError):
         ref = uuid.uuid4().hex[:12]
         log.error("unexpected %s (ref %s)", type(exc).__name__, ref, exc_info=exc)
         obj["error"]["message"] = f"{obj['error']['message']} (ref {ref})"
-    return _json(obj, openai_wire.http_status(exc))
+    return obj
+
+
+def _error(exc: BaseException) -> web.Response:
+    return _json(_error_body(exc), openai_wire.http_status(exc))
 
 
 def _http_error(status: int, message: str, code: str, etype: str) -> web.Response:
@@ -108,7 +112,9 @@ def _authorized(request: web.Request, key: bytes) -> bool:
     """Bearer check on the raw header bytes (any bytes a client sends), in constant time."""
     given = next((v for k, v in request.raw_headers if k.lower() == b"authorization"), b"")
     token = given[7:] if given[:7].lower() == b"bearer " else b""
-    return hmac.compare_digest(token, key)
+    # Anthropic clients send the key as x-api-key (docs/adr/0014-anthropic-messages-both-ways.md)
+    alt = next((v for k, v in request.raw_headers if k.lower() == b"x-api-key"), b"")
+    return hmac.compare_digest(token, key) | hmac.compare_digest(alt, key)
 
 
 @web.middleware
@@ -332,20 +338,10 @@ async def _pump(
                 event = await stream.__anext__()
             except StopAsyncIteration:
                 raise ended_without_done() from None
-    except InferdError as e:
-        await resp.write(openai_wire.sse_encode(openai_wire.error_object(e)))
     except (ConnectionError, asyncio.CancelledError):
         raise
     except Exception as e:
-        await resp.write(openai_wire.sse_encode(_error_object_logged(e)))
-
-
-def _error_object_logged(exc: Exception) -> dict[str, Any]:
-    ref = uuid.uuid4().hex[:12]
-    log.error("stream failed with %s (ref %s)", type(exc).__name__, ref, exc_info=exc)
-    obj = openai_wire.error_object(exc)
-    obj["error"]["message"] = f"{obj['error']['message']} (ref {ref})"
-    return obj
+        await resp.write(openai_wire.sse_encode(_error_body(e)))
 
 
 class _FastChunks:
@@ -424,6 +420,11 @@ def make_app(
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    # Anthropic Messages and OpenAI Responses endpoints (ADR 0014); imported here
+    # because those modules import this one.
+    from inferd.serve import anthropic_routes
+
+    anthropic_routes.add_routes(app)
     return app
 
 
