@@ -280,6 +280,24 @@ async def test_exception_text_never_reaches_the_client(caplog) -> None:
     assert "hunter2" in caplog.text  # ... with its traceback
 
 
+class _LateBoom(Mock):
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        yield Text("a")
+        raise ValueError("password=hunter2 at /srv/secret/path")
+
+
+async def test_exception_text_never_reaches_the_client_mid_stream(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with bridge_in_process(_LateBoom(name="late")) as (url, _app, _runner):
+        async with aiohttp.ClientSession() as h:
+            async with h.post(f"{url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                assert r.status == 200
+                lines = [line async for line in r.content if line.startswith(b"data: ")]
+    error = orjson.loads(lines[-1][6:])["error"]  # the last event is the error
+    assert "ValueError" in error["message"] and "hunter2" not in error["message"]
+    assert error["message"].split("ref ", 1)[1].rstrip(")") in caplog.text
+
+
 class _TextOnly(Mock):
     def capabilities(self) -> Capabilities:
         return Capabilities(tools=True)
