@@ -256,7 +256,7 @@ async def test_count_tokens_without_a_tokenizer_is_a_clear_400() -> None:
 
 @pytest.fixture(scope="module")
 def smol(smollm2_path):
-    from tests.test_llamacpp_backend import require_llama_core
+    from tests.conftest import require_llama_core
 
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp

@@ -422,9 +422,10 @@ def make_app(
     app.router.add_post("/v1/embeddings", embeddings)
     # Anthropic Messages and OpenAI Responses endpoints (ADR 0014); imported here
     # because those modules import this one.
-    from inferd.serve import anthropic_routes
+    from inferd.serve import anthropic_routes, responses_routes
 
     anthropic_routes.add_routes(app)
+    responses_routes.add_routes(app)
     return app
 
 
