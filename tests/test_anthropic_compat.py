@@ -15,7 +15,11 @@ from inferd.anthropic_wire import (
     request_to_anthropic,
 )
 from inferd.backends.anthropic_compat import AnthropicCompat
-from inferd.backends.anthropic_compat.stream import MessagesStreamDecoder
+from inferd.backends.anthropic_compat.stream import (
+    FRAGMENT_OVERHEAD,
+    MAX_OPEN_BLOCKS,
+    MessagesStreamDecoder,
+)
 from inferd.errors import BackendUnavailable, EmbedUnsupported, InvalidRequest
 from inferd.types import (
     Attachment,
@@ -370,3 +374,29 @@ async def test_status_503_then_stream(up) -> None:
     up.script("r", Status(503), Stream(stream(text_block(0, ["ok"]))))
     events = await _events(_backend(up.url("r")), Request.chat("hi"))
     assert events[0] == Text("ok")
+
+
+def test_a_flood_of_one_byte_fragments_is_bounded_by_their_count() -> None:
+    limit = 64 * 1024
+    dec = MessagesStreamDecoder(max_call_args=limit, max_stream_args=limit * 4)
+    dec.feed(b"".join(stream(text_block(0, []))[:1]))
+    start = tool_block(0, "t", "n", [])[0]
+    frag = ev(
+        "content_block_delta",
+        {"index": 0, "delta": {"type": "input_json_delta", "partial_json": "1"}},
+    )
+    dec.feed(start)
+    fits = limit // (1 + FRAGMENT_OVERHEAD)
+    dec.feed(frag * fits)
+    with pytest.raises(BackendUnavailable, match="max_call_args"):
+        dec.feed(frag)
+
+
+def test_too_many_open_blocks() -> None:
+    dec = MessagesStreamDecoder()
+    starts = b"".join(
+        ev("content_block_start", {"index": i, "content_block": {"type": "text", "text": ""}})
+        for i in range(MAX_OPEN_BLOCKS + 1)
+    )
+    with pytest.raises(BackendUnavailable, match="MAX_OPEN_BLOCKS"):
+        dec.feed(starts)

@@ -33,6 +33,11 @@ log = logging.getLogger("inferd.anthropic_compat")
 #: Largest tool-call input (JSON text) accepted for one call, and for one stream.
 MAX_TOOL_INPUT_BYTES = DEFAULT_MAX_CALL_ARGS
 MAX_STREAM_TOOL_INPUT_BYTES = DEFAULT_MAX_STREAM_ARGS
+#: What one fragment costs against those caps on top of its characters (as the OpenAI
+#: stream cores count, ADR 0012): a flood of 1-character fragments is bounded too.
+FRAGMENT_OVERHEAD = 64
+#: Most content blocks open (started, not stopped) at once; the real API has one.
+MAX_OPEN_BLOCKS = 256
 #: Upstream ``error`` types worth another attempt when no event was shown yet.
 RETRYABLE_ERROR_TYPES = frozenset({"overloaded_error", "api_error", "rate_limit_error"})
 
@@ -175,6 +180,11 @@ class MessagesStreamDecoder:
         block = obj.get("content_block")
         kind = block.get("type") if isinstance(block, dict) else None
         i = self._index(obj)
+        if len(self._blocks) >= MAX_OPEN_BLOCKS:
+            raise BackendUnavailable(
+                f"the upstream opened more than {MAX_OPEN_BLOCKS} content blocks without "
+                "closing them (MAX_OPEN_BLOCKS)"
+            )
         if kind == "tool_use":
             self._blocks[i] = _ToolBlock(block)  # type: ignore[arg-type]
         else:
@@ -206,8 +216,9 @@ class MessagesStreamDecoder:
     def _tool_part(self, block: _ToolBlock, part: Any) -> None:
         if not isinstance(part, str) or not part:
             return
-        block.size += len(part)
-        self._stream_size += len(part)
+        cost = len(part) + FRAGMENT_OVERHEAD
+        block.size += cost
+        self._stream_size += cost
         if block.size > self._max_call or self._stream_size > self._max_stream:
             raise BackendUnavailable(
                 f"tool call {echo(block.name)} input is larger than max_call_args "
