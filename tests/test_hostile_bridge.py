@@ -136,8 +136,12 @@ async def test_a_client_that_never_reads_stalls_only_itself(daemons) -> None:
 async def test_pool_limit_is_named_and_a_waiter_gets_queue_full(daemons) -> None:
     client = Client(daemons["slow"].sock, max_connections=1, pool_timeout_s=0.3)
     try:
+        await client.connect()  # the daemon's state, cached
         first = client.generate(Request.chat("hi"))
         assert await first.__anext__() == Text("x")  # holds the only connection
+        async with asyncio.timeout(1.0):  # a full pool keeps the state, never waits on it
+            assert (await client.refresh()).embed
+        assert client.ready()
         with pytest.raises(QueueFull, match="max_connections"):
             await client.generate(Request.chat("hi")).__anext__()
         await first.aclose()  # gives it back: the next request gets it

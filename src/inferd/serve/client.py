@@ -285,7 +285,14 @@ class Client(Backend):
     # ------------------------------------------------------------------ cached state
 
     async def refresh(self) -> Capabilities:
-        """Ask the daemon for its capabilities and readiness (cached for the sync API)."""
+        """Ask the daemon for its capabilities and readiness (cached for the sync API).
+
+        While every connection is busy the cached state is kept rather than re-asked:
+        a full pool says the daemon is in use, not that it went away.
+        """
+        if self._caps is not None and self._slots is not None and self._slots.locked():
+            self._state_at = time.monotonic()
+            return self._caps
         try:
             async with asyncio.timeout(CAPABILITIES_PROBE_TIMEOUT_S):
                 frame = await self._request({"type": "capabilities"}, "capabilities")
