@@ -506,7 +506,7 @@ class MessageStreamWriter:
         self.finished = False
 
     def start(self) -> bytes:
-        msg = {
+        msg: dict[str, Any] = {
             "id": self.id,
             "type": "message",
             "role": "assistant",

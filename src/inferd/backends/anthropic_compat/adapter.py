@@ -77,6 +77,21 @@ def _key_from_env() -> str:
     return ""
 
 
+def _check_options(
+    *, max_tokens: int, thinking_budget: int, max_connections: int, **sizes: int
+) -> None:
+    """Constructor options out of range are refused, never clamped."""
+    if max_tokens < 1:
+        raise InvalidRequest(f"max_tokens={max_tokens} must be >= 1")
+    if thinking_budget < MIN_THINKING_BUDGET:
+        raise InvalidRequest(f"thinking_budget={thinking_budget} must be >= {MIN_THINKING_BUDGET}")
+    if max_connections < 1:
+        raise InvalidRequest(f"max_connections={max_connections} must be >= 1")
+    for label, v in sizes.items():
+        if v < 1024:
+            raise InvalidRequest(f"{label}={v} must be >= 1024")
+
+
 class AnthropicCompat(Backend):
     """A backend that streams from an Anthropic Messages API ``/v1/messages``.
 
@@ -119,21 +134,14 @@ class AnthropicCompat(Backend):
         thinking: bool = True,
         name: str = "anthropic_compat",
     ) -> None:
-        if not 1 <= max_tokens:
-            raise InvalidRequest(f"max_tokens={max_tokens} must be >= 1")
-        if thinking_budget < MIN_THINKING_BUDGET:
-            raise InvalidRequest(
-                f"thinking_budget={thinking_budget} must be >= {MIN_THINKING_BUDGET}"
-            )
-        for label, v in (
-            ("max_event_bytes", max_event_bytes),
-            ("max_call_args", max_call_args),
-            ("max_stream_args", max_stream_args),
-        ):
-            if v < 1024:
-                raise InvalidRequest(f"{label}={v} must be >= 1024")
-        if max_connections < 1:
-            raise InvalidRequest(f"max_connections={max_connections} must be >= 1")
+        _check_options(
+            max_tokens=max_tokens,
+            thinking_budget=thinking_budget,
+            max_connections=max_connections,
+            max_event_bytes=max_event_bytes,
+            max_call_args=max_call_args,
+            max_stream_args=max_stream_args,
+        )
         self.name = name
         self.base_url = base_url
         self.messages_url = endpoint_url(base_url, "messages")

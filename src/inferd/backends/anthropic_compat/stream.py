@@ -24,7 +24,7 @@ import orjson
 from inferd._fast._stream_common import DEFAULT_MAX_CALL_ARGS, DEFAULT_MAX_STREAM_ARGS
 from inferd.anthropic_wire import stop_reason_from_anthropic, usage_from_anthropic
 from inferd.errors import BackendUnavailable
-from inferd.limits import echo
+from inferd.limits import cut_message, echo
 from inferd.sse import DEFAULT_MAX_EVENT_BYTES, SSEParser
 from inferd.types import Done, Event, Text, Thinking, ToolUse, Usage
 
@@ -164,9 +164,11 @@ class MessagesStreamDecoder:
                 raise BackendUnavailable("the upstream sent message_stop without a stop_reason")
             out.append(self._done())
         elif kind == "error":
-            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+            raw_err = obj.get("error")
+            err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
             raise UpstreamStreamError(
-                str(err.get("type", "error")), echo(err.get("message", ""), 500)
+                cut_message(str(err.get("type", "error")), 100),
+                cut_message(str(err.get("message", "")), 500),
             )
         # "ping" and event types newer than this code: skipped
 
