@@ -431,3 +431,67 @@ def test_close_while_another_thread_decodes_is_deferred(L, smollm2_path):
     assert deferred == 1, "close() never landed while a decode ran"
     with pytest.raises(NotReady):
         c.decode(b)
+
+
+# ---------------------------------------------------------------- KV layouts (ADR 0008)
+
+
+def _greedy_next_to(L, model, c, neighbour: list[int] | None, steps: int = 12) -> list:
+    """Sequence 0's logits (as bytes) over ``steps`` greedy steps; ``neighbour`` (seq 1)
+    decodes in the same batches, so its cells interleave with sequence 0's."""
+    head = model.tokenize("<|im_start|>system\nYou are SmolLM.<|im_end|>\n", False, True)
+    a = head + model.tokenize(
+        "<|im_start|>user\nRepeat this word three times: elephant<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        False,
+        True,
+    )
+    for s in range(2):
+        c.seq_rm(s)
+    b = L.Batch(256, 2)
+    a_last = b.add_sequence(a, 0, 0, True)
+    b_pos = 0
+    if neighbour is not None:
+        b_last = b.add_sequence(head + neighbour, 0, 1, True)
+        b_pos = len(head) + len(neighbour)
+    rows, a_pos = [], len(a)
+    for _ in range(steps):
+        c.decode(b)
+        la = c.logits(a_last)
+        rows.append(la.tobytes())
+        nxt = max(range(len(la)), key=la.__getitem__)
+        b_tok = 0
+        if neighbour is not None:
+            lb = c.logits(b_last)
+            b_tok = max(range(len(lb)), key=lb.__getitem__)
+        b.clear()
+        a_last = b.add_sequence([nxt], a_pos, 0, True)
+        a_pos += 1
+        if neighbour is not None:
+            b_last = b.add_sequence([b_tok], b_pos, 1, True)
+            b_pos += 1
+    return rows
+
+
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "split"])
+def test_a_neighbours_content_never_reaches_a_sequence(L, model, unified):
+    """Cross-talk would make a sequence's logits depend on what its neighbour holds.
+    They never do, bit for bit, under either layout (same lengths, so the same cell
+    layout). Under the split layout they also equal the single-stream logits bit for
+    bit; under the unified one they may not (the shared cells change float sums: the
+    numerics behind ADR 0008's default), and that is all that differs."""
+    c = L.Context(model, n_threads=1, n_ctx=1024, n_batch=256, n_seq_max=2, kv_unified=unified)
+    try:
+        poem = model.tokenize("Write a poem about the sea and the stars tonight.", False)
+        primes = model.tokenize("List three prime numbers and say why each is prime.", False)
+        n = min(len(poem), len(primes))
+        with_poem = _greedy_next_to(L, model, c, poem[:n])
+        with_primes = _greedy_next_to(L, model, c, primes[:n])
+        assert poem[:n] != primes[:n]
+        assert with_poem == with_primes  # the neighbour's content: no effect at all
+        alone = _greedy_next_to(L, model, c, None)
+        assert alone == _greedy_next_to(L, model, c, None)  # deterministic
+        if not unified:
+            assert with_poem == alone  # split: batched == single stream, bit for bit
+    finally:
+        c.close()

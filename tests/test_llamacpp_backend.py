@@ -42,10 +42,12 @@ async def collect(backend, request) -> tuple[str, Done, list]:
 
 
 def idle(backend) -> bool:
+    """Nothing runs and no running stream holds a KV cell (a finished slot of the default
+    split layout may keep its cells for prefix reuse: ``kv_used()`` leaves those out)."""
     return (
         backend._active is None
         and backend._idle.is_set()
-        and (backend.model is not None and backend._ctx.seq_pos_max(0) == -1)
+        and (backend.model is not None and backend.kv_used() == 0)
     )
 
 

@@ -27,8 +27,8 @@ WORDS = (
 ).split()
 
 #: Each prompt asks for its own word; SmolLM2 answers with it, so an answer that names
-#: another prompt's word would be cross-talk. Robust to batch-shape numerics, unlike a
-#: token-for-token comparison (which the test reports instead).
+#: another prompt's word would be cross-talk (under the split layout the test also
+#: compares token for token; under the unified one batched numerics differ, ADR 0008).
 KEYWORDS = (
     "banana",
     "elephant",
@@ -452,8 +452,17 @@ async def test_split_cancelled_stream_clears_its_slot(backend):
 
 
 async def test_no_cross_talk_and_report_agreement(backend, capsys):
-    """Batched answers name their own keyword; token-for-token agreement with the
-    single-stream path is printed per layout, not asserted."""
+    """Split (the default): every batched greedy reply equals its single-stream reply,
+    token for token, whatever else runs (the README's promise).
+
+    Unified: a stream's attention runs over cells interleaved with the others', so its
+    float sums depend on the layout and a near-tie greedy choice can flip (ADR 0008:
+    42% of these replies differed somewhere on a 2-core AMD EPYC box, each at a token
+    whose single-stream margin was under 0.4 logits). Only what is guaranteed is
+    asserted: every stream ends once, and no reply names another prompt's keyword;
+    agreement is reported. That a neighbour's content never reaches a sequence is
+    proven bit for bit in test_llama_binding.py (test_a_neighbours_content_...).
+    """
     reqs = [
         Request.chat(_keyword_prompt(i, w), temperature=0, max_tokens=20)
         for i, w in enumerate(KEYWORDS)
@@ -472,20 +481,21 @@ async def test_no_cross_talk_and_report_agreement(backend, capsys):
 
     delays = [0.0, 0.05, 0.0, 0.2, 0.1, 0.0, 0.3, 0.15, 0.0, 0.25, 0.05, 0.4]
     batched = await asyncio.gather(*(late(r, d) for r, d in zip(reqs, delays, strict=True)))
-    for i in usable:
-        text = batched[i][0].lower()
-        others = [w for w in KEYWORDS if w != KEYWORDS[i] and w in text]
-        assert KEYWORDS[i][:3] in text and not others, (KEYWORDS[i], text)
+    assert backend.batching_stats()["max_seqs"] >= 2  # they did share decode steps
+    for i, (text, _) in enumerate(batched):
+        others = [w for w in KEYWORDS if w != KEYWORDS[i] and w in text.lower()]
+        assert not others, (KEYWORDS[i], text)
 
-    # Report, do not assert: llama.cpp is not bit-identical across batch shapes.
     exact, lines = 0, []
-    for i, ((t1, _), (t2, _)) in enumerate(zip(single, batched, strict=True)):
+    for i, ((t1, d1), (t2, d2)) in enumerate(zip(single, batched, strict=True)):
         a = backend.model.tokenize(t1, add_special=False)
         b = backend.model.tokenize(t2, add_special=False)
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
-        exact += a == b
+        same = t1 == t2 and d1.stop_reason == d2.stop_reason
+        same = same and d1.usage.output_tokens == d2.usage.output_tokens
+        exact += same
         lines.append(f"  {KEYWORDS[i]:>9}: first {n}/{len(a)} tokens agree")
     with capsys.disabled():
         print(
@@ -493,6 +503,8 @@ async def test_no_cross_talk_and_report_agreement(backend, capsys):
             f"identical to the single-stream path: {exact}/{len(reqs)}"
         )
         print("\n".join(lines))
+    if backend.kv_layout == "split":
+        assert exact == len(reqs), "\n".join(lines)
     await _wait_quiet(backend)
     _assert_empty(backend)
 

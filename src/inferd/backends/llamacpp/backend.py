@@ -137,15 +137,15 @@ class LlamaCpp(Backend):
     :param step_tokens: tokens per decode step (running streams + prompt chunks).
     :param prefix_cache: finished streams kept in the KV cache for prefix reuse
         (unified layout; with the split layout any value above 0 turns on in-slot reuse).
-    :param kv_layout: ``"split"``: each of the ``parallel`` slots owns
+    :param kv_layout: ``"split"`` (the default): each of the ``parallel`` slots owns
         ``n_ctx // parallel`` cells (llama-server's ``-np`` slots), so a stream's
         attention never spans the others' and batched greedy output equals the
         single-stream output; a prompt must fit one slot (a larger ``max_tokens`` is
         shortened to what the slot has left), and prefix reuse stays in a slot. libllama
         rounds a slot up to a multiple of 256 cells, which can make ``n_ctx`` larger
         than asked. ``"unified"``: one KV cache shared by every stream; requests may
-        oversubscribe it, a shared prefix is stored once, but batched output depends on
-        what else runs (ADR 0008 says which is the default and why).
+        oversubscribe it, a shared prefix is stored once, but batched greedy output
+        depends on what else runs (float sums over the shared cells; ADR 0008).
     """
 
     name = "llamacpp"

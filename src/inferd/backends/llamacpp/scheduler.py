@@ -8,18 +8,20 @@ hands the tokens to the streams' event loops in one callback per loop.
 
 Why these choices:
 
-* **Unified KV cache** (``kv_layout="unified"``, the default, ``kv_unified=True``): all
-  sequences share ``n_ctx`` cells, so a shared prefix is the *same* cells (``seq_cp``
-  only tags them, no copy) and one mixed batch decodes as one micro-batch. A split cache
-  copies whole buffers on cross-stream ``seq_cp`` and splits a batch whose sequence ids
-  are not consecutive.
-* **Split KV cache** (``kv_layout="split"``, ``kv_unified=False``, what llama-server's
-  ``-np`` slots use): each of the ``parallel`` slots owns ``n_ctx // parallel`` cells of
-  its own, so a sequence's attention never spans another's cells. A request must fit one
-  slot (no oversubscription), prefix reuse stays inside a slot (a finished slot keeps its
-  tokens; a new request takes the free slot sharing the longest prefix with its prompt),
-  and the batch is ordered by sequence id because libllama splits it into one
+* **Split KV cache** (``kv_layout="split"``, the default, ``kv_unified=False``, what
+  llama-server's ``-np`` slots use): each of the ``parallel`` slots owns
+  ``n_ctx // parallel`` cells of its own, so a sequence's attention never spans another's
+  cells and its greedy output is bit-for-bit the single-stream output. A request must
+  fit one slot (no oversubscription), prefix reuse stays inside a slot (a finished slot
+  keeps its tokens; a new request takes the free slot sharing the longest prefix with its
+  prompt), and the batch is ordered by sequence id because libllama splits it into one
   micro-batch per run of consecutive ids.
+* **Unified KV cache** (``kv_layout="unified"``, ``kv_unified=True``): all sequences
+  share ``n_ctx`` cells, so a shared prefix is the *same* cells (``seq_cp`` only tags
+  them, no copy) and one mixed batch decodes as one micro-batch. A sequence's attention
+  then runs over cells interleaved with the others' (masked, never read: their content
+  cannot reach it), so its float sums, and sometimes a greedy choice, depend on the
+  layout, that is on what else runs (ADR 0008 has the measurements).
 * **Chunked prefill** under a per-step budget (:data:`DEFAULT_STEP_TOKENS`): a long
   prompt is fed a chunk per step next to everyone else's next token, so it delays the
   other streams by one chunk at most, never by its whole length.
@@ -76,8 +78,9 @@ LOCKSTEP_GRACE_S = 0.005
 _IDLE_POLL_S = 0.5
 #: KV cache layouts (ADR 0008): one stream of cells per slot, or one shared buffer.
 KV_LAYOUTS = ("split", "unified")
-#: The default layout (ADR 0008).
-DEFAULT_KV_LAYOUT = "unified"
+#: The default layout (ADR 0008): under "split" a stream's greedy output does not depend
+#: on what else runs; under "unified" it does (float sums over a shared cache).
+DEFAULT_KV_LAYOUT = "split"
 
 
 def check_kv_layout(kv_layout: str) -> bool:
