@@ -4,6 +4,8 @@ the real SmolLM2 model."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import anthropic
 import pytest
@@ -322,3 +324,26 @@ async def test_smollm2_forced_tool_and_round_trip(smol) -> None:
         )
     assert reply.stop_reason in ("end_turn", "max_tokens")
     assert reply.content and reply.content[0].type == "text" and reply.content[0].text.strip()
+
+
+async def test_413_in_anthropic_shape() -> None:
+    async with bridge_in_process(Mock(), max_body_bytes=4096) as (url, _, _):
+        async with aiohttp.ClientSession() as http:
+            big = {"max_tokens": 5, "messages": [{"role": "user", "content": "x" * 10_000}]}
+            async with http.post(f"{url}/v1/messages", json=big) as r:
+                got = await r.json()
+    assert r.status == 413
+    assert got["type"] == "error" and got["error"]["type"] == "request_too_large"
+
+
+async def test_client_leaving_a_stream_stops_the_generation() -> None:
+    mock = Mock([f"t{i} " for i in range(1000)], delay=0.01)
+    async with bridge_in_process(mock) as (url, _, _):
+        async with aiohttp.ClientSession() as http:
+            body = {"max_tokens": 5, "stream": True, "messages": USER}
+            async with http.post(f"{url}/v1/messages", json=body) as r:
+                assert b"content_block_delta" in await r.content.readuntil(b"content_block_delta")
+        deadline = asyncio.get_running_loop().time() + 10  # generous: the stream needs 10 s
+        while mock.active:
+            assert asyncio.get_running_loop().time() < deadline, "generation still running"
+            await asyncio.sleep(0.02)
