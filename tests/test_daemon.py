@@ -128,11 +128,11 @@ async def test_multiplexed_requests_on_one_connection(daemon: DaemonProc) -> Non
     for i, rid in enumerate(sorted(ids, key=str)):
         frames = got[rid]
         n = 3 + i % 4
-        assert [f["block"]["text"] for f in frames[:-1]] == TOKENS[:n]
-        assert frames[-1]["type"] == "done" and frames[-1]["backend"] == "m1"
-        assert frames[-1]["stop_reason"] == "max_tokens"
-        assert frames[-1]["usage"]["output_tokens"] == n
-        assert "ttft_s" in frames[-1]["timings"]
+        assert [f["event"]["text"] for f in frames[:-1]] == TOKENS[:n]
+        assert frames[-1]["type"] == "done" and frames[-1]["event"]["backend"] == "m1"
+        assert frames[-1]["event"]["stop_reason"] == "max_tokens"
+        assert frames[-1]["event"]["usage"]["output_tokens"] == n
+        assert "ttft_s" in frames[-1]["event"]["timings"]
     emb = got["e1"][0]
     assert emb["type"] == "embedding" and len(emb["embeddings"]) == 2
     await conn.close()
@@ -202,7 +202,7 @@ async def test_cancel_frame_stops_the_generation(daemon: DaemonProc) -> None:
     before = (await admin_status(daemon.sock))["counters"]["cancelled"]
     conn = await RawConn.open(daemon.sock)
     await conn.send(gen_frame("c1"))
-    assert (await conn.recv())["type"] == "frame"
+    assert (await conn.recv())["type"] == "text"
     await conn.send({"type": "cancel", "id": "c1"})
 
     async def cancelled() -> bool:
@@ -225,7 +225,7 @@ async def test_client_disconnect_cancels_its_generations(daemon: DaemonProc) -> 
     conn = await RawConn.open(daemon.sock)
     for rid in ("d1", "d2", "d3"):
         await conn.send(gen_frame(rid))
-    assert (await conn.recv())["type"] == "frame"
+    assert (await conn.recv())["type"] == "text"
     await conn.close()
 
     async def all_cancelled() -> bool:
@@ -335,7 +335,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0() -> None:
         try:
             conn = await RawConn.open(proc.sock)
             await conn.send(gen_frame("inflight"))
-            assert (await conn.recv())["type"] == "frame"
+            assert (await conn.recv())["type"] == "text"
             proc.proc.send_signal(15)
             await asyncio.sleep(0.1)
             st = await admin_status(proc.sock)

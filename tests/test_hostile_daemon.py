@@ -153,12 +153,12 @@ async def test_an_element_bomb_is_refused_before_parsing_and_others_keep_streami
         bomb = b'{"type":"generate","id":"bomb","messages":[' + b"{}," * n + b"{}]}\n"
         other, bad = await RawConn.open(proc.sock), await RawConn.open(proc.sock)
         await other.send(gen_frame("other"))  # 50 tokens, one per 10 ms
-        assert (await other.recv())["type"] == "frame"
+        assert (await other.recv())["type"] == "text"
         gaps: list[float] = []
 
         async def read_other() -> list[dict]:
             frames, last = [], time.monotonic()
-            while not frames or frames[-1]["type"] == "frame":
+            while not frames or frames[-1]["type"] == "text":
                 frames.append(await other.recv(timeout=60))
                 now = time.monotonic()
                 gaps.append(now - last)
@@ -343,11 +343,11 @@ async def test_sigterm_with_open_connections_is_quiet_and_a_leaving_client_is_in
         await partial.send(b'{"type":"gen')
         leaver = await RawConn.open(proc.sock)
         await leaver.send(gen_frame("gone"))
-        assert (await leaver.recv())["type"] == "frame"
+        assert (await leaver.recv())["type"] == "text"
         await leaver.close()
         busy = await RawConn.open(proc.sock)
         await busy.send(gen_frame("busy"))
-        assert (await busy.recv())["type"] == "frame"
+        assert (await busy.recv())["type"] == "text"
         await asyncio.sleep(0.2)
         proc.proc.send_signal(15)
         got = await busy.until_terminal({"busy"})

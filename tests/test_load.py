@@ -61,12 +61,12 @@ def check_stream(rid: str, frames: list[dict], max_tokens: int) -> str:
     """Asserts one request's frames are a clean prefix plus one terminal; returns its end."""
     assert frames, f"{rid}: nothing received"
     *body, last = frames
-    assert all(f["type"] == "frame" and f["id"] == rid for f in body), rid
-    assert [f["block"]["text"] for f in body] == TOKENS[: len(body)], rid
+    assert all(f["type"] == "text" and f["id"] == rid for f in body), rid
+    assert [f["event"]["text"] for f in body] == TOKENS[: len(body)], rid
     assert last["id"] == rid
     if last["type"] == "done":
         assert max_tokens <= DROP_AFTER
-        assert len(body) == max_tokens == last["usage"]["output_tokens"]
+        assert len(body) == max_tokens == last["event"]["usage"]["output_tokens"]
         return "done"
     assert last["type"] == "error", last
     if last["code"] == "queue_full":

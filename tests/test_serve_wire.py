@@ -67,15 +67,10 @@ def test_decode_names_the_problem(raw: bytes, needle: str) -> None:
 def test_event_frames_round_trip(event) -> None:
     frame = wire.event_frame("r1", event)
     assert frame["id"] == "r1"
-    if isinstance(event, Done):
-        assert frame["type"] == "done"
-        assert set(frame) == {"type", "id", "stop_reason", "usage", "timings", "backend"}
-    else:
-        assert frame["type"] == "frame" and frame["block"]["type"] in (
-            "text",
-            "thinking",
-            "tool_use",
-        )
+    # Symmetric: every event, Done included, is framed the same way.
+    assert set(frame) == {"type", "id", "event"}
+    assert frame["type"] == frame["event"]["type"] == event.to_dict()["type"]
+    assert frame["type"] == ("done" if isinstance(event, Done) else frame["type"])
     assert wire.event_from_frame(wire.decode(wire.encode(frame))) == event
 
 
@@ -83,7 +78,9 @@ def test_unexpected_frame_is_internal_error() -> None:
     with pytest.raises(InternalError):
         wire.event_from_frame({"type": "bogus"})
     with pytest.raises(InternalError):
-        wire.event_from_frame({"type": "frame", "block": {"type": "nope"}})
+        wire.event_from_frame({"type": "text", "event": {"type": "nope"}})
+    with pytest.raises(InternalError):  # the frame's type must be the event's
+        wire.event_from_frame({"type": "done", "event": {"type": "text", "text": "x"}})
 
 
 def test_error_frames_map_back_to_error_classes() -> None:

@@ -295,12 +295,13 @@ def test_event_frames_are_the_event_dicts_plus_framing_and_errors_are_the_daemon
     from inferd.serve import wire
 
     done = Done(StopReason.END_TURN, Usage(1, 2), backend="m")
-    assert wire.event_frame(7, done) == {**done.to_dict(), "id": 7}
+    assert wire.event_frame(7, done) == {"type": "done", "id": 7, "event": done.to_dict()}
     call = ToolUse("call_1", "f", {}, "{}")  # its own "id" must not meet the frame's
-    assert wire.event_frame(7, call) == {"type": "frame", "id": 7, "block": call.to_dict()}
+    assert wire.event_frame(7, call) == {"type": "tool_use", "id": 7, "event": call.to_dict()}
     for ev in (done, call, Text("x")):
         assert wire.event_from_frame(wire.event_frame(7, ev)) == ev
-    bad = {**wire.event_frame(7, done), "usage": {"input_tokens": "x"}}
+    frame = wire.event_frame(7, done)
+    bad = {**frame, "event": {**frame["event"], "usage": {"input_tokens": "x"}}}
     with pytest.raises(InternalError, match=r"malformed done frame: .*input_tokens"):
         wire.event_from_frame(bad)
 

@@ -15,8 +15,11 @@ connection's in-flight requests):
 
 Daemon to client:
 
-* ``{"type": "frame", "id", "block": {"type": "text"|"thinking"|"tool_use", ...}}``;
-* ``{"type": "done", "id", "stop_reason", "usage", "timings", "backend"}``;
+* one frame per stream event, every event in the same shape:
+  ``{"type": <the event's type>, "id", "event": <Event.to_dict()>}``, where the type
+  is ``text``, ``thinking``, ``tool_use`` or ``done`` (the last frame of a stream). The
+  event's own keys stay inside ``event``, so a ``ToolUse``'s ``id`` never meets the
+  frame's, and a reader knows a stream ended from the frame's ``type`` alone;
 * ``{"type": "error", "id", "code", "message"}``; ``id`` is ``null`` when the frame
   it answers had none (unparseable, or too large to read);
 * ``{"type": "embedding", "id", <EmbedResult.to_dict()>}``;
@@ -48,7 +51,7 @@ import orjson
 
 from inferd.errors import ERRORS_BY_CODE, InferdError, InternalError, InvalidRequest, QueueFull
 from inferd.limits import check_depth, cut_message, echo
-from inferd.types import Capabilities, Done, EmbedRequest, Event, Request, event_from_dict
+from inferd.types import Capabilities, EmbedRequest, Event, Request, event_from_dict
 
 #: The largest frame (one line, newline excluded) either side will read: 64 MiB.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -119,29 +122,27 @@ def frame_body(frame: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def event_frame(rid: Any, event: Event) -> dict[str, Any]:
-    """The frame for one stream event: the event's own dict plus framing.
+    """The frame for one stream event: framing keys outside, the event's dict inside.
 
-    The last event (``Done``) is sent flat, its dict with ``id`` added (its ``type``
-    is already ``done``, the type that ends a stream); every other event is wrapped
-    as ``block`` in a ``frame`` frame, since its own keys (a ``ToolUse``'s ``id``)
-    would collide with the framing. :func:`event_from_frame` undoes exactly this.
+    Every event, ``Done`` included, has the same shape (see the module docstring), so
+    ``types`` knows nothing of framing and :func:`event_from_frame` is its exact inverse.
     """
-    if isinstance(event, Done):
-        return {**event.to_dict(), "id": rid}
-    return {"type": "frame", "id": rid, "block": event.to_dict()}
+    body = event.to_dict()
+    return {"type": body["type"], "id": rid, "event": body}
+
+
+#: Frame types that carry a stream event (the event's own ``type``).
+EVENT_FRAME_TYPES = frozenset({"text", "thinking", "tool_use", "done"})
 
 
 def event_from_frame(frame: Mapping[str, Any]) -> Event:
     """Inverse of :func:`event_frame`; a malformed frame is the daemon's fault."""
     kind = frame.get("type")
-    if kind == "frame":
-        body = frame.get("block")
-    elif kind == "done":
-        body = {k: v for k, v in frame.items() if k != "id"}
-    else:
-        raise InternalError(f"daemon sent an unexpected frame type {echo(kind)}")
+    body = frame.get("event")
+    if kind not in EVENT_FRAME_TYPES or not isinstance(body, dict) or body.get("type") != kind:
+        raise InternalError(f"daemon sent an unexpected frame (type {echo(kind)})")
     try:
-        return event_from_dict(body, f"{kind} frame")  # type: ignore[arg-type]
+        return event_from_dict(body, f"{kind} frame")
     except InvalidRequest as e:
         raise InternalError(f"daemon sent a malformed {kind} frame: {e.message}") from None
 
