@@ -347,3 +347,80 @@ async def test_client_leaving_a_stream_stops_the_generation() -> None:
         while mock.active:
             assert asyncio.get_running_loop().time() < deadline, "generation still running"
             await asyncio.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+def test_reader_takes_system_blocks_tool_result_lists_and_drops_old_thinking() -> None:
+    from inferd.anthropic_wire import request_from_anthropic
+    from inferd.types import ImageBlock, ToolUseBlock
+
+    req = request_from_anthropic(
+        {
+            "max_tokens": 10,
+            "system": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "url", "url": "https://x.invalid/a.png"},
+                        },
+                        {"type": "text", "text": "?"},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                        {
+                            "type": "tool_use",
+                            "id": "t1",
+                            "name": "weather",
+                            "input": {"city": "Rome"},
+                        },
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t1",
+                            "content": [{"type": "text", "text": "9C"}],
+                            "is_error": True,
+                        },
+                        {"type": "text", "text": "thanks"},
+                    ],
+                },
+            ],
+            "tools": [WEATHER],
+            "stop_sequences": ["END"],
+        }
+    )
+    assert req.messages[0] == Message.system("Be brief.")
+    assert req.messages[1].content[0] == ImageBlock(url="https://x.invalid/a.png")
+    assert req.messages[2].content == (ToolUseBlock("t1", "weather", {"city": "Rome"}),)
+    assert req.messages[3] == Message.tool("t1", "9C", is_error=True)
+    assert req.messages[4] == Message.user("thanks")
+    assert req.stop == ("END",)
+
+
+def test_usage_merges_message_delta_into_message_start() -> None:
+    from inferd.anthropic_wire import usage_from_anthropic
+    from inferd.types import Usage
+
+    start = usage_from_anthropic(
+        {"input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 1}
+    )
+    assert start == Usage(100, 1, 90)
+    assert usage_from_anthropic({"output_tokens": 40}, start) == Usage(100, 40, 90)
+    full = {
+        "input_tokens": 10,
+        "cache_read_input_tokens": 90,
+        "cache_creation_input_tokens": 5,
+        "output_tokens": 41,
+    }
+    assert usage_from_anthropic(full, start) == Usage(105, 41, 90)
