@@ -85,6 +85,38 @@ MAX_EMBED_INPUTS = 2048
 #: Largest ``dimensions`` an embeddings request may ask for (the widest real models
 #: have 4096-12288; 9,000,000 would make a reply no frame can carry).
 MAX_EMBED_DIMENSIONS = 16_384
+#: Longest ``keep_alive`` a request may ask for (30 days); a negative one means "keep
+#: the model loaded until the daemon stops", as in Ollama.
+MAX_KEEP_ALIVE_S = 30 * 24 * 3600.0
+#: Ollama-style duration units accepted in a ``keep_alive`` string ("90s", "5m", "1h").
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any, what: str = "keep_alive") -> float | None:
+    """Seconds from a number or an Ollama duration (``"5m"``, ``"90s"``, ``"-1"``).
+
+    ``None`` stays ``None`` (the model's own default applies); a negative value is -1
+    (never unload); anything else is ``InvalidRequest`` naming ``what``
+    (docs/adr/0015-several-models-load-on-demand.md).
+    """
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and 0 < len(value) <= 32:
+        text = value.strip().lower()
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        try:
+            seconds = float(text[: len(text) - len(unit)]) * _DURATION_UNITS.get(unit, 1.0)
+        except ValueError:
+            seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds > MAX_KEEP_ALIVE_S:
+        raise InvalidRequest(
+            f"{what}={echo(value)} must be seconds or a duration like '5m', '90s', '1h' "
+            f"(negative: keep loaded), at most {MAX_KEEP_ALIVE_S:g}s (MAX_KEEP_ALIVE_S)"
+        )
+    return -1.0 if seconds < 0 else seconds
 
 
 def _freeze(obj: object, name: str, value: object) -> None:
@@ -513,9 +545,14 @@ class Request:
     attachments: tuple[Attachment, ...] = ()
     ignore_eos: bool = False
     model: str | None = None
+    #: seconds the model stays loaded after this request (Ollama's ``keep_alive``;
+    #: ``None``: the model's default, negative: until the daemon stops). Only a daemon
+    #: that loads models on demand uses it (docs/adr/0015-several-models-load-on-demand.md).
+    keep_alive: float | None = None
 
     def __post_init__(self) -> None:
         _freeze(self, "messages", _seq(self.messages, "messages"))
+        _freeze(self, "keep_alive", parse_keep_alive(self.keep_alive))
         _freeze(self, "tools", _seq(self.tools, "tools"))
         _freeze(self, "stop", _seq(self.stop, "stop", one=str))
         _freeze(self, "attachments", _seq(self.attachments, "attachments"))
@@ -670,6 +707,7 @@ class Request:
             "seed",
             "response_format",
             "model",
+            "keep_alive",
         ):
             v = getattr(self, name)
             if v is not None:
@@ -725,6 +763,7 @@ class Request:
             ),
             ignore_eos=d.get("ignore_eos", False),
             model=d.get("model"),
+            keep_alive=d.get("keep_alive"),
         )
 
 
