@@ -492,6 +492,30 @@ cdef class Model:
         self._check()
         return bool(llama_vocab_get_add_bos(self.vocab))
 
+    @property
+    def add_eos(self):
+        """Whether the tokenizer appends EOS itself (a reranker's pair separator)."""
+        self._check()
+        return bool(llama_vocab_get_add_eos(self.vocab))
+
+    @property
+    def add_sep(self):
+        """Whether the tokenizer appends SEP (BERT-style pair inputs)."""
+        self._check()
+        return bool(llama_vocab_get_add_sep(self.vocab))
+
+    @property
+    def sep(self):
+        """The SEP token id, or -1."""
+        self._check()
+        return llama_vocab_sep(self.vocab)
+
+    @property
+    def n_cls_out(self):
+        """Classifier outputs per sequence under rank pooling (a reranker's scores)."""
+        self._check()
+        return llama_model_n_cls_out(self.ptr)
+
     def token_text(self, int token):
         """The vocabulary entry for ``token`` (e.g. ``"<|im_end|>"``)."""
         self._check()
@@ -899,7 +923,9 @@ _POOLING = {
     "mean": LLAMA_POOLING_TYPE_MEAN,
     "cls": LLAMA_POOLING_TYPE_CLS,
     "last": LLAMA_POOLING_TYPE_LAST,
+    "rank": LLAMA_POOLING_TYPE_RANK,
 }
+_POOLING_NAME = {v: k for k, v in _POOLING.items() if k}
 
 
 # no_gc_clear: the model reference must survive until __dealloc__ has freed
@@ -911,7 +937,7 @@ cdef class Context:
     ``Context(model, n_ctx=4096, n_batch=512, n_ubatch=0, n_seq_max=1, n_threads=None,
     n_threads_batch=None, embeddings=False, pooling=None)``. ``n_threads=None`` uses the
     CPUs this process may run on. With ``embeddings=True`` decode produces pooled
-    embeddings (``pooling``: mean, cls, last, none; ``None`` = the model's own).
+    embeddings (``pooling``: mean, cls, last, rank, none; ``None`` = the model's own).
     ``kv_unified=True`` keeps every sequence in one KV buffer of ``n_ctx`` cells (a
     shared prefix is shared cells and ``seq_cp`` is free); otherwise each of the
     ``n_seq_max`` sequences gets its own ``n_ctx / n_seq_max`` cells.
@@ -1117,12 +1143,53 @@ cdef class Context:
 
     # ---------------------------------------------------------------- embeddings
 
+    @property
+    def pooling(self):
+        """The pooling this context applies (``"none"``, ``"mean"``, ``"cls"``, ``"last"``,
+        ``"rank"``): the one asked for, else the one the model declares."""
+        self._check()
+        return _POOLING_NAME.get(llama_get_pooling_type(self.ptr), "none")
+
+    def scores(self, int seq_id=0):
+        """The classifier outputs of ``seq_id`` after a decode under rank pooling (a
+        reranker's relevance score is the first), raw: no normalisation."""
+        self._check()
+        if llama_get_pooling_type(self.ptr) != LLAMA_POOLING_TYPE_RANK:
+            raise RuntimeError("scores() needs a context with pooling='rank'")
+        cdef float * v = llama_get_embeddings_seq(self.ptr, seq_id)
+        if v == NULL:
+            raise RuntimeError(f"no scores for sequence {seq_id}: decode it first")
+        cdef int n = max(<int>llama_model_n_cls_out(self.model.ptr), 1)
+        return [v[i] for i in range(n)]
+
+    def token_embedding(self, int idx, bint normalize=True):
+        """The hidden state of the token at batch index ``idx`` of the last decode
+        (pooling ``"none"``: one vector per token), L2-normalised when asked."""
+        self._check()
+        if not self.embeddings:
+            raise RuntimeError("this context was created without embeddings=True")
+        cdef float * v = llama_get_embeddings_ith(self.ptr, idx)
+        if v == NULL:
+            raise RuntimeError(f"no embedding at batch index {idx}")
+        cdef int n = llama_model_n_embd(self.model.ptr)
+        cdef double norm = 0.0
+        cdef int i
+        if normalize:
+            for i in range(n):
+                norm += <double>v[i] * v[i]
+            norm = sqrt(norm)
+        if norm <= 0.0:
+            norm = 1.0
+        return [v[i] / norm for i in range(n)]
+
     def embedding(self, int seq_id=0, dimensions=None, bint normalize=True):
         """The pooled embedding of ``seq_id`` after a decode (``embeddings=True``),
         truncated to ``dimensions`` then L2-normalised."""
         self._check()
         if not self.embeddings:
             raise RuntimeError("this context was created without embeddings=True")
+        if llama_get_pooling_type(self.ptr) == LLAMA_POOLING_TYPE_RANK:
+            raise RuntimeError("a rank-pooled context gives scores(), not embeddings")
         cdef int n = llama_model_n_embd(self.model.ptr)
         cdef float * v = NULL
         if llama_get_pooling_type(self.ptr) == LLAMA_POOLING_TYPE_NONE:

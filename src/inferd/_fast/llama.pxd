@@ -133,6 +133,7 @@ cdef extern from "llama.h" nogil:
     int32_t llama_model_n_ctx_train(const llama_model * model)
     int32_t llama_model_n_embd(const llama_model * model)
     int32_t llama_model_n_layer(const llama_model * model)
+    uint32_t llama_model_n_cls_out(const llama_model * model)
     uint64_t llama_model_size(const llama_model * model)
     uint64_t llama_model_n_params(const llama_model * model)
     bint llama_model_has_encoder(const llama_model * model)
@@ -155,6 +156,8 @@ cdef extern from "llama.h" nogil:
     llama_token llama_vocab_eot(const llama_vocab * vocab)
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
     bint llama_vocab_get_add_eos(const llama_vocab * vocab)
+    bint llama_vocab_get_add_sep(const llama_vocab * vocab)
+    llama_token llama_vocab_sep(const llama_vocab * vocab)
     const char * llama_vocab_get_text(const llama_vocab * vocab, llama_token token)
 
     int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
