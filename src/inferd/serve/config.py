@@ -57,6 +57,7 @@ from inferd.serve.admission import (
     DEFAULT_MAX_QUEUED as DEFAULT_MAX_QUEUED,
 )
 from inferd.serve.admission import Limits
+from inferd.types import parse_keep_alive
 
 #: Where ``inferd serve`` looks for its configuration when ``--config`` is not given.
 DEFAULT_CONFIG_PATH = Path("~/.config/inferd/config.toml")
@@ -140,6 +141,12 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     router: dict[str, Any] = field(default_factory=dict)
     backends: list[BackendSpec] = field(default_factory=list)
+    #: ``[[model]]`` tables: named models loaded on demand (inferd.serve.models_pool)
+    models: list[ModelSpec] = field(default_factory=list)
+    #: ``[groups]``: a name -> model names in priority order (served through a Router)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    #: ``[pool]``: keep_alive, max_loaded_bytes, load_retry_s, default
+    pool: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_concurrent(self) -> int:
@@ -182,11 +189,11 @@ def _positive(where: str, name: str, value: Any, *, integer: bool) -> Any:
 
 
 def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
-    unknown = set(data) - {"daemon", "router", "backend"}
+    unknown = set(data) - {"daemon", "router", "backend", "model", "groups", "pool"}
     if unknown:
         raise ConfigError(
             f"{where}: unknown section(s) {sorted(unknown)}; "
-            "expected [daemon], [router], [[backend]]"
+            "expected [daemon], [router], [[backend]], [[model]], [groups], [pool]"
         )
     cfg = Config()
     daemon = data.get("daemon", {})
@@ -210,6 +217,9 @@ def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
     if not isinstance(router, Mapping) or set(router) - _ROUTER_KEYS:
         raise ConfigError(f"{where}: [router] accepts only {sorted(_ROUTER_KEYS)}")
     cfg.router = dict(router)
+    if "model" in data:
+        _parse_models(cfg, data, where)
+        return cfg
     backends = data.get("backend", [])
     if not isinstance(backends, list) or not backends:
         raise ConfigError(f"{where}: no [[backend]] tables; configure at least one backend")
@@ -234,6 +244,127 @@ def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
             raise ConfigError(f"{where}: backend #{i + 1}: api_key_env must be a variable name")
         cfg.backends.append(BackendSpec(kind, opts, key_env))
     return cfg
+
+
+@dataclass
+class ModelSpec:
+    """One ``[[model]]`` table: a named model the daemon loads on first use.
+
+    ``source`` (llamacpp only) is a store name, a ``.gguf`` path or an ``hf://`` source,
+    resolved by :func:`inferd.models.resolve` when the model is first loaded;
+    ``keep_alive`` (seconds, negative = never unload) and ``memory_bytes`` (overrides
+    the file + KV estimate) are ``None`` for the pool's defaults
+    (docs/adr/0015-several-models-load-on-demand.md).
+    """
+
+    name: str
+    backend: BackendSpec
+    source: str | None = None
+    keep_alive: float | None = None
+    memory_bytes: int | None = None
+
+
+#: Longest model or group name (it is echoed in errors and listed by ``/v1/models``).
+MAX_MODEL_NAME_CHARS = 128
+#: ``[pool]`` keys (their defaults live in :mod:`inferd.serve.models_pool`).
+_POOL_KEYS = {"keep_alive", "max_loaded_bytes", "load_retry_s", "default"}
+
+
+def _parse_models(cfg: Config, data: Mapping[str, Any], where: str) -> None:
+    """``[[model]]``, ``[groups]`` and ``[pool]``: names unique, groups name models."""
+    if "backend" in data:
+        raise ConfigError(
+            f"{where}: [[backend]] and [[model]] do not mix; list upstreams as [[model]] "
+            'tables with type = "openai" and a name'
+        )
+    tables = data["model"]
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{where}: [[model]] must be one or more tables")
+    seen: dict[str, int] = {}
+    for i, table in enumerate(tables):
+        spec = _model_spec(f"{where}: model #{i + 1}", table)
+        if spec.name in seen:
+            raise ConfigError(
+                f"{where}: model name {spec.name!r} is configured twice (model "
+                f"#{seen[spec.name] + 1} and #{i + 1}); each [[model]] needs its own name"
+            )
+        seen[spec.name] = i
+        cfg.models.append(spec)
+    cfg.groups = _parse_groups(where, data.get("groups", {}), set(seen))
+    pool = data.get("pool", {})
+    if not isinstance(pool, Mapping) or set(pool) - _POOL_KEYS:
+        raise ConfigError(f"{where}: [pool] accepts only {sorted(_POOL_KEYS)}")
+    cfg.pool = dict(pool)
+    if "keep_alive" in pool:
+        cfg.pool["keep_alive"] = _keep_alive(f"{where}: [pool]", pool["keep_alive"])
+    for name in ("max_loaded_bytes", "load_retry_s"):
+        if name in pool:
+            _positive(f"{where}: [pool]", name, pool[name], integer=name == "max_loaded_bytes")
+    default = pool.get("default")
+    if default is not None and default not in seen and default not in cfg.groups:
+        raise ConfigError(
+            f"{where}: [pool] default {echo(default)} is not a model or group; "
+            f"choose one of {sorted(seen) + sorted(cfg.groups)}"
+        )
+
+
+def _keep_alive(where: str, value: Any) -> float | None:
+    try:
+        return parse_keep_alive(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _model_spec(where: str, table: Any) -> ModelSpec:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    opts = dict(table)
+    name = opts.pop("name", None)
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_MODEL_NAME_CHARS:
+        raise ConfigError(
+            f"{where}: needs a name (a non-empty string of at most {MAX_MODEL_NAME_CHARS} "
+            "characters): requests pick the model by it"
+        )
+    kind = opts.pop("type", "llamacpp")
+    source = opts.pop("source", None)
+    keep_alive = _keep_alive(f"{where} ({name})", opts.pop("keep_alive", None))
+    memory = opts.pop("memory_bytes", None)
+    if memory is not None:
+        _positive(f"{where} ({name})", "memory_bytes", memory, integer=True)
+    if kind == "llamacpp" and (not isinstance(source, str) or not source):
+        raise ConfigError(
+            f"{where} ({name}): needs source = a store name, a .gguf path or hf://owner/repo"
+        )
+    if kind == "llamacpp" and "model" in opts:
+        raise ConfigError(f"{where} ({name}): give the file as source, not model")
+    if kind != "llamacpp" and source is not None:
+        raise ConfigError(f"{where} ({name}): source is for llamacpp models only")
+    spec = parse_config({"backend": [{"type": kind, **opts}]}, where=f"{where} ({name})")
+    return ModelSpec(name, spec.backends[0], source, keep_alive, memory)
+
+
+def _parse_groups(where: str, groups: Any, models: set[str]) -> dict[str, list[str]]:
+    """``[groups] chat = ["local", "cloud"]``: each member a configured model, in order."""
+    if not isinstance(groups, Mapping):
+        raise ConfigError(f"{where}: [groups] must be a table of name = [model names]")
+    out: dict[str, list[str]] = {}
+    for name, members in groups.items():
+        if name in models:
+            raise ConfigError(f"{where}: group {name!r} has the name of a model; rename one")
+        if (
+            not isinstance(members, list)
+            or not members
+            or len(set(map(str, members))) != len(members)
+        ):
+            raise ConfigError(f"{where}: group {name!r} must list distinct model names")
+        unknown = [m for m in members if m not in models]
+        if unknown:
+            raise ConfigError(
+                f"{where}: group {name!r} names unknown model(s) {echo(unknown)}; "
+                f"models are {sorted(models)}"
+            )
+        out[str(name)] = [str(m) for m in members]
+    return out
 
 
 def _refuse_inline_secrets(where: str, opts: Mapping[str, Any]) -> None:

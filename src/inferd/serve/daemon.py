@@ -420,6 +420,9 @@ class Daemon:
         status = getattr(self.backend, "status", None)
         if callable(status):
             out["backends"] = status()
+        pool = getattr(self.backend, "pool_status", None)
+        if callable(pool):  # models loaded on demand (docs/adr/0015-...-load-on-demand.md)
+            out["pool"] = pool()
         return out
 
     async def _serve_admin(
@@ -746,6 +749,11 @@ async def serve_main(args: argparse.Namespace) -> int:
     from inferd.router import Router
 
     cfg = load_config(args.config)
+    pool = None
+    if cfg.models:  # [[model]] tables: nothing loads until a request names a model
+        from inferd.serve.models_pool import ModelPool
+
+        pool = ModelPool.from_config(cfg)
 
     def loader(progress: Callable[[int, float], None]) -> Backend:
         return Router(build_backends(cfg, progress), **cfg.router)
@@ -756,7 +764,7 @@ async def serve_main(args: argparse.Namespace) -> int:
         "max_frame_bytes": args.max_frame_bytes,
     }
     daemon = Daemon(
-        None,
+        pool,
         args.socket or cfg.socket,
         limits=dataclasses.replace(
             cfg.limits, **{k: v for k, v in overrides.items() if v is not None}
@@ -766,7 +774,7 @@ async def serve_main(args: argparse.Namespace) -> int:
         ),
         load_timeout_s=(args.load_timeout if args.load_timeout is not None else cfg.load_timeout_s),
     )
-    return await daemon.run(loader, len(cfg.backends))
+    return await daemon.run(None if pool else loader, len(cfg.backends))
 
 
 def run_args(args: argparse.Namespace) -> int:
