@@ -20,8 +20,16 @@ import abc
 from collections.abc import AsyncIterator
 from types import TracebackType
 
-from inferd.errors import EmbedUnsupported, ended_without_done
-from inferd.types import Capabilities, EmbedRequest, EmbedResult, Event, Request
+from inferd.errors import EmbedUnsupported, InvalidRequest, ended_without_done
+from inferd.types import (
+    Capabilities,
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    Request,
+    RerankRequest,
+    RerankResult,
+)
 
 __all__ = ["Backend", "ended_without_done"]
 
@@ -55,6 +63,39 @@ class Backend(abc.ABC):
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Embed ``request.input``; backends without embeddings raise ``EmbedUnsupported``."""
         raise EmbedUnsupported(f"backend {self.name!r} does not produce embeddings")
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        """Score ``request.documents`` against the query; only reranker models can
+        (``capabilities().rerank``); others raise ``EmbedUnsupported``."""
+        raise EmbedUnsupported(f"backend {self.name!r} does not rerank")
+
+    def _no_tokenizer(self) -> InvalidRequest:
+        return InvalidRequest(
+            f"backend {self.name!r} has no tokenizer here (capabilities().tokenize is false)"
+        )
+
+    async def tokenize(
+        self,
+        content: str | list[str | int],
+        *,
+        add_special: bool = False,
+        parse_special: bool = True,
+    ) -> list[int]:
+        """Token ids of ``content`` (llama-server's ``/tokenize``: a list mixes text and
+        ids); backends without a local tokenizer raise ``InvalidRequest``."""
+        raise self._no_tokenizer()
+
+    async def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        """The bytes each token renders to (control tokens as their text)."""
+        raise self._no_tokenizer()
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (llama-server's ``/detokenize``)."""
+        raise self._no_tokenizer()
+
+    async def apply_template(self, request: Request) -> str:
+        """The prompt the chat template renders for ``request`` (``/apply-template``)."""
+        raise self._no_tokenizer()
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, not abstract on purpose
         """Release connections, contexts and models. Safe to call twice."""

@@ -45,6 +45,8 @@ __all__ = [
     "ImageBlock",
     "Message",
     "Request",
+    "RerankRequest",
+    "RerankResult",
     "Response",
     "Role",
     "StopReason",
@@ -85,6 +87,8 @@ MAX_EMBED_INPUTS = 2048
 #: Largest ``dimensions`` an embeddings request may ask for (the widest real models
 #: have 4096-12288; 9,000,000 would make a reply no frame can carry).
 MAX_EMBED_DIMENSIONS = 16_384
+#: Most documents in one rerank request (Cohere's own limit is 1000).
+MAX_RERANK_DOCUMENTS = 1024
 #: Longest ``keep_alive`` a request may ask for (30 days); a negative one means "keep
 #: the model loaded until the daemon stops", as in Ollama.
 MAX_KEEP_ALIVE_S = 30 * 24 * 3600.0
@@ -999,6 +1003,10 @@ class Capabilities:
     thinking: bool = False
     embed: bool = False
     accelerator: AcceleratorInfo | None = None
+    #: ``tokenize``/``detokenize``/``apply_template`` work (the backend holds a tokenizer)
+    tokenize: bool = False
+    #: ``rerank`` works (a reranker model: rank pooling)
+    rerank: bool = False
 
     def covers(self, request: Request) -> str | None:
         """``None`` when this backend can serve ``request``, else the reason it cannot."""
@@ -1021,6 +1029,8 @@ class Capabilities:
             "thinking": self.thinking,
             "embed": self.embed,
             "accelerator": self.accelerator.to_dict() if self.accelerator else None,
+            "tokenize": self.tokenize,
+            "rerank": self.rerank,
         }
 
     @classmethod
@@ -1030,7 +1040,8 @@ class Capabilities:
         acc = d.get("accelerator")
         accel = AcceleratorInfo.from_dict(acc) if isinstance(acc, Mapping) else None
         flags = {
-            k: bool(d.get(k, False)) for k in ("tools", "vision", "audio", "thinking", "embed")
+            k: bool(d.get(k, False))
+            for k in ("tools", "vision", "audio", "thinking", "embed", "tokenize", "rerank")
         }
         return cls(v2=bool(d.get("v2", True)), accelerator=accel, **flags)
 
@@ -1128,6 +1139,43 @@ class EmbedResult:
             _opt(d, "model", where, ""),
             Usage.from_dict(_opt(d, "usage", where, None, Mapping)),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RerankRequest:
+    """A query and the documents to score against it; ``top_n`` keeps the best ones."""
+
+    query: str
+    documents: tuple[str, ...]
+    top_n: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.query, str):
+            raise InvalidRequest(f"query must be a string, got {type(self.query).__name__}")
+        docs = _seq(self.documents, "documents")
+        if not docs:
+            raise InvalidRequest("documents is empty: give at least one string")
+        _check_count("documents", len(docs), MAX_RERANK_DOCUMENTS, "MAX_RERANK_DOCUMENTS")
+        if any(not isinstance(d, str) for d in docs):
+            raise InvalidRequest("documents must be strings")
+        _freeze(self, "documents", docs)
+        n = self.top_n
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise InvalidRequest(f"top_n={echo(n)} must be an integer >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    """One relevance score per document, in input order (higher: more relevant)."""
+
+    scores: tuple[float, ...]
+    model: str = ""
+    usage: Usage = field(default_factory=Usage)
+
+    def ranked(self, top_n: int | None = None) -> list[tuple[int, float]]:
+        """``(index, score)`` best first (ties keep input order), at most ``top_n``."""
+        order = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
+        return [(i, self.scores[i]) for i in order[:top_n]]
 
 
 # --------------------------------------------------------------------------- response

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.backend import Backend
-from inferd.backends.llamacpp import loader
+from inferd.backends.llamacpp import embedding, loader
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model
 from inferd.backends.llamacpp.options import LlamaCppOptions
 from inferd.backends.llamacpp.scheduler import Scheduler, SeqStream
@@ -54,6 +54,7 @@ from inferd.errors import (
     ModelLoadError,
     NotReady,
 )
+from inferd.limits import echo
 from inferd.types import (
     AcceleratorInfo,
     Capabilities,
@@ -62,6 +63,8 @@ from inferd.types import (
     EmbedResult,
     Event,
     Request,
+    RerankRequest,
+    RerankResult,
     StopReason,
     Timings,
     Usage,
@@ -314,15 +317,19 @@ class LlamaCpp(Backend):
         return self._caps
 
     def _derive_capabilities(self) -> Capabilities:
-        embed = self.options.embed
+        o = self.options
+        pooling = embedding.resolve_pooling(self._model, o.pooling, o.embed)
+        embed = pooling in embedding.SENTENCE_POOLING if o.embed is None else o.embed
         return Capabilities(
             v2=True,
             tools=True,
             vision=False,
             audio=False,
             thinking=template_thinks(self._template_source()),
-            embed=is_embedding_model(self._model) if embed is None else embed,
+            embed=embed,
             accelerator=self.accelerator(),
+            tokenize=True,
+            rerank=pooling == "rank",
         )
 
     def accelerator(self) -> AcceleratorInfo:
@@ -551,9 +558,10 @@ class LlamaCpp(Backend):
     # ------------------------------------------------------------------ embeddings
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        """L2-normalised embeddings truncated to ``request.dimensions``, pooled as the
-        embedding model was trained to (mean-pooled for a model opened with
-        ``embed=True``); ``EmbedUnsupported`` when ``capabilities().embed`` is false."""
+        """L2-normalised embeddings, pooled as the model was trained to (or as
+        ``pooling=`` says), many inputs per decode; ``dimensions`` only for a Matryoshka
+        model (:mod:`.embedding`); ``EmbedUnsupported`` when ``capabilities().embed``
+        is false."""
         self._check_open()
         if not isinstance(request, EmbedRequest):
             raise InvalidRequest(f"embed() needs an EmbedRequest, got {type(request).__name__}")
@@ -563,58 +571,108 @@ class LlamaCpp(Backend):
                 "(its GGUF declares no pooling type); create LlamaCpp with embed=True to "
                 "mean-pool its hidden states anyway"
             )
-        lock = self._get_lock()
-        await lock.acquire()
-        loop = asyncio.get_running_loop()
-        try:
-            self._check_open()
-            fut = loop.run_in_executor(self._executor, self._embed_work, request)
-        except BaseException:
-            lock.release()
-            raise
-        fut.add_done_callback(lambda _f: lock.release())
-        vectors, n_tokens = await asyncio.shield(fut)
+        vectors, n_tokens = await self._in_worker("embed", request.input, request.dimensions)
         dims = len(vectors[0]) if vectors else 0
         return EmbedResult(
             tuple(tuple(v) for v in vectors), dims, self.model_name, Usage(n_tokens, 0, 0)
         )
 
-    def _embed_work(self, request: EmbedRequest) -> tuple[list[list[float]], int]:
-        L = _llama()
-        if self._ectx is None:
-            n = self.options.embed_n_ctx or min(int(self._model.n_ctx_train) or 2048, 2048)
-            # Pooled embeddings need the whole input in one micro-batch. An embedding
-            # model pools as it was trained to; any other is mean-pooled.
-            self._ectx = L.Context(
-                self._model,
-                n_ctx=n,
-                n_batch=n,
-                n_ubatch=n,
-                n_threads=self.options.n_threads,
-                embeddings=True,
-                pooling=None if is_embedding_model(self._model) else "mean",
+    async def embed_tokens(self, text: str) -> list[list[float]]:
+        """One vector per token of ``text`` (a model opened with ``pooling="none"``)."""
+        self._check_open()
+        if not isinstance(text, str):
+            raise InvalidRequest(f"embed_tokens() needs a string, got {type(text).__name__}")
+        return await self._in_worker("embed_tokens", text)  # type: ignore[no-any-return]
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        """Relevance scores of ``request.documents`` for the query from a reranker GGUF
+        (rank pooling), batched like :meth:`embed`; raw classifier outputs, as
+        llama-server's ``/v1/rerank`` gives them (docs/adr/0015-embeddings-rerank-tokens.md)."""
+        self._check_open()
+        if not isinstance(request, RerankRequest):
+            raise InvalidRequest(f"rerank() needs a RerankRequest, got {type(request).__name__}")
+        if not self._caps.rerank:
+            raise EmbedUnsupported(
+                f"backend {self.name!r}: model {self.model_name!r} is not a reranker (its "
+                "GGUF declares no rank pooling; open it with pooling='rank' if it has a "
+                "classifier head)"
             )
-            self._ebatch = L.Batch(n, 1)
-        ctx, batch = self._ectx, self._ebatch
-        out: list[list[float]] = []
-        total = 0
-        for i, text in enumerate(request.input):
-            toks = self._model.tokenize(text, add_special=True, parse_special=False)
-            if not toks:
-                raise InvalidRequest(f"input[{i}] is empty after tokenization")
-            if len(toks) > batch.capacity:
-                raise InvalidRequest(
-                    f"input[{i}] is {len(toks)} tokens; embeddings take at most "
-                    f"{batch.capacity} (pass embed_n_ctx= to LlamaCpp for more)"
+        scores, n = await self._in_worker("rerank", request.query, request.documents)
+        return RerankResult(tuple(scores), self.model_name, Usage(n, 0, 0))
+
+    async def _in_worker(self, method: str, *args: Any) -> Any:
+        """Run ``Embedder.<method>`` in the worker thread, one call at a time."""
+        lock = self._get_lock()
+        await lock.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            self._check_open()
+            fut = loop.run_in_executor(self._executor, self._embedder_call, method, args)
+        except BaseException:
+            lock.release()
+            raise
+        fut.add_done_callback(lambda _f: lock.release())
+        return await asyncio.shield(fut)
+
+    def _embedder_call(self, method: str, args: tuple[Any, ...]) -> Any:
+        if self._ectx is None:
+            o = self.options
+            pooling = embedding.resolve_pooling(self._model, o.pooling, o.embed) or "mean"
+            self._ectx = embedding.Embedder(
+                _llama(),
+                self._model,
+                pooling=pooling,
+                n_ctx=o.embed_n_ctx,
+                n_threads=o.n_threads,
+                matryoshka_dims=o.matryoshka_dims,
+            )
+        return getattr(self._ectx, method)(*args)
+
+    # ------------------------------------------------------------------ tokens
+
+    async def tokenize(
+        self,
+        content: str | list[str | int],
+        *,
+        add_special: bool = False,
+        parse_special: bool = True,
+    ) -> list[int]:
+        """Token ids as llama-server's ``/tokenize`` gives them: a list mixes text and ids,
+        and ``add_special`` applies to its first item only."""
+        self._check_open()
+        m = self._model
+        items = [content] if isinstance(content, str) else content
+        out: list[int] = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                out += m.tokenize(
+                    item, add_special=add_special and i == 0, parse_special=parse_special
                 )
-            total += len(toks)
-            ctx.clear()
-            batch.clear()
-            batch.add_sequence(toks, 0, 0, True)
-            ctx.decode(batch)
-            out.append(ctx.embedding(0, dimensions=request.dimensions, normalize=True))
-        ctx.clear()
-        return out, total
+            else:
+                out.append(self._token_id(item))
+        return out
+
+    def _token_id(self, token: Any) -> int:
+        n = int(self._model.n_vocab)
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < n:
+            raise InvalidRequest(f"token {echo(token)} is not an id of this model (0..{n - 1})")
+        return token
+
+    async def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        """The bytes of each token, control tokens rendered (llama-server's pieces)."""
+        self._check_open()
+        m = self._model
+        return [m.token_to_piece(self._token_id(t), special=True) for t in tokens]
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The pieces of ``tokens`` joined (llama-server's ``/detokenize``)."""
+        pieces = await self.token_pieces(tokens)
+        return b"".join(pieces).decode("utf-8", "replace")
+
+    async def apply_template(self, request: Request) -> str:
+        """The prompt :meth:`generate` would feed the model for ``request``."""
+        self._check_open()
+        return self.render(request)
 
     # ------------------------------------------------------------------ closing
 

@@ -69,6 +69,11 @@ class LlamaCppOptions:
     embed_n_ctx: int | None = None
     #: ``None``: derived from the model (an embedding model has a pooling type).
     embed: bool | None = None
+    #: embeddings pooling (none, mean, cls, last, rank); ``None``: the model's own
+    pooling: str | None = None
+    #: Matryoshka sizes the model was trained for (``True``: any), so ``dimensions``
+    #: may truncate; ``None`` refuses ``dimensions`` (docs/adr/0015-embeddings-rerank-tokens.md)
+    matryoshka_dims: tuple[int, ...] | bool | None = None
     progress: Callable[[float], Any] | None = None
     #: print the model store's download progress when ``model`` is a name to pull
     pull_progress: bool = False
@@ -99,6 +104,9 @@ class LlamaCppOptions:
             prefix_cache=self.prefix_cache,
             kv_layout=self.kv_layout,
         )
+        from inferd.backends.llamacpp.embedding import check_options
+
+        check_options(self.pooling, self.matryoshka_dims)
         if self.tool_format is not None:
             from inferd.chat import parser_class
 
