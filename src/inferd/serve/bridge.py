@@ -406,10 +406,17 @@ def make_app(
     api_key: str | None = None,
     model_name: str = DEFAULT_MODEL_NAME,
     max_body_bytes: int = MAX_BODY_BYTES,
+    cors_origins: Sequence[str] = (),
 ) -> web.Application:
-    """The bridge as an aiohttp application over ``backend`` (a ``Client`` or any Backend)."""
+    """The bridge as an aiohttp application over ``backend`` (a ``Client`` or any Backend).
+
+    ``/metrics``, ``traceparent`` and ``cors_origins`` (CORS, off when empty):
+    docs/adr/0016-metrics-traces-cors.md.
+    """
+    from inferd.serve import cors, observed
+
     app = web.Application(middlewares=[_errors_and_auth], client_max_size=max_body_bytes)
-    app[BACKEND_KEY] = backend
+    app[BACKEND_KEY] = observed.instrument(app, backend)
     app[STATS_KEY] = BridgeStats()
     app[SETTINGS_KEY] = {
         "api_key": api_key.encode() if api_key else None,
@@ -426,6 +433,8 @@ def make_app(
 
     anthropic_routes.add_routes(app)
     responses_routes.add_routes(app)
+    if cors_origins:  # outermost: preflights are answered before the key check
+        cors.Cors(cors_origins).install(app)
     return app
 
 
@@ -473,6 +482,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL_NAME,
         help="model id reported by /v1/models (default %(default)s)",
     )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages from ORIGIN (e.g. http://localhost:3000) call the bridge; "
+        "repeatable; off by default (ADR 0016)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -502,7 +519,12 @@ async def bridge_main(args: argparse.Namespace) -> int:
     if connect is not None:
         with contextlib.suppress(InferdError):  # the daemon may come up later
             await connect()
-    app = make_app(backend, api_key=api_key, model_name=args.model_name)
+    app = make_app(
+        backend,
+        api_key=api_key,
+        model_name=args.model_name,
+        cors_origins=getattr(args, "cors_origin", None) or (),
+    )
     runner = BridgeRunner(app)
     await runner.setup()
     try:

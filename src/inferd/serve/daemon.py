@@ -68,6 +68,8 @@ from inferd.serve.config import (
     load_config,
 )
 from inferd.serve.metrics import METRICS_WINDOW, Metrics, percentiles
+from inferd.serve.observed import ObservedBackend
+from inferd.serve.prometheus import Telemetry
 from inferd.types import Capabilities, Done, EmbedRequest, EmbedResult, Event, Request
 
 log = logging.getLogger("inferd.serve")
@@ -77,6 +79,8 @@ __all__ = ["METRICS_WINDOW", "Daemon", "DaemonError", "Limits", "Metrics", "perc
 #: Pending connections the listening socket queues (asyncio's default of 100 refuses
 #: bursts of clients that connect at once).
 LISTEN_BACKLOG = 1024
+#: Address ``--metrics-port`` binds: loopback, like the bridge (no TLS, no key).
+DEFAULT_METRICS_HOST = "127.0.0.1"
 #: How often the loading phase polls its backends for readiness.
 LOAD_POLL_S = 0.05
 #: Frames at least this large are parsed in a worker thread, one at a time, so their
@@ -190,6 +194,8 @@ class Daemon:
         limits: Limits | None = None,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
+        metrics_port: int | None = None,
+        metrics_host: str = DEFAULT_METRICS_HOST,
     ) -> None:
         self.backend: Backend = backend if backend is not None else _Loading()
         self._load_fractions: dict[int, float] = {}
@@ -203,6 +209,14 @@ class Daemon:
         self.admission = Admission(self.limits)
         self.budget = ByteBudget(self.limits.max_buffered_bytes)
         self.metrics = Metrics()
+        # Prometheus (docs/adr/0016-metrics-traces-cors.md): counted for every request,
+        # served over HTTP only with a metrics port
+        self.telemetry = Telemetry()
+        self.telemetry.watch(admission=self.admission)
+        self._observed: ObservedBackend | None = None
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
+        self.metrics_address: tuple[str, int] | None = None
+        self._metrics_runner: Any = None
         self.status: Status = "starting"
         self.started_at = time.time()
         self._big_parse = asyncio.Semaphore(1)
@@ -282,6 +296,30 @@ class Daemon:
         os.chmod(self.socket_path, 0o600)
         os.chmod(self.admin_path, 0o600)
         log.info("listening on %s (admin %s)", self.socket_path, self.admin_path)
+        if self.metrics_port is not None:
+            await self._start_metrics()
+
+    async def _start_metrics(self) -> None:
+        """``GET /metrics`` on ``metrics_host:metrics_port`` (127.0.0.1 by default)."""
+        from aiohttp import web
+
+        from inferd.serve.observed import TELEMETRY_KEY, metrics
+
+        app = web.Application()
+        app[TELEMETRY_KEY] = self.telemetry
+        app.router.add_get("/metrics", metrics)
+        self._metrics_runner = runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.metrics_host, self.metrics_port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            self._release_lock()
+            raise DaemonError(f"cannot serve metrics on port {self.metrics_port}: {e}") from None
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.metrics_address = sock.getsockname()[:2]
+        log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
 
     async def wait_loaded(self) -> None:
         """Report ``loading`` until the backend is ready (or the load timeout passes)."""
@@ -309,6 +347,7 @@ class Daemon:
         """Build the backend in a thread while the sockets answer; False if stopped first."""
         self.status = "loading"
         self._load_count = max(1, count)
+        started = time.perf_counter()
         job = asyncio.ensure_future(asyncio.to_thread(loader, self._report_progress))
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -321,6 +360,7 @@ class Daemon:
         except Exception as e:
             msg = getattr(e, "message", None) or str(e)
             raise DaemonError(f"loading the backends failed: {type(e).__name__}: {msg}") from e
+        self.telemetry.model_loaded(time.perf_counter() - started, count)
         return True
 
     async def run(self, loader: Loader | None = None, backend_count: int = 1) -> int:
@@ -390,6 +430,8 @@ class Daemon:
                 server.close()
         if self._handlers:
             await asyncio.wait(set(self._handlers), timeout=CLOSE_WAIT_S)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         with contextlib.suppress(Exception):
             await self.backend.aclose()
         for path in (self.socket_path, self.admin_path):
@@ -640,7 +682,9 @@ class Daemon:
     async def _stream(self, conn: _Connection, rid: str | int, request: Request) -> None:
         start = time.perf_counter()
         first: float | None = None
-        stream = self.backend.generate(request)
+        if self._observed is None or self._observed.inner is not self.backend:
+            self._observed = ObservedBackend(self.backend, self.telemetry)
+        stream = self._observed.generate(request)
         try:
             async for event in stream:
                 if first is None:
@@ -741,6 +785,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request frame accepted (default 64 MiB); the other limits of ADR "
         "0010 are set in the config's [daemon] table",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; ADR 0016)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=DEFAULT_METRICS_HOST,
+        help="address for --metrics-port (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -773,6 +828,8 @@ async def serve_main(args: argparse.Namespace) -> int:
             args.drain_timeout if args.drain_timeout is not None else cfg.drain_timeout_s
         ),
         load_timeout_s=(args.load_timeout if args.load_timeout is not None else cfg.load_timeout_s),
+        metrics_port=getattr(args, "metrics_port", None),
+        metrics_host=getattr(args, "metrics_host", DEFAULT_METRICS_HOST),
     )
     return await daemon.run(None if pool else loader, len(cfg.backends))
 
