@@ -424,3 +424,15 @@ def test_usage_merges_message_delta_into_message_start() -> None:
         "output_tokens": 41,
     }
     assert usage_from_anthropic(full, start) == Usage(105, 41, 90)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_max_tokens_stop_reason(streamed: bool) -> None:
+    async with bridge_in_process(Mock(["a", "b", "c", "d"])) as (url, _, _):
+        client = _client(url)
+        if streamed:
+            async with client.messages.stream(model="m", max_tokens=2, messages=USER) as s:
+                msg = await s.get_final_message()
+        else:
+            msg = await client.messages.create(model="m", max_tokens=2, messages=USER)
+    assert msg.stop_reason == "max_tokens" and msg.content[0].text == "ab"

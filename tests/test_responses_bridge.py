@@ -221,3 +221,23 @@ async def test_smollm2_text_both_ways_and_forced_call(smol) -> None:
     assert events[-1].response.output_text == r.output_text
     call = next(o for o in forced.output if o.type == "function_call")
     assert call.name == "weather" and isinstance(json.loads(call.arguments), dict)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_max_output_tokens_gives_an_incomplete_response(streamed: bool) -> None:
+    async with bridge_in_process(Mock(["a", "b", "c", "d"])) as (url, _, _):
+        client = _client(url)
+        if streamed:
+            events = [
+                e
+                async for e in await client.responses.create(
+                    model="m", input="hi", max_output_tokens=2, stream=True
+                )
+            ]
+            assert events[-1].type == "response.incomplete"
+            r = events[-1].response
+        else:
+            r = await client.responses.create(model="m", input="hi", max_output_tokens=2)
+    assert r.status == "incomplete"
+    assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text == "ab"

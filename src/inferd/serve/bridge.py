@@ -39,7 +39,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -68,6 +68,10 @@ DEFAULT_DAEMON_CONNECTIONS = 64
 #: Seconds open requests get to finish on SIGTERM before they are cancelled.
 SHUTDOWN_TIMEOUT_S = 10.0
 BACKEND_KEY = web.AppKey("backend", Backend)
+#: The backend as given to make_app: its model pool, or the daemon it reaches (ADR 0015).
+MODELS_BACKEND_KEY = web.AppKey("models_backend", Backend)
+#: Seconds the bridge keeps the list of served model names (for 404 model_not_found).
+MODEL_NAMES_TTL_S = 10.0
 SETTINGS_KEY = web.AppKey("settings", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -234,8 +238,52 @@ async def health(request: web.Request) -> web.Response:
     return _json({"status": "ok" if ready else "not_ready", "ready": ready}, 200 if ready else 503)
 
 
+async def _pool(request: web.Request) -> dict[str, Any] | None:
+    """The daemon's (or in-process) model pool status; None without a pool (ADR 0015)."""
+    from inferd.serve.models_pool import pool_view
+
+    view = await pool_view(request.app[MODELS_BACKEND_KEY])
+    return None if view is None else view.get("pool")
+
+
+async def _model_refusal(
+    request: web.Request, name: str | None, *, embed: bool = False
+) -> web.Response | None:
+    """404 ``model_not_found`` (OpenAI's answer) for a model no pool serves; None to go on.
+
+    Without a model pool the bridge takes any model name, as before.
+    """
+    from inferd.serve.models_pool import served_names
+
+    settings = request.app[SETTINGS_KEY]
+    cached = settings.get("model_names")
+    if cached is None or time.monotonic() - cached[0] > MODEL_NAMES_TTL_S:
+        pool = await _pool(request)
+        names = None if pool is None else (served_names(pool), pool.get("default"))
+        cached = settings["model_names"] = (time.monotonic(), names)
+    if name is None or cached[1] is None:
+        return None
+    names, default = cached[1]
+    if name not in names:
+        return _http_error(
+            404,
+            f"The model {echo(name)} does not exist; served models: {', '.join(names)}",
+            "model_not_found",
+            "invalid_request_error",
+        )
+    if embed and name != default:
+        return _error(InvalidRequest(f"embeddings come from the default model {default!r} only"))
+    return None
+
+
 async def models(request: web.Request) -> web.Response:
     name = request.app[SETTINGS_KEY]["model_name"]
+    pool = await _pool(request)
+    if pool is not None:  # every servable model with its state (ADR 0015)
+        from inferd.serve.models_pool import openai_model_list
+
+        created = request.app[SETTINGS_KEY]["created"]
+        return _json({"object": "list", "data": openai_model_list(pool, created)})
     return _json(
         {
             "object": "list",
@@ -258,8 +306,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise InvalidRequest("'stream_options' must be an object")
+        if "keep_alive" in body:  # Ollama's field: how long the model stays loaded
+            req = replace(req, keep_alive=body["keep_alive"])
     except InferdError as e:
         return _error(e)
+    refused = await _model_refusal(request, req.model)
+    if refused is not None:
+        return refused
     model = _model(request, body)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if not body.get("stream"):
@@ -388,6 +441,9 @@ async def embeddings(request: web.Request) -> web.Response:
         fmt = openai_wire.embed_encoding_format(body)
         body.pop("encoding_format", None)
         ereq = openai_wire.embed_request_from_openai(body)
+        refused = await _model_refusal(request, body.get("model"), embed=True)
+        if refused is not None:
+            return refused
         result = await backend.embed(ereq)
     except Exception as e:
         return _error(e)
@@ -418,6 +474,7 @@ def make_app(
     app = web.Application(middlewares=[_errors_and_auth], client_max_size=max_body_bytes)
     app[BACKEND_KEY] = observed.instrument(app, backend)
     app[STATS_KEY] = BridgeStats()
+    app[MODELS_BACKEND_KEY] = backend
     app[SETTINGS_KEY] = {
         "api_key": api_key.encode() if api_key else None,
         "model_name": model_name,
@@ -500,6 +557,10 @@ def _backend_from_args(args: argparse.Namespace) -> Backend:
         from inferd.serve.config import build_backends, load_config
 
         cfg = load_config(args.config)
+        if cfg.models:  # [[model]] tables: loaded on demand (ADR 0015)
+            from inferd.serve.models_pool import ModelPool
+
+            return ModelPool.from_config(cfg)
         return Router(build_backends(cfg), **cfg.router)
     from inferd.serve.client import Client
 
