@@ -68,13 +68,6 @@ def parent_context(headers: Mapping[str, str] | None) -> Any:
     return _propagate.extract(dict(headers))
 
 
-def inject(span: Any, carrier: dict[str, str]) -> dict[str, str]:
-    """Write ``span``'s trace headers into ``carrier`` (for an upstream HTTP request)."""
-    if _propagate is not None and span is not None:
-        _propagate.inject(carrier, context=_trace.set_span_in_context(span))
-    return carrier
-
-
 def error_status(span: Any, exc: BaseException) -> None:
     """Mark ``span`` failed with the exception's type and inferd error code."""
     span.set_attribute("error.type", type(exc).__name__)
@@ -98,7 +91,6 @@ __all__ = [
     "child",
     "error_status",
     "incoming",
-    "inject",
     "parent_context",
     "trace_headers",
     "tracer",
