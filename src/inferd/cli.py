@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "models that can be pulled.",
     )
     sub.add_parser("about", help="version, compiled cores and llama.cpp build")
+    ps = sub.add_parser(
+        "ps",
+        help="models the daemon has loaded",
+        description="Ask the daemon's admin socket which models are loaded: memory, "
+        "streams, idle time (docs/adr/0015-several-models-load-on-demand.md).",
+    )
+    ps.add_argument("--socket", default=None, help="daemon socket (default: the daemon's)")
+    ps.add_argument("--json", action="store_true", help="print the admin status as JSON")
     for name, text in (
         ("serve", "run the inferd daemon on a Unix socket (see 'inferd serve --help')"),
         ("bridge", "run the OpenAI-compatible HTTP bridge (see 'inferd bridge --help')"),
@@ -207,6 +215,24 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from inferd.serve.config import admin_socket_path, default_socket_path
+    from inferd.serve.models_pool import format_ps, read_admin_status
+
+    admin = admin_socket_path(Path(args.socket) if args.socket else default_socket_path())
+    try:
+        status = asyncio.run(read_admin_status(admin))
+    except (OSError, TimeoutError, ValueError) as e:
+        return _fail(
+            f"no inferd daemon answers at {admin} ({type(e).__name__}); start one "
+            "with: inferd serve"
+        )
+    print(orjson.dumps(status).decode() if args.json else format_ps(status))
+    return 0
+
+
 def cmd_about(_: argparse.Namespace) -> int:
     for key, value in about().items():
         print(f"{key}: {value}")
@@ -237,6 +263,7 @@ COMMANDS = {
     "pull": cmd_pull,
     "models": cmd_models,
     "about": cmd_about,
+    "ps": cmd_ps,
     "bench": cmd_bench,
 }
 
