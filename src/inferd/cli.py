@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from inferd import __version__, about, models
+from inferd import __version__, about, catalog, hub, models
 from inferd.backend import Backend
 from inferd.errors import InferdError
 from inferd.serve.config import BackendSpec, ConfigError, build_backend
@@ -75,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch and verify a model into the content-addressed "
         "store. NAME is a known model or a local .gguf file.",
     )
-    pull.add_argument("name", help=f"one of {', '.join(sorted(models.KNOWN_MODELS))}, or a path")
+    pull.add_argument(
+        "name",
+        help=f"one of {', '.join(sorted(models.KNOWN_MODELS))}, a path, or "
+        "hf://owner/repo[:QUANT | /file.gguf][@revision]",
+    )
+    pull.add_argument(
+        "--name", dest="names", action="append", default=[], help="also call it NAME (repeatable)"
+    )
+    sub.add_parser("show", help="what the store knows about a model").add_argument("model")
+    sub.add_parser("rm", help="remove a name (files go when no name uses them)").add_argument(
+        "model"
+    )
 
     sub.add_parser(
         "models",
@@ -196,19 +207,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    path = models.pull(args.name, progress=models.print_progress, quiet=False)
+    progress = models.print_progress if sys.stderr.isatty() else None  # quiet when piped
+    if hub.is_hub_source(args.name):
+        entry = hub.pull(args.name, names=args.names, progress=progress)
+        print(f"{entry.name}: {entry.record.get('chosen')}")
+        print(entry.model_path)
+        return 0
+    path = models.pull(args.name, progress=progress, quiet=False)
+    for name in args.names:
+        catalog.add_name(name, str(path))
     print(path)
     return 0
 
 
 def cmd_models(_: argparse.Namespace) -> int:
-    stored = models.list_models()
     print(f"store: {models.store_dir()}")
-    if not stored:
+    rows = [catalog.describe(e) for e in catalog.entries()]
+    if not rows:
         print("(empty; try: inferd pull smollm2-135m)")
-    for m in stored:
-        names = ", ".join(m.names) or "-"
-        print(f"  {names:24} {m.size / 1e6:9.1f} MB  sha256:{m.sha256[:16]}")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['name']:32} unreadable: {r['error']}")
+            continue
+        print(
+            f"  {r['name']:32} {catalog.human(r['size'], 'B'):>7} {r['quant']:8} "
+            f"{r['architecture']:10} {catalog.human(r['parameters']):>6} params "
+            f"ctx {r['context_length'] or '?'!s:>6}  template {r['template']:8} tools {r['tools']}"
+        )
     print("known models:")
     for k in sorted(models.KNOWN_MODELS.values(), key=lambda k: k.name):
         print(f"  {k.name:24} {k.size / 1e6:9.1f} MB  {k.description} ({k.license})")
@@ -230,6 +255,27 @@ def cmd_ps(args: argparse.Namespace) -> int:
             "with: inferd serve"
         )
     print(orjson.dumps(status).decode() if args.json else format_ps(status))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    entry = catalog.get(args.model)
+    facts = catalog.describe(entry)
+    facts["aliases"] = ", ".join(catalog.aliases(entry)) or "-"
+    for key in ("source", "revision", "chosen"):
+        facts[key] = entry.record.get(key)
+    facts["files"] = ", ".join(str(p) for p in entry.parts)
+    facts["load"] = str(entry.model_path)
+    facts["mmproj"] = str(entry.mmproj_path or "-")
+    for key, value in facts.items():
+        if value is not None:
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    deleted, kept = catalog.remove(args.model)
+    print(f"removed {args.model}: {len(deleted)} file(s) deleted, {len(kept)} kept (in use)")
     return 0
 
 
@@ -262,6 +308,8 @@ COMMANDS = {
     "run": cmd_run,
     "pull": cmd_pull,
     "models": cmd_models,
+    "show": cmd_show,
+    "rm": cmd_rm,
     "about": cmd_about,
     "ps": cmd_ps,
     "bench": cmd_bench,

@@ -258,6 +258,10 @@ def pull(
     """
     store = store_dir()
     text = os.fspath(name_or_path)
+    if text.startswith(("hf://", "hf.co/")):  # a Hugging Face source (docs/adr/0017)
+        from inferd import hub
+
+        return hub.pull(text, progress=progress).model_path
     known = KNOWN_MODELS.get(text)
     if known is None:
         return _pull_local(Path(text), store, progress)
@@ -369,6 +373,10 @@ def resolve(
     """
     prog: Progress | None = print_progress if progress is True else (progress or None)
     text = os.fspath(name_or_path)
+    if text.startswith(("hf://", "hf.co/")):  # a Hugging Face source (docs/adr/0017)
+        from inferd import hub
+
+        return hub.resolve(text, pull_=pull, progress=prog)
     p = Path(text).expanduser()
     named = None if p.exists() else _read_index(store_dir()).get(text)
     if (
@@ -388,7 +396,9 @@ def resolve(
             raise ModelLoadError(f"model {text!r} is not in the store; run: inferd pull {text}")
         return _pull_into_store(text, progress=prog, quiet=prog is None)
     if named is not None:
-        final = blob_path(str(named["sha256"]))
+        from inferd.catalog import Entry  # a split entry loads through its link folder
+
+        final = Entry(text, named, store_dir()).model_path
         if final.exists():
             return final
     raise ModelLoadError(
