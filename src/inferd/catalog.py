@@ -160,12 +160,14 @@ def commit(
                 os.chmod(path, models.STORE_FILE_MODE)
                 os.replace(path, final)
         _link_parts(store_, record)
+        same = [r for r in index.values() if isinstance(r, dict) and shas(r) == shas(record)]
+        specs = [s for r in [*same, record] for s in r.get("specs", [])]
         for name in dict.fromkeys(n for n in names if n):
-            old = index.get(name)
-            specs = list(record.get("specs", []))
-            if isinstance(old, dict) and shas(old) == shas(record):
-                specs = list(dict.fromkeys([*old.get("specs", []), *specs]))
-            index[name] = {**record, "specs": specs, "pulled_at": int(time.time())}
+            index[name] = {
+                **record,
+                "specs": list(dict.fromkeys(specs)),
+                "pulled_at": int(time.time()),
+            }
     return Entry(names[0], record, store_)
 
 
