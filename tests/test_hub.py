@@ -300,3 +300,27 @@ def test_store_private_and_partial_dir_private(hubsrv, tmp_path):
     assert os.stat(entry.model_path).st_mode & 0o777 == 0o600
     assert os.stat(tmp_path / "home" / "models" / ".partial").st_mode & 0o777 == 0o700
     assert catalog.find_source("hf://acme/model-GGUF") is not None
+
+
+def test_concurrent_pulls_of_one_model_both_succeed(hubsrv, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    hubsrv.add_commit("acme/big-GGUF", {"Big-Q4_K_M.gguf": BIG})
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda n: hub.pull("hf://acme/big-GGUF", names=[n]), ["a", "b"])
+    assert a.model_path == b.model_path and a.model_path.read_bytes() == BIG
+    assert len(store_files(tmp_path)) == 1 and {"a", "b"} <= set(index(tmp_path))
+    assert not list((tmp_path / "home" / "models" / ".partial").glob("*.ok"))
+
+
+def test_a_verified_part_waits_for_the_next_pull_when_a_later_part_fails(hubsrv, tmp_path):
+    parts = {f"P-Q4_K_M-{i:05d}-of-00002.gguf": make_gguf(salt=bytes([i])) for i in (1, 2)}
+    hubsrv.add_commit("acme/parts", parts)
+    hubsrv.tamper.add("P-Q4_K_M-00002-of-00002.gguf")
+    with pytest.raises(ModelLoadError, match="does not match"):
+        hub.pull("hf://acme/parts")
+    assert store_files(tmp_path) == [] and index(tmp_path) == {}
+    hubsrv.tamper.clear()
+    hub.pull("hf://acme/parts")
+    assert len(hubsrv.gets("P-Q4_K_M-00001-of-00002.gguf")) == 1  # part 1 was not fetched again
+    assert len(store_files(tmp_path)) == 2

@@ -156,9 +156,10 @@ def commit(
     with models._locked_index(store_) as index:
         for sha, path in files:
             final = models.blob_path(sha, store_)
-            if path != final:
-                os.chmod(path, models.STORE_FILE_MODE)
-                os.replace(path, final)
+            if path == final or (not path.exists() and final.exists()):
+                continue  # already in place (a concurrent pull of the same file moved it)
+            os.chmod(path, models.STORE_FILE_MODE)
+            os.replace(path, final)
         _link_parts(store_, record)
         same = [r for r in index.values() if isinstance(r, dict) and shas(r) == shas(record)]
         specs = [s for r in [*same, record] for s in r.get("specs", [])]

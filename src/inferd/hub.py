@@ -405,22 +405,32 @@ def _digest_ok(path: Path, f: HubFile, progress: Progress | None) -> str:
 
 
 def fetch(plan_: Plan, f: HubFile, store: Path, progress: Progress | None) -> tuple[str, Path]:
-    """``f`` verified: ``(sha256, path)`` of the store blob or of a staged, checked file."""
-    if f.sha256 is not None:
-        have = catalog.verified_blob(store, f.sha256)
-        if have is not None:
-            return f.sha256, have
+    """``f`` verified: ``(sha256, path)`` of the store blob or of a staged, checked file.
+
+    Staged files (``.partial/<key>.ok``) wait for :func:`inferd.catalog.commit`; a pull
+    that finds one (an earlier pull failed on a later part, or runs alongside) reuses it.
+    """
+    if f.sha256 is not None and (have := catalog.verified_blob(store, f.sha256)) is not None:
+        return f.sha256, have
     key = f.sha256 or f"git-{f.blob_id}"
     with _partial(store, key) as part:
         if f.sha256 is not None and (have := catalog.verified_blob(store, f.sha256)) is not None:
             return f.sha256, have  # another pull finished it while we waited
+        staged = part.with_name(f"{key}.ok")
+        if staged.exists():
+            try:
+                return _digest_ok(staged, f, progress), staged
+            except FileNotFoundError:  # a concurrent pull committed it meanwhile
+                if f.sha256 and (have := catalog.verified_blob(store, f.sha256)) is not None:
+                    return f.sha256, have
+            except ModelLoadError:
+                staged.unlink(missing_ok=True)
         _download(plan_, f, part, progress)
         try:
             digest = _digest_ok(part, f, progress)
         except ModelLoadError:
             part.unlink(missing_ok=True)
             raise
-        staged = part.with_name(f"{digest}.ok")
         os.replace(part, staged)
         return digest, staged
 
