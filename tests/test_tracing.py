@@ -106,3 +106,30 @@ async def test_no_spans_without_the_extra(spans, monkeypatch):
     req = Request.from_dict({"messages": [{"role": "user", "content": "hi"}]})
     events = [e async for e in b.generate(req)]
     assert events and spans.get_finished_spans() == ()
+
+
+class _Recording(Mock):
+    """A Mock that records the trace headers an HTTP backend would send upstream."""
+
+    seen: list[dict[str, str]]
+
+    async def generate(self, request):  # type: ignore[override]
+        self.seen.append(tracing.outgoing_headers())
+        async for ev in super().generate(request):
+            yield ev
+
+
+async def test_outgoing_headers_carry_the_request_span(spans):
+    inner = _Recording(TOKENS)
+    inner.seen = []
+    app = make_app(inner)
+    async with TestClient(TestServer(app)) as tc:
+        r = await tc.post(
+            "/v1/chat/completions", json=body(True), headers={"traceparent": TRACEPARENT}
+        )
+        assert r.status == 200
+        await r.read()
+    (req,) = [s for s in spans.get_finished_spans() if s.name == "inferd.request"]
+    span_id = format(req.context.span_id, "016x")
+    assert inner.seen == [{"traceparent": f"00-{TRACE_ID}-{span_id}-01"}]
+    assert tracing.outgoing_headers() == {}  # nothing leaks past the request

@@ -37,6 +37,9 @@ MAX_TRACE_HEADER_CHARS = 512
 #: The caller's trace headers for the request being served (set by the bridge's
 #: middleware, read when the request's span starts: same task, so same context).
 incoming: ContextVar[Mapping[str, str] | None] = ContextVar("inferd_trace_headers", default=None)
+#: The trace headers of the request span being served (set by ObservedBackend while the
+#: stream runs; read by :func:`outgoing_headers`).
+outgoing: ContextVar[Mapping[str, str] | None] = ContextVar("inferd_trace_out", default=None)
 
 
 def available() -> bool:
@@ -68,6 +71,21 @@ def parent_context(headers: Mapping[str, str] | None) -> Any:
     return _propagate.extract(dict(headers))
 
 
+def outgoing_headers() -> dict[str, str]:
+    """Trace headers for an upstream HTTP request made while serving a request: the
+    current request span's ``traceparent`` (empty without a span). An HTTP backend
+    adds them to its request headers so the upstream's spans join the trace."""
+    return dict(outgoing.get() or {})
+
+
+def headers_for(span: Any) -> dict[str, str]:
+    """``span``'s W3C trace headers."""
+    carrier: dict[str, str] = {}
+    if _propagate is not None and span is not None:
+        _propagate.inject(carrier, context=_trace.set_span_in_context(span))
+    return carrier
+
+
 def error_status(span: Any, exc: BaseException) -> None:
     """Mark ``span`` failed with the exception's type and inferd error code."""
     span.set_attribute("error.type", type(exc).__name__)
@@ -90,7 +108,10 @@ __all__ = [
     "available",
     "child",
     "error_status",
+    "headers_for",
     "incoming",
+    "outgoing",
+    "outgoing_headers",
     "parent_context",
     "trace_headers",
     "tracer",

@@ -14,6 +14,7 @@ Everything a route reads beyond the Backend interface (``render``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -69,6 +70,7 @@ class ObservedBackend(Backend):
         error: BaseException | None = None
         stream = self.inner.generate(request)
         self.telemetry.in_flight.inc()
+        out = None if span is None else tracing.outgoing.set(tracing.headers_for(span))
         try:
             async for event in stream:
                 if first is None:
@@ -87,6 +89,9 @@ class ObservedBackend(Backend):
             outcome, error = "internal", e
             raise
         finally:
+            if out is not None:
+                with contextlib.suppress(ValueError):  # closed from another context
+                    tracing.outgoing.reset(out)
             self.telemetry.in_flight.dec()
             self.telemetry.finish(
                 self.inner.name, request.model, outcome, start=start, first=first, done=done
