@@ -324,3 +324,43 @@ def test_a_verified_part_waits_for_the_next_pull_when_a_later_part_fails(hubsrv,
     hub.pull("hf://acme/parts")
     assert len(hubsrv.gets("P-Q4_K_M-00001-of-00002.gguf")) == 1  # part 1 was not fetched again
     assert len(store_files(tmp_path)) == 2
+
+
+def _split_smollm2(src: Path, out: Path, max_tensors: int) -> list[Path]:
+    """SmolLM2 rewritten as split GGUF parts with llama.cpp's own gguf-py writer."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "vendor" / "llama.cpp" / "gguf-py"))
+    import gguf
+    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(out, arch, split_max_tensors=max_tensors)
+    copy_with_new_metadata(reader, writer, {}, [])
+    return sorted(out.parent.glob(out.stem + "-*-of-*.gguf"))
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+async def test_split_model_pulled_from_the_hub_loads_and_generates(smollm2_path, hubsrv, tmp_path):
+    from .conftest import require_llama_core
+
+    require_llama_core()
+    pytest.importorskip("numpy")
+    from inferd import Request
+    from inferd.backends.llamacpp import LlamaCpp
+
+    parts = _split_smollm2(smollm2_path, tmp_path / "split" / "Smol-Q4_1.gguf", 100)
+    assert len(parts) == 3
+    hubsrv.add_commit("acme/smol-split", {p.name: p.read_bytes() for p in parts})
+    path = models.resolve("hf://acme/smol-split:Q4_1")
+    assert path.name == "Smol-Q4_1-00001-of-00003.gguf"
+    request = Request.chat("Say hello.", max_tokens=8, temperature=0.0)
+    texts = []
+    for model in (path, smollm2_path):  # the split model answers as the whole one does
+        async with LlamaCpp(model, n_ctx=256, n_threads=1) as b:
+            events = [ev async for ev in b.generate(request)]
+        texts.append("".join(getattr(e, "text", "") for e in events[:-1]))
+    assert texts[0] and texts[0] == texts[1]
