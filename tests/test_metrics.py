@@ -224,3 +224,38 @@ async def test_daemon_metrics_port(tmp_path):
     assert value(text, "inferd_requests_total", outcome="ok", **lab) == 8
     assert value(text, "inferd_generated_tokens_total", **lab) == 8 * len(TOKENS)
     assert value(text, "inferd_requests_queued") == 0
+    assert value(text, "inferd_queue_wait_seconds_count") == 8
+
+
+async def test_daemon_counts_model_loads():
+    from inferd.serve.daemon import Daemon
+    from tests.serve_helpers import short_tmpdir
+
+    with short_tmpdir() as d:
+        daemon = Daemon(None, d / "s.sock")
+        assert await daemon._load(lambda progress: Mock(), 2, asyncio.Event())
+        text = daemon.telemetry.render().decode()
+        await daemon.close()
+    assert value(text, "inferd_model_loads_total") == 2
+    assert value(text, "inferd_model_load_seconds_count") == 1
+
+
+async def test_metrics_port_taken_is_a_clear_error():
+    import argparse
+    import socket
+
+    from inferd.serve.daemon import Daemon, DaemonError, add_arguments
+    from tests.serve_helpers import short_tmpdir
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--metrics-port", "9464"])
+    assert args.metrics_port == 9464 and args.metrics_host == "127.0.0.1"
+    with socket.socket() as taken, short_tmpdir() as d:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon(Mock(), d / "s.sock", metrics_port=port)
+        with pytest.raises(DaemonError, match=f"metrics on port {port}"):
+            await daemon.start()
+        await daemon.close()

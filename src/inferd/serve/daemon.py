@@ -659,7 +659,9 @@ class Daemon:
         else:
             self.metrics.requests += 1
         try:
+            queued_at = time.perf_counter()
             await self.admission.wait(ticket)
+            self.telemetry.queue_wait.observe(time.perf_counter() - queued_at)
             if isinstance(request, EmbedRequest):
                 result = await self.backend.embed(request)
                 await conn.send({"type": "embedding", "id": rid, **result.to_dict()})

@@ -105,6 +105,12 @@ class Telemetry:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "inferd_queue_wait_seconds",
+            "Seconds a daemon request waited for an admission slot",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.loads = Counter("inferd_model_loads", "Backend (model) loads finished", registry=r)
         self.load_time = Histogram(
             "inferd_model_load_seconds",
