@@ -159,8 +159,9 @@ async def _trace_headers(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus text exposition."""
-    body = request.app[TELEMETRY_KEY].render()
+    """``GET /metrics``: the Prometheus text exposition, rendered in a worker thread (a
+    scrape may wait up to one decode step for a scheduler's KV query; streams don't)."""
+    body = await asyncio.to_thread(request.app[TELEMETRY_KEY].render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
