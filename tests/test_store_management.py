@@ -83,8 +83,9 @@ def test_local_pull_with_a_name(tmp_path, monkeypatch, capsys):
 def test_cli_pull_models_show_rm(hubsrv, capsys):
     hubsrv.add_commit("acme/model-GGUF", QUANTS)
     assert cli.main(["pull", "hf://acme/model-GGUF", "--name", "qwen3-4b"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "acme/model-GGUF:Q4_K_M: default quantisation Q4_K_M" in out
+    assert err == ""  # no progress bar when stderr is not a terminal
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.strip().startswith("qwen3-4b"))

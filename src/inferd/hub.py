@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -277,14 +278,10 @@ def hub_error(e: BaseException, repo: str, what: str = "") -> ModelLoadError:
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client's error base (``httpx2`` in huggingface_hub 2.x, ``httpx`` in 1.x)."""
-    try:
-        import httpx2
-
-        return (httpx2.HTTPError,)
-    except ImportError:
-        import httpx
-
-        return (httpx.HTTPError,)
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            return (importlib.import_module(module).HTTPError,)
+    return ()
 
 
 def list_files(source: HubSource) -> tuple[str, list[HubFile]]:
@@ -292,11 +289,17 @@ def list_files(source: HubSource) -> tuple[str, list[HubFile]]:
     from huggingface_hub import HfApi, errors
 
     api = HfApi(endpoint=hub_endpoint(), library_name="inferd")
+    failures: tuple[type[BaseException], ...] = (
+        errors.HfHubHTTPError,
+        errors.OfflineModeIsEnabled,
+        *_transport_errors(),
+        OSError,
+    )
     try:
         info = api.model_info(
             source.repo, revision=source.revision, files_metadata=True, timeout=HUB_TIMEOUT_S
         )
-    except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, *_transport_errors(), OSError) as e:
+    except failures as e:
         raise hub_error(e, source.repo, source.revision or "") from None
     if not info.sha:
         raise ModelLoadError(f"{source.repo}: the Hub listing names no commit")
@@ -363,6 +366,11 @@ def _download(plan_: Plan, f: HubFile, part: Path, progress: Progress | None) ->
         have = 0
     url = hf_hub_url(plan_.repo, f.path, revision=plan_.commit, endpoint=hub_endpoint())
     bar = type("_B", (_Bar,), {"progress": staticmethod(progress) if progress else None})
+    failures: tuple[type[BaseException], ...] = (
+        errors.HfHubHTTPError,
+        *_transport_errors(),
+        OSError,
+    )
     with open(part, "r+b") as out:
         out.seek(have)
         try:
@@ -374,7 +382,7 @@ def _download(plan_: Plan, f: HubFile, part: Path, progress: Progress | None) ->
                 expected_size=f.size,
                 tqdm_class=bar,  # type: ignore[arg-type]
             )
-        except (errors.HfHubHTTPError, *_transport_errors(), OSError) as e:
+        except failures as e:
             raise hub_error(e, plan_.repo, f.path) from None
         out.flush()
         os.fsync(out.fileno())
