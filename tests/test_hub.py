@@ -156,6 +156,8 @@ def test_split_model_is_one_entry_loaded_through_named_links(hubsrv, tmp_path):
         assert (link.parent / Path(name).name).read_bytes() == data
     assert models.resolve("acme/big:Q4_K_M") == link
     assert entry.info().parameters == 10 * 1 + 10 * 2 + 10 * 3
+    assert catalog.model_bytes(link) == sum(map(len, parts.values())) > link.stat().st_size
+    assert catalog.entry_for_path(link).name == entry.name
     # asking for part 2 by path still brings the whole model
     again = hub.pull("hf://acme/big/big/Big-Q4_K_M-00002-of-00003.gguf")
     assert len(again.record["files"]) == 3

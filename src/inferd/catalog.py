@@ -274,3 +274,15 @@ def human(n: float, unit: str = "") -> str:
             return f"{n:.0f}{suffix}{unit}" if suffix == "" else f"{n:.1f}{suffix}{unit}"
         n /= 1000
     return f"{n}{unit}"  # pragma: no cover
+
+
+def entry_for_path(path: str | os.PathLike[str]) -> Entry | None:
+    """The stored entry that ``path`` (as :func:`inferd.models.resolve` returned it) loads."""
+    p = Path(path)
+    return next((e for e in entries() if e.model_path == p), None)
+
+
+def model_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes a resolved model takes on disk: every split part (not only part 1's file)."""
+    entry = entry_for_path(path)
+    return entry.size if entry is not None else Path(path).stat().st_size
