@@ -6,9 +6,10 @@ It serves the endpoints the client reads, for repos a test creates:
   ``lfs: {size, sha256, pointerSize}``), with ``sha`` the commit;
 * ``GET /api/models/{repo}/tree/{rev}[/{path}]`` and ``POST .../paths-info/{rev}``: the
   listing with ``oid``, ``size`` and ``lfs.oid`` (sha256);
-* ``HEAD/GET /{repo}/resolve/{rev}/{path}``: a 302 to ``/cdn/{sha256}`` for LFS files
-  with ``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag`` and ``X-Linked-Size``, as the Hub
-  answers; small files are served in place;
+* ``HEAD/GET /{repo}/resolve/{rev}/{path}``: a 302 to ``/cdn/{sha256}`` on another host
+  (``127.0.0.2``, as the Hub sends LFS files to a CDN host, so the client stops there for
+  the metadata and never sends the token on) for LFS files, with ``X-Repo-Commit``,
+  ``ETag``, ``X-Linked-Etag`` and ``X-Linked-Size``; small files are served in place;
 * ``GET /cdn/{sha256}``: the bytes, honouring ``Range`` (206 and ``Content-Range``).
 
 Errors carry the Hub's ``X-Error-Code`` (``RepoNotFound`` as a 401, ``GatedRepo``,
@@ -74,6 +75,7 @@ class HubServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.url = ""
+        self.cdn_url = ""
 
     # ------------------------------------------------------------ test set-up
 
@@ -117,10 +119,11 @@ class HubServer:
         r.add_route("*", "/cdn/{sha}", self._cdn)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        for host in ("127.0.0.1", "127.0.0.2"):  # the Hub, and its "CDN" on another host
+            site = web.TCPSite(self._runner, host, 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.url, self.cdn_url = self.url or f"http://{host}:{port}", f"http://{host}:{port}"
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -236,7 +239,7 @@ class HubServer:
         headers |= {
             "X-Linked-Etag": f'"{sha}"',
             "X-Linked-Size": str(len(data)),
-            "Location": f"{self.url}/cdn/{sha}?path={path}",
+            "Location": f"{self.cdn_url}/cdn/{sha}?path={path}",
         }
         return web.Response(status=302, headers=headers)
 

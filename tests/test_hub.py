@@ -248,6 +248,8 @@ def test_gated_repo_names_hf_token_and_never_shows_it(hubsrv, monkeypatch, tmp_p
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     entry = hub.pull("hf://corp/gated")
     assert entry.model_path.exists()
+    assert hubsrv.gets("/g-Q4_K_M.gguf")[-1][3]  # the Hub saw the token ...
+    assert not any(r[3] for r in hubsrv.gets("/cdn/" + entry.record["sha256"]))  # the CDN never
     assert TOKEN not in (tmp_path / "home" / "models" / "names.json").read_text()
 
 
@@ -366,3 +368,32 @@ async def test_split_model_pulled_from_the_hub_loads_and_generates(smollm2_path,
             events = [ev async for ev in b.generate(request)]
         texts.append("".join(getattr(e, "text", "") for e in events[:-1]))
     assert texts[0] and texts[0] == texts[1]
+
+
+def test_the_local_hub_speaks_the_clients_protocol(hubsrv, tmp_path):
+    """The stand-in answers huggingface_hub's own listing and download calls (so the
+    pulls above meet the protocol the real Hub speaks, headers included)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    commit = hubsrv.add_commit("acme/model-GGUF", QUANTS)
+    api = HfApi(endpoint=hubsrv.url)
+    want = hashlib.sha256(QUANTS["Model-Q4_K_M.gguf"]).hexdigest()
+    tree = {f.path: f for f in api.list_repo_tree("acme/model-GGUF")}
+    assert tree["Model-Q4_K_M.gguf"].lfs.sha256 == want and tree["README.md"].lfs is None
+    [info] = api.get_paths_info("acme/model-GGUF", ["Model-Q4_K_M.gguf"], revision=commit)
+    assert info.size == len(QUANTS["Model-Q4_K_M.gguf"])
+    got = hf_hub_download(
+        "acme/model-GGUF", "Model-Q4_K_M.gguf", endpoint=hubsrv.url, cache_dir=tmp_path / "c"
+    )
+    assert Path(got).read_bytes() == QUANTS["Model-Q4_K_M.gguf"]
+    assert commit in got  # it read X-Repo-Commit
+
+
+def test_most_files_per_entry_is_enforced(hubsrv, monkeypatch):
+    parts = {f"T-Q4_K_M-{i:05d}-of-00003.gguf": make_gguf(salt=bytes([i])) for i in (1, 2, 3)}
+    hubsrv.add_commit("acme/many", parts)
+    monkeypatch.setattr(hub, "MAX_FILES_PER_ENTRY", 3)
+    with pytest.raises(ModelLoadError, match="has 3 parts; at most 3"):
+        hub.pull("hf://acme/many")
+    monkeypatch.setattr(hub, "MAX_FILES_PER_ENTRY", 4)
+    assert len(hub.pull("hf://acme/many").record["files"]) == 3
