@@ -427,3 +427,48 @@ async def test_bridge_lists_models_serves_by_name_and_404s_unknown(two_smollm2: 
         assert "'gpt-nope'" in err["message"] and "small" in err["message"]
     finally:
         await client.close()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+#: Idle memory may stay this far above its level after the first unload (libllama's
+#: own state, thread stacks); a model pair held or leaked is ~200 MB here.
+IDLE_DRIFT_BYTES = 50_000_000
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+async def test_idle_memory_returns_to_baseline_after_unloads(smollm2_path: Path) -> None:
+    """Before release_freed_memory, the second load/unload cycle kept ~66 MB per pair."""
+    from inferd.serve.client import Client
+
+    require_llama_core()
+    models = [
+        {"name": "a", "source": str(smollm2_path), "n_ctx": 1024},
+        {"name": "b", "source": str(smollm2_path), "n_ctx": 2048},
+    ]
+    with short_tmpdir() as d:
+        (d / "c.toml").write_text(_toml(models, {"keep_alive": "10m"}))
+        daemon = DaemonProc.start(d / "c.toml", d / "infer.sock")
+        client = Client(daemon.sock)
+        try:
+            idle, loaded = [], []
+            for _ in range(3):
+                for name in ("a", "b"):
+                    await _collect(client, Request.chat("hi", model=name, max_tokens=4))
+                loaded.append(_rss(daemon.proc.pid))
+                for name in ("a", "b"):  # keep_alive 0: unloaded once this stream ends
+                    req = Request.chat("hi", model=name, max_tokens=4, keep_alive=0)
+                    await _collect(client, req)
+                for name in ("a", "b"):
+                    await _poll_admin(daemon.admin, name, lambda m: m["state"] == "unloaded")
+                idle.append(_rss(daemon.proc.pid))
+        finally:
+            await client.aclose()
+            daemon.stop()
+    assert min(loaded) > idle[0] + 100_000_000, (idle, loaded)  # the pair is big enough
+    assert max(idle[1:]) < idle[0] + IDLE_DRIFT_BYTES, (idle, loaded)

@@ -193,7 +193,7 @@ class ModelPool(Backend):
             async for event in stream:
                 yield event
         finally:
-            await stream.aclose()
+            await stream.aclose()  # type: ignore[union-attr]  # both are async generators
 
     async def serve(self, m: _Model, request: Request) -> AsyncIterator[Event]:
         """One stream on model ``m``: acquire (load if needed), relay, release."""
@@ -352,6 +352,7 @@ class ModelPool(Backend):
             try:
                 if backend is not None:
                     await backend.aclose()
+                    await asyncio.to_thread(release_freed_memory)
             finally:
                 m.state, m.bytes, m.progress = "unloaded", 0, 0.0
                 m.unloads += 1
@@ -561,6 +562,26 @@ def format_ps(status: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- building
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by an unload back to the OS (glibc's ``malloc_trim``).
+
+    glibc raises its mmap threshold each time a large mapped block is freed, so the KV
+    cache of a model loaded a second time comes from the heap and stays in the process
+    after ``free`` (measured: +66 MB per SmolLM2 pair on the second load/unload cycle);
+    trimming returns it, so idle memory goes back to its level before the load. A no-op
+    where libc has no ``malloc_trim`` (macOS, musl).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def estimate(spec: ModelSpec) -> tuple[Path | None, int]:
