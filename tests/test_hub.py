@@ -137,6 +137,8 @@ def test_exact_file_in_a_folder(hubsrv):
     entry = hub.pull("hf://acme/deep/sub/dir/weird-name.gguf")
     assert entry.model_path.read_bytes() == data
     assert entry.record["files"][0]["path"] == "sub/dir/weird-name.gguf"
+    assert entry.name == "acme/deep/sub/dir/weird-name.gguf"  # "-name" is no quantisation
+    assert entry.record["quant"] is None
     with pytest.raises(ModelLoadError, match=r"has no file sub/nope\.gguf"):
         hub.pull("hf://acme/deep/sub/nope.gguf")
 

@@ -131,7 +131,7 @@ def hub_record(
 
 def default_name(plan: Plan) -> str:
     """``owner/repo:QUANT`` (Ollama's ``hf.co/owner/repo:QUANT`` without the host)."""
-    return f"{plan.repo}:{plan.quant}" if plan.quant != "?" else f"{plan.repo}/{plan.parts[0].path}"
+    return f"{plan.repo}:{plan.quant}" if plan.quant else f"{plan.repo}/{plan.parts[0].path}"
 
 
 def _link_parts(store_: Path, record: Mapping[str, Any]) -> None:

@@ -50,6 +50,9 @@ _SOURCE_RE = re.compile(
 )
 _SPLIT_RE = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
 _TAG_RE = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+#: What a quantisation tag looks like (``Q4_K_M``, ``IQ4_XS``, ``F16``, ``BF16``, ``TQ1_0``,
+#: ``MXFP4``): a file named ``model-final.gguf`` has no quantisation called ``FINAL``.
+QUANT_TAG_RE = re.compile(r"^(?:I?Q[0-9]\w*|B?F[0-9]+|TQ[0-9]\w*|MXFP[0-9]\w*)$")
 #: File-name words that mark a GGUF as something other than a model (as llama-server's).
 NOT_MODEL_WORDS = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
 
@@ -88,7 +91,7 @@ class Plan:
     commit: str
     parts: tuple[HubFile, ...]
     mmproj: HubFile | None
-    quant: str
+    quant: str | None  # None when the file name carries no quantisation tag
     reason: str
 
 
@@ -217,7 +220,8 @@ def plan(source: HubSource, commit: str, files: Sequence[HubFile]) -> Plan:
     mmproj = _mmproj(files, first.path)
     if len(parts) + 1 > MAX_FILES_PER_ENTRY:
         raise ModelLoadError(f"{first.path} has {len(parts)} parts; at most {MAX_FILES_PER_ENTRY}")
-    quant = source.tag or split_info(first.path)[1] or "?"
+    tag = split_info(first.path)[1]
+    quant = source.tag or (tag if QUANT_TAG_RE.match(tag) else None)
     return Plan(source.repo, commit, parts, mmproj, quant, reason)
 
 
