@@ -399,3 +399,16 @@ def test_most_files_per_entry_is_enforced(hubsrv, monkeypatch):
         hub.pull("hf://acme/many")
     monkeypatch.setattr(hub, "MAX_FILES_PER_ENTRY", 4)
     assert len(hub.pull("hf://acme/many").record["files"]) == 3
+
+
+def test_too_little_disk_is_refused_before_downloading(hubsrv, monkeypatch, tmp_path):
+    import shutil as sh
+
+    hubsrv.add_commit("acme/model-GGUF", QUANTS)
+    real = sh.disk_usage
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: real(p)._replace(free=100))
+    with pytest.raises(ModelLoadError, match=r"needs 4320 more bytes and the store's disk has 100"):
+        hub.pull("hf://acme/model-GGUF")
+    assert store_files(tmp_path) == [] and not hubsrv.gets(
+        "/cdn/" + hashlib.sha256(QUANTS["Model-Q4_K_M.gguf"]).hexdigest()
+    )

@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,13 @@ def _parts_of(files: Sequence[HubFile], first: HubFile) -> tuple[HubFile, ...]:
     if count <= 1:
         return (first,)
     parts = sorted(
-        (f for f in files if split_info(f.path)[0] == prefix and split_info(f.path)[3] == count),
+        (
+            f
+            for f in files
+            if f.path.lower().endswith(".gguf")
+            and split_info(f.path)[0] == prefix
+            and split_info(f.path)[3] == count
+        ),
         key=lambda f: split_info(f.path)[2],
     )
     if [split_info(f.path)[2] for f in parts] != list(range(1, count + 1)):
@@ -368,6 +375,12 @@ def _download(plan_: Plan, f: HubFile, part: Path, progress: Progress | None) ->
     if have > f.size:
         os.truncate(part, 0)
         have = 0
+    free = shutil.disk_usage(part.parent).free
+    if f.size - have > free:
+        raise ModelLoadError(
+            f"{f.path} needs {f.size - have} more bytes and the store's disk has {free} free; "
+            "free space and pull again (nothing was stored)"
+        )
     url = hf_hub_url(plan_.repo, f.path, revision=plan_.commit, endpoint=hub_endpoint())
     bar = type("_B", (_Bar,), {"progress": staticmethod(progress) if progress else None})
     failures: tuple[type[BaseException], ...] = (
