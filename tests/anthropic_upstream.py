@@ -18,6 +18,7 @@ import orjson
 from .upstream import Json, Status, Stream, Upstream
 
 __all__ = [
+    "SIG",
     "Json",
     "Status",
     "Stream",
@@ -25,6 +26,7 @@ __all__ = [
     "anthropic_error",
     "ev",
     "message_json",
+    "signed_reply",
     "stream",
     "text_block",
     "thinking_block",
@@ -86,6 +88,28 @@ def thinking_block(index: int, parts: Iterable[str], signature: str = "sig-abc")
     out.append(ev("content_block_delta", {"index": index, "delta": sig}))
     out.append(ev("content_block_stop", {"index": index}))
     return out
+
+
+#: A thinking signature as the API sends them: opaque base64, with + / = in it.
+SIG = "EqQBCkgIARABGAIiQL+dq/3Wx9kq+" + "Zm9v" * 100 + "Yg=="
+
+
+def signed_reply() -> list[bytes]:
+    """Signed thinking ("Let me check.", :data:`SIG` in two ``signature_delta`` parts),
+    then a ``weather`` call for Paris: a reply a follow-up turn must send back."""
+    sig_parts = [
+        ev(
+            "content_block_delta",
+            {"index": 0, "delta": {"type": "signature_delta", "signature": p}},
+        )
+        for p in (SIG[:50], SIG[50:])
+    ]
+    thinking = thinking_block(0, ["Let me ", "check."])
+    return stream(
+        [*thinking[:-2], *sig_parts, thinking[-1]],
+        tool_block(1, "toolu_1", "weather", ['{"city": ', '"Paris"}']),
+        stop_reason="tool_use",
+    )
 
 
 def tool_block(index: int, id: str, name: str, fragments: Iterable[str]) -> list[bytes]:

@@ -352,9 +352,9 @@ async def test_client_leaving_a_stream_stops_the_generation() -> None:
 # --------------------------------------------------------------------------- the reader
 
 
-def test_reader_takes_system_blocks_tool_result_lists_and_drops_old_thinking() -> None:
+def test_reader_takes_system_blocks_tool_result_lists_and_keeps_signed_thinking() -> None:
     from inferd.anthropic_wire import request_from_anthropic
-    from inferd.types import ImageBlock, ToolUseBlock
+    from inferd.types import ImageBlock, ThinkingBlock, ToolUseBlock
 
     req = request_from_anthropic(
         {
@@ -375,6 +375,7 @@ def test_reader_takes_system_blocks_tool_result_lists_and_drops_old_thinking() -
                     "role": "assistant",
                     "content": [
                         {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                        {"type": "redacted_thinking", "data": "opaque"},
                         {
                             "type": "tool_use",
                             "id": "t1",
@@ -402,7 +403,10 @@ def test_reader_takes_system_blocks_tool_result_lists_and_drops_old_thinking() -
     )
     assert req.messages[0] == Message.system("Be brief.")
     assert req.messages[1].content[0] == ImageBlock(url="https://x.invalid/a.png")
-    assert req.messages[2].content == (ToolUseBlock("t1", "weather", {"city": "Rome"}),)
+    assert req.messages[2].content == (
+        ThinkingBlock("hmm", "s"),  # kept for a backend that sends it back (AnthropicCompat)
+        ToolUseBlock("t1", "weather", {"city": "Rome"}),
+    )
     assert req.messages[3] == Message.tool("t1", "9C", is_error=True)
     assert req.messages[4] == Message.user("thanks")
     assert req.stop == ("END",)
@@ -436,3 +440,79 @@ async def test_max_tokens_stop_reason(streamed: bool) -> None:
         else:
             msg = await client.messages.create(model="m", max_tokens=2, messages=USER)
     assert msg.stop_reason == "max_tokens" and msg.content[0].text == "ab"
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def test_writer_emits_signature_delta_and_a_new_block_after_it() -> None:
+    import orjson
+
+    from inferd.anthropic_wire import MessageStreamWriter
+    from inferd.types import Done, StopReason, Text, Thinking
+
+    w = MessageStreamWriter("m")
+    raw = w.start() + b"".join(
+        w.write(e)
+        for e in (
+            Thinking("a"),
+            Thinking("", signature="S1"),
+            Thinking("b"),
+            Text("t"),
+            Done(StopReason.END_TURN),
+        )
+    )
+    events = [orjson.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    deltas = [(e["index"], e["delta"]) for e in events if e["type"] == "content_block_delta"]
+    assert deltas == [
+        (0, {"type": "thinking_delta", "thinking": "a"}),
+        (0, {"type": "signature_delta", "signature": "S1"}),
+        (1, {"type": "thinking_delta", "thinking": "b"}),
+        (2, {"type": "text_delta", "text": "t"}),
+    ]
+    starts = [e["index"] for e in events if e["type"] == "content_block_start"]
+    stops = [e["index"] for e in events if e["type"] == "content_block_stop"]
+    assert starts == stops == [0, 1, 2]
+
+
+async def test_signed_thinking_passes_through_the_bridge_both_ways() -> None:
+    """A Claude client -> the bridge -> AnthropicCompat -> a Messages upstream: the
+    signature reaches the client (streamed and not), and the client's follow-up turn
+    reaches the upstream with the block unchanged."""
+    from inferd.backends.anthropic_compat import AnthropicCompat
+
+    from .anthropic_upstream import SIG, Stream, Upstream, signed_reply, stream, text_block
+
+    up = await Upstream().start()
+    last = Stream(stream(text_block(0, ["18C in Paris."])))
+    up.script("p", Stream(signed_reply()), Stream(signed_reply()), last)
+    backend = AnthropicCompat(up.url("p"), api_key="k", model="claude-test")
+    kw = {
+        "model": "claude-test",
+        "max_tokens": 2048,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "tools": [WEATHER],
+    }
+    try:
+        async with bridge_in_process(backend) as (url, _, _):
+            client = _client(url)
+            whole = await client.messages.create(messages=USER, **kw)
+            async with client.messages.stream(messages=USER, **kw) as s:
+                final = await s.get_final_message()
+            result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"}
+            turns = [
+                *USER,
+                {"role": "assistant", "content": final.content},
+                {"role": "user", "content": [result]},
+            ]
+            follow = await client.messages.create(messages=turns, **kw)
+    finally:
+        await backend.aclose()
+        await up.stop()
+    for msg in (whole, final):
+        assert [b.type for b in msg.content] == ["thinking", "tool_use"]
+        assert (msg.content[0].thinking, msg.content[0].signature) == ("Let me check.", SIG)
+    assert follow.content[0].text == "18C in Paris."
+    sent = up.requests("p")[-1].body["messages"][1]["content"]
+    assert sent[0] == {"type": "thinking", "thinking": "Let me check.", "signature": SIG}
+    assert sent[1]["type"] == "tool_use" and sent[1]["id"] == "toolu_1"

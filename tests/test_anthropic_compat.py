@@ -18,6 +18,7 @@ from inferd.backends.anthropic_compat import AnthropicCompat
 from inferd.backends.anthropic_compat.stream import (
     FRAGMENT_OVERHEAD,
     MAX_OPEN_BLOCKS,
+    MAX_SIGNATURE_BYTES,
     MessagesStreamDecoder,
 )
 from inferd.errors import BackendUnavailable, EmbedUnsupported, InvalidRequest
@@ -29,10 +30,12 @@ from inferd.types import (
     ImageBlock,
     Message,
     Request,
+    Response,
     StopReason,
     Text,
     TextBlock,
     Thinking,
+    ThinkingBlock,
     Tool,
     ToolUse,
     ToolUseBlock,
@@ -40,11 +43,13 @@ from inferd.types import (
 )
 
 from .anthropic_upstream import (
+    SIG,
     Status,
     Stream,
     Upstream,
     anthropic_error,
     ev,
+    signed_reply,
     stream,
     text_block,
     thinking_block,
@@ -278,8 +283,9 @@ async def test_text_thinking_and_tool_call_from_one_byte_fragments(up) -> None:
     )
     up.script("t", Stream(body))
     events = await _events(_backend(up.url("t")), Request.chat("hi", tools=(WEATHER,)))
-    assert [type(e) for e in events] == [Thinking, Thinking, Text, Text, ToolUse, Done]
-    call = events[4]
+    assert [type(e) for e in events] == [Thinking, Thinking, Thinking, Text, Text, ToolUse, Done]
+    assert events[2] == Thinking("", signature="sig-abc")  # the block's end, signed
+    call = events[5]
     assert (call.id, call.name, call.raw_arguments) == ("toolu_1", "weather", args)
     assert call.input == orjson.loads(args)
     done = events[-1]
@@ -400,3 +406,66 @@ def test_too_many_open_blocks() -> None:
     )
     with pytest.raises(BackendUnavailable, match="MAX_OPEN_BLOCKS"):
         dec.feed(starts)
+
+
+# --------------------------------------------------------------------------- thinking signatures
+
+
+def test_decoder_keeps_the_signature_across_one_byte_splits() -> None:
+    body = b"".join(signed_reply())
+    dec = MessagesStreamDecoder()
+    events = [e for i in range(len(body)) for e in dec.feed(body[i : i + 1])] + dec.close()
+    thinking = [e for e in events if isinstance(e, Thinking)]
+    assert thinking[-1] == Thinking("", signature=SIG)  # emitted at content_block_stop
+    assert [e.signature for e in thinking[:-1]] == [None] * (len(thinking) - 1)
+    assert "".join(e.text for e in thinking) == "Let me check."
+    assert isinstance(events[-1], Done)
+    # a thinking block that carried no signature ends with no extra event
+    plain = MessagesStreamDecoder().feed(b"".join(stream(text_block(0, ["x"]))))
+    assert [type(e) for e in plain] == [Text, Done]
+
+
+async def test_follow_up_sends_the_signed_block_back_unchanged(up) -> None:
+    up.script("sig", Stream(signed_reply()), Stream(stream(text_block(0, ["18C"]))))
+    backend = _backend(up.url("sig"))
+    first = Request((Message.user("Weather in Paris?"),), tools=(WEATHER,), thinking=True)
+    try:
+        reply = Response.collect([e async for e in backend.generate(first)])
+        assert reply.thinking == "Let me check."
+        assert reply.thinking_blocks == (ThinkingBlock("Let me check.", SIG),)
+        follow = Request(
+            (*first.messages, reply.message(), Message.tool("toolu_1", "18C")),
+            tools=(WEATHER,),
+            thinking=True,
+        )
+        again = [e async for e in backend.generate(follow)]
+        assert again[0] == Text("18C")
+    finally:
+        await backend.aclose()
+    sent = up.requests("sig")[1]
+    assistant = sent.body["messages"][1]
+    assert assistant["role"] == "assistant"
+    assert assistant["content"][0] == {
+        "type": "thinking",
+        "thinking": "Let me check.",
+        "signature": SIG,
+    }
+    assert assistant["content"][1]["type"] == "tool_use"
+
+
+def test_unsigned_reasoning_is_not_sent_to_the_messages_api() -> None:
+    turn = Message.assistant([ThinkingBlock("local model's musing"), TextBlock("hi")])
+    body = request_to_anthropic(Request((Message.user("a"), turn, Message.user("b"))), model="m")
+    assert body["messages"][1]["content"] == [{"type": "text", "text": "hi"}]
+
+
+def test_a_signature_over_the_cap_is_refused() -> None:
+    dec = MessagesStreamDecoder()
+    dec.feed(b"".join(stream(text_block(0, []))[:1]) + thinking_block(0, [])[0])
+    part = "s" * (MAX_SIGNATURE_BYTES // 4)
+    delta = {"index": 0, "delta": {"type": "signature_delta", "signature": part}}
+    dec.feed(ev("content_block_delta", delta) * 4)  # exactly at the cap: kept
+    with pytest.raises(BackendUnavailable, match="MAX_SIGNATURE_BYTES"):
+        dec.feed(
+            ev("content_block_delta", {**delta, "delta": {**delta["delta"], "signature": "x"}})
+        )

@@ -156,6 +156,24 @@ def test_assistant_tool_call_without_text_has_null_content():
     )
     msg = request_to_openai(r)["messages"][1]
     assert msg["content"] is None and msg["tool_calls"][0]["function"]["arguments"] == "{}"
+    assert "reasoning_content" not in msg
+
+
+def test_assistant_reasoning_goes_back_as_reasoning_content():
+    from inferd.chat.messages import template_messages
+    from inferd.types import ThinkingBlock
+
+    turn = Message.assistant(
+        [ThinkingBlock("Need ", "sig"), ThinkingBlock("weather."), ToolUseBlock("c", "f", {})]
+    )
+    r = Request((Message.user("q"), turn, Message.tool("c", "r")), tools=(Tool("f"),))
+    msg = request_to_openai(r)["messages"][1]
+    assert msg["reasoning_content"] == "Need weather." and '"sig"' not in orjson.dumps(msg).decode()
+    assert msg["content"] is None and msg["tool_calls"][0]["id"] == "c"
+    # the chat templates get the same key (Qwen3's renders it), the text stays apart
+    dicts = template_messages(r.messages)
+    assert dicts[1]["reasoning_content"] == "Need weather." and dicts[1]["content"] == ""
+    assert "reasoning_content" not in dicts[0]
 
 
 def test_each_tool_result_becomes_its_own_tool_message():

@@ -59,6 +59,7 @@ def test_decode_names_the_problem(raw: bytes, needle: str) -> None:
     [
         Text("hé"),
         Thinking("hmm"),
+        Thinking("", signature="EqQBCkgIARABGAIiQL+sig/=="),
         ToolUse("c1", "f", {"a": 1}, '{"a": 1}'),
         ToolUse("c", "g", None, "{"),
         Done(StopReason.TOOL_USE, Usage(3, 4, 1), Timings(0.1, 0.5, 20.0), "m1"),

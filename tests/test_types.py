@@ -91,6 +91,7 @@ def test_reprs_are_readable_and_do_not_dump_binary():
     [
         Text("héllo"),
         Thinking("hmm"),
+        Thinking("done.", signature="EqQBCkgIARABGAIiQL+sig/=="),
         ToolUse("call_1", "f", {"a": [1, 2]}, '{"a":[1,2]}'),
         ToolUse("call_2", "g", None, "{not json"),
         Done(StopReason.MAX_TOKENS, Usage(3, 4, 1), Timings(0.1, 0.5, 20.0), "mock"),
@@ -389,3 +390,65 @@ def test_capabilities_from_dict_round_trip_and_tolerance():
     assert Capabilities.from_dict(orjson.loads(orjson.dumps(caps.to_dict()))) == caps
     assert Capabilities.from_dict({}) == Capabilities()
     assert Capabilities.from_dict({"vision": True, "new_flag": 1}) == Capabilities(vision=True)
+
+
+# --------------------------------------------------------------------------- thinking signatures
+
+
+def test_thinking_block_round_trips_and_lives_in_assistant_turns_only():
+    from inferd import ThinkingBlock
+
+    sig = "EqQBCkgIARABGAIiQL+" + "s" * 400
+    msg = Message.assistant([ThinkingBlock("Let me check.", sig), TextBlock("ok")])
+    req = Request((Message.user("hi"), msg, Message.user("go on")))
+    back = Request.from_dict(orjson.loads(orjson.dumps(req.to_dict())))
+    assert back == req and back.messages[1].content[0].signature == sig
+    assert msg.text == "ok"  # reasoning is not the message's text
+    assert Message.from_dict({"role": "assistant", "content": [{"type": "thinking", "text": "t"}]})
+    # the opaque signature is shown by length, not dumped
+    assert repr(ThinkingBlock("t", sig)) == f"ThinkingBlock(text='t', signature=<{len(sig)} chars>)"
+    assert repr(Thinking("t")) == "Thinking(text='t')"
+    assert "sss" not in repr(Thinking("", sig))
+    with pytest.raises(InvalidRequest, match="only assistant messages"):
+        Message.user([ThinkingBlock("t")])
+    with pytest.raises(InvalidRequest, match=r"ThinkingBlock\.signature must be a string"):
+        ThinkingBlock("t", 5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="signature has the wrong type"):
+        event_from_dict({"type": "thinking", "text": "", "signature": 5})
+
+
+def test_response_collect_keeps_signed_thinking_blocks_for_the_next_turn():
+    from inferd import ThinkingBlock
+
+    r = Response.collect(
+        [
+            Thinking("a"),
+            Thinking("b"),
+            Thinking("", signature="S1"),
+            Text("c"),
+            ToolUse("1", "f", {"x": 1}, '{"x":1}'),
+            Thinking("late"),
+            Done(StopReason.TOOL_USE),
+        ]
+    )
+    assert r.thinking == "ablate"  # callers that ignore signatures see no change
+    assert r.thinking_blocks == (ThinkingBlock("ab", "S1"), ThinkingBlock("late"))
+    msg = r.message()
+    assert msg.role == "assistant"
+    assert msg.content == (
+        ThinkingBlock("ab", "S1"),
+        ThinkingBlock("late"),
+        TextBlock("c"),
+        ToolUseBlock("1", "f", {"x": 1}),
+    )
+    plain = Response.collect([Text("hi"), Done(StopReason.END_TURN)])
+    assert plain.thinking_blocks == () and plain.message().content == (TextBlock("hi"),)
+
+
+def test_compiled_decoder_events_read_signature_as_none():
+    """_fast/_chunks_c.pyx builds Thinking without __init__, setting only ``text``."""
+    ev = object.__new__(Thinking)
+    object.__setattr__(ev, "text", "hm")
+    assert (
+        ev.signature is None and ev == Thinking("hm") and ev.to_dict() == Thinking("hm").to_dict()
+    )

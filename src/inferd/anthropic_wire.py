@@ -40,6 +40,7 @@ from inferd.types import (
     Text,
     TextBlock,
     Thinking,
+    ThinkingBlock,
     Tool,
     ToolChoice,
     ToolResultBlock,
@@ -145,6 +146,12 @@ def _block_out(b: Block, request: Request, where: str) -> dict[str, Any] | None:
         return _image_out(b, request)
     if isinstance(b, ToolUseBlock):
         return {"type": "tool_use", "id": b.id, "name": b.name, "input": dict(b.input)}
+    if isinstance(b, ThinkingBlock):
+        # Only a signed block can go back (the API refuses an unsigned one); earlier
+        # turns' reasoning from other backends is dropped, as the API drops it anyway.
+        if b.signature is None:
+            return None
+        return {"type": "thinking", "thinking": b.text, "signature": b.signature}
     if isinstance(b, ToolResultBlock):
         out: dict[str, Any] = {
             "type": "tool_result",
@@ -336,11 +343,22 @@ def _blocks_in(content: Any, role: str, where: str) -> tuple[list[Block], list[M
                 raise InvalidRequest(f"{at}.tool_use_id must be a string")
             text = _text_of(b.get("content", ""), f"{at}.content")
             results.append(Message.tool(b["tool_use_id"], text, bool(b.get("is_error", False))))
-        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-            continue  # earlier turns' reasoning: local models do not take it back
+        elif kind == "thinking" and role == "assistant":
+            blocks.append(_thinking_block_in(b, at))
+        elif kind == "redacted_thinking" and role == "assistant":
+            continue  # encrypted reasoning: no backend of ours can read or carry it
         else:
             raise InvalidRequest(f"{at} has unsupported block type {echo(kind)} for {role}")
     return blocks, results
+
+
+def _thinking_block_in(b: Mapping[str, Any], where: str) -> ThinkingBlock:
+    """An earlier turn's reasoning, kept with its signature: an Anthropic backend sends
+    it back unchanged; local templates see it as ``reasoning_content``."""
+    text, sig = b.get("thinking", ""), b.get("signature")
+    if not isinstance(text, str) or not (sig is None or isinstance(sig, str)):
+        raise InvalidRequest(f"{where} needs string thinking and signature")
+    return ThinkingBlock(text, sig or None)
 
 
 def _messages_in(body: Mapping[str, Any]) -> list[Message]:
@@ -459,8 +477,12 @@ def usage_to_anthropic(u: Usage) -> dict[str, Any]:
 
 def response_to_message(response: Response, *, model: str, id: str) -> dict[str, Any]:
     """A whole reply as one non-streamed Messages API ``message`` object."""
-    content: list[dict[str, Any]] = []
-    if response.thinking:
+    content: list[dict[str, Any]] = [
+        {"type": "thinking", "thinking": b.text, "signature": b.signature or ""}
+        for b in response.thinking_blocks
+        if b.text or b.signature
+    ]
+    if response.thinking and not content:  # a Response built by hand, without blocks
         content.append({"type": "thinking", "thinking": response.thinking, "signature": ""})
     if response.text:
         content.append({"type": "text", "text": response.text})
@@ -549,12 +571,7 @@ class MessageStreamWriter:
             out = [] if self._open == "text" else self._switch("text", {"type": "text", "text": ""})
             out.append(self._delta({"type": "text_delta", "text": event.text}))
         elif isinstance(event, Thinking):
-            out = (
-                []
-                if self._open == "thinking"
-                else self._switch("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-            )
-            out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
+            out = self._thinking(event)
         elif isinstance(event, ToolUse):
             self._called = True
             out = self._switch("tool_use", {**_tool_use_block(event), "input": {}})
@@ -565,6 +582,20 @@ class MessageStreamWriter:
             out = self._switch(None, None)
             out.append(self._end(event))
         return b"".join(out)
+
+    def _thinking(self, event: Thinking) -> list[bytes]:
+        """A thinking delta; a signature ends the block (the next reasoning opens one)."""
+        out = (
+            []
+            if self._open == "thinking"
+            else self._switch("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        )
+        if event.text:
+            out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
+        if event.signature is not None:
+            out.append(self._delta({"type": "signature_delta", "signature": event.signature}))
+            self._open = "thinking (signed)"
+        return out
 
     def _end(self, done: Done) -> bytes:
         self.finished = True

@@ -54,6 +54,7 @@ from inferd.types import (
     Text,
     TextBlock,
     Thinking,
+    ThinkingBlock,
     Tool,
     ToolChoice,
     ToolResultBlock,
@@ -247,6 +248,9 @@ def _messages_out(request: Request, vision: bool) -> list[dict[str, Any]]:
             if any(isinstance(b, (ImageBlock, AudioBlock)) for b in others):
                 raise InvalidRequest(f"{where}: assistant messages cannot carry media")
             msg: dict[str, Any] = {"role": "assistant", "content": text or None}
+            reasoning = "".join(b.text for b in others if isinstance(b, ThinkingBlock))
+            if reasoning:  # llama-server / vLLM / DeepSeek name; signatures have no field
+                msg["reasoning_content"] = reasoning
             if calls:
                 msg["tool_calls"] = calls
             elif not text:

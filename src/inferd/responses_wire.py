@@ -513,8 +513,8 @@ class ResponsesStreamWriter:
     def write(self, event: Event) -> bytes:
         if isinstance(event, Text):
             out = self._text("text", event.text)
-        elif isinstance(event, Thinking):
-            out = self._text("reasoning", event.text)
+        elif isinstance(event, Thinking):  # a signature alone has no Responses field
+            out = self._text("reasoning", event.text) if event.text else []
         elif isinstance(event, ToolUse):
             out = self._call(event)
         else:

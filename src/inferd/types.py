@@ -53,6 +53,7 @@ __all__ = [
     "Text",
     "TextBlock",
     "Thinking",
+    "ThinkingBlock",
     "Timings",
     "Tool",
     "ToolChoice",
@@ -288,7 +289,49 @@ class ToolResultBlock:
         }
 
 
-Block: TypeAlias = TextBlock | ImageBlock | AudioBlock | ToolUseBlock | ToolResultBlock
+def _short(signature: str | None) -> str:
+    """A signature in a repr: opaque and long, so its length only."""
+    return "None" if signature is None else f"<{len(signature)} chars>"
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingBlock:
+    """The assistant's reasoning in an earlier turn, sent back with the conversation.
+
+    Only assistant messages hold it. ``signature`` is the provider's seal on it
+    (Anthropic's extended thinking): a follow-up turn with thinking and tools must send
+    the signed block back unchanged. Templates that render reasoning get it as
+    ``reasoning_content``; the others ignore it
+    (docs/adr/0014-anthropic-messages-both-ways.md).
+    """
+
+    text: str
+    signature: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise InvalidRequest(
+                f"ThinkingBlock.text must be a string, not {type(self.text).__name__}"
+            )
+        if self.signature is not None and not isinstance(self.signature, str):
+            raise InvalidRequest(
+                f"ThinkingBlock.signature must be a string or None, not "
+                f"{type(self.signature).__name__}"
+            )
+
+    def __repr__(self) -> str:
+        return f"ThinkingBlock(text={self.text!r}, signature={_short(self.signature)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": "thinking", "text": self.text}
+        if self.signature is not None:
+            d["signature"] = self.signature
+        return d
+
+
+Block: TypeAlias = (
+    TextBlock | ImageBlock | AudioBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock
+)
 
 
 def block_from_dict(d: Mapping[str, Any], where: str = "block") -> Block:
@@ -320,13 +363,15 @@ def block_from_dict(d: Mapping[str, Any], where: str = "block") -> Block:
             _opt(d, "content", where, ""),
             _opt(d, "is_error", where, False, bool),
         )
+    if kind == "thinking":
+        return ThinkingBlock(_get(d, "text", where), _opt(d, "signature", where, None))
     raise InvalidRequest(
         f"{where} has unknown content block type {echo(kind)}; expected text, image, audio, "
-        "tool_use or tool_result"
+        "tool_use, tool_result or thinking"
     )
 
 
-_BLOCK_TYPES = (TextBlock, ImageBlock, AudioBlock, ToolUseBlock, ToolResultBlock)
+_BLOCK_TYPES = (TextBlock, ImageBlock, AudioBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,8 +395,13 @@ class Message:
         for b in blocks:
             if not isinstance(b, _BLOCK_TYPES):
                 raise InvalidRequest(
-                    f"{role} message has an unknown content block {type(b).__name__}; "
-                    "use TextBlock, ImageBlock, AudioBlock, ToolUseBlock or ToolResultBlock"
+                    f"{role} message has an unknown content block {type(b).__name__}; use "
+                    "TextBlock, ImageBlock, AudioBlock, ToolUseBlock, ToolResultBlock or "
+                    "ThinkingBlock"
+                )
+            if isinstance(b, ThinkingBlock) and role != "assistant":
+                raise InvalidRequest(
+                    f"{role} message holds a ThinkingBlock; only assistant messages may"
                 )
         _freeze(self, "role", role)
         _freeze(self, "content", blocks)
@@ -866,12 +916,32 @@ class Text:
 
 @dataclass(frozen=True, slots=True)
 class Thinking:
-    """A piece of the model's reasoning (shown dimmed, never mixed into ``Text``)."""
+    """A piece of the model's reasoning (shown dimmed, never mixed into ``Text``).
+
+    ``signature`` is set on the event that *ends* a signed reasoning block (Anthropic's
+    ``signature_delta``; that event's ``text`` is usually empty): keep it to send the
+    block back in a follow-up turn (:meth:`Response.message`). Callers that ignore it
+    see only an extra empty piece (docs/adr/0014-anthropic-messages-both-ways.md).
+    """
 
     text: str
+    signature: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # The compiled chunk decoder (_fast/_chunks_c.pyx) builds Thinking events
+        # without __init__ and sets only ``text``; an unset slot reads as its default.
+        if name == "signature":
+            return None
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        sig = "" if self.signature is None else f", signature={_short(self.signature)}"
+        return f"Thinking(text={self.text!r}{sig})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "thinking", "text": self.text}
+        if self.signature is None:
+            return {"type": "thinking", "text": self.text}
+        return {"type": "thinking", "text": self.text, "signature": self.signature}
 
 
 @dataclass(frozen=True, slots=True)
@@ -936,7 +1006,7 @@ def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
     if kind == "text":
         return Text(_get(d, "text", where))
     if kind == "thinking":
-        return Thinking(_get(d, "text", where))
+        return Thinking(_get(d, "text", where), _opt(d, "signature", where, None))
     if kind == "tool_use":
         return ToolUse(
             _get(d, "id", where),
@@ -1189,6 +1259,9 @@ class Response:
     thinking: str
     tool_calls: tuple[ToolUse, ...]
     done: Done
+    #: The reasoning as blocks: a run of Thinking events is one block, ended early by
+    #: an event with a ``signature`` (which the block keeps).
+    thinking_blocks: tuple[ThinkingBlock, ...] = ()
 
     @property
     def stop_reason(self) -> StopReason:
@@ -1196,17 +1269,38 @@ class Response:
 
     @classmethod
     def collect(cls, events: Sequence[Event]) -> Response:
-        text, thinking, calls = [], [], []
+        text, thinking, calls, run = [], [], [], []
+        blocks: list[ThinkingBlock] = []
         done: Done | None = None
         for ev in events:
+            if isinstance(ev, Thinking):
+                thinking.append(ev.text)
+                run.append(ev.text)
+                if ev.signature is not None:
+                    blocks.append(ThinkingBlock("".join(run), ev.signature))
+                    run = []
+                continue
+            if run:
+                blocks.append(ThinkingBlock("".join(run)))
+                run = []
             if isinstance(ev, Text):
                 text.append(ev.text)
-            elif isinstance(ev, Thinking):
-                thinking.append(ev.text)
             elif isinstance(ev, ToolUse):
                 calls.append(ev)
             elif isinstance(ev, Done):
                 done = ev
         if done is None:
             raise ended_without_done()
-        return cls("".join(text), "".join(thinking), tuple(calls), done)
+        if run:
+            blocks.append(ThinkingBlock("".join(run)))
+        return cls("".join(text), "".join(thinking), tuple(calls), done, tuple(blocks))
+
+    def message(self) -> Message:
+        """This reply as the assistant turn of a follow-up request: the thinking blocks
+        (signatures kept), the text, then the tool calls (a call whose arguments were
+        not valid JSON is sent back with an empty input)."""
+        blocks: list[Block] = [b for b in self.thinking_blocks if b.text or b.signature]
+        if self.text:
+            blocks.append(TextBlock(self.text))
+        blocks.extend(ToolUseBlock(c.id, c.name, dict(c.input or {})) for c in self.tool_calls)
+        return Message("assistant", blocks or [TextBlock("")])

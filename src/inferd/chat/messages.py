@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from inferd.errors import InvalidRequest
-from inferd.types import Message, TextBlock, Tool, ToolResultBlock, ToolUseBlock
+from inferd.types import Message, TextBlock, ThinkingBlock, Tool, ToolResultBlock, ToolUseBlock
 
 
 def template_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
@@ -63,6 +63,9 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         if results and not calls and not text:
             continue
         d: dict[str, Any] = {"role": m.role, "content": text}
+        reasoning = "".join(b.text for b in m.content if isinstance(b, ThinkingBlock))
+        if reasoning:  # templates that render reasoning (Qwen3's) read this key
+            d["reasoning_content"] = reasoning
         if calls:
             d["tool_calls"] = [
                 {
@@ -89,6 +92,8 @@ def _split(m: Message, i: int) -> tuple[str, list[ToolUseBlock], list[ToolResult
             calls.append(b)
         elif isinstance(b, ToolResultBlock):
             results.append(b)
+        elif isinstance(b, ThinkingBlock):
+            continue  # read by template_messages as reasoning_content
         else:
             raise InvalidRequest(
                 f"messages[{i}] ({m.role}) carries {type(b).__name__}: a chat template "

@@ -9,6 +9,12 @@ skipped, as Anthropic's versioning policy asks of clients. A delta for a block i
 never started, or a reply cut before its stop reason, is a broken upstream:
 :class:`BackendUnavailable`.
 
+A thinking block's ``signature_delta`` parts are joined at its ``content_block_stop``
+and emitted there as one ``Thinking("", signature=...)`` event, after the block's
+text, so :meth:`inferd.types.Response.collect` closes the block with it and a
+follow-up turn can send it back unchanged; a block without a signature ends with no
+extra event. A caller that ignores signatures sees one more, empty, Thinking piece.
+
 A tool call's input arrives as JSON fragments; they are kept as a list and joined
 once at ``content_block_stop`` (linear in the input however it is split), with a cap
 per call (``max_call_args``) and per stream (``max_stream_args``).
@@ -38,6 +44,9 @@ MAX_STREAM_TOOL_INPUT_BYTES = DEFAULT_MAX_STREAM_ARGS
 FRAGMENT_OVERHEAD = 64
 #: Most content blocks open (started, not stopped) at once; the real API has one.
 MAX_OPEN_BLOCKS = 256
+#: Largest thinking signature (all its ``signature_delta`` parts); real ones are a few
+#: hundred characters to a few KiB.
+MAX_SIGNATURE_BYTES = 1 << 20
 #: Upstream ``error`` types worth another attempt when no event was shown yet.
 RETRYABLE_ERROR_TYPES = frozenset({"overloaded_error", "api_error", "rate_limit_error"})
 
@@ -66,6 +75,15 @@ class _ToolBlock:
         self.size = 0
 
 
+class _ThinkingBlock:
+    __slots__ = ("parts", "size")
+
+    def __init__(self, block: dict[str, Any]) -> None:
+        sig = block.get("signature")
+        self.parts: list[str] = [sig] if isinstance(sig, str) and sig else []
+        self.size = sum(map(len, self.parts))
+
+
 class MessagesStreamDecoder:
     """Feed body bytes, get events; :meth:`close` at the end of the body."""
 
@@ -88,7 +106,7 @@ class MessagesStreamDecoder:
         max_stream_args: int = MAX_STREAM_TOOL_INPUT_BYTES,
     ) -> None:
         self._parser = SSEParser(max_event_bytes)
-        self._blocks: dict[int, str | _ToolBlock] = {}
+        self._blocks: dict[int, str | _ToolBlock | _ThinkingBlock] = {}
         self._max_call = max_call_args
         self._max_stream = max_stream_args
         self._stream_size = 0
@@ -189,6 +207,8 @@ class MessagesStreamDecoder:
             )
         if kind == "tool_use":
             self._blocks[i] = _ToolBlock(block)  # type: ignore[arg-type]
+        elif kind == "thinking":
+            self._blocks[i] = _ThinkingBlock(block)  # type: ignore[arg-type]
         else:
             self._blocks[i] = str(kind)
 
@@ -213,7 +233,20 @@ class MessagesStreamDecoder:
                 out.append(Thinking(t))
         elif dk == "input_json_delta" and isinstance(block, _ToolBlock):
             self._tool_part(block, delta.get("partial_json"))
-        # signature_delta: our Thinking event has no field for it (ADR 0014); others: new
+        elif dk == "signature_delta" and isinstance(block, _ThinkingBlock):
+            self._signature_part(block, delta.get("signature"))
+        # delta types newer than this code: skipped
+
+    def _signature_part(self, block: _ThinkingBlock, part: Any) -> None:
+        if not isinstance(part, str) or not part:
+            return
+        block.size += len(part)
+        if block.size > MAX_SIGNATURE_BYTES:
+            raise BackendUnavailable(
+                f"the upstream sent a thinking signature longer than {MAX_SIGNATURE_BYTES} "
+                "characters (MAX_SIGNATURE_BYTES)"
+            )
+        block.parts.append(part)
 
     def _tool_part(self, block: _ToolBlock, part: Any) -> None:
         if not isinstance(part, str) or not part:
@@ -235,6 +268,10 @@ class MessagesStreamDecoder:
             raise BackendUnavailable(
                 f"the upstream sent content_block_stop for block {i}, which never started"
             )
+        if isinstance(block, _ThinkingBlock):
+            if block.parts:
+                out.append(Thinking("", "".join(block.parts)))
+            return
         if not isinstance(block, _ToolBlock):
             return
         raw = "".join(block.parts)
