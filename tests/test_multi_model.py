@@ -472,3 +472,39 @@ async def test_idle_memory_returns_to_baseline_after_unloads(smollm2_path: Path)
             daemon.stop()
     assert min(loaded) > idle[0] + 100_000_000, (idle, loaded)  # the pair is big enough
     assert max(idle[1:]) < idle[0] + IDLE_DRIFT_BYTES, (idle, loaded)
+
+
+async def test_waiters_share_one_load_and_the_status_shows_its_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A load held open: eight requests wait on it, the status shows loading at 50%."""
+    import threading
+
+    from inferd.serve import models_pool
+
+    gate = threading.Event()
+    real_build = models_pool.build_model
+    calls: list[str] = []
+
+    def slow_build(spec: Any, path: Any, progress: Any = None) -> Any:
+        calls.append(spec.name)
+        progress(0.5)
+        gate.wait(POLL_DEADLINE_S)
+        return real_build(spec, path, progress)
+
+    monkeypatch.setattr(models_pool, "build_model", slow_build)
+    pool = pool_of([mock("a")])
+    try:
+        replies = [asyncio.create_task(reply(pool, "a")) for _ in range(8)]
+        st = await poll(
+            lambda: (s := state(pool, "a"))["state"] == "loading" and s.get("progress") == 0.5,
+            "a to show loading at 50%",
+        )
+        assert st and not any(r.done() for r in replies)
+        gate.set()
+        done = await asyncio.wait_for(asyncio.gather(*replies), POLL_DEADLINE_S)
+        assert [r[0].text for r in done] == ["from-a"] * 8
+        assert calls == ["a"] and pool.load_count("a") == 1
+    finally:
+        gate.set()
+        await pool.aclose()
