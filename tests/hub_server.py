@@ -71,6 +71,7 @@ class HubServer:
         self.tamper: set[str] = set()
         self.drop_after: dict[str, int] = {}
         self.fail_after_drop: set[str] = set()
+        self.listed_sha256: dict[str, str] = {}  # path -> what the listing claims (hostile)
         self._blobs: dict[str, bytes] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -172,7 +173,7 @@ class HubServer:
             if blobs:
                 s |= {"size": len(data), "blobId": git_blob_id(data)}
                 if is_lfs(path, data):
-                    sha = hashlib.sha256(data).hexdigest()
+                    sha = self.listed_sha256.get(path) or hashlib.sha256(data).hexdigest()
                     s["lfs"] = {"size": len(data), "sha256": sha, "pointerSize": 134}
             siblings.append(s)
         body = {

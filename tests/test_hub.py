@@ -412,3 +412,15 @@ def test_too_little_disk_is_refused_before_downloading(hubsrv, monkeypatch, tmp_
     assert store_files(tmp_path) == [] and not hubsrv.gets(
         "/cdn/" + hashlib.sha256(QUANTS["Model-Q4_K_M.gguf"]).hexdigest()
     )
+
+
+def test_a_hostile_listing_never_names_a_path(hubsrv, tmp_path):
+    hubsrv.add_commit("acme/model-GGUF", QUANTS)
+    hubsrv.listed_sha256["Model-Q4_K_M.gguf"] = "../../../escaped"
+    with pytest.raises(ModelLoadError, match=r"listed no valid sha256 for 'Model-Q4_K_M\.gguf'"):
+        hub.pull("hf://acme/model-GGUF")
+    assert (
+        not (tmp_path / "escaped.part").exists()
+        and not (tmp_path / "home" / "escaped.part").exists()
+    )
+    assert store_files(tmp_path) == []

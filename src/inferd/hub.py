@@ -49,6 +49,8 @@ _SOURCE_RE = re.compile(
     r"(?:(?P<path>/[^:@]+\.gguf)|:(?P<tag>[A-Za-z0-9_.-]{1,40}))?"
     r"(?:@(?P<rev2>[A-Za-z0-9._-]{1,100}))?$"
 )
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_GIT_OID_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _SPLIT_RE = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
 _TAG_RE = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
 #: What a quantisation tag looks like (``Q4_K_M``, ``IQ4_XS``, ``F16``, ``BF16``, ``TQ1_0``,
@@ -314,16 +316,22 @@ def list_files(source: HubSource) -> tuple[str, list[HubFile]]:
         raise hub_error(e, source.repo, source.revision or "") from None
     if not info.sha:
         raise ModelLoadError(f"{source.repo}: the Hub listing names no commit")
-    files = [
-        HubFile(
-            s.rfilename,
-            int(s.lfs.size if s.lfs else s.size or 0),
-            s.lfs.sha256.lower() if s.lfs else None,
-            s.blob_id,
-        )
-        for s in info.siblings or []
-    ]
-    return info.sha, files
+    return info.sha, [_hub_file(source.repo, s) for s in info.siblings or []]
+
+
+def _hub_file(repo: str, s: Any) -> HubFile:
+    """One listed file; digests checked for shape, since they name files in the store
+    (a hostile mirror's ``../..`` must never become a path)."""
+    sha = str(s.lfs.sha256).lower() if s.lfs else None
+    blob = str(s.blob_id).lower() if s.blob_id else None
+    size = s.lfs.size if s.lfs else s.size
+    if (sha is None and blob is None) or (sha is not None and not _SHA256_RE.match(sha)):
+        raise ModelLoadError(f"{repo}: the Hub listed no valid sha256 for {echo(s.rfilename)}")
+    if sha is None and not _GIT_OID_RE.match(blob or ""):
+        raise ModelLoadError(f"{repo}: the Hub listed no valid blob id for {echo(s.rfilename)}")
+    if not isinstance(size, int) or size < 0:
+        raise ModelLoadError(f"{repo}: the Hub listed no valid size for {echo(s.rfilename)}")
+    return HubFile(str(s.rfilename), size, sha, blob)
 
 
 class _Bar:
