@@ -1,5 +1,5 @@
 """``LlamaCpp.embed``: pooling types, many inputs per decode, Matryoshka ``dimensions``
-(issue 19; docs/adr/0015-embeddings-rerank-tokens.md). Real SmolLM2, real libllama."""
+(issue 19; docs/adr/0018-embeddings-rerank-tokens.md). Real SmolLM2, real libllama."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ a piece that is not valid UTF-8 given as its byte values); ``POST /detokenize``
 "top_n", "return_documents"}`` -> ``{"results": [{"index", "relevance_score"}], ...}``
 best first, the Jina/Cohere shape llama-server answers. A backend without a tokenizer
 or reranker answers 400 (its ``capabilities()`` says so up front).
-docs/adr/0015-embeddings-rerank-tokens.md says why these shapes.
+docs/adr/0018-embeddings-rerank-tokens.md says why these shapes.
 """
 
 from __future__ import annotations

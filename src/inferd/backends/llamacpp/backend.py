@@ -587,7 +587,7 @@ class LlamaCpp(Backend):
     async def rerank(self, request: RerankRequest) -> RerankResult:
         """Relevance scores of ``request.documents`` for the query from a reranker GGUF
         (rank pooling), batched like :meth:`embed`; raw classifier outputs, as
-        llama-server's ``/v1/rerank`` gives them (docs/adr/0015-embeddings-rerank-tokens.md)."""
+        llama-server's ``/v1/rerank`` gives them (docs/adr/0018-embeddings-rerank-tokens.md)."""
         self._check_open()
         if not isinstance(request, RerankRequest):
             raise InvalidRequest(f"rerank() needs a RerankRequest, got {type(request).__name__}")

@@ -1,6 +1,6 @@
 """Embeddings and reranking on a ``LlamaCpp`` model: one context, inputs batched per decode.
 
-Why a module of its own (docs/adr/0015-embeddings-rerank-tokens.md): generation runs on
+Why a module of its own (docs/adr/0018-embeddings-rerank-tokens.md): generation runs on
 the scheduler's context; embeddings and rerank scores need a context created with
 ``embeddings=True`` and a pooling type, which libllama fixes at creation. This module
 owns that second context, created on first use in the backend's worker thread.

@@ -72,7 +72,7 @@ class LlamaCppOptions:
     #: embeddings pooling (none, mean, cls, last, rank); ``None``: the model's own
     pooling: str | None = None
     #: Matryoshka sizes the model was trained for (``True``: any), so ``dimensions``
-    #: may truncate; ``None`` refuses ``dimensions`` (docs/adr/0015-embeddings-rerank-tokens.md)
+    #: may truncate; ``None`` refuses ``dimensions`` (docs/adr/0018-embeddings-rerank-tokens.md)
     matryoshka_dims: tuple[int, ...] | bool | None = None
     progress: Callable[[float], Any] | None = None
     #: print the model store's download progress when ``model`` is a name to pull
