@@ -164,3 +164,16 @@ async def test_chat_model_does_not_rerank(smollm2_path):
             assert r.status == 400
     finally:
         b.close()
+
+
+async def test_backend_without_reranker_answers_400():
+    from inferd.backends.mock import Mock
+
+    mock = Mock(["ok"])
+    assert mock.capabilities().rerank is False
+    with pytest.raises(EmbedUnsupported, match="does not rerank"):
+        await mock.rerank(RerankRequest("q", ("d",)))
+    async with TestClient(TestServer(make_app(mock), host="127.0.0.1")) as tc:
+        r = await tc.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+        assert r.status == 400
+        assert "does not rerank" in (await r.json())["error"]["message"]
