@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
+
+from .conftest import require_llama_core
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -115,3 +118,17 @@ def test_serve_and_bridge_take_their_own_options():
     r = inferd("serve", "--config", "/nonexistent/inferd.toml")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.llama
+def test_run_streams_from_the_local_model(smollm2_path):
+    """The default backend end to end: the store name is resolved inside LlamaCpp (once)
+    and the backend is built through the config's builder."""
+    require_llama_core()
+    r = inferd("run", "--threads", "1", "--max-tokens", "4", "--temperature", "0", "--json", "Hi")
+    assert r.returncode == 0, r.stderr
+    events = [orjson.loads(line) for line in r.stdout.splitlines()]
+    done = events[-1]
+    assert done["type"] == "done" and done["backend"] == "llamacpp"
+    assert 1 <= done["usage"]["output_tokens"] <= 4
+    assert done["stop_reason"] in ("max_tokens", "end_turn")

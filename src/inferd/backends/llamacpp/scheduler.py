@@ -321,19 +321,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending: collections.deque[SeqStream] = collections.deque()
         self._active: list[SeqStream] = []  # admission order
-        # unified: a stack (lowest id on top); split: least recently used first
-        self._free_slots = (
-            list(range(parallel)) if self.split else list(range(parallel - 1, -1, -1))
-        )
         self._cancels: list[SeqStream] = []
-        # unified prefix cache: seq id -> token list, least recently used first
-        self._cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
-        self._free_cache_ids = (
-            [] if self.split else list(range(parallel + prefix_cache - 1, parallel - 1, -1))
-        )
-        # split: tokens whose cells a free slot still holds (reused in place)
-        self._slot_kv: dict[int, list[int]] = {}
-        self.n_seq = parallel if self.split else parallel + prefix_cache
+        self._init_ids(parallel, prefix_cache)
         self._reserved = 0  # worst-case cells of admitted sequences
         self._head_fits = True  # False while the queue head waits for KV room
         self._ctx_lock = threading.Lock()  # held during a step; kv queries take it
@@ -344,6 +333,22 @@ class Scheduler:
         self.stats: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="inferd-llama-sched", daemon=True)
         self._thread.start()
+
+    def _init_ids(self, parallel: int, prefix_cache: int) -> None:
+        """Sequence ids: ``0..parallel-1`` are slots; unified adds ``prefix_cache`` spare
+        ids that hold cached prefixes (split has none: each id is a whole stream)."""
+        # unified: a stack (lowest id on top); split: least recently used first
+        self._free_slots = (
+            list(range(parallel)) if self.split else list(range(parallel - 1, -1, -1))
+        )
+        # unified prefix cache: seq id -> token list, least recently used first
+        self._cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self._free_cache_ids = (
+            [] if self.split else list(range(parallel + prefix_cache - 1, parallel - 1, -1))
+        )
+        # split: tokens whose cells a free slot still holds (reused in place)
+        self._slot_kv: dict[int, list[int]] = {}
+        self.n_seq = parallel if self.split else parallel + prefix_cache
 
     # ------------------------------------------------------------------ event loop side
 
