@@ -31,15 +31,8 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="inferd",
-        description="Run chat models locally (llama.cpp) or against any OpenAI-compatible "
-        "upstream, with one typed event stream.",
-    )
-    p.add_argument("--version", action="store_true", help="print version and build info")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_run(sub: Any) -> None:
+    """``inferd run``'s flags (they become a backend spec: :func:`backend_spec`)."""
     run = sub.add_parser(
         "run",
         help="stream a reply to PROMPT",
@@ -68,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--threads", type=int, default=None, help="CPU threads (llamacpp)")
     run.add_argument("--json", action="store_true", help="print one JSON event per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inferd",
+        description="Run chat models locally (llama.cpp) or against any OpenAI-compatible "
+        "upstream, with one typed event stream.",
+    )
+    p.add_argument("--version", action="store_true", help="print version and build info")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_run(sub)
 
     pull = sub.add_parser(
         "pull",
