@@ -508,3 +508,17 @@ async def test_waiters_share_one_load_and_the_status_shows_its_progress(
     finally:
         gate.set()
         await pool.aclose()
+
+
+async def test_one_load_attempt_per_request_even_without_back_off(tmp_path: Path) -> None:
+    """With load_retry_s = 0 a failing model used to be retried forever by one request."""
+    pool = pool_of(
+        [{"name": "gone", "source": str(tmp_path / "gone.gguf")}], pool={"load_retry_s": 0}
+    )
+    try:
+        for attempt in (1, 2):  # no back-off: each request tries once, then fails
+            with pytest.raises(ModelLoadError):
+                await asyncio.wait_for(reply(pool, "gone"), POLL_DEADLINE_S)
+            assert state(pool, "gone")["load_failures"] == attempt
+    finally:
+        await pool.aclose()

@@ -257,6 +257,7 @@ class ModelPool(Backend):
     async def _acquire(self, m: _Model, keep_alive: float | None) -> Backend:
         """The loaded backend of ``m`` with one more stream counted; loads when needed."""
         self._loop_state()
+        tried = False  # one load attempt per request, even with load_retry_s = 0
         while True:
             if self._closed:
                 raise NotReady("the model pool is closed")
@@ -267,15 +268,17 @@ class ModelPool(Backend):
                     m.keep_alive = keep_alive
                 return m.backend
             if m.task is not None:  # loading or unloading: wait for it, then look again
+                tried = tried or m.state == "loading"
                 with contextlib.suppress(Exception):
                     await asyncio.shield(m.task)
                 continue
-            if m.state == "failed" and self._clock() < m.retry_at:
-                left = m.retry_at - self._clock()
+            if m.state == "failed" and (tried or self._clock() < m.retry_at):
+                left = max(0.0, m.retry_at - self._clock())
                 raise ModelLoadError(
                     f"model {m.name!r} failed to load ({m.error}); the next try is in "
                     f"{left:.1f}s (load_retry_s back-off)"
                 )
+            tried = True
             m.task = asyncio.create_task(self._load(m))
 
     def _release(self, m: _Model) -> None:
@@ -353,6 +356,8 @@ class ModelPool(Backend):
                 if backend is not None:
                     await backend.aclose()
                     await asyncio.to_thread(release_freed_memory)
+            except Exception as e:  # the model is gone either way; nobody awaits this
+                log.warning("closing model %r failed: %s", m.name, type(e).__name__)
             finally:
                 m.state, m.bytes, m.progress = "unloaded", 0, 0.0
                 m.unloads += 1
