@@ -30,6 +30,10 @@ Behaviour worth knowing (ADR 0005; the limits and their defaults: ADR 0010):
   JSON line back: status (starting / loading with progress / ready / draining),
   capabilities, accelerator, queue depth, limits, counters and latency percentiles
   (:mod:`inferd.serve.metrics`).
+* **Several models.** With ``[[model]]`` tables the daemon serves a
+  :class:`~inferd.serve.models_pool.ModelPool`: the request's ``model`` picks one,
+  loaded on first use and unloaded when idle; the admin status gains ``pool``
+  (docs/adr/0015-several-models-load-on-demand.md).
 """
 
 from __future__ import annotations
