@@ -22,7 +22,7 @@ from inferd.errors import InferdError
 from inferd.serve.config import BackendSpec, ConfigError, build_backend
 from inferd.types import Done, Request, Text, Thinking, ToolUse
 
-BACKENDS = ("llamacpp", "openai", "mock")
+BACKENDS = ("llamacpp", "openai", "anthropic", "mock")
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
@@ -49,9 +49,14 @@ def _add_run(sub: Any) -> None:
         "--model",
         default=None,
         help=f"model name or .gguf path (llamacpp, default {models.DEFAULT_MODEL}) "
-        "or upstream model id (openai)",
+        "or upstream model id (openai, anthropic)",
     )
-    run.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (openai)")
+    run.add_argument(
+        "--base-url",
+        default=None,
+        help="upstream base URL (openai: an OpenAI-compatible server; anthropic: a "
+        "Messages API server, default Anthropic's)",
+    )
     run.add_argument("--system", default=None, help="system message")
     run.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
     run.add_argument("--temperature", type=float, default=None, help="sampling temperature")
@@ -129,7 +134,7 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
     opts: dict[str, Any] = {}
     if args.backend == "mock":
         opts["tokens"] = ["This ", "is ", "the ", "mock ", "backend."]
-    elif args.backend == "openai":
+    elif args.backend in ("openai", "anthropic"):
         if args.base_url:
             opts["base_url"] = args.base_url
         if args.model:

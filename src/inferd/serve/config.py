@@ -26,6 +26,11 @@ Example (``~/.config/inferd/config.toml``)::
     model = "some-model"
     api_key_env = "UPSTREAM_API_KEY"   # the key itself never appears in this file
 
+    [[backend]]
+    type = "anthropic"         # Anthropic's Messages API (ADR 0014)
+    model = "claude-sonnet-4-5"
+    api_key_env = "ANTHROPIC_API_KEY"   # unset: INFERD_ANTHROPIC_API_KEY, ANTHROPIC_API_KEY
+
 Why keys only by environment-variable name: a config file gets copied, committed and
 pasted into bug reports; an environment variable name is safe in all three. So a key
 is refused wherever it would sit in the file: ``api_key``, a credential-like header
@@ -71,6 +76,7 @@ BACKEND_TYPES: dict[str, tuple[str, str]] = {
     "mock": ("inferd.backends.mock", "Mock"),
     "llamacpp": ("inferd.backends.llamacpp", "LlamaCpp"),
     "openai": ("inferd.backends.openai_compat", "OpenAICompat"),
+    "anthropic": ("inferd.backends.anthropic_compat", "AnthropicCompat"),
 }
 
 
