@@ -638,8 +638,14 @@ class LlamaCpp(Backend):
         parse_special: bool = True,
     ) -> list[int]:
         """Token ids as llama-server's ``/tokenize`` gives them: a list mixes text and ids,
-        and ``add_special`` applies to its first item only."""
+        and ``add_special`` applies to its first item only. Runs in a thread (a body may
+        hold megabytes of text; the vocabulary is read-only, safe beside decoding)."""
         self._check_open()
+        return await asyncio.to_thread(self._tokenize_mixed, content, add_special, parse_special)
+
+    def _tokenize_mixed(
+        self, content: str | list[str | int], add_special: bool, parse_special: bool
+    ) -> list[int]:
         m = self._model
         items = [content] if isinstance(content, str) else content
         out: list[int] = []
@@ -662,7 +668,11 @@ class LlamaCpp(Backend):
         """The bytes of each token, control tokens rendered (llama-server's pieces)."""
         self._check_open()
         m = self._model
-        return [m.token_to_piece(self._token_id(t), special=True) for t in tokens]
+
+        def pieces() -> list[bytes]:
+            return [m.token_to_piece(self._token_id(t), special=True) for t in tokens]
+
+        return await asyncio.to_thread(pieces)
 
     async def detokenize(self, tokens: list[int]) -> str:
         """The pieces of ``tokens`` joined (llama-server's ``/detokenize``)."""
