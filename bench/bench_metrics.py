@@ -89,6 +89,57 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     return {"tps": tps, "ratios": ratios, "tracing": tracing_mode}
 
 
+def _Instant(n: int) -> Any:
+    """A backend whose stream is ``n`` text events and a Done, produced at once."""
+    from inferd.backend import Backend
+    from inferd.types import Capabilities, Done, StopReason, Text, Usage
+
+    class Instant(Backend):
+        name = "instant"
+
+        def ready(self) -> bool:
+            return True
+
+        def capabilities(self) -> Capabilities:
+            return Capabilities()
+
+        async def generate(self, request: Any) -> Any:  # type: ignore[override]
+            ev = Text("x")
+            for _ in range(n):
+                yield ev
+            yield Done(StopReason.END_TURN, Usage(1, n, 0))
+
+    return Instant()
+
+
+async def _events_per_s(backend: Any, n: int) -> float:
+    from inferd.types import Request
+
+    req = Request.chat("hi", max_tokens=n)
+    t0 = time.perf_counter()
+    async for _ in backend.generate(req):
+        pass
+    return n / (time.perf_counter() - t0)
+
+
+async def wrapper_cost(events: int, rounds: int) -> tuple[float, float]:
+    """Nanoseconds the wrapper adds per event on a stream that costs nothing (no model:
+    the wrapper's own cost, which a decoded token of milliseconds dwarfs), median of
+    per-round differences."""
+    from inferd.serve.observed import ObservedBackend
+    from inferd.serve.prometheus import Telemetry
+
+    raw = _Instant(events)
+    on = ObservedBackend(raw, Telemetry(), tracer=_tracer()[0])
+    added, base = [], []
+    for _ in range(rounds):
+        off_eps = await _events_per_s(raw, events)
+        on_eps = await _events_per_s(on, events)
+        base.append(1e9 / off_eps)
+        added.append(1e9 / on_eps - 1e9 / off_eps)
+    return statistics.median(added), statistics.median(base)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
@@ -98,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.tokens = a.tokens or (32 if a.smoke else 256)
     a.rounds = a.rounds or (3 if a.smoke else 11)
+    added, base = asyncio.run(wrapper_cost(20_000 if a.smoke else 200_000, a.rounds))
+    print(f"wrapper cost: {added:+.0f} ns per event (an instant stream alone: {base:.0f} ns)")
     out = asyncio.run(run(a))
     med = {n: statistics.median(v) for n, v in out["tps"].items()}
     ratio = statistics.median(out["ratios"])
