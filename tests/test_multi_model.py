@@ -425,6 +425,24 @@ async def test_bridge_lists_models_serves_by_name_and_404s_unknown(two_smollm2: 
         err = e.value.body
         assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
         assert "'gpt-nope'" in err["message"] and "small" in err["message"]
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(
+                model="mock",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"keep_alive": "soon"},
+            )
+        assert "keep_alive='soon'" in bad.value.body["message"]
+        await client.chat.completions.create(  # Ollama's keep_alive: 0 unloads after the reply
+            model="mock", messages=[{"role": "user", "content": "hi"}], extra_body={"keep_alive": 0}
+        )
+        deadline = time.monotonic() + POLL_DEADLINE_S
+        while time.monotonic() < deadline:
+            listed = await client.models.list()
+            if {m.id: m.model_extra["state"] for m in listed.data}["mock"] == "unloaded":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("mock was not unloaded after a keep_alive=0 request")
     finally:
         await client.close()
 
