@@ -540,3 +540,16 @@ async def test_one_load_attempt_per_request_even_without_back_off(tmp_path: Path
             assert state(pool, "gone")["load_failures"] == attempt
     finally:
         await pool.aclose()
+
+
+async def test_embeddings_come_from_the_default_model_loaded_on_demand() -> None:
+    from inferd.types import EmbedRequest
+
+    pool = pool_of([mock("a", embed_dims=8), mock("b")])
+    try:
+        result = await pool.embed(EmbedRequest(("one", "two")))
+        assert len(result.embeddings) == 2 and result.dimensions == 8
+        assert state(pool, "a")["state"] == "loaded" and state(pool, "a")["streams"] == 0
+        assert state(pool, "b")["state"] == "unloaded"
+    finally:
+        await pool.aclose()
