@@ -174,6 +174,13 @@ def test_assistant_reasoning_goes_back_as_reasoning_content():
     dicts = template_messages(r.messages)
     assert dicts[1]["reasoning_content"] == "Need weather." and dicts[1]["content"] == ""
     assert "reasoning_content" not in dicts[0]
+    # rendered through a template that reads it (Qwen3's form), and one that does not
+    from inferd.backends.llamacpp.chat_template import ChatTemplate
+
+    reads = "{% for m in messages %}[{{ m.role }}:{{ m.reasoning_content or '' }}]{% endfor %}"
+    assert ChatTemplate(reads).render(r.messages) == "[user:][assistant:Need weather.][tool:]"
+    ignores = "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}"
+    assert ChatTemplate(ignores).render(r.messages) == "[user:q][assistant:][tool:r]"
 
 
 def test_each_tool_result_becomes_its_own_tool_message():

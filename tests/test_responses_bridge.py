@@ -241,3 +241,22 @@ async def test_max_output_tokens_gives_an_incomplete_response(streamed: bool) ->
     assert r.status == "incomplete"
     assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
     assert r.output_text == "ab"
+
+
+def test_a_thinking_signature_alone_writes_no_responses_event() -> None:
+    """Anthropic's signature arrives as Thinking("", signature=...): the Responses API
+    has no field for it, and an empty reasoning delta would be noise."""
+    from inferd.responses_wire import ResponsesStreamWriter
+    from inferd.types import Done, StopReason, Text, Thinking
+
+    w = ResponsesStreamWriter({"input": "hi"}, "m")
+    w.start()
+    assert w.write(Thinking("", signature="S1")) == b""
+    reasoning = w.write(Thinking("hmm"))
+    assert b"response.reasoning_summary_text.delta" in reasoning
+    assert w.write(Thinking("", signature="S1")) == b""
+    w.write(Text("ok"))
+    final = w.write(Done(StopReason.END_TURN))
+    done = json.loads(final.split(b"data: ")[-1])
+    kinds = [item["type"] for item in done["response"]["output"]]
+    assert kinds == ["reasoning", "message"]
