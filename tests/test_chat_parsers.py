@@ -550,3 +550,14 @@ def test_parser_for_opens_thinking_from_prompt() -> None:
     assert merge_events(p.feed("hm</think>ok") + p.finish()) == [Thinking("hm"), Text("ok")]
     p = parser_for(TEMPLATE_EXCERPTS["chatml"], "<|im_start|>assistant\n", tool_format="hermes")
     assert p.name == "hermes"
+
+
+def test_merge_events_keeps_a_signed_thinking_and_never_merges_into_it() -> None:
+    """An Anthropic signature closes its thinking block (ADR 0014): merging must keep it."""
+    signed = Thinking("", signature="sig")
+    events = [Thinking("a"), Thinking("b"), signed, Thinking("c"), Text("x"), Text("")]
+    assert merge_events(events) == [Thinking("ab"), signed, Thinking("c"), Text("x")]
+    assert merge_events([Thinking("a", signature="s1"), Thinking("b")]) == [
+        Thinking("a", signature="s1"),
+        Thinking("b"),
+    ]

@@ -82,14 +82,20 @@ def holdback(buf: str, sentinels: Iterable[str]) -> int:
 
 
 def merge_events(events: Iterable[Event]) -> list[Event]:
-    """Join adjacent Text (and adjacent Thinking) events; drop empty ones."""
+    """Join adjacent Text (and adjacent Thinking) events; drop empty ones.
+
+    A signed ``Thinking`` (Anthropic's signature, ADR 0014) closes its block: it is
+    kept even when empty and never merged into, so the signature survives.
+    """
     out: list[Event] = []
     for ev in events:
-        if isinstance(ev, (Text, Thinking)):
+        signed = isinstance(ev, Thinking) and ev.signature is not None
+        if isinstance(ev, (Text, Thinking)) and not signed:
             if not ev.text:
                 continue
-            if out and type(out[-1]) is type(ev):
-                out[-1] = type(ev)(out[-1].text + ev.text)  # type: ignore[union-attr]
+            prev = out[-1] if out else None
+            if type(prev) is type(ev) and getattr(prev, "signature", None) is None:
+                out[-1] = type(ev)(prev.text + ev.text)  # type: ignore[union-attr]
                 continue
         out.append(ev)
     return out
