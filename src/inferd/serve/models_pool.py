@@ -37,7 +37,29 @@ from inferd.backend import Backend
 from inferd.errors import InvalidRequest, ModelLoadError, NotReady
 from inferd.limits import echo
 from inferd.serve.config import BackendSpec, Config, ConfigError, ModelSpec, build_backend
+from inferd.serve.model_memory import estimate, kv_cache_bytes, release_freed_memory
+from inferd.serve.models_view import (
+    format_ps,
+    openai_model_list,
+    pool_view,
+    read_admin_status,
+    served_names,
+)
 from inferd.types import Capabilities, EmbedRequest, EmbedResult, Event, Request
+
+__all__ = [
+    "DEFAULT_KEEP_ALIVE_S",
+    "ModelNotFound",
+    "ModelPool",
+    "build_model",
+    "estimate",
+    "format_ps",
+    "kv_cache_bytes",
+    "openai_model_list",
+    "pool_view",
+    "read_admin_status",
+    "served_names",
+]
 
 log = logging.getLogger("inferd.serve.models")
 
@@ -49,8 +71,6 @@ DEFAULT_LOAD_RETRY_S = 10.0
 MAX_LOAD_RETRY_S = 300.0
 #: Longest the idle reaper sleeps between checks (it also wakes on every change).
 REAP_MAX_SLEEP_S = 1.0
-#: Bytes per KV cache element in the estimate (llama.cpp's default f16 cache).
-KV_BYTES_PER_ELEMENT = 2
 
 State = Literal["unloaded", "loading", "loaded", "unloading", "failed"]
 
@@ -459,157 +479,7 @@ class _Member(Backend):
             self._pool._release(self._m)
 
 
-# --------------------------------------------------------------------------- views
-
-#: Largest admin status line read back (``inferd ps``, the bridge's ``/v1/models``).
-MAX_ADMIN_REPLY_BYTES = 8 * 1024 * 1024
-#: Seconds to wait for the daemon's admin socket to answer.
-ADMIN_TIMEOUT_S = 5.0
-
-
-async def read_admin_status(admin: Path, timeout_s: float = ADMIN_TIMEOUT_S) -> dict[str, Any]:
-    """One status line from a daemon's admin socket (``OSError`` when nobody answers)."""
-    import orjson
-
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_unix_connection(admin, limit=MAX_ADMIN_REPLY_BYTES)
-        try:
-            writer.write(b'{"type":"status"}\n')
-            await writer.drain()
-            line = await reader.readline()
-        finally:
-            writer.close()
-    if not line:
-        raise ConnectionError(f"the daemon at {admin} closed the admin socket without a reply")
-    status = orjson.loads(line)
-    if not isinstance(status, dict):
-        raise ConnectionError(f"the daemon at {admin} sent a malformed status")
-    return status
-
-
-async def pool_view(backend: Backend) -> dict[str, Any] | None:
-    """``{"pool": ...}`` of an in-process pool or of the daemon behind a ``Client``;
-    ``{}`` when no pool serves (one fixed backend list); ``None`` when unknown (the
-    daemon does not answer)."""
-    status = getattr(backend, "pool_status", None)
-    if callable(status):
-        return {"pool": status()}
-    sock = getattr(backend, "socket_path", None)
-    if sock is None:
-        return {}
-    from inferd.serve.config import admin_socket_path
-
-    try:
-        got = await read_admin_status(admin_socket_path(Path(sock)))
-    except (OSError, TimeoutError, ValueError):
-        return None
-    pool = got.get("pool")
-    return {"pool": pool} if isinstance(pool, dict) else {}
-
-
-def served_names(pool: dict[str, Any]) -> list[str]:
-    """Names a request may use, from a :meth:`ModelPool.pool_status` dict."""
-    return [*(m["name"] for m in pool.get("models", ())), *pool.get("groups", {})]
-
-
-def openai_model_list(pool: dict[str, Any], created: int) -> list[dict[str, Any]]:
-    """``/v1/models`` entries: every model with its state, then the groups."""
-    out = [
-        {
-            "id": m["name"],
-            "object": "model",
-            "created": created,
-            "owned_by": "inferd",
-            "state": m["state"],
-        }
-        for m in pool.get("models", ())
-    ]
-    for name, members in pool.get("groups", {}).items():
-        out.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "inferd",
-                "state": "group",
-                "models": members,
-            }
-        )
-    return out
-
-
-def format_ps(status: dict[str, Any]) -> str:
-    """``inferd ps``: one line per model (name, state, memory, streams, idle), or the
-    fixed backends of a daemon without ``[[model]]`` tables."""
-    pool = status.get("pool")
-    if not isinstance(pool, dict):
-        names = ", ".join(str(b.get("name")) for b in status.get("backends") or ())
-        return f"no model pool (fixed backends: {names or '-'}; status {status.get('status')})"
-    lines = [f"{'NAME':24} {'STATE':10} {'MEMORY':>10} {'STREAMS':>7} {'IDLE':>8} UNTIL"]
-    for m in pool.get("models", ()):
-        idle = f"{m['idle_s']:.0f}s" if "idle_s" in m else "-"
-        if m.get("state") == "loading":
-            until = f"loading {100 * m.get('progress', 0):.0f}%"
-        elif "expires_in_s" in m:
-            until = f"unload in {m['expires_in_s']:.0f}s"
-        elif "retry_in_s" in m:
-            until = f"failed, retry in {m['retry_in_s']:.0f}s"
-        else:
-            until = "-"
-        mem = f"{m.get('bytes', 0) / 1e6:.1f} MB"
-        lines.append(
-            f"{m['name']:24} {m['state']:10} {mem:>10} {m.get('streams', 0):>7} {idle:>8} {until}"
-        )
-    budget = pool.get("max_loaded_bytes")
-    limit = f" of {budget / 1e6:.1f} MB" if budget else ""
-    lines.append(f"loaded: {pool.get('loaded_bytes', 0) / 1e6:.1f} MB{limit}")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- building
-
-
-def release_freed_memory() -> None:
-    """Give memory freed by an unload back to the OS (glibc's ``malloc_trim``).
-
-    glibc raises its mmap threshold each time a large mapped block is freed, so the KV
-    cache of a model loaded a second time comes from the heap and stays in the process
-    after ``free`` (measured: +66 MB per SmolLM2 pair on the second load/unload cycle);
-    trimming returns it, so idle memory goes back to its level before the load. A no-op
-    where libc has no ``malloc_trim`` (macOS, musl).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
-
-
-def estimate(spec: ModelSpec) -> tuple[Path | None, int]:
-    """Resolve ``spec.source`` (a store name, a path, ``hf://``) and estimate its memory.
-
-    Runs in a worker thread (a store name may be pulled). The estimate is the file size
-    plus the KV cache at the configured ``n_ctx`` from the GGUF header; ``memory_bytes``
-    in the config replaces it.
-    """
-    path: Path | None = None
-    if spec.source is not None:
-        from inferd import models
-
-        try:
-            path = models.resolve(spec.source)
-        except ModelLoadError as e:
-            raise ModelLoadError(f"model {spec.name!r}: {e.message}") from None
-    if spec.memory_bytes is not None:
-        return path, spec.memory_bytes
-    if path is None:
-        return None, 0
-    n_ctx = int(spec.backend.options.get("n_ctx", 4096))
-    return path, path.stat().st_size + kv_cache_bytes(path, n_ctx)
 
 
 def build_model(
@@ -625,56 +495,3 @@ def build_model(
         return build_backend(built, None, progress)
     except ConfigError as e:
         raise ModelLoadError(f"model {spec.name!r}: {e}") from None
-
-
-def kv_cache_bytes(path: Path, n_ctx: int) -> int:
-    """KV cache bytes at ``n_ctx`` from the GGUF metadata (0 when the header lacks it)."""
-    try:
-        meta = _metadata_ints(path)
-    except (ModelLoadError, OSError):
-        return 0
-    arch = meta.get("__arch__")
-    layers = meta.get(f"{arch}.block_count", 0)
-    heads = meta.get(f"{arch}.attention.head_count", 0)
-    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
-    embd = meta.get(f"{arch}.embedding_length", 0)
-    if not (layers and heads and embd):
-        return 0
-    head_dim_k = meta.get(f"{arch}.attention.key_length", embd // heads)
-    head_dim_v = meta.get(f"{arch}.attention.value_length", embd // heads)
-    per_token = layers * kv_heads * (head_dim_k + head_dim_v) * KV_BYTES_PER_ELEMENT
-    return int(n_ctx * per_token)
-
-
-#: GGUF metadata types read as integers for the estimate (u8 .. i64) and their format.
-_INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
-
-
-def _metadata_ints(path: Path) -> dict[str, Any]:
-    """Integer metadata and ``__arch__`` from the header, with :mod:`inferd.gguf`'s
-    bounds-checked reader (a corrupt header is a ``ModelLoadError``, caught above)."""
-    import mmap
-    import struct
-
-    from inferd import gguf
-
-    out: dict[str, Any] = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        r = gguf._Reader(mm, str(path))
-        if r.size < 24 or bytes(mm[:4]) != gguf.GGUF_MAGIC:
-            return out
-        r.pos = 8
-        r.u64("the tensor count")
-        for i in range(r.u64("the metadata count")):
-            key = r.string(f"metadata key #{i}", keep=True) or ""
-            vtype = r.u32(f"the type of {key!r}")
-            fmt = _INT_FORMATS.get(vtype)
-            if fmt is not None:
-                r.need(struct.calcsize(fmt), key)
-                (out[key],) = struct.unpack_from(fmt, mm, r.pos)
-                r.pos += struct.calcsize(fmt)
-            elif key == "general.architecture" and vtype == gguf._STRING:
-                out["__arch__"] = r.string(key, keep=True)
-            else:
-                gguf._skip_value(r, vtype, key)
-    return out
