@@ -133,3 +133,30 @@ async def test_outgoing_headers_carry_the_request_span(spans):
     span_id = format(req.context.span_id, "016x")
     assert inner.seen == [{"traceparent": f"00-{TRACE_ID}-{span_id}-01"}]
     assert tracing.outgoing_headers() == {}  # nothing leaks past the request
+
+
+async def test_openai_compat_sends_the_request_spans_traceparent_upstream(spans):
+    """Bridge (caller's traceparent) -> OpenAICompat -> a real HTTP upstream: the upstream
+    receives the inferd.request span's traceparent, so its spans join the caller's trace."""
+    from inferd.backends.openai_compat import OpenAICompat
+
+    from .upstream import QUIRKS, Stream, Upstream
+
+    up = await Upstream().start()
+    try:
+        base = up.script("trace", Stream(QUIRKS["plain"].pieces))
+        backend = OpenAICompat(base_url=base, model="m", api_key="k")
+        async with TestClient(TestServer(make_app(backend))) as tc:
+            r = await tc.post(
+                "/v1/chat/completions", json=body(True), headers={"traceparent": TRACEPARENT}
+            )
+            assert r.status == 200
+            await r.read()
+        await backend.aclose()
+    finally:
+        await up.stop()
+    (req,) = [s for s in spans.get_finished_spans() if s.name == "inferd.request"]
+    span_id = format(req.context.span_id, "016x")
+    (received,) = up.requests("trace")
+    sent = {k.lower(): v for k, v in received.headers.items()}
+    assert sent["traceparent"] == f"00-{TRACE_ID}-{span_id}-01"

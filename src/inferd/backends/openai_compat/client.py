@@ -38,6 +38,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from inferd import tracing
 from inferd.errors import (
     MAX_ERROR_BODY_BYTES,
     BackendUnavailable,
@@ -433,7 +434,7 @@ class HttpClient:
         """One request, following redirects by the rules in the module docstring."""
         target = url
         for _ in range(MAX_REDIRECTS + 1):
-            headers = {"Accept": accept}
+            headers = {"Accept": accept, **tracing.outgoing_headers()}  # ADR 0016
             if same_origin(url, target):
                 headers.update(self._credentials())
             resp = await self._send(target, payload, headers)
