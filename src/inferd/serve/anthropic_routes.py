@@ -15,27 +15,25 @@ it is an SSE ``error`` event, which the SDK raises.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
 
 from inferd import anthropic_wire as wire
-from inferd.backend import Backend, ended_without_done
+from inferd.backend import Backend
 from inferd.errors import InferdError, InvalidRequest
 from inferd.serve.bridge import (
     BACKEND_KEY,
     Handler,
-    _aclose,
     _body,
-    _client_left,
     _model,
+    complete_reply,
+    log_unexpected,
+    stream_reply,
 )
-from inferd.types import Event, Request, Response
+from inferd.types import Request
 
 log = logging.getLogger("inferd.bridge")
 
@@ -90,81 +88,19 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return _error(e)
     model = _model(request, body)
     if not stream:
-        return await _complete(request, req, model)
-    return await _stream(request, req, wire.MessageStreamWriter(model))
-
-
-async def _complete(request: web.Request, req: Request, model: str) -> web.Response:
-    stream = request.app[BACKEND_KEY].generate(req)
-    try:
-        events = [ev async for ev in stream]
-        message = wire.response_to_message(
-            Response.collect(events), model=model, id=wire.new_message_id()
+        return await complete_reply(
+            request,
+            req,
+            lambda r: wire.response_to_message(r, model=model, id=wire.new_message_id()),
+            _error,
         )
-    except asyncio.CancelledError as e:
-        _client_left(request, e)
-        raise
-    except Exception as e:
-        return _error(e)
-    finally:
-        await _aclose(stream)
-    return web.Response(body=orjson.dumps(message), content_type="application/json")
+    return await stream_reply(request, req, wire.MessageStreamWriter(model), _error_event, _error)
 
 
-async def _stream(
-    request: web.Request, req: Request, writer: wire.MessageStreamWriter
-) -> web.StreamResponse:
-    stream = request.app[BACKEND_KEY].generate(req)
-    resp: web.StreamResponse | None = None
-    try:
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            return _error(ended_without_done())
-        except Exception as e:
-            return _error(e)
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await resp.prepare(request)
-        await resp.write(writer.start())
-        await _pump(resp, writer, stream, first)
-        with contextlib.suppress(ConnectionError):
-            await resp.write_eof()
-        return resp
-    except (ConnectionError, asyncio.CancelledError) as e:
-        _client_left(request, e)
-        if isinstance(e, asyncio.CancelledError):
-            raise
-        assert resp is not None
-        return resp
-    finally:
-        await _aclose(stream)
-
-
-async def _pump(
-    resp: web.StreamResponse,
-    writer: wire.MessageStreamWriter,
-    stream: AsyncIterator[Event],
-    event: Event,
-) -> None:
-    """Events -> SSE, one write per event; a backend failure becomes an ``error`` event."""
-    try:
-        while True:
-            await resp.write(writer.write(event))
-            if writer.finished:
-                return
-            try:
-                event = await stream.__anext__()
-            except StopAsyncIteration:
-                raise ended_without_done() from None
-    except (ConnectionError, asyncio.CancelledError):
-        raise
-    except Exception as e:
-        body, _ = wire.error_for(e)
-        if not isinstance(e, InferdError):
-            log.error("stream failed with %s", type(e).__name__, exc_info=e)
-        await resp.write(wire.sse_event("error", body))
+def _error_event(exc: Exception) -> bytes:
+    """A failure after the 200: an SSE ``error`` event, which the SDK raises."""
+    log_unexpected(exc)
+    return wire.sse_event("error", wire.error_for(exc)[0])
 
 
 def count_prompt_tokens(backend: Backend, req: Request) -> int:

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -316,49 +316,85 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = _model(request, body)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if not body.get("stream"):
-        return await _complete(request, req, model, cid)
+        return await complete_reply(
+            request,
+            req,
+            lambda r: openai_wire.response_to_completion(r, model=model, id=cid),
+        )
     include_usage = bool(opts.get("include_usage"))
     writer = openai_wire.ChunkWriter(model, cid, include_usage=include_usage)
-    return await _stream(request, req, writer)
+    return await stream_reply(request, req, _FastChunks(writer), _chat_error_event)
 
 
-async def _complete(request: web.Request, req: Request, model: str, cid: str) -> web.Response:
-    """A non-streaming reply; a client that leaves cancels it (the handler is cancelled)."""
+class StreamWriter(Protocol):
+    """One API's SSE mapping: bytes after the 200, bytes per event, and when it is done."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def start(self) -> bytes: ...
+
+    def write(self, event: Event) -> bytes: ...
+
+
+#: An API's error reply for a failure before any byte of the reply was sent.
+ErrorReply = Callable[[BaseException], web.Response]
+
+
+def log_unexpected(exc: BaseException) -> None:
+    """A mid-stream failure that is not an inferd error keeps its traceback in the log."""
+    if not isinstance(exc, InferdError):
+        log.error("stream failed with %s", type(exc).__name__, exc_info=exc)
+
+
+async def complete_reply(
+    request: web.Request,
+    req: Request,
+    render: Callable[[Response], Any],
+    error: ErrorReply = _error,
+) -> web.Response:
+    """A non-streaming reply for any API (chat completions, Messages, Responses; ADR
+    0014): ``render`` maps the collected response to the API's JSON, ``error`` maps a
+    failure. A client that leaves cancels the generation (the handler is cancelled)."""
     stream = request.app[BACKEND_KEY].generate(req)
     try:
-        events = [ev async for ev in stream]
-        completion = openai_wire.response_to_completion(
-            Response.collect(events), model=model, id=cid
-        )
+        out = render(Response.collect([ev async for ev in stream]))
     except asyncio.CancelledError as e:
         _client_left(request, e)
         raise
     except Exception as e:
-        return _error(e)
+        return error(e)
     finally:
         await _aclose(stream)
-    return _json(completion)
+    return _json(out)
 
 
-async def _stream(
-    request: web.Request, req: Request, writer: openai_wire.ChunkWriter
+async def stream_reply(
+    request: web.Request,
+    req: Request,
+    writer: StreamWriter,
+    error_event: Callable[[Exception], bytes],
+    error: ErrorReply = _error,
 ) -> web.StreamResponse:
-    """A streamed reply. Errors before the first event keep their HTTP status; after it
-    they are an SSE error event. A client leaving stops the generation."""
+    """A streamed reply for any API (ADR 0014). Errors before the first event keep their
+    HTTP status (``error``); after it they are ``error_event``'s SSE bytes. A client
+    leaving stops the generation."""
     stream = request.app[BACKEND_KEY].generate(req)
     resp: web.StreamResponse | None = None
     try:
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
-            return _error(ended_without_done())
+            return error(ended_without_done())
         except Exception as e:
-            return _error(e)
+            return error(e)
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await resp.prepare(request)
-        await _pump(resp, writer, stream, first)
+        if head := writer.start():
+            await resp.write(head)
+        await _pump(resp, writer, stream, first, error_event)
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         return resp
@@ -374,19 +410,17 @@ async def _stream(
 
 async def _pump(
     resp: web.StreamResponse,
-    writer: openai_wire.ChunkWriter,
+    writer: StreamWriter,
     stream: AsyncIterator[Event],
     event: Event,
+    error_event: Callable[[Exception], bytes],
 ) -> None:
     """Events -> SSE, one write per event; a backend failure becomes an SSE error event."""
-    fast = _FastChunks(writer)
     try:
         while True:
-            data = fast.encode(event)
+            await resp.write(writer.write(event))
             if writer.finished:
-                await resp.write(data + openai_wire.SSE_DONE)
                 return
-            await resp.write(data)
             try:
                 event = await stream.__anext__()
             except StopAsyncIteration:
@@ -394,7 +428,11 @@ async def _pump(
     except (ConnectionError, asyncio.CancelledError):
         raise
     except Exception as e:
-        await resp.write(openai_wire.sse_encode(_error_body(e)))
+        await resp.write(error_event(e))
+
+
+def _chat_error_event(exc: Exception) -> bytes:
+    return openai_wire.sse_encode(_error_body(exc))
 
 
 class _FastChunks:
@@ -432,6 +470,19 @@ class _FastChunks:
             return prefix + orjson.dumps(event.text) + self._suffix
         self._started = True
         return b"".join(openai_wire.sse_encode(c) for c in self._writer.write(event))
+
+    @property
+    def finished(self) -> bool:
+        return self._writer.finished
+
+    def start(self) -> bytes:
+        """Nothing before the first event: the role rides on the first chunk."""
+        return b""
+
+    def write(self, event: Event) -> bytes:
+        """:meth:`encode`, with ``[DONE]`` in the same write once the reply is finished."""
+        data = self.encode(event)
+        return data + openai_wire.SSE_DONE if self._writer.finished else data
 
 
 async def embeddings(request: web.Request) -> web.Response:
