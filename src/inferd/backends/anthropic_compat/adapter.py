@@ -1,8 +1,9 @@
 """``AnthropicCompat``: the stream contract over Anthropic's ``/v1/messages``.
 
 Requests go out through :func:`inferd.anthropic_wire.request_to_anthropic`; the body
-comes back through :class:`.stream.MessagesStreamDecoder`. This module adds what the
-contract needs, as :class:`~inferd.backends.openai_compat.OpenAICompat` does: retries
+comes back through :class:`.stream.MessagesStreamDecoder`. What the contract needs
+comes from the base it shares with :class:`~inferd.backends.openai_compat.OpenAICompat`
+(:class:`inferd.backends.openai_compat._http_adapter.HttpAdapter`): retries
 before the first event only (an ``overloaded_error`` event before any output counts as
 a failed attempt), exactly one ``Done`` with timings, and closing the response the
 moment a caller leaves (docs/adr/0014-anthropic-messages-both-ways.md).
@@ -10,13 +11,10 @@ moment a caller leaves (docs/adr/0014-anthropic-messages-both-ways.md).
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import orjson
 
 from inferd.anthropic_wire import (
     ANTHROPIC_VERSION,
@@ -26,7 +24,8 @@ from inferd.anthropic_wire import (
     request_to_anthropic,
 )
 from inferd.backend import Backend
-from inferd.backends.openai_compat.adapter import _drained, _timeouts
+from inferd.backends.openai_compat._http_adapter import HttpAdapter, key_from_env
+from inferd.backends.openai_compat._http_adapter import client_timeouts as _timeouts
 from inferd.backends.openai_compat.client import (
     DEFAULT_BACKOFF_BASE_S,
     DEFAULT_BACKOFF_MAX_S,
@@ -37,24 +36,20 @@ from inferd.backends.openai_compat.client import (
     DEFAULT_MAX_RETRY_AFTER_S,
     DEFAULT_READ_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
-    WIRE_ERRORS,
     RetryPolicy,
     Secret,
-    connection_error,
     endpoint_url,
     url_basic_auth,
 )
-from inferd.errors import EmbedUnsupported, InvalidRequest, NotReady, redact_url
+from inferd.errors import EmbedUnsupported, InvalidRequest
 from inferd.sse import DEFAULT_MAX_EVENT_BYTES
 from inferd.types import (
     AcceleratorInfo,
     Capabilities,
-    Done,
     EmbedRequest,
     EmbedResult,
     Event,
     Request,
-    Timings,
 )
 
 from .client import API_KEY_ENV, DEFAULT_BASE_URL, AnthropicHttpClient
@@ -70,11 +65,7 @@ DEFAULT_MODEL = "claude-sonnet-4-5"
 
 
 def _key_from_env() -> str:
-    for name in API_KEY_ENV:
-        value = os.environ.get(name)
-        if value:
-            return value
-    return ""
+    return key_from_env(API_KEY_ENV)
 
 
 def _check_options(
@@ -92,7 +83,29 @@ def _check_options(
             raise InvalidRequest(f"{label}={v} must be >= 1024")
 
 
-class AnthropicCompat(Backend):
+class _MessagesBody:
+    """Events from one streamed Messages body, read batch by batch (ADR 0014)."""
+
+    __slots__ = ("_chunks", "decoder", "quiet_end")
+
+    def __init__(self, resp: aiohttp.ClientResponse, decoder: MessagesStreamDecoder) -> None:
+        self._chunks = resp.content.iter_any()
+        self.decoder = decoder
+        self.quiet_end = False  # the body's end is required: close() raises without it
+
+    @property
+    def finished(self) -> bool:
+        return self.decoder.finished
+
+    async def next_events(self) -> list[Event]:
+        try:
+            data = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return self.decoder.close()
+        return self.decoder.feed(data)
+
+
+class AnthropicCompat(HttpAdapter, Backend):
     """A backend that streams from an Anthropic Messages API ``/v1/messages``.
 
     ``api_key=None`` reads ``INFERD_ANTHROPIC_API_KEY`` then ``ANTHROPIC_API_KEY``; the
@@ -105,6 +118,9 @@ class AnthropicCompat(Backend):
     request (``anthropic-beta``, ...). Embeddings: the Messages API has none, so
     :meth:`embed` raises ``EmbedUnsupported`` and ``capabilities().embed`` is False.
     """
+
+    #: An ``error`` event before any output (``overloaded_error``) is a failed attempt.
+    _retry_on = (UpstreamStreamError,)
 
     def __init__(
         self,
@@ -171,27 +187,6 @@ class AnthropicCompat(Backend):
         )
         self._active = 0
 
-    def __repr__(self) -> str:
-        return (
-            f"<AnthropicCompat name={self.name!r} base_url={redact_url(self.base_url)!r} "
-            f"model={self.model!r} api_key={'set' if self._api_key else 'unset'} "
-            f"ready={self.ready()}>"
-        )
-
-    @property
-    def active(self) -> int:
-        """Responses currently open (0 once every stream has ended or been left)."""
-        return self._active
-
-    def ready(self) -> bool:
-        return not self._client.closed
-
-    def capabilities(self) -> Capabilities:
-        return self._caps
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
     def messages_body(self, request: Request) -> dict[str, Any]:
         """The exact JSON body :meth:`generate` sends for ``request``."""
         body = dict(self.extra_body)
@@ -206,92 +201,11 @@ class AnthropicCompat(Backend):
         body["stream"] = True
         return body
 
-    async def _open_stream(
-        self, payload: bytes
-    ) -> tuple[
-        aiohttp.ClientResponse,
-        MessagesStreamDecoder,
-        aiohttp.streams.AsyncStreamIterator[bytes],
-        list[Event],
-    ]:
-        """POST and read up to the first events, retrying per the client's policy while
-        nothing has been shown (connection failures, retryable ``error`` events)."""
-        url = self.messages_url
-        attempt = 0
-        while True:
-            resp, attempt = await self._client.post(
-                url, payload, accept="text/event-stream", attempt=attempt
-            )
-            decoder = MessagesStreamDecoder(*self._limits)
-            chunks = resp.content.iter_any()
-            try:
-                batch: list[Event] = []
-                while not batch:
-                    try:
-                        data = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        batch = decoder.close()
-                        break
-                    batch = decoder.feed(data)
-                return resp, decoder, chunks, batch
-            except WIRE_ERRORS as e:
-                resp.close()
-                err = connection_error(e, url, timeouts=self._client.timeout)
-                attempt = await self._client.wait_before_retry(err, attempt)
-            except UpstreamStreamError as e:
-                resp.close()
-                if not e.retryable:
-                    raise
-                attempt = await self._client.wait_before_retry(e, attempt)
-            except BaseException:
-                resp.close()
-                raise
+    def _stream_target(self, request: Request) -> tuple[str, dict[str, Any]]:
+        return self.messages_url, self.messages_body(request)
 
-    async def generate(self, request: Request) -> AsyncIterator[Event]:
-        """Stream the reply: retries before the first event only, then exactly one ``Done``."""
-        if self._client.closed:
-            raise NotReady(f"backend {self.name!r} is closed; create a new AnthropicCompat")
-        lacks = self._caps.covers(request)
-        if lacks is not None:
-            raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {lacks}")
-        payload = orjson.dumps(self.messages_body(request))
-        start = time.perf_counter()
-        count = 0
-        self._active += 1
-        resp: aiohttp.ClientResponse | None = None
-        try:
-            resp, decoder, chunks, batch = await self._open_stream(payload)
-            first = time.perf_counter()
-            while True:
-                for ev in batch:
-                    if isinstance(ev, Done):
-                        tokens = ev.usage.output_tokens or count
-                        yield ev.replace(
-                            timings=Timings.measure(start, first, time.perf_counter(), tokens),
-                            backend=self.name,
-                        )
-                        if await _drained(resp):
-                            resp.release()
-                            resp = None
-                        return
-                    count += 1
-                    yield ev
-                try:
-                    data = await chunks.__anext__()
-                except StopAsyncIteration:
-                    batch = decoder.close()
-                    continue
-                batch = decoder.feed(data)
-        except WIRE_ERRORS as e:
-            if resp is None:
-                raise
-            raise connection_error(
-                e, self.messages_url, timeouts=self._client.timeout, mid_stream=True
-            ) from None
-        finally:
-            if resp is not None:
-                resp.close()
-            self._active -= 1
+    def _event_source(self, resp: aiohttp.ClientResponse, url: str) -> _MessagesBody:
+        return _MessagesBody(resp, MessagesStreamDecoder(*self._limits))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """The Messages API has no embeddings."""

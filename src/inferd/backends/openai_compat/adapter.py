@@ -5,11 +5,12 @@ comes back goes through :class:`inferd.toolcalls.ChatStreamDecoder` (the fast SS
 tool-call accumulator), which turns upstream quirks (BOMs, CRLF, keep-alive comments,
 missing or shared tool-call indexes, usage in a ``choices: []`` chunk, no ``[DONE]``)
 into complete inferd events. This module only wires the two to HTTP
-(:mod:`.client`) and adds what the contract needs: retries before the first event
-only, exactly one ``Done`` with timings, and closing the response the moment a
-caller leaves. It also bounds what a hostile upstream can make the caller hold or wait
-for (:class:`StreamLimits`): tool-call arguments per call and per stream, and a short
-grace after the finish reason for an upstream that never ends the body
+(:mod:`.client`); what the contract needs on top (retries before the first event
+only, exactly one ``Done`` with timings, closing the response the moment a caller
+leaves) is :class:`._http_adapter.HttpAdapter`, shared with ``AnthropicCompat``.
+It also bounds what a hostile upstream can make the caller hold or wait for
+(:class:`StreamLimits`): tool-call arguments per call and per stream, and a short grace
+after the finish reason for an upstream that never ends the body
 (docs/adr/0012-openai-compat-bounds-hostile-upstreams.md).
 """
 
@@ -17,23 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 
 from inferd._fast._stream_common import DEFAULT_MAX_CALL_ARGS, DEFAULT_MAX_STREAM_ARGS
 from inferd.backend import Backend
+from inferd.backends.openai_compat._http_adapter import (
+    HttpAdapter,
+    key_from_env,
+)
+from inferd.backends.openai_compat._http_adapter import client_timeouts as _timeouts
 from inferd.errors import (
     BackendUnavailable,
     EmbedUnsupported,
-    InternalError,
     InvalidRequest,
-    NotReady,
     redact_url,
 )
 from inferd.openai_wire import (
@@ -51,7 +52,6 @@ from inferd.types import (
     Event,
     Request,
     StopReason,
-    Timings,
 )
 
 from .client import (
@@ -65,11 +65,9 @@ from .client import (
     DEFAULT_MAX_RETRY_AFTER_S,
     DEFAULT_READ_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
-    WIRE_ERRORS,
     HttpClient,
     RetryPolicy,
     Secret,
-    connection_error,
     endpoint_url,
     url_basic_auth,
 )
@@ -88,49 +86,12 @@ DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
 DEFAULT_DONE_GRACE_S = 1.0
 #: The same wait after ``finish_reason`` while the asked-for ``usage`` has not come.
 DEFAULT_USAGE_GRACE_S = 5.0
-#: After ``Done``, how long to wait for the end of the body so the connection can be
-#: reused, and how many trailing bytes to accept; past either, it is closed instead.
-POOL_DRAIN_TIMEOUT_S = 0.25
-POOL_DRAIN_MAX_BYTES = 64 * 1024
 #: Environment variables read for the API key, in order, when ``api_key`` is None.
 API_KEY_ENV = ("INFERD_OPENAI_API_KEY", "OPENAI_API_KEY")
 
 
 def _key_from_env() -> str:
-    for name in API_KEY_ENV:
-        value = os.environ.get(name)
-        if value:
-            return value
-    return ""
-
-
-def _timeouts(total: float, connect: float, read: float) -> aiohttp.ClientTimeout:
-    """The session's timeouts, each checked to be a positive number of seconds."""
-    for label, value in (("timeout", total), ("connect_timeout", connect), ("read_timeout", read)):
-        if not value > 0:
-            raise InvalidRequest(f"{label}={value!r} must be > 0 seconds")
-    return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=read)
-
-
-async def _drained(resp: aiohttp.ClientResponse) -> bool:
-    """True when the body is read to its end, waiting briefly for the last bytes.
-
-    After ``[DONE]`` only the chunked-encoding terminator is normally left. Reading it
-    lets the connection go back to the pool (no new TCP/TLS handshake for the next
-    request); a body that does not end promptly is closed instead.
-    """
-    if resp.content.at_eof():
-        return True
-    seen = 0
-    try:
-        async with asyncio.timeout(POOL_DRAIN_TIMEOUT_S):
-            while data := await resp.content.readany():
-                seen += len(data)
-                if seen > POOL_DRAIN_MAX_BYTES:
-                    return False
-    except (TimeoutError, *WIRE_ERRORS):
-        return False
-    return resp.content.at_eof()
+    return key_from_env(API_KEY_ENV)
 
 
 def _at_eof(decoder: ChatStreamDecoder, url: str) -> list[Event]:
@@ -209,6 +170,10 @@ class _Body:
             self._deadline = now + grace
         return self._deadline
 
+    @property
+    def finished(self) -> bool:
+        return self.decoder.finished
+
     async def next_events(self) -> list[Event]:
         deadline = self._grace_deadline()
         try:
@@ -241,7 +206,7 @@ class _Body:
             return None
 
 
-class OpenAICompat(Backend):
+class OpenAICompat(HttpAdapter, Backend):
     """A backend that streams from an OpenAI-compatible ``/v1/chat/completions``.
 
     ``api_key=None`` reads ``INFERD_OPENAI_API_KEY`` then ``OPENAI_API_KEY``; an empty
@@ -323,33 +288,6 @@ class OpenAICompat(Backend):
         )
         self._active = 0
 
-    # ------------------------------------------------------------------ status
-
-    def __repr__(self) -> str:
-        return (
-            f"<OpenAICompat name={self.name!r} base_url={redact_url(self.base_url)!r} "
-            f"model={self.model!r} api_key={'set' if self._api_key else 'unset'} "
-            f"ready={self.ready()}>"
-        )
-
-    @property
-    def active(self) -> int:
-        """Responses currently open (0 once every stream has ended or been left)."""
-        return self._active
-
-    def ready(self) -> bool:
-        return not self._client.closed
-
-    def capabilities(self) -> Capabilities:
-        return self._caps
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    def _check_open(self) -> None:
-        if self._client.closed:
-            raise NotReady(f"backend {self.name!r} is closed; create a new OpenAICompat")
-
     # ------------------------------------------------------------------ generate
 
     def chat_body(self, request: Request) -> dict[str, Any]:
@@ -362,79 +300,11 @@ class OpenAICompat(Backend):
         body["stream_options"] = {"include_usage": True}
         return body
 
-    async def _open_stream(
-        self, payload: bytes
-    ) -> tuple[aiohttp.ClientResponse, _Body, list[Event]]:
-        """Connect, retrying until the first events are in hand.
+    def _stream_target(self, request: Request) -> tuple[str, dict[str, Any]]:
+        return self.chat_url, self.chat_body(request)
 
-        Nothing has been shown to the caller yet, so another attempt cannot duplicate
-        output (docs/adr/0007-openai-compat-retries-and-connections.md). The caller owns
-        (and must close) the response returned.
-        """
-        url = self.chat_url
-        attempt = 0
-        while True:
-            resp, attempt = await self._client.post(
-                url, payload, accept="text/event-stream", attempt=attempt
-            )
-            body = _Body(resp, self.limits, url)
-            try:
-                batch: list[Event] = []
-                while not batch:  # the end of the body always gives events (or raises)
-                    batch = await body.next_events()
-                return resp, body, batch
-            except WIRE_ERRORS as e:
-                err = connection_error(e, url, timeouts=self._client.timeout)
-                resp.close()
-                attempt = await self._client.wait_before_retry(err, attempt)
-            except BaseException:
-                resp.close()
-                raise
-
-    async def generate(self, request: Request) -> AsyncIterator[Event]:
-        """Stream the reply: retries before the first event only, then exactly one ``Done``
-        (docs/adr/0007-openai-compat-retries-and-connections.md)."""
-        self._check_open()
-        lacks = self._caps.covers(request)
-        if lacks is not None:
-            raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {lacks}")
-        payload = orjson.dumps(self.chat_body(request))
-        start = time.perf_counter()
-        count = 0
-        self._active += 1
-        resp: aiohttp.ClientResponse | None = None
-        try:
-            resp, body, batch = await self._open_stream(payload)
-            first = time.perf_counter()  # any failure from here on is mid-stream
-            while True:
-                for ev in batch:
-                    if isinstance(ev, Done):
-                        tokens = ev.usage.output_tokens or count
-                        yield ev.replace(
-                            timings=Timings.measure(start, first, time.perf_counter(), tokens),
-                            backend=self.name,
-                        )
-                        if not body.quiet_end and await _drained(resp):
-                            resp.release()  # fully read: safe to reuse
-                            resp = None
-                        return
-                    count += 1
-                    yield ev
-                if body.decoder.finished:  # pragma: no cover - the decoder ends with Done
-                    raise InternalError("the stream decoder finished without a Done")
-                batch = await body.next_events()
-        except WIRE_ERRORS as e:
-            if resp is None:
-                raise
-            raise connection_error(
-                e, self.chat_url, timeouts=self._client.timeout, mid_stream=True
-            ) from None
-        finally:
-            # close(), not release(): a half-read connection must never be pooled
-            # (a fully read one was released above and is None here).
-            if resp is not None:
-                resp.close()
-            self._active -= 1
+    def _event_source(self, resp: aiohttp.ClientResponse, url: str) -> _Body:
+        return _Body(resp, self.limits, url)
 
     # ------------------------------------------------------------------ embed
 
