@@ -11,6 +11,7 @@ the key goes in ``x-api-key`` (never ``Authorization``), every request carries
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import aiohttp
 
@@ -18,9 +19,6 @@ from inferd.anthropic_wire import ANTHROPIC_VERSION
 from inferd.backends.openai_compat.client import (
     RETRY_STATUSES,
     HttpClient,
-    _Retryable,
-    parse_retry_after,
-    status_error,
 )
 from inferd.errors import BackendUnavailable, redact_url
 
@@ -37,6 +35,7 @@ class AnthropicHttpClient(HttpClient):
     """:class:`HttpClient` sending ``x-api-key`` and ``anthropic-version``."""
 
     version: str = ANTHROPIC_VERSION
+    retry_statuses: ClassVar[frozenset[int]] = ANTHROPIC_RETRY_STATUSES
 
     def _credentials(self) -> dict[str, str]:
         h = {"anthropic-version": self.version}
@@ -47,21 +46,14 @@ class AnthropicHttpClient(HttpClient):
         h.update(self.headers)
         return h
 
-    async def _checked(self, resp: aiohttp.ClientResponse, url: str) -> aiohttp.ClientResponse:
-        if 200 <= resp.status < 300:
-            return resp
-        try:
-            body = await self._read_error_body(resp)
-        finally:
-            resp.close()
+    def _status_error(self, resp: aiohttp.ClientResponse, body: str, url: str) -> Exception:
+        """A refused key names the variables to set; the rest is :class:`HttpClient`'s
+        mapping with 529 retried too (docs/adr/0014-anthropic-messages-both-ways.md)."""
         if resp.status in (401, 403):
-            raise BackendUnavailable(
+            return BackendUnavailable(
                 f"upstream {redact_url(url)} refused the API key (HTTP {resp.status}); set a "
                 "valid key with api_key= or " + " / ".join(API_KEY_ENV),
                 status=resp.status,
                 body=body,
             )
-        err = status_error(resp.status, body, url)
-        if resp.status in ANTHROPIC_RETRY_STATUSES and isinstance(err, BackendUnavailable):
-            raise _Retryable(err, parse_retry_after(resp.headers.get("Retry-After")))
-        raise err
+        return super()._status_error(resp, body, url)

@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
@@ -375,6 +375,8 @@ class HttpClient:
     follow_redirects: bool = DEFAULT_FOLLOW_REDIRECTS
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     _closed: bool = False
+    #: Statuses retried before the first event (a class setting, not a field).
+    retry_statuses: ClassVar[frozenset[int]] = RETRY_STATUSES
 
     def __repr__(self) -> str:
         return (
@@ -473,10 +475,16 @@ class HttpClient:
             body = await self._read_error_body(resp)
         finally:
             resp.close()
+        raise self._status_error(resp, body, url)
+
+    def _status_error(self, resp: aiohttp.ClientResponse, body: str, url: str) -> Exception:
+        """The error a non-2xx reply stands for, wrapped in ``_Retryable`` when its status
+        is in :attr:`retry_statuses` (docs/adr/0007-openai-compat-retries-and-connections.md);
+        the one place both HTTP clients decide this (``AnthropicHttpClient`` overrides)."""
         err = status_error(resp.status, body, url)
-        if resp.status in RETRY_STATUSES and isinstance(err, BackendUnavailable):
-            raise _Retryable(err, parse_retry_after(resp.headers.get("Retry-After")))
-        raise err
+        if resp.status in self.retry_statuses and isinstance(err, BackendUnavailable):
+            return _Retryable(err, parse_retry_after(resp.headers.get("Retry-After")))
+        return err
 
     async def post(
         self, url: str, payload: bytes, *, accept: str = "application/json", attempt: int = 0
