@@ -31,6 +31,7 @@ from inferd.serve.bridge import (
     _model,
     complete_reply,
     log_unexpected,
+    read_api_request,
     stream_reply,
 )
 from inferd.types import Request
@@ -79,11 +80,7 @@ async def anthropic_errors(request: web.Request, handler: Handler) -> web.Stream
 
 async def messages(request: web.Request) -> web.StreamResponse:
     try:
-        body = await _body(request)
-        req = wire.request_from_anthropic(body)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("stream must be true or false")
+        body, req, stream = await read_api_request(request, wire.request_from_anthropic)
     except InferdError as e:
         return _error(e)
     model = _model(request, body)

@@ -326,6 +326,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await stream_reply(request, req, _FastChunks(writer), _chat_error_event)
 
 
+async def read_api_request(
+    request: web.Request, to_request: Callable[[dict[str, Any]], Request]
+) -> tuple[dict[str, Any], Request, bool]:
+    """The body, its mapped request and its ``stream`` flag (a bool, else refused): the
+    prelude of the Messages and Responses endpoints
+    (docs/adr/0014-anthropic-messages-both-ways.md)."""
+    body = await _body(request)
+    req = to_request(body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream must be true or false")
+    return body, req, stream
+
+
 class StreamWriter(Protocol):
     """One API's SSE mapping: bytes after the 200, bytes per event, and when it is done."""
 

@@ -13,17 +13,20 @@ from aiohttp import web
 
 from inferd import openai_wire
 from inferd import responses_wire as wire
-from inferd.errors import InferdError, InvalidRequest
-from inferd.serve.bridge import _body, _error, _model, complete_reply, log_unexpected, stream_reply
+from inferd.errors import InferdError
+from inferd.serve.bridge import (
+    _error,
+    _model,
+    complete_reply,
+    log_unexpected,
+    read_api_request,
+    stream_reply,
+)
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     try:
-        body = await _body(request)
-        req = wire.request_from_responses(body)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("stream must be true or false")
+        body, req, stream = await read_api_request(request, wire.request_from_responses)
     except InferdError as e:
         return _error(e)
     model = _model(request, body)
