@@ -91,7 +91,9 @@ def test_a_wider_existing_store_is_tightened(home, tmp_path):
 )
 def test_pull_refuses_files_that_are_not_models(home, path, why):
     if not os.path.exists(path):
-        pytest.skip(f"{path} does not exist on this machine")
+        from tests.conftest import missing
+
+        missing(f"{path} on this machine")
     with pytest.raises(ModelLoadError, match=why):
         models.pull(path)
     assert [n for n in _store_files(home) if n != "names.lock"] == []
