@@ -25,6 +25,7 @@ import orjson
 
 from inferd.errors import InferdError, InvalidRequest
 from inferd.limits import check_depth, echo
+from inferd.request_fields import refuse_unhonoured
 from inferd.types import (
     MAX_MESSAGES,
     MAX_TOOLS,
@@ -191,12 +192,13 @@ def _tool_choice_out(tc: ToolChoice) -> dict[str, Any]:
     return {"type": {"auto": "auto", "required": "any", "none": "none"}[tc.kind]}
 
 
+#: Reply-changing Request fields the Messages API can carry; any other set field is
+#: refused by the one rule in inferd.request_fields (docs/adr/0021-*.md).
+ANTHROPIC_HONOURED: frozenset[str] = frozenset({"temperature", "top_p", "top_k", "response_format"})
+
+
 def _refuse_unmappable(request: Request) -> None:
-    for name in ("min_p", "seed"):
-        if getattr(request, name) is not None:
-            raise InvalidRequest(f"{name} is not supported by the Anthropic Messages API")
-    if request.ignore_eos:
-        raise InvalidRequest("ignore_eos is not supported by the Anthropic Messages API")
+    refuse_unhonoured(request, "the Anthropic Messages API", ANTHROPIC_HONOURED)
     rf = request.response_format
     if rf is not None and rf.get("type") != "text":
         raise InvalidRequest(

@@ -37,6 +37,7 @@ from inferd.errors import (
     QueueFull,
 )
 from inferd.limits import check_depth, echo
+from inferd.request_fields import refuse_unhonoured
 from inferd.types import (
     MAX_MESSAGES,
     MAX_TOOLS,
@@ -276,6 +277,13 @@ def _tool_choice_out(tc: ToolChoice) -> str | dict[str, Any]:
     return tc.kind
 
 
+#: Reply-changing Request fields :func:`request_to_openai` sends upstream; any other set
+#: field is refused by the one rule in inferd.request_fields (docs/adr/0021-*.md).
+OPENAI_HONOURED: frozenset[str] = frozenset(
+    {"temperature", "top_p", "top_k", "min_p", "seed", "response_format", "ignore_eos"}
+)
+
+
 def request_to_openai(
     request: Request, *, model: str | None = None, vision: bool = True
 ) -> dict[str, Any]:
@@ -291,6 +299,7 @@ def request_to_openai(
     ``vision=False`` turns any image into an :class:`InvalidRequest` instead of a
     confusing upstream 400 later.
     """
+    refuse_unhonoured(request, "openai-compatible upstream", OPENAI_HONOURED)
     body: dict[str, Any] = {}
     name = model if model is not None else request.model
     if name is not None:

@@ -93,6 +93,24 @@ MAX_RERANK_DOCUMENTS = 1024
 #: Longest ``keep_alive`` a request may ask for (30 days); a negative one means "keep
 #: the model loaded until the daemon stops", as in Ollama.
 MAX_KEEP_ALIVE_S = 30 * 24 * 3600.0
+#: Most choices one request may ask for (``n``; docs/adr/0022-n-choices-and-logprobs.md).
+MAX_CHOICES = 16
+#: Most alternatives per token in ``top_logprobs`` (OpenAI's own limit).
+MAX_TOP_LOGPROBS = 20
+#: Most entries in ``logit_bias``; a bias must lie in [-100, 100] (OpenAI's range, -100
+#: bans the token; docs/adr/0021-per-request-sampling-chain.md).
+MAX_LOGIT_BIAS = 1024
+LOGIT_BIAS_RANGE = 100.0
+#: Most DRY sequence breakers, each at most MAX_STOP_CHARS characters.
+MAX_DRY_BREAKERS = 64
+#: Penalty bounds: OpenAI's [-2, 2] for presence/frequency; llama.cpp's repeat penalty is
+#: a divisor (> 0, 1 disables) and its windows count tokens (-1: the whole context).
+MAX_REPEAT_PENALTY = 100.0
+MAX_PENALTY_WINDOW = 1 << 20
+#: Longest ``affinity_key`` a request may carry (a Router hashes it; docs/adr/0020-*).
+MAX_AFFINITY_KEY_CHARS = 256
+#: ``reasoning_effort`` values (OpenAI's; docs/adr/0025-raw-completions-and-reasoning.md).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 #: Ollama-style duration units accepted in a ``keep_alive`` string ("90s", "5m", "1h").
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -603,9 +621,44 @@ class Request:
     #: ``None``: the model's default, negative: until the daemon stops). Only a daemon
     #: that loads models on demand uses it (docs/adr/0015-several-models-load-on-demand.md).
     keep_alive: float | None = None
+    # -- issue 15: the rest of the Chat Completions surface. ``None`` leaves the
+    # backend's default; a backend that cannot honour a set field refuses it through
+    # inferd.request_fields (one rule for every backend).
+    typical_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: tuple[str, ...] | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    #: token id -> bias added to its logit, in [-100, 100]; -100 bans the token.
+    logit_bias: Mapping[int, float] | None = None
+    #: how many choices to generate (each with its own ``index`` on events).
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    #: False: at most one tool call per reply.
+    parallel_tool_calls: bool = True
+    #: emit ToolUseDelta events while a call's arguments are generated.
+    stream_tool_arguments: bool = False
+    reasoning_effort: str | None = None
+    #: routes a conversation to the same replica (inferd.router); never changes a reply.
+    affinity_key: str | None = None
 
     def __post_init__(self) -> None:
         _freeze(self, "messages", _seq(self.messages, "messages"))
+        _freeze(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.dry_sequence_breakers is not None:
+            _freeze(
+                self,
+                "dry_sequence_breakers",
+                _seq(self.dry_sequence_breakers, "dry_sequence_breakers", one=str),
+            )
         _freeze(self, "keep_alive", parse_keep_alive(self.keep_alive))
         _freeze(self, "tools", _seq(self.tools, "tools"))
         _freeze(self, "stop", _seq(self.stop, "stop", one=str))
@@ -669,6 +722,57 @@ class Request:
                     "{'type': 'json_object'} or {'type': 'text'}"
                 )
         self._validate_attachments()
+        self._validate_surface()
+
+    def _validate_surface(self) -> None:
+        """The issue-15 fields: ranges, types and the limits named above."""
+        _check_range("typical_p", self.typical_p, 0.0, 1.0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(name, getattr(self, name), -2.0, 2.0)
+        _check_range("repeat_penalty", self.repeat_penalty, 0.0, MAX_REPEAT_PENALTY)
+        if self.repeat_penalty is not None and self.repeat_penalty <= 0:
+            raise InvalidRequest("repeat_penalty must be > 0 (1.0 disables it)")
+        for name in ("repeat_last_n", "dry_penalty_last_n"):
+            _check_range(name, getattr(self, name), -1, MAX_PENALTY_WINDOW, "MAX_PENALTY_WINDOW")
+        _check_range("dry_multiplier", self.dry_multiplier, 0.0, MAX_REPEAT_PENALTY)
+        _check_range("dry_base", self.dry_base, 1.0, MAX_REPEAT_PENALTY)
+        _check_range("dry_allowed_length", self.dry_allowed_length, 0, MAX_PENALTY_WINDOW)
+        _check_range("xtc_probability", self.xtc_probability, 0.0, 1.0)
+        _check_range("xtc_threshold", self.xtc_threshold, 0.0, 1.0)
+        _check_range("n", self.n, 1, MAX_CHOICES, "MAX_CHOICES")
+        _check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS, "MAX_TOP_LOGPROBS")
+        for name in ("repeat_last_n", "dry_allowed_length", "dry_penalty_last_n", "n"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise InvalidRequest(f"{name} must be an integer, got {echo(v)}")
+        if self.top_logprobs is not None:
+            if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int):
+                raise InvalidRequest(
+                    f"top_logprobs must be an integer, got {echo(self.top_logprobs)}"
+                )
+            if not self.logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs=true")
+        for name in ("logprobs", "parallel_tool_calls", "stream_tool_arguments"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false")
+        breakers = self.dry_sequence_breakers or ()
+        _check_count("dry_sequence_breakers", len(breakers), MAX_DRY_BREAKERS, "MAX_DRY_BREAKERS")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in breakers):
+            raise InvalidRequest(
+                f"dry_sequence_breakers must be non-empty strings of at most {MAX_STOP_CHARS} "
+                "characters (MAX_STOP_CHARS)"
+            )
+        if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
+            raise InvalidRequest(
+                f"reasoning_effort={echo(self.reasoning_effort)} is not one of "
+                f"{', '.join(REASONING_EFFORTS)}"
+            )
+        key = self.affinity_key
+        if key is not None and (not isinstance(key, str) or len(key) > MAX_AFFINITY_KEY_CHARS):
+            raise InvalidRequest(
+                f"affinity_key must be a string of at most {MAX_AFFINITY_KEY_CHARS} characters "
+                "(MAX_AFFINITY_KEY_CHARS)"
+            )
 
     def _validate_tools(self) -> set[str]:
         names: set[str] = set()
@@ -762,10 +866,18 @@ class Request:
             "response_format",
             "model",
             "keep_alive",
+            *_SURFACE_OPTIONAL,
         ):
             v = getattr(self, name)
             if v is not None:
                 d[name] = v
+        if self.dry_sequence_breakers is not None:
+            d["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
+        if self.logit_bias is not None:  # JSON object keys are strings
+            d["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
+        for name, default in _SURFACE_DEFAULTS.items():
+            if getattr(self, name) != default:
+                d[name] = getattr(self, name)
         if self.thinking:
             d["thinking"] = True
         if self.ignore_eos:
@@ -818,7 +930,73 @@ class Request:
             ignore_eos=d.get("ignore_eos", False),
             model=d.get("model"),
             keep_alive=d.get("keep_alive"),
+            dry_sequence_breakers=d.get("dry_sequence_breakers"),
+            logit_bias=d.get("logit_bias"),
+            **{name: d.get(name) for name in _SURFACE_OPTIONAL},
+            **{name: d.get(name, default) for name, default in _SURFACE_DEFAULTS.items()},
         )
+
+
+#: issue-15 fields written to / read from dicts as they are (None: unset) ...
+_SURFACE_OPTIONAL = (
+    "typical_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "repeat_last_n",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_penalty_last_n",
+    "xtc_probability",
+    "xtc_threshold",
+    "top_logprobs",
+    "reasoning_effort",
+    "affinity_key",
+)
+#: ... and those with a non-None default, written only when they differ from it.
+_SURFACE_DEFAULTS: dict[str, Any] = {
+    "n": 1,
+    "logprobs": False,
+    "parallel_tool_calls": True,
+    "stream_tool_arguments": False,
+}
+
+
+def _logit_bias(value: Any) -> Mapping[int, float] | None:
+    """A ``logit_bias`` as a read-only {token id: bias}: keys may be ints or decimal
+    strings (JSON object keys are strings, as OpenAI clients send them)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidRequest("logit_bias must be an object mapping token ids to numbers")
+    _check_count("logit_bias entries", len(value), MAX_LOGIT_BIAS, "MAX_LOGIT_BIAS")
+    out: dict[int, float] = {}
+    for k, v in value.items():
+        if isinstance(k, bool) or not isinstance(k, (int, str)):
+            raise InvalidRequest(f"logit_bias key {echo(k)} is not a token id")
+        try:
+            tok = int(k)
+        except ValueError:
+            raise InvalidRequest(f"logit_bias key {echo(k)} is not a token id") from None
+        if tok < 0:
+            raise InvalidRequest(f"logit_bias key {echo(k)} is not a token id (negative)")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidRequest(f"logit_bias[{tok}] must be a number, got {echo(v)}")
+        _check_range(f"logit_bias[{tok}]", v, -LOGIT_BIAS_RANGE, LOGIT_BIAS_RANGE)
+        out[tok] = float(v)
+    return _ReadOnlyBias(out)
+
+
+class _ReadOnlyBias(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes, so a frozen Request stays frozen."""
+
+    __slots__ = ()
+
+    def _refuse(self, *a: Any, **k: Any) -> None:
+        raise TypeError("Request.logit_bias is read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
 
 
 def _check_count(what: str, n: int, limit: int, name: str) -> None:

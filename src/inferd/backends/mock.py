@@ -19,6 +19,7 @@ import orjson
 from inferd.backend import Backend
 from inferd.errors import BackendUnavailable, InvalidRequest, NotReady
 from inferd.limits import echo
+from inferd.request_fields import ALL_REPLY_FIELDS, refuse_unhonoured
 from inferd.types import (
     AcceleratorInfo,
     Capabilities,
@@ -39,6 +40,10 @@ PreStreamError = Literal["not_ready", "invalid_request", "unavailable"]
 
 #: Embedding width when ``embed_dims`` is not given.
 DEFAULT_EMBED_DIMS = 8
+#: A scripted reply ignores sampling, so sampling fields are accepted; what would change
+#: the shape of the reply (several choices, logprobs) is refused by the one rule
+#: (inferd.request_fields) until the script can produce it.
+MOCK_HONOURED: frozenset[str] = ALL_REPLY_FIELDS - {"n", "logprobs", "top_logprobs"}
 
 _ids = itertools.count(1)
 
@@ -125,6 +130,7 @@ class Mock(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
         self._check_pre_stream()
+        refuse_unhonoured(request, self.name, MOCK_HONOURED)
         self.requests.append(request)
         self.active += 1
         try:

@@ -55,6 +55,7 @@ from inferd.errors import (
     NotReady,
 )
 from inferd.limits import echo
+from inferd.request_fields import refuse_unhonoured
 from inferd.types import (
     AcceleratorInfo,
     Capabilities,
@@ -75,6 +76,11 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95
 DEFAULT_MIN_P = 0.05
+#: Reply-changing Request fields LlamaCpp honours; any other set field is refused by
+#: the one rule in inferd.request_fields (docs/adr/0021-per-request-sampling-chain.md).
+LLAMACPP_HONOURED: frozenset[str] = frozenset(
+    {"temperature", "top_p", "top_k", "min_p", "seed", "response_format", "ignore_eos"}
+)
 #: A chat template that mentions one of these can put the model into a reasoning block.
 _THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
 #: ``<arch>.pooling_type`` values of embedding models (llama.cpp's mean, cls, last).
@@ -523,6 +529,7 @@ class LlamaCpp(Backend):
         reason = self.capabilities().covers(request)
         if reason is not None:
             raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {reason}")
+        refuse_unhonoured(request, self.name, LLAMACPP_HONOURED)
         plan = self.plan(request)
         prompt = self.render(request, plan)
         factory = self.options.output_parser
