@@ -111,6 +111,11 @@ MAX_PENALTY_WINDOW = 1 << 20
 MAX_AFFINITY_KEY_CHARS = 256
 #: ``reasoning_effort`` values (OpenAI's; docs/adr/0025-raw-completions-and-reasoning.md).
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+#: The levels that turn reasoning off: a ``Request`` with one has ``thinking=False``,
+#: with any other level ``thinking=True`` (docs/adr/0025-raw-completions-and-reasoning.md).
+REASONING_OFF = ("none", "minimal")
+#: Longest raw-completion ``prompt`` (characters); frames bound it further.
+MAX_PROMPT_CHARS = 16 * 1024 * 1024
 #: Ollama-style duration units accepted in a ``keep_alive`` string ("90s", "5m", "1h").
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -649,9 +654,13 @@ class Request:
     reasoning_effort: str | None = None
     #: routes a conversation to the same replica (inferd.router); never changes a reply.
     affinity_key: str | None = None
+    #: a raw completion: this text is the whole prompt, no chat template, ``messages``
+    #: empty (:meth:`completion`; docs/adr/0025-raw-completions-and-reasoning.md).
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         _freeze(self, "messages", _seq(self.messages, "messages"))
+        _freeze(self, "thinking", _effort_thinking(self.thinking, self.reasoning_effort))
         _freeze(self, "logit_bias", _logit_bias(self.logit_bias))
         if self.dry_sequence_breakers is not None:
             _freeze(
@@ -667,7 +676,9 @@ class Request:
         self._validate()
 
     def _validate(self) -> None:
-        if not self.messages:
+        if self.prompt is not None:
+            self._validate_prompt()
+        elif not self.messages:
             raise InvalidRequest("messages is empty: a request needs at least one message")
         _check_count("messages", len(self.messages), MAX_MESSAGES, "MAX_MESSAGES")
         _check_count("tools", len(self.tools), MAX_TOOLS, "MAX_TOOLS")
@@ -774,6 +785,35 @@ class Request:
                 "(MAX_AFFINITY_KEY_CHARS)"
             )
 
+    def _validate_prompt(self) -> None:
+        """A raw completion carries its whole prompt as text: nothing a chat template
+        would render can come with it (docs/adr/0025-raw-completions-and-reasoning.md)."""
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise InvalidRequest(
+                f"prompt must be a non-empty string, got {echo(self.prompt)}"
+                if not isinstance(self.prompt, str)
+                else "prompt is empty: a raw completion needs some text"
+            )
+        _check_count("characters in prompt", len(self.prompt), MAX_PROMPT_CHARS, "MAX_PROMPT_CHARS")
+        clash = [
+            name
+            for name, given in (
+                ("messages", bool(self.messages)),
+                ("tools", bool(self.tools)),
+                ("tool_choice", self.tool_choice is not None),
+                ("response_format", self.response_format is not None),
+                ("attachments", bool(self.attachments)),
+                ("reasoning_effort", self.reasoning_effort is not None),
+                ("thinking", self.thinking),
+            )
+            if given
+        ]
+        if clash:
+            raise InvalidRequest(
+                f"a raw completion (prompt=...) takes no {', '.join(clash)}: there is no chat "
+                "template to render them; send a chat request (messages=...) instead"
+            )
+
     def _validate_tools(self) -> set[str]:
         names: set[str] = set()
         for t in self.tools:
@@ -821,6 +861,13 @@ class Request:
         msgs = [Message.system(system)] if system else []
         msgs.append(Message.user(prompt))
         return cls(tuple(msgs), **kw)
+
+    @classmethod
+    def completion(cls, prompt: str, **kw: Any) -> Request:
+        """A raw completion: ``prompt`` is fed to the model as it is, without a chat
+        template (the legacy ``/v1/completions``; docs/adr/0025-raw-completions-and-reasoning.md).
+        """
+        return cls((), prompt=prompt, **kw)
 
     def attachment(self, ref: str) -> Attachment:
         for a in self.attachments:
@@ -882,6 +929,8 @@ class Request:
             d["thinking"] = True
         if self.ignore_eos:
             d["ignore_eos"] = True
+        if self.prompt is not None:
+            d["prompt"] = self.prompt
         return d
 
     @classmethod
@@ -892,7 +941,8 @@ class Request:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise InvalidRequest(f"unknown request field(s): {echo(sorted(unknown))}")
-        msgs = _seq(d.get("messages"), "request.messages")
+        raw = d.get("messages")
+        msgs = () if raw is None and d.get("prompt") is not None else _seq(raw, "request.messages")
         _check_count("messages", len(msgs), MAX_MESSAGES, "MAX_MESSAGES")
         tools = _seq(d.get("tools") or (), "request.tools")
         _check_count("tools", len(tools), MAX_TOOLS, "MAX_TOOLS")
@@ -934,7 +984,23 @@ class Request:
             logit_bias=d.get("logit_bias"),
             **{name: d.get(name) for name in _SURFACE_OPTIONAL},
             **{name: d.get(name, default) for name, default in _SURFACE_DEFAULTS.items()},
+            prompt=d.get("prompt"),
         )
+
+
+def _effort_thinking(thinking: Any, effort: Any) -> Any:
+    """``thinking`` made consistent with ``reasoning_effort``: a level decides it (none and
+    minimal: off; low, medium, high: on), and ``thinking=True`` with none/minimal is a
+    contradiction, refused (docs/adr/0025-raw-completions-and-reasoning.md)."""
+    if effort not in REASONING_EFFORTS:
+        return thinking  # unset (or refused by _validate_surface)
+    on = effort not in REASONING_OFF
+    if thinking is True and not on:
+        raise InvalidRequest(
+            f"thinking=True contradicts reasoning_effort={echo(effort)}; "
+            "leave thinking unset or pick low, medium or high"
+        )
+    return on
 
 
 #: issue-15 fields written to / read from dicts as they are (None: unset) ...
@@ -1082,14 +1148,135 @@ class Timings:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Text:
-    """A piece of the reply's visible text."""
+#: Most bytes one token's ``TokenLogprob.bytes`` may hold (llama.cpp pieces are short).
+MAX_TOKEN_BYTES = 256
+#: Most ``TokenLogprob`` entries one event read from a dict may carry.
+MAX_EVENT_LOGPROBS = 65_536
 
-    text: str
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives.
+
+    ``bytes`` are the token's UTF-8 bytes (a character may span tokens, so ``token`` may
+    hold a replacement character); ``top`` is ``(token, bytes, logprob)`` sorted by
+    descending logprob. Carried on ``Text``/``Thinking``/``ToolUse`` events only when a
+    request asks for ``logprobs`` (docs/adr/0022-n-choices-and-logprobs.md).
+    """
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[tuple[str, tuple[int, ...], float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "text", "text": self.text}
+        """OpenAI's ``logprobs.content[]`` entry."""
+        return {
+            "token": self.token,
+            "logprob": self.logprob,
+            "bytes": list(self.bytes),
+            "top_logprobs": [
+                {"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in self.top
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "logprob") -> TokenLogprob:
+        """Inverse of :meth:`to_dict` (also reads OpenAI's entries), for untrusted JSON."""
+        d = _obj(d, where)
+        top = _seq(d.get("top_logprobs") or (), f"{where}.top_logprobs")
+        _check_count(f"{where}.top_logprobs", len(top), MAX_TOP_LOGPROBS, "MAX_TOP_LOGPROBS")
+        alts = []
+        for i, t in enumerate(top):
+            t = _obj(t, f"{where}.top_logprobs[{i}]")
+            alts.append((_lp_token(t, where), _lp_bytes(t, where), _lp_value(t, where)))
+        return cls(_lp_token(d, where), _lp_bytes(d, where), _lp_value(d, where), tuple(alts))
+
+
+def _lp_token(d: Mapping[str, Any], where: str) -> str:
+    tok = d.get("token")
+    if not isinstance(tok, str):
+        raise InvalidRequest(f"{where}.token must be a string, got {echo(tok)}")
+    return tok
+
+
+def _lp_bytes(d: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    raw = d.get("bytes")
+    if raw is None:  # OpenAI may send null; the token's own UTF-8 then
+        return tuple(_lp_token(d, where).encode())
+    if not isinstance(raw, (list, tuple)) or len(raw) > MAX_TOKEN_BYTES:
+        raise InvalidRequest(f"{where}.bytes must be a list of at most {MAX_TOKEN_BYTES} bytes")
+    if any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < 256 for b in raw):
+        raise InvalidRequest(f"{where}.bytes must hold integers 0..255")
+    return tuple(raw)
+
+
+def _lp_value(d: Mapping[str, Any], where: str) -> float:
+    v = d.get("logprob")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidRequest(f"{where}.logprob must be a number, got {echo(v)}")
+    return float(v)
+
+
+def _logprobs_dict(d: dict[str, Any], index: int, logprobs: tuple[TokenLogprob, ...]) -> None:
+    """Add ``index`` and ``logprobs`` to an event dict only when set: old frames stay valid."""
+    if index:
+        d["index"] = index
+    if logprobs:
+        d["logprobs"] = [lp.to_dict() for lp in logprobs]
+
+
+def _event_extras(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The optional ``index``/``logprobs`` of an event dict (validated)."""
+    out: dict[str, Any] = {}
+    index = d.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_CHOICES:
+        raise InvalidRequest(f"{where}.index must be an integer 0..{MAX_CHOICES - 1}")
+    if index:
+        out["index"] = index
+    lps = d.get("logprobs")
+    if lps:
+        seq = _seq(lps, f"{where}.logprobs")
+        _check_count(f"{where}.logprobs", len(seq), MAX_EVENT_LOGPROBS, "MAX_EVENT_LOGPROBS")
+        out["logprobs"] = tuple(
+            TokenLogprob.from_dict(x, f"{where}.logprobs[{i}]") for i, x in enumerate(seq)
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A piece of the reply's visible text.
+
+    ``index`` is the choice it belongs to (``Request.n``); ``logprobs`` the tokens this
+    piece came from, when the request asked for them
+    (docs/adr/0022-n-choices-and-logprobs.md).
+    """
+
+    text: str
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        # The compiled chunk decoder (_fast/_chunks_c.pyx) builds Text events without
+        # __init__ and sets only ``text``; an unset slot reads as its default.
+        if name == "index":
+            return 0
+        if name == "logprobs":
+            return ()
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        extra = f", index={self.index}" if self.index else ""
+        if self.logprobs:
+            extra += f", logprobs=<{len(self.logprobs)} tokens>"
+        return f"Text(text={self.text!r}{extra})"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": "text", "text": self.text}
+        if self.index or self.logprobs:
+            _logprobs_dict(d, self.index, self.logprobs)
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -1104,22 +1291,35 @@ class Thinking:
 
     text: str
     signature: str | None = None
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     def __getattr__(self, name: str) -> Any:
         # The compiled chunk decoder (_fast/_chunks_c.pyx) builds Thinking events
         # without __init__ and sets only ``text``; an unset slot reads as its default.
         if name == "signature":
             return None
+        if name == "index":
+            return 0
+        if name == "logprobs":
+            return ()
         raise AttributeError(name)
 
     def __repr__(self) -> str:
         sig = "" if self.signature is None else f", signature={_short(self.signature)}"
+        if self.index:
+            sig += f", index={self.index}"
+        if self.logprobs:
+            sig += f", logprobs=<{len(self.logprobs)} tokens>"
         return f"Thinking(text={self.text!r}{sig})"
 
     def to_dict(self) -> dict[str, Any]:
-        if self.signature is None:
-            return {"type": "thinking", "text": self.text}
-        return {"type": "thinking", "text": self.text, "signature": self.signature}
+        d: dict[str, Any] = {"type": "thinking", "text": self.text}
+        if self.signature is not None:
+            d["signature"] = self.signature
+        if self.index or self.logprobs:
+            _logprobs_dict(d, self.index, self.logprobs)
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -1134,25 +1334,38 @@ class ToolUse:
     name: str
     input: Mapping[str, Any] | None
     raw_arguments: str = ""
+    #: the choice it belongs to, and the tokens the call was written with (when asked)
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "type": "tool_use",
             "id": self.id,
             "name": self.name,
             "input": None if self.input is None else dict(self.input),
             "raw_arguments": self.raw_arguments,
         }
+        if self.index or self.logprobs:
+            _logprobs_dict(d, self.index, self.logprobs)
+        return d
 
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """The last event of every completed stream; exactly one per stream."""
+    """The last event of every completed stream; exactly one per stream and choice.
+
+    A request with ``n > 1`` gets one ``Done`` per choice (``index``), each with that
+    choice's own usage (the prompt counted in each); the stream is complete after the
+    ``n``-th. :func:`choices_usage` sums them as OpenAI reports it
+    (docs/adr/0022-n-choices-and-logprobs.md).
+    """
 
     stop_reason: StopReason
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     backend: str | None = None
+    index: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop_reason, StopReason):
@@ -1165,13 +1378,29 @@ class Done:
         return Done(**vals)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "type": "done",
             "stop_reason": self.stop_reason.value,
             "usage": self.usage.to_dict(),
             "timings": self.timings.to_dict(),
             "backend": self.backend,
         }
+        if self.index:
+            d["index"] = self.index
+        return d
+
+
+def choices_usage(dones: Sequence[Done]) -> Usage:
+    """The usage of a stream of ``n`` choices as OpenAI reports it: the prompt once
+    (each choice's ``Done`` counts it), completion tokens summed over the choices."""
+    if not dones:
+        return Usage()
+    first = dones[0].usage
+    return Usage(
+        first.input_tokens,
+        sum(d.usage.output_tokens for d in dones),
+        first.cached_tokens,
+    )
 
 
 Event: TypeAlias = Text | Thinking | ToolUse | Done
@@ -1181,16 +1410,18 @@ def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
     """Inverse of ``Event.to_dict()``; the same rule as :func:`block_from_dict`."""
     d = _obj(d, where)
     kind = d.get("type")
+    extra = _event_extras(d, where) if ("index" in d or "logprobs" in d) else {}
     if kind == "text":
-        return Text(_get(d, "text", where))
+        return Text(_get(d, "text", where), **extra)
     if kind == "thinking":
-        return Thinking(_get(d, "text", where), _opt(d, "signature", where, None))
+        return Thinking(_get(d, "text", where), _opt(d, "signature", where, None), **extra)
     if kind == "tool_use":
         return ToolUse(
             _get(d, "id", where),
             _get(d, "name", where),
             _opt(d, "input", where, None, Mapping),
             _opt(d, "raw_arguments", where, ""),
+            **extra,
         )
     if kind == "done":
         reason = _get(d, "stop_reason", where)
@@ -1201,6 +1432,7 @@ def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
             Usage.from_dict(_opt(d, "usage", where, None, Mapping)),
             Timings.from_dict(_opt(d, "timings", where, None, Mapping)),
             _opt(d, "backend", where, None),
+            extra.get("index", 0),
         )
     raise InvalidRequest(
         f"{where} has unknown event type {echo(kind)}; expected text, thinking, tool_use or done"
@@ -1440,13 +1672,47 @@ class Response:
     #: The reasoning as blocks: a run of Thinking events is one block, ended early by
     #: an event with a ``signature`` (which the block keeps).
     thinking_blocks: tuple[ThinkingBlock, ...] = ()
+    #: Every choice of a request with ``n > 1``, by index (this Response is choice 0);
+    #: empty for one choice (docs/adr/0022-n-choices-and-logprobs.md).
+    choices: tuple[Response, ...] = ()
+    #: The tokens of the text with their logprobs, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def stop_reason(self) -> StopReason:
         return self.done.stop_reason
 
+    @property
+    def usage(self) -> Usage:
+        """The whole stream's usage: the prompt once, every choice's tokens summed."""
+        if not self.choices:
+            return self.done.usage
+        return choices_usage([c.done for c in self.choices])
+
     @classmethod
     def collect(cls, events: Sequence[Event]) -> Response:
+        """The stream as one Response; with several choices (events with ``index``
+        above 0) choice 0, whose ``choices`` holds every choice."""
+        if all(not ev.index for ev in events):
+            return cls._collect_one(events)
+        by_index: dict[int, list[Event]] = {}
+        for ev in events:
+            by_index.setdefault(ev.index, []).append(ev)
+        choices = tuple(cls._collect_one(by_index[i]) for i in sorted(by_index))
+        first = choices[0]
+        return cls(
+            first.text,
+            first.thinking,
+            first.tool_calls,
+            first.done,
+            first.thinking_blocks,
+            choices,
+            first.logprobs,
+        )
+
+    @classmethod
+    def _collect_one(cls, events: Sequence[Event]) -> Response:
+        lps: list[TokenLogprob] = []
         text, thinking, calls, run = [], [], [], []
         blocks: list[ThinkingBlock] = []
         done: Done | None = None
@@ -1463,6 +1729,8 @@ class Response:
                 run = []
             if isinstance(ev, Text):
                 text.append(ev.text)
+                if ev.logprobs:
+                    lps.extend(ev.logprobs)
             elif isinstance(ev, ToolUse):
                 calls.append(ev)
             elif isinstance(ev, Done):
@@ -1471,7 +1739,9 @@ class Response:
             raise ended_without_done()
         if run:
             blocks.append(ThinkingBlock("".join(run)))
-        return cls("".join(text), "".join(thinking), tuple(calls), done, tuple(blocks))
+        return cls(
+            "".join(text), "".join(thinking), tuple(calls), done, tuple(blocks), (), tuple(lps)
+        )
 
     def message(self) -> Message:
         """This reply as the assistant turn of a follow-up request: the thinking blocks
