@@ -169,3 +169,10 @@ def decode_sample(
     ctx: Context, batch: Batch, samplers: Sequence[Sampler], idxs: Sequence[int]
 ) -> list[int]: ...
 def seq_cells(ctx: Context, n_seq: int) -> list[tuple[int, int]]: ...
+
+# logprobs (docs/adr/0022-n-choices-and-logprobs.md)
+MAX_TOP_LOGPROBS_C: int
+
+def token_logprobs(
+    ctx: Context, idxs: Sequence[int], tokens: Sequence[int], top_n: int
+) -> list[tuple[float, list[tuple[int, float]]]]: ...

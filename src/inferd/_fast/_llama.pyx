@@ -1296,3 +1296,8 @@ def seq_cells(Context ctx, int n_seq):
     ctx._check()
     return [(llama_memory_seq_pos_min(ctx.mem, s), llama_memory_seq_pos_max(ctx.mem, s))
             for s in range(n_seq)]
+
+
+# --------------------------------------------------------------------------- logprobs
+
+include "_logprobs.pxi"
