@@ -72,10 +72,19 @@ def parent_context(headers: Mapping[str, str] | None) -> Any:
 
 
 def outgoing_headers() -> dict[str, str]:
-    """Trace headers for an upstream HTTP request made while serving a request: the
-    current request span's ``traceparent`` (empty without a span). An HTTP backend
-    adds them to its request headers so the upstream's spans join the trace."""
-    return dict(outgoing.get() or {})
+    """Trace headers for a request made to another service (an HTTP upstream, the
+    daemon) while serving or making a request: the request span being served (set by
+    ``ObservedBackend``), else the caller's current OpenTelemetry span (a program that
+    calls ``Client`` or ``OpenAICompat`` inside its own span), else empty. The callee
+    continues that trace (W3C ``traceparent``)."""
+    served = outgoing.get()
+    if served:
+        return dict(served)
+    if _propagate is None:
+        return {}
+    carrier: dict[str, str] = {}
+    _propagate.inject(carrier)
+    return {k: v for k, v in carrier.items() if k in TRACE_HEADERS}
 
 
 def headers_for(span: Any) -> dict[str, str]:

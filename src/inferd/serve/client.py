@@ -33,9 +33,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from inferd import tracing
 from inferd.backend import Backend
 from inferd.errors import BackendUnavailable, InferdError, InternalError, NotReady, QueueFull
-from inferd.serve import wire
+from inferd.serve import token_wire, wire
 from inferd.serve.config import admin_socket_path, default_socket_path
 from inferd.types import (
     Capabilities,
@@ -44,6 +45,8 @@ from inferd.types import (
     EmbedResult,
     Event,
     Request,
+    RerankRequest,
+    RerankResult,
 )
 
 log = logging.getLogger("inferd.client")
@@ -65,7 +68,9 @@ DEFAULT_POOL_TIMEOUT_S = 30.0
 
 #: What ``capabilities()`` claims before the daemon has answered once: everything, so
 #: nothing is refused on a guess; the daemon then refuses what it cannot do itself.
-ASSUMED_CAPABILITIES = Capabilities(tools=True, vision=True, audio=True, thinking=True, embed=True)
+ASSUMED_CAPABILITIES = Capabilities(
+    tools=True, vision=True, audio=True, thinking=True, embed=True, tokenize=True, rerank=True
+)
 
 _LOST = object()  # queue sentinel: the connection is gone
 
@@ -363,9 +368,8 @@ class Client(Backend):
         rid = next(self._ids)
         finished = False
         try:
-            q = await conn.open_stream(
-                rid, {"type": "generate", **request.to_dict()}, self.stream_buffer_frames
-            )
+            frame = _traced({"type": "generate", **request.to_dict()})
+            q = await conn.open_stream(rid, frame, self.stream_buffer_frames)
             while True:
                 frame = await q.get()
                 if frame is _LOST:
@@ -387,8 +391,46 @@ class Client(Backend):
             self._release(conn, reuse=finished)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        reply = await self._request({"type": "embed", **request.to_dict()}, "embedding")
+        reply = await self._request(_traced({"type": "embed", **request.to_dict()}), "embedding")
         return EmbedResult.from_dict(reply)
+
+    # The tokenizer and rerank methods run on the daemon's backend, one frame each way
+    # (inferd.serve.token_wire); what it cannot do comes back as its own error.
+
+    async def _call(self, kind: str, frame: dict[str, Any]) -> dict[str, Any]:
+        return await self._request(_traced(frame), token_wire.REPLY_TYPES[kind])
+
+    async def tokenize(
+        self,
+        content: str | list[str | int],
+        *,
+        add_special: bool = False,
+        parse_special: bool = True,
+    ) -> list[int]:
+        frame = token_wire.call_frame(
+            "tokenize",
+            content=token_wire.content_of(content),
+            add_special=add_special,
+            parse_special=parse_special,
+        )
+        return token_wire.tokens_of(await self._call("tokenize", frame))
+
+    async def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        ids = token_wire.token_ids(tokens)
+        frame = token_wire.call_frame("token_pieces", tokens=ids)
+        return token_wire.pieces_of(await self._call("token_pieces", frame), len(ids))
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        frame = token_wire.call_frame("detokenize", tokens=token_wire.token_ids(tokens))
+        return token_wire.text_of(await self._call("detokenize", frame), "content")
+
+    async def apply_template(self, request: Request) -> str:
+        frame = token_wire.call_frame("apply_template", request=request)
+        return token_wire.text_of(await self._call("apply_template", frame), "prompt")
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        reply = await self._call("rerank", token_wire.rerank_frame(request))
+        return token_wire.rerank_result_of(reply, len(request.documents))
 
     async def aclose(self) -> None:
         """Close every connection; the daemon cancels whatever is still running for us."""
@@ -405,6 +447,15 @@ class Client(Backend):
 
     def __repr__(self) -> str:
         return f"<Client socket={str(self.socket_path)!r} connected={self.connected}>"
+
+
+def _traced(frame: dict[str, Any]) -> dict[str, Any]:
+    """``frame`` with the caller's W3C trace context, when there is one, so the
+    daemon's request span continues the caller's trace (ADR 0016)."""
+    headers = tracing.outgoing_headers()
+    if headers:
+        frame["trace"] = headers
+    return frame
 
 
 def _put_lost(q: asyncio.Queue[Any]) -> None:

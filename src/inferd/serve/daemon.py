@@ -50,14 +50,15 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from inferd import tracing
 from inferd.backend import Backend
 from inferd.errors import InferdError, InvalidRequest, NotReady, QueueFull
 from inferd.limits import echo
-from inferd.serve import wire
+from inferd.serve import token_wire, wire
 from inferd.serve.admission import Admission, ByteBudget, Limits, Ticket
 from inferd.serve.config import (
     DEFAULT_CONFIG_PATH,
@@ -95,6 +96,8 @@ THREAD_PARSE_BYTES = 1024 * 1024
 CLOSE_WAIT_S = 5.0
 
 Status = Literal["starting", "loading", "ready", "draining"]
+#: What one admitted request frame asks the backend for.
+Work = Request | EmbedRequest | token_wire.Call
 
 
 class DaemonError(Exception):
@@ -605,7 +608,7 @@ class Daemon:
                 )
             )
         else:
-            await self._admit(conn, rid, frame.request)  # type: ignore[arg-type]
+            await self._admit(conn, rid, frame.request, frame.trace)  # type: ignore[arg-type]
 
     def _capabilities_frame(self, rid: str | int | None) -> dict[str, Any]:
         return {
@@ -616,16 +619,21 @@ class Daemon:
         }
 
     async def _admit(
-        self, conn: _Connection, rid: str | int, request: Request | EmbedRequest
+        self,
+        conn: _Connection,
+        rid: str | int,
+        request: Work,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
-        """Phase 3: admission at arrival (ADR 0005), then the request runs as a task."""
+        """Phase 3: admission at arrival (ADR 0005), then the request runs as a task
+        (in the client's trace when its frame carried one: ADR 0016)."""
         try:
             ticket = self.admission.admit(conn)
         except InferdError as e:
             self._count_refusal(e)
             await conn.send(wire.error_frame_for(rid, e))
             return
-        task = asyncio.create_task(self._run(conn, rid, request, ticket))
+        task = asyncio.create_task(self._run(conn, rid, request, ticket, trace))
         conn.tasks[rid] = task
         self._tasks.add(task)
 
@@ -654,14 +662,20 @@ class Daemon:
     # ------------------------------------------------------------------ requests
 
     async def _run(
-        self, conn: _Connection, rid: str | int, request: Request | EmbedRequest, ticket: Ticket
+        self,
+        conn: _Connection,
+        rid: str | int,
+        request: Work,
+        ticket: Ticket,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
         """Phase 4: wait for a slot, serve, and end in exactly one terminal frame."""
-        is_embed = isinstance(request, EmbedRequest)
-        if is_embed:
+        if isinstance(request, EmbedRequest):
             self.metrics.embeddings += 1
         else:
             self.metrics.requests += 1
+        if trace is not None:  # this task's own context: the request span's parent
+            tracing.incoming.set(trace)
         try:
             queued_at = time.perf_counter()
             await self.admission.wait(ticket)
@@ -669,8 +683,11 @@ class Daemon:
             if isinstance(request, EmbedRequest):
                 result = await self.backend.embed(request)
                 await conn.send({"type": "embedding", "id": rid, **result.to_dict()})
-            else:
+            elif isinstance(request, Request):
                 await self._stream(conn, rid, request)
+            else:  # a tokenizer or rerank request (inferd.serve.token_wire)
+                reply = await token_wire.serve(self.backend, request)
+                await conn.send({**reply, "id": rid})
         except asyncio.CancelledError:
             self._on_cancel(conn, rid)
             raise

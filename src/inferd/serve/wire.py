@@ -11,7 +11,13 @@ connection's in-flight requests):
 * ``{"type": "generate", "id": ..., <Request.to_dict()>}``; ``type`` may be omitted;
 * ``{"type": "embed", "id": ..., <EmbedRequest.to_dict()>}``;
 * ``{"type": "cancel", "id": ...}``: stop that request; nothing more is sent for it;
-* ``{"type": "capabilities", "id": ...}``: what the daemon's backend can do.
+* ``{"type": "capabilities", "id": ...}``: what the daemon's backend can do;
+* ``tokenize``, ``token_pieces``, ``detokenize``, ``apply_template``, ``rerank``: the
+  tokenizer and rerank methods of the Backend (:mod:`inferd.serve.token_wire`).
+
+Any request frame may carry ``"trace": {"traceparent", "tracestate"}`` (W3C trace
+context, each at most ``tracing.MAX_TRACE_HEADER_CHARS``): the daemon's request span
+continues the client's trace (docs/adr/0016-metrics-traces-cors.md).
 
 Daemon to client:
 
@@ -23,7 +29,8 @@ Daemon to client:
 * ``{"type": "error", "id", "code", "message"}``; ``id`` is ``null`` when the frame
   it answers had none (unparseable, or too large to read);
 * ``{"type": "embedding", "id", <EmbedResult.to_dict()>}``;
-* ``{"type": "capabilities", "id", "capabilities": {...}, "ready": bool}``.
+* ``{"type": "capabilities", "id", "capabilities": {...}, "ready": bool}``;
+* one answer per tokenizer/rerank request, typed as ``token_wire.REPLY_TYPES`` says.
 
 Every generate ends in exactly one ``done`` or one ``error`` frame (unless cancelled).
 
@@ -51,6 +58,8 @@ import orjson
 
 from inferd.errors import ERRORS_BY_CODE, InferdError, InternalError, InvalidRequest, QueueFull
 from inferd.limits import check_depth, cut_message, echo
+from inferd.serve import token_wire
+from inferd.tracing import MAX_TRACE_HEADER_CHARS, TRACE_HEADERS
 from inferd.types import Capabilities, EmbedRequest, Event, Request, event_from_dict
 
 #: The largest frame (one line, newline excluded) either side will read: 64 MiB.
@@ -64,7 +73,7 @@ MAX_FRAME_ELEMENTS = 250_000
 #: Longest string ``id`` a client may give a request (it is echoed in every reply frame).
 MAX_ID_CHARS = 256
 #: Frame types a client may send.
-CLIENT_FRAME_TYPES = ("generate", "embed", "cancel", "capabilities")
+CLIENT_FRAME_TYPES = ("generate", "embed", "cancel", "capabilities", *token_wire.CALL_TYPES)
 
 # Error codes on the wire (the taxonomy's codes, plus one that only framing can raise).
 QUEUE_FULL = "queue_full"
@@ -113,7 +122,7 @@ def decode(line: bytes | str) -> dict[str, Any]:
 
 
 #: The framing keys this module adds to every frame; bodies never carry them.
-FRAME_KEYS = ("id", "type")
+FRAME_KEYS = ("id", "type", "trace")
 
 
 def frame_body(frame: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +141,7 @@ def event_frame(rid: Any, event: Event) -> dict[str, Any]:
 
 
 #: Frame types that carry a stream event (the event's own ``type``).
-EVENT_FRAME_TYPES = frozenset({"text", "thinking", "tool_use", "done"})
+EVENT_FRAME_TYPES = frozenset({"text", "thinking", "tool_use", "tool_use_delta", "done"})
 
 
 def event_from_frame(frame: Mapping[str, Any]) -> Event:
@@ -195,8 +204,10 @@ class ClientFrame:
 
     rid: str | int | None
     kind: str
-    request: Request | EmbedRequest | None = None
+    request: Request | EmbedRequest | token_wire.Call | None = None
     error: InferdError | None = None
+    #: The client's W3C trace headers (``traceparent``, ``tracestate``), checked.
+    trace: Mapping[str, str] | None = None
 
 
 def count_elements(raw: bytes) -> int:
@@ -244,7 +255,8 @@ def parse_client_frame(raw: bytes, max_elements: int = MAX_FRAME_ELEMENTS) -> Cl
     name = kind if isinstance(kind, str) and len(kind) <= MAX_ID_CHARS else "?"
     try:
         check_depth(frame, what="frame")
-        return ClientFrame(rid, name, request=_request_of(kind, frame))
+        trace = trace_of(frame.get("trace"))
+        return ClientFrame(rid, name, request=_request_of(kind, frame), trace=trace)
     except InferdError as e:
         return ClientFrame(rid, name, error=e)
     except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
@@ -262,9 +274,30 @@ _EXTRA_KEYS: dict[str, frozenset[str]] = {
 }
 
 
-def _request_of(kind: Any, frame: dict[str, Any]) -> Request | EmbedRequest | None:
+def trace_of(value: Any) -> dict[str, str] | None:
+    """A frame's ``trace``: W3C trace headers, bounded; anything else is refused."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or not set(value) <= set(TRACE_HEADERS)
+        or not all(isinstance(v, str) and len(v) <= MAX_TRACE_HEADER_CHARS for v in value.values())
+    ):
+        raise InvalidRequest(
+            f"trace must be an object with only {' and '.join(TRACE_HEADERS)} strings of at "
+            f"most {MAX_TRACE_HEADER_CHARS} characters (MAX_TRACE_HEADER_CHARS), got "
+            f"{echo(value)}"
+        )
+    return value or None
+
+
+def _request_of(
+    kind: Any, frame: dict[str, Any]
+) -> Request | EmbedRequest | token_wire.Call | None:
     if kind == "generate":
         return Request.from_dict(frame_body(frame))
+    if kind in token_wire.REPLY_TYPES:
+        return token_wire.call_from_body(kind, frame_body(frame))
     if not isinstance(kind, str) or kind not in _EXTRA_KEYS:
         raise InvalidRequest(
             f"unknown frame type {echo(kind)}; expected one of {', '.join(CLIENT_FRAME_TYPES)}"
