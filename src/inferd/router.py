@@ -12,6 +12,14 @@ The breaker keeps a failing backend from eating every request's latency budget:
 ``failure_threshold`` failures within ``failure_window_s`` open it for ``open_for_s``;
 then one trial request is let through (half-open) and its outcome closes or re-opens it.
 ``InvalidRequest`` is the caller's fault and never counts.
+
+Two policies pick the order backends are tried in
+(docs/adr/0020-replicas-least-loaded-router.md): ``"priority"`` (the order given: a
+preferred backend and its fallbacks) and ``"least_loaded"`` (replicas of one model:
+fewest open streams plus reported queue depth first, ties round robin, a conversation
+kept on one replica by affinity while the load allows; see :mod:`inferd.balance`).
+Background health probes (:mod:`inferd.health`) let either skip a backend that stopped
+answering before a request pays for it.
 """
 
 from __future__ import annotations
@@ -20,10 +28,18 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, Literal, TypeVar
 
 from inferd.backend import Backend, ended_without_done
+from inferd.balance import (
+    DEFAULT_AFFINITY_MAX_IMBALANCE,
+    LoadBalancer,
+    affinity_key,
+    check_policy,
+    check_prefix_chars,
+    replica_ids,
+)
 from inferd.errors import (
     BackendUnavailable,
     EmbedUnsupported,
@@ -32,6 +48,7 @@ from inferd.errors import (
     InvalidRequest,
     QueueFull,
 )
+from inferd.health import DEFAULT_HEALTH_INTERVAL_S, DEFAULT_HEALTH_TIMEOUT_S, HealthMonitor
 from inferd.types import (
     Capabilities,
     Done,
@@ -39,6 +56,8 @@ from inferd.types import (
     EmbedResult,
     Event,
     Request,
+    RerankRequest,
+    RerankResult,
 )
 
 #: Failures within the window that open a breaker.
@@ -51,6 +70,10 @@ DEFAULT_OPEN_FOR_S = 30.0
 log = logging.getLogger("inferd.router")
 
 BreakerState = Literal["closed", "open", "half_open"]
+T = TypeVar("T")
+#: ``health_interval_s`` left out: probes every DEFAULT_HEALTH_INTERVAL_S for
+#: ``least_loaded`` (replicas), none for ``priority`` (as before probes existed).
+_POLICY_DEFAULT: Any = object()
 
 
 class CircuitBreaker:
@@ -159,10 +182,21 @@ def _unservable(backends: tuple[Backend, ...], request: Request) -> InvalidReque
 
 
 class Router(Backend):
-    """Serve each request from the first backend that is ready, capable and not tripped.
+    """Serve each request from the best backend that is ready, capable and not tripped.
 
     Itself a :class:`~inferd.backend.Backend`, so routers nest and the daemon serves
     one without special cases. ``Done.backend`` names the backend that served.
+
+    :param policy: ``"priority"`` (the order given) or ``"least_loaded"`` (replicas).
+    :param affinity_prefix_chars: with ``least_loaded``, derive an affinity key from the
+        first this many characters of the conversation's opening when a request has no
+        ``affinity_key`` (``None``: only explicit keys).
+    :param affinity_max_imbalance: streams by which an affine replica may be busier than
+        the least-loaded one and still be preferred.
+    :param health_interval_s: seconds between background probes (0: none; left out:
+        :data:`~inferd.health.DEFAULT_HEALTH_INTERVAL_S` for ``least_loaded``, none for
+        ``priority``).
+    :param health_timeout_s: seconds one probe may take.
     """
 
     name = "router"
@@ -171,6 +205,11 @@ class Router(Backend):
         self,
         backends: Iterable[Backend],
         *,
+        policy: str = "priority",
+        affinity_prefix_chars: int | None = None,
+        affinity_max_imbalance: int = DEFAULT_AFFINITY_MAX_IMBALANCE,
+        health_interval_s: float | None = _POLICY_DEFAULT,
+        health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         failure_window_s: float = DEFAULT_FAILURE_WINDOW_S,
         open_for_s: float = DEFAULT_OPEN_FOR_S,
@@ -181,6 +220,18 @@ class Router(Backend):
         if not self.backends:
             raise ValueError("Router needs at least one backend")
         self.name = name
+        self.policy = check_policy(policy)
+        self.affinity_prefix_chars = check_prefix_chars(affinity_prefix_chars)
+        self._balancer = LoadBalancer(
+            replica_ids(b.name for b in self.backends), max_imbalance=affinity_max_imbalance
+        )
+        if health_interval_s is _POLICY_DEFAULT:
+            health_interval_s = DEFAULT_HEALTH_INTERVAL_S if policy == "least_loaded" else None
+        self.health = HealthMonitor(
+            self.backends, interval_s=health_interval_s, timeout_s=health_timeout_s
+        )
+        #: Streams this router has open (or is opening) on each backend.
+        self.outstanding = [0] * len(self.backends)
         self._breakers = [
             CircuitBreaker(
                 failure_threshold=failure_threshold,
@@ -204,11 +255,23 @@ class Router(Backend):
         raise KeyError(index_or_name)
 
     def status(self) -> list[dict[str, Any]]:
-        """Per backend: name, ready, breaker state (for the daemon's admin socket)."""
+        """Per backend: name, ready, breaker state, health and open streams (admin socket)."""
         return [
-            {"name": b.name, "ready": b.ready(), **br.to_dict()}
-            for b, br in zip(self.backends, self._breakers, strict=True)
+            {
+                "name": b.name,
+                "ready": b.ready(),
+                **br.to_dict(),
+                **h.to_dict(),
+                "outstanding": n,
+            }
+            for b, br, h, n in zip(
+                self.backends, self._breakers, self.health.health, self.outstanding, strict=True
+            )
         ]
+
+    def queue_depth(self) -> int:
+        """Streams open through this router (what a parent router's probe reads)."""
+        return sum(self.outstanding)
 
     def ready(self) -> bool:
         return not self._closed and any(b.ready() for b in self.backends)
@@ -225,47 +288,77 @@ class Router(Backend):
             thinking=any(c.thinking for c in caps),
             embed=any(c.embed for c in caps),
             accelerator=accel,
+            tokenize=any(c.tokenize for c in caps),
+            rerank=any(c.rerank for c in caps),
         )
 
     # ------------------------------------------------------------------ generate
 
     async def refresh_state(self) -> None:
-        """Let every backend make its ``ready()``/``capabilities()`` current."""
+        """Let every backend make its ``ready()``/``capabilities()`` current; start the
+        health probes on first use (they need a running loop)."""
+        self.health.start()
         for b in self.backends:
             await b.refresh_state()
 
-    async def generate(self, request: Request) -> AsyncIterator[Event]:
-        """Pick (pre-stream, with failover), then relay the committed backend's stream."""
+    def _check_open(self) -> None:
         if self._closed:
             raise BackendUnavailable(f"router {self.name!r} is closed; create a new one")
+
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        """Pick (pre-stream, with failover), then relay the committed backend's stream."""
+        self._check_open()
         await self.refresh_state()
         skipped: list[str] = []
-        for backend, breaker in self._candidates(request, skipped):
-            opened = await self._first_event(backend, breaker, request, skipped)
-            if opened is None:
-                continue
-            relay = self._relay(backend, breaker, *opened)
+        for i in self._candidates(request, skipped):
+            backend, breaker = self.backends[i], self._breakers[i]
+            self.outstanding[i] += 1
             try:
-                async for event in relay:
-                    yield event
-            finally:  # leaving early closes the relay (and the stream) now, not at GC
-                await relay.aclose()
-            return
+                opened = await self._first_event(backend, breaker, request, skipped)
+                if opened is None:
+                    continue
+                relay = self._relay(backend, breaker, *opened)
+                try:
+                    async for event in relay:
+                        yield event
+                finally:  # leaving early closes the relay (and the stream) now, not at GC
+                    await relay.aclose()
+                return
+            finally:
+                self.outstanding[i] -= 1
         raise _unservable(self.backends, request) or BackendUnavailable(
             "no backend could serve the request: " + "; ".join(skipped)
         )
 
-    def _candidates(
-        self, request: Request, skipped: list[str]
-    ) -> Iterator[tuple[Backend, CircuitBreaker]]:
-        """Backends in priority order that are ready, capable and not tripped.
+    def _order(self, request: Request | None) -> list[int]:
+        """Backend indices in the order to try: given order, or by load and affinity."""
+        if self.policy == "priority":
+            return list(range(len(self.backends)))
+        health = self.health.health
+        loads = [n + h.queue_depth for n, h in zip(self.outstanding, health, strict=True)]
+        key = affinity_key(request, self.affinity_prefix_chars) if request else None
+        return self._balancer.order(loads, [h.healthy for h in health], key)
+
+    def _skip_reason(self, i: int) -> str | None:
+        """Why backend ``i`` is passed over before any request reaches it, if it is."""
+        backend, h = self.backends[i], self.health.health[i]
+        if not backend.ready():
+            return "not ready"
+        if not h.healthy:
+            return f"unhealthy (health probe: {h.reason})"
+        return None
+
+    def _candidates(self, request: Request, skipped: list[str]) -> Iterator[int]:
+        """Backends in policy order that are ready, healthy, capable and not tripped.
 
         Lazy on purpose: a half-open breaker's trial slot is taken only when its backend
         is about to be tried.
         """
-        for backend, breaker in zip(self.backends, self._breakers, strict=True):
-            if not backend.ready():
-                skipped.append(f"{backend.name}: not ready")
+        for i in self._order(request):
+            backend, breaker = self.backends[i], self._breakers[i]
+            why = self._skip_reason(i)
+            if why is not None:
+                skipped.append(f"{backend.name}: {why}")
                 continue
             lacks = backend.capabilities().covers(request)
             if lacks is not None:
@@ -275,7 +368,7 @@ class Router(Backend):
             if blocked is not None:
                 skipped.append(f"{backend.name}: {blocked}")
                 continue
-            yield backend, breaker
+            yield i
 
     async def _first_event(
         self, backend: Backend, breaker: CircuitBreaker, request: Request, skipped: list[str]
@@ -343,23 +436,21 @@ class Router(Backend):
     # ------------------------------------------------------------------ embed
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        if self._closed:
-            raise BackendUnavailable(f"router {self.name!r} is closed; create a new one")
+        self._check_open()
         await self.refresh_state()
         skipped: list[str] = []
         any_embed = False
-        for backend, breaker in zip(self.backends, self._breakers, strict=True):
+        for i in self._order(None):
+            backend, breaker = self.backends[i], self._breakers[i]
             if not backend.capabilities().embed:
                 skipped.append(f"{backend.name}: lacks capability (no embeddings)")
                 continue
             any_embed = True
-            if not backend.ready():
-                skipped.append(f"{backend.name}: not ready")
+            why = self._skip_reason(i) or breaker.acquire()
+            if why is not None:
+                skipped.append(f"{backend.name}: {why}")
                 continue
-            blocked = breaker.acquire()
-            if blocked is not None:
-                skipped.append(f"{backend.name}: {blocked}")
-                continue
+            self.outstanding[i] += 1
             try:
                 result = await backend.embed(request)
             except InvalidRequest:
@@ -376,6 +467,8 @@ class Router(Backend):
             except BaseException:
                 breaker.release()
                 raise
+            finally:
+                self.outstanding[i] -= 1
             breaker.success()
             return result
         msg = "no backend could embed the request: " + "; ".join(skipped)
@@ -383,11 +476,81 @@ class Router(Backend):
             raise EmbedUnsupported(msg)
         raise BackendUnavailable(msg)
 
+    # ------------------------------------------------------------------ tokens, rerank
+
+    async def _delegate(
+        self, flag: str, call: Callable[[Backend], Awaitable[T]], missing: Exception
+    ) -> T:
+        """``call`` on the first ready, healthy backend whose capabilities have ``flag``;
+        the next one when it is unavailable (the caller's errors are raised as they are).
+
+        Why the first and not the least loaded: these are quick, stateless questions
+        about one model's tokenizer or reranker, and replicas of a model answer alike.
+        """
+        self._check_open()
+        await self.refresh_state()
+        skipped: list[str] = []
+        capable = False
+        for i, backend in enumerate(self.backends):
+            if not getattr(backend.capabilities(), flag):
+                continue
+            capable = True
+            why = self._skip_reason(i)
+            if why is not None:
+                skipped.append(f"{backend.name}: {why}")
+                continue
+            try:
+                return await call(backend)
+            except (InvalidRequest, EmbedUnsupported):
+                raise
+            except InferdError as e:
+                skipped.append(f"{backend.name}: {_describe(backend.name, e)}")
+        if not capable:
+            raise missing
+        raise BackendUnavailable(f"no backend could answer ({flag}): " + "; ".join(skipped))
+
+    async def tokenize(
+        self,
+        content: str | list[str | int],
+        *,
+        add_special: bool = False,
+        parse_special: bool = True,
+    ) -> list[int]:
+        return await self._delegate(
+            "tokenize",
+            lambda b: b.tokenize(content, add_special=add_special, parse_special=parse_special),
+            self._no_tokenizer(),
+        )
+
+    async def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        return await self._delegate(
+            "tokenize", lambda b: b.token_pieces(tokens), self._no_tokenizer()
+        )
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return await self._delegate(
+            "tokenize", lambda b: b.detokenize(tokens), self._no_tokenizer()
+        )
+
+    async def apply_template(self, request: Request) -> str:
+        return await self._delegate(
+            "tokenize", lambda b: b.apply_template(request), self._no_tokenizer()
+        )
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        return await self._delegate(
+            "rerank",
+            lambda b: b.rerank(request),
+            EmbedUnsupported(f"no backend of router {self.name!r} reranks"),
+        )
+
     async def aclose(self) -> None:
-        """Close every backend (the router owns them). Safe to call twice."""
+        """Stop the health probes and close every backend (the router owns them).
+        Safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        await self.health.aclose()
         for b in self.backends:
             await b.aclose()
 
