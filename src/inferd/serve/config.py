@@ -15,6 +15,10 @@ Example (``~/.config/inferd/config.toml``)::
     failure_threshold = 3
     failure_window_s = 60
     open_for_s = 30
+    policy = "priority"        # or "least_loaded": [[backend]]s are replicas (ADR 0020)
+    # affinity_prefix_chars = 2048   # least_loaded: keep a conversation on one replica
+    # affinity_max_imbalance = 4     # ... unless it has this many more streams
+    # health_interval_s = 5          # background probes (least_loaded: on by default)
 
     [[backend]]                # first = highest priority
     type = "llamacpp"
@@ -165,7 +169,35 @@ class Config:
 
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _DAEMON_KEYS = {"socket", "drain_timeout_s", "load_timeout_s"} | _LIMIT_KEYS
-_ROUTER_KEYS = {"failure_threshold", "failure_window_s", "open_for_s"}
+_ROUTER_KEYS = {
+    "failure_threshold",
+    "failure_window_s",
+    "open_for_s",
+    # replicas behind one endpoint (docs/adr/0020-replicas-least-loaded-router.md)
+    "policy",
+    "affinity_prefix_chars",
+    "affinity_max_imbalance",
+    "health_interval_s",
+    "health_timeout_s",
+}
+
+
+def _check_router(where: str, router: Mapping[str, Any]) -> None:
+    """Refuse a bad ``[router]`` value at load, not at the first request."""
+    from inferd.balance import LoadBalancer, check_policy, check_prefix_chars
+    from inferd.health import DEFAULT_HEALTH_TIMEOUT_S, check_interval
+
+    try:
+        check_policy(router.get("policy", "priority"))
+        check_prefix_chars(router.get("affinity_prefix_chars"))
+        if "affinity_max_imbalance" in router:
+            LoadBalancer(("x",), max_imbalance=router["affinity_max_imbalance"])
+        check_interval(
+            router.get("health_interval_s"),
+            router.get("health_timeout_s", DEFAULT_HEALTH_TIMEOUT_S),
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: [router] {e}") from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -222,6 +254,7 @@ def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
     router = data.get("router", {})
     if not isinstance(router, Mapping) or set(router) - _ROUTER_KEYS:
         raise ConfigError(f"{where}: [router] accepts only {sorted(_ROUTER_KEYS)}")
+    _check_router(where, router)
     cfg.router = dict(router)
     if "model" in data:
         _parse_models(cfg, data, where)
