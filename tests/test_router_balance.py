@@ -518,3 +518,31 @@ async def test_a_stopped_daemon_is_skipped_by_the_probes_before_requests_reach_i
             again = [await served_by(router, Request.chat("back")) for _ in range(3)]
             assert "d2" in again
             assert await served(procs[2]) == before + again.count("d2")
+
+
+async def test_serve_cli_sets_the_policy_over_the_config() -> None:
+    with short_tmpdir() as d:
+        cfg = write_config(
+            d / "c.toml",
+            [{"type": "mock", "name": "r0"}, {"type": "mock", "name": "r1"}],
+            router={"policy": "priority"},
+        )
+        bad = DaemonProc.start(
+            cfg, d / "b" / "infer.sock", "--affinity-prefix-chars", "0", wait=False
+        )
+        assert bad.proc.wait(60) == 1
+        assert b"affinity_prefix_chars" in bad.proc.stderr.read()  # type: ignore[union-attr]
+        bad.stop()
+        proc = DaemonProc.start(cfg, d / "s" / "infer.sock", "--router-policy", "least_loaded")
+        try:
+            async with Client(proc.sock) as client:
+                names = []
+                for _ in range(4):
+                    events = await collect(client, Request.chat("hi"))
+                    names.append(events[-1].backend)
+            status = await admin_status(proc.sock)
+        finally:
+            proc.stop()
+    assert names == ["r0", "r1", "r0", "r1"]  # priority would have said r0 four times
+    assert [b["outstanding"] for b in status["backends"]] == [0, 0]
+    assert all(b["healthy"] for b in status["backends"])

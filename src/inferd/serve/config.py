@@ -200,6 +200,15 @@ def _check_router(where: str, router: Mapping[str, Any]) -> None:
         raise ConfigError(f"{where}: [router] {e}") from None
 
 
+def override_router(cfg: Config, **options: Any) -> Config:
+    """``cfg`` with command-line ``[router]`` options (those not ``None``) put over the
+    file's, checked like the file's (``inferd serve --router-policy ...``)."""
+    merged = {**cfg.router, **{k: v for k, v in options.items() if v is not None}}
+    _check_router("command line", merged)
+    cfg.router = merged
+    return cfg
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read and check a config file; ``ConfigError`` says what is wrong and where."""
     p = Path(path if path is not None else DEFAULT_CONFIG_PATH).expanduser()
