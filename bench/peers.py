@@ -1,4 +1,5 @@
-"""Build llama.cpp's own tools (``llama-bench``, ``llama-server``) from the vendored tree.
+"""Build llama.cpp's own tools (``llama-bench``, ``llama-server``, ``rpc-server``) from the
+vendored tree.
 
 Why: every benchmark claim is a ratio against a peer measured on the same machine and
 the same llama.cpp; and the OpenAI-compatible backend's integration tests need a real
@@ -13,6 +14,11 @@ once into ``build/peers`` (git-ignored) and reused.
 
 ``CMAKE_ARGS`` passes through (``-DGGML_CUDA=on`` for a CUDA build); ``INFERD_PEERS_DIR``
 moves the build folder; ``INFERD_PEERS_JOBS`` sets the parallelism (default 2).
+
+The tools are built with ggml's RPC backend (``-DGGML_RPC=ON``): ``rpc-server`` is the
+interoperability peer of ``inferd rpc-worker`` and ``llama-server --rpc`` the peer of a
+split model (docs/adr/0019-rpc-backend.md). A tree configured before that is
+reconfigured once, and the tools already in it are rebuilt, when an RPC peer is asked for.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VENDOR_CMAKE = ROOT / "vendor" / "llama.cmake"
-PEERS = ("llama-bench", "llama-server")
+PEERS = ("llama-bench", "llama-server", "rpc-server")
+#: Peers that must come from a tree configured with GGML_RPC=ON.
+RPC_PEERS = ("rpc-server",)
+#: CMake target (and executable name) of a peer whose name differs from it.
+_TARGETS = {"rpc-server": "ggml-rpc-server"}
 
 
 def build_dir() -> Path:
@@ -54,23 +64,52 @@ def source_dir() -> Path:
 
 
 def peer_path(name: str) -> Path:
-    return build_dir() / "bin" / name
+    return build_dir() / "bin" / _TARGETS.get(name, name)
 
 
 def build(
-    names: tuple[str, ...] = PEERS, *, jobs: int | None = None, quiet: bool = False
+    names: tuple[str, ...] = PEERS,
+    *,
+    jobs: int | None = None,
+    quiet: bool = False,
+    rpc: bool = False,
 ) -> dict[str, Path]:
-    """Configure (once) and build ``names``; return their paths. Reuses what exists."""
+    """Configure (once) and build ``names``; return their paths. Reuses what exists.
+
+    ``rpc`` (implied by ``rpc-server``): the tools must speak ggml RPC (``--rpc``); a tree
+    configured without it is reconfigured and its tools rebuilt, under the lock."""
     for n in names:
         if n not in PEERS:
             raise ValueError(f"unknown peer {n!r}; choose from {PEERS}")
-    if any(not peer_path(n).is_file() for n in names):
+    rpc = rpc or any(n in RPC_PEERS for n in names)
+    if any(not peer_path(n).is_file() for n in names) or (rpc and not rpc_enabled()):
         with _build_lock():  # another process building the same tree: wait for it
+            if rpc and not rpc_enabled():
+                names = tuple(dict.fromkeys((*names, *_enable_rpc(quiet))))
             _build_missing(names, jobs, quiet)
     missing = [n for n in names if not peer_path(n).is_file()]
     if missing:
         raise RuntimeError(f"build finished but {missing} are not in {build_dir() / 'bin'}")
     return {n: peer_path(n) for n in names}
+
+
+def rpc_enabled() -> bool:
+    """True when the peers' tree is configured with GGML_RPC=ON."""
+    cache = build_dir() / "CMakeCache.txt"
+    return cache.is_file() and "GGML_RPC:BOOL=ON" in cache.read_text(errors="replace")
+
+
+def _enable_rpc(quiet: bool) -> tuple[str, ...]:
+    """Turn GGML_RPC on in an existing tree. The tools built without it are removed, and
+    returned, so that the build rebuilds them too (a running one keeps its unlinked file)."""
+    out = build_dir()
+    if not (out / "CMakeCache.txt").exists():
+        return ()  # the first configure passes -DGGML_RPC=ON
+    _run(["cmake", "-S", str(source_dir()), "-B", str(out), "-DGGML_RPC=ON"], quiet)
+    built = tuple(n for n in PEERS if peer_path(n).is_file())
+    for n in built:
+        peer_path(n).unlink()
+    return built
 
 
 @contextlib.contextmanager
@@ -112,12 +151,14 @@ def _build_missing(names: tuple[str, ...], jobs: int | None, quiet: bool) -> Non
                 "-DLLAMA_USE_PREBUILT_UI=OFF",
                 "-DLLAMA_CURL=OFF",
                 "-DLLAMA_OPENSSL=OFF",
+                "-DGGML_RPC=ON",
                 f"-DGGML_CCACHE={'ON' if shutil.which('ccache') else 'OFF'}",
                 *shlex.split(os.environ.get("CMAKE_ARGS", "")),
             ]
             _run(args, quiet)
         t0 = time.perf_counter()
-        _run(["cmake", "--build", str(out), "--target", *todo, "-j", str(jobs)], quiet)
+        targets = [_TARGETS.get(n, n) for n in todo]
+        _run(["cmake", "--build", str(out), "--target", *targets, "-j", str(jobs)], quiet)
         if not quiet:
             print(f"built {', '.join(todo)} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
@@ -129,9 +170,10 @@ def _run(args: list[str], quiet: bool) -> None:
         raise RuntimeError(f"command failed ({p.returncode}): {shlex.join(args)}\n{tail}")
 
 
-def ensure_peer(name: str, *, quiet: bool = True) -> Path:
-    """Path of peer ``name`` (``llama-server`` or ``llama-bench``), building it if needed."""
-    return build((name,), quiet=quiet)[name]
+def ensure_peer(name: str, *, quiet: bool = True, rpc: bool = False) -> Path:
+    """Path of peer ``name`` (``llama-server``, ``llama-bench`` or ``rpc-server``), building
+    it if needed; ``rpc``: built with ggml RPC (``llama-server --rpc``)."""
+    return build((name,), quiet=quiet, rpc=rpc)[name]
 
 
 def main(argv: list[str] | None = None) -> int:

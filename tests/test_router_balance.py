@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -424,7 +425,7 @@ async def router_over(procs: list[DaemonProc], **kw: Any) -> AsyncIterator[Route
 async def test_64_clients_spread_within_20_percent_of_even() -> None:
     with daemons(3, tokens=5, delay=0.01) as procs:
         base = [await served(p) for p in procs]
-        async with router_over(procs, health_interval_s=0.5) as router:
+        async with router_over(procs, health_interval_s=0) as router:
 
             async def client(c: int) -> None:
                 for t in range(3):
@@ -441,7 +442,7 @@ async def test_64_clients_spread_within_20_percent_of_even() -> None:
 
 async def test_a_daemon_killed_mid_run_loses_no_request_that_had_not_streamed() -> None:
     with daemons(3, tokens=20, delay=0.05) as procs:
-        async with router_over(procs, health_interval_s=0.2, health_timeout_s=2.0) as router:
+        async with router_over(procs, health_interval_s=0.2, health_timeout_s=5.0) as router:
             outcomes: list[tuple[bool, str]] = []  # (had streamed, "done" or error type)
             first_wave = asyncio.Event()
             started = 0
@@ -500,7 +501,13 @@ async def test_affinity_keeps_each_multi_turn_conversation_on_one_daemon() -> No
 
 async def test_a_stopped_daemon_is_skipped_by_the_probes_before_requests_reach_it() -> None:
     with daemons(3, tokens=3, delay=0.0) as procs:
-        async with router_over(procs, health_interval_s=0.1, health_timeout_s=1.0) as router:
+        # a generous probe timeout: a busy box must not fail the healthy replicas' probes
+        async with router_over(procs, health_interval_s=0.1, health_timeout_s=5.0) as router:
+            await router.refresh_state()  # starts the probes
+            await wait_for(
+                lambda: router.health.rounds >= 1 and all(h.healthy for h in router.health.health),
+                "every replica healthy",
+            )
             warm = [await served_by(router, Request.chat("warm")) for _ in range(3)]
             assert sorted(warm) == ["d0", "d1", "d2"]
             before = await served(procs[2])
@@ -546,3 +553,28 @@ async def test_serve_cli_sets_the_policy_over_the_config() -> None:
     assert names == ["r0", "r1", "r0", "r1"]  # priority would have said r0 four times
     assert [b["outstanding"] for b in status["backends"]] == [0, 0]
     assert all(b["healthy"] for b in status["backends"])
+
+
+async def test_probes_reach_openai_compatible_replicas_over_http() -> None:
+    from inferd.backends.openai_compat import OpenAICompat
+
+    from .serve_helpers import bridge_in_process
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    async with bridge_in_process(Mock(["up"], name="m")) as (url, _, _):
+        dead = OpenAICompat(
+            base_url=f"http://127.0.0.1:{dead_port}/v1", model="m", api_key="", name="dead"
+        )
+        live = OpenAICompat(base_url=f"{url}/v1", model="m", api_key="", name="live")
+        router = Router([dead, live], policy="least_loaded", health_interval_s=0.05)
+        try:
+            router.health.start()
+            await wait_for(lambda: router.health.rounds >= 1, "a probe round")
+            assert [h.healthy for h in router.health.health] == [False, True]
+            names = {await served_by(router, Request.chat("hi")) for _ in range(4)}
+            assert names == {"live"}
+            assert router.breaker("dead").state == "closed"  # skipped, never tried
+        finally:
+            await router.aclose()

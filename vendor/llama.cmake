@@ -131,6 +131,9 @@ _inferd_default(LLAMA_BUILD_EXAMPLES OFF)
 _inferd_default(LLAMA_BUILD_SERVER OFF)
 _inferd_default(LLAMA_CURL OFF)
 _inferd_default(LLAMA_ALL_WARNINGS OFF)
+# ggml's RPC backend (one source file): lets a model's layers live on `inferd rpc-worker`
+# / llama.cpp `rpc-server` processes on other hosts (docs/adr/0019-rpc-backend.md).
+_inferd_default(GGML_RPC ON)
 # Tuned for the machine that builds it. Wheels for distribution must pass
 # -DGGML_NATIVE=OFF (and pick CPU variants), or they crash on older CPUs.
 _inferd_default(GGML_NATIVE ON)

@@ -65,6 +65,13 @@ def _add_run(sub: Any) -> None:
         "--n-gpu-layers", type=int, default=None, help="layers to offload to a GPU (llamacpp)"
     )
     run.add_argument("--threads", type=int, default=None, help="CPU threads (llamacpp)")
+    run.add_argument(
+        "--rpc",
+        default=None,
+        metavar="HOST:PORT,...",
+        help="split the model over these `inferd rpc-worker` / rpc-server processes "
+        "(llamacpp; docs/adr/0019-rpc-backend.md)",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON event per line")
 
 
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("serve", "run the inferd daemon on a Unix socket (see 'inferd serve --help')"),
         ("bridge", "run the OpenAI-compatible HTTP bridge (see 'inferd bridge --help')"),
+        ("rpc-worker", "serve this host's devices to a head over ggml RPC (private networks)"),
     ):
         sub.add_parser(name, help=text, add_help=False)
     bench = sub.add_parser(
@@ -147,6 +155,8 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
             opts["n_gpu_layers"] = args.n_gpu_layers
         if args.threads is not None:
             opts["n_threads"] = args.threads
+        if getattr(args, "rpc", None):
+            opts["rpc_servers"] = args.rpc
     return BackendSpec(args.backend, opts)
 
 
@@ -327,7 +337,11 @@ COMMANDS = {
 
 
 #: Commands whose options belong to another module's parser (passed through whole).
-DELEGATED = {"serve": "inferd.serve.daemon", "bridge": "inferd.serve.bridge"}
+DELEGATED = {
+    "serve": "inferd.serve.daemon",
+    "bridge": "inferd.serve.bridge",
+    "rpc-worker": "inferd.rpc_worker",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

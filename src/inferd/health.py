@@ -14,6 +14,8 @@ What a probe asks, cheapest first:
 * the daemon ``Client``: its ``capabilities`` round trip (``refresh()``), then the
   daemon's admin socket for its admission queue depth (best effort: a daemon on
   another user's socket may not let us in);
+* ``OpenAICompat`` (a remote bridge, llama-server, a cloud API): ``GET /models`` with
+  its own session and credentials, healthy on a 2xx;
 * anything else: ``refresh_state()`` then ``ready()``, and ``queue_depth()`` when the
   backend has one (a nested Router reports its open streams).
 """
@@ -75,15 +77,31 @@ async def _client_probe(client: Any) -> tuple[bool, int]:
     return client.ready(), depth
 
 
+async def _http_probe(backend: Any) -> tuple[bool, int]:
+    """``GET {base_url}/models`` with the backend's own session and credentials: an
+    OpenAI-compatible upstream (a bridge, llama-server, a cloud API) answers it cheaply
+    without running the model. Only a 2xx counts: a refused key fails every request too."""
+    from inferd.backends.openai_compat.client import endpoint_url
+
+    http = backend._client
+    url = endpoint_url(backend.base_url, "models")
+    async with http.session().get(url, headers=http._credentials()) as resp:
+        await resp.read()
+        return 200 <= resp.status < 300 and backend.ready(), 0
+
+
 async def probe(backend: Backend) -> tuple[bool, int]:
     """``(healthy, queue depth)`` of one backend; raises when the backend is unreachable."""
     custom = getattr(backend, "probe", None)
     if callable(custom):
         return bool(await custom()), 0
+    from inferd.backends.openai_compat import OpenAICompat
     from inferd.serve.client import Client
 
     if isinstance(backend, Client):
         return await _client_probe(backend)
+    if isinstance(backend, OpenAICompat):
+        return await _http_probe(backend)
     await backend.refresh_state()
     depth_of = getattr(backend, "queue_depth", None)
     depth = int(depth_of()) if callable(depth_of) else 0
@@ -139,10 +157,11 @@ class HealthMonitor:
             reason = "" if healthy else "not ready"
         except TimeoutError:
             healthy, depth, reason = False, 0, f"no answer within {self.timeout_s:g}s"
-        except InferdError as e:
+        except (InferdError, OSError) as e:  # aiohttp's connection errors are OSErrors
             healthy, depth, reason = False, 0, type(e).__name__
-        except Exception as e:  # a bug in a probe must not end the loop
-            log.warning("health probe of %r failed with %s", backend.name, type(e).__name__)
+        except Exception as e:  # an HTTP library's error, or a bug: never end the loop
+            if not type(e).__module__.startswith("aiohttp"):
+                log.warning("health probe of %r failed with %s", backend.name, type(e).__name__)
             healthy, depth, reason = False, 0, type(e).__name__
         if healthy != h.healthy:
             log.info("backend %r is %s", backend.name, "healthy" if healthy else "unhealthy")

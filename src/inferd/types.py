@@ -1444,22 +1444,53 @@ def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
 AcceleratorKind: TypeAlias = Literal["cpu", "cuda", "metal", "vulkan", "rocm", "remote"]
 
 
+#: Most RPC devices read from a peer's capabilities (16 servers, a few devices each).
+MAX_RPC_DEVICES = 256
+
+
+def _rpc_list(value: Any) -> list[Any]:
+    return value[:MAX_RPC_DEVICES] if isinstance(value, list) else []
+
+
+@dataclass(frozen=True, slots=True)
+class RpcDevice:
+    """A device of a ggml RPC worker a split model uses (docs/adr/0019-rpc-backend.md)."""
+
+    endpoint: str
+    name: str = ""
+    memory_total: int = 0
+    memory_free: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "name": self.name,
+            "memory_total": self.memory_total,
+            "memory_free": self.memory_free,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class AcceleratorInfo:
-    """Where a local model computes. ``gpu_layers`` is how many layers are offloaded."""
+    """Where a local model computes. ``gpu_layers`` is how many layers are offloaded;
+    ``rpc_devices`` the remote devices of a model split over RPC workers."""
 
     kind: AcceleratorKind = "cpu"
     gpu_layers: int = 0
     device_name: str = ""
     vram_total_bytes: int = 0
+    rpc_devices: tuple[RpcDevice, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "gpu_layers": self.gpu_layers,
             "device_name": self.device_name,
             "vram_total_bytes": self.vram_total_bytes,
         }
+        if self.rpc_devices:
+            out["rpc_devices"] = [d.to_dict() for d in self.rpc_devices]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AcceleratorInfo:
@@ -1469,6 +1500,16 @@ class AcceleratorInfo:
             gpu_layers=int(d.get("gpu_layers", 0)),
             device_name=str(d.get("device_name", "")),
             vram_total_bytes=int(d.get("vram_total_bytes", 0)),
+            rpc_devices=tuple(
+                RpcDevice(
+                    str(r.get("endpoint", "")),
+                    str(r.get("name", "")),
+                    int(r.get("memory_total", 0)),
+                    int(r.get("memory_free", 0)),
+                )
+                for r in _rpc_list(d.get("rpc_devices"))
+                if isinstance(r, Mapping)
+            ),
         )
 
 

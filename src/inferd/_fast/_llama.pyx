@@ -227,6 +227,9 @@ cdef inline bytes _utf8(object text):
     raise TypeError(f"expected str or bytes, got {type(text).__name__}")
 
 
+include "_rpc.pxi"
+
+
 cdef class Context  # forward declarations: Model frees them on deferred close
 cdef class Sampler
 
@@ -234,19 +237,26 @@ cdef class Sampler
 cdef class Model:
     """A GGUF model loaded by libllama.
 
-    ``Model(path, n_gpu_layers=0, use_mmap=True, progress=None, vocab_only=False)``.
+    ``Model(path, n_gpu_layers=0, use_mmap=True, progress=None, vocab_only=False,
+    rpc_servers=(), tensor_split=())``.
     ``progress(fraction)`` is called during loading; returning ``False`` (or raising)
     aborts the load. Loading releases the GIL. Raises :class:`ModelLoadError` when
     libllama refuses the file (the message carries llama.cpp's own reason).
 
     Validate untrusted paths first (``inferd.backends.llamacpp.loader`` checks the
     GGUF magic and header before libllama sees the file).
+
+    ``rpc_servers`` (``"host:port"`` strings) puts the offloaded layers on those ggml
+    RPC servers (then this host's GPUs), ``tensor_split`` says what share each device
+    gets (_rpc.pxi). ggml aborts the process if a server cannot be reached: probe them
+    first (docs/adr/0019-rpc-backend.md).
     """
 
     cdef llama_model * ptr
     cdef const llama_vocab * vocab
     cdef readonly str path
     cdef readonly int n_gpu_layers
+    cdef readonly tuple rpc_servers
     cdef object _children
     cdef list _pending  # children whose close waits for in-flight calls to end
     cdef int _inflight  # GIL-free calls running on this model or its children
@@ -254,7 +264,7 @@ cdef class Model:
     cdef object __weakref__
 
     def __cinit__(self, path, int n_gpu_layers=0, bint use_mmap=True, progress=None,
-                  bint vocab_only=False):
+                  bint vocab_only=False, rpc_servers=(), tensor_split=()):
         self.ptr = NULL
         self.vocab = NULL
         self._children = weakref.WeakSet()
@@ -274,9 +284,22 @@ cdef class Model:
         if progress is not None:
             params.progress_callback = _progress_cb
             params.progress_callback_user_data = <void *>state
+        self.rpc_servers = tuple(str(s) for s in rpc_servers)
+        cdef ggml_backend_dev_t * devs = NULL
+        cdef float * split = NULL
         _recent.clear()
-        with nogil:
-            self.ptr = llama_model_load_from_file(cpath, params)
+        try:
+            if self.rpc_servers:
+                devs = _rpc_model_devices(self.rpc_servers)
+                params.devices = devs
+            if tensor_split:
+                split = _tensor_split_array(tuple(tensor_split))
+                params.tensor_split = split
+            with nogil:
+                self.ptr = llama_model_load_from_file(cpath, params)
+        finally:
+            free(devs)
+            free(split)
         if state[1] is not None:
             if self.ptr != NULL:
                 llama_model_free(self.ptr)

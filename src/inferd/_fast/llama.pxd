@@ -77,6 +77,8 @@ cdef extern from "llama.h" nogil:
         LLAMA_POOLING_TYPE_RANK
 
     cdef struct llama_model_params:
+        ggml_backend_dev_t * devices  # NULL-terminated; set for RPC splits (_rpc.pxi)
+        const float * tensor_split  # llama_max_devices() floats, or NULL
         int32_t n_gpu_layers
         llama_load_mode load_mode
         llama_progress_callback progress_callback
@@ -113,6 +115,7 @@ cdef extern from "llama.h" nogil:
     bint llama_supports_gpu_offload()
     bint llama_supports_mmap()
     size_t llama_max_parallel_sequences()
+    size_t llama_max_devices()
 
     llama_model_params llama_model_default_params()
     llama_context_params llama_context_default_params()
@@ -210,3 +213,29 @@ cdef extern from "llama.h" nogil:
         const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
         const char ** trigger_patterns, size_t num_trigger_patterns,
         const llama_token * trigger_tokens, size_t num_trigger_tokens)
+
+
+# ggml's RPC backend (docs/adr/0019-rpc-backend.md); used by _rpc.pxi.
+cdef extern from "ggml-backend.h" nogil:
+    cdef struct ggml_backend_reg:
+        pass
+    ctypedef ggml_backend_reg * ggml_backend_reg_t
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
+    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device)
+    const char * ggml_backend_reg_name(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
+
+
+cdef extern from "ggml-rpc.h" nogil:
+    enum:
+        RPC_PROTO_MAJOR_VERSION
+        RPC_PROTO_MINOR_VERSION
+        RPC_PROTO_PATCH_VERSION
+        GGML_RPC_MAX_SERVERS
+    ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint)
+    void ggml_backend_rpc_get_device_memory(const char * endpoint, uint32_t device,
+                                            size_t * free, size_t * total)
+    void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir,
+                                       size_t n_threads, size_t n_devices,
+                                       ggml_backend_dev_t * devices)

@@ -159,6 +159,20 @@ class LlamaCpp(Backend):
 
     name = "llamacpp"
 
+    def __new__(
+        cls, model: str | os.PathLike[str], options: LlamaCppOptions | None = None, **kwargs: Any
+    ) -> Any:
+        """With ``rpc_servers`` (and not ``rpc_in_process``) the model is split over ggml
+        RPC workers inside a supervised child process, and this returns the
+        :class:`inferd.serve.rpc_split.RpcSplit` that fronts it: ggml aborts a process
+        whose worker dies, and that must not be the caller's (ADR 0019)."""
+        opts = LlamaCppOptions.from_kwargs(options, kwargs)
+        if opts.rpc_servers and not opts.rpc_in_process:
+            from inferd.serve.rpc_split import RpcSplit
+
+            return RpcSplit(model, opts)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: str | os.PathLike[str],
@@ -181,12 +195,7 @@ class LlamaCpp(Backend):
         self._template: ChatTemplate | None = None
         try:
             self._mf = loader.prepare(self._resolve(model, opts), sha256=opts.sha256)
-            self._model = L.Model(
-                str(self._mf.path),
-                n_gpu_layers=opts.n_gpu_layers,
-                use_mmap=opts.use_mmap,
-                progress=opts.progress,
-            )
+            self._model = loader.load_model(L, self._mf.path, opts)
             self._ctx, self._sched = self._start(L, opts)
         except BaseException:
             self._release()
@@ -341,6 +350,15 @@ class LlamaCpp(Backend):
     def accelerator(self) -> AcceleratorInfo:
         """Where this model computes, from ggml's backend device list."""
         L = _llama()
+        if self.options.rpc_servers and self._model is not None:  # ADR 0019
+            remote = loader.rpc_devices(L, self.options.rpc_servers)
+            return AcceleratorInfo(
+                "remote",
+                self.options.n_gpu_layers or int(self._model.n_layer) + 1,
+                "ggml RPC: " + ", ".join(self.options.rpc_servers),
+                sum(d.memory_total for d in remote),
+                remote,
+            )
         devs = L.devices()
         gpus = [d for d in devs if d["type"] in ("gpu", "igpu")]
         n_gpu_layers = self.options.n_gpu_layers

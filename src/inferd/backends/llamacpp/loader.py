@@ -25,14 +25,20 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from inferd.errors import ModelLoadError
 from inferd.gguf import GGUFHeader, copy_hashing, read_header
+
+if TYPE_CHECKING:
+    from inferd.backends.llamacpp.options import LlamaCppOptions
+    from inferd.types import RpcDevice
 
 __all__ = [
     "GGUFHeader",
     "ModelFile",
     "check_path",
+    "load_model",
     "prepare",
     "prepared",
     "read_header",
@@ -124,3 +130,38 @@ def prepared(path: str | os.PathLike[str], *, sha256: str | None = None):  # typ
         yield mf
     finally:
         mf.cleanup()
+
+
+def load_model(L: Any, path: str | os.PathLike[str], opts: LlamaCppOptions) -> Any:
+    """``L.Model`` of a checked file with ``opts``' device settings.
+
+    With ``rpc_servers`` every worker is probed first (version and devices,
+    :mod:`.rpc_probe`), because ggml aborts the process on an unreachable worker; an
+    ``n_gpu_layers`` of 0 then means every layer (the workers would hold nothing
+    otherwise). Run in a process that may die: a worker lost later still aborts it
+    (docs/adr/0019-rpc-backend.md)."""
+    kwargs: dict[str, Any] = {}
+    layers = opts.n_gpu_layers
+    if opts.rpc_servers:
+        from inferd.backends.llamacpp.rpc_probe import probe_all
+
+        probe_all(opts.rpc_servers)
+        kwargs["rpc_servers"] = opts.rpc_servers
+        layers = layers or -1
+    if opts.tensor_split:
+        kwargs["tensor_split"] = opts.tensor_split
+    return L.Model(
+        str(path), n_gpu_layers=layers, use_mmap=opts.use_mmap, progress=opts.progress, **kwargs
+    )
+
+
+def rpc_devices(L: Any, servers: tuple[str, ...]) -> tuple[RpcDevice, ...]:
+    """The remote devices of a loaded split, with memory from each worker
+    (``ggml_backend_rpc_get_device_memory`` over the model's own connections)."""
+    from inferd.types import RpcDevice
+
+    return tuple(
+        RpcDevice(d["endpoint"], d["name"], d["memory_total"], d["memory_free"])
+        for s in servers
+        for d in L.rpc_devices(s)
+    )

@@ -48,6 +48,8 @@ _INT_LEAST: dict[str, int] = {
     "n_ctx_seq": 1,
 }
 _FLOATS = ("repeat_penalty", "frequency_penalty", "presence_penalty")
+#: Most ``tensor_split`` entries (libllama's llama_max_devices()).
+MAX_TENSOR_SPLIT = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,8 +87,17 @@ class LlamaCppOptions:
     step_tokens: int = DEFAULT_STEP_TOKENS
     prefix_cache: int = DEFAULT_PREFIX_CACHE
     kv_layout: str = DEFAULT_KV_LAYOUT
+    #: ggml RPC workers (``"host:port"``) the offloaded layers live on; a list or a
+    #: comma-separated string (docs/adr/0019-rpc-backend.md)
+    rpc_servers: tuple[str, ...] = ()
+    #: share of the offloaded layers per device (RPC workers first, then local GPUs)
+    tensor_split: tuple[float, ...] = ()
+    #: load an RPC split in this process (a dead worker then aborts it); by default a
+    #: supervised child process holds it
+    rpc_in_process: bool = False
 
     def __post_init__(self) -> None:
+        self._check_rpc()
         for key, least in _INT_LEAST.items():
             value = getattr(self, key)
             if value is None and key not in ("n_ctx", "n_batch", "n_gpu_layers"):
@@ -111,6 +122,29 @@ class LlamaCppOptions:
             from inferd.chat import parser_class
 
             parser_class(self.tool_format)  # an unknown name fails here, not per request
+
+    def _check_rpc(self) -> None:
+        """Normalise and check ``rpc_servers`` and ``tensor_split`` (frozen: set once)."""
+        from inferd.backends.llamacpp.rpc_probe import check_servers
+
+        object.__setattr__(self, "rpc_servers", check_servers(self.rpc_servers))
+        split = self.tensor_split
+        if isinstance(split, str):
+            split = tuple(x for x in split.split(",") if x.strip())
+        try:
+            values = tuple(float(x) for x in split)
+        except (TypeError, ValueError):
+            raise InvalidRequest(
+                f"tensor_split={echo(self.tensor_split)} must be a list of numbers"
+            ) from None
+        if len(values) > MAX_TENSOR_SPLIT or any(not 0 <= v < float("inf") for v in values):
+            raise InvalidRequest(
+                f"tensor_split={echo(self.tensor_split)}: at most {MAX_TENSOR_SPLIT} "
+                "finite shares >= 0"
+            )
+        if values and sum(values) <= 0:
+            raise InvalidRequest("tensor_split: the shares must not all be 0")
+        object.__setattr__(self, "tensor_split", values)
 
     @classmethod
     def from_kwargs(
