@@ -138,6 +138,22 @@ def text_stream(
     return out
 
 
+def completion_stream(
+    parts: Iterable[str], *, usage: tuple[int, int] | None = (5, 3), finish: str = "stop"
+) -> list[bytes]:
+    """A legacy ``/v1/completions`` stream: ``text_completion`` chunks with ``choices[0].text``,
+    the finish chunk, a usage chunk and ``[DONE]`` (docs/adr/0025-*)."""
+    base = {"id": "cmpl-test", "object": "text_completion", "created": 1, "model": "test-model"}
+
+    def one(text: str, fin: str | None) -> bytes:
+        return sse({**base, "choices": [{"index": 0, "text": text, "finish_reason": fin}]})
+
+    out = [one(p, None) for p in parts] + [one("", finish)]
+    if usage is not None:
+        out.append(sse({**base, "choices": [], "usage": usage_obj(*usage)}))
+    return [*out, DONE]
+
+
 def _tool_delta(
     index: int | None, id: str | None = None, name: str | None = None, args: str = ""
 ) -> dict[str, Any]:

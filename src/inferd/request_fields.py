@@ -22,6 +22,9 @@ from inferd.types import Request
 
 #: Optional fields that change a reply, with the value that means "not set".
 REPLY_FIELDS: dict[str, Any] = {
+    # a raw completion (no chat template): only backends that can feed text as it is
+    # honour it (docs/adr/0025-raw-completions-and-reasoning.md)
+    "prompt": None,
     "temperature": None,
     "top_p": None,
     "top_k": None,

@@ -804,7 +804,7 @@ class Request:
                 ("response_format", self.response_format is not None),
                 ("attachments", bool(self.attachments)),
                 ("reasoning_effort", self.reasoning_effort is not None),
-                ("thinking", self.thinking),
+                ("thinking", self.thinking and self.reasoning_effort is None),
             )
             if given
         ]

@@ -19,6 +19,13 @@ from typing import Any
 from inferd.errors import InvalidRequest
 from inferd.types import Message, TextBlock, ThinkingBlock, Tool, ToolResultBlock, ToolUseBlock
 
+#: The keys an assistant turn's reasoning is passed under, each holding the same text:
+#: templates disagree on the name (Qwen3, DeepSeek, Gemma 4, GLM: ``reasoning_content``;
+#: GPT-OSS, LFM2.5: ``thinking``; Solar, Laguna, Hy3: ``reasoning``, vLLM's field) and
+#: the ones that read several take the first they find
+#: (docs/adr/0025-raw-completions-and-reasoning.md).
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
 
 def template_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
     """Tools in the OpenAI function form templates iterate over."""
@@ -64,8 +71,8 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             continue
         d: dict[str, Any] = {"role": m.role, "content": text}
         reasoning = "".join(b.text for b in m.content if isinstance(b, ThinkingBlock))
-        if reasoning:  # templates that render reasoning (Qwen3's) read this key
-            d["reasoning_content"] = reasoning
+        if reasoning:
+            d.update(dict.fromkeys(REASONING_KEYS, reasoning))
         if calls:
             d["tool_calls"] = [
                 {

@@ -551,10 +551,11 @@ def make_app(
     app.router.add_post("/v1/embeddings", embeddings)
     # Anthropic Messages and OpenAI Responses endpoints (ADR 0014); imported here
     # because those modules import this one.
-    from inferd.serve import anthropic_routes, responses_routes, token_routes
+    from inferd.serve import anthropic_routes, completions_routes, responses_routes, token_routes
 
     anthropic_routes.add_routes(app)
     responses_routes.add_routes(app)
+    completions_routes.add_routes(app)  # legacy /v1/completions (ADR 0025)
     token_routes.add_routes(app)  # /tokenize, /detokenize, /apply-template, /v1/rerank
     if cors_origins:  # outermost: preflights are answered before the key check
         cors.Cors(cors_origins).install(app)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from inferd.chat.messages import template_messages, template_tools
 from inferd.errors import InvalidRequest
-from inferd.types import Message, Tool
+from inferd.limits import echo
+from inferd.types import REASONING_OFF, Message, Request, Tool
 
 
 class TemplateError(InvalidRequest):
@@ -119,6 +121,61 @@ class ChatTemplate:
             raise InvalidRequest(
                 f"the chat template failed to render this conversation: {type(e).__name__}: {e}"
             ) from None
+
+
+#: GPT-OSS's template prints ``"Reasoning: " + reasoning_effort``; its levels are low,
+#: medium and high, and it cannot turn reasoning off.
+_GPT_OSS_MARK = '"Reasoning: " + reasoning_effort'
+GPT_OSS_LEVELS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
+#: A template that mentions one of these can put the model into a reasoning block.
+_THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
+
+
+def reasoning_kwargs(source: str | None, request: Request) -> dict[str, Any]:
+    """The template variables that carry ``request.reasoning_effort`` as the family expects.
+
+    * ``enable_thinking`` (Qwen3, Gemma 4, GLM, DeepSeek V3.1+, SmolLM3, ...):
+      ``request.thinking``, which a level decides (none/minimal off, others on);
+    * GPT-OSS: ``reasoning_effort`` in its own levels (minimal reads as low; ``none`` is
+      refused, the model always reasons);
+    * any other template that reads ``reasoning_effort`` (Cohere, Solar, Hy3, DeepSeek
+      V4) gets the level as sent, as llama-server passes it; a level the template does
+      not know makes it raise, which is an ``InvalidRequest``.
+
+    A template with neither switch cannot change its reasoning: a level that needs a
+    change is refused naming ``reasoning_effort`` (docs/adr/0025-raw-completions-and-reasoning.md).
+    Without ``reasoning_effort`` nothing is added (``enable_thinking`` then comes from
+    ``thinking`` through :class:`inferd.chat.plan.ChatPlan`).
+    """
+    effort = request.reasoning_effort
+    if effort is None:
+        return {}
+    src = source or ""
+    kw: dict[str, Any] = {}
+    if "enable_thinking" in src:
+        kw["enable_thinking"] = request.thinking
+    if _GPT_OSS_MARK in src:
+        if effort not in GPT_OSS_LEVELS:
+            raise InvalidRequest(
+                f"reasoning_effort={echo(effort)} cannot be honoured: this model (GPT-OSS) "
+                "always reasons; use low, medium or high"
+            )
+        kw["reasoning_effort"] = GPT_OSS_LEVELS[effort]
+    elif "reasoning_effort" in src:
+        kw["reasoning_effort"] = effort
+    if kw:
+        return kw
+    thinks = bool(_THINKING_MARKERS.search(src))
+    if thinks == (effort in REASONING_OFF):
+        raise InvalidRequest(
+            f"reasoning_effort={echo(effort)} cannot be honoured: this model's chat template "
+            + (
+                "has no switch to turn its reasoning off"
+                if thinks
+                else "has no reasoning; leave reasoning_effort unset or send none"
+            )
+        )
+    return kw
 
 
 def from_model(

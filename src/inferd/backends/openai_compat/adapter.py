@@ -31,6 +31,7 @@ from inferd.backends.openai_compat._http_adapter import (
     key_from_env,
 )
 from inferd.backends.openai_compat._http_adapter import client_timeouts as _timeouts
+from inferd.completions_wire import CompletionStreamDecoder, request_to_completions
 from inferd.errors import (
     BackendUnavailable,
     EmbedUnsupported,
@@ -257,6 +258,7 @@ class OpenAICompat(HttpAdapter, Backend):
         self.name = name
         self.base_url = base_url
         self.chat_url = endpoint_url(base_url, "chat/completions")
+        self.completions_url = endpoint_url(base_url, "completions")  # raw prompts (ADR 0025)
         self.embeddings_url = endpoint_url(base_url, "embeddings")
         self.model = model
         self.embed_model = embed_model
@@ -300,11 +302,25 @@ class OpenAICompat(HttpAdapter, Backend):
         body["stream_options"] = {"include_usage": True}
         return body
 
+    def completions_body(self, request: Request) -> dict[str, Any]:
+        """The ``/v1/completions`` body :meth:`generate` sends for a raw completion
+        (``Request.completion``; docs/adr/0025-raw-completions-and-reasoning.md)."""
+        body = dict(self.extra_body)
+        body.update(request_to_completions(request, model=request.model or self.model))
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        return body
+
     def _stream_target(self, request: Request) -> tuple[str, dict[str, Any]]:
+        if request.prompt is not None:
+            return self.completions_url, self.completions_body(request)
         return self.chat_url, self.chat_body(request)
 
     def _event_source(self, resp: aiohttp.ClientResponse, url: str) -> _Body:
-        return _Body(resp, self.limits, url)
+        body = _Body(resp, self.limits, url)
+        if url == self.completions_url != self.chat_url:  # text_completion chunks
+            body.decoder = CompletionStreamDecoder(self.limits.max_event_bytes)  # type: ignore[assignment]
+        return body
 
     # ------------------------------------------------------------------ embed
 
