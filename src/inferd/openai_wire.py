@@ -277,11 +277,57 @@ def _tool_choice_out(tc: ToolChoice) -> str | dict[str, Any]:
     return tc.kind
 
 
+#: Sampling fields beyond temperature/top_p/top_k/min_p/seed, under the same name in a
+#: Request, an OpenAI body and a llama-server body: OpenAI's own (``presence_penalty``,
+#: ``frequency_penalty``, ``logit_bias``) and llama-server's extensions
+#: (docs/adr/0021-per-request-sampling-chain.md).
+SAMPLING_WIRE_FIELDS: tuple[str, ...] = (
+    "typical_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "repeat_last_n",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_penalty_last_n",
+    "dry_sequence_breakers",
+    "xtc_probability",
+    "xtc_threshold",
+    "logit_bias",
+)
+
+
+def _sampling_out(request: Request, body: dict[str, Any]) -> None:
+    """Put the set :data:`SAMPLING_WIRE_FIELDS` into ``body``: ``logit_bias`` keys as
+    strings (JSON object keys), breakers as a list. Extensions go to every upstream:
+    one that does not know a field refuses it (OpenAI answers 400), never us silently."""
+    for key in SAMPLING_WIRE_FIELDS:
+        v = getattr(request, key)
+        if v is None:
+            continue
+        if key == "logit_bias":
+            v = {str(k): b for k, b in v.items()}
+        elif key == "dry_sequence_breakers":
+            v = list(v)
+        body[key] = v
+
+
+def _sampling_in(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`SAMPLING_WIRE_FIELDS` a body sets (``null`` is unset), for ``Request``
+    to validate (string ``logit_bias`` keys, ranges, limits)."""
+    out = {key: body[key] for key in SAMPLING_WIRE_FIELDS if body.get(key) is not None}
+    breakers = out.get("dry_sequence_breakers")
+    if breakers is not None and not isinstance(breakers, list):
+        raise InvalidRequest("dry_sequence_breakers must be a list of strings")
+    return out
+
+
 #: Reply-changing Request fields :func:`request_to_openai` sends upstream; any other set
 #: field is refused by the one rule in inferd.request_fields (docs/adr/0021-*.md).
 OPENAI_HONOURED: frozenset[str] = frozenset(
     {"temperature", "top_p", "top_k", "min_p", "seed", "response_format", "ignore_eos"}
-)
+) | frozenset(SAMPLING_WIRE_FIELDS)
 
 
 def request_to_openai(
@@ -291,9 +337,9 @@ def request_to_openai(
 
     ``model`` overrides ``request.model``; the body has no ``model`` when both are
     unset. Unset sampling fields are omitted so the upstream's defaults apply.
-    ``top_k``, ``min_p`` and ``ignore_eos`` are upstream extensions (llama-server,
-    vLLM); they are sent only when set. ``thinking`` has no portable Chat Completions
-    form and is not sent. ``stream`` / ``stream_options`` are the caller's business
+    ``top_k``, ``min_p``, ``ignore_eos`` and the llama-server sampling extensions
+    (:data:`SAMPLING_WIRE_FIELDS`) are sent only when set. ``thinking`` has no portable
+    Chat Completions form and is not sent. ``stream`` / ``stream_options`` are the caller's business
     (the adapter adds them), so this mapping serves streaming and non-streaming alike.
 
     ``vision=False`` turns any image into an :class:`InvalidRequest` instead of a
@@ -326,6 +372,7 @@ def request_to_openai(
         body["response_format"] = dict(request.response_format)
     if request.ignore_eos:
         body["ignore_eos"] = True
+    _sampling_out(request, body)
     return body
 
 
@@ -499,7 +546,8 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
     Accepts what real clients send: string or part-list content, ``developer``
     messages, assistant ``tool_calls`` (arguments as a JSON string or an object),
     ``tool`` messages, ``max_completion_tokens``, ``stop`` as a string or a list, and
-    the llama-server extensions ``top_k``, ``min_p`` and ``ignore_eos``. Thinking is
+    the llama-server extensions ``top_k``, ``min_p``, ``ignore_eos`` and
+    :data:`SAMPLING_WIRE_FIELDS` (penalties, DRY, XTC, ``logit_bias``). Thinking is
     on when ``reasoning_effort`` (other than none/minimal), ``reasoning``,
     ``thinking`` or ``chat_template_kwargs.enable_thinking`` asks for it. Fields that
     do not change the reply (``stream``, ``user``, ``metadata``, ...) are ignored, so
@@ -546,6 +594,7 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
             max_tokens=max_tokens,
             stop=stops,
             seed=body.get("seed"),
+            **_sampling_in(body),
             response_format=body.get("response_format"),
             thinking=_thinking_in(body),
             ignore_eos=body.get("ignore_eos", False),

@@ -1,7 +1,7 @@
 """Type stubs for the compiled llama.cpp binding ``inferd._fast._llama``."""
 
 import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 def set_log_level(level: int) -> None: ...
@@ -94,6 +94,14 @@ class Batch:
 
 LAZY_GRAMMAR: bool
 
+#: the per-request chain's constants (_sampling.pxi; docs/adr/0021-per-request-sampling-chain.md)
+DEFAULT_DRY_SEQUENCE_BREAKERS: tuple[str, ...]
+DRY_CACHE_SIZE: int
+LOGIT_BIAS_BAN: float
+MAX_SAMPLER_HISTORY: int
+MAX_BINDING_LOGIT_BIAS: int
+MAX_BINDING_DRY_BREAKERS: int
+
 class Sampler:
     greedy: bool
     #: greedy with no grammar or penalties before it: the draw is a plain argmax
@@ -106,10 +114,19 @@ class Sampler:
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
+        typical_p: float = 1.0,
         repeat_penalty: float = 1.0,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
         penalty_last_n: int = 64,
+        dry_multiplier: float = 0.0,
+        dry_base: float = 1.75,
+        dry_allowed_length: int = 2,
+        dry_penalty_last_n: int = 64,
+        dry_sequence_breakers: Sequence[str] | None = None,
+        xtc_probability: float = 0.0,
+        xtc_threshold: float = 0.1,
+        logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] | None = None,
         seed: int | None = None,
         grammar: str | bytes | None = None,
         grammar_root: str = "root",

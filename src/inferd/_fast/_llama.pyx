@@ -813,15 +813,22 @@ cdef llama_token _draw(llama_sampler * chain, bint argmax, int32_t n_vocab,
     return llama_sampler_sample(chain, ctx, idx)
 
 
+include "_sampling.pxi"
+
+
 # no_gc_clear: the model reference must survive until __dealloc__ has freed
 # this object (a GC cycle must never free the model first).
 @cython.no_gc_clear
 cdef class Sampler:
-    """One sampler chain: penalties, grammar, top-k, top-p, min-p, temperature, then a
-    seeded draw; or greedy (argmax) when ``temperature == 0``.
+    """One sampler chain, in llama.cpp's order: grammar, logit bias, penalties, DRY,
+    top-k, typical, top-p, min-p, XTC, temperature, then a seeded draw; or greedy
+    (argmax) when ``temperature == 0`` (docs/adr/0021-per-request-sampling-chain.md).
 
-    Keep one per sequence: penalties and grammar remember what that sequence produced.
-    ``seed=None`` draws a random seed.
+    Keep one per sequence: penalties, DRY and grammar remember what that sequence
+    produced. ``seed=None`` draws a random seed (the draw and XTC share the seed, as in
+    llama.cpp). ``logit_bias`` maps token ids of this model to a bias (``<= -100``
+    bans). ``dry_sequence_breakers=None`` takes llama.cpp's defaults. A setting libllama
+    cannot take raises ``ValueError`` naming it.
     """
 
     cdef llama_sampler * ptr
@@ -833,18 +840,20 @@ cdef class Sampler:
     cdef int32_t n_vocab
 
     def __cinit__(self, Model model, *, float temperature=0.8, int top_k=40,
-                  float top_p=0.95, float min_p=0.05, float repeat_penalty=1.0,
-                  float frequency_penalty=0.0, float presence_penalty=0.0,
-                  int penalty_last_n=64, seed=None, grammar=None, str grammar_root="root",
+                  float top_p=0.95, float min_p=0.05, float typical_p=1.0,
+                  float repeat_penalty=1.0, float frequency_penalty=0.0,
+                  float presence_penalty=0.0, int penalty_last_n=64,
+                  float dry_multiplier=0.0, float dry_base=1.75, int dry_allowed_length=2,
+                  int dry_penalty_last_n=64, dry_sequence_breakers=None,
+                  float xtc_probability=0.0, float xtc_threshold=0.1, logit_bias=None,
+                  seed=None, grammar=None, str grammar_root="root",
                   grammar_trigger_patterns=None, grammar_trigger_tokens=None):
         self.ptr = NULL
         model._check()
-        if not (temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not (0.0 <= top_p <= 1.0) or not (0.0 <= min_p <= 1.0):
-            raise ValueError("top_p and min_p must be within [0, 1]")
-        if repeat_penalty <= 0.0:
-            raise ValueError(f"repeat_penalty must be > 0 (1.0 disables it), got {repeat_penalty}")
+        _check_sampling(temperature, top_p, min_p, typical_p, repeat_penalty,
+                        frequency_penalty, presence_penalty, penalty_last_n, dry_multiplier,
+                        dry_base, dry_allowed_length, dry_penalty_last_n, xtc_probability,
+                        xtc_threshold)
         self.model = model
         cdef llama_sampler_chain_params cp = llama_sampler_chain_default_params()
         cp.no_perf = True
@@ -866,29 +875,24 @@ cdef class Sampler:
                 why = "; ".join(_recent) or "parse error"
                 raise ValueError(f"invalid GBNF grammar: {why}")
             llama_sampler_chain_add(self.ptr, g)
+        _add_logit_bias(self.ptr, model, logit_bias)
         if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_penalties(
+            _add(self.ptr, llama_sampler_init_penalties(
                 llama_vocab_n_tokens(model.vocab), penalty_last_n, repeat_penalty,
                 frequency_penalty, presence_penalty))
+        _add_dry(self.ptr, model, dry_multiplier, dry_base, dry_allowed_length,
+                 dry_penalty_last_n, dry_sequence_breakers)
         self.greedy = temperature == 0.0
+        cdef uint32_t cseed = _seed32(seed)
+        _add_filters(self.ptr, self.greedy, top_k, typical_p, top_p, min_p, xtc_probability,
+                     xtc_threshold, cseed)
         self.argmax = self.greedy and llama_sampler_chain_n(self.ptr) == 0
         self.n_vocab = llama_vocab_n_tokens(model.vocab)
-        cdef uint32_t cseed
         if self.greedy:
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_greedy())
+            _add(self.ptr, llama_sampler_init_greedy())
         else:
-            if top_k > 0:
-                llama_sampler_chain_add(self.ptr, llama_sampler_init_top_k(top_k))
-            if top_p < 1.0:
-                llama_sampler_chain_add(self.ptr, llama_sampler_init_top_p(top_p, 1))
-            if min_p > 0.0:
-                llama_sampler_chain_add(self.ptr, llama_sampler_init_min_p(min_p, 1))
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_temp(temperature))
-            if seed is None:
-                cseed = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: libllama draws a random seed
-            else:
-                cseed = <uint32_t>(int(seed) & 0xFFFFFFFF)
-            llama_sampler_chain_add(self.ptr, llama_sampler_init_dist(cseed))
+            _add(self.ptr, llama_sampler_init_temp(temperature))
+            _add(self.ptr, llama_sampler_init_dist(cseed))
         model._adopt(self)
 
     def __dealloc__(self):

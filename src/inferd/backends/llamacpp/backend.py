@@ -42,6 +42,14 @@ from inferd.backend import Backend
 from inferd.backends.llamacpp import embedding, loader
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model
 from inferd.backends.llamacpp.options import LlamaCppOptions
+from inferd.backends.llamacpp.sampling import (  # noqa: F401 (DEFAULT_*: public names)
+    DEFAULT_MIN_P,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    SAMPLING_FIELDS,
+    sampler_kwargs,
+)
 from inferd.backends.llamacpp.scheduler import Scheduler, SeqStream
 from inferd.backends.llamacpp.text_tail import TextTail
 from inferd.chat._stream import OutputParser
@@ -71,14 +79,9 @@ from inferd.types import (
     Usage,
 )
 
-#: Sampling defaults when a request leaves a field unset (llama-server's defaults).
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 40
-DEFAULT_TOP_P = 0.95
-DEFAULT_MIN_P = 0.05
 #: Reply-changing Request fields LlamaCpp honours; any other set field is refused by
 #: the one rule in inferd.request_fields (docs/adr/0021-per-request-sampling-chain.md).
-LLAMACPP_HONOURED: frozenset[str] = frozenset(
+LLAMACPP_HONOURED: frozenset[str] = SAMPLING_FIELDS | frozenset(
     {"temperature", "top_p", "top_k", "min_p", "seed", "response_format", "ignore_eos"}
 )
 #: A chat template that mentions one of these can put the model into a reasoning block.
@@ -440,19 +443,16 @@ class LlamaCpp(Backend):
         try:
             return L.Sampler(
                 self._model,
-                temperature=DEFAULT_TEMPERATURE
-                if request.temperature is None
-                else float(request.temperature),
-                top_k=DEFAULT_TOP_K if request.top_k is None else int(request.top_k),
-                top_p=DEFAULT_TOP_P if request.top_p is None else float(request.top_p),
-                min_p=DEFAULT_MIN_P if request.min_p is None else float(request.min_p),
-                repeat_penalty=o.repeat_penalty,
-                frequency_penalty=o.frequency_penalty,
-                presence_penalty=o.presence_penalty,
-                seed=request.seed,
+                **sampler_kwargs(
+                    request,
+                    repeat_penalty=o.repeat_penalty,
+                    frequency_penalty=o.frequency_penalty,
+                    presence_penalty=o.presence_penalty,
+                    n_ctx_seq=self.n_ctx_seq,
+                ),
                 **self._grammar_args(plan or self.plan(request)),
             )
-        except ValueError as e:
+        except ValueError as e:  # e.g. a logit_bias id outside this model's vocabulary
             raise InvalidRequest(str(e)) from None
 
     def _grammar_args(self, plan: ChatPlan) -> dict[str, Any]:
