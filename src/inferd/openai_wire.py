@@ -328,6 +328,9 @@ def _sampling_in(body: Mapping[str, Any]) -> dict[str, Any]:
 OPENAI_HONOURED: frozenset[str] = frozenset(
     {"temperature", "top_p", "top_k", "min_p", "seed", "response_format", "ignore_eos"}
 ) | frozenset(SAMPLING_WIRE_FIELDS)
+#: ``reasoning_effort`` is sent as it is (OpenAI's field; ADR 0025).
+OPENAI_HONOURED |= {"reasoning_effort"}
+
 
 
 def request_to_openai(
@@ -373,6 +376,8 @@ def request_to_openai(
     if request.ignore_eos:
         body["ignore_eos"] = True
     _sampling_out(request, body)
+    if request.reasoning_effort is not None:  # docs/adr/0025-raw-completions-and-reasoning.md
+        body["reasoning_effort"] = request.reasoning_effort
     return body
 
 
@@ -472,7 +477,7 @@ def _message_in(m: Any, i: int) -> Message:
         text = "".join(b.text for b in parts if isinstance(b, TextBlock))
         return Message.tool(call_id, text)
     if role == "assistant":
-        blocks = _parts_in(m.get("content"), where, media=False)
+        blocks = _reasoning_in(m, where) + _parts_in(m.get("content"), where, media=False)
         calls = m.get("tool_calls") or []
         if not isinstance(calls, list):
             raise InvalidRequest(f"{where}.tool_calls must be a list")
@@ -528,6 +533,31 @@ def _thinking_in(body: Mapping[str, Any]) -> bool:
     if isinstance(kwargs, Mapping) and "enable_thinking" in kwargs:
         return bool(kwargs["enable_thinking"])
     return False
+
+
+def _reasoning_in(m: Mapping[str, Any], where: str) -> list[Block]:
+    """An assistant turn's earlier reasoning: ``reasoning_content`` (llama-server, vLLM,
+    DeepSeek, whose thinking-with-tools mode needs it sent back) or vLLM's newer
+    ``reasoning``, as a ThinkingBlock (docs/adr/0025-raw-completions-and-reasoning.md)."""
+    for key in ("reasoning_content", "reasoning"):
+        text = m.get(key)
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{where}.{key} must be a string")
+        return [ThinkingBlock(text)] if text else []
+    return []
+
+
+def _effort_in(body: Mapping[str, Any]) -> Any:
+    """``reasoning_effort`` (or the Responses-style ``reasoning.effort``) as sent; the
+    Request checks the level and derives ``thinking`` from it (ADR 0025)."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        reasoning = body.get("reasoning")
+        if isinstance(reasoning, Mapping):
+            effort = reasoning.get("effort")
+    return effort
 
 
 def _stop_in(stop: Any) -> tuple[str, ...]:
@@ -597,6 +627,7 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
             **_sampling_in(body),
             response_format=body.get("response_format"),
             thinking=_thinking_in(body),
+            reasoning_effort=_effort_in(body),
             ignore_eos=body.get("ignore_eos", False),
             model=model or None,
         )

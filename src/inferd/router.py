@@ -230,6 +230,11 @@ class Router(Backend):
         self.health = HealthMonitor(
             self.backends, interval_s=health_interval_s, timeout_s=health_timeout_s
         )
+        # only backends that override the hook are awaited per request (it costs a
+        # coroutine each, and most backends' state is local)
+        self._refreshing = tuple(
+            b for b in self.backends if type(b).refresh_state is not Backend.refresh_state
+        )
         #: Streams this router has open (or is opening) on each backend.
         self.outstanding = [0] * len(self.backends)
         self._breakers = [
@@ -298,7 +303,7 @@ class Router(Backend):
         """Let every backend make its ``ready()``/``capabilities()`` current; start the
         health probes on first use (they need a running loop)."""
         self.health.start()
-        for b in self.backends:
+        for b in self._refreshing:
             await b.refresh_state()
 
     def _check_open(self) -> None:
@@ -317,7 +322,7 @@ class Router(Backend):
                 opened = await self._first_event(backend, breaker, request, skipped)
                 if opened is None:
                     continue
-                relay = self._relay(backend, breaker, *opened)
+                relay = self._relay(backend, breaker, *opened, choices=request.n)
                 try:
                     async for event in relay:
                         yield event
@@ -404,12 +409,17 @@ class Router(Backend):
         breaker: CircuitBreaker,
         stream: AsyncIterator[Event],
         first: Event,
+        choices: int = 1,
     ) -> AsyncIterator[Event]:
-        """The committed phase: no failover (the caller has seen output), one verdict."""
+        """The committed phase: no failover (the caller has seen output), one verdict.
+        The stream ends at its ``choices``-th ``Done`` (one per choice, ADR 0022)."""
         verdict = False
         try:
             event = first
-            while not isinstance(event, Done):
+            while not isinstance(event, Done) or choices > 1:
+                if isinstance(event, Done):
+                    choices -= 1
+                    event = event.replace(backend=backend.name)
                 yield event
                 try:
                     event = await stream.__anext__()
@@ -417,7 +427,7 @@ class Router(Backend):
                     raise ended_without_done(backend.name) from None
             breaker.success()
             verdict = True
-            yield event.replace(backend=backend.name)
+            yield event if event.backend == backend.name else event.replace(backend=backend.name)
         except (BackendUnavailable, InternalError):
             breaker.failure()
             verdict = True

@@ -40,7 +40,7 @@ from typing import Any
 
 from inferd.backend import Backend
 from inferd.backends.llamacpp import embedding, loader
-from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model
+from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model, reasoning_kwargs
 from inferd.backends.llamacpp.options import LlamaCppOptions
 from inferd.backends.llamacpp.sampling import (  # noqa: F401 (DEFAULT_*: public names)
     DEFAULT_MIN_P,
@@ -84,6 +84,9 @@ from inferd.types import (
 LLAMACPP_HONOURED: frozenset[str] = SAMPLING_FIELDS | frozenset(
     {"temperature", "top_p", "top_k", "min_p", "seed", "response_format", "ignore_eos"}
 )
+#: ``reasoning_effort`` reaches the chat template (chat_template.reasoning_kwargs), and a raw
+#: ``prompt`` is fed without one (``_prepare_raw``; ADR 0025).
+LLAMACPP_HONOURED |= {"reasoning_effort", "prompt"}
 #: A chat template that mentions one of these can put the model into a reasoning block.
 _THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
 #: ``<arch>.pooling_type`` values of embedding models (llama.cpp's mean, cls, last).
@@ -424,8 +427,10 @@ class LlamaCpp(Backend):
     def render(self, request: Request, plan: ChatPlan | None = None) -> str:
         """The prompt text the model sees for ``request``."""
         plan = plan or self.plan(request)
-        return self.chat_template().render(
-            plan.messages, tools=plan.tools, add_generation_prompt=True, **plan.template_kwargs
+        template = self.chat_template()
+        kwargs = {**plan.template_kwargs, **reasoning_kwargs(template.source, request)}
+        return template.render(
+            plan.messages, tools=plan.tools, add_generation_prompt=True, **kwargs
         )
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
@@ -548,6 +553,8 @@ class LlamaCpp(Backend):
         if reason is not None:
             raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {reason}")
         refuse_unhonoured(request, self.name, LLAMACPP_HONOURED)
+        if request.prompt is not None:
+            return self._prepare_raw(request)
         plan = self.plan(request)
         prompt = self.render(request, plan)
         factory = self.options.output_parser
@@ -559,6 +566,15 @@ class LlamaCpp(Backend):
         # Tool-call and thinking sentinels are often control tokens: render them.
         special = plan.format != "plain"
         return self.tokenize_prompt(prompt), self._sampler(request, plan), parser, special
+
+    def _prepare_raw(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
+        """A raw completion: the prompt tokenized as it is (BOS when the model wants one,
+        special tokens written in it parsed, as llama-server's ``/completion``), no
+        template, and a plain parser: no tool or reasoning syntax is read from the text
+        (docs/adr/0025-raw-completions-and-reasoning.md)."""
+        plan = plan_chat(None, request, tool_format="plain")
+        tokens = self.tokenize_prompt(request.prompt or "")
+        return tokens, self._sampler(request, plan), plan.parser(request.prompt or ""), False
 
     def _end_item(self, item: tuple[Any, ...], started: bool) -> StopReason:
         """The stop reason of a non-token item, or the error it carries."""
