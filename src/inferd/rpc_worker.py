@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -87,6 +88,8 @@ def worker_config(args: argparse.Namespace) -> dict[str, object]:
 def _child_main(config_json: str) -> int:
     """The server process: ggml's accept loop until the process ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    # ggml's warnings and errors (a refused client's reason) go to stderr
+    logging.basicConfig(level=logging.WARNING, format="inferd rpc-worker: %(message)s")
     from inferd._fast import _llama
 
     cfg = json.loads(config_json)
