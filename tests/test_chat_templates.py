@@ -33,7 +33,8 @@ EXPECTED = {
     "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja": ("hermes", False),
     "Qwen-Qwen2.5-7B-Instruct.jinja": ("hermes", False),
     "Qwen-Qwen3-0.6B.jinja": ("hermes", True),
-    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": ("plain", True),
+    # R1 writes <｜tool▁calls▁begin｜> calls (ADR 0024); its template shows no tools.
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": ("deepseek", True),
     "microsoft-Phi-3.5-mini-instruct.jinja": ("plain", False),
 }
 

@@ -1,7 +1,9 @@
 """Chat formats for local models: output parsers, format detection, grammars.
 
-One module per family (``plain``, ``hermes``, ``llama3``, ``mistral``, ``gemma4``),
-registered here by name so the backend, the CLI and tests pick one with a string::
+One module per family (``plain``, ``hermes``, ``llama3``, ``mistral``, ``gemma4``, and
+from ADR 0024 ``qwen3_coder``, ``glm4``, ``minimax``, ``nemotron``, ``deepseek``,
+``functionary_v31``, ``functionary_v32``), registered here by name so the backend,
+the CLI and tests pick one with a string::
 
     from inferd.chat import detect_format, get_parser
     parser = get_parser(detect_format(template))
@@ -20,12 +22,23 @@ from __future__ import annotations
 from typing import Any
 
 from inferd.chat._stream import OutputParser, SentinelParser, merge_events
-from inferd.chat.fingerprints import detect_format, detect_thinking, prompt_opens_thinking
+from inferd.chat.deepseek import DeepSeekParser
+from inferd.chat.fingerprints import (
+    detect_format,
+    detect_thinking,
+    explain_format,
+    prompt_opens_thinking,
+)
+from inferd.chat.functionary import FunctionaryV31Parser, FunctionaryV32Parser
 from inferd.chat.gemma4 import Gemma4Parser
+from inferd.chat.glm4 import Glm4Parser
 from inferd.chat.hermes import HermesParser
 from inferd.chat.llama3 import Llama3Parser
+from inferd.chat.minimax import MiniMaxParser
 from inferd.chat.mistral import MistralParser
+from inferd.chat.nemotron import NemotronParser
 from inferd.chat.plain import PlainParser
+from inferd.chat.qwen3_coder import Qwen3CoderParser
 from inferd.errors import InvalidRequest
 
 _REGISTRY: dict[str, type[SentinelParser]] = {}
@@ -37,7 +50,20 @@ def register(cls: type[SentinelParser]) -> type[SentinelParser]:
     return cls
 
 
-for _cls in (PlainParser, HermesParser, Llama3Parser, MistralParser, Gemma4Parser):
+for _cls in (
+    PlainParser,
+    HermesParser,
+    Llama3Parser,
+    MistralParser,
+    Gemma4Parser,
+    Qwen3CoderParser,
+    Glm4Parser,
+    MiniMaxParser,
+    NemotronParser,
+    DeepSeekParser,
+    FunctionaryV31Parser,
+    FunctionaryV32Parser,
+):
     register(_cls)
 
 
@@ -88,6 +114,7 @@ __all__ = [
     "available_formats",
     "detect_format",
     "detect_thinking",
+    "explain_format",
     "get_parser",
     "merge_events",
     "parser_class",

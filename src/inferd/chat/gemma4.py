@@ -10,6 +10,11 @@ calls the model writes ``<|tool_response>`` to hand over to the tool; that and
 
 A value the notation does not cover (an unquoted word) is read as a string, the
 lenient choice; a body that does not parse at all falls back to Text.
+
+Two slips of the model are absorbed, as llama.cpp does (ADR 0024): a stray
+``<channel|>`` outside a reasoning block (often after the answer) is dropped instead
+of reaching the user's text, and a doubled opener ``<|channel><|channel>thought``
+opens one block instead of putting ``<|channel>thought`` into the reasoning.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import json
 import re
 from typing import Any
 
-from inferd.chat._stream import MalformedCall, SentinelParser, arguments_to_tool_use
-from inferd.types import ToolUse
+from inferd.chat._stream import MalformedCall, SentinelParser, arguments_to_tool_use, find_first
+from inferd.types import Event, ToolUse
 
 QUOTE = '<|"|>'
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
@@ -146,6 +151,28 @@ class Gemma4Parser(SentinelParser):
     call_close = "<tool_call|>"
     end_sentinels = ("<|tool_response>", "<turn|>")
     thinking_default = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # The closer is watched for in text too (held back when split), to drop it.
+        self._text_sentinels = (*self._text_sentinels, self.think_close)
+
+    def _step_text(self, out: list[Event], final: bool) -> bool:
+        i, s = find_first(self._buf, self._text_sentinels)
+        if s == self.think_close:  # a stray closer outside reasoning: layout, not text
+            self._buf = self._buf[:i] + self._buf[i + len(s) :]
+            return True
+        return super()._step_text(out, final)
+
+    def _step_think(self, out: list[Event], final: bool) -> bool:
+        if self._think_label_pending:  # a doubled opener: one block, not content
+            buf, opener = self._buf.lstrip(), self.think_open
+            if buf.startswith(opener):
+                self._buf = buf[len(opener) :]
+                return True
+            if not final and opener.startswith(buf):
+                return False
+        return super()._step_think(out, final)
 
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         text = body.strip()

@@ -19,16 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferd.chat import SentinelParser, parser_for
-from inferd.chat.fingerprints import detect_format
+from inferd.chat import SentinelParser, parser_class, parser_for
+from inferd.chat._xml_args import schemas_of
 from inferd.chat.grammar import Grammar, GrammarLimits
 from inferd.chat.messages import template_messages, template_tools
 from inferd.chat.tool_grammar import request_grammar
-from inferd.chat.tool_prompt import (
-    TOOL_PROMPT_FORMAT,
-    fold_tools_into_messages,
-    template_supports_tools,
-)
+from inferd.chat.tool_prompt import fold_tools_into_messages, tool_path
 from inferd.types import Request, Tool
 
 
@@ -54,11 +50,12 @@ class ChatPlan:
 
 
 def effective_format(template: str | None, request: Request, tool_format: str | None = None) -> str:
-    """The format replies are parsed in (and calls are constrained to)."""
-    fmt = tool_format or detect_format(template)
-    if request.tools and fmt == "plain" and not template_supports_tools(template):
-        return TOOL_PROMPT_FORMAT
-    return fmt
+    """The format replies are parsed in (and calls are constrained to).
+
+    :func:`inferd.chat.tool_prompt.tool_path` decides (ADR 0024): an unrecognised
+    tool syntax gets the built-in prompt, never a Hermes parser by accident.
+    """
+    return tool_path(template, bool(request.tools), tool_format).format
 
 
 def plan_chat(
@@ -70,10 +67,17 @@ def plan_chat(
     parallel_tool_calls: bool = False,
 ) -> ChatPlan:
     """Decide format, prompt inputs and grammar for ``request`` on this template."""
-    fmt = effective_format(template, request, tool_format)
+    path = tool_path(template, bool(request.tools), tool_format)
+    fmt = path.format
     messages = template_messages(request.messages)
     tools = tuple(request.tools)
-    folded = bool(tools) and not template_supports_tools(template)
+    folded = path.folded
+    # XML-style families type argument values by the tool's schema (ADR 0024).
+    options = (
+        {"schemas": schemas_of(tools)}
+        if tools and getattr(parser_class(fmt), "accepts_schemas", False)
+        else {}
+    )
     if folded:
         messages = fold_tools_into_messages(messages, template_tools(tools))
         tools = ()
@@ -87,4 +91,6 @@ def plan_chat(
     kwargs = (
         {"enable_thinking": request.thinking} if template and "enable_thinking" in template else {}
     )
-    return ChatPlan(fmt, template, messages, tools, grammar, folded, template_kwargs=kwargs)
+    return ChatPlan(
+        fmt, template, messages, tools, grammar, folded, options=options, template_kwargs=kwargs
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from inferd.chat.family_grammar import FAMILY_GRAMMARS, family_grammar
 from inferd.chat.grammar import (
     GEMMA4,
     JSON,
@@ -219,6 +220,8 @@ def request_grammar(
         )
     if wants_json:
         return response_format_grammar(rf, limits)
+    if request.tools and fmt in FAMILY_GRAMMARS:  # the families of ADR 0024
+        return family_grammar(fmt, kind, request.tools, choice, parallel=parallel, limits=limits)
     if not request.tools or fmt not in OPENERS:
         return None
     if kind in ("required", "tool"):

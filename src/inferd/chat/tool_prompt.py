@@ -13,14 +13,31 @@ the reply with the ``hermes`` parser:
   blocks, because such templates often refuse (or mis-render) a ``tool`` role and
   expect user/assistant alternation.
 
-:func:`template_supports_tools` decides which path a template takes.
+:func:`tool_path` decides which path a template takes: the template's own tool
+syntax when inferd recognises it (:mod:`inferd.chat.fingerprints`) and the template
+renders tools; otherwise the built-in prompt. A template that renders tools in a
+syntax inferd does not know must not be parsed as Hermes by accident: it gets this
+prompt too, so the syntax is the one we asked for (and, with ``tool_choice``, the one
+our grammar enforces). Each decision is logged at INFO with its reason, once per
+template (ADR 0024).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from inferd.chat.fingerprints import explain_format
+
+logger = logging.getLogger(__name__)
+
+#: How many (template, decision) pairs are remembered so each is logged only once.
+MAX_LOGGED_DECISIONS = 64
 
 #: Placed before the tool list; ``{tools}`` is one JSON object per line.
 TOOL_PROMPT = (
@@ -39,6 +56,65 @@ TOOL_PROMPT_FORMAT = "hermes"
 def template_supports_tools(chat_template: str | None) -> bool:
     """True when the template renders ``tools`` itself (it mentions the variable)."""
     return bool(chat_template) and "tools" in chat_template  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class ToolPath:
+    """How a request's tools reach a model: the parse format, folded or not, and why."""
+
+    format: str
+    folded: bool
+    reason: str
+
+
+_logged: OrderedDict[tuple[str, str, bool], None] = OrderedDict()
+
+
+def tool_path(
+    chat_template: str | None, has_tools: bool, tool_format: str | None = None
+) -> ToolPath:
+    """Decide the tool format and whether tools are folded into the messages.
+
+    ``tool_format`` (an operator's override) always names the parser; tools are then
+    folded only when the template cannot render them, as before ADR 0024.
+    """
+    supports = template_supports_tools(chat_template)
+    if tool_format:
+        folded = has_tools and not supports
+        path = ToolPath(tool_format, folded, f"tool_format={tool_format!r} was configured")
+    else:
+        detected, why = explain_format(chat_template)
+        if not has_tools:
+            return ToolPath(detected, False, why)
+        if not supports:
+            path = ToolPath(TOOL_PROMPT_FORMAT, True, f"the template does not render tools ({why})")
+        elif detected == "plain":
+            path = ToolPath(
+                TOOL_PROMPT_FORMAT,
+                True,
+                f"the template renders tools in a syntax inferd does not recognise ({why}); "
+                "using the built-in tool prompt",
+            )
+        else:
+            path = ToolPath(detected, False, why)
+    if has_tools:
+        _log_once(chat_template, path)
+    return path
+
+
+def _log_once(chat_template: str | None, path: ToolPath) -> None:
+    digest = hashlib.sha256((chat_template or "").encode()).hexdigest()[:16]
+    key = (digest, path.format, path.folded)
+    if key in _logged:
+        _logged.move_to_end(key)
+        return
+    _logged[key] = None
+    while len(_logged) > MAX_LOGGED_DECISIONS:
+        _logged.popitem(last=False)
+    how = "built-in tool prompt" if path.folded else "the template's own tool prompt"
+    logger.info(
+        "tool format %s (%s) for chat template %s: %s", path.format, how, digest, path.reason
+    )
 
 
 def tool_prompt(tools: Sequence[dict[str, Any]]) -> str:

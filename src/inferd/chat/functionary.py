@@ -1,0 +1,95 @@
+"""``functionary_v31`` and ``functionary_v32``: MeetKai functionary v3.x calls.
+
+* v3.1 (Llama 3.1 based): ``<function=NAME>{json arguments}</function>``, any number
+  of them, text before allowed.
+* v3.2: the prompt ends with ``>>>``, so the reply starts with a *recipient*:
+  ``all\\n`` then text for the user, or ``NAME\\n`` then JSON arguments; each
+  further part starts with ``>>>``. A part's kind is known only at its end, so v3.2
+  text reaches the client when the part ends, not token by token (ADR 0024).
+"""
+
+from __future__ import annotations
+
+from inferd.chat._stream import (
+    MalformedCall,
+    SentinelParser,
+    arguments_to_tool_use,
+    decode_json_objects,
+)
+from inferd.chat.grammar import SchemaConverter, gbnf_literal
+from inferd.types import Event, Text, Tool, ToolUse
+
+V31_OPENER = "<function="
+V32_SEPARATOR = ">>>"
+V32_TEXT = "all\n"
+
+
+def _json_call(parser: SentinelParser, name: str, args_text: str) -> ToolUse:
+    objs = decode_json_objects(args_text.strip())
+    if len(objs) != 1:
+        raise MalformedCall(f"functionary call {name.strip()[:40]!r}: expected one JSON object")
+    if any(c in name for c in "<>\n") or not name.strip():
+        raise MalformedCall(f"functionary call: bad function name {name[:40]!r}")
+    return arguments_to_tool_use(parser.new_id(), name.strip(), objs[0])
+
+
+class FunctionaryV31Parser(SentinelParser):
+    """``<function=name>{json}</function>``."""
+
+    name = "functionary_v31"
+    call_open = V31_OPENER
+    call_close = "</function>"
+    end_sentinels = ("<|eom_id|>", "<|eot_id|>")
+
+    def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
+        name, gt, args = body.partition(">")
+        if not gt:
+            raise MalformedCall("functionary call without '>' after the name")
+        return [_json_call(self, name, args)]
+
+
+class FunctionaryV32Parser(SentinelParser):
+    """``>>>``-separated parts: ``all\\n`` text or ``name\\n{json}`` calls."""
+
+    name = "functionary_v32"
+    call_open = V32_SEPARATOR
+    call_close = None
+    end_sentinels = ("<|eom_id|>", "<|eot_id|>")
+
+    def bare_call_start(self, buf: str, final: bool) -> bool | None:
+        return True  # the prompt's '>>>' already opened the first part
+
+    def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
+        return [e for e in self._part(body) if isinstance(e, ToolUse)]
+
+    def _part(self, body: str) -> list[Event]:
+        if body.startswith(V32_TEXT):
+            return [Text(body[len(V32_TEXT) :])]
+        name, nl, args = body.partition("\n")
+        if not nl:
+            raise MalformedCall("functionary part without a recipient line")
+        return [_json_call(self, name, args)]
+
+    def _end_call(self, out: list[Event], body: str, *, closed: bool, closer: str) -> bool:
+        # Like the base, but an ``all`` part is text, not a call.
+        try:
+            events = self._part(body)
+        except MalformedCall as e:
+            self.malformed.append(str(e))
+            out.append(Text(self._call_opener + body + closer))
+            return False
+        out.extend(events)
+        return True
+
+
+def v31_call_rule(conv: SchemaConverter, tool: Tool) -> str:
+    """One v3.1 call of ``tool``."""
+    args = conv.visit(dict(tool.parameters) or {"type": "object"}, f"{tool.name}-args")
+    head = gbnf_literal(f"<function={tool.name}>")
+    return conv.add(f"call-{tool.name}", f'{head} {args} "</function>"')
+
+
+def v32_call_rule(conv: SchemaConverter, tool: Tool) -> str:
+    """One v3.2 part calling ``tool`` (without the ``>>>`` that separates parts)."""
+    args = conv.visit(dict(tool.parameters) or {"type": "object"}, f"{tool.name}-args")
+    return conv.add(f"call-{tool.name}", f"{gbnf_literal(tool.name + chr(10))} {args}")

@@ -1,0 +1,90 @@
+"""``qwen3_coder``: Qwen3-Coder, Qwen 3.5, Nemotron 3 Nano and StepFun 3.5 XML calls.
+
+A call is::
+
+    <tool_call>
+    <function=get_weather>
+    <parameter=city>
+    Zürich
+    </parameter>
+    </function>
+    </tool_call>
+
+One ``<function=...>`` per block (several blocks for parallel calls). A value is raw
+text between the newline after ``<parameter=NAME>`` and the one before
+``</parameter>``, typed by the tool's schema (:mod:`inferd.chat._xml_args`), so code
+and HTML pass untouched. Some models skip the first ``<tool_call>`` and start the
+reply with ``<function=``: a reply that *starts* that way is read as a call (as
+llama.cpp does; a ``<function=`` after other text is not, see ADR 0024). Qwen 3.5
+and Nemotron reason in ``<think>``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from inferd.chat._stream import MalformedCall, SentinelParser
+from inferd.chat._xml_args import (
+    Schemas,
+    build_call,
+    only_space_between,
+    params_rule,
+    strip_one_newline,
+)
+from inferd.chat.grammar import SchemaConverter, gbnf_literal
+from inferd.types import Tool, ToolUse
+
+_FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.S)
+_PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
+_BARE = "<function="
+
+OPENER = "<tool_call>"
+VALUE_CLOSER = "\n</parameter>"
+
+
+class Qwen3CoderParser(SentinelParser):
+    """``<tool_call><function=name><parameter=p>v</parameter></function></tool_call>``."""
+
+    name = "qwen3_coder"
+    call_open = OPENER
+    call_close = "</tool_call>"
+    end_sentinels = ("<|im_end|>",)
+    thinking_default = True
+    accepts_schemas = True
+
+    def __init__(self, *, schemas: Schemas | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.schemas: Schemas = schemas or {}
+
+    def bare_call_start(self, buf: str, final: bool) -> bool | None:
+        head = buf.lstrip()
+        if head.startswith(_BARE):
+            return True
+        if _BARE.startswith(head) and not final:
+            return None
+        return False
+
+    def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
+        funcs = list(_FUNCTION.finditer(body))
+        if not funcs:
+            raise MalformedCall("qwen3_coder call without <function=name>...</function>")
+        only_space_between(body, [m.span() for m in funcs], "qwen3_coder call")
+        return [self._one(m.group(1), m.group(2)) for m in funcs]
+
+    def _one(self, name: str, inner: str) -> ToolUse:
+        params = list(_PARAMETER.finditer(inner))
+        only_space_between(inner, [m.span() for m in params], f"function {name!r}")
+        pairs = [(m.group(1), strip_one_newline(m.group(2))) for m in params]
+        return build_call(self.new_id, self.schemas, name, pairs)
+
+
+def call_rule(conv: SchemaConverter, tool: Tool) -> str:
+    """One call of ``tool`` in this syntax (grammar for ``tool_choice``)."""
+
+    def render(key: str, value: str) -> str:
+        return f'{gbnf_literal(f"<parameter={key}>" + chr(10))} {value} "\\n</parameter>\\n"'
+
+    params = params_rule(conv, tool, render, VALUE_CLOSER)
+    head = gbnf_literal(f"<tool_call>\n<function={tool.name}>\n")
+    return conv.add(f"call-{tool.name}", f'{head} {params} "</function>\\n</tool_call>"')
