@@ -56,12 +56,14 @@ from inferd.types import (
     TextBlock,
     Thinking,
     ThinkingBlock,
+    TokenLogprob,
     Tool,
     ToolChoice,
     ToolResultBlock,
     ToolUse,
     ToolUseBlock,
     Usage,
+    choices_usage,
 )
 
 __all__ = [
@@ -332,6 +334,9 @@ OPENAI_HONOURED: frozenset[str] = frozenset(
 OPENAI_HONOURED |= {"reasoning_effort"}
 
 
+#: ``n`` choices and ``logprobs`` are sent as they are (ADR 0022).
+OPENAI_HONOURED |= {"n", "logprobs", "top_logprobs"}
+
 
 def request_to_openai(
     request: Request, *, model: str | None = None, vision: bool = True
@@ -376,6 +381,7 @@ def request_to_openai(
     if request.ignore_eos:
         body["ignore_eos"] = True
     _sampling_out(request, body)
+    _choices_out(request, body)
     if request.reasoning_effort is not None:  # docs/adr/0025-raw-completions-and-reasoning.md
         body["reasoning_effort"] = request.reasoning_effort
     return body
@@ -570,6 +576,25 @@ def _stop_in(stop: Any) -> tuple[str, ...]:
     raise InvalidRequest("'stop' must be a string or a list of strings")
 
 
+def _choices_in(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``n``, ``logprobs`` and ``top_logprobs`` as set (``null`` is unset); ``Request``
+    checks them (docs/adr/0022-n-choices-and-logprobs.md)."""
+    out = {key: body[key] for key in ("n", "logprobs", "top_logprobs") if body.get(key) is not None}
+    if out.get("top_logprobs") is not None and "logprobs" not in out:
+        raise InvalidRequest("top_logprobs needs logprobs=true")
+    return out
+
+
+def _choices_out(request: Request, body: dict[str, Any]) -> None:
+    """Put ``n``/``logprobs``/``top_logprobs`` into an upstream body when set."""
+    if request.n != 1:
+        body["n"] = request.n
+    if request.logprobs:
+        body["logprobs"] = True
+        if request.top_logprobs is not None:
+            body["top_logprobs"] = request.top_logprobs
+
+
 def request_from_openai(body: Mapping[str, Any]) -> Request:
     """Read an OpenAI Chat Completions request body into a :class:`Request`.
 
@@ -590,9 +615,6 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise InvalidRequest("'messages' must be a non-empty list")
-    n = body.get("n")
-    if n not in (None, 1):
-        raise InvalidRequest(f"n={echo(n)} is not supported; inferd returns one choice (n=1)")
     if len(msgs) > MAX_MESSAGES:  # refuse before walking them
         raise InvalidRequest(f"{len(msgs)} messages given; at most {MAX_MESSAGES} (MAX_MESSAGES)")
     messages = tuple(_message_in(m, i) for i, m in enumerate(msgs))
@@ -630,6 +652,7 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
             reasoning_effort=_effort_in(body),
             ignore_eos=body.get("ignore_eos", False),
             model=model or None,
+            **_choices_in(body),
         )
     except InvalidRequest:
         raise
@@ -649,22 +672,39 @@ class ChunkWriter:
     a single fragment); :class:`Done` becomes the ``finish_reason`` chunk followed,
     when ``include_usage`` is set (the client sent ``stream_options.include_usage``),
     by the usage chunk with ``choices: []``. Nothing is written after ``Done``.
+
+    With ``n`` choices (docs/adr/0022-n-choices-and-logprobs.md) every chunk carries its
+    event's ``index`` in ``choices[0].index``, each choice gets its role chunk and its
+    ``finish_reason`` chunk, and the reply is finished after the ``n``-th ``Done``;
+    ``Text.logprobs`` become ``choices[0].logprobs.content``.
     """
 
     __slots__ = (
         "_base",
+        "_dones",
         "_finished",
+        "_roles",
         "_started",
         "_tool_index",
         "created",
         "id",
         "include_usage",
         "model",
+        "n",
     )
 
     def __init__(
-        self, model: str, id: str, *, created: int | None = None, include_usage: bool = True
+        self,
+        model: str,
+        id: str,
+        *,
+        created: int | None = None,
+        include_usage: bool = True,
+        n: int = 1,
     ) -> None:
+        self.n = n  # choices: finished after n Done events (ADR 0022)
+        self._dones: list[Done] = []
+        self._roles: set[int] = set()
         self.model = model
         self.id = id
         self.created = int(time.time()) if created is None else created
@@ -684,10 +724,39 @@ class ChunkWriter:
         """True once ``Done`` has been written."""
         return self._finished
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def _chunk(
+        self,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        index: int = 0,
+        logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> dict[str, Any]:
         c = dict(self._base)
-        c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        lps = {"content": [lp.to_dict() for lp in logprobs]} if logprobs else None
+        c["choices"] = [{"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}]
         return c
+
+    def _choice_start(self, index: int) -> list[dict[str, Any]]:
+        """The role chunk of choice ``index`` > 0 before its first event (ADR 0022)."""
+        if index in self._roles:
+            return []
+        self._roles.add(index)
+        return [self._chunk({"role": "assistant", "content": ""}, index=index)]
+
+    def _done(self, event: Done) -> list[dict[str, Any]]:
+        """The ``finish_reason`` chunk of a choice; after the last choice's, the usage
+        chunk (the prompt once, completion tokens summed over the choices)."""
+        self._dones.append(event)
+        out = [self._chunk({}, finish_reason(event.stop_reason), event.index)]
+        if len(self._dones) < self.n:
+            return out
+        self._finished = True
+        if self.include_usage:
+            c = dict(self._base)
+            c["choices"] = []
+            c["usage"] = usage_to_openai(choices_usage(self._dones))
+            out.append(c)
+        return out
 
     def start(self) -> list[dict[str, Any]]:
         """The role chunk, if not sent yet (a bridge may flush it before any event)."""
@@ -701,12 +770,15 @@ class ChunkWriter:
         if self._finished:
             raise InvalidRequest("ChunkWriter: an event arrived after Done")
         out = self.start()
+        index = event.index
+        if index:
+            out.extend(self._choice_start(index))
         if isinstance(event, Text):
-            if event.text:
-                out.append(self._chunk({"content": event.text}))
+            if event.text or event.logprobs:
+                out.append(self._chunk({"content": event.text}, None, index, event.logprobs))
         elif isinstance(event, Thinking):
             if event.text:
-                out.append(self._chunk({"reasoning_content": event.text}))
+                out.append(self._chunk({"reasoning_content": event.text}, None, index))
         elif isinstance(event, ToolUse):
             args = event.raw_arguments or _dumps(dict(event.input or {}))
             out.append(
@@ -725,13 +797,7 @@ class ChunkWriter:
             )
             self._tool_index += 1
         elif isinstance(event, Done):
-            self._finished = True
-            out.append(self._chunk({}, finish_reason(event.stop_reason)))
-            if self.include_usage:
-                c = dict(self._base)
-                c["choices"] = []
-                c["usage"] = usage_to_openai(event.usage)
-                out.append(c)
+            out.extend(self._done(event))
         else:
             raise InvalidRequest(f"ChunkWriter: unknown event {type(event).__name__}")
         return out
@@ -754,8 +820,23 @@ def response_to_completion(
     """A whole reply as a non-streaming ``chat.completion`` object.
 
     Reasoning goes in ``message.reasoning_content`` (the llama-server / vLLM /
-    DeepSeek convention) only when there is some.
+    DeepSeek convention) only when there is some. A reply of ``n`` choices
+    (``response.choices``) has ``n`` entries in ``choices`` and their usage summed;
+    logprobs, when asked, are ``choices[i].logprobs.content``
+    (docs/adr/0022-n-choices-and-logprobs.md).
     """
+    choices = response.choices or (response,)
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [_choice_out(c, i) for i, c in enumerate(choices)],
+        "usage": usage_to_openai(response.usage),
+    }
+
+
+def _choice_out(response: Response, index: int) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": "assistant",
         "content": response.text if response.text or not response.tool_calls else None,
@@ -764,20 +845,12 @@ def response_to_completion(
         message["reasoning_content"] = response.thinking
     if response.tool_calls:
         message["tool_calls"] = [_tool_call_out(c) for c in response.tool_calls]
+    lps = response.logprobs
     return {
-        "id": id,
-        "object": "chat.completion",
-        "created": int(time.time()) if created is None else created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": finish_reason(response.stop_reason),
-            }
-        ],
-        "usage": usage_to_openai(response.done.usage),
+        "index": index,
+        "message": message,
+        "logprobs": {"content": [lp.to_dict() for lp in lps]} if lps else None,
+        "finish_reason": finish_reason(response.stop_reason),
     }
 
 

@@ -322,7 +322,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             lambda r: openai_wire.response_to_completion(r, model=model, id=cid),
         )
     include_usage = bool(opts.get("include_usage"))
-    writer = openai_wire.ChunkWriter(model, cid, include_usage=include_usage)
+    writer = openai_wire.ChunkWriter(model, cid, include_usage=include_usage, n=req.n)
     return await stream_reply(request, req, _FastChunks(writer), _chat_error_event)
 
 
@@ -479,7 +479,12 @@ class _FastChunks:
 
     def encode(self, event: Event) -> bytes:
         """The SSE bytes for one event (the first event also carries the role chunk)."""
-        if self._started and isinstance(event, Text | Thinking) and event.text:
+        if (
+            self._started
+            and isinstance(event, Text | Thinking)
+            and event.text
+            and not (event.index or event.logprobs)  # choices, logprobs: ChunkWriter
+        ):
             prefix = self._content if type(event) is Text else self._reasoning
             return prefix + orjson.dumps(event.text) + self._suffix
         self._started = True

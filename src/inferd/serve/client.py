@@ -367,6 +367,7 @@ class Client(Backend):
         conn = await self._acquire()
         rid = next(self._ids)
         finished = False
+        dones = 0
         try:
             frame = _traced({"type": "generate", **request.to_dict()})
             q = await conn.open_stream(rid, frame, self.stream_buffer_frames)
@@ -380,9 +381,11 @@ class Client(Backend):
                     raise wire.error_from_frame(frame)
                 event = wire.event_from_frame(frame)
                 if isinstance(event, Done):
-                    finished = True
-                    yield event
-                    return
+                    dones += 1  # one per choice (docs/adr/0022-n-choices-and-logprobs.md)
+                    if dones >= request.n:
+                        finished = True
+                        yield event
+                        return
                 yield event
         finally:
             conn.forget(rid)

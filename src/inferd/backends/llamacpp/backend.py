@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import re
 import time
@@ -41,6 +42,7 @@ from typing import Any
 from inferd.backend import Backend
 from inferd.backends.llamacpp import embedding, loader
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model, reasoning_kwargs
+from inferd.backends.llamacpp.choices import ChoiceReader, choice_seed, merged
 from inferd.backends.llamacpp.options import LlamaCppOptions
 from inferd.backends.llamacpp.sampling import (  # noqa: F401 (DEFAULT_*: public names)
     DEFAULT_MIN_P,
@@ -51,7 +53,6 @@ from inferd.backends.llamacpp.sampling import (  # noqa: F401 (DEFAULT_*: public
     sampler_kwargs,
 )
 from inferd.backends.llamacpp.scheduler import Scheduler, SeqStream
-from inferd.backends.llamacpp.text_tail import TextTail
 from inferd.chat._stream import OutputParser
 from inferd.chat.plan import ChatPlan, plan_chat
 from inferd.errors import (
@@ -67,7 +68,6 @@ from inferd.request_fields import refuse_unhonoured
 from inferd.types import (
     AcceleratorInfo,
     Capabilities,
-    Done,
     EmbedRequest,
     EmbedResult,
     Event,
@@ -75,7 +75,6 @@ from inferd.types import (
     RerankRequest,
     RerankResult,
     StopReason,
-    Timings,
     Usage,
 )
 
@@ -87,6 +86,8 @@ LLAMACPP_HONOURED: frozenset[str] = SAMPLING_FIELDS | frozenset(
 #: ``reasoning_effort`` reaches the chat template (chat_template.reasoning_kwargs), and a raw
 #: ``prompt`` is fed without one (``_prepare_raw``; ADR 0025).
 LLAMACPP_HONOURED |= {"reasoning_effort", "prompt"}
+#: ``n`` choices share one prefill; ``logprobs`` come from the scheduler (ADR 0022).
+LLAMACPP_HONOURED |= {"n", "logprobs", "top_logprobs"}
 #: A chat template that mentions one of these can put the model into a reasoning block.
 _THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
 #: ``<arch>.pooling_type`` values of embedding models (llama.cpp's mean, cls, last).
@@ -485,46 +486,35 @@ class LlamaCpp(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:  # type: ignore[override]
         start = time.perf_counter()
-        tokens, sampler, parser, special = self._prepare(request)
+        tokens, samplers, parsers, special = self._prepare_choices(request)
+        top = (request.top_logprobs or 0) if request.logprobs else None
         # Pre-stream: InvalidRequest (never fits) / QueueFull raise from here; the
         # scheduler fits max_tokens to the sequence (stream.max_tokens).
-        stream: SeqStream = self._scheduler().submit(
+        streams = self._scheduler().submit_choices(
             tokens,
-            sampler,
+            samplers,
             max_tokens=request.max_tokens,
             ignore_eos=request.ignore_eos,
             special=special,
+            top_logprobs=top,
         )
-        tail = TextTail(request.stop)
-        produced, first, started = 0, 0.0, False
-        stop_reason: StopReason | None = None
+        readers = [
+            ChoiceReader(i, s, p, request.stop)
+            for i, (s, p) in enumerate(zip(streams, parsers, strict=True))
+        ]
+        started = False
         try:
-            while stop_reason is None:
-                item = await stream.get()
-                if self._closed:  # tokens still queued when close() ran
-                    raise BackendUnavailable(f"backend {self.name!r} was closed during generation")
-                if item[0] != "tok":
-                    stop_reason = self._end_item(item, started)
-                    break
-                if item[2] and not request.ignore_eos:
-                    stop_reason = StopReason.END_TURN
-                    break
-                produced += 1
-                text = tail.feed(item[3])  # the token's bytes, from the scheduler thread
-                if tail.stopped:
-                    stop_reason = StopReason.STOP_SEQUENCE
-                elif produced >= stream.max_tokens:
-                    stop_reason = StopReason.MAX_TOKENS
-                for ev in parser.feed(text) if text else ():
-                    first, started = first or time.perf_counter(), True
-                    yield ev
-            rest = tail.finish()
-            for ev in (*(parser.feed(rest) if rest else ()), *parser.finish()):
-                first, started = first or time.perf_counter(), True
+            async for ev in merged(
+                readers,
+                ignore_eos=request.ignore_eos,
+                end_item=self._end_item,
+                check_open=self._check_generating,
+                n_prompt=len(tokens),
+                start=start,
+                backend=self.name,
+            ):
+                started = True
                 yield ev
-            usage = Usage(len(tokens), produced, stream.cached_tokens)
-            timings = Timings.measure(start, first or None, time.perf_counter(), produced)
-            yield Done(stop_reason, usage, timings, self.name)
         except (InferdError, GeneratorExit, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -536,12 +526,34 @@ class LlamaCpp(Backend):
                 f"generation failed mid-stream: {type(e).__name__}: {e}"
             ) from e
         finally:
-            if not stream.done:
-                # Left early (break, aclose, cancellation) or stopped on a stop sequence:
-                # the sequence ends at the next step. Waiting for that (at most one step)
-                # means a caller who breaks and generates again finds the cells free.
-                stream.cancel(keep=stop_reason is not None)
-            await stream.freed()
+            for r in readers:
+                if not r.stream.done:
+                    # Left early (break, aclose, cancellation) or stopped on a stop
+                    # sequence: the sequence ends at the next step. Waiting for that (at
+                    # most one step) means a caller who breaks and generates again finds
+                    # the cells free.
+                    r.stream.cancel(keep=r.stop_reason is not None)
+            for r in readers:
+                await r.stream.freed()
+
+    def _check_generating(self) -> None:
+        if self._closed:  # tokens still queued when close() ran
+            raise BackendUnavailable(f"backend {self.name!r} was closed during generation")
+
+    def _prepare_choices(
+        self, request: Request
+    ) -> tuple[list[int], list[Any], list[OutputParser], bool]:
+        """(pre-stream) :meth:`_prepare` once per choice (``Request.n``): choice ``i``
+        samples with ``seed + i`` (or its own random seed) and parses on its own; they
+        share the prompt tokens, prefilled once (docs/adr/0022-n-choices-and-logprobs.md)."""
+        tokens, sampler, parser, special = self._prepare(request)
+        samplers, parsers = [sampler], [parser]
+        for i in range(1, request.n):
+            seed = choice_seed(request.seed, i)
+            _, smp, par, _ = self._prepare(dataclasses.replace(request, seed=seed))
+            samplers.append(smp)
+            parsers.append(par)
+        return tokens, samplers, parsers, special
 
     def _prepare(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
         """(pre-stream) Prompt tokens, sampler, output parser and whether control tokens

@@ -44,6 +44,15 @@ Why these choices:
 
 Cancellation: the stream's flag is seen at the next step, its cells are removed, and
 the consumer's ``freed()`` resolves only after that, so nothing outlives its stream.
+
+Choices (``n > 1``, docs/adr/0022-n-choices-and-logprobs.md): :meth:`Scheduler.submit_choices`
+queues one *leader* and ``n - 1`` *followers*, admitted together (``n`` slots, the KV
+worst case of all ``n``). Only the leader prefills the prompt; the step that decodes its
+last prompt token samples every choice from those same logits (each with its own chain
+and seed), then copies the leader's cells to the followers (``seq_cp``: a tag in the
+unified layout, a whole-stream copy in the split one), and from then on they are
+ordinary sequences. Logprobs (``top_logprobs``): for the sequences that asked, one
+GIL-free call per step (``_logprobs.pxi``) reads the same logits after the decode.
 """
 
 from __future__ import annotations
@@ -56,8 +65,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from inferd.errors import InvalidRequest, NotReady, QueueFull
+from inferd.errors import BackendUnavailable, InvalidRequest, NotReady, QueueFull
 from inferd.limits import echo
+from inferd.types import TokenLogprob
 
 log = logging.getLogger("inferd.llamacpp.scheduler")
 
@@ -132,8 +142,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class SeqStream:
     """One generation's hand-off between the scheduler thread and its event loop.
 
-    The consumer awaits :meth:`get` for items ``("tok", token, is_eog, piece)`` (``piece``:
-    the token's bytes, detokenized in the scheduler thread), ``("full",)`` (the sequence
+    The consumer awaits :meth:`get` for items ``("tok", token, is_eog, piece, logprob)``
+    (``piece``: the token's bytes, detokenized in the scheduler thread; ``logprob``: a
+    :class:`~inferd.types.TokenLogprob` when ``top_logprobs >= 0``, else None),
+    ``("full",)`` (the sequence
     reached its context), ``("error", exc)`` or ``("end",)`` (the scheduler closed). It
     calls :meth:`cancel` when it leaves early and then awaits :meth:`freed`.
 
@@ -149,9 +161,11 @@ class SeqStream:
         "cached_tokens",
         "cancelled",
         "done",
+        "followers",
         "ignore_eos",
         "kv",
         "last",
+        "lead",
         "loop",
         "max_tokens",
         "n_past",
@@ -164,6 +178,7 @@ class SeqStream:
         "seq",
         "special",
         "taken",
+        "top_logprobs",
     )
 
     def __init__(
@@ -199,6 +214,11 @@ class SeqStream:
         self.cancelled = False
         self.cache_on_cancel = False
         self.cached_tokens = 0
+        # choices (ADR 0022): a leader lists its followers; a follower names its leader
+        # until its first token (sampled from the leader's logits) and cells are copied
+        self.followers: list[SeqStream] = []
+        self.lead: SeqStream | None = None
+        self.top_logprobs = -1  # -1: no logprobs; 0..20 alternatives per token
 
     async def get(self) -> tuple[Any, ...]:
         """The next item from the scheduler (waits; a slow caller pauses the sequence)."""
@@ -368,12 +388,42 @@ class Scheduler:
         Raises ``InvalidRequest`` when it can never fit, ``QueueFull`` when the
         admission queue is at ``max_queued``, ``NotReady`` after :meth:`close`.
         """
+        return self.submit_choices(
+            prompt, [sampler], max_tokens=max_tokens, ignore_eos=ignore_eos, special=special
+        )[0]
+
+    def submit_choices(
+        self,
+        prompt: list[int],
+        samplers: Sequence[Any],
+        *,
+        max_tokens: int | None = None,
+        ignore_eos: bool = False,
+        special: bool = False,
+        top_logprobs: int | None = None,
+    ) -> list[SeqStream]:
+        """Queue one sequence per sampler sharing one prefill (choices, ADR 0022).
+
+        As :meth:`submit`, plus ``InvalidRequest`` naming ``n`` when the choices can
+        never be admitted together (more than ``parallel`` slots, or more KV than the
+        context holds). ``top_logprobs`` (0..20; None: off) adds a ``TokenLogprob`` to
+        every token item. Returns the streams in choice order (the first is the leader).
+        """
         n = len(prompt)
         self.check_prompt(n)
         room = self.n_ctx_seq - n
         max_tokens = room if max_tokens is None else max(1, min(max_tokens, room))
+        self._check_choices(len(samplers), n + max_tokens)
         loop = asyncio.get_running_loop()
-        stream = SeqStream(self, loop, list(prompt), sampler, max_tokens, ignore_eos, special)
+        streams = [
+            SeqStream(self, loop, list(prompt), smp, max_tokens, ignore_eos, special)
+            for smp in samplers
+        ]
+        stream = streams[0]
+        stream.followers = streams[1:]
+        for s in streams:
+            s.lead = stream if s is not stream else None
+            s.top_logprobs = -1 if top_logprobs is None else top_logprobs
         with self._cond:
             if self._closing:
                 raise NotReady(f"backend {self.name!r} is closed")
@@ -387,7 +437,24 @@ class Scheduler:
             self._pending.append(stream)
             self.idle.clear()
             self._cond.notify()
-        return stream
+        return streams
+
+    def _check_choices(self, width: int, need: int) -> None:
+        """``InvalidRequest`` naming ``n`` when ``width`` choices can never run together."""
+        if width < 1:
+            raise InvalidRequest("n must be at least 1")
+        if width > self.parallel:
+            raise InvalidRequest(
+                f"n={width} choices need {width} sequence slots decoded together, but "
+                f"backend {self.name!r} has parallel={self.parallel}; ask for fewer choices "
+                "or create LlamaCpp with a larger parallel"
+            )
+        if not self.split and width * need > self.n_ctx:
+            raise InvalidRequest(
+                f"n={width} choices of {need} tokens each (prompt + max_tokens) need "
+                f"{width * need} KV cells, but the context holds n_ctx={self.n_ctx}; ask "
+                "for fewer choices or a smaller max_tokens"
+            )
 
     def check_prompt(self, n: int) -> None:
         """``InvalidRequest`` naming the limits when ``n`` prompt tokens never fit.
@@ -436,13 +503,22 @@ class Scheduler:
     def _cancel(self, stream: SeqStream) -> None:
         with self._cond:
             if stream.seq < 0:
+                lead = stream.lead
+                if lead is not None and lead.seq < 0:  # a choice whose group still waits
+                    lead.followers.remove(stream)
+                    stream.done = True
+                    stream._set_freed()
+                    return
                 try:
                     self._pending.remove(stream)
                 except ValueError:
                     pass
                 else:  # never admitted: nothing to free in the context
-                    stream.done = True
-                    stream._set_freed()
+                    for s in (stream, *stream.followers):  # its choices end with it
+                        s.done = True
+                        if s is not stream:
+                            s._put(("end",))
+                        s._set_freed()
                     self._update_idle()
                     return
             self._cancels.append(stream)
@@ -514,6 +590,8 @@ class Scheduler:
             self.idle.set()
 
     def _runnable(self, s: SeqStream) -> bool:
+        if s.lead is not None:  # a choice waiting for its leader's prefill
+            return False
         if s.n_past < len(s.prompt):
             return True
         return s.sent - s.taken < PIPELINE_DEPTH
@@ -521,7 +599,7 @@ class Scheduler:
     def _has_work(self) -> bool:  # with self._cond held
         if self._cancels:
             return True
-        if self._pending and self._free_slots and self._head_fits:
+        if self._pending and self._head_fits and self._slots_for(self._pending[0]):
             return True
         return any(self._runnable(s) for s in self._active)
 
@@ -569,11 +647,15 @@ class Scheduler:
             if self._unhandled <= 0:
                 self._cond.notify()
 
+    def _slots_for(self, s: SeqStream) -> bool:  # with self._cond held
+        """True when the free slots can take ``s`` and its choices (ADR 0022)."""
+        return len(self._free_slots) >= 1 + len(s.followers)
+
     def _admit(self) -> None:
         """Move queue heads into free slots while they fit (FCFS: nobody overtakes)."""
         while True:
             with self._cond:
-                if not self._pending or not self._free_slots:
+                if not self._pending or not self._slots_for(self._pending[0]):
                     return
                 s = self._pending[0]
                 placed = self._place_split(s.prompt) if self.split else self._place(s)
@@ -586,23 +668,32 @@ class Scheduler:
                 s.seq = seq
                 self._active.append(s)
                 self._reserved += s.need
+                for f in s.followers:  # choices: a slot each, filled from the leader later
+                    f.seq = self._free_slots.pop(0) if self.split else self._free_slots.pop()
+                    self._active.append(f)
+                    self._reserved += f.need
+            for f in s.followers:
+                self.ctx.seq_rm(f.seq, -1, -1)
+                if self.split:
+                    self._slot_kv[f.seq] = []
             lcp = self._reuse_in_slot(seq, lcp) if self.split else self._copy_prefix(seq, src, lcp)
             if lcp > 0:
                 s.n_past = lcp
                 s.kv = s.prompt[:lcp]
                 s.cached_tokens = lcp
                 self.stats["cached_tokens"] += lcp
-            self.stats["admitted"] += 1
+            self.stats["admitted"] += 1 + len(s.followers)
 
     def _place(self, s: SeqStream) -> tuple[int, int, int] | None:
         """Unified: ``(slot, prefix source, prefix length)`` once the shared cache can
         hold ``s``'s worst case next to the other reservations; None: not yet."""
         src, lcp = self._best_prefix(s.prompt)
-        if not self._make_room(s.need, keep=src):
+        need = s.need * (1 + len(s.followers))  # choices reserve their worst case too
+        if not self._make_room(need, keep=src):
             if not (lcp and src in self._cache):
                 return None
             src, lcp = -1, 0  # the kept source must go too
-            if not self._make_room(s.need, keep=-1):
+            if not self._make_room(need, keep=-1):
                 return None
         return self._free_slots.pop(), src, lcp
 
@@ -691,7 +782,7 @@ class Scheduler:
         for s in self._active:
             if room <= 0:
                 break
-            if s.cancelled or s.n_past >= len(s.prompt):
+            if s.cancelled or s.n_past >= len(s.prompt) or s.lead is not None:
                 continue
             chunk = s.prompt[s.n_past : s.n_past + room]
             room -= len(chunk)
@@ -713,9 +804,13 @@ class Scheduler:
             wants = s.n_past + len(toks) >= len(s.prompt)
             i = batch.add_sequence(toks, len(s.kv), s.seq, wants)
             if wants:
-                idxs.append(i)
-                samplers.append(s.sampler)
-                owners.append(s)
+                for c in (s, *s.followers) if s.followers else (s,):
+                    if c.lead is s and c.cancelled:
+                        continue
+                    if c is s or c.lead is s:  # choices draw from the leader's logits
+                        idxs.append(i)
+                        samplers.append(c.sampler)
+                        owners.append(c)
         if len(batch) == 0:
             return
         t0 = time.perf_counter()
@@ -735,16 +830,20 @@ class Scheduler:
             s.kv.extend(chunk)
             if s.n_past < len(s.prompt):
                 s.n_past += len(chunk)
+                if s.n_past >= len(s.prompt) and s.followers:
+                    self._fill_choices(s)
         out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
         finished: list[SeqStream] = []
         is_eog, to_piece = self.model.is_eog, self.model.token_to_piece
-        for s, tok in zip(owners, toks, strict=True):
+        lps = self._logprobs(owners, idxs, toks)
+        for k, (s, tok) in enumerate(zip(owners, toks, strict=True)):
             eog = bool(is_eog(tok))
             s.last = tok
             s.produced += 1
             s.sent += 1
             shown = not eog or s.ignore_eos  # an end-of-generation token ends the text
-            item = ("tok", tok, eog, to_piece(tok, s.special) if shown else b"")
+            piece = to_piece(tok, s.special) if shown else b""
+            item = ("tok", tok, eog, piece, lps[k] if lps is not None and shown else None)
             out.setdefault(s.loop, []).append((s, item))
             if (eog and not s.ignore_eos) or s.produced >= s.max_tokens:
                 finished.append(s)
@@ -755,6 +854,45 @@ class Scheduler:
         for s in finished:
             self._finish(s, cache=True, out=out)
         self._send(out)
+
+    def _fill_choices(self, lead: SeqStream) -> None:
+        """The leader's prompt is in its cells: copy them to every waiting choice (the
+        copy lands before the next decode), which then decodes on its own (ADR 0022)."""
+        for f in lead.followers:
+            if f.lead is not lead:
+                continue
+            f.lead = None
+            if f.cancelled or f.done:
+                continue
+            self.ctx.seq_cp(lead.seq, f.seq, -1, -1)
+            f.kv = list(lead.kv)
+            f.n_past = len(f.prompt)
+            f.cached_tokens = lead.cached_tokens
+        self.stats["choice_copies"] += 1
+
+    def _logprobs(
+        self, owners: list[SeqStream], idxs: list[int], toks: list[int]
+    ) -> list[TokenLogprob | None] | None:
+        """``TokenLogprob`` per sampled token for the sequences that asked (None: none
+        did, nothing is computed), from the logits of the decode just done."""
+        want = [k for k, s in enumerate(owners) if s.top_logprobs >= 0]
+        if not want:
+            return None
+        from inferd._fast._llama import token_logprobs
+
+        top_n = max(owners[k].top_logprobs for k in want)
+        got = token_logprobs(self.ctx, [idxs[k] for k in want], [toks[k] for k in want], top_n)
+        to_piece = self.model.token_to_piece
+        out: list[TokenLogprob | None] = [None] * len(owners)
+        for k, (lp, top) in zip(want, got, strict=True):
+            s = owners[k]
+            alts = []
+            for tid, alp in top[: s.top_logprobs]:
+                b = to_piece(tid, s.special)
+                alts.append((b.decode("utf-8", "replace"), tuple(b), alp))
+            piece = to_piece(toks[k], s.special)
+            out[k] = TokenLogprob(piece.decode("utf-8", "replace"), tuple(piece), lp, tuple(alts))
+        return out
 
     def _decode_failed(self, err: Exception, streams: list[SeqStream]) -> None:
         """A failed decode leaves the cache as libllama says; fail that batch's streams."""
@@ -777,6 +915,15 @@ class Scheduler:
         if s.done:
             return
         s.done = True
+        for f in s.followers:  # choices still waiting for this prefill end with it
+            if f.lead is s:
+                f.lead = None
+                if not f.done:
+                    f.cancelled = True
+                    lost = BackendUnavailable("the prompt's prefill for this choice failed")
+                    if out is not None:
+                        out.setdefault(f.loop, []).append((f, ("error", lost)))
+                    self._finish(f, cache=False, out=out)
         seq = s.seq
         if self.split:
             self._keep_in_slot(seq, s.kv if cache else None)
@@ -845,7 +992,7 @@ class Scheduler:
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:
             self._closing = True
-            streams = list(self._active) + list(self._pending)
+            streams = list(self._active) + [x for p in self._pending for x in (p, *p.followers)]
         out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
         for s in streams:
             out.setdefault(s.loop, []).append((s, ("error", err)))
@@ -855,7 +1002,7 @@ class Scheduler:
         """(thread exit) end every open stream and free what they held."""
         with self._cond:
             self._closing = True
-            streams = list(self._active) + list(self._pending)
+            streams = list(self._active) + [x for p in self._pending for x in (p, *p.followers)]
             self._pending.clear()
         out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
         for s in streams:
