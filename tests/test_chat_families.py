@@ -210,7 +210,35 @@ def _qwen_cases() -> list[Case]:
             [call(1, "run_in_terminal", {"command": "pwd"})],
             in_thinking=True,
         ),
+        Case(
+            "qwen35-json-after-thinking",
+            q,
+            "I need to output the invoice details in JSON\n</think>\n\n"
+            '{"amount": 123.45, "date": "2025-12-03"}',
+            [
+                Thinking("I need to output the invoice details in JSON"),
+                Text('{"amount": 123.45, "date": "2025-12-03"}'),
+            ],
+            in_thinking=True,
+        ),
         Case("coder-text", q, "Hello, world!\nWhat's up?", [HELLO]),
+        Case(
+            "coder-text-then-bare-function",
+            q,
+            "Let me call it.\n" + qcall("special_function", ("arg1", "1"), bare=True),
+            [Text("Let me call it.\n"), SPECIAL],
+        ),
+        Case(
+            "qwen35-call-ends-open-thinking",
+            q,
+            "Need to inspect the current directory.\n"
+            + qcall("run_in_terminal", ("command", "pwd")),
+            [
+                Thinking("Need to inspect the current directory."),
+                call(1, "run_in_terminal", {"command": "pwd"}),
+            ],
+            in_thinking=True,
+        ),
         Case(
             "coder-bare-function", q, qcall("special_function", ("arg1", "1"), bare=True), [SPECIAL]
         ),
@@ -863,6 +891,20 @@ def test_each_decision_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     mine = [r for r in caplog.records if "qwen3_coder" in r.getMessage()]
     assert len(mine) == 2  # once, then again after being forgotten
     assert "'<tool_call>' and '<function=' and '<parameter='" in mine[0].getMessage()
+
+
+def test_plan_hands_the_tool_schemas_to_the_parser() -> None:
+    """A string parameter that looks like a number stays a string (the schema says so)."""
+    src = _template("Qwen3-Coder.jinja")
+    tool = Tool("dial", "d", _obj({"number": _STR, "times": _INT}, ("number",)))
+    plan = plan_chat(src, Request((Message.user("Call home"),), tools=(tool,)))
+    assert plan.options == {"schemas": {"dial": tool.parameters}}
+    p = plan.parser("")
+    events = p.feed(qcall("dial", ("number", "0044123"), ("times", "2"))) + p.finish()
+    assert [e.input for e in events if isinstance(e, ToolUse)] == [
+        {"number": "0044123", "times": 2}
+    ]
+    assert plan_chat(src, Request((Message.user("hi"),))).options == {}
 
 
 def test_parser_for_opens_thinking_from_the_real_prompt() -> None:

@@ -13,10 +13,12 @@ A call is::
 One ``<function=...>`` per block (several blocks for parallel calls). A value is raw
 text between the newline after ``<parameter=NAME>`` and the one before
 ``</parameter>``, typed by the tool's schema (:mod:`inferd.chat._xml_args`), so code
-and HTML pass untouched. Some models skip the first ``<tool_call>`` and start the
-reply with ``<function=``: a reply that *starts* that way is read as a call (as
-llama.cpp does; a ``<function=`` after other text is not, see ADR 0024). Qwen 3.5
-and Nemotron reason in ``<think>``.
+and HTML pass untouched. Qwen 3.5 and Nemotron reason in ``<think>``.
+
+Two slips llama.cpp accepts, and so do we (ADR 0024): a model may skip the first
+``<tool_call>`` and write ``<function=`` directly (at the start of the reply or
+after some text; the ``</tool_call>`` still closes it), and a call may end a
+reasoning block that the prompt opened without the model ever writing ``</think>``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from inferd.chat._stream import MalformedCall, SentinelParser
+from inferd.chat._stream import _CALL, MalformedCall, SentinelParser, find_first, holdback
 from inferd.chat._xml_args import (
     Schemas,
     build_call,
@@ -33,7 +35,7 @@ from inferd.chat._xml_args import (
     strip_one_newline,
 )
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
-from inferd.types import Tool, ToolUse
+from inferd.types import Event, Tool, ToolUse
 
 _FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
@@ -56,13 +58,34 @@ class Qwen3CoderParser(SentinelParser):
     def __init__(self, *, schemas: Schemas | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.schemas: Schemas = schemas or {}
+        self._text_sentinels = (*self._text_sentinels, _BARE)  # held back when split
 
-    def bare_call_start(self, buf: str, final: bool) -> bool | None:
-        head = buf.lstrip()
-        if head.startswith(_BARE):
-            return True
-        if _BARE.startswith(head) and not final:
-            return None
+    def _start_call(self, opener: str) -> bool:
+        self._mode, self._call_opener, self._at_start = _CALL, opener, False
+        return True
+
+    def _step_text(self, out: list[Event], final: bool) -> bool:
+        i, s = find_first(self._buf, self._text_sentinels)
+        if s == _BARE:  # a call without its <tool_call>: the body keeps '<function='
+            self._emit_text(out, self._buf[:i])
+            self._buf = self._buf[i:]
+            return self._start_call("")
+        return super()._step_text(out, final)
+
+    def _step_think(self, out: list[Event], final: bool) -> bool:
+        buf, opener = self._buf, self.call_open or ""
+        i, j = buf.find(opener), buf.find(self.think_close)
+        if i >= 0 and (j < 0 or i < j):  # a call ends a block that </think> never closed
+            self._emit_think(out, buf[:i], closing=True)
+            self._buf = buf[i + len(opener) :]
+            return self._start_call(opener)
+        keep = 0 if final or j >= 0 else holdback(buf, (opener,))
+        if not keep:
+            return super()._step_think(out, final)
+        self._buf = buf[:-keep]  # the rest may still become <tool_call>: wait for it
+        if self._buf:
+            super()._step_think(out, final)
+        self._buf += buf[-keep:]
         return False
 
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
