@@ -110,10 +110,8 @@ def test_openai_body_reads_effort_and_history_reasoning() -> None:
         {"messages": [{"role": "assistant", "reasoning": "vLLM's name", "content": "ok"}]}
     )
     assert alt.messages[0].content == (ThinkingBlock("vLLM's name"), TextBlock("ok"))
-    assert (
-        request_from_openai({"messages": HISTORY[:1], "reasoning": {"effort": "none"}}).thinking
-        is False
-    )
+    off = request_from_openai({"messages": HISTORY[:1], "reasoning": {"effort": "none"}})
+    assert off.thinking is False and off.reasoning_effort == "none"
     with pytest.raises(InvalidRequest, match=r"messages\[0\]\.reasoning_content"):
         request_from_openai({"messages": [{"role": "assistant", "reasoning_content": 3}]})
 
@@ -141,7 +139,7 @@ def test_gpt_oss_gets_its_own_levels(with_template) -> None:
         (None, "Reasoning: medium"),  # the template's own default
     ]:
         assert line in b.render(Request.chat("hi", reasoning_effort=effort)), effort
-    with pytest.raises(InvalidRequest, match="reasoning_effort='none'.*always reasons"):
+    with pytest.raises(InvalidRequest, match=r"reasoning_effort='none'.*always reasons"):
         b.render(Request.chat("hi", reasoning_effort="none"))
 
 
@@ -157,7 +155,7 @@ async def test_smollm2_has_no_reasoning_switch(with_template) -> None:
     b = with_template(None)
     plain = b.render(Request.chat("hi"))
     assert b.render(Request.chat("hi", reasoning_effort="none")) == plain
-    with pytest.raises(InvalidRequest, match="reasoning_effort='high'.*has no reasoning"):
+    with pytest.raises(InvalidRequest, match=r"reasoning_effort='high'.*has no reasoning"):
         b.render(Request.chat("hi", reasoning_effort="high"))
     with pytest.raises(InvalidRequest, match="reasoning_effort"):  # pre-stream, from generate
         await anext(aiter(b.generate(Request.chat("hi", reasoning_effort="low", max_tokens=2))))
@@ -171,8 +169,13 @@ def test_history_reasoning_is_rendered_where_the_template_keeps_it(with_template
     req = request_from_openai({"messages": HISTORY, "tools": [WEATHER_TOOL]})
     qwen = with_template("Qwen-Qwen3-0.6B.jinja").render(req)
     assert "<think>\nNeed the weather tool for Paris.\n</think>" in qwen
-    oss = with_template("openai-gpt-oss-120b.jinja").render(req)
+    # GPT-OSS keeps the reasoning of a turn that made a call (its ``thinking`` key); the
+    # follow-up here sends no tools, so the calls are rendered in GPT-OSS's own syntax.
+    oss = with_template("openai-gpt-oss-120b.jinja").render(
+        request_from_openai({"messages": HISTORY})
+    )
     assert "<|channel|>analysis<|message|>Need the weather tool for Paris.<|end|>" in oss
+    assert "to=functions.weather" in oss
     smol = with_template(None).render(req)  # SmolLM2's template has no place for it
     assert "Need the weather tool" not in smol
 
