@@ -456,7 +456,7 @@ def test_auto_tool_choice_without_tools_is_dropped():
             "function",
         ),
         ({"messages": [{"role": "user", "content": "a"}], "stop": 5}, "stop"),
-        ({"messages": [{"role": "user", "content": "a"}], "n": 2}, "n=2"),
+        ({"messages": [{"role": "user", "content": "a"}], "n": 17}, "n=17"),
         ({"messages": [{"role": "user", "content": "a"}], "temperature": "hot"}, "temperature"),
         ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, "tool"),
         ({"messages": [{"role": "user", "content": "a"}], "model": 5}, "model"),
