@@ -578,3 +578,26 @@ async def test_probes_reach_openai_compatible_replicas_over_http() -> None:
             assert router.breaker("dead").state == "closed"  # skipped, never tried
         finally:
             await router.aclose()
+
+
+def test_a_router_reused_under_a_new_loop_probes_in_that_loop() -> None:
+    ms = [Probed(["x"], name=f"m{i}") for i in range(2)]
+    router = Router(ms, policy="least_loaded", health_interval_s=0.01)
+
+    async def use() -> asyncio.AbstractEventLoop:
+        await served_by(router, Request.chat("hi"))
+        before = ms[0].probes
+        await wait_for(lambda: ms[0].probes > before, "a probe in this loop")
+        task = router.health._task
+        assert task is not None
+        return task.get_loop()
+
+    first = asyncio.run(use())
+    second = asyncio.run(use())
+    assert first is not second
+
+    async def close() -> None:
+        await router.aclose()
+
+    asyncio.run(close())  # the task belongs to a closed loop: no error, nothing left
+    assert not router.health.running

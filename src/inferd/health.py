@@ -137,12 +137,14 @@ class HealthMonitor:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        """Start the probe task if enabled, not closed and not already running."""
-        if not self.enabled or self._closed or self.running:
+        """Start the probe task if enabled, not closed and not already running in this
+        loop (a router reused under a new ``asyncio.run`` gets a task in the new loop)."""
+        if not self.enabled or self._closed:
             return
-        self._task = asyncio.get_running_loop().create_task(
-            self._loop(), name="inferd-health-probes"
-        )
+        loop = asyncio.get_running_loop()
+        if self.running and self._task is not None and self._task.get_loop() is loop:
+            return
+        self._task = loop.create_task(self._loop(), name="inferd-health-probes")
 
     async def probe_all(self) -> None:
         """One round: every backend probed at once, each within the timeout."""
@@ -178,7 +180,12 @@ class HealthMonitor:
         """Stop probing and wait for the task to end. Safe to call twice."""
         self._closed = True
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None or task.done():
+            return
+        if task.get_loop() is not asyncio.get_running_loop():
+            with contextlib.suppress(RuntimeError):  # that loop is gone or elsewhere
+                task.cancel()
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
