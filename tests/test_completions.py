@@ -349,3 +349,46 @@ async def test_anthropic_compat_refuses_a_raw_prompt() -> None:
 async def test_openai_chat_mapping_refuses_a_raw_prompt() -> None:
     with pytest.raises(InvalidRequest, match="prompt"):
         Request.completion("hi").to_openai()
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+async def test_bridge_over_the_daemon_counts_raw_completions(smol, smollm2_path) -> None:
+    """``inferd bridge --socket`` before ``inferd serve`` on SmolLM2: the raw prompt crosses
+    the daemon wire, goes through its admission and counters like a chat request, and
+    gives the same greedy text as the in-process backend."""
+    from inferd.serve.client import admin_status
+
+    from .conftest import require_llama_core
+    from .serve_helpers import BridgeProc, DaemonProc, short_tmpdir, write_config
+
+    require_llama_core()
+    want = await _collect(smol, Request.completion(PROSE, max_tokens=N_TOKENS, temperature=0))
+    with short_tmpdir() as d:
+        smol_cfg = {"type": "llamacpp", "model": str(smollm2_path), "name": "smol"}
+        cfg = write_config(d / "c.toml", [{**smol_cfg, "n_ctx": 1024, "n_threads": 1}])
+        daemon = DaemonProc.start(cfg, d / "infer.sock")
+        try:
+            bridge = BridgeProc.start("--socket", str(daemon.sock))
+            try:
+                before = (await admin_status(daemon.sock))["counters"]
+                client = openai.AsyncOpenAI(
+                    base_url=f"{bridge.url}/v1",
+                    api_key="unused",
+                    max_retries=0,
+                    http_client=openai.DefaultAsyncHttpxClient(trust_env=False, timeout=300),
+                )
+                async with client:
+                    r = await client.completions.create(
+                        model="smol", prompt=PROSE, max_tokens=N_TOKENS, temperature=0
+                    )
+                after = (await admin_status(daemon.sock))["counters"]
+            finally:
+                bridge.stop()
+        finally:
+            daemon.stop()
+    assert r.choices[0].text == want.text
+    assert r.usage is not None and r.usage.completion_tokens == want.done.usage.output_tokens
+    assert after["requests"] == before["requests"] + 1
+    assert after["tokens"] == before["tokens"] + want.done.usage.output_tokens

@@ -703,4 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: the route modules (Messages,
+    # Responses, Completions) import ``inferd.serve.bridge``, and an app built here would
+    # hold this copy's AppKeys, which theirs do not find (a KeyError, a 500).
+    from inferd.serve import bridge as _bridge
+
+    sys.exit(_bridge.main())
