@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 from inferd.backend import Backend, ended_without_done
@@ -410,7 +410,7 @@ class Router(Backend):
         stream: AsyncIterator[Event],
         first: Event,
         choices: int = 1,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """The committed phase: no failover (the caller has seen output), one verdict.
         The stream ends at its ``choices``-th ``Done`` (one per choice, ADR 0022)."""
         verdict = False
