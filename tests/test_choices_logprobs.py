@@ -28,6 +28,7 @@ from inferd.types import (
 
 from .conftest import require_llama_core
 from .serve_helpers import bridge_in_process, short_tmpdir
+from .test_llama_server import llama_server, llama_server_bin  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.llama
 
@@ -245,6 +246,37 @@ async def test_bridge_choices_and_logprobs_with_openai_python(backend):
 
 
 # ---------------------------------------------------------------- other backends
+
+
+@pytest.mark.server
+@pytest.mark.slow
+async def test_openai_compat_reads_choices_and_logprobs_from_llama_server(
+    llama_server,  # noqa: F811 (the fixture imported above)
+    backend,
+):
+    """llama-server (the peer) computes logprobs from the raw logits too: its greedy
+    tokens and logprobs agree with ours while the two greedy replies agree."""
+    from inferd.backends.openai_compat import OpenAICompat
+
+    up = OpenAICompat(llama_server, api_key="", model="smollm2", read_timeout=300, max_retries=0)
+    try:
+        events = [e async for e in up.generate(Request(PROMPT, n=2, seed=41, **SAMPLED))]
+        assert sorted(e.index for e in events if isinstance(e, Done)) == [0, 1]
+        r = Response.collect(events)
+        assert len(r.choices) == 2 and all(c.text for c in r.choices)
+        assert r.usage.output_tokens == sum(c.done.usage.output_tokens for c in r.choices)
+        greedy = Request(PROMPT, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+        theirs = Response.collect([e async for e in up.generate(greedy)])
+    finally:
+        await up.aclose()
+    _check_logprobs(theirs.logprobs, 3, greedy=True)
+    assert b"".join(bytes(lp.bytes) for lp in theirs.logprobs).decode() == theirs.text
+    ours = await _single(backend, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    assert ours.logprobs[0].token == theirs.logprobs[0].token
+    for a, b in zip(ours.logprobs, theirs.logprobs, strict=False):
+        if a.token != b.token:
+            break
+        assert a.logprob == pytest.approx(b.logprob, abs=0.05)
 
 
 def test_anthropic_refuses_choices_and_logprobs():

@@ -130,8 +130,14 @@ class HttpAdapter:
     def _event_source(self, resp: aiohttp.ClientResponse, url: str) -> EventSource:
         raise NotImplementedError
 
+    def _choices_source(
+        self, resp: aiohttp.ClientResponse, url: str, request: Request
+    ) -> EventSource:
+        """The decoder for a request with ``n > 1`` or ``logprobs`` (ADR 0022)."""
+        raise InvalidRequest(f"backend {self.name!r} cannot return n choices or logprobs")
+
     async def _open_stream(
-        self, url: str, payload: bytes
+        self, url: str, payload: bytes, choices: Request | None = None
     ) -> tuple[aiohttp.ClientResponse, EventSource, list[Event]]:
         """POST and read up to the first events, retrying per the client's policy while
         nothing has been shown (ADR 0007). The caller owns (and must close) the response."""
@@ -141,7 +147,11 @@ class HttpAdapter:
             resp, attempt = await self._client.post(
                 url, payload, accept="text/event-stream", attempt=attempt
             )
-            source = self._event_source(resp, url)
+            source = (
+                self._event_source(resp, url)
+                if choices is None
+                else self._choices_source(resp, url, choices)
+            )
             try:
                 batch: list[Event] = []
                 while not batch:  # the end of the body always gives events (or raises)
@@ -173,8 +183,10 @@ class HttpAdapter:
         count = 0
         self._active += 1
         resp: aiohttp.ClientResponse | None = None
+        dones = 0  # one Done per choice; the stream ends at the n-th (ADR 0022)
         try:
-            resp, source, batch = await self._open_stream(url, payload)
+            choices = request if request.n > 1 or request.logprobs else None
+            resp, source, batch = await self._open_stream(url, payload, choices)
             first = time.perf_counter()  # any failure from here on is mid-stream
             while True:
                 for ev in batch:
@@ -184,6 +196,9 @@ class HttpAdapter:
                             timings=Timings.measure(start, first, time.perf_counter(), tokens),
                             backend=self.name,
                         )
+                        dones += 1
+                        if dones < request.n:
+                            continue
                         if not source.quiet_end and await drained(resp):
                             resp.release()  # fully read: safe to reuse
                             resp = None

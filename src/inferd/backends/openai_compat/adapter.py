@@ -55,6 +55,7 @@ from inferd.types import (
     StopReason,
 )
 
+from .choices import ChoicesStreamDecoder
 from .client import (
     DEFAULT_BACKOFF_BASE_S,
     DEFAULT_BACKOFF_MAX_S,
@@ -320,6 +321,16 @@ class OpenAICompat(HttpAdapter, Backend):
         body = _Body(resp, self.limits, url)
         if url == self.completions_url != self.chat_url:  # text_completion chunks
             body.decoder = CompletionStreamDecoder(self.limits.max_event_bytes)  # type: ignore[assignment]
+        return body
+
+    def _choices_source(self, resp: aiohttp.ClientResponse, url: str, request: Request) -> _Body:
+        """``n`` choices and logprobs read back per choice (docs/adr/0022-*.md)."""
+        body = self._event_source(resp, url)
+        if url == self.chat_url:
+            lim = self.limits
+            body.decoder = ChoicesStreamDecoder(  # type: ignore[assignment]
+                request.n, lim.max_event_bytes, lim.max_call_args, lim.max_stream_args
+            )
         return body
 
     # ------------------------------------------------------------------ embed
