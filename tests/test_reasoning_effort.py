@@ -129,6 +129,14 @@ def test_qwen3_enable_thinking_follows_the_effort(with_template) -> None:
     assert not b.render(Request.chat("hi", thinking=True)).endswith(EMPTY_THINK)
 
 
+def test_gemma4_thinking_token_follows_the_effort(with_template) -> None:
+    """Gemma 4 has one switch (``enable_thinking``): its ``<|think|>`` system token."""
+    b = with_template("google-gemma-4-31B-it.jinja")
+    for effort in REASONING_EFFORTS:
+        prompt = b.render(Request.chat("hi", reasoning_effort=effort))
+        assert ("<|think|>" in prompt) is (effort in ("low", "medium", "high")), effort
+
+
 def test_gpt_oss_gets_its_own_levels(with_template) -> None:
     b = with_template("openai-gpt-oss-120b.jinja")
     for effort, line in [
