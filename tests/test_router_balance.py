@@ -146,10 +146,18 @@ def test_conversation_prefix_is_shared_by_every_turn() -> None:
     ],
 )
 def test_bad_options_are_refused_naming_them(kw: dict[str, Any], word: str) -> None:
+    kw = {"policy": "least_loaded", **kw}
     with pytest.raises(ValueError, match=word):
         Router(mocks(1), **kw)
     with pytest.raises(ConfigError, match=word):
         parse_config({"router": kw, "backend": [{"type": "mock"}]})
+
+
+def test_derived_affinity_under_priority_is_refused_not_ignored() -> None:
+    with pytest.raises(ValueError, match="least_loaded"):
+        Router(mocks(2), affinity_prefix_chars=100)
+    with pytest.raises(ConfigError, match="affinity_prefix_chars needs"):
+        parse_config({"router": {"affinity_prefix_chars": 100}, "backend": [{"type": "mock"}]})
 
 
 def test_config_takes_the_policy_and_affinity_options() -> None:

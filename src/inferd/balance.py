@@ -59,6 +59,16 @@ def check_prefix_chars(n: int | None) -> int | None:
     return n
 
 
+def check_affinity(policy: str, prefix_chars: int | None) -> None:
+    """Refuse derived affinity under ``priority``, where it would be silently ignored
+    (priority order has no replicas to keep a conversation on)."""
+    if prefix_chars is not None and policy != "least_loaded":
+        raise ValueError(
+            'affinity_prefix_chars needs policy = "least_loaded" '
+            f"(policy is {echo(policy)}: backends are tried in order, not as replicas)"
+        )
+
+
 def conversation_prefix(request: Request, chars: int) -> str:
     """The first ``chars`` characters of the conversation's opening: system messages and
     the first user message, as ``role<US>text`` joined by ``<RS>``.

@@ -36,6 +36,7 @@ from inferd.balance import (
     DEFAULT_AFFINITY_MAX_IMBALANCE,
     LoadBalancer,
     affinity_key,
+    check_affinity,
     check_policy,
     check_prefix_chars,
     replica_ids,
@@ -222,6 +223,7 @@ class Router(Backend):
         self.name = name
         self.policy = check_policy(policy)
         self.affinity_prefix_chars = check_prefix_chars(affinity_prefix_chars)
+        check_affinity(policy, affinity_prefix_chars)
         self._balancer = LoadBalancer(
             replica_ids(b.name for b in self.backends), max_imbalance=affinity_max_imbalance
         )

@@ -184,12 +184,13 @@ _ROUTER_KEYS = {
 
 def _check_router(where: str, router: Mapping[str, Any]) -> None:
     """Refuse a bad ``[router]`` value at load, not at the first request."""
-    from inferd.balance import LoadBalancer, check_policy, check_prefix_chars
+    from inferd.balance import LoadBalancer, check_affinity, check_policy, check_prefix_chars
     from inferd.health import DEFAULT_HEALTH_TIMEOUT_S, check_interval
 
     try:
         check_policy(router.get("policy", "priority"))
         check_prefix_chars(router.get("affinity_prefix_chars"))
+        check_affinity(router.get("policy", "priority"), router.get("affinity_prefix_chars"))
         if "affinity_max_imbalance" in router:
             LoadBalancer(("x",), max_imbalance=router["affinity_max_imbalance"])
         check_interval(
