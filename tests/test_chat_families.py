@@ -511,6 +511,32 @@ def _minimax_cases() -> list[Case]:
     ]
 
 
+def _open_thinking_cases() -> list[Case]:
+    """A call right inside a prompt-opened reasoning block (``required`` forces one)."""
+    mini = (
+        '<minimax:tool_call>\n<invoke name="special_function">\n<parameter name="arg1">1'
+        "</parameter>\n</invoke>\n</minimax:tool_call>"
+    )
+    glm = "<tool_call>special_function<arg_key>arg1</arg_key><arg_value>1</arg_value></tool_call>"
+    return [
+        Case("minimax-call-in-open-thinking", "minimax", mini, [SPECIAL], in_thinking=True),
+        Case(
+            "glm-call-ends-open-thinking",
+            "glm4",
+            "Adding.\n" + glm,
+            [Thinking("Adding."), SPECIAL],
+            in_thinking=True,
+        ),
+        Case(
+            "deepseek-call-in-open-thinking",
+            "deepseek",
+            f'{B}get_time{SEP}{{"city": "Oslo"}}{E}',
+            [call(1, "get_time", {"city": "Oslo"})],
+            in_thinking=True,
+        ),
+    ]
+
+
 def _nemotron_cases() -> list[Case]:
     n = "nemotron"
     block = '<TOOLCALL>[{"name": "special_function", "arguments": {"arg1": 1}}]</TOOLCALL>'
@@ -653,6 +679,7 @@ CASES = [
     *_glm_cases(),
     *_minimax_cases(),
     *_nemotron_cases(),
+    *_open_thinking_cases(),
     *_deepseek_cases(),
     *_functionary_cases(),
     *_gemma4_cases(),
@@ -1025,3 +1052,52 @@ def test_llama_cpp_accepts_every_family_grammar() -> None:
                 _llama.Sampler(model, temperature=0.0, grammar=g.text).close()
     finally:
         model.close()
+
+
+# ------------------------------------------------------------------ end to end
+
+ADD = Tool("add", "Add two integers", _obj({"a": _INT, "b": _INT}, ("a", "b")))
+
+#: a family's real template on SmolLM2: our prompt, our grammar, our parser.
+E2E_TEMPLATES = {
+    "Qwen3-Coder.jinja": "qwen3_coder",
+    "GLM-4.7-Flash.jinja": "glm4",
+    "MiniMax-M2.jinja": "minimax",
+    "NVIDIA-Nemotron-Nano-v2.jinja": "nemotron",
+    "meetkai-functionary-medium-v3.1.jinja": "functionary_v31",
+    "meetkai-functionary-medium-v3.2.jinja": "functionary_v32",
+}
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(E2E_TEMPLATES))
+async def test_required_call_end_to_end_on_a_real_model(name: str, smollm2_path: Path) -> None:
+    """SmolLM2 with the family's template: ``tool_choice=required`` gives a valid call."""
+    try:
+        from inferd.backends.llamacpp import LlamaCpp
+        from inferd.errors import ModelLoadError
+
+        backend = LlamaCpp(
+            smollm2_path, n_ctx=2048, parallel=1, n_threads=1, chat_template=_template(name)
+        )
+    except (ImportError, ModelLoadError) as e:
+        missing(f"the compiled llama.cpp core ({e})")
+    try:
+        req = Request(
+            (Message.user("What is 2 plus 3?"),),
+            tools=(ADD,),
+            tool_choice="required",
+            max_tokens=80,
+            seed=1,
+            parallel_tool_calls=False,
+        )
+        assert backend.plan(req).format == E2E_TEMPLATES[name]
+        events = [e async for e in backend.generate(req)]
+    finally:
+        backend.close()
+    calls = [e for e in events if isinstance(e, ToolUse)]
+    assert len(calls) == 1 and calls[0].name == "add", events
+    assert calls[0].input is not None
+    jsonschema.validate(dict(calls[0].input), dict(ADD.parameters))
+    assert not [e for e in events if isinstance(e, Text) and e.text.strip()], events

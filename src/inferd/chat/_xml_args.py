@@ -19,11 +19,47 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from inferd.chat._stream import MalformedCall, arguments_to_tool_use
+from inferd.chat._stream import (
+    _CALL,
+    MalformedCall,
+    SentinelParser,
+    arguments_to_tool_use,
+    holdback,
+)
 from inferd.chat.grammar import JSON, SchemaConverter, gbnf_literal
-from inferd.types import Tool, ToolUse
+from inferd.types import Event, Tool, ToolUse
 
 Schemas = Mapping[str, Mapping[str, Any]]
+
+
+class CallEndsThinking(SentinelParser):
+    """A call opener inside a reasoning block ends the block and opens the call.
+
+    Prompts of these families often open ``<think>`` themselves (MiniMax M2 always),
+    and a model may go straight to a call without ``</think>``; with ``tool_choice``
+    required, our grammar even forces it to. llama.cpp reads such a call; so do we.
+    The opener is held back while split, like every sentinel.
+    """
+
+    def _start_call(self, opener: str) -> bool:
+        self._mode, self._call_opener, self._at_start = _CALL, opener, False
+        return True
+
+    def _step_think(self, out: list[Event], final: bool) -> bool:
+        buf, opener = self._buf, self.call_open or ""
+        i, j = buf.find(opener), buf.find(self.think_close)
+        if i >= 0 and (j < 0 or i < j):
+            self._emit_think(out, buf[:i], closing=True)
+            self._buf = buf[i + len(opener) :]
+            return self._start_call(opener)
+        keep = 0 if final or j >= 0 else holdback(buf, (opener,))
+        if not keep:
+            return super()._step_think(out, final)
+        self._buf = buf[:-keep]  # the rest may still become the opener: wait for it
+        if self._buf:
+            super()._step_think(out, final)
+        self._buf += buf[-keep:]
+        return False
 
 
 def schemas_of(tools: Iterable[Tool]) -> dict[str, Mapping[str, Any]]:

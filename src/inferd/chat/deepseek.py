@@ -21,7 +21,7 @@ from inferd.chat._stream import (
     arguments_to_tool_use,
     decode_json_objects,
 )
-from inferd.chat._xml_args import only_space_between
+from inferd.chat._xml_args import CallEndsThinking, only_space_between
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
 from inferd.types import Tool, ToolUse
 
@@ -52,7 +52,7 @@ def _one(parser: SentinelParser, inner: str) -> ToolUse:
     return arguments_to_tool_use(parser.new_id(), name.strip(), objs[0])
 
 
-class DeepSeekParser(SentinelParser):
+class DeepSeekParser(CallEndsThinking):
     """``<｜tool▁calls▁begin｜>`` blocks (V3.1 and R1 shapes), ``<think>`` reasoning."""
 
     name = "deepseek"

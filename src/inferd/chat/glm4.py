@@ -13,8 +13,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from inferd.chat._stream import MalformedCall, SentinelParser
-from inferd.chat._xml_args import Schemas, build_call, only_space_between, params_rule
+from inferd.chat._stream import MalformedCall
+from inferd.chat._xml_args import (
+    CallEndsThinking,
+    Schemas,
+    build_call,
+    only_space_between,
+    params_rule,
+)
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
 from inferd.types import Tool, ToolUse
 
@@ -24,7 +30,7 @@ OPENER = "<tool_call>"
 VALUE_CLOSER = "</arg_value>"
 
 
-class Glm4Parser(SentinelParser):
+class Glm4Parser(CallEndsThinking):
     """``<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>``."""
 
     name = "glm4"

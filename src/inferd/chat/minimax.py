@@ -18,8 +18,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from inferd.chat._stream import MalformedCall, SentinelParser
-from inferd.chat._xml_args import Schemas, build_call, only_space_between, params_rule
+from inferd.chat._stream import MalformedCall
+from inferd.chat._xml_args import (
+    CallEndsThinking,
+    Schemas,
+    build_call,
+    only_space_between,
+    params_rule,
+)
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
 from inferd.types import Tool, ToolUse
 
@@ -30,7 +36,7 @@ OPENER = "<minimax:tool_call>"
 VALUE_CLOSER = "</parameter>"
 
 
-class MiniMaxParser(SentinelParser):
+class MiniMaxParser(CallEndsThinking):
     """``<minimax:tool_call><invoke name=..><parameter name=..>v</parameter>...``."""
 
     name = "minimax"

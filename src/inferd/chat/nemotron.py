@@ -8,8 +8,8 @@ detected as ``qwen3_coder``.)
 
 from __future__ import annotations
 
-from inferd.chat._stream import SentinelParser, decode_json_objects
-from inferd.chat._xml_args import json_call_rule
+from inferd.chat._stream import decode_json_objects
+from inferd.chat._xml_args import CallEndsThinking, json_call_rule
 from inferd.chat.grammar import SchemaConverter
 from inferd.chat.hermes import calls_from_objects
 from inferd.types import Tool, ToolUse
@@ -17,7 +17,7 @@ from inferd.types import Tool, ToolUse
 OPENER = "<TOOLCALL>"
 
 
-class NemotronParser(SentinelParser):
+class NemotronParser(CallEndsThinking):
     """``<TOOLCALL>[json calls]</TOOLCALL>``, ``<think>`` reasoning."""
 
     name = "nemotron"

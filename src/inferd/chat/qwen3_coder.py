@@ -26,8 +26,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from inferd.chat._stream import _CALL, MalformedCall, SentinelParser, find_first, holdback
+from inferd.chat._stream import MalformedCall, find_first
 from inferd.chat._xml_args import (
+    CallEndsThinking,
     Schemas,
     build_call,
     only_space_between,
@@ -45,7 +46,7 @@ OPENER = "<tool_call>"
 VALUE_CLOSER = "\n</parameter>"
 
 
-class Qwen3CoderParser(SentinelParser):
+class Qwen3CoderParser(CallEndsThinking):
     """``<tool_call><function=name><parameter=p>v</parameter></function></tool_call>``."""
 
     name = "qwen3_coder"
@@ -60,10 +61,6 @@ class Qwen3CoderParser(SentinelParser):
         self.schemas: Schemas = schemas or {}
         self._text_sentinels = (*self._text_sentinels, _BARE)  # held back when split
 
-    def _start_call(self, opener: str) -> bool:
-        self._mode, self._call_opener, self._at_start = _CALL, opener, False
-        return True
-
     def _step_text(self, out: list[Event], final: bool) -> bool:
         i, s = find_first(self._buf, self._text_sentinels)
         if s == _BARE:  # a call without its <tool_call>: the body keeps '<function='
@@ -71,22 +68,6 @@ class Qwen3CoderParser(SentinelParser):
             self._buf = self._buf[i:]
             return self._start_call("")
         return super()._step_text(out, final)
-
-    def _step_think(self, out: list[Event], final: bool) -> bool:
-        buf, opener = self._buf, self.call_open or ""
-        i, j = buf.find(opener), buf.find(self.think_close)
-        if i >= 0 and (j < 0 or i < j):  # a call ends a block that </think> never closed
-            self._emit_think(out, buf[:i], closing=True)
-            self._buf = buf[i + len(opener) :]
-            return self._start_call(opener)
-        keep = 0 if final or j >= 0 else holdback(buf, (opener,))
-        if not keep:
-            return super()._step_think(out, final)
-        self._buf = buf[:-keep]  # the rest may still become <tool_call>: wait for it
-        if self._buf:
-            super()._step_think(out, final)
-        self._buf += buf[-keep:]
-        return False
 
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         funcs = list(_FUNCTION.finditer(body))
