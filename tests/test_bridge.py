@@ -161,7 +161,8 @@ async def test_tool_call_round_trip(bridges) -> None:
         ]
         r2 = await c.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL])
         assert r2.choices[0].message.content == "Checking."
-        # streamed tool calls arrive whole, with index, id and arguments
+        # streamed tool calls arrive as they are written (ADR 0023): the first delta
+        # has the index, id and name, later ones more of the arguments
         stream = await c.chat.completions.create(
             model="m", messages=messages, tools=[WEATHER_TOOL], stream=True
         )
@@ -171,7 +172,10 @@ async def test_tool_call_round_trip(bridges) -> None:
             for ch in chunk.choices
             for tc in (ch.delta.tool_calls or [])
         ]
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert calls[0].index == 0 and calls[0].function.name == "get_weather" and calls[0].id
+    assert all(tc.index == 0 and tc.id is None for tc in calls[1:]) and len(calls) > 1
+    args = "".join(tc.function.arguments or "" for tc in calls)
+    assert json.loads(args) == {"city": "Paris"}
 
 
 async def test_embeddings_and_models(bridges) -> None:

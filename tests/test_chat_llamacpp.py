@@ -117,6 +117,7 @@ async def test_required_always_valid(backend: Any) -> None:
                     max_tokens=96,
                     seed=seed,
                     temperature=1.0,
+                    parallel_tool_calls=False,
                 )
             )
         )
@@ -126,7 +127,7 @@ async def test_required_always_valid(backend: Any) -> None:
             assert len(calls) == 1, events
             assert calls[0].input is not None
             jsonschema.validate(dict(calls[0].input), schemas[calls[0].name])
-            assert isinstance(done, Done) and done.stop_reason is StopReason.END_TURN
+            assert isinstance(done, Done) and done.stop_reason is StopReason.TOOL_USE
         except (AssertionError, jsonschema.ValidationError) as e:
             bad.append((seed, str(e)[:200]))
     assert bad == [], f"{len(bad)}/{RUNS} invalid: {bad[:3]}"

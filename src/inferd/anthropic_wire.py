@@ -47,6 +47,7 @@ from inferd.types import (
     ToolResultBlock,
     ToolUse,
     ToolUseBlock,
+    ToolUseDelta,
     Usage,
 )
 
@@ -195,6 +196,8 @@ def _tool_choice_out(tc: ToolChoice) -> dict[str, Any]:
 #: Reply-changing Request fields the Messages API can carry; any other set field is
 #: refused by the one rule in inferd.request_fields (docs/adr/0021-*.md).
 ANTHROPIC_HONOURED: frozenset[str] = frozenset({"temperature", "top_p", "top_k", "response_format"})
+#: ``parallel_tool_calls: false`` is ``tool_choice.disable_parallel_tool_use`` (ADR 0023).
+ANTHROPIC_HONOURED |= {"parallel_tool_calls"}
 
 
 def _refuse_unmappable(request: Request) -> None:
@@ -248,6 +251,10 @@ def request_to_anthropic(
         ]
     if request.tool_choice is not None:
         body["tool_choice"] = _tool_choice_out(request.tool_choice)
+    if request.tools and not request.parallel_tool_calls:
+        choice = body.setdefault("tool_choice", {"type": "auto"})
+        if choice["type"] != "none":  # Anthropic refuses the flag on "none"
+            choice["disable_parallel_tool_use"] = True
     for name in ("temperature", "top_p", "top_k"):
         v = getattr(request, name)
         if v is not None:
@@ -409,8 +416,6 @@ def _tool_choice_in(tc: Any) -> ToolChoice | None:
         return None
     if not isinstance(tc, Mapping):
         raise InvalidRequest("tool_choice must be an object like {'type': 'auto'}")
-    if tc.get("disable_parallel_tool_use"):
-        raise InvalidRequest("tool_choice.disable_parallel_tool_use is not supported")
     kind = tc.get("type")
     if kind == "tool":
         return ToolChoice("tool", tc.get("name"))
@@ -418,6 +423,14 @@ def _tool_choice_in(tc: Any) -> ToolChoice | None:
     if mapped is None:
         raise InvalidRequest(f"tool_choice.type {echo(kind)} is not auto, any, tool or none")
     return ToolChoice(mapped)  # type: ignore[arg-type]
+
+
+def _parallel_off(tc: Any) -> bool:
+    """``tool_choice.disable_parallel_tool_use``: at most one call (ADR 0023)."""
+    flag = tc.get("disable_parallel_tool_use", False) if isinstance(tc, Mapping) else False
+    if not isinstance(flag, bool):
+        raise InvalidRequest("tool_choice.disable_parallel_tool_use must be true or false")
+    return flag
 
 
 def _thinking_in(th: Any) -> bool:
@@ -448,6 +461,7 @@ def request_from_anthropic(body: Mapping[str, Any]) -> Request:
             messages=tuple(_messages_in(body)),
             tools=_tools_in(body),
             tool_choice=_tool_choice_in(body.get("tool_choice")),
+            parallel_tool_calls=not _parallel_off(body.get("tool_choice")),
             temperature=body.get("temperature"),
             top_p=body.get("top_p"),
             top_k=body.get("top_k"),
@@ -517,9 +531,11 @@ class MessageStreamWriter:
     """Our events -> the Messages API's SSE events, in its order: ``message_start``,
     per block ``content_block_start`` / ``_delta``... / ``_stop``, ``message_delta``
     (stop reason, usage), ``message_stop``. A change of kind (text, thinking, a tool
-    call) closes the open block and starts the next one."""
+    call) closes the open block and starts the next one. A call's ``ToolUseDelta``
+    events stream as ``input_json_delta`` pieces of its block as they come, and its
+    complete ``ToolUse`` adds only what they lacked (ADR 0023)."""
 
-    __slots__ = ("_called", "_index", "_open", "finished", "id", "model")
+    __slots__ = ("_called", "_index", "_open", "_sent", "finished", "id", "model")
 
     def __init__(self, model: str, id: str | None = None) -> None:
         self.model = model
@@ -527,6 +543,7 @@ class MessageStreamWriter:
         self._index = -1
         self._open: str | None = None
         self._called = False
+        self._sent = ""  # the open streamed call's arguments so far
         self.finished = False
 
     def start(self) -> bytes:
@@ -574,16 +591,39 @@ class MessageStreamWriter:
             out.append(self._delta({"type": "text_delta", "text": event.text}))
         elif isinstance(event, Thinking):
             out = self._thinking(event)
+        elif isinstance(event, ToolUseDelta):
+            out = self._call_delta(event)
         elif isinstance(event, ToolUse):
             self._called = True
-            out = self._switch("tool_use", {**_tool_use_block(event), "input": {}})
-            raw = orjson.dumps(dict(event.input or {})).decode()
-            out.append(self._delta({"type": "input_json_delta", "partial_json": raw}))
+            if self._open == f"tool_use {event.id}":  # streamed: send what is left
+                raw = event.raw_arguments
+                rest = raw[len(self._sent) :] if raw.startswith(self._sent) else ""
+                delta = {"type": "input_json_delta", "partial_json": rest}
+                out = [self._delta(delta)] if rest else []
+                self._open = "tool_use"  # the next call opens its own block
+            else:
+                out = self._switch("tool_use", {**_tool_use_block(event), "input": {}})
+                raw = orjson.dumps(dict(event.input or {})).decode()
+                out.append(self._delta({"type": "input_json_delta", "partial_json": raw}))
         else:
             assert isinstance(event, Done)
             out = self._switch(None, None)
             out.append(self._end(event))
         return b"".join(out)
+
+    def _call_delta(self, event: ToolUseDelta) -> list[bytes]:
+        """A piece of a call's arguments: opens the call's block on its first piece."""
+        out: list[bytes] = []
+        if self._open != f"tool_use {event.id}":
+            block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+            out = self._switch(f"tool_use {event.id}", block)
+            self._sent = ""
+        if event.arguments_fragment:
+            self._sent += event.arguments_fragment
+            out.append(
+                self._delta({"type": "input_json_delta", "partial_json": event.arguments_fragment})
+            )
+        return out
 
     def _thinking(self, event: Thinking) -> list[bytes]:
         """A thinking delta; a signature ends the block (the next reasoning opens one)."""

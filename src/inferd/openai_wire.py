@@ -62,6 +62,7 @@ from inferd.types import (
     ToolResultBlock,
     ToolUse,
     ToolUseBlock,
+    ToolUseDelta,
     Usage,
     choices_usage,
 )
@@ -332,10 +333,10 @@ OPENAI_HONOURED: frozenset[str] = frozenset(
 ) | frozenset(SAMPLING_WIRE_FIELDS)
 #: ``reasoning_effort`` is sent as it is (OpenAI's field; ADR 0025).
 OPENAI_HONOURED |= {"reasoning_effort"}
-
-
 #: ``n`` choices and ``logprobs`` are sent as they are (ADR 0022).
 OPENAI_HONOURED |= {"n", "logprobs", "top_logprobs"}
+#: ``parallel_tool_calls: false`` is sent with the tools (ADR 0023).
+OPENAI_HONOURED |= {"parallel_tool_calls"}
 
 
 def request_to_openai(
@@ -370,6 +371,8 @@ def request_to_openai(
         body["tools"] = tools
     if request.tool_choice is not None:
         body["tool_choice"] = _tool_choice_out(request.tool_choice)
+    if request.tools and not request.parallel_tool_calls:  # OpenAI refuses it without tools
+        body["parallel_tool_calls"] = False
     for key in ("temperature", "top_p", "max_tokens", "seed", "top_k", "min_p"):
         v = getattr(request, key)
         if v is not None:
@@ -651,6 +654,7 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
             thinking=_thinking_in(body),
             reasoning_effort=_effort_in(body),
             ignore_eos=body.get("ignore_eos", False),
+            parallel_tool_calls=_or_default(body.get("parallel_tool_calls"), True),
             model=model or None,
             **_choices_in(body),
         )
@@ -660,6 +664,11 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
         raise InvalidRequest(f"malformed Chat Completions request ({type(e).__name__})") from None
 
 
+def _or_default(value: Any, default: Any) -> Any:
+    """``value``, or ``default`` when the client sent null or nothing."""
+    return default if value is None else value
+
+
 # =========================================================================== chunks out
 
 
@@ -667,9 +676,12 @@ class ChunkWriter:
     """Events -> OpenAI ``chat.completion.chunk`` dicts, for one streamed reply.
 
     The first :meth:`write` also emits the ``role: assistant`` chunk OpenAI clients
-    expect; each complete :class:`ToolUse` becomes one ``tool_calls`` delta carrying
-    its index, id, name and whole arguments (clients that accumulate fragments accept
-    a single fragment); :class:`Done` becomes the ``finish_reason`` chunk followed,
+    expect. Tool calls stream as OpenAI streams them (ADR 0023): a call's first
+    :class:`ToolUseDelta` becomes a ``tool_calls`` delta with its index, id, type, name
+    and first fragment, later ones carry only ``index`` and the next fragment, and its
+    complete :class:`ToolUse` adds only what the fragments lacked; a :class:`ToolUse`
+    with no deltas before it becomes one delta with the whole arguments. :class:`Done`
+    becomes the ``finish_reason`` chunk followed,
     when ``include_usage`` is set (the client sent ``stream_options.include_usage``),
     by the usage chunk with ``choices: []``. Nothing is written after ``Done``.
 
@@ -681,6 +693,7 @@ class ChunkWriter:
 
     __slots__ = (
         "_base",
+        "_calls",
         "_dones",
         "_finished",
         "_roles",
@@ -712,6 +725,8 @@ class ChunkWriter:
         self._started = False
         self._finished = False
         self._tool_index = 0
+        #: call id -> ((choice, the call's index in it), arguments sent so far)
+        self._calls: dict[str, tuple[tuple[int, int], str]] = {}
         self._base: dict[str, Any] = {
             "id": id,
             "object": "chat.completion.chunk",
@@ -779,28 +794,39 @@ class ChunkWriter:
         elif isinstance(event, Thinking):
             if event.text:
                 out.append(self._chunk({"reasoning_content": event.text}, None, index))
-        elif isinstance(event, ToolUse):
-            args = event.raw_arguments or _dumps(dict(event.input or {}))
-            out.append(
-                self._chunk(
-                    {
-                        "tool_calls": [
-                            {
-                                "index": self._tool_index,
-                                "id": event.id,
-                                "type": "function",
-                                "function": {"name": event.name, "arguments": args},
-                            }
-                        ]
-                    }
-                )
-            )
-            self._tool_index += 1
+        elif isinstance(event, (ToolUse, ToolUseDelta)):
+            out.extend(self._tool_call(event))
         elif isinstance(event, Done):
             out.extend(self._done(event))
         else:
             raise InvalidRequest(f"ChunkWriter: unknown event {type(event).__name__}")
         return out
+
+    def _tool_call(self, event: ToolUse | ToolUseDelta) -> list[dict[str, Any]]:
+        """The ``tool_calls`` chunk for a delta, or for a complete call what is left."""
+        seen = self._calls.get(event.id)
+        if isinstance(event, ToolUseDelta):
+            frag = event.arguments_fragment
+        else:
+            args = event.raw_arguments or _dumps(dict(event.input or {}))
+            done = seen[1] if seen is not None else ""
+            frag = args[len(done) :] if args.startswith(done) else ""
+        if seen is None:
+            # a choice's calls are numbered 0, 1, ... (ids are unique across choices)
+            at = sum(1 for i, _ in self._calls.values() if i[0] == event.index)
+            call = {
+                "index": at,
+                "id": event.id,
+                "type": "function",
+                "function": {"name": event.name, "arguments": frag},
+            }
+            self._calls[event.id] = ((event.index, at), frag)
+        elif frag:
+            call = {"index": seen[0][1], "function": {"arguments": frag}}
+            self._calls[event.id] = (seen[0], seen[1] + frag)
+        else:
+            return []
+        return [self._chunk({"tool_calls": [call]}, None, event.index)]
 
 
 def _tool_call_out(call: ToolUse) -> dict[str, Any]:

@@ -60,6 +60,7 @@ __all__ = [
     "ToolResultBlock",
     "ToolUse",
     "ToolUseBlock",
+    "ToolUseDelta",
     "Usage",
 ]
 
@@ -1351,6 +1352,63 @@ class ToolUse:
         return d
 
 
+#: Largest ``ToolUseDelta.call_index`` read from a dict (a reply's calls, counted from 0;
+#: an upstream's argument limits allow about a million calls, ``_stream_common``).
+MAX_CALL_INDEX = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUseDelta:
+    """A piece of a tool call's arguments as they are written (opt-in per request with
+    ``Request.stream_tool_arguments``; the bridge always asks for it).
+
+    ``call_index`` is the call's position among the reply's calls in the order they
+    began (0, 1, ...); ``id``
+    and ``name`` are repeated on every piece, and ``arguments_fragment`` is the next
+    piece of the arguments string: the fragments of one call, joined, equal its final
+    ``ToolUse.raw_arguments``. The complete :class:`ToolUse` still follows every call,
+    so a caller that ignores deltas sees no change; a call that turns out malformed gets
+    no ``ToolUse`` (its text follows as ``Text``). ``index`` is the choice and
+    ``logprobs`` the tokens the piece came from, as on every event
+    (docs/adr/0023-tool-call-streaming-and-stop-reasons.md).
+    """
+
+    call_index: int
+    id: str
+    name: str
+    arguments_fragment: str = ""
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "type": "tool_use_delta",
+            "call_index": self.call_index,
+            "id": self.id,
+            "name": self.name,
+            "arguments_fragment": self.arguments_fragment,
+        }
+        if self.index or self.logprobs:
+            _logprobs_dict(d, self.index, self.logprobs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "tool_use_delta") -> ToolUseDelta:
+        """Inverse of :meth:`to_dict`, for untrusted JSON (wrong types: InvalidRequest)."""
+        d = _obj(d, where)
+        pos = d.get("call_index")
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= MAX_CALL_INDEX:
+            raise InvalidRequest(f"{where}.call_index must be an integer 0..{MAX_CALL_INDEX}")
+        extra = _event_extras(d, where) if ("index" in d or "logprobs" in d) else {}
+        return cls(
+            pos,
+            _get(d, "id", where),
+            _get(d, "name", where),
+            _opt(d, "arguments_fragment", where, ""),
+            **extra,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Done:
     """The last event of every completed stream; exactly one per stream and choice.
@@ -1403,7 +1461,7 @@ def choices_usage(dones: Sequence[Done]) -> Usage:
     )
 
 
-Event: TypeAlias = Text | Thinking | ToolUse | Done
+Event: TypeAlias = Text | Thinking | ToolUse | ToolUseDelta | Done
 
 
 def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
@@ -1423,6 +1481,8 @@ def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
             _opt(d, "raw_arguments", where, ""),
             **extra,
         )
+    if kind == "tool_use_delta":
+        return ToolUseDelta.from_dict(d, where)
     if kind == "done":
         reason = _get(d, "stop_reason", where)
         if reason not in StopReason._value2member_map_:
@@ -1435,7 +1495,8 @@ def event_from_dict(d: Mapping[str, Any], where: str = "event") -> Event:
             extra.get("index", 0),
         )
     raise InvalidRequest(
-        f"{where} has unknown event type {echo(kind)}; expected text, thinking, tool_use or done"
+        f"{where} has unknown event type {echo(kind)}; expected text, thinking, tool_use, "
+        "tool_use_delta or done"
     )
 
 
@@ -1758,6 +1819,8 @@ class Response:
         blocks: list[ThinkingBlock] = []
         done: Done | None = None
         for ev in events:
+            if isinstance(ev, ToolUseDelta):
+                continue  # the complete ToolUse follows (ADR 0023)
             if isinstance(ev, Thinking):
                 thinking.append(ev.text)
                 run.append(ev.text)

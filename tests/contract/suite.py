@@ -14,6 +14,9 @@ Subclass :class:`BackendContract` in ``tests/contract/test_<backend>_contract.py
     ``(backend, request)``: a request whose stream fails after at least one event.
 ``long_stream``
     ``(backend, request)``: a request yielding at least 200 events, for backpressure.
+``call_reply``
+    ``(backend, {tool_choice kind: request})``: requests whose replies end in a tool
+    call (kinds ``auto``, ``required``, ``tool``; at least ``required`` and ``tool``).
 
 and override :meth:`released` to say whether a backend has let go of everything it
 held for a stream (no running stream, connection closed, KV sequence freed).
@@ -24,12 +27,44 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
+from dataclasses import replace
 
 import pytest
 
 from inferd.backend import Backend
 from inferd.errors import BackendUnavailable, InferdError
-from inferd.types import Capabilities, Done, Event, Request, Text, Thinking, ToolUse
+from inferd.types import (
+    Capabilities,
+    Done,
+    Event,
+    Request,
+    Response,
+    StopReason,
+    Text,
+    Thinking,
+    Tool,
+    ToolChoice,
+    ToolUse,
+    ToolUseDelta,
+)
+
+#: The tool of the ``call_reply`` requests.
+WEATHER = Tool(
+    "get_weather",
+    "Current weather in a city",
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
+
+
+def call_requests(*kinds: str, **kw) -> dict[str, Request]:
+    """One request per ``tool_choice`` kind (auto, required, tool) for ``call_reply``."""
+    choices = {"auto": "auto", "required": "required", "tool": ToolChoice("tool", WEATHER.name)}
+    ask = "What is the weather in Paris right now? Use the tool."
+    return {
+        k: Request.chat(ask, tools=(WEATHER,), tool_choice=choices[k], **kw)
+        for k in kinds or tuple(choices)
+    }
+
 
 #: How much more memory a slow consumer may see in use, mid-stream, than early on.
 SLOW_CONSUMER_GROWTH_LIMIT = 4 * 1024 * 1024
@@ -84,6 +119,33 @@ class BackendContract:
         assert done.timings.total_s > 0
         assert done.backend, "Done names the backend that served"
         assert await self._wait_released(backend)
+
+    async def test_a_reply_ending_in_a_call_says_so(self, call_reply) -> None:
+        """``TOOL_USE`` ("tool_calls") when the last act is a call; a call forced by name
+        ``END_TURN`` ("stop"), as OpenAI answers; argument deltas, when asked for, join
+        into each call's arguments, and a caller ignoring them sees the same reply
+        (docs/adr/0023-tool-call-streaming-and-stop-reasons.md)."""
+        backend, requests = call_reply
+        assert {"required", "tool"} <= set(requests)
+        for kind, request in requests.items():
+            plain = [ev async for ev in backend.generate(request)]
+            streamed = [
+                ev async for ev in backend.generate(replace(request, stream_tool_arguments=True))
+            ]
+            assert not any(isinstance(e, ToolUseDelta) for e in plain), kind
+            for events in (plain, streamed):
+                calls = [e for e in events if isinstance(e, ToolUse)]
+                assert calls, (kind, events)
+                want = StopReason.END_TURN if kind == "tool" else StopReason.TOOL_USE
+                assert events[-1].stop_reason is want, (kind, events[-1])
+            for call in (e for e in streamed if isinstance(e, ToolUse)):
+                deltas = [e for e in streamed if isinstance(e, ToolUseDelta) and e.id == call.id]
+                assert deltas and {d.name for d in deltas} == {call.name}, (kind, call)
+                assert "".join(d.arguments_fragment for d in deltas) == call.raw_arguments
+            collected = Response.collect(streamed).tool_calls
+            assert [(c.name, c.input) for c in collected] == [
+                (c.name, c.input) for c in streamed if isinstance(c, ToolUse)
+            ]
 
     async def test_nothing_after_done(self, backend: Backend, contract_request: Request) -> None:
         gen = backend.generate(contract_request)

@@ -8,8 +8,15 @@ from inferd.backends.anthropic_compat import AnthropicCompat
 from inferd.errors import BackendUnavailable, InvalidRequest
 from inferd.types import ImageBlock, Message, Request, TextBlock
 
-from ..anthropic_upstream import Stream, Upstream, anthropic_error, stream, text_block
-from .suite import BackendContract
+from ..anthropic_upstream import (
+    Stream,
+    Upstream,
+    anthropic_error,
+    stream,
+    text_block,
+    tool_block,
+)
+from .suite import BackendContract, call_requests
 
 
 @pytest.fixture
@@ -64,6 +71,15 @@ class TestAnthropicCompatContract(BackendContract):
     def long_stream(self, up):
         pieces = stream(text_block(0, [f"tok{i} " for i in range(400)]))
         return _backend(up.script("long", Stream(pieces, delay=0.0005))), Request.chat("hi")
+
+    @pytest.fixture
+    def call_reply(self, up):
+        blocks = (
+            text_block(0, ["Checking."]),
+            tool_block(1, "toolu_1", "get_weather", ['{"city": ', '"Paris"}']),
+        )
+        script = Stream(stream(*blocks, stop_reason="tool_use"))
+        return _backend(up.script("call", script)), call_requests()
 
     async def released(self, backend) -> bool:
         return backend.active == 0

@@ -17,7 +17,7 @@ from inferd.serve.client import Client, admin_status
 from inferd.types import Request
 
 from ..serve_helpers import DaemonProc, short_tmpdir, write_config
-from .suite import BackendContract
+from .suite import BackendContract, call_requests
 
 #: Router settings that keep a breaker from opening during the contract runs.
 NEVER_TRIP = {"failure_threshold": 1_000_000}
@@ -28,6 +28,12 @@ DAEMON_BACKENDS = {
         "name": "m",
         "tokens": ["one ", "two ", "three"],
         "thinking": ["hmm"],
+    },
+    "calls": {
+        "type": "mock",
+        "name": "m",
+        "tokens": ["Checking."],
+        "tool_calls": [["get_weather", {"city": "Paris"}]],
     },
     "invalid": {"type": "mock", "name": "m", "pre_stream_error": "invalid_request"},
     "unavailable": {"type": "mock", "name": "m", "pre_stream_error": "unavailable"},
@@ -87,6 +93,13 @@ class TestClientContract(BackendContract):
         yield c, Request.chat("hi")
         await c.aclose()
 
+    @pytest.fixture
+    async def call_reply(self, daemons):
+        c = Client(daemons["calls"].sock)
+        await c.connect()
+        yield c, call_requests()
+        await c.aclose()
+
     async def released(self, backend) -> bool:
         if backend.active_streams:
             return False
@@ -119,6 +132,11 @@ class TestRouterContract(BackendContract):
     @pytest.fixture
     def long_stream(self):
         return Router([Mock([f"tok{i} " for i in range(400)], delay=0.0005)]), Request.chat("hi")
+
+    @pytest.fixture
+    def call_reply(self):
+        mock = Mock(["Checking."], tool_calls=[("get_weather", {"city": "Paris"})], name="m")
+        return Router([mock], **NEVER_TRIP), call_requests()
 
     async def released(self, backend) -> bool:
         return all(m.active == 0 for m in _mocks(backend))

@@ -8,7 +8,7 @@ from inferd.errors import InvalidRequest, NotReady
 from inferd.types import ImageBlock, Message, Request
 
 from ..conftest import missing
-from .suite import BackendContract
+from .suite import BackendContract, call_requests
 
 pytestmark = pytest.mark.llama
 
@@ -81,6 +81,15 @@ class TestLlamaCppContract(BackendContract):
                 "Write a long story about the sea.", max_tokens=240, ignore_eos=True, temperature=0
             ),
         )
+        await b.aclose()
+
+    @pytest.fixture
+    async def call_reply(self, smollm2_path):
+        # SmolLM2 makes Hermes calls; the grammar forces one (a small model left to
+        # choose may not call, and with parallel calls may call until max_tokens).
+        b = self._new(smollm2_path)
+        kw = {"max_tokens": 96, "temperature": 0.0, "parallel_tool_calls": False}
+        yield b, call_requests("required", "tool", **kw)
         await b.aclose()
 
     async def released(self, backend) -> bool:

@@ -8,7 +8,7 @@ from inferd.backends.mock import Mock
 from inferd.errors import BackendUnavailable, InvalidRequest, NotReady
 from inferd.types import Request
 
-from .suite import BackendContract
+from .suite import BackendContract, call_requests
 
 
 class TestMockContract(BackendContract):
@@ -39,6 +39,10 @@ class TestMockContract(BackendContract):
     @pytest.fixture
     def long_stream(self):
         return Mock([f"tok{i} " for i in range(400)], delay=0.0005), Request.chat("hi")
+
+    @pytest.fixture
+    def call_reply(self):
+        return Mock(["Checking."], tool_calls=[("get_weather", {"city": "Paris"})]), call_requests()
 
     async def released(self, backend) -> bool:
         return backend.active == 0

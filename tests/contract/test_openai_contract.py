@@ -8,8 +8,8 @@ from inferd.backends.openai_compat import OpenAICompat
 from inferd.errors import BackendUnavailable, InvalidRequest
 from inferd.types import ImageBlock, Message, Request, TextBlock
 
-from ..upstream import Status, Stream, Upstream, text_stream
-from .suite import BackendContract
+from ..upstream import DONE, Status, Stream, Upstream, chunk, sse, text_stream
+from .suite import BackendContract, call_requests
 
 
 @pytest.fixture
@@ -62,6 +62,20 @@ class TestOpenAICompatContract(BackendContract):
     def long_stream(self, up):
         pieces = text_stream([f"tok{i} " for i in range(400)])
         return _backend(up.script("long", Stream(pieces, delay=0.0005))), Request.chat("hi")
+
+    @pytest.fixture(params=["tool_calls", "stop"])
+    def call_reply(self, request, up):
+        # Upstreams disagree on the finish reason after a call; ours is the one rule.
+        call = {"index": 0, "id": "call_1", "type": "function"}
+        pieces = [
+            sse(chunk({"role": "assistant", "content": "Checking."})),
+            sse(chunk({"tool_calls": [{**call, "function": {"name": "get_weather"}}]})),
+            sse(chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]})),
+            sse(chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]})),
+            sse(chunk({}, request.param)),
+            DONE,
+        ]
+        return _backend(up.script(f"call-{request.param}", Stream(pieces))), call_requests()
 
     async def released(self, backend) -> bool:
         return backend.active == 0

@@ -27,7 +27,7 @@ from inferd._fast._stream_common import (
 )
 from inferd.errors import BackendUnavailable
 from inferd.openai_wire import STOP_REASONS
-from inferd.types import Done, StopReason, Text, Thinking, ToolUse, Usage
+from inferd.types import Done, StopReason, Text, Thinking, ToolUse, ToolUseDelta, Usage
 
 __all__ = ["IMPLEMENTATION", "ChatStreamDecoder", "ChunkAccumulator"]
 
@@ -73,6 +73,7 @@ cdef class _Call:
     cdef public list parts
     cdef public Py_ssize_t size
     cdef public bint emitted
+    cdef public Py_ssize_t sent
 
     def __init__(self, object index, Py_ssize_t seq):
         self.index = index
@@ -83,6 +84,7 @@ cdef class _Call:
         self.parts = []
         self.size = 0
         self.emitted = False
+        self.sent = -1  # parts forwarded as ToolUseDelta (-1: none yet, no id+name)
 
 
 def _call_key(_Call c):
@@ -106,9 +108,11 @@ cdef class ChunkAccumulator:
     cdef Py_ssize_t _max_call_args
     cdef Py_ssize_t _max_stream_args
     cdef Py_ssize_t _args_size
+    cdef bint _stream_args
 
     def __init__(self, max_call_args=DEFAULT_MAX_CALL_ARGS,
-                 max_stream_args=DEFAULT_MAX_STREAM_ARGS):
+                 max_stream_args=DEFAULT_MAX_STREAM_ARGS, stream_args=False):
+        self._stream_args = stream_args
         self._max_call_args = max_call_args
         self._max_stream_args = max_stream_args
         self._args_size = 0
@@ -207,12 +211,12 @@ cdef class ChunkAccumulator:
             for tc in <list> calls:
                 if type(tc) is dict:
                     self._tool_delta(<dict> tc, (<dict> tc).get("function"),
-                                     (<dict> tc).get("index"))
+                                     (<dict> tc).get("index"), out)
         if type(fc) is dict:
-            self._tool_delta(<dict> fc, fc, None)
+            self._tool_delta(<dict> fc, fc, None, out)
         return 0
 
-    cdef int _tool_delta(self, dict tc, object fn, object idx_obj) except -1:
+    cdef int _tool_delta(self, dict tc, object fn, object idx_obj, list out) except -1:
         cdef object call_id, ctype, name = None, args = None
         cdef _Call call
         cdef object idx
@@ -260,6 +264,8 @@ cdef class ChunkAccumulator:
             text = _dumps(args).decode()
             self._charge(call, len(text) + FRAGMENT_COST)
             call.parts.append(text)
+        if self._stream_args and call.id is not None and call.name is not None:
+            _forward(call, out)
         return 0
 
     cdef int _charge(self, _Call call, Py_ssize_t cost) except -1:
@@ -309,6 +315,16 @@ cdef class ChunkAccumulator:
         return 0
 
 
+cdef int _forward(_Call call, list out) except -1:
+    # stream_args: the parts not forwarded yet, as one ToolUseDelta (the first one,
+    # once the call has an id and a name, carries every part so far).
+    if call.sent < 0 or len(call.parts) > call.sent:
+        frag = "".join(call.parts[max(call.sent, 0):])
+        call.sent = len(call.parts)
+        out.append(ToolUseDelta(call.seq, call.id, call.name, frag))
+    return 0
+
+
 cdef bint _starts_new(_Call call, object call_id, object name) except -1:
     # A value that differs from the one already set means another call; so does an
     # id or name that arrives after the arguments began (they come first).
@@ -356,9 +372,10 @@ cdef class ChatStreamDecoder(_SSEScanner):
     cdef Py_ssize_t _malformed
 
     def __init__(self, max_event_bytes=DEFAULT_MAX_EVENT_BYTES,
-                 max_call_args=DEFAULT_MAX_CALL_ARGS, max_stream_args=DEFAULT_MAX_STREAM_ARGS):
+                 max_call_args=DEFAULT_MAX_CALL_ARGS, max_stream_args=DEFAULT_MAX_STREAM_ARGS,
+                 stream_args=False):
         _SSEScanner.__init__(self, max_event_bytes)
-        self._acc = ChunkAccumulator(max_call_args, max_stream_args)
+        self._acc = ChunkAccumulator(max_call_args, max_stream_args, stream_args)
         self._out = []
         self._finished = False
         self._bytes_in = 0

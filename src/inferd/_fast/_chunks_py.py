@@ -26,7 +26,7 @@ from inferd._fast._stream_common import (
 )
 from inferd.errors import BackendUnavailable, InternalError
 from inferd.openai_wire import STOP_REASONS
-from inferd.types import Done, Event, StopReason, Text, Thinking, ToolUse, Usage
+from inferd.types import Done, Event, StopReason, Text, Thinking, ToolUse, ToolUseDelta, Usage
 
 __all__ = ["IMPLEMENTATION", "ChatStreamDecoder", "ChunkAccumulator"]
 
@@ -49,7 +49,7 @@ def _as_int(v: object) -> int:
 class _Call:
     """One tool call being assembled. ``parts`` are joined once, at the end."""
 
-    __slots__ = ("emitted", "id", "index", "name", "parts", "seq", "size", "type")
+    __slots__ = ("emitted", "id", "index", "name", "parts", "sent", "seq", "size", "type")
 
     def __init__(self, index: int, seq: int) -> None:
         self.index = index
@@ -60,6 +60,7 @@ class _Call:
         self.parts: list[str] = []
         self.size = 0  # what this call counts against max_call_args
         self.emitted = False
+        self.sent = -1  # parts forwarded as ToolUseDelta (-1: none yet, no id+name)
 
 
 class ChunkAccumulator:
@@ -72,7 +73,9 @@ class ChunkAccumulator:
         self,
         max_call_args: int = DEFAULT_MAX_CALL_ARGS,
         max_stream_args: int = DEFAULT_MAX_STREAM_ARGS,
+        stream_args: bool = False,
     ) -> None:
+        self._stream_args = stream_args
         self._max_call_args = max_call_args
         self._max_stream_args = max_stream_args
         self._args_size = 0  # what all calls count against max_stream_args
@@ -151,12 +154,12 @@ class ChunkAccumulator:
         if type(calls) is list:
             for tc in calls:
                 if type(tc) is dict:
-                    self._tool_delta(tc, tc.get("function"), tc.get("index"))
+                    self._tool_delta(tc, tc.get("function"), tc.get("index"), out)
         fc = delta.get("function_call")  # the legacy single-function form
         if type(fc) is dict:
-            self._tool_delta(fc, fc, None)
+            self._tool_delta(fc, fc, None, out)
 
-    def _tool_delta(self, tc: dict[str, Any], fn: object, idx: object) -> None:
+    def _tool_delta(self, tc: dict[str, Any], fn: object, idx: object, out: list[Event]) -> None:
         call_id = tc.get("id")
         if type(call_id) is not str or not call_id:
             call_id = None
@@ -197,6 +200,17 @@ class ChunkAccumulator:
             text = orjson.dumps(args).decode()
             self._charge(call, len(text) + FRAGMENT_COST)
             call.parts.append(text)
+        if self._stream_args and call.id is not None and call.name is not None:
+            self._forward(call, out)
+
+    @staticmethod
+    def _forward(call: _Call, out: list[Event]) -> None:
+        # stream_args: the parts not forwarded yet, as one ToolUseDelta (the first one,
+        # once the call has an id and a name, carries every part so far).
+        if call.sent < 0 or len(call.parts) > call.sent:
+            frag = "".join(call.parts[max(call.sent, 0) :])
+            call.sent = len(call.parts)
+            out.append(ToolUseDelta(call.seq, call.id, call.name, frag))  # type: ignore[arg-type]
 
     def _charge(self, call: _Call, cost: int) -> None:
         # Refuse before keeping: an endless argument stream must not exhaust memory.
@@ -293,9 +307,10 @@ class ChatStreamDecoder(_SSEScanner):
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         max_call_args: int = DEFAULT_MAX_CALL_ARGS,
         max_stream_args: int = DEFAULT_MAX_STREAM_ARGS,
+        stream_args: bool = False,
     ) -> None:
         super().__init__(max_event_bytes)
-        self._acc = ChunkAccumulator(max_call_args, max_stream_args)
+        self._acc = ChunkAccumulator(max_call_args, max_stream_args, stream_args)
         self._out: list[Event] = []
         self._finished = False
         self._bytes_in = 0

@@ -4,6 +4,11 @@
 calls, so tests of routers, daemons and clients can assert exact output. Faults are
 injected the way real backends fail: before the first event (not ready, invalid
 request, unavailable) or after N tokens (``BackendUnavailable`` mid-stream).
+
+Scripted calls follow the request like a model's would (ADR 0023): ``parallel_tool_calls
+=False`` keeps only the first, ``stream_tool_arguments`` streams each call's arguments in
+:data:`MOCK_DELTA_CHARS` pieces before its ``ToolUse``, and the stop reason is the one
+rule of :mod:`inferd.call_stop`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Literal
 import orjson
 
 from inferd.backend import Backend
+from inferd.call_stop import stop_after_calls
 from inferd.errors import BackendUnavailable, InvalidRequest, NotReady
 from inferd.limits import echo
 from inferd.request_fields import ALL_REPLY_FIELDS, refuse_unhonoured
@@ -33,6 +39,7 @@ from inferd.types import (
     Thinking,
     Timings,
     ToolUse,
+    ToolUseDelta,
     Usage,
 )
 
@@ -44,6 +51,9 @@ DEFAULT_EMBED_DIMS = 8
 #: the shape of the reply (several choices, logprobs) is refused by the one rule
 #: (inferd.request_fields) until the script can produce it.
 MOCK_HONOURED: frozenset[str] = ALL_REPLY_FIELDS - {"n", "logprobs", "top_logprobs"}
+
+#: Characters of a scripted call's arguments per ``ToolUseDelta``.
+MOCK_DELTA_CHARS = 8
 
 _ids = itertools.count(1)
 
@@ -139,11 +149,14 @@ class Mock(Backend):
             produced = 0
             script: list[Event] = [Thinking(t) for t in self.thinking]
             script += [Text(t) for t in self.tokens]
-            script += list(self.tool_calls)
+            calls = self.tool_calls if request.parallel_tool_calls else self.tool_calls[:1]
+            script += _call_events(calls, request.stream_tool_arguments)
             limit = request.max_tokens
             # Hitting max_tokens cuts the scripted calls off with the text, as a real
             # model's are; Done then says MAX_TOKENS.
-            stop = StopReason.TOOL_USE if self.tool_calls else StopReason.END_TURN
+            stop = stop_after_calls(
+                request, StopReason.END_TURN, called=bool(calls), last=bool(calls)
+            )
             for ev in script:
                 if isinstance(ev, (Text, Thinking)) and limit is not None and produced >= limit:
                     stop = StopReason.MAX_TOKENS
@@ -185,3 +198,16 @@ class Mock(Backend):
 
     async def aclose(self) -> None:
         self._closed = True
+
+
+def _call_events(calls: Sequence[ToolUse], stream: bool) -> list[Event]:
+    """The scripted calls, each after its argument deltas when ``stream`` is set."""
+    out: list[Event] = []
+    for i, call in enumerate(calls):
+        if stream:
+            args = call.raw_arguments
+            pieces = [args[j : j + MOCK_DELTA_CHARS] for j in range(0, len(args), MOCK_DELTA_CHARS)]
+            for piece in pieces or [""]:
+                out.append(ToolUseDelta(i, call.id, call.name, piece))
+        out.append(call)
+    return out

@@ -15,6 +15,15 @@ to turn a call body into :class:`~inferd.types.ToolUse` events
 :class:`MalformedCall`, and the engine then emits the call's raw text (opener, body
 and closer, exactly as generated) as :class:`~inferd.types.Text`: nothing is
 dropped, nothing crashes, and ``parser.malformed`` records why.
+
+With ``stream_arguments=True`` the engine also streams each call's arguments as they
+are written (:class:`~inferd.types.ToolUseDelta`, docs/adr/0023-tool-call-streaming-
+and-stop-reasons.md): while a call body grows, :meth:`SentinelParser.partial_call`
+(by default the common ``{"name": ..., "arguments": {...}}`` shape) says what is known,
+and :func:`inferd.chat.partial_json.stable_prefix` decides which part of the
+arguments can no longer change. When the call completes, the rest follows, then the
+complete ``ToolUse`` whose ``raw_arguments`` equals the fragments joined. A family
+whose calls have another shape still gets one delta per call, at its end.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from inferd.chat.partial_json import MAX_STREAMED_CALL_CHARS, call_arguments, stable_prefix
 from inferd.errors import InternalError, InvalidRequest
-from inferd.types import Event, Text, Thinking, ToolUse
+from inferd.types import Event, Text, Thinking, ToolUse, ToolUseDelta
 
 IdFactory = Callable[[], str]
 
@@ -126,6 +136,38 @@ def arguments_to_tool_use(
     return ToolUse(call_id, name, dict(args), json.dumps(args, ensure_ascii=False))
 
 
+def arguments_text(call: ToolUse) -> str:
+    """The arguments string of a complete call, as every wire sends it."""
+    return call.raw_arguments or json.dumps(dict(call.input or {}), ensure_ascii=False)
+
+
+def finish_streamed(call: ToolUse, sent: ToolUseDelta | None) -> tuple[ToolUse, str]:
+    """``(call, the rest of its arguments)`` after ``sent`` (the fragments so far,
+    joined) so that the fragments joined equal the call's ``raw_arguments``.
+
+    The parsers write ``json.dumps`` of the arguments, which the streamed canonical
+    text matches; where it does not (duplicate keys), the call keeps the canonical
+    text, which decodes to the same object.
+    """
+    full = arguments_text(call)
+    done = "" if sent is None else sent.arguments_fragment
+    if full.startswith(done):
+        if full != call.raw_arguments:
+            call = ToolUse(call.id, call.name, call.input, full)
+        return call, full[len(done) :]
+    whole, complete = stable_prefix(call.raw_arguments) if call.raw_arguments else ("", False)
+    if complete and whole.startswith(done) and _same_json(whole, call.input):
+        return ToolUse(call.id, call.name, call.input, whole), whole[len(done) :]
+    return call, ""  # not reconcilable (never seen): the deltas end, the ToolUse is the truth
+
+
+def _same_json(text: str, value: Any) -> bool:
+    try:
+        return bool(json.loads(text) == value)
+    except ValueError:
+        return False
+
+
 def decode_json_objects(body: str, separators: str = " \t\r\n;,") -> list[Any]:
     """Decode one or more JSON values written one after another (``{..}; {..}``)."""
     dec = json.JSONDecoder()
@@ -158,7 +200,8 @@ class SentinelParser:
     * ``thinking_default``: whether ``think_open`` is recognised unless told.
 
     ``in_thinking=True`` starts inside the reasoning block (the prompt already
-    opened it, as DeepSeek R1 and Qwen 3 templates can do).
+    opened it, as DeepSeek R1 and Qwen 3 templates can do). ``stream_arguments=True``
+    adds :class:`~inferd.types.ToolUseDelta` events (module docstring).
     """
 
     name: ClassVar[str] = "base"
@@ -176,9 +219,19 @@ class SentinelParser:
         thinking: bool | None = None,
         in_thinking: bool = False,
         id_factory: IdFactory | None = None,
+        stream_arguments: bool = False,
     ) -> None:
         self.thinking = self.thinking_default if thinking is None else thinking
-        self.new_id: IdFactory = id_factory or type(self).default_id
+        self._id_factory: IdFactory = id_factory or type(self).default_id
+        #: The id of the next call (families call it from ``parse_call``); a call whose
+        #: arguments are being streamed already has one, handed out first.
+        self.new_id: IdFactory = self._take_id
+        self.stream_arguments = stream_arguments
+        #: Whether the last thing the reply did so far was a complete tool call.
+        self.ended_in_call = False
+        self._calls = 0  # complete calls so far: the call_index of the next one
+        self._reserved_id: str | None = None
+        self._streamed: ToolUseDelta | None = None  # the call streaming now, all sent
         #: Why each malformed call fell back to Text (for logs and tests).
         self.malformed: list[str] = []
         self._buf = ""
@@ -214,6 +267,13 @@ class SentinelParser:
         """At the start of the reply: True to read it all as a call, None to wait."""
         return False
 
+    def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
+        """``(name, arguments text so far)`` of the call being written, for streaming;
+        ``None`` for what is not known yet. The default reads the common
+        ``{"name": ..., "arguments": {...}}`` shape; other families may override it
+        (or keep the default: their arguments then stream in one piece at the end)."""
+        return call_arguments(body)
+
     # -- the engine -------------------------------------------------------------
 
     def feed(self, text: str) -> list[Event]:
@@ -224,7 +284,9 @@ class SentinelParser:
         self._buf += text
         out: list[Event] = []
         self._run(out, final=False)
-        return merge_events(out)
+        if self.stream_arguments and self._mode == _CALL:
+            self._stream_partial(out)
+        return self._settle(out)
 
     def finish(self) -> list[Event]:
         if self._finished:
@@ -234,10 +296,19 @@ class SentinelParser:
         if self._mode == _THINK:
             self._think_ws = ""
         elif self._mode == _CALL:
-            self._end_call(out, self._buf, closed=False, closer="")
+            self._close_call(out, self._buf, closed=False, closer="")
             self._buf = ""
         self._finished = True
-        return merge_events(out)
+        return self._settle(out)
+
+    def _settle(self, out: list[Event]) -> list[Event]:
+        events = merge_events(out)
+        for ev in events:
+            if isinstance(ev, ToolUse):
+                self.ended_in_call = True
+            elif isinstance(ev, (Text, Thinking)) and ev.text.strip():
+                self.ended_in_call = False
+        return events
 
     def _enter_think(self) -> None:
         self._mode = _THINK
@@ -346,10 +417,10 @@ class SentinelParser:
         if i < 0:
             return False  # finish() handles an unterminated call
         if s in self.end_sentinels:
-            self._end_call(out, buf[:i], closed=False, closer="")
+            self._close_call(out, buf[:i], closed=False, closer="")
             self._buf, self._mode = "", _END
             return False
-        ok = self._end_call(out, buf[:i], closed=True, closer=s if s == self.call_close else "")
+        ok = self._close_call(out, buf[:i], closed=True, closer=s if s == self.call_close else "")
         self._buf = buf[i + len(s) :]
         if s == self.call_close:
             self._mode = _TEXT
@@ -357,6 +428,62 @@ class SentinelParser:
         else:
             self._call_opener = s
         return True
+
+    # -- streaming the arguments (ADR 0023) ------------------------------------------
+
+    def _take_id(self) -> str:
+        if self._reserved_id is not None:
+            call_id, self._reserved_id = self._reserved_id, None
+            return call_id
+        return self._id_factory()
+
+    def _stream_partial(self, out: list[Event]) -> None:
+        """The call being written has grown: send what of its arguments is final."""
+        body = self._buf
+        if len(body) > MAX_STREAMED_CALL_CHARS:
+            return
+        name, args = self.partial_call(self._call_opener, body)
+        if name is None or args is None:
+            return
+        prefix, _ = stable_prefix(args)
+        sent = self._streamed
+        if sent is None:
+            self._reserved_id = self._id_factory()
+            sent = ToolUseDelta(self._calls, self._reserved_id, name, "")
+            out.append(ToolUseDelta(self._calls, sent.id, name, prefix))
+        elif sent.name != name or not prefix.startswith(sent.arguments_fragment):
+            return  # not the call the deltas began (a parser's re-read): the end decides
+        elif len(prefix) > len(sent.arguments_fragment):
+            out.append(
+                ToolUseDelta(self._calls, sent.id, name, prefix[len(sent.arguments_fragment) :])
+            )
+        self._streamed = ToolUseDelta(self._calls, sent.id, name, prefix)
+
+    def _close_call(self, out: list[Event], body: str, *, closed: bool, closer: str) -> bool:
+        """End a call through the family's :meth:`_end_call`; when streaming, put the
+        rest of each call's arguments (or all of them, for a call not streamed yet)
+        before its ``ToolUse``."""
+        start = len(out)
+        ok = self._end_call(out, body, closed=closed, closer=closer)
+        streamed, self._streamed, self._reserved_id = self._streamed, None, None
+        if not self.stream_arguments:
+            self._calls += sum(isinstance(ev, ToolUse) for ev in out[start:])
+            return ok
+        tail: list[Event] = []
+        for ev in out[start:]:
+            if isinstance(ev, ToolUse):
+                sent = streamed if streamed is not None and streamed.id == ev.id else None
+                call, rest = finish_streamed(ev, sent)
+                if rest or sent is None:
+                    tail.append(ToolUseDelta(self._calls, call.id, call.name, rest))
+                tail.append(call)
+                self._calls += 1
+            else:
+                tail.append(ev)
+        if streamed is not None and not any(isinstance(ev, ToolUse) for ev in tail):
+            self._calls += 1  # a streamed call that failed keeps its index; none reuses it
+        out[start:] = tail
+        return ok
 
     def _end_call(self, out: list[Event], body: str, *, closed: bool, closer: str) -> bool:
         """Emit the call's events (True) or its raw text as the fallback (False)."""

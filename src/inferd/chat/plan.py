@@ -44,9 +44,12 @@ class ChatPlan:
     #: on llama-server and vLLM.
     template_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def parser(self, prompt: str) -> SentinelParser:
-        """A fresh output parser for a reply to ``prompt``."""
-        return parser_for(self.template, prompt, tool_format=self.format, **self.options)
+    def parser(self, prompt: str, **extra: Any) -> SentinelParser:
+        """A fresh output parser for a reply to ``prompt`` (``extra``: parser options
+        of this request, e.g. ``stream_arguments``)."""
+        return parser_for(
+            self.template, prompt, tool_format=self.format, **{**self.options, **extra}
+        )
 
 
 def effective_format(template: str | None, request: Request, tool_format: str | None = None) -> str:
@@ -64,9 +67,12 @@ def plan_chat(
     *,
     tool_format: str | None = None,
     limits: GrammarLimits | None = None,
-    parallel_tool_calls: bool = False,
+    parallel_tool_calls: bool = True,
 ) -> ChatPlan:
-    """Decide format, prompt inputs and grammar for ``request`` on this template."""
+    """Decide format, prompt inputs and grammar for ``request`` on this template.
+
+    The grammar allows several calls when ``request.parallel_tool_calls`` does (OpenAI's
+    default) and ``parallel_tool_calls`` is not False (ADR 0023)."""
     path = tool_path(template, bool(request.tools), tool_format)
     fmt = path.format
     messages = template_messages(request.messages)
@@ -84,7 +90,7 @@ def plan_chat(
     grammar = request_grammar(
         request,
         fmt,
-        parallel=parallel_tool_calls,
+        parallel=parallel_tool_calls and request.parallel_tool_calls,
         mistral_v11=bool(template) and "[ARGS]" in template,  # type: ignore[operator]
         limits=limits,
     )

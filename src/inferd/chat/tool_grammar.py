@@ -1,7 +1,10 @@
 """Grammars that enforce ``tool_choice`` and ``response_format`` per family.
 
 * ``required`` / a named tool: the reply *is* one call (``parallel=True``: one or
-  more) in the family's syntax, its arguments matching that tool's schema.
+  more) in the family's syntax, its arguments matching that tool's schema. ``parallel``
+  is ``Request.parallel_tool_calls`` (OpenAI's default true); a tool forced by *name*
+  is always one call, as vLLM and OpenAI give it
+  (docs/adr/0023-tool-call-streaming-and-stop-reasons.md).
 * ``auto``: the same call grammar, made *lazy*: it engages only when the output
   reaches the family's opener (a trigger pattern, plus the opener as a trigger
   token where the vocabulary has it as one token), so free text stays free but a
@@ -210,6 +213,7 @@ def request_grammar(
     """
     choice = request.tool_choice
     kind = choice.kind if choice is not None else ("auto" if request.tools else "none")
+    parallel = parallel and kind != "tool"  # a tool forced by name: one call (ADR 0023)
     rf = request.response_format
     wants_json = bool(rf) and rf.get("type") != "text"  # type: ignore[union-attr]
     if wants_json and request.tools and kind != "none":

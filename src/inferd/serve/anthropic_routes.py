@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 
 import orjson
 from aiohttp import web
@@ -91,6 +92,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             lambda r: wire.response_to_message(r, model=model, id=wire.new_message_id()),
             _error,
         )
+    req = replace(req, stream_tool_arguments=True)  # input_json_delta as written (ADR 0023)
     return await stream_reply(request, req, wire.MessageStreamWriter(model), _error_event, _error)
 
 

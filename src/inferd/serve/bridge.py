@@ -323,6 +323,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
     include_usage = bool(opts.get("include_usage"))
     writer = openai_wire.ChunkWriter(model, cid, include_usage=include_usage, n=req.n)
+    req = replace(req, stream_tool_arguments=True)  # calls stream as written (ADR 0023)
     return await stream_reply(request, req, _FastChunks(writer), _chat_error_event)
 
 

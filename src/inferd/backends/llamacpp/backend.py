@@ -44,6 +44,7 @@ from inferd.backends.llamacpp import embedding, loader
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model, reasoning_kwargs
 from inferd.backends.llamacpp.choices import ChoiceReader, choice_seed, merged
 from inferd.backends.llamacpp.options import LlamaCppOptions
+from inferd.backends.llamacpp.output import CallStops
 from inferd.backends.llamacpp.sampling import (  # noqa: F401 (DEFAULT_*: public names)
     DEFAULT_MIN_P,
     DEFAULT_TEMPERATURE,
@@ -88,6 +89,8 @@ LLAMACPP_HONOURED: frozenset[str] = SAMPLING_FIELDS | frozenset(
 LLAMACPP_HONOURED |= {"reasoning_effort", "prompt"}
 #: ``n`` choices share one prefill; ``logprobs`` come from the scheduler (ADR 0022).
 LLAMACPP_HONOURED |= {"n", "logprobs", "top_logprobs"}
+#: Tool grammars allow one call or several (docs/adr/0023-tool-call-streaming-and-stop-reasons.md).
+LLAMACPP_HONOURED |= {"parallel_tool_calls"}
 #: A chat template that mentions one of these can put the model into a reasoning block.
 _THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
 #: ``<arch>.pooling_type`` values of embedding models (llama.cpp's mean, cls, last).
@@ -502,7 +505,7 @@ class LlamaCpp(Backend):
             ChoiceReader(i, s, p, request.stop)
             for i, (s, p) in enumerate(zip(streams, parsers, strict=True))
         ]
-        started = False
+        started, stops = False, CallStops(request)
         try:
             async for ev in merged(
                 readers,
@@ -514,7 +517,7 @@ class LlamaCpp(Backend):
                 backend=self.name,
             ):
                 started = True
-                yield ev
+                yield stops.see(ev)
         except (InferdError, GeneratorExit, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -573,7 +576,7 @@ class LlamaCpp(Backend):
         parser: OutputParser = (
             factory(self._template_source(), prompt, request)
             if factory is not None
-            else plan.parser(prompt)
+            else plan.parser(prompt, stream_arguments=request.stream_tool_arguments)
         )
         # Tool-call and thinking sentinels are often control tokens: render them.
         special = plan.format != "plain"

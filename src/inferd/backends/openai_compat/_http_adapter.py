@@ -23,8 +23,9 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from inferd.call_stop import CallTracker
 from inferd.errors import InternalError, InvalidRequest, NotReady, redact_url
-from inferd.types import Capabilities, Done, Event, Request, Timings
+from inferd.types import Capabilities, Done, Event, Request, Timings, ToolUse, ToolUseDelta
 
 from .client import WIRE_ERRORS, HttpClient, Secret, connection_error
 
@@ -172,7 +173,9 @@ class HttpAdapter:
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
         """Stream the reply: retries before the first event only, then exactly one ``Done``
-        (docs/adr/0007-openai-compat-retries-and-connections.md)."""
+        (docs/adr/0007-openai-compat-retries-and-connections.md). The stop reason follows
+        the one rule for calls (:mod:`inferd.call_stop`), and argument deltas reach only a
+        request that asked for them (ADR 0023)."""
         self._check_open()
         lacks = self._caps.covers(request)
         if lacks is not None:
@@ -184,15 +187,18 @@ class HttpAdapter:
         self._active += 1
         resp: aiohttp.ClientResponse | None = None
         dones = 0  # one Done per choice; the stream ends at the n-th (ADR 0022)
+        calls, deltas = CallTracker(), _Deltas(request.stream_tool_arguments)
         try:
             choices = request if request.n > 1 or request.logprobs else None
             resp, source, batch = await self._open_stream(url, payload, choices)
             first = time.perf_counter()  # any failure from here on is mid-stream
             while True:
-                for ev in batch:
+                for ev in deltas.pass_on(batch):
+                    calls.see(ev)
                     if isinstance(ev, Done):
                         tokens = ev.usage.output_tokens or count
                         yield ev.replace(
+                            stop_reason=calls.stop_reason(request, ev.stop_reason),
                             timings=Timings.measure(start, first, time.perf_counter(), tokens),
                             backend=self.name,
                         )
@@ -203,7 +209,7 @@ class HttpAdapter:
                             resp.release()  # fully read: safe to reuse
                             resp = None
                         return
-                    count += 1
+                    count += not isinstance(ev, ToolUseDelta)
                     yield ev
                 if source.finished:  # pragma: no cover - the decoder ends with Done
                     raise InternalError("the stream decoder finished without a Done")
@@ -218,6 +224,31 @@ class HttpAdapter:
             if resp is not None:
                 resp.close()
             self._active -= 1
+
+
+class _Deltas:
+    """``ToolUseDelta`` events for a request that asked for them (each call gets at
+    least one, its whole arguments when the upstream streamed none), none otherwise."""
+
+    __slots__ = ("_sent", "wanted")
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted
+        self._sent: set[str] = set()
+
+    def pass_on(self, batch: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for ev in batch:
+            if isinstance(ev, ToolUseDelta):
+                if self.wanted:
+                    self._sent.add(ev.id)
+                    out.append(ev)
+                continue
+            if self.wanted and isinstance(ev, ToolUse) and ev.id not in self._sent:
+                out.append(ToolUseDelta(len(self._sent), ev.id, ev.name, ev.raw_arguments))
+                self._sent.add(ev.id)
+            out.append(ev)
+        return out
 
 
 __all__ = [

@@ -141,7 +141,10 @@ class StreamLimits:
                 raise InvalidRequest(f"{label}={getattr(self, label)!r} must be > 0 seconds")
 
     def decoder(self) -> ChatStreamDecoder:
-        return ChatStreamDecoder(self.max_event_bytes, self.max_call_args, self.max_stream_args)
+        # Argument deltas always: the adapter drops them for requests that did not ask.
+        return ChatStreamDecoder(
+            self.max_event_bytes, self.max_call_args, self.max_stream_args, stream_args=True
+        )
 
 
 class _Body:
