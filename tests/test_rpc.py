@@ -101,6 +101,10 @@ def _inferd_workers(n: int = 2) -> Iterator[list[tuple[str, subprocess.Popen[byt
 @pytest.fixture(scope="module")
 def core() -> None:
     require_llama_core()
+    from inferd._fast import _llama
+
+    if not _llama.RPC_SUPPORTED:
+        missing("a compiled core with ggml RPC (the default -DGGML_RPC=ON)")
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +202,33 @@ def test_accelerator_rpc_devices_cross_the_wire() -> None:
     back = Capabilities.from_dict(Capabilities(accelerator=acc).to_dict()).accelerator
     assert back == acc
     assert AcceleratorInfo.from_dict({"rpc_devices": "junk"}).rpc_devices == ()
+
+
+def test_toml_config_and_run_flag_reach_the_same_checks(
+    core: None, smollm2_path: Path, tmp_path: Path
+) -> None:
+    from inferd.serve.config import ConfigError, build_backend, load_config
+
+    dead = f"127.0.0.1:{_free_port()}"
+    cfg_file = tmp_path / "inferd.toml"
+    cfg_file.write_text(
+        f"[[backend]]\ntype = 'llamacpp'\nmodel = {str(smollm2_path)!r}\n"
+        f"rpc_servers = [{dead!r}]\ntensor_split = [1, 3]\nn_ctx = 512\n"
+    )
+    spec = load_config(cfg_file).backends[0]
+    with pytest.raises(ConfigError, match=f"{dead}.*unreachable"):
+        build_backend(spec)
+    spec.options["rpc_servers"] = ["nope"]
+    with pytest.raises(ConfigError, match="rpc_servers"):
+        build_backend(spec)
+    p = subprocess.run(
+        [sys.executable, "-m", "inferd", "run", "--model", str(smollm2_path), "--rpc", dead, "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1
+    assert dead in p.stderr and "unreachable" in p.stderr
 
 
 # --------------------------------------------------------------------------- load faults
@@ -405,3 +436,44 @@ def test_head_child_dies_with_its_parent(core: None, smollm2_path: Path) -> None
                 pytest.fail("the RPC split's child outlived its parent")
         # and the worker is free for the next head
         assert probe(workers[0][0]).devices
+
+
+def _server_pid(supervisor: subprocess.Popen[bytes]) -> int:
+    """The ggml server process under an ``inferd rpc-worker`` supervisor."""
+    path = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
+    try:
+        kids = path.read_text().split()
+    except OSError as e:
+        missing(f"{path} (the worker's server process is found there: {e})")
+        raise
+    assert len(kids) == 1
+    return int(kids[0])
+
+
+def test_silent_worker_ends_the_stream_after_the_read_timeout(
+    core: None, smollm2_path: Path
+) -> None:
+    """A worker host that vanishes without closing its socket (here: a stopped
+    process) cannot hang the stream: it ends after ``rpc_read_timeout_s``."""
+    from inferd.backends.llamacpp import LlamaCpp
+
+    with _inferd_workers(2) as workers:
+        servers = [w for w, _ in workers]
+        frozen = _server_pid(workers[1][1])
+
+        async def scenario() -> None:
+            b = LlamaCpp(smollm2_path, rpc_servers=servers, rpc_read_timeout_s=10, **HEAD)
+            req = Request.chat("Count to 500.", max_tokens=400, temperature=0, ignore_eos=True)
+            try:
+                with pytest.raises(BackendUnavailable, match="rpc_read_timeout_s"):
+                    async with asyncio.timeout(KILLED_STREAM_END_S):
+                        async for event in b.generate(req):
+                            if isinstance(event, Text):
+                                os.kill(frozen, signal.SIGSTOP)
+                assert b.child_pid is None  # the stuck child was stopped
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+                await b.aclose()
+
+        asyncio.run(scenario())
+        assert probe(servers[1]).devices  # the thawed worker serves the next head

@@ -10,9 +10,21 @@ def system_info() -> str: ...
 def supports_gpu_offload() -> bool: ...
 def devices() -> list[dict[str, Any]]: ...
 
+RPC_MAX_SERVERS: int
+RPC_PROTO_VERSION: tuple[int, int, int]
+
+def rpc_devices(endpoint: str) -> list[dict[str, Any]]: ...
+def rpc_serve(
+    endpoint: str,
+    cache_dir: str | None = None,
+    n_threads: int = 1,
+    device_names: Sequence[str] | None = None,
+) -> None: ...
+
 class Model:
     path: str
     n_gpu_layers: int
+    rpc_servers: tuple[str, ...]
     def __init__(
         self,
         path: str | bytes,
@@ -20,6 +32,8 @@ class Model:
         use_mmap: bool = True,
         progress: Callable[[float], bool | None] | None = None,
         vocab_only: bool = False,
+        rpc_servers: Sequence[str] = (),
+        tensor_split: Sequence[float] = (),
     ) -> None: ...
     def close(self) -> None: ...
     @property

@@ -16,10 +16,16 @@
 RPC_MAX_SERVERS = GGML_RPC_MAX_SERVERS
 #: (major, minor, patch) of the RPC protocol this build speaks.
 RPC_PROTO_VERSION = (RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION, RPC_PROTO_PATCH_VERSION)
+#: False in a build configured with -DGGML_RPC=OFF (inferd_rpc.h).
+RPC_SUPPORTED = bool(INFERD_HAVE_RPC)
+_NO_RPC = ("this inferd was built without ggml RPC (GGML_RPC=OFF); rebuild with the default "
+           "-DGGML_RPC=ON to split models over workers")
 
 
 cdef ggml_backend_reg_t _rpc_reg(str endpoint) except NULL:
     """The registry of ``endpoint``'s devices (connects once; ggml caches it)."""
+    if not RPC_SUPPORTED:
+        raise ModelLoadError(_NO_RPC)
     cdef bytes bep = endpoint.encode("utf-8")
     cdef const char * cep = bep
     cdef ggml_backend_reg_t reg
@@ -116,6 +122,8 @@ def rpc_serve(str endpoint, cache_dir=None, size_t n_threads=1, device_names=Non
     default: every GPU/iGPU, else the CPU (llama.cpp's rpc-server rule). Returns only
     when ggml gives up (e.g. the port is taken): raises ``OSError`` then. Run it in a
     process of its own: nothing stops ggml's loop but the end of the process."""
+    if not RPC_SUPPORTED:
+        raise OSError(_NO_RPC)
     _ensure_backend()
     devs = []
     cdef ggml_backend_dev_t dev

@@ -241,15 +241,18 @@ cdef extern from "ggml-backend.h" nogil:
     ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
 
 
-cdef extern from "ggml-rpc.h" nogil:
+# inferd_rpc.h: the ggml-rpc.h API, or stand-ins in a build with GGML_RPC=OFF.
+cdef extern from "inferd_rpc.h" nogil:
     enum:
         RPC_PROTO_MAJOR_VERSION
         RPC_PROTO_MINOR_VERSION
         RPC_PROTO_PATCH_VERSION
         GGML_RPC_MAX_SERVERS
-    ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint)
-    void ggml_backend_rpc_get_device_memory(const char * endpoint, uint32_t device,
-                                            size_t * free, size_t * total)
-    void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir,
-                                       size_t n_threads, size_t n_devices,
-                                       ggml_backend_dev_t * devices)
+        INFERD_HAVE_RPC
+    ggml_backend_reg_t ggml_backend_rpc_add_server "inferd_rpc_add_server"(
+        const char * endpoint)
+    void ggml_backend_rpc_get_device_memory "inferd_rpc_get_device_memory"(
+        const char * endpoint, uint32_t device, size_t * free, size_t * total)
+    void ggml_backend_rpc_start_server "inferd_rpc_start_server"(
+        const char * endpoint, const char * cache_dir, size_t n_threads, size_t n_devices,
+        ggml_backend_dev_t * devices)

@@ -59,7 +59,7 @@ CHILD_STOP_GRACE_S = 5.0
 STDERR_TAIL_BYTES = 1500
 _POLL_S = 0.05
 #: Settings that cannot cross into the child (callables) or are decided here.
-_NOT_SENT = ("progress", "output_parser", "pull_progress", "rpc_in_process")
+_NOT_SENT = ("progress", "output_parser", "pull_progress", "rpc_in_process", "rpc_read_timeout_s")
 
 
 class RpcSplit(Backend):
@@ -229,18 +229,39 @@ class RpcSplit(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:  # type: ignore[override]
         client = await self._ensure()
+        stream = client.generate(request)
         try:
-            async for event in client.generate(request):
+            while True:
+                try:
+                    event = await self._next(stream)
+                except StopAsyncIteration:
+                    return
                 yield event
+        finally:
+            await stream.aclose()
+
+    async def _next(self, stream: AsyncIterator[Event]) -> Event:
+        """The child's next event; a child that died (a worker was lost) or that stays
+        silent for ``rpc_read_timeout_s`` (a worker host vanished) ends the stream with
+        ``BackendUnavailable``, and the next request loads the split again."""
+        timeout_s = self.options.rpc_read_timeout_s
+        workers = ", ".join(self.options.rpc_servers)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await anext(stream)
+        except TimeoutError:
+            await asyncio.to_thread(self._stop_child)
+            raise BackendUnavailable(
+                f"no reply from the RPC split for {timeout_s:g}s (rpc_read_timeout_s): a "
+                f"worker of {workers} may be unreachable"
+            ) from None
         except BackendUnavailable:
-            await asyncio.sleep(0)
             if self._child is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     await asyncio.to_thread(self._child.wait, CHILD_STOP_GRACE_S)
             if not self._alive():
                 raise BackendUnavailable(
-                    f"the RPC split lost a worker ({', '.join(self.options.rpc_servers)}): "
-                    f"{self.child_error()}"
+                    f"the RPC split lost a worker ({workers}): {self.child_error()}"
                 ) from None
             raise
 

@@ -50,6 +50,8 @@ _INT_LEAST: dict[str, int] = {
 _FLOATS = ("repeat_penalty", "frequency_penalty", "presence_penalty")
 #: Most ``tensor_split`` entries (libllama's llama_max_devices()).
 MAX_TENSOR_SPLIT = 16
+#: Default ``rpc_read_timeout_s`` (a long prompt on a big split takes minutes at worst).
+DEFAULT_RPC_READ_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +97,10 @@ class LlamaCppOptions:
     #: load an RPC split in this process (a dead worker then aborts it); by default a
     #: supervised child process holds it
     rpc_in_process: bool = False
+    #: seconds a split model's stream may go without an event before its child is
+    #: stopped and the stream ends with BackendUnavailable (a worker host that vanished
+    #: without closing its socket)
+    rpc_read_timeout_s: float = DEFAULT_RPC_READ_TIMEOUT_S
 
     def __post_init__(self) -> None:
         self._check_rpc()
@@ -144,6 +150,9 @@ class LlamaCppOptions:
             )
         if values and sum(values) <= 0:
             raise InvalidRequest("tensor_split: the shares must not all be 0")
+        t = self.rpc_read_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise InvalidRequest(f"rpc_read_timeout_s={echo(t)} must be a number of seconds > 0")
         object.__setattr__(self, "tensor_split", values)
 
     @classmethod
