@@ -50,7 +50,7 @@ def smol(smollm2_path):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1, parallel=1)
+    b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1, parallel=2)
     yield b
     b.close()
 
@@ -216,9 +216,10 @@ async def test_bridge_stream_ends_with_done_marker() -> None:
         ({}, "'prompt' is missing"),
         ({"prompt": "hi", "echo": True}, "'echo'"),
         ({"prompt": "hi", "suffix": "end"}, "'suffix'"),
-        ({"prompt": "hi", "logprobs": 2}, "'logprobs'"),
+        ({"prompt": "hi", "logprobs": 21}, "'logprobs' must be an integer from 0 to 20"),
+        ({"prompt": "hi", "logprobs": True}, "'logprobs' must be an integer"),
         ({"prompt": "hi", "best_of": 3}, "best_of"),
-        ({"prompt": "hi", "n": 2}, "n=2"),
+        ({"prompt": "hi", "n": 99}, "MAX_CHOICES"),
         ({"prompt": "hi", "stop": 7}, "'stop'"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
     ],
@@ -262,6 +263,50 @@ def test_body_mapping_defaults_and_fields() -> None:
         "top_k": 5,
         "logit_bias": {"7": -100.0},
     }
+
+
+async def test_bridge_n_choices_and_legacy_logprobs(smol) -> None:
+    """``n`` choices share the prompt (usage counts it once) and the legacy ``logprobs``
+    give each token's logprob and its alternatives; greedy, so every choice is the
+    direct greedy text and each chosen token is its own best alternative."""
+    _, greedy = _direct_greedy(smol, COUNTING, N_TOKENS)
+    want = smol.model.detokenize(greedy)
+    async with bridge_in_process(smol) as (url, _, _):
+        client = _client(url)
+        r = await client.completions.create(
+            model="smol", prompt=COUNTING, max_tokens=N_TOKENS, temperature=0, n=2, logprobs=3
+        )
+        stream = await client.completions.create(
+            model="smol",
+            prompt=COUNTING,
+            max_tokens=N_TOKENS,
+            temperature=0,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [want, want]
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == len(smol.tokenize_prompt(COUNTING))
+    assert r.usage.completion_tokens == 2 * N_TOKENS
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert "".join(lp.tokens) == want
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == N_TOKENS
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen is not None and chosen <= 0.0 and len(top) == 3
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    by_index: dict[int, str] = {}
+    for c in chunks:
+        for ch in c.choices:
+            by_index[ch.index] = by_index.get(ch.index, "") + ch.text
+    assert by_index == {0: want, 1: want}
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finishes == ["length", "length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2 * N_TOKENS
 
 
 # --------------------------------------------------------------------------- Request

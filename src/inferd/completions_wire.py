@@ -11,16 +11,18 @@ chat template (docs/adr/0025-raw-completions-and-reasoning.md). This module maps
   and that upstream's stream back into events (:class:`CompletionStreamDecoder`), for
   :class:`~inferd.backends.openai_compat.OpenAICompat`.
 
+``n`` choices and the legacy ``logprobs`` (an integer: the alternatives per token) are
+served where the backend honours them (``LlamaCpp``; docs/adr/0022-n-choices-and-logprobs.md).
 Fields of the legacy API that would change the reply and that inferd does not serve
-(``echo``, ``suffix``, ``best_of``, ``logprobs``, ``n`` > 1, several prompts, token-id
-prompts) are refused with :class:`~inferd.errors.InvalidRequest` naming the field,
-never dropped. Pure functions plus two small stateful mappers; no I/O.
+(``echo``, ``suffix``, ``best_of`` other than ``n``, several prompts, token-id prompts)
+are refused with :class:`~inferd.errors.InvalidRequest` naming the field, never
+dropped. Pure functions plus two small stateful mappers; no I/O.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -31,13 +33,24 @@ from inferd.openai_wire import SSE_DONE, finish_reason, sse_encode, usage_to_ope
 from inferd.request_fields import refuse_unhonoured
 from inferd.sse import SSEParser
 from inferd.toolcalls import ChunkAccumulator
-from inferd.types import Done, Event, Request, Response, Text, Usage
+from inferd.types import (
+    MAX_TOP_LOGPROBS,
+    Done,
+    Event,
+    Request,
+    Response,
+    Text,
+    TokenLogprob,
+    Usage,
+    choices_usage,
+)
 
 __all__ = [
     "COMPLETIONS_HONOURED",
     "DEFAULT_COMPLETION_MAX_TOKENS",
     "CompletionStreamDecoder",
     "CompletionStreamWriter",
+    "legacy_logprobs",
     "request_from_completions",
     "request_to_completions",
     "response_to_completions",
@@ -106,16 +119,25 @@ def _refuse_legacy(body: Mapping[str, Any]) -> None:
         raise InvalidRequest("'echo' is not supported: the reply never repeats the prompt")
     if body.get("suffix") not in (None, ""):
         raise InvalidRequest("'suffix' (fill-in-the-middle) is not supported")
-    for name in ("n", "best_of"):
-        if body.get(name) not in (None, 1):
-            raise InvalidRequest(
-                f"{name}={echo(body.get(name))} is not supported on /v1/completions; "
-                "it returns one choice"
-            )
-    if body.get("logprobs") is not None:
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (body.get("n") or 1):
         raise InvalidRequest(
-            "'logprobs' is not supported on /v1/completions; use /v1/chat/completions"
+            f"best_of={echo(best_of)} is not supported: inferd returns every choice it "
+            "generates (use n, or leave best_of unset)"
         )
+
+
+def _logprobs_in(value: Any) -> dict[str, Any]:
+    """The legacy ``logprobs`` (alternatives per token, 0 for the chosen token only) as
+    the Request's ``logprobs`` / ``top_logprobs``."""
+    if value is None:
+        return {}
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(
+            f"'logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS} (alternatives per "
+            f"token), got {echo(value)}"
+        )
+    return {"logprobs": True, "top_logprobs": value}
 
 
 def request_from_completions(body: Mapping[str, Any]) -> Request:
@@ -141,6 +163,7 @@ def request_from_completions(body: Mapping[str, Any]) -> Request:
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("'model' must be a string")
     max_tokens = body.get("max_tokens")
+    n = body.get("n")
     try:
         return Request.completion(
             prompt,
@@ -148,6 +171,8 @@ def request_from_completions(body: Mapping[str, Any]) -> Request:
             stop=tuple(stop or ()),
             ignore_eos=body.get("ignore_eos", False),
             model=model or None,
+            n=1 if n is None else n,
+            **_logprobs_in(body.get("logprobs")),
             **{name: body.get(name) for name in _SAMPLING},
         )
     except InvalidRequest:
@@ -159,40 +184,76 @@ def request_from_completions(body: Mapping[str, Any]) -> Request:
 # =========================================================================== reply out
 
 
-def _choice(text: str, finish: str | None) -> dict[str, Any]:
-    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+def legacy_logprobs(lps: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
+    """Token logprobs in the legacy shape: ``tokens``, ``token_logprobs``,
+    ``top_logprobs`` (one ``{token: logprob}`` per token) and ``text_offset`` (each
+    token's character offset in the returned text, from ``offset``; a character split
+    across tokens counts in each piece's replacement text). ``None`` when there are none."""
+    if not lps:
+        return None
+    offsets = []
+    for lp in lps:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{tok: value for tok, _, value in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def _choice(
+    text: str, finish: str | None, index: int = 0, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
 
 def response_to_completions(
     response: Response, *, model: str, id: str, created: int | None = None
 ) -> dict[str, Any]:
-    """A whole reply as a non-streaming ``text_completion`` object."""
+    """A whole reply as a non-streaming ``text_completion`` object: one entry in
+    ``choices`` per choice (``n``), usage summed over them (the prompt once)."""
+    choices = response.choices or (response,)
     return {
         "id": id,
         "object": "text_completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [_choice(response.text, finish_reason(response.stop_reason))],
-        "usage": usage_to_openai(response.done.usage),
+        "choices": [
+            _choice(c.text, finish_reason(c.stop_reason), i, legacy_logprobs(c.logprobs))
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage_to_openai(response.usage),
     }
 
 
 class CompletionStreamWriter:
     """Events -> SSE bytes of ``text_completion`` chunks, for one streamed reply.
 
-    Each :class:`Text` is one chunk; :class:`Done` is a chunk with ``finish_reason``,
-    then (when ``include_usage``) a ``choices: []`` chunk with the usage, then
-    ``[DONE]``. A raw completion yields nothing else (no template, so no reasoning or
-    tool syntax is parsed); anything else is skipped. Nothing is written after ``Done``
-    (the bridge's ``StreamWriter`` protocol).
+    Each :class:`Text` is one chunk (``choices[0].index`` its choice, ``logprobs`` in the
+    legacy shape when asked); each choice's :class:`Done` is a chunk with its
+    ``finish_reason``; after the ``n``-th, a ``choices: []`` chunk with the usage (when
+    ``include_usage``) and ``[DONE]``. A raw completion yields nothing else (no
+    template, so no reasoning or tool syntax is parsed); anything else is skipped.
+    Nothing is written after the last ``Done`` (the bridge's ``StreamWriter`` protocol).
     """
 
-    __slots__ = ("_base", "_finished", "include_usage")
+    __slots__ = ("_base", "_dones", "_finished", "_offsets", "include_usage", "n")
 
     def __init__(
-        self, model: str, id: str, *, created: int | None = None, include_usage: bool = False
+        self,
+        model: str,
+        id: str,
+        *,
+        created: int | None = None,
+        include_usage: bool = False,
+        n: int = 1,
     ) -> None:
         self.include_usage = include_usage
+        self.n = n
+        self._dones: list[Done] = []
+        self._offsets: dict[int, int] = {}  # choice -> characters written (text_offset)
         self._finished = False
         self._base = {
             "id": id,
@@ -208,20 +269,30 @@ class CompletionStreamWriter:
     def start(self) -> bytes:
         return b""
 
-    def _chunk(self, text: str, finish: str | None) -> bytes:
-        return sse_encode({**self._base, "choices": [_choice(text, finish)]})
+    def _chunk(
+        self, text: str, finish: str | None, index: int, lps: dict[str, Any] | None = None
+    ) -> bytes:
+        return sse_encode({**self._base, "choices": [_choice(text, finish, index, lps)]})
 
     def write(self, event: Event) -> bytes:
         if self._finished:
             raise InvalidRequest("CompletionStreamWriter: an event arrived after Done")
         if isinstance(event, Text):
-            return self._chunk(event.text, None) if event.text else b""
+            if not event.text and not event.logprobs:
+                return b""
+            at = self._offsets.get(event.index, 0)
+            self._offsets[event.index] = at + len(event.text)
+            return self._chunk(event.text, None, event.index, legacy_logprobs(event.logprobs, at))
         if not isinstance(event, Done):
             return b""
+        self._dones.append(event)
+        out = self._chunk("", finish_reason(event.stop_reason), event.index)
+        if len(self._dones) < self.n:
+            return out
         self._finished = True
-        out = self._chunk("", finish_reason(event.stop_reason))
         if self.include_usage:
-            out += sse_encode({**self._base, "choices": [], "usage": usage_to_openai(event.usage)})
+            usage = usage_to_openai(choices_usage(self._dones))
+            out += sse_encode({**self._base, "choices": [], "usage": usage})
         return out + SSE_DONE
 
 

@@ -45,7 +45,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             request, req, lambda r: wire.response_to_completions(r, model=model, id=cid)
         )
     include_usage = bool(opts.get("include_usage"))
-    writer = wire.CompletionStreamWriter(model, cid, include_usage=include_usage)
+    writer = wire.CompletionStreamWriter(model, cid, include_usage=include_usage, n=req.n)
     return await stream_reply(request, req, writer, _chat_error_event)
 
 
