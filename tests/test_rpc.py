@@ -314,7 +314,28 @@ def test_split_over_two_inferd_workers_matches_local_greedy(
     assert acc is not None and acc.kind == "remote"
     assert [d.endpoint for d in acc.rpc_devices] == servers
     assert all(d.memory_total > 0 for d in acc.rpc_devices)
-    assert caps.to_dict()["accelerator"]["rpc_devices"][0]["endpoint"] == servers[0]
+
+
+def test_admin_status_lists_the_remote_devices(core: None, smollm2_path: Path) -> None:
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.serve.client import admin_status
+    from inferd.serve.daemon import Daemon
+
+    async def status(servers: list[str]) -> dict[str, object]:
+        with tempfile.TemporaryDirectory() as d:
+            daemon = Daemon(LlamaCpp(smollm2_path, rpc_servers=servers, **HEAD), f"{d}/s.sock")
+            await daemon.start()
+            try:
+                return await admin_status(daemon.socket_path, timeout_s=30)
+            finally:
+                await daemon.close()
+
+    with _inferd_workers(2) as workers:
+        servers = [w for w, _ in workers]
+        got = asyncio.run(status(servers))
+    remote = got["accelerator"]["rpc_devices"]  # type: ignore[index]
+    assert [r["endpoint"] for r in remote] == servers
+    assert all(r["memory_total"] > 0 and r["memory_free"] > 0 for r in remote)
 
 
 @pytest.fixture(scope="module")
