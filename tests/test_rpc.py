@@ -229,6 +229,16 @@ def test_toml_config_and_run_flag_reach_the_same_checks(
     )
     assert p.returncode == 1
     assert dead in p.stderr and "unreachable" in p.stderr
+    cfg_file.write_text(f"[[backend]]\ntype = 'llamacpp'\nmodel = {str(smollm2_path)!r}\n")
+    serve = [sys.executable, "-m", "inferd", "serve", "--config", str(cfg_file)]
+    p = subprocess.run(
+        [*serve, "--socket", str(tmp_path / "s.sock"), "--rpc", dead],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1
+    assert dead in p.stderr and "unreachable" in p.stderr
 
 
 # --------------------------------------------------------------------------- load faults

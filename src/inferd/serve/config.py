@@ -210,6 +210,18 @@ def override_router(cfg: Config, **options: Any) -> Config:
     return cfg
 
 
+def override_rpc(cfg: Config, servers: str | None) -> Config:
+    """``cfg`` with every llamacpp backend and model split over ``servers`` (``inferd serve
+    --rpc host:port,...``; checked where the backend is built, like the TOML key;
+    docs/adr/0019-rpc-backend.md)."""
+    if servers:
+        specs = [*cfg.backends, *(m.backend for m in cfg.models)]
+        for spec in specs:
+            if spec.type == "llamacpp":
+                spec.options["rpc_servers"] = servers
+    return cfg
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read and check a config file; ``ConfigError`` says what is wrong and where."""
     p = Path(path if path is not None else DEFAULT_CONFIG_PATH).expanduser()

@@ -72,6 +72,7 @@ from inferd.serve.config import (
     default_socket_path,
     load_config,
     override_router,
+    override_rpc,
 )
 from inferd.serve.metrics import METRICS_WINDOW, Metrics, percentiles
 from inferd.serve.observed import ObservedBackend
@@ -835,6 +836,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="least_loaded: keep a conversation on one replica by a hash of its first N "
         "characters (overrides [router] affinity_prefix_chars)",
     )
+    parser.add_argument(
+        "--rpc",
+        default=None,
+        metavar="HOST:PORT,...",
+        help="split every llamacpp model over these ggml RPC workers (`inferd rpc-worker`; "
+        "overrides rpc_servers; docs/adr/0019-rpc-backend.md)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -847,6 +855,7 @@ async def serve_main(args: argparse.Namespace) -> int:
         policy=getattr(args, "router_policy", None),
         affinity_prefix_chars=getattr(args, "affinity_prefix_chars", None),
     )
+    cfg = override_rpc(cfg, getattr(args, "rpc", None))
     pool = None
     if cfg.models:  # [[model]] tables: nothing loads until a request names a model
         from inferd.serve.models_pool import ModelPool
