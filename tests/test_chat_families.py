@@ -27,6 +27,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inferd.chat import detect_format, get_parser, merge_events, parser_for
 from inferd.chat.family_grammar import FAMILY_GRAMMARS, family_grammar
@@ -707,6 +709,72 @@ def test_whole_and_every_split(case: Case) -> None:
     assert run(case, list(text)) == (case.expected, []), "one character at a time"
     for i in range(len(text) + 1):
         assert run(case, [text[:i], text[i:]]) == (case.expected, []), i
+
+
+_SOUP = st.lists(
+    st.sampled_from(
+        [
+            "<think>",
+            "</think>",
+            "<tool_call>",
+            "</tool_call>",
+            "<function=f>",
+            "</function>",
+            "<function=",
+            "<parameter=a>",
+            "</parameter>",
+            "<arg_key>a</arg_key>",
+            "<arg_value>1</arg_value>",
+            "<minimax:tool_call>",
+            "</minimax:tool_call>",
+            '<invoke name="f">',
+            "</invoke>",
+            '<parameter name="a">',
+            "<TOOLCALL>",
+            "</TOOLCALL>",
+            B,
+            E,
+            SEP,
+            MID,
+            ">>>",
+            "all\n",
+            "<|channel>",
+            "<channel|>",
+            "thought",
+            "<|tool_call>",
+            "<tool_call|>",
+            '{"a": 1}',
+            "[",
+            "]",
+            "<",
+            "\n",
+            " ",
+            "x",
+            "é",
+        ]
+    ),
+    max_size=25,
+).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=_SOUP,
+    fmt=st.sampled_from([*sorted(FAMILY_GRAMMARS), "gemma4"]),
+    in_thinking=st.booleans(),
+    data=st.data(),
+)
+def test_random_soup_is_split_invariant(
+    text: str, fmt: str, in_thinking: bool, data: st.DataObject
+) -> None:
+    """Whatever a model writes, any split gives the same events and nothing crashes."""
+    in_thinking = in_thinking and get_parser(fmt).thinking
+    case = Case("soup", fmt, text, [], in_thinking=in_thinking)
+    whole = run(case, [text])
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=10)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    assert run(case, pieces) == whole
+    assert run(case, list(text)) == whole
 
 
 def test_families_registered_with_their_grammar() -> None:
