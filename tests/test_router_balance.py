@@ -106,9 +106,18 @@ def test_replica_ids_are_distinct_and_stable() -> None:
 
 def test_ties_are_round_robin_and_lower_load_wins() -> None:
     lb = LoadBalancer(("a", "b", "c"))
-    firsts = [lb.order([0, 0, 0], [True] * 3)[0] for _ in range(6)]
+    firsts = []
+    for _ in range(6):
+        firsts.append(lb.order([0, 0, 0], [True] * 3)[0])
+        lb.picked(firsts[-1])
     assert firsts == [0, 1, 2, 0, 1, 2]
     assert lb.order([3, 1, 2], [True] * 3) == [1, 2, 0]
+    # with one replica out of the tie, the other two still alternate
+    firsts = []
+    for _ in range(4):
+        firsts.append(lb.order([9, 0, 0], [True] * 3)[0])
+        lb.picked(firsts[-1])
+    assert firsts == [1, 2, 1, 2]
 
 
 def test_affinity_yields_to_load_beyond_the_limit() -> None:
@@ -120,6 +129,8 @@ def test_affinity_yields_to_load_beyond_the_limit() -> None:
     assert lb.order(loads, [True] * 3, key)[0] == want
     loads[want] = 3  # over it: the least-loaded replica instead
     assert lb.order(loads, [True] * 3, key)[0] != want
+    lb.picked(want)  # tried last: only affinity puts it first among equals
+    assert lb.order([0, 0, 0], [True] * 3, key)[0] == want
     healthy = [True] * 3
     healthy[want] = False
     assert lb.order([0, 0, 0], healthy, key)[0] != want  # unhealthy: not preferred
@@ -609,3 +620,56 @@ def test_a_router_reused_under_a_new_loop_probes_in_that_loop() -> None:
 
     asyncio.run(close())  # the task belongs to a closed loop: no error, nothing left
     assert not router.health.running
+
+
+class Queued(Mock):
+    """A Mock that reports a queue depth the way a busy replica would."""
+
+    depth = 0
+
+    def queue_depth(self) -> int:
+        return self.depth
+
+
+async def test_a_reported_queue_depth_counts_as_load() -> None:
+    ms = [Queued(["x"], name=f"m{i}") for i in range(3)]
+    ms[0].depth = 5
+    router = Router(ms, policy="least_loaded", health_interval_s=0.01)
+    router.health.start()
+    await wait_for(lambda: router.health.health[0].queue_depth == 5, "m0's depth probed")
+    names = [await served_by(router, Request.chat("hi")) for _ in range(6)]
+    assert "m0" not in names and Counter(names) == {"m1": 3, "m2": 3}
+    await router.aclose()
+
+
+async def test_a_daemons_admission_queue_steers_requests_elsewhere() -> None:
+    with short_tmpdir() as d:
+        procs = []
+        try:
+            for i in range(2):
+                cfg = write_config(
+                    d / f"c{i}.toml",
+                    [{"type": "mock", "tokens": ["t"] * 400, "delay": 0.05, "name": f"d{i}"}],
+                    daemon={"max_concurrent": 1, "max_queued": 8},
+                )
+                procs.append(DaemonProc.start(cfg, d / f"s{i}" / "infer.sock"))
+            direct = Client(procs[0].sock)  # another user of d0, not through the router
+            held = [direct.generate(Request.chat(f"busy {i}")) for i in range(3)]
+            waiting = [asyncio.ensure_future(s.__anext__()) for s in held]
+            await wait_for(lambda: waiting[0].done(), "d0 running one stream")
+            async with router_over(procs, health_interval_s=0.1, health_timeout_s=5.0) as router:
+                await router.refresh_state()
+                await wait_for(lambda: router.health.health[0].queue_depth == 2, "d0's queue")
+                names = [
+                    await served_by(router, Request.chat("hi", max_tokens=2)) for _ in range(4)
+                ]
+            for w in waiting:
+                w.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            for s in held:
+                await s.aclose()
+            await direct.aclose()
+        finally:
+            for p in procs:
+                p.stop()
+    assert names == ["d1"] * 4  # d0 had two requests queued behind one running

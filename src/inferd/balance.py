@@ -6,8 +6,8 @@ rules here are tested without servers (docs/adr/0020-replicas-least-loaded-route
 * **Load** of a replica is the streams this Router has open on it plus the queue depth
   the replica reported to its last health probe (a daemon shared with other routers
   tells us about their backlog too). Lower is better.
-* **Ties** are broken round robin: a counter advances once per pick and the replica at
-  or after it wins, so an idle set of replicas is used in turn, never at random (tests
+* **Ties** are broken round robin: among replicas of equal load the one tried least
+  recently wins, so an idle set of replicas is used in turn, never at random (tests
   and benchmarks stay reproducible).
 * **Affinity**: a key (``Request.affinity_key``, or a hash of the start of the
   conversation when the Router is told to derive one) is mapped to a replica by
@@ -139,8 +139,9 @@ class LoadBalancer:
     """Orders replicas for one request; the Router tries them in that order.
 
     ``loads`` are per replica (outstanding streams plus reported queue depth);
-    ``healthy`` says which may be preferred by affinity. The round-robin counter is the
-    only state: one advance per :meth:`order` call.
+    ``healthy`` says which may be preferred by affinity. Equal loads go to the replica
+    tried least recently (the Router reports each try with :meth:`picked`): a round
+    robin over whichever replicas are tied, however many others are excluded.
     """
 
     def __init__(
@@ -155,20 +156,24 @@ class LoadBalancer:
         self.ids = tuple(ids)
         self.max_imbalance = max_imbalance
         self._turn = 0
+        self._last = [0] * len(self.ids)  # the turn each replica was last tried at
+
+    def picked(self, i: int) -> None:
+        """Replica ``i`` is being tried: it goes behind its equals next time."""
+        self._turn += 1
+        self._last[i] = self._turn
 
     def order(
         self, loads: Sequence[int], healthy: Sequence[bool], key: str | None = None
     ) -> list[int]:
         """Replica indices, best first: the affine one (if within the limit), then by
-        load with ties round robin."""
-        n = len(self.ids)
-        start = self._turn % n
-        self._turn += 1
-        ranked = sorted(range(n), key=lambda i: (loads[i], (i - start) % n))
+        load, ties to the least recently tried."""
+        last = self._last
+        ranked = sorted(range(len(self.ids)), key=lambda i: (loads[i], last[i], i))
         if key is None:
             return ranked
         want = rendezvous(key, self.ids)
-        least = min((loads[i] for i in range(n) if healthy[i]), default=loads[want])
+        least = min((loads[i] for i in range(len(loads)) if healthy[i]), default=loads[want])
         if healthy[want] and loads[want] - least <= self.max_imbalance:
             ranked.remove(want)
             ranked.insert(0, want)

@@ -320,6 +320,7 @@ class Router(Backend):
         for i in self._candidates(request, skipped):
             backend, breaker = self.backends[i], self._breakers[i]
             self.outstanding[i] += 1
+            self._balancer.picked(i)
             try:
                 opened = await self._first_event(backend, breaker, request, skipped)
                 if opened is None:
