@@ -673,3 +673,27 @@ async def test_a_daemons_admission_queue_steers_requests_elsewhere() -> None:
             for p in procs:
                 p.stop()
     assert names == ["d1"] * 4  # d0 had two requests queued behind one running
+
+
+async def test_bridge_tokenizes_through_a_router_over_the_real_model(smollm2_path: Path) -> None:
+    """``inferd bridge --config`` serves a Router: /tokenize and /detokenize reach the
+    model behind it (before, the Router answered with Backend's refusal: 400)."""
+    import aiohttp
+
+    from inferd.backends.llamacpp import LlamaCpp
+
+    from .serve_helpers import bridge_in_process
+
+    llama = LlamaCpp(smollm2_path, n_ctx=256, n_threads=1)
+    router = Router([Mock(name="plain"), llama], policy="least_loaded", health_interval_s=0)
+    want = await llama.tokenize("Hello lighthouse")
+    try:
+        async with bridge_in_process(router) as (url, _, _), aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/tokenize", json={"content": "Hello lighthouse"}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["tokens"] == want
+            async with http.post(f"{url}/detokenize", json={"tokens": want}) as r:
+                assert r.status == 200
+                assert (await r.json())["content"] == await llama.detokenize(want)
+    finally:
+        await router.aclose()
