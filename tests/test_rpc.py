@@ -195,6 +195,23 @@ def test_rpc_worker_command_refuses_0000_and_starts_nothing() -> None:
     assert "--allow-remote" in p.stderr and "authentication" in p.stderr
 
 
+def test_rpc_worker_reports_an_unknown_device_and_a_taken_port(core: None) -> None:
+    worker = [sys.executable, "-m", "inferd", "rpc-worker", "--threads", "1"]
+    p = subprocess.run(
+        [*worker, "--port", str(_free_port()), "--device", "NOPE"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 1 and "NOPE" in p.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        p = subprocess.run(
+            [*worker, "--port", str(port)], capture_output=True, text=True, timeout=120
+        )
+    assert p.returncode == 1 and f"127.0.0.1:{port}" in p.stderr
+
+
 def test_accelerator_rpc_devices_cross_the_wire() -> None:
     from inferd.types import RpcDevice
 
@@ -434,6 +451,7 @@ def test_worker_killed_mid_stream_ends_it_and_a_restarted_worker_is_used_again(
             finally:
                 await b.aclose()
             assert _open_fds() <= fds + 2
+            assert not b._dir.exists()  # the socket and log directory is removed
 
         asyncio.run(scenario())
 
