@@ -11,7 +11,7 @@ from inferd.errors import BackendUnavailable, InvalidRequest
 from inferd.router import Router
 from inferd.types import Request
 
-from .suite import BackendContract
+from .suite import BackendContract, call_requests
 
 #: Keep breakers closed during the contract runs.
 NEVER_TRIP = {"failure_threshold": 1_000_000}
@@ -55,6 +55,11 @@ class TestLeastLoadedRouterContract(BackendContract):
     def long_stream(self):
         ms = [Mock([f"tok{i} " for i in range(400)], delay=0.0005, name=f"m{i}") for i in range(3)]
         return balanced(ms), Request.chat("hi")
+
+    @pytest.fixture
+    def call_reply(self):
+        calls = [("get_weather", {"city": "Paris"})]
+        return balanced(replicas("Checking.", tool_calls=calls)), call_requests()
 
     async def released(self, backend) -> bool:
         mocks = [b for b in backend.backends if isinstance(b, Mock)]
