@@ -44,6 +44,7 @@ from inferd.types import (
     ToolChoice,
     ToolUse,
     ToolUseBlock,
+    ToolUseDelta,
 )
 from tests.conftest import missing
 from tests.gbnf_sample import Sampler
@@ -775,6 +776,40 @@ def test_random_soup_is_split_invariant(
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert run(case, pieces) == whole
     assert run(case, list(text)) == whole
+
+
+def _streamed(case: Case, pieces: list[str]) -> list[Event]:
+    opts: dict[str, Any] = {"id_factory": counter_ids(), "stream_arguments": True}
+    if getattr(get_parser(case.fmt), "accepts_schemas", False):
+        opts["schemas"] = SCHEMAS
+    if case.in_thinking:
+        opts.update(thinking=True, in_thinking=True)
+    p = get_parser(case.fmt, **opts)
+    out = [e for piece in pieces for e in p.feed(piece)]
+    return out + p.finish()
+
+
+#: cases whose arguments must arrive in several pieces when fed a character at a time
+_LONG = ("qwen35-code", "coder-html", "glm47-parallel", "v31-reasoning-call", "v31-call")
+
+CALL_CASES = [c for c in CASES if any(isinstance(e, ToolUse) for e in c.expected)]
+
+
+@pytest.mark.parametrize("case", CALL_CASES, ids=[c.id for c in CALL_CASES])
+def test_streamed_arguments_join_to_the_call(case: Case) -> None:
+    """With ``stream_arguments`` (ADR 0023) each call's fragments, joined, are exactly
+    its ``raw_arguments``, before its ToolUse; the other events do not change."""
+    for pieces in ([case.text], list(case.text)):
+        events = _streamed(case, pieces)
+        plain = merge_events([e for e in events if not isinstance(e, ToolUseDelta)])
+        assert plain == case.expected
+        for n, tool in enumerate(e for e in events if isinstance(e, ToolUse)):
+            at = events.index(tool)
+            deltas = [e for e in events[:at] if isinstance(e, ToolUseDelta) and e.id == tool.id]
+            assert deltas and all(d.call_index == n and d.name == tool.name for d in deltas)
+            assert "".join(d.arguments_fragment for d in deltas) == tool.raw_arguments
+            if len(pieces) > 1 and case.id in _LONG:
+                assert len([d for d in deltas if d.arguments_fragment]) > 2, deltas
 
 
 def test_families_registered_with_their_grammar() -> None:

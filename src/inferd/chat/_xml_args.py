@@ -140,6 +140,57 @@ def build_call(
     return arguments_to_tool_use(new_id(), name, args)
 
 
+def _held(raw: str, closers: Sequence[str]) -> int:
+    """Length of the longest suffix of ``raw`` that may still start one of ``closers``."""
+    keep = 0
+    for c in closers:
+        for n in range(min(len(c) - 1, len(raw)), keep, -1):
+            if raw.endswith(c[:n]):
+                keep = n
+                break
+    return keep
+
+
+def partial_arguments(
+    schemas: Schemas,
+    name: str,
+    region: str,
+    param_open: re.Pattern[str],
+    closer: str,
+    *,
+    newline_layout: bool = False,
+) -> str:
+    """The arguments written so far in ``region``, as the start of ``json.dumps`` text.
+
+    For streaming (ADR 0023): complete parameters are typed and encoded as the final
+    call will be; a parameter being written streams only when its schema says
+    ``string`` (other types are known at their closer), holding back what may still
+    be its closer (and, with ``newline_layout``, the layout newline before it).
+    """
+    parts: list[str] = []
+    pos = 0
+    while (m := param_open.search(region, pos)) is not None:
+        key, start = m.group(1).strip(), m.end()
+        head = json.dumps(key, ensure_ascii=False) + ": "
+        end = region.find(closer, start)
+        schema = property_schema(schemas, name, key)
+        if end >= 0:
+            raw = region[start:end]
+            raw = strip_one_newline(raw) if newline_layout else raw
+            parts.append(head + json.dumps(typed_value(raw, schema), ensure_ascii=False))
+            pos = end + len(closer)
+            continue
+        if _types(schema) != {"string"}:
+            return "{" + ", ".join([*parts, head])
+        raw = region[start:]
+        if newline_layout and raw.startswith("\n"):
+            raw = raw[1:]
+        closers = ("\n" + closer, closer) if newline_layout else (closer,)
+        raw = raw[: len(raw) - _held(raw, closers)]
+        return "{" + ", ".join([*parts, head + json.dumps(raw, ensure_ascii=False)[:-1]])
+    return "{" + ", ".join(parts)
+
+
 def only_space_between(text: str, spans: Sequence[tuple[int, int]], what: str) -> None:
     """Raise MalformedCall when ``text`` holds anything but whitespace outside ``spans``."""
     pos = 0

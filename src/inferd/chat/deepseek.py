@@ -61,6 +61,23 @@ class DeepSeekParser(CallEndsThinking):
     end_sentinels = ("<｜end▁of▁sentence｜>",)
     thinking_default = True
 
+    def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
+        """The first call's name and JSON arguments so far, for streaming (ADR 0023)."""
+        t = body.lstrip()
+        if not t.startswith(CALL_BEGIN):
+            return None, None
+        head, sep, rest = t[len(CALL_BEGIN) :].partition(SEP)
+        if not sep or not rest.strip():
+            return None, None
+        name = head.strip()
+        if name == "function" and not rest.lstrip().startswith("{"):
+            name, nl, rest = rest.partition("\n")  # V3 / R1: the arguments are fenced
+            i = rest.find("{")
+            if not nl or i < 0:
+                return None, None
+            rest = rest[i:]
+        return name.strip(), rest.split(CALL_END, 1)[0].split("```", 1)[0].lstrip()
+
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         calls = list(_CALL.finditer(body))
         if not calls:

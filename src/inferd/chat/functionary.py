@@ -41,6 +41,11 @@ class FunctionaryV31Parser(SentinelParser):
     call_close = "</function>"
     end_sentinels = ("<|eom_id|>", "<|eot_id|>")
 
+    def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
+        """``name>{json`` so far, for streaming (ADR 0023)."""
+        name, gt, args = body.partition(">")
+        return (name.strip(), args.lstrip()) if gt and name.strip() else (None, None)
+
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         name, gt, args = body.partition(">")
         if not gt:
@@ -58,6 +63,13 @@ class FunctionaryV32Parser(SentinelParser):
 
     def bare_call_start(self, buf: str, final: bool) -> bool | None:
         return True  # the prompt's '>>>' already opened the first part
+
+    def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
+        """A call part's ``name\\n{json`` so far (an ``all`` part is text, not streamed)."""
+        if body.startswith(V32_TEXT) or V32_TEXT.startswith(body):
+            return None, None
+        name, nl, args = body.partition("\n")
+        return (name.strip(), args.lstrip()) if nl and name.strip() else (None, None)
 
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         return [e for e in self._part(body) if isinstance(e, ToolUse)]

@@ -20,6 +20,7 @@ from inferd.chat._xml_args import (
     build_call,
     only_space_between,
     params_rule,
+    partial_arguments,
 )
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
 from inferd.types import Tool, ToolUse
@@ -28,6 +29,7 @@ _PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", r
 
 OPENER = "<tool_call>"
 VALUE_CLOSER = "</arg_value>"
+_KEY_OPEN = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>", re.S)
 
 
 class Glm4Parser(CallEndsThinking):
@@ -43,6 +45,14 @@ class Glm4Parser(CallEndsThinking):
     def __init__(self, *, schemas: Schemas | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.schemas: Schemas = schemas or {}
+
+    def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
+        """The name (final at the first ``<arg_key>``) and arguments so far (ADR 0023)."""
+        cut = body.find("<arg_key>")
+        if cut < 0 or not body[:cut].strip():
+            return None, None
+        name = body[:cut].strip()
+        return name, partial_arguments(self.schemas, name, body[cut:], _KEY_OPEN, VALUE_CLOSER)
 
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         cut = body.find("<arg_key>")

@@ -25,12 +25,16 @@ from inferd.chat._xml_args import (
     build_call,
     only_space_between,
     params_rule,
+    partial_arguments,
 )
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
 from inferd.types import Tool, ToolUse
 
 _INVOKE = re.compile(r'<invoke name="([^"]*)">(.*?)</invoke>', re.S)
 _PARAMETER = re.compile(r'<parameter name="([^"]*)">(.*?)</parameter>', re.S)
+
+_INVOKE_HEAD = re.compile(r'\s*<invoke name="([^"]*)">')
+_PARAM_OPEN = re.compile(r'<parameter name="([^"]*)">')
 
 OPENER = "<minimax:tool_call>"
 VALUE_CLOSER = "</parameter>"
@@ -49,6 +53,15 @@ class MiniMaxParser(CallEndsThinking):
     def __init__(self, *, schemas: Schemas | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.schemas: Schemas = schemas or {}
+
+    def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
+        """The first invoke's name and arguments so far, for streaming (ADR 0023)."""
+        m = _INVOKE_HEAD.match(body)
+        if m is None:
+            return None, None
+        region = body[m.end() :].split("</invoke>", 1)[0]
+        name = m.group(1)
+        return name, partial_arguments(self.schemas, name, region, _PARAM_OPEN, VALUE_CLOSER)
 
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         invokes = list(_INVOKE.finditer(body))

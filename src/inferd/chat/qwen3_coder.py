@@ -33,6 +33,7 @@ from inferd.chat._xml_args import (
     build_call,
     only_space_between,
     params_rule,
+    partial_arguments,
     strip_one_newline,
 )
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
@@ -41,6 +42,8 @@ from inferd.types import Event, Tool, ToolUse
 _FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
 _BARE = "<function="
+_HEAD = re.compile(r"\s*<function=([^>\n]*)>")
+_PARAM_OPEN = re.compile(r"<parameter=([^>\n]*)>")
 
 OPENER = "<tool_call>"
 VALUE_CLOSER = "\n</parameter>"
@@ -68,6 +71,18 @@ class Qwen3CoderParser(CallEndsThinking):
             self._buf = self._buf[i:]
             return self._start_call("")
         return super()._step_text(out, final)
+
+    def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
+        """The first function's name and arguments so far, for streaming (ADR 0023)."""
+        m = _HEAD.match(body)
+        if m is None:
+            return None, None
+        region = body[m.end() :].split("</function>", 1)[0]
+        name = m.group(1).strip()
+        args = partial_arguments(
+            self.schemas, name, region, _PARAM_OPEN, "</parameter>", newline_layout=True
+        )
+        return name, args
 
     def parse_call(self, opener: str, body: str, closed: bool) -> list[ToolUse]:
         funcs = list(_FUNCTION.finditer(body))
