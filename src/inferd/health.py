@@ -11,13 +11,15 @@ needs a running loop) and :meth:`HealthMonitor.aclose` ends it.
 What a probe asks, cheapest first:
 
 * a backend with an async ``probe()`` method: that (returns ``True``/``False`` or raises);
-* the daemon ``Client``: its ``capabilities`` round trip (``refresh()``), then the
-  daemon's admin socket for its admission queue depth (best effort: a daemon on
-  another user's socket may not let us in);
+* the daemon ``Client``: its ``capabilities`` round trip (``refresh()``);
 * ``OpenAICompat`` (a remote bridge, llama-server, a cloud API): ``GET /models`` with
   its own session and credentials, healthy on a 2xx;
-* anything else: ``refresh_state()`` then ``ready()``, and ``queue_depth()`` when the
-  backend has one (a nested Router reports its open streams).
+* anything else: ``refresh_state()`` then ``ready()``.
+
+After a good probe, outside its timeout (a slow answer costs the load figure, never the
+verdict), the queue depth: a daemon's admission queue from its admin socket (best
+effort: another user's daemon may not let us in), else the backend's ``queue_depth()``
+when it has one (a nested Router reports its open streams).
 """
 
 from __future__ import annotations
@@ -66,18 +68,7 @@ def check_interval(interval_s: float | None, timeout_s: float) -> None:
         raise ValueError(f"health_timeout_s must be > 0, got {echo(timeout_s)}")
 
 
-async def _client_probe(client: Any) -> tuple[bool, int]:
-    from inferd.serve.client import admin_status
-
-    await client.refresh()
-    depth = 0
-    with contextlib.suppress(InferdError, OSError, ValueError, TypeError, AttributeError):
-        status = await admin_status(client.socket_path, timeout_s=DEFAULT_HEALTH_TIMEOUT_S)
-        depth = int(status["queue"]["queued"])
-    return client.ready(), depth
-
-
-async def _http_probe(backend: Any) -> tuple[bool, int]:
+async def _http_probe(backend: Any) -> bool:
     """``GET {base_url}/models`` with the backend's own session and credentials: an
     OpenAI-compatible upstream (a bridge, llama-server, a cloud API) answers it cheaply
     without running the model. Only a 2xx counts: a refused key fails every request too."""
@@ -87,25 +78,43 @@ async def _http_probe(backend: Any) -> tuple[bool, int]:
     url = endpoint_url(backend.base_url, "models")
     async with http.session().get(url, headers=http._credentials()) as resp:
         await resp.read()
-        return 200 <= resp.status < 300 and backend.ready(), 0
+        return 200 <= resp.status < 300 and backend.ready()
 
 
-async def probe(backend: Backend) -> tuple[bool, int]:
-    """``(healthy, queue depth)`` of one backend; raises when the backend is unreachable."""
+async def probe(backend: Backend) -> bool:
+    """Whether one backend would serve a request now; raises when it is unreachable."""
     custom = getattr(backend, "probe", None)
     if callable(custom):
-        return bool(await custom()), 0
+        return bool(await custom())
     from inferd.backends.openai_compat import OpenAICompat
     from inferd.serve.client import Client
 
     if isinstance(backend, Client):
-        return await _client_probe(backend)
-    if isinstance(backend, OpenAICompat):
+        await backend.refresh()  # the capabilities round trip, with the daemon's readiness
+    elif isinstance(backend, OpenAICompat):
         return await _http_probe(backend)
-    await backend.refresh_state()
+    else:
+        await backend.refresh_state()
+    return backend.ready()
+
+
+async def queue_depth(backend: Backend, timeout_s: float) -> int:
+    """Requests waiting at the backend, where it reports them; 0 where it does not.
+
+    Asked after a good probe and outside its timeout, so a slow answer here costs the
+    load figure, never the health verdict: the daemon's admission queue from its admin
+    socket (``Client``), else the backend's own ``queue_depth()`` if it has one.
+    """
+    from inferd.serve.client import Client, admin_status
+
+    if isinstance(backend, Client):
+        try:
+            status = await admin_status(backend.socket_path, timeout_s=timeout_s)
+            return max(0, int(status["queue"]["queued"]))
+        except (InferdError, OSError, ValueError, TypeError, KeyError):
+            return 0
     depth_of = getattr(backend, "queue_depth", None)
-    depth = int(depth_of()) if callable(depth_of) else 0
-    return backend.ready(), depth
+    return max(0, int(depth_of())) if callable(depth_of) else 0
 
 
 class HealthMonitor:
@@ -155,7 +164,8 @@ class HealthMonitor:
         backend, h = self.backends[i], self.health[i]
         try:
             async with asyncio.timeout(self.timeout_s):
-                healthy, depth = await probe(backend)
+                healthy = await probe(backend)
+            depth = await queue_depth(backend, self.timeout_s) if healthy else 0
             reason = "" if healthy else "not ready"
         except TimeoutError:
             healthy, depth, reason = False, 0, f"no answer within {self.timeout_s:g}s"
@@ -167,7 +177,7 @@ class HealthMonitor:
             healthy, depth, reason = False, 0, type(e).__name__
         if healthy != h.healthy:
             log.info("backend %r is %s", backend.name, "healthy" if healthy else "unhealthy")
-        h.healthy, h.queue_depth, h.reason = healthy, max(0, depth), reason
+        h.healthy, h.queue_depth, h.reason = healthy, depth, reason
         h.probes += 1
 
     async def _loop(self) -> None:
