@@ -1091,13 +1091,16 @@ def test_named_choice_none_and_auto(fmt: str) -> None:
         events = p.feed(sampler.sentence()) + p.finish()
         assert [e.name for e in events if isinstance(e, ToolUse)] == ["add"]
     opener = FAMILY_GRAMMARS[fmt].opener
+    forbidden = FAMILY_GRAMMARS[fmt].forbid or opener
     none = Sampler(family_grammar(fmt, "none", GRAMMAR_TOOLS, None).text, seed=2, soft_depth=30)
     for _ in range(100):
         text = none.sentence()
-        assert opener not in text
-        if fmt == "functionary_v32":
-            p = get_parser(fmt)
-            assert all(isinstance(e, Text) for e in p.feed(text) + p.finish())
+        assert forbidden not in text
+        p = get_parser(fmt)
+        assert not [e for e in p.feed(text) + p.finish() if isinstance(e, ToolUse)], text
+    # Qwen3-Coder: a call without its <tool_call> cannot slip through 'none' either.
+    q = Sampler(family_grammar("qwen3_coder", "none", GRAMMAR_TOOLS, None).text, seed=4)
+    assert not any("<function=" in q.sentence() for _ in range(50))
     auto = family_grammar(fmt, "auto", GRAMMAR_TOOLS, None)
     if fmt == "functionary_v32":
         assert not auto.lazy  # its first call has no opener to wait for
@@ -1107,6 +1110,52 @@ def test_named_choice_none_and_auto(fmt: str) -> None:
         assert auto.lazy and auto.trigger_tokens == (opener,)
         m = re.fullmatch(auto.trigger_patterns[0], f"Sure.\n{opener}xyz", re.S)
         assert m and m.group(1) == f"{opener}xyz"
+
+
+@pytest.mark.parametrize(
+    "forbidden", ["<function=", "</parameter>", "\n</parameter>", "aab", ">>>"]
+)
+def test_embedded_exclusion_rule_is_exact(forbidden: str) -> None:
+    """The value/none automaton accepts exactly the texts without ``forbidden``."""
+    import random
+
+    from inferd.chat._xml_args import exclusion_rule
+    from inferd.chat.grammar import SchemaConverter
+
+    conv = SchemaConverter()
+    start = exclusion_rule(conv, "v", forbidden)
+    base = start[: -len("-s0")]
+    trans: dict[int, dict[str, int]] = {}
+    default: dict[int, int] = {}
+    for i in range(len(forbidden)):
+        trans[i] = {}
+        for alt in conv.rules[f"{base}-s{i}"].split(" | ")[1:]:
+            lit, _, target = alt.rpartition(f" {base}-s")
+            if lit.startswith("[^"):
+                default[i] = int(target)
+            else:
+                trans[i][json.loads(lit)] = int(target)
+
+    def accepts(text: str) -> bool:
+        state = 0
+        for c in text:
+            if c in trans[state]:
+                state = trans[state][c]
+            elif c in set(forbidden):
+                return False
+            else:
+                state = default[state]
+        return True
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        parts = []
+        for _ in range(rng.randint(1, 4)):
+            a = rng.randint(0, len(forbidden))
+            b = rng.randint(a, len(forbidden))
+            parts.append(forbidden[a:b] + rng.choice(["", "z", forbidden[0]]))
+        text = "".join(parts)
+        assert accepts(text) == (forbidden not in text), text
 
 
 def test_request_grammar_dispatches_to_the_families() -> None:

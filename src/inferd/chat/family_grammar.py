@@ -5,7 +5,8 @@ family module's ``call_rule``:
 
 * ``required`` / a named tool: the reply is one call (``parallel``: one or more);
 * ``auto``: that grammar, lazy, triggered by the family's opener;
-* ``none``: any text without the opener (an exact exclusion automaton).
+* ``none``: any text without the opener (an exact exclusion automaton); for
+  Qwen3-Coder, whose calls may omit ``<tool_call>``, without ``<function=``.
 
 Functionary v3.2 has no opener for its first call (the prompt's ``>>>`` opened it),
 so its grammars are not lazy: the reply is an ``all\\n`` text part, calls, or both.
@@ -47,10 +48,15 @@ class FamilyGrammar:
     opener: str
     call: CallRule
     wrap: Callable[[str, bool], str]
+    #: what ``none`` forbids when it is not the opener (a text every call contains)
+    forbid: str | None = None
 
 
 FAMILY_GRAMMARS: dict[str, FamilyGrammar] = {
-    "qwen3_coder": FamilyGrammar(qwen3_coder.OPENER, qwen3_coder.call_rule, _blocks('"\\n"')),
+    # Qwen3-Coder calls may omit <tool_call>, never <function=: ``none`` forbids that.
+    "qwen3_coder": FamilyGrammar(
+        qwen3_coder.OPENER, qwen3_coder.call_rule, _blocks('"\\n"'), forbid="<function="
+    ),
     "glm4": FamilyGrammar(glm4.OPENER, glm4.call_rule, _blocks('"\\n"?')),
     "minimax": FamilyGrammar(
         minimax.OPENER, minimax.call_rule, _wrapped(minimax.OPENER + "\n", "</minimax:tool_call>")
@@ -105,7 +111,7 @@ def family_grammar(
     if fmt == "functionary_v32":
         return _functionary_v32(fam, conv, kind, _pick(tools, choice), parallel)
     if kind == "none":
-        return Grammar(conv.render(exclusion_rule(conv, "free", fam.opener)))
+        return Grammar(conv.render(exclusion_rule(conv, "free", fam.forbid or fam.opener)))
     root = _calls(fam, conv, _pick(tools, choice), parallel)
     if kind in ("required", "tool"):
         return Grammar(conv.render(root))
