@@ -9,6 +9,8 @@ Calls sit in ``<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>``, one
 
 Reasoning is ``<think>...</think>``; R1 and V3.1 thinking prompts open it, so the
 reply may start inside it. (V3.2's DSML markup is a different syntax, not handled.)
+
+Why these rules and where they come from: docs/adr/0024-tool-call-families.md.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ arguments is just ``<tool_call>NAME</tool_call>``. Values are raw text typed by 
 tool's schema (:mod:`inferd.chat._xml_args`). GLM reasons in ``<think>``; 4.7's
 prompt opens it, so the reply may start inside it. ``<|user|>`` and
 ``<|observation|>`` end the turn.
+
+Why these rules and where they come from: docs/adr/0024-tool-call-families.md.
 """
 
 from __future__ import annotations

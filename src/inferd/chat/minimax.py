@@ -11,6 +11,8 @@ A reply's calls sit in one block::
 with one ``<invoke>`` per call (several for parallel calls). Values are raw text
 typed by the tool's schema (:mod:`inferd.chat._xml_args`). M2 reasons in
 ``<think>``, which its prompt opens; ``[e~[`` ends the turn.
+
+Why these rules and where they come from: docs/adr/0024-tool-call-families.md.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A reply's calls are one JSON list in ``<TOOLCALL>[{"name": ..., "arguments":
 {...}}, ...]</TOOLCALL>``; reasoning is ``<think>``, which the prompt opens when
 thinking is on. (Nemotron 3 Nano switched to the Qwen3-Coder XML syntax and is
 detected as ``qwen3_coder``.)
+
+Why these rules and where they come from: docs/adr/0024-tool-call-families.md.
 """
 
 from __future__ import annotations
