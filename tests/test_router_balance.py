@@ -697,3 +697,31 @@ async def test_bridge_tokenizes_through_a_router_over_the_real_model(smollm2_pat
                 assert (await r.json())["content"] == await llama.detokenize(want)
     finally:
         await router.aclose()
+
+
+async def test_bridge_cli_sets_the_policy_over_the_config() -> None:
+    import aiohttp
+
+    from .serve_helpers import BridgeProc
+
+    with short_tmpdir() as d:
+        cfg = write_config(
+            d / "c.toml",
+            [{"type": "mock", "name": "r0", "tokens": ["zero"]}, {"type": "mock", "name": "r1"}],
+        )
+        bad = BridgeProc.start("--config", str(cfg), "--affinity-prefix-chars", "64", wait=False)
+        assert bad.proc.wait(60) == 1
+        assert b"least_loaded" in bad.proc.stderr.read()  # type: ignore[union-attr]
+        bad.stop()
+        bridge = BridgeProc.start("--config", str(cfg), "--router-policy", "least_loaded")
+        try:
+            replies = []
+            async with aiohttp.ClientSession() as http:
+                for _ in range(4):
+                    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                    async with http.post(f"{bridge.url}/v1/chat/completions", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        replies.append((await r.json())["choices"][0]["message"]["content"])
+        finally:
+            bridge.stop()
+    assert replies == ["zero", "mock-response", "zero", "mock-response"]  # priority: r0 only

@@ -620,15 +620,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let pages from ORIGIN (e.g. http://localhost:3000) call the bridge; "
         "repeatable; off by default (ADR 0016)",
     )
+    from inferd.serve.config import add_router_arguments
+
+    add_router_arguments(parser)  # with --config (ADR 0020)
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
 def _backend_from_args(args: argparse.Namespace) -> Backend:
     if args.config:
         from inferd.router import Router
-        from inferd.serve.config import build_backends, load_config
+        from inferd.serve.config import (
+            build_backends,
+            load_config,
+            override_router,
+            router_overrides,
+        )
 
-        cfg = load_config(args.config)
+        cfg = override_router(load_config(args.config), **router_overrides(args))
         if cfg.models:  # [[model]] tables: loaded on demand (ADR 0015)
             from inferd.serve.models_pool import ModelPool
 

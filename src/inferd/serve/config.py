@@ -201,6 +201,34 @@ def _check_router(where: str, router: Mapping[str, Any]) -> None:
         raise ConfigError(f"{where}: [router] {e}") from None
 
 
+def add_router_arguments(parser: Any) -> None:
+    """``--router-policy`` and ``--affinity-prefix-chars`` for the commands that build a
+    Router from a config (``inferd serve``, ``inferd bridge --config``); ADR 0020."""
+    parser.add_argument(
+        "--router-policy",
+        choices=("priority", "least_loaded"),
+        default=None,
+        help="how the [[backend]]s share requests: in order with failover, or as replicas "
+        "by load (overrides [router] policy; docs/adr/0020-replicas-least-loaded-router.md)",
+    )
+    parser.add_argument(
+        "--affinity-prefix-chars",
+        type=int,
+        default=None,
+        metavar="N",
+        help="least_loaded: keep a conversation on one replica by a hash of its first N "
+        "characters (overrides [router] affinity_prefix_chars)",
+    )
+
+
+def router_overrides(args: Any) -> dict[str, Any]:
+    """The ``[router]`` options :func:`add_router_arguments` parsed (``None``: not given)."""
+    return {
+        "policy": getattr(args, "router_policy", None),
+        "affinity_prefix_chars": getattr(args, "affinity_prefix_chars", None),
+    }
+
+
 def override_router(cfg: Config, **options: Any) -> Config:
     """``cfg`` with command-line ``[router]`` options (those not ``None``) put over the
     file's, checked like the file's (``inferd serve --router-policy ...``)."""

@@ -67,12 +67,14 @@ from inferd.serve.config import (
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_QUEUED,
     ConfigError,
+    add_router_arguments,
     admin_socket_path,
     build_backends,
     default_socket_path,
     load_config,
     override_router,
     override_rpc,
+    router_overrides,
 )
 from inferd.serve.metrics import METRICS_WINDOW, Metrics, percentiles
 from inferd.serve.observed import ObservedBackend
@@ -821,21 +823,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_METRICS_HOST,
         help="address for --metrics-port (default %(default)s)",
     )
-    parser.add_argument(
-        "--router-policy",
-        choices=("priority", "least_loaded"),
-        default=None,
-        help="how the [[backend]]s share requests: in order with failover, or as replicas "
-        "by load (overrides [router] policy; docs/adr/0020-replicas-least-loaded-router.md)",
-    )
-    parser.add_argument(
-        "--affinity-prefix-chars",
-        type=int,
-        default=None,
-        metavar="N",
-        help="least_loaded: keep a conversation on one replica by a hash of its first N "
-        "characters (overrides [router] affinity_prefix_chars)",
-    )
+    add_router_arguments(parser)
     parser.add_argument(
         "--rpc",
         default=None,
@@ -850,11 +838,7 @@ async def serve_main(args: argparse.Namespace) -> int:
     """Build the router from the config and run the daemon until SIGTERM."""
     from inferd.router import Router
 
-    cfg = override_router(
-        load_config(args.config),
-        policy=getattr(args, "router_policy", None),
-        affinity_prefix_chars=getattr(args, "affinity_prefix_chars", None),
-    )
+    cfg = override_router(load_config(args.config), **router_overrides(args))
     cfg = override_rpc(cfg, getattr(args, "rpc", None))
     pool = None
     if cfg.models:  # [[model]] tables: nothing loads until a request names a model
