@@ -844,6 +844,14 @@ def test_malformed_calls_fall_back_to_text(fmt: str, text: str, why: str) -> Non
         assert p.malformed and why.lower() in p.malformed[0].lower(), p.malformed
 
 
+def test_functionary_v32_text_streams_as_written() -> None:
+    p = get_parser("functionary_v32", id_factory=counter_ids())
+    assert p.feed("al") == [] and p.feed("l\nHel") == [Text("Hel")]
+    assert p.feed("lo >") == [Text("lo ")]  # '>' may start the '>>>' separator
+    assert p.feed('>>special_function\n{"arg1": 1}') == []
+    assert p.finish() == [SPECIAL]
+
+
 def test_values_without_a_schema_are_read_leniently() -> None:
     p = get_parser("qwen3_coder", id_factory=counter_ids())
     text = qcall("f", ("n", "42"), ("s", "hello"), ("o", '{"a": [1]}'), ("z", "null"))

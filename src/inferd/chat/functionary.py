@@ -4,17 +4,22 @@
   of them, text before allowed.
 * v3.2: the prompt ends with ``>>>``, so the reply starts with a *recipient*:
   ``all\\n`` then text for the user, or ``NAME\\n`` then JSON arguments; each
-  further part starts with ``>>>``. A part's kind is known only at its end, so v3.2
-  text reaches the client when the part ends, not token by token (ADR 0024).
+  further part starts with ``>>>``. Once a part is known to be ``all`` its text
+  streams as it is written (held back only where a ``>>>`` may be starting).
+
+See docs/adr/0024-tool-call-families.md.
 """
 
 from __future__ import annotations
 
 from inferd.chat._stream import (
+    _END,
     MalformedCall,
     SentinelParser,
     arguments_to_tool_use,
     decode_json_objects,
+    find_first,
+    holdback,
 )
 from inferd.chat.grammar import SchemaConverter, gbnf_literal
 from inferd.types import Event, Text, Tool, ToolUse
@@ -81,6 +86,24 @@ class FunctionaryV32Parser(SentinelParser):
         if not nl:
             raise MalformedCall("functionary part without a recipient line")
         return [_json_call(self, name, args)]
+
+    def _step_call(self, out: list[Event], final: bool) -> bool:
+        if not self._buf.startswith(V32_TEXT):
+            return super()._step_call(out, final)
+        rest = self._buf[len(V32_TEXT) :]  # an ``all`` part: stream its text
+        stops = (V32_SEPARATOR, *self.end_sentinels)
+        i, s = find_first(rest, stops)
+        if i < 0:
+            keep = 0 if final else holdback(rest, stops)
+            out.append(Text(rest[: len(rest) - keep]))
+            self._buf = V32_TEXT + rest[len(rest) - keep :]
+            return False
+        out.append(Text(rest[:i]))
+        if s == V32_SEPARATOR:
+            self._buf, self._call_opener = rest[i + len(s) :], s
+            return True
+        self._buf, self._mode = "", _END
+        return False
 
     def _end_call(self, out: list[Event], body: str, *, closed: bool, closer: str) -> bool:
         # Like the base, but an ``all`` part is text, not a call.
