@@ -1,5 +1,5 @@
-"""Build llama.cpp's own tools (``llama-bench``, ``llama-server``, ``rpc-server``) from the
-vendored tree.
+"""Build llama.cpp's own tools (``llama-bench``, ``llama-server``, ``rpc-server``,
+``llama-mtmd-cli``) from the vendored tree.
 
 Why: every benchmark claim is a ratio against a peer measured on the same machine and
 the same llama.cpp; and the OpenAI-compatible backend's integration tests need a real
@@ -17,8 +17,10 @@ moves the build folder; ``INFERD_PEERS_JOBS`` sets the parallelism (default 2).
 
 The tools are built with ggml's RPC backend (``-DGGML_RPC=ON``): ``rpc-server`` is the
 interoperability peer of ``inferd rpc-worker`` and ``llama-server --rpc`` the peer of a
-split model (docs/adr/0019-rpc-backend.md). A tree configured before that is
-reconfigured once, and the tools already in it are rebuilt, when an RPC peer is asked for.
+split model (docs/adr/0019-rpc-backend.md). ``llama-mtmd-cli`` is the differential peer of
+images and audio through libmtmd (issue 16; llama-server already links mtmd). A tree
+configured before that is reconfigured once, and the tools already in it are rebuilt, when
+an RPC peer is asked for.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VENDOR_CMAKE = ROOT / "vendor" / "llama.cmake"
-PEERS = ("llama-bench", "llama-server", "rpc-server")
+PEERS = ("llama-bench", "llama-server", "rpc-server", "llama-mtmd-cli")
 #: Peers that must come from a tree configured with GGML_RPC=ON.
 RPC_PEERS = ("rpc-server",)
 #: CMake target (and executable name) of a peer whose name differs from it.
@@ -171,8 +173,9 @@ def _run(args: list[str], quiet: bool) -> None:
 
 
 def ensure_peer(name: str, *, quiet: bool = True, rpc: bool = False) -> Path:
-    """Path of peer ``name`` (``llama-server``, ``llama-bench`` or ``rpc-server``), building
-    it if needed; ``rpc``: built with ggml RPC (``llama-server --rpc``)."""
+    """Path of peer ``name`` (``llama-server``, ``llama-bench``, ``rpc-server`` or
+    ``llama-mtmd-cli``), building it if needed; ``rpc``: built with ggml RPC
+    (``llama-server --rpc``)."""
     return build((name,), quiet=quiet, rpc=rpc)[name]
 
 
