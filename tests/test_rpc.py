@@ -526,3 +526,27 @@ def test_silent_worker_ends_the_stream_after_the_read_timeout(
 
         asyncio.run(scenario())
         assert probe(servers[1]).devices  # the thawed worker serves the next head
+
+
+def test_router_fails_over_while_a_worker_is_down(core: None, smollm2_path: Path) -> None:
+    """A worker that died between requests: the split's next request fails before its
+    first event, so the Router serves it from the next backend."""
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.backends.mock import Mock
+    from inferd.router import Router
+
+    with _inferd_workers(1) as workers:
+        servers = [workers[0][0]]
+
+        async def scenario() -> tuple[str, str]:
+            split = LlamaCpp(smollm2_path, rpc_servers=servers, **HEAD)
+            async with Router([split, Mock(["from the fallback"])]) as router:
+                first = await _greedy(router, PROMPTS[0])
+                workers[0][1].send_signal(signal.SIGTERM)
+                workers[0][1].wait(30)
+                second = await _greedy(router, PROMPTS[0])
+            return first, second
+
+        first, second = asyncio.run(scenario())
+    assert first and first != "from the fallback"
+    assert second == "from the fallback"
