@@ -60,3 +60,34 @@ def require_llama_core() -> None:
         from inferd._fast import _llama  # noqa: F401
     except ImportError as e:
         missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
+
+
+#: Where the synthetic vision/audio pair (bench/synth_vision.py) is kept between runs:
+#: writing it parses SmolLM2's tokenizer (about 20 s on a loaded box), the files are 15 MB.
+SYNTH_VISION_CACHE = Path(
+    os.environ.get("INFERD_TEST_CACHE") or Path.home() / ".cache" / "inferd" / "test"
+)
+
+
+@pytest.fixture(scope="session")
+def synth_vision(smollm2_path: Path):
+    """The synthetic text model + projector (LLaVA MLP vision, Ultravox audio) of
+    ``bench/synth_vision.py``, written once and cached (issue 16)."""
+    try:
+        from bench.synth_vision import ensure
+    except ImportError as e:
+        missing(f"bench/synth_vision.py and llama.cpp's gguf-py ({e})")
+        raise
+    return ensure(smollm2_path, SYNTH_VISION_CACHE)
+
+
+@pytest.fixture(scope="session")
+def llama_mtmd_cli_bin() -> Path:
+    """llama.cpp's own ``llama-mtmd-cli``, built from the vendored tree (bench/peers.py)."""
+    try:
+        from bench.peers import ensure_peer
+
+        return Path(ensure_peer("llama-mtmd-cli"))
+    except Exception as e:  # a skip locally, a failure in CI
+        missing(f"llama-mtmd-cli built from the vendored llama.cpp ({e})")
+        raise
