@@ -400,3 +400,24 @@ async def test_openai_compat_sends_every_field_to_llama_server(backend, llama_se
     sent = {k: bodies[2][k] for k in SAMPLING_WIRE_FIELDS}
     assert sent == {**EVERY_FIELD, "logit_bias": {str(first): -100}}
     assert banned != plain
+
+
+@pytest.mark.server
+async def test_llamacpp_replies_as_llama_server_does(backend, llama_server) -> None:  # noqa: F811
+    """Same model, same vendored llama.cpp, same settings: LlamaCpp's chain (order, the
+    prompt shown to the penalties and DRY, XTC's seed) gives llama-server's reply."""
+    first = chain_ids(backend, n=1)[0]
+    cases: list[dict[str, Any]] = [
+        {"temperature": 0, "logit_bias": {first: -100}},
+        {"temperature": 0, "repeat_penalty": 1.5},
+        {"temperature": 0, "frequency_penalty": 1.5, "presence_penalty": 0.5},
+        {"temperature": 0, "dry_multiplier": 0.8},
+        {"temperature": 0, "xtc_probability": 1.0, "xtc_threshold": 0.1, "seed": 3},
+        {**REPEATING, "dry_multiplier": 0.8},
+    ]
+    b = OpenAICompat(llama_server, api_key="", model="smollm2", read_timeout=300, max_retries=0)
+    try:
+        for kw in cases:
+            assert await reply(backend, **kw) == await reply(b, **kw), kw
+    finally:
+        await b.aclose()

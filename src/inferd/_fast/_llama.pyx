@@ -838,6 +838,9 @@ cdef class Sampler:
     cdef readonly bint greedy
     cdef readonly bint argmax  # greedy with nothing before it: _draw skips the chain
     cdef int32_t n_vocab
+    # chain indices [_hist_lo, _hist_hi) of the penalties and DRY, and how many of the
+    # prompt's last tokens they look back over (accept_prompt)
+    cdef int32_t _hist_lo, _hist_hi, _hist_n
 
     def __cinit__(self, Model model, *, float temperature=0.8, int top_k=40,
                   float top_p=0.95, float min_p=0.05, float typical_p=1.0,
@@ -876,12 +879,17 @@ cdef class Sampler:
                 raise ValueError(f"invalid GBNF grammar: {why}")
             llama_sampler_chain_add(self.ptr, g)
         _add_logit_bias(self.ptr, model, logit_bias)
+        self._hist_lo = llama_sampler_chain_n(self.ptr)
+        self._hist_n = 0
         if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
             _add(self.ptr, llama_sampler_init_penalties(
                 llama_vocab_n_tokens(model.vocab), penalty_last_n, repeat_penalty,
                 frequency_penalty, presence_penalty))
-        _add_dry(self.ptr, model, dry_multiplier, dry_base, dry_allowed_length,
-                 dry_penalty_last_n, dry_sequence_breakers)
+            self._hist_n = penalty_last_n
+        if _add_dry(self.ptr, model, dry_multiplier, dry_base, dry_allowed_length,
+                    dry_penalty_last_n, dry_sequence_breakers):
+            self._hist_n = max(self._hist_n, dry_penalty_last_n)
+        self._hist_hi = llama_sampler_chain_n(self.ptr)
         self.greedy = temperature == 0.0
         cdef uint32_t cseed = _seed32(seed)
         _add_filters(self.ptr, self.greedy, top_k, typical_p, top_p, min_p, xtc_probability,
@@ -931,6 +939,20 @@ cdef class Sampler:
         finally:
             ctx._leave()
         return tok
+
+    def accept_prompt(self, tokens):
+        """Show the penalties and DRY the prompt's last tokens (never the grammar), as
+        llama-server does before a slot's first draw: a repeat penalty then also weighs
+        what the prompt said (docs/adr/0021-per-request-sampling-chain.md)."""
+        self._check()
+        if self._hist_n <= 0 or self._hist_hi <= self._hist_lo:
+            return
+        cdef llama_token tok
+        cdef int32_t i
+        for t in tokens[max(0, len(tokens) - self._hist_n):]:
+            tok = t
+            for i in range(self._hist_lo, self._hist_hi):
+                llama_sampler_accept(llama_sampler_chain_get(self.ptr, i), tok)
 
     def accept(self, int token):
         """Tell the chain about a token chosen elsewhere (e.g. prompt tokens for penalties)."""

@@ -150,8 +150,8 @@ cdef _DryProto _dry_proto(Model model, key):
 
 cdef int _add_dry(llama_sampler * chain, Model model, float multiplier, float base,
                   int allowed, int last_n, object breakers) except -1:
-    """DRY as llama.cpp adds it; disabled (nothing added) when multiplier or last_n is 0
-    or base < 1, as libllama itself decides."""
+    """DRY as llama.cpp adds it (1 when added); disabled (nothing added, 0) when
+    multiplier or last_n is 0 or base < 1, as libllama itself decides."""
     if multiplier == 0.0 or base < 1.0 or last_n == 0:
         return 0
     words = DEFAULT_DRY_SEQUENCE_BREAKERS if breakers is None else tuple(breakers)
@@ -164,7 +164,7 @@ cdef int _add_dry(llama_sampler * chain, Model model, float multiplier, float ba
                              f"got {_echo(w)}")
     cdef _DryProto proto = _dry_proto(model, (multiplier, base, allowed, last_n, words))
     _add(chain, llama_sampler_clone(proto.ptr))
-    return 0
+    return 1
 
 
 cdef int _add_filters(llama_sampler * chain, bint greedy, int top_k, float typical_p,

@@ -446,11 +446,15 @@ class LlamaCpp(Backend):
             toks.insert(0, m.bos)
         return toks
 
-    def _sampler(self, request: Request, plan: ChatPlan | None = None) -> Any:
+    def _sampler(
+        self, request: Request, plan: ChatPlan | None = None, prompt: list[int] | None = None
+    ) -> Any:
+        """This sequence's own chain (ADR 0021); ``prompt`` tokens are shown to its
+        penalties and DRY first, as llama-server does."""
         L = _llama()
         o = self.options
         try:
-            return L.Sampler(
+            sampler = L.Sampler(
                 self._model,
                 **sampler_kwargs(
                     request,
@@ -463,6 +467,9 @@ class LlamaCpp(Backend):
             )
         except ValueError as e:  # e.g. a logit_bias id outside this model's vocabulary
             raise InvalidRequest(str(e)) from None
+        if prompt:
+            sampler.accept_prompt(prompt)
+        return sampler
 
     def _grammar_args(self, plan: ChatPlan) -> dict[str, Any]:
         g = plan.grammar
@@ -580,7 +587,8 @@ class LlamaCpp(Backend):
         )
         # Tool-call and thinking sentinels are often control tokens: render them.
         special = plan.format != "plain"
-        return self.tokenize_prompt(prompt), self._sampler(request, plan), parser, special
+        tokens = self.tokenize_prompt(prompt)
+        return tokens, self._sampler(request, plan, tokens), parser, special
 
     def _prepare_raw(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
         """A raw completion: the prompt tokenized as it is (BOS when the model wants one,
@@ -589,7 +597,8 @@ class LlamaCpp(Backend):
         (docs/adr/0025-raw-completions-and-reasoning.md)."""
         plan = plan_chat(None, request, tool_format="plain")
         tokens = self.tokenize_prompt(request.prompt or "")
-        return tokens, self._sampler(request, plan), plan.parser(request.prompt or ""), False
+        sampler = self._sampler(request, plan, tokens)
+        return tokens, sampler, plan.parser(request.prompt or ""), False
 
     def _end_item(self, item: tuple[Any, ...], started: bool) -> StopReason:
         """The stop reason of a non-token item, or the error it carries."""
