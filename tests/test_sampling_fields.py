@@ -141,6 +141,40 @@ async def test_logit_bias_keys_arrive_as_strings(backend) -> None:
     assert "".join(e.text for e in events if isinstance(e, Text)) == text
 
 
+def test_binding_limits_and_the_dry_cache(backend) -> None:
+    """The binding's own bounds (for callers that skip ``Request``) and the per-model
+    cache of prepared DRY samplers (DRY_CACHE_SIZE), whose clones draw as fresh ones."""
+    from inferd._fast import _llama as L
+
+    model = backend.model
+    too_long = L.MAX_SAMPLER_HISTORY + 1
+    for kw, name in [
+        ({"penalty_last_n": too_long}, "repeat_last_n"),
+        ({"dry_penalty_last_n": too_long}, "dry_penalty_last_n"),
+        ({"penalty_last_n": -1}, "repeat_last_n"),
+        ({"typical_p": 1.5}, "typical_p"),
+        ({"logit_bias": {i: 1.0 for i in range(L.MAX_BINDING_LOGIT_BIAS + 1)}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {1: float("nan")}}, "logit_bias"),
+        (
+            {
+                "dry_multiplier": 1.0,
+                "dry_sequence_breakers": ["x"] * (L.MAX_BINDING_DRY_BREAKERS + 1),
+            },
+            "dry_sequence_breakers",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            L.Sampler(model, **kw)
+    dry = {"dry_multiplier": 0.8, "dry_allowed_length": 1}
+    fresh = chain_ids(backend, n=12, **dry, dry_base=1.5)
+    for i in range(L.DRY_CACHE_SIZE + 3):  # evicts the oldest prepared samplers
+        L.Sampler(model, temperature=0, dry_multiplier=0.8, dry_base=2.0 + i).close()
+    assert len(L._dry_protos[model]) == L.DRY_CACHE_SIZE
+    assert chain_ids(backend, n=12, **dry, dry_base=1.5) == fresh  # prepared anew
+    assert chain_ids(backend, n=12, **dry, dry_base=1.5) == fresh  # a clone of it
+
+
 # ----------------------------------------------------------------- penalties, DRY, XTC
 
 
