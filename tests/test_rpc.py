@@ -550,3 +550,18 @@ def test_router_fails_over_while_a_worker_is_down(core: None, smollm2_path: Path
         first, second = asyncio.run(scenario())
     assert first and first != "from the fallback"
     assert second == "from the fallback"
+
+
+def test_worker_cache_keeps_big_tensors_for_the_next_load(
+    core: None, smollm2_path: Path, tmp_path: Path, local_greedy: list[str]
+) -> None:
+    """``--cache DIR``: tensors over ggml's hash threshold (10 MiB; SmolLM2's token
+    embeddings are one) are stored on the worker, and a load over a filled cache gives
+    the same greedy text."""
+    cache = tmp_path / "rpc-cache"
+    port = _free_port()
+    with _worker([*_inferd_worker_cmd(port), "--cache", str(cache)], port):
+        for _ in range(2):
+            texts, _ = asyncio.run(_split_greedy(smollm2_path, [f"127.0.0.1:{port}"]))
+            assert texts == local_greedy
+            assert [p for p in cache.rglob("*") if p.is_file()]
