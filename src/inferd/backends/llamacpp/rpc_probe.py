@@ -16,6 +16,7 @@ in the worker's backlog, which the probe reports as "busy" after its timeout.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,8 @@ DEFAULT_PROBE_TIMEOUT_S = 5.0
 #: Most devices one worker may report (a lying worker cannot make us loop for long).
 MAX_DEVICES_PER_SERVER = 64
 
+#: A host name (letters, digits, dots, dashes, underscores) or an IPv4 address.
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}")
 _CMD_GET_DEVICE_MEMORY = 11
 _CMD_HELLO = 14
 _CMD_DEVICE_COUNT = 15
@@ -70,7 +73,7 @@ def check_endpoint(value: object, field: str = "rpc_servers") -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"{field}: {echo(value)} must be a 'host:port' string")
     host, sep, port = value.partition(":")
-    ok_host = bool(host) and not any(c.isspace() or c in "/@[]" for c in host)
+    ok_host = bool(_HOST.fullmatch(host))
     if not sep or not ok_host or ":" in port or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidRequest(
             f"{field}: {echo(value)} is not 'host:port' (a host name or IPv4 address and a "
