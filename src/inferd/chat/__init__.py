@@ -2,8 +2,8 @@
 
 One module per family (``plain``, ``hermes``, ``llama3``, ``mistral``, ``gemma4``, and
 from ADR 0024 ``qwen3_coder``, ``glm4``, ``minimax``, ``nemotron``, ``deepseek``,
-``functionary_v31``, ``functionary_v32``), registered here by name so the backend,
-the CLI and tests pick one with a string::
+``deepseek_v32``, ``deepseek_v4``, ``functionary_v31``, ``functionary_v32``),
+registered here by name so the backend, the CLI and tests pick one with a string::
 
     from inferd.chat import detect_format, get_parser
     parser = get_parser(detect_format(template))
@@ -23,6 +23,7 @@ from typing import Any
 
 from inferd.chat._stream import OutputParser, SentinelParser, merge_events
 from inferd.chat.deepseek import DeepSeekParser
+from inferd.chat.deepseek_dsml import DeepSeekV4Parser, DeepSeekV32Parser
 from inferd.chat.fingerprints import (
     detect_format,
     detect_thinking,
@@ -61,6 +62,8 @@ for _cls in (
     MiniMaxParser,
     NemotronParser,
     DeepSeekParser,
+    DeepSeekV32Parser,
+    DeepSeekV4Parser,
     FunctionaryV31Parser,
     FunctionaryV32Parser,
 ):

@@ -67,7 +67,7 @@ def schemas_of(tools: Iterable[Tool]) -> dict[str, Mapping[str, Any]]:
     return {t.name: t.parameters for t in tools}
 
 
-def _types(schema: Mapping[str, Any] | None) -> set[str] | None:
+def schema_types(schema: Mapping[str, Any] | None) -> set[str] | None:
     """The JSON types a property schema allows (None: unknown, anything goes)."""
     if not isinstance(schema, Mapping):
         return None
@@ -84,7 +84,7 @@ def _types(schema: Mapping[str, Any] | None) -> set[str] | None:
         if isinstance(alts, list):
             out: set[str] = set()
             for alt in alts:
-                sub = _types(alt)
+                sub = schema_types(alt)
                 if sub is None:
                     return None
                 out |= sub
@@ -103,7 +103,7 @@ def property_schema(schemas: Schemas, tool: str, param: str) -> Mapping[str, Any
 
 def typed_value(raw: str, schema: Mapping[str, Any] | None) -> Any:
     """One argument's raw text as the value its schema asks for (see module doc)."""
-    types = _types(schema)
+    types = schema_types(schema)
     if types is not None and types <= {"string", "null"}:
         return None if raw == "null" and "null" in types else raw
     try:
@@ -140,7 +140,7 @@ def build_call(
     return arguments_to_tool_use(new_id(), name, args)
 
 
-def _held(raw: str, closers: Sequence[str]) -> int:
+def held_back(raw: str, closers: Sequence[str]) -> int:
     """Length of the longest suffix of ``raw`` that may still start one of ``closers``."""
     keep = 0
     for c in closers:
@@ -180,13 +180,13 @@ def partial_arguments(
             parts.append(head + json.dumps(typed_value(raw, schema), ensure_ascii=False))
             pos = end + len(closer)
             continue
-        if _types(schema) != {"string"}:
+        if schema_types(schema) != {"string"}:
             return "{" + ", ".join([*parts, head])
         raw = region[start:]
         if newline_layout and raw.startswith("\n"):
             raw = raw[1:]
         closers = ("\n" + closer, closer) if newline_layout else (closer,)
-        raw = raw[: len(raw) - _held(raw, closers)]
+        raw = raw[: len(raw) - held_back(raw, closers)]
         return "{" + ", ".join([*parts, head + json.dumps(raw, ensure_ascii=False)[:-1]])
     return "{" + ", ".join(parts)
 
@@ -251,7 +251,7 @@ def _class_escape(c: str) -> str:
 
 def value_rule(conv: SchemaConverter, hint: str, schema: Any, closer: str) -> str:
     """Grammar for one raw argument value: free text for strings, JSON otherwise."""
-    types = _types(schema if isinstance(schema, Mapping) else None)
+    types = schema_types(schema if isinstance(schema, Mapping) else None)
     if types == {"string"} and isinstance(schema, Mapping):
         enum = schema.get("enum")
         if isinstance(enum, list) and enum:

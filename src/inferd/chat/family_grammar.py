@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from inferd.chat import deepseek, functionary, glm4, minimax, nemotron, qwen3_coder
+from inferd.chat import deepseek, deepseek_dsml, functionary, glm4, minimax, nemotron, qwen3_coder
 from inferd.chat._xml_args import exclusion_rule
 from inferd.chat.grammar import JSON, Grammar, GrammarLimits, SchemaConverter, gbnf_literal
 from inferd.errors import InvalidRequest
@@ -66,6 +66,22 @@ FAMILY_GRAMMARS: dict[str, FamilyGrammar] = {
     ),
     "deepseek": FamilyGrammar(
         deepseek.OPENER, deepseek.call_rule, _wrapped(deepseek.OPENER, deepseek.CLOSER)
+    ),
+    "deepseek_v32": FamilyGrammar(
+        deepseek_dsml.DeepSeekV32Parser.call_open,
+        deepseek_dsml.call_rule,
+        _wrapped(
+            deepseek_dsml.DeepSeekV32Parser.call_open + "\n",
+            deepseek_dsml.DeepSeekV32Parser.call_close,
+        ),
+    ),
+    "deepseek_v4": FamilyGrammar(
+        deepseek_dsml.DeepSeekV4Parser.call_open,
+        deepseek_dsml.call_rule,
+        _wrapped(
+            deepseek_dsml.DeepSeekV4Parser.call_open + "\n",
+            deepseek_dsml.DeepSeekV4Parser.call_close,
+        ),
     ),
     "functionary_v31": FamilyGrammar(
         functionary.V31_OPENER, functionary.v31_call_rule, _blocks('"\\n"?')

@@ -7,7 +7,8 @@ recorded from the published templates of each family, as llama.cpp keeps them un
 Ministral 3, Llama 3.1 / 3.2 / 3.3 Instruct, Hermes 2 Pro / 3, Qwen 2.5 / QwQ /
 Qwen 3, SmolLM2; and for ADR 0024: Qwen3-Coder, Qwen 3.5, Nemotron 3 Nano and Nano
 v2, StepFun 3.5, GLM 4.6 / 4.7, Spark 2.5, Ling 3, Laguna, MiniMax M2, DeepSeek
-V3.1 / R1 and its distills, functionary v3.1 / v3.2); the tests render each one.
+V3.1 / R1 and its distills, DeepSeek V3.2 / V4 (DSML), functionary v3.1 / v3.2);
+the tests render each one.
 
 A template that matches no rule is ``plain``. Some templates write ``<tool_call>``
 around a syntax that is *not* Hermes JSON and that inferd does not parse (MiniMax
@@ -22,6 +23,8 @@ from __future__ import annotations
 FORMAT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("gemma4", ("<|tool_call>", "<tool_call|>")),
     ("mistral", ("[TOOL_CALLS]",)),
+    ("deepseek_v32", ("｜DSML｜", "function_calls>")),
+    ("deepseek_v4", ("｜DSML｜", "tool_calls>")),
     ("deepseek", ("<｜tool▁calls▁begin｜>",)),
     ("minimax", ("<minimax:tool_call>", "<invoke name=")),
     ("plain", ("]<]minimax[>[",)),  # MiniMax M3: <tool_call> that is not Hermes JSON
