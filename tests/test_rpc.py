@@ -26,6 +26,7 @@ import pytest
 
 from inferd.backends.llamacpp.options import LlamaCppOptions
 from inferd.backends.llamacpp.rpc_probe import (
+    MAX_DEVICES_PER_SERVER,
     MAX_RPC_SERVERS,
     RPC_PROTO_MAJOR,
     RPC_PROTO_MINOR,
@@ -277,8 +278,9 @@ def test_unreachable_worker_gives_model_load_error_naming_it(
 
 
 @contextlib.contextmanager
-def _fake_worker(major: int, minor: int) -> Iterator[str]:
-    """A server that answers the real HELLO with another protocol version."""
+def _fake_worker(major: int, minor: int, devices: int = 1) -> Iterator[str]:
+    """A server that answers the real HELLO with the given protocol version, then the
+    device count with ``devices``."""
     srv = socket.create_server(("127.0.0.1", 0))
     srv.settimeout(30)
 
@@ -290,6 +292,12 @@ def _fake_worker(major: int, minor: int) -> Iterator[str]:
                 conn.recv(size, socket.MSG_WAITALL)
                 assert cmd == 14
                 conn.sendall(struct.pack("<Q", 28) + bytes([major, minor, 0, 0]) + bytes(24))
+                head = conn.recv(9, socket.MSG_WAITALL)
+                if len(head) < 9:
+                    return  # the head refused our version and hung up
+                cmd, size = struct.unpack("<BQ", head)
+                assert cmd == 15 and size == 0
+                conn.sendall(struct.pack("<QI", 4, devices))
                 conn.recv(1)  # wait for the head to hang up
 
     t = threading.Thread(target=serve, daemon=True)
@@ -568,3 +576,40 @@ def test_worker_cache_keeps_big_tensors_for_the_next_load(
             texts, _ = asyncio.run(_split_greedy(smollm2_path, [f"127.0.0.1:{port}"]))
             assert texts == local_greedy
             assert [p for p in cache.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("count", [0, MAX_DEVICES_PER_SERVER + 1])
+def test_worker_reporting_no_or_too_many_devices_is_refused(count: int) -> None:
+    with _fake_worker(RPC_PROTO_MAJOR, RPC_PROTO_MINOR, devices=count) as endpoint:
+        with pytest.raises(ModelLoadError, match=f"{endpoint} reports {count} devices"):
+            probe(endpoint)
+
+
+def test_silent_listener_times_out_the_probe() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:  # accepts (backlog), never answers
+        endpoint = f"127.0.0.1:{srv.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(ModelLoadError, match=r"did not answer within 0\.5s"):
+            probe(endpoint, timeout_s=0.5)
+        assert time.monotonic() - t0 < 30
+
+
+def test_busy_worker_and_slow_load_give_clear_errors(core: None, smollm2_path: Path) -> None:
+    """A worker serves one head at a time: a second head's probe says so; a split that
+    does not load within ``load_timeout_s`` is stopped with a ModelLoadError."""
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.serve.rpc_split import RpcSplit
+
+    with _inferd_workers(1) as workers:
+        endpoint = workers[0][0]
+
+        async def busy() -> None:
+            async with LlamaCpp(smollm2_path, rpc_servers=[endpoint], **HEAD):
+                with pytest.raises(ModelLoadError, match="serving another head"):
+                    await asyncio.to_thread(probe, endpoint, 2.0)
+
+        asyncio.run(busy())
+        opts = LlamaCppOptions(rpc_servers=[endpoint], **HEAD)
+        with pytest.raises(ModelLoadError, match="load_timeout_s"):
+            RpcSplit(smollm2_path, opts, load_timeout_s=0.01)
+        assert probe(endpoint).devices  # the stopped child let go of the worker
