@@ -165,6 +165,12 @@ class LlamaCpp(Backend):
         than asked. ``"unified"``: one KV cache shared by every stream; requests may
         oversubscribe it, a shared prefix is stored once, but batched greedy output
         depends on what else runs (float sums over the shared cells; ADR 0008).
+    :param rpc_servers: ``"host:port"`` ggml RPC workers (``inferd rpc-worker``) to split
+        the model's layers over; the constructor then returns an
+        :class:`inferd.serve.rpc_split.RpcSplit` holding the split in a supervised child
+        process (ADR 0019). ``tensor_split``: each device's share (workers first).
+    :param rpc_in_process: load the split in this process instead (a lost worker then
+        aborts it); ``rpc_read_timeout_s``: longest silence of a split's stream.
     """
 
     name = "llamacpp"
