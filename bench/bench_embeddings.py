@@ -170,6 +170,22 @@ def lcp(model: str, threads: int, flash_attn: bool, inputs: list[str]) -> Callab
     return call
 
 
+def add_lcp(
+    contenders: dict[str, Callable[[], object]],
+    model: str,
+    threads: int,
+    fa: bool,
+    inputs: list[str],
+) -> None:
+    """llama-cpp-python as one more contender, where it is installed (CI installs it)."""
+    try:
+        contenders["llama-cpp-python"] = lcp(model, threads, fa, inputs)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise SystemExit("llama-cpp-python is not installed; CI installs it") from None
+        print("llama-cpp-python is not installed: skipping that peer", file=sys.stderr)
+
+
 def report(times: dict[str, list[float]], n: int, a: argparse.Namespace, fa: bool) -> dict:
     from bench.timing import per_round, ratio
 
@@ -197,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--model", default=None, help="GGUF path (default: smollm2-135m)")
     ap.add_argument("--json", default=None, help="write results to this file")
+    ap.add_argument(
+        "--http-only",
+        action="store_true",
+        help="only the HTTP pair (inferd bridge vs llama-server): half the time",
+    )
     a = ap.parse_args(argv)
     n = a.texts or (16 if a.smoke else 256)
     a.rounds = a.rounds or (1 if a.smoke else 5)
@@ -213,23 +234,20 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(srv)
         br, br_url, cfg = start_bridge(a.model, a.threads)
         procs.append(br)
-        ours, keep = in_process(a.model, a.threads, inputs)
         contenders = {
             "inferd bridge": http_embed(br_url, inputs),
             "llama-server": http_embed(srv_url, inputs),
-            "inferd": ours,
         }
-        try:
-            contenders["llama-cpp-python"] = lcp(a.model, a.threads, fa, inputs)
-        except ImportError:
-            if os.environ.get("CI"):
-                raise SystemExit("llama-cpp-python is not installed; CI installs it") from None
-            print("llama-cpp-python is not installed: skipping that peer", file=sys.stderr)
+        keep = None
+        if not a.http_only:
+            contenders["inferd"], keep = in_process(a.model, a.threads, inputs)
+            add_lcp(contenders, a.model, a.threads, fa, inputs)
         from bench.timing import interleaved_times
 
         times = interleaved_times(contenders, a.rounds)
         out = report(times, n, a, fa)
-        keep[0].close()
+        if keep is not None:
+            keep[0].close()
         cfg.unlink(missing_ok=True)
     finally:
         for p in procs:

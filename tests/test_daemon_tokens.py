@@ -11,7 +11,11 @@ servers on 127.0.0.1. Hostile frames (ADR 0010) are sent raw.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from inferd.backend import Backend
 from inferd.backends.mock import Mock
-from inferd.errors import EmbedUnsupported, InternalError, InvalidRequest
+from inferd.errors import EmbedUnsupported, InternalError, InvalidRequest, NotReady
 from inferd.serve import token_wire, wire
 from inferd.serve.bridge import make_app
 from inferd.serve.client import Client
@@ -287,3 +291,36 @@ def test_malformed_answers_from_a_daemon_are_internal_errors():
     with pytest.raises(InternalError, match="content"):
         token_wire.text_of({"content": 5}, "content")
     assert token_wire.pieces_of({"pieces": ["\xff\x00a"]}, 1) == [b"\xff\x00a"]
+
+
+async def test_tokenizer_requests_while_loading_are_not_ready():
+    """While the backends load, a tokenizer or rerank request is told to retry, not that
+    there is no tokenizer (the capability may well come with the model)."""
+    gate = threading.Event()
+
+    def loader(progress: Any) -> Backend:
+        gate.wait(10)
+        return Mock(["x"])
+
+    with short_tmpdir() as d:
+        daemon = Daemon(None, d / "infer.sock")
+        task = asyncio.create_task(daemon.run(loader))
+        try:
+            for _ in range(200):
+                if daemon.socket_path.exists():
+                    break
+                await asyncio.sleep(0.05)
+            async with Client(d / "infer.sock") as client:
+                for call in (
+                    client.tokenize("hi"),
+                    client.token_pieces([1]),
+                    client.detokenize([1]),
+                    client.apply_template(Request.chat("hi")),
+                    client.rerank(RerankRequest("q", ("d",))),
+                ):
+                    with pytest.raises(NotReady, match="still loading"):
+                        await call
+        finally:
+            gate.set()
+            os.kill(os.getpid(), signal.SIGTERM)  # run() stops on SIGTERM, as in the CLI
+            await asyncio.wait_for(task, 30)

@@ -79,7 +79,16 @@ from inferd.serve.config import (
 from inferd.serve.metrics import METRICS_WINDOW, Metrics, percentiles
 from inferd.serve.observed import ObservedBackend
 from inferd.serve.prometheus import Telemetry
-from inferd.types import Capabilities, Done, EmbedRequest, EmbedResult, Event, Request
+from inferd.types import (
+    Capabilities,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    Request,
+    RerankRequest,
+    RerankResult,
+)
 
 log = logging.getLogger("inferd.serve")
 
@@ -135,6 +144,22 @@ class _Loading(Backend):
         yield  # pragma: no cover - makes this an async generator
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        raise NotReady("the daemon is still loading its backends; retry shortly")
+
+    # a tokenizer or rerank request while loading: "retry", not "no tokenizer"
+    async def tokenize(self, content: Any, **_kw: Any) -> list[int]:
+        raise NotReady("the daemon is still loading its backends; retry shortly")
+
+    async def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        raise NotReady("the daemon is still loading its backends; retry shortly")
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        raise NotReady("the daemon is still loading its backends; retry shortly")
+
+    async def apply_template(self, request: Request) -> str:
+        raise NotReady("the daemon is still loading its backends; retry shortly")
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
         raise NotReady("the daemon is still loading its backends; retry shortly")
 
 
