@@ -1331,7 +1331,13 @@ def test_llama_cpp_accepts_every_family_grammar() -> None:
 
 # ------------------------------------------------------------------ end to end
 
-ADD = Tool("add", "Add two integers", _obj({"a": _INT, "b": _INT}, ("a", "b")))
+#: ``mode`` is a string that looks like a number: only the schema keeps it a string,
+#: so a valid call shows the plan's schemas reached the parser.
+ADD = Tool(
+    "add",
+    "Add two integers",
+    _obj({"a": _INT, "b": _INT, "mode": {"enum": ["1", "2"]}}, ("a", "b", "mode")),
+)
 
 #: a family's real template on SmolLM2: our prompt, our grammar, our parser.
 E2E_TEMPLATES = {
