@@ -47,7 +47,7 @@ from inferd.types import (
 
 from .anthropic_upstream import stream as anthropic_stream
 from .anthropic_upstream import text_block, tool_block
-from .serve_helpers import bridge_in_process
+from .serve_helpers import BridgeProc, DaemonProc, bridge_in_process, short_tmpdir, write_config
 from .upstream import DONE, Stream, Upstream, chunk, sse
 
 WEATHER = Tool(
@@ -594,3 +594,51 @@ async def test_smollm2_through_the_bridge_with_openai_python(smol) -> None:
     _, name, args = got[0]
     assert name == call.function.name and args == call.function.arguments  # greedy: same call
     assert json.loads(args) == json.loads(call.function.arguments)
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_path) -> Iterator[tuple[DaemonProc, BridgeProc]]:
+    """``inferd serve`` on SmolLM2 and a bridge subprocess in front of it."""
+    from tests.conftest import require_llama_core
+
+    require_llama_core()
+    with short_tmpdir() as d:
+        smol = {"type": "llamacpp", "model": str(smollm2_path), "name": "smol"}
+        cfg = write_config(d / "c.toml", [{**smol, "n_ctx": 2048, "n_threads": 1}])
+        daemon = DaemonProc.start(cfg, d / "infer.sock")
+        try:
+            bridge = BridgeProc.start("--socket", str(daemon.sock))
+            try:
+                yield daemon, bridge
+            finally:
+                bridge.stop()
+        finally:
+            daemon.stop()
+
+
+@pytest.mark.llama
+async def test_smollm2_through_the_daemon_and_a_bridge_before_it(served) -> None:
+    from inferd.serve.client import Client
+
+    daemon, bridge = served
+    req = _smol_request(tool_choice="required", parallel_tool_calls=False)
+    client = Client(daemon.sock)
+    try:
+        events = [e async for e in client.generate(replace(req, stream_tool_arguments=True))]
+    finally:
+        await client.aclose()
+    (call,) = deltas_match_calls(events)  # the deltas crossed the daemon wire
+    assert sum(isinstance(e, ToolUseDelta) for e in events) > 2
+    assert events[-1].stop_reason is StopReason.TOOL_USE
+    kw: dict[str, Any] = {
+        "messages": [{"role": "user", "content": ASK}],
+        "tools": [WEATHER_OPENAI],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 96,
+        "temperature": 0.0,
+    }
+    calls, finish = await _stream_calls(_oa(bridge.url), **kw)
+    got = _by_index(calls)
+    assert list(got) == [0] and finish == "tool_calls" and len(calls) > 2
+    assert got[0][1] == call.name and got[0][2] == call.raw_arguments  # greedy: same call
