@@ -46,7 +46,9 @@ class CallEndsThinking(SentinelParser):
         return True
 
     def _step_think(self, out: list[Event], final: bool) -> bool:
-        buf, opener = self._buf, self.call_open or ""
+        buf, opener = self._buf, self.call_open
+        if not opener:
+            return super()._step_think(out, final)
         i, j = buf.find(opener), buf.find(self.think_close)
         if i >= 0 and (j < 0 or i < j):
             self._emit_think(out, buf[:i], closing=True)
@@ -198,11 +200,6 @@ def only_space_between(text: str, spans: Sequence[tuple[int, int]], what: str) -
         if text[pos:a].strip():
             raise MalformedCall(f"{what}: unexpected text {text[pos:a].strip()[:40]!r}")
         pos = b
-
-
-def findall_spans(pattern: re.Pattern[str], text: str) -> list[re.Match[str]]:
-    """All matches of ``pattern`` in order (a helper that keeps call sites short)."""
-    return list(pattern.finditer(text))
 
 
 # ----------------------------------------------------------------------- grammar
