@@ -180,6 +180,32 @@ def test_media_tokens_are_mtmds_count(vision_server):
     assert audio["usage"]["prompt_tokens"] - text_only == 1500 // AudioShape().stack_factor
 
 
+def _four_cases() -> list[list[dict[str, Any]]]:
+    """The parts of four requests: the image, another image, the audio clip, text only."""
+    red = png_bytes(40, 30, (200, 10, 10))
+    return [
+        [openai_part("image", IMAGE.read_bytes())],
+        [openai_part("image", red, "image/png")],
+        [openai_part("audio", AUDIO.read_bytes())],
+        [],
+    ]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+async def test_llama_server_batch_of_four_equals_one_at_a_time(vision_server):
+    """The synthetic model's greedy choice survives batched decoding (its top logit
+    stands clear of the next): the premise of comparing our batch with the peers."""
+    loop = asyncio.get_running_loop()
+    cases = _four_cases()
+    alone = [_answer(server_chat(vision_server, parts)) for parts in cases]
+    together = await asyncio.gather(
+        *(loop.run_in_executor(None, server_chat, vision_server, parts) for parts in cases)
+    )
+    assert [_answer(r) for r in together] == alone
+    assert len(set(alone)) == 4
+
+
 # ---------------------------------------------------------------- ours: LlamaCpp(mmproj=)
 
 
