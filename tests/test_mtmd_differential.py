@@ -90,6 +90,54 @@ def test_peer_loads_the_pair_and_media_changes_the_answer(
     assert mtmd_cli(llama_mtmd_cli_bin, synth_vision, "--image", str(IMAGE)) == with_image
 
 
+# ---------------------------------------------------------------- the pair's files
+
+
+def _tokenizer_only(path: Path) -> Path:
+    """A GGUF holding a 300-token vocabulary alone: enough for the writer, in milliseconds."""
+    from bench.synth_model import _gguf
+
+    gguf = _gguf()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(300)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_pair_files_have_what_mtmd_reads(tmp_path):
+    """Shapes line up where mtmd checks them (projector width = model width, one position
+    per patch plus the class token), a vision-only projector has no audio, and ``ensure``
+    writes once per shape."""
+    from bench import synth_vision as sv
+    from bench.synth_model import _gguf
+
+    gguf = _gguf()
+    src = _tokenizer_only(tmp_path / "tok.gguf")
+    pair = sv.ensure(src, tmp_path / "cache", vision=sv.VisionShape(), audio=None)
+    proj = gguf.GGUFReader(str(pair.mmproj))
+    keys = set(proj.fields)
+    assert "clip.has_vision_encoder" in keys and "clip.has_audio_encoder" not in keys
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in proj.tensors}
+    width = sv.TextShape().hidden
+    assert tensors["mm.2.weight"] == (sv.VisionShape().proj_hidden, width)  # ggml order
+    assert tensors["v.position_embd.weight"] == (sv.VisionShape().hidden, 65)
+    model = gguf.GGUFReader(str(pair.model))
+    assert {t.name: tuple(int(x) for x in t.shape) for t in model.tensors}["token_embd.weight"] == (
+        width,
+        300,
+    )
+    mtime = pair.mmproj.stat().st_mtime_ns
+    assert sv.ensure(src, tmp_path / "cache", vision=sv.VisionShape(), audio=None) == pair
+    assert pair.mmproj.stat().st_mtime_ns == mtime  # cached, not rewritten
+    both = sv.ensure(src, tmp_path / "cache")
+    assert both.mmproj.parent != pair.mmproj.parent
+    assert "clip.has_audio_encoder" in gguf.GGUFReader(str(both.mmproj)).fields
+
+
 # ---------------------------------------------------------------- llama-server --mmproj
 
 #: Slots and context of the peer server and of our backend: a batch of 4, each slot
