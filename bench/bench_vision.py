@@ -212,9 +212,10 @@ def start_bridge(s: Settings, mmproj: Path) -> Server:
 
 def ours_available() -> bool:
     """True once LlamaCpp takes a projector (the libmtmd engine of issue 16)."""
+    from inferd._fast import _llama
     from inferd.backends.llamacpp import LlamaCpp
 
-    return "mmproj" in inspect.signature(LlamaCpp).parameters
+    return hasattr(_llama, "Mtmd") and "mmproj" in inspect.signature(LlamaCpp).parameters
 
 
 async def measure(peers: list[Server], n_media: int, tokens: int, rounds: int) -> dict:

@@ -2,8 +2,11 @@
 
 A truncated JPEG, a PNG whose header claims 100k x 100k pixels (refused before anything of
 that size is allocated: ``max_image_pixels``), a zero-byte file, random bytes sent as an
-image, an SVG, two hours of audio (``max_audio_seconds``), an image for a model without a
-projector: each is an ``InvalidRequest`` naming what was wrong. A projector that does not
+image, an SVG, two hours of audio (``max_audio_seconds``), audio over ``max_media_bytes``,
+an image for a model without a projector: each is an ``InvalidRequest`` naming what was
+wrong (the limits are inferd.media_limits'). A truncated JPEG is the subtle one: its
+header is intact and stb_image decodes what is there without complaint (llama-mtmd-cli
+answers it), so refusing it takes a check of the file's end. A projector that does not
 match the model, or is no projector at all, is a ``ModelLoadError`` at load time.
 
 Everything that reaches libmtmd runs in a child process (as tests/test_llamacpp_loader.py
@@ -32,8 +35,9 @@ from .conftest import missing
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")
 IMAGE = ROOT / "vendor" / "llama.cpp" / "tools" / "mtmd" / "test-1.jpeg"
-#: Peak resident memory the child may reach: the tiny model, its projector, one 60 MB
-#: audio file and Python. A 100k x 100k RGB image decoded would be 30 GB.
+#: Peak resident memory the child may reach: the tiny model, its projector, the hostile
+#: files (22 MB the largest) and Python. A 100k x 100k RGB image decoded would be 30 GB;
+#: two hours of audio decoded to 16 kHz float, 460 MB.
 MAX_CHILD_RSS_MB = 1536
 #: A child runs every case of a test: load (seconds) plus one-token replies.
 CHILD_TIMEOUT_S = 600
@@ -44,9 +48,11 @@ _CHILD = textwrap.dedent("""
     import asyncio, inspect, json, resource, sys
     from inferd.errors import InferdError
     try:
-        from inferd._fast import _llama  # noqa: F401
+        from inferd._fast import _llama
     except ImportError:
         print("NO-CORE"); sys.exit(0)
+    if not hasattr(_llama, "Mtmd"):
+        print("NO-CORE-MTMD"); sys.exit(0)
     from inferd.backends.llamacpp import LlamaCpp
     if "mmproj" not in inspect.signature(LlamaCpp).parameters:
         print("NO-MTMD"); sys.exit(0)
@@ -152,6 +158,8 @@ def run_child(model: Path, cases: list[dict[str, Any]], **extra: Any) -> dict[st
     last = p.stdout.strip().splitlines()[-1]
     if last == "NO-CORE":
         missing("the compiled llama.cpp core inferd._fast._llama")
+    if last == "NO-CORE-MTMD":
+        missing("libmtmd in the compiled core (inferd._fast._llama.Mtmd)")
     if last == "NO-MTMD":
         pytest.skip("LlamaCpp(mmproj=...) (the libmtmd engine of issue 16) has not landed")
     return json.loads(last)
@@ -172,8 +180,8 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def wav_u8(seconds: int, rate: int = 8000) -> bytes:
-    """A valid mono 8-bit PCM WAV of ``seconds`` of silence (2 h at 8 kHz is 58 MB)."""
+def wav_u8(seconds: int, rate: int) -> bytes:
+    """A valid mono 8-bit PCM WAV of ``seconds`` of silence (``rate`` bytes a second)."""
     n = seconds * rate
     head = b"RIFF" + struct.pack("<I", 36 + n) + b"WAVE"
     fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate, 1, 8)
@@ -200,7 +208,9 @@ def hostile_files() -> dict[str, tuple[str, str, bytes]]:
         "zero_bytes": ("image", "image/png", b""),
         "random_bytes": ("image", "image/png", os.urandom(4096)),
         "svg": ("image", "image/svg+xml", SVG),
-        "two_hours_of_audio": ("audio", "wav", wav_u8(2 * 3600)),
+        # 2 kHz: 14 MB, under max_media_bytes, so that max_audio_seconds is what refuses it
+        "two_hours_of_audio": ("audio", "wav", wav_u8(2 * 3600, 2000)),
+        "audio_over_max_media_bytes": ("audio", "wav", wav_u8(45 * 60, 8000)),
     }
 
 
@@ -216,11 +226,12 @@ def _cases(folder: Path, files: dict[str, tuple[str, str, bytes]]) -> list[dict[
 #: What each refusal's message must mention (lower-cased), so that it says what was wrong.
 MUST_MENTION = {
     "truncated_jpeg": ("image",),
-    "png_100k_by_100k": ("pixels",),
+    "png_100k_by_100k": ("max_image_pixels",),
     "zero_bytes": ("image", "empty"),
     "random_bytes": ("image",),
     "svg": ("svg",),
-    "two_hours_of_audio": ("second",),
+    "two_hours_of_audio": ("max_audio_seconds",),
+    "audio_over_max_media_bytes": ("max_media_bytes",),
 }
 
 
@@ -313,6 +324,6 @@ def test_crafted_files_are_what_they_claim(monkeypatch):
     assert zlib.crc32(png[12:29]) & 0xFFFFFFFF == struct.unpack(">I", png[29:33])[0]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     assert Image.open(io.BytesIO(png)).size == (100_000, 100_000)  # header-only read
-    wav = wav_u8(7200)
+    wav = wav_u8(7200, 2000)
     rate, n = struct.unpack("<I", wav[24:28])[0], struct.unpack("<I", wav[40:44])[0]
     assert n / rate == 7200

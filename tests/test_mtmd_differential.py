@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_llama_core
+from tests.conftest import missing, require_llama_core
 from tests.test_llama_server import _serve, llama_server_bin  # noqa: F401
 
 MTMD_DIR = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "tools" / "mtmd"
@@ -263,7 +263,11 @@ def vision_backend(synth_vision) -> Iterator[Any]:
     require_llama_core()
     import inspect
 
+    from inferd._fast import _llama
     from inferd.backends.llamacpp import LlamaCpp
+
+    if not hasattr(_llama, "Mtmd"):
+        missing("libmtmd in the compiled core (inferd._fast._llama.Mtmd)")
 
     if "mmproj" not in inspect.signature(LlamaCpp).parameters:
         pytest.skip("LlamaCpp(mmproj=...) (the libmtmd engine of issue 16) has not landed")
