@@ -136,6 +136,15 @@ _inferd_default(LLAMA_ALL_WARNINGS OFF)
 # 2-core box: ~70-106 KB of the 6.9 MB module, ~16 s of an ~850 s serial build (1-2 %).
 # -DGGML_RPC=OFF (CMAKE_ARGS) leaves it out; the binding then refuses RPC clearly.
 _inferd_default(GGML_RPC ON)
+# libmtmd (tools/mtmd: images and audio through a projector, docs/adr/0028-media-through-libmtmd.md)
+# is built static and PIC like libllama and linked into _llama; llama.cpp's
+# LLAMA_BUILD_MTMD builds the library alone, without mtmd-cli or common. FORCE because an
+# existing build tree already caches llama.cpp's OFF default. Video (ffmpeg in a
+# subprocess) stays out. Measured cost on a loaded 2-core box: the module grows from 6.9 MB
+# to 8.7 MB; the rebuild that added it took ~4.5 CPU-minutes (mtmd's ~50 sources, clip.cpp
+# the largest, plus the Cython module).
+set(LLAMA_BUILD_MTMD ON CACHE BOOL "set by inferd vendor/llama.cmake" FORCE)
+set(MTMD_VIDEO OFF CACHE BOOL "set by inferd vendor/llama.cmake" FORCE)
 # Tuned for the machine that builds it. Wheels for distribution must pass
 # -DGGML_NATIVE=OFF (and pick CPU variants), or they crash on older CPUs.
 _inferd_default(GGML_NATIVE ON)
@@ -168,7 +177,7 @@ add_subdirectory(${INFERD_LLAMA_SOURCE} ${CMAKE_CURRENT_BINARY_DIR}/llama.cpp EX
 set(BUILD_SHARED_LIBS ${_inferd_saved_shared})
 
 inferd_cython_module(_llama CXX)
-target_link_libraries(_llama PRIVATE llama ggml)
+target_link_libraries(_llama PRIVATE mtmd llama ggml)
 # _rpc.pxi includes inferd_rpc.h, which stands in for ggml-rpc when GGML_RPC is OFF.
 target_include_directories(_llama PRIVATE ${INFERD_FAST_DIR})
 if(NOT GGML_RPC)

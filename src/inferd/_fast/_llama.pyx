@@ -1350,3 +1350,6 @@ def seq_cells(Context ctx, int n_seq):
 # --------------------------------------------------------------------------- logprobs
 
 include "_logprobs.pxi"
+
+
+include "_mtmd.pxi"
