@@ -62,8 +62,8 @@ def require_llama_core() -> None:
         missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
 
 
-#: Where the synthetic vision/audio pair (bench/synth_vision.py) is kept between runs:
-#: writing it parses SmolLM2's tokenizer (about 20 s on a loaded box), the files are 15 MB.
+#: Where the synthetic vision/audio pair (bench/synth_vision.py) is kept between runs
+#: (15 MB, a few seconds to write).
 SYNTH_VISION_CACHE = Path(
     os.environ.get("INFERD_TEST_CACHE") or Path.home() / ".cache" / "inferd" / "test"
 )
