@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.backend import Backend
-from inferd.backends.llamacpp import embedding, loader
+from inferd.backends.llamacpp import embedding, loader, media
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model, reasoning_kwargs
 from inferd.backends.llamacpp.choices import ChoiceReader, choice_seed, merged
 from inferd.backends.llamacpp.options import LlamaCppOptions
@@ -176,12 +176,19 @@ class LlamaCpp(Backend):
     name = "llamacpp"
 
     def __new__(
-        cls, model: str | os.PathLike[str], options: LlamaCppOptions | None = None, **kwargs: Any
+        cls,
+        model: str | os.PathLike[str],
+        options: LlamaCppOptions | None = None,
+        *,
+        mmproj: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
     ) -> Any:
         """With ``rpc_servers`` (and not ``rpc_in_process``) the model is split over ggml
         RPC workers inside a supervised child process, and this returns the
         :class:`inferd.serve.rpc_split.RpcSplit` that fronts it: ggml aborts a process
         whose worker dies, and that must not be the caller's (ADR 0019)."""
+        if mmproj is not None:
+            kwargs["mmproj"] = mmproj
         opts = LlamaCppOptions.from_kwargs(options, kwargs)
         if opts.rpc_servers and not opts.rpc_in_process:
             from inferd.serve.rpc_split import RpcSplit
@@ -193,8 +200,12 @@ class LlamaCpp(Backend):
         self,
         model: str | os.PathLike[str],
         options: LlamaCppOptions | None = None,
+        *,
+        mmproj: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        if mmproj is not None:  # images and audio through this projector (ADR 0028)
+            kwargs["mmproj"] = mmproj
         opts = self.options = LlamaCppOptions.from_kwargs(options, kwargs)
         if opts.name:
             self.name = opts.name
@@ -209,9 +220,12 @@ class LlamaCpp(Backend):
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._template: ChatTemplate | None = None
+        self._mtmd: Any = None  # the projector (images/audio, ADR 0028)
         try:
             self._mf = loader.prepare(self._resolve(model, opts), sha256=opts.sha256)
             self._model = loader.load_model(L, self._mf.path, opts)
+            if opts.mmproj is not None:
+                self._mtmd = media.open_projector(L, self._model, opts)
             self._ctx, self._sched = self._start(L, opts)
         except BaseException:
             self._release()
@@ -354,8 +368,8 @@ class LlamaCpp(Backend):
         return Capabilities(
             v2=True,
             tools=True,
-            vision=False,
-            audio=False,
+            vision=bool(self._mtmd is not None and self._mtmd.vision),
+            audio=bool(self._mtmd is not None and self._mtmd.audio),
             thinking=template_thinks(self._template_source()),
             embed=embed,
             accelerator=self.accelerator(),
@@ -513,6 +527,7 @@ class LlamaCpp(Backend):
             ignore_eos=request.ignore_eos,
             special=special,
             top_logprobs=top,
+            media=getattr(tokens, "media", None),
         )
         readers = [
             ChoiceReader(i, s, p, request.stop)
@@ -583,6 +598,8 @@ class LlamaCpp(Backend):
         refuse_unhonoured(request, self.name, LLAMACPP_HONOURED)
         if request.prompt is not None:
             return self._prepare_raw(request)
+        if media.has_media(request):
+            return self._prepare_media(request)
         plan = self.plan(request)
         prompt = self.render(request, plan)
         factory = self.options.output_parser
@@ -595,6 +612,31 @@ class LlamaCpp(Backend):
         special = plan.format != "plain"
         tokens = self.tokenize_prompt(prompt)
         return tokens, self._sampler(request, plan, tokens), parser, special
+
+    def _prepare_media(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
+        """A chat request with images or audio: each block becomes libmtmd's marker in the
+        rendered prompt, which the projector splits into text and media chunks; the
+        tokens carry placeholders for the media cells (:mod:`.media`, ADR 0028)."""
+        if self._mtmd is None:
+            raise InvalidRequest(
+                f"backend {self.name!r} has no projector: create it with mmproj= to send "
+                "images or audio"
+            )
+        text_request, items = media.split_media(request, self._mtmd.marker)
+        plan = self.plan(text_request)
+        prompt = self.render(text_request, plan)
+        factory = self.options.output_parser
+        parser: OutputParser = (
+            factory(self._template_source(), prompt, text_request)
+            if factory is not None
+            else plan.parser(prompt, stream_arguments=request.stream_tool_arguments)
+        )
+        toks, mp = media.tokenize(
+            self._mtmd, self._model, prompt, items, self.options.media_limits()
+        )
+        tokens = media.MediaTokens(toks, mp)
+        sampler = self._sampler(text_request, plan, [t for t in toks if t >= 0])
+        return tokens, sampler, parser, plan.format != "plain"
 
     def _prepare_raw(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
         """A raw completion: the prompt tokenized as it is (BOS when the model wants one,

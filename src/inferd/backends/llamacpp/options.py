@@ -29,6 +29,7 @@ from inferd.backends.llamacpp.scheduler import (
 )
 from inferd.errors import InvalidRequest
 from inferd.limits import echo
+from inferd.media_limits import MAX_AUDIO_SECONDS, MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES, MediaLimits
 
 #: Default ``parallel`` on CPU: at most this many sequences, and one per this many
 #: context tokens (a CPU step gets slower with every sequence; a GPU one barely does).
@@ -101,9 +102,22 @@ class LlamaCppOptions:
     #: stopped and the stream ends with BackendUnavailable (a worker host that vanished
     #: without closing its socket)
     rpc_read_timeout_s: float = DEFAULT_RPC_READ_TIMEOUT_S
+    #: multimodal projector (an mmproj GGUF path, or a store name whose entry has one)
+    #: for images and audio through libmtmd (docs/adr/0028-media-through-libmtmd.md)
+    mmproj: str | None = None
+    #: media limits (inferd.media_limits): pixels an image header may claim, seconds of
+    #: decoded audio, bytes of one encoded file
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_audio_seconds: float = MAX_AUDIO_SECONDS
+    max_media_bytes: int = MAX_MEDIA_BYTES
 
     def __post_init__(self) -> None:
         self._check_rpc()
+        self.media_limits()
+        if self.mmproj is not None:
+            if not isinstance(self.mmproj, (str, os.PathLike)) or not os.fspath(self.mmproj):
+                raise InvalidRequest(f"mmproj={echo(self.mmproj)} must be a path or a model name")
+            object.__setattr__(self, "mmproj", os.fspath(self.mmproj))
         for key, least in _INT_LEAST.items():
             value = getattr(self, key)
             if value is None and key not in ("n_ctx", "n_batch", "n_gpu_layers"):
@@ -154,6 +168,10 @@ class LlamaCppOptions:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
             raise InvalidRequest(f"rpc_read_timeout_s={echo(t)} must be a number of seconds > 0")
         object.__setattr__(self, "tensor_split", values)
+
+    def media_limits(self) -> MediaLimits:
+        """The media limits as one checked object (``InvalidRequest`` names a bad one)."""
+        return MediaLimits(self.max_image_pixels, self.max_audio_seconds, self.max_media_bytes)
 
     @classmethod
     def from_kwargs(

@@ -168,6 +168,7 @@ class SeqStream:
         "lead",
         "loop",
         "max_tokens",
+        "media",
         "n_past",
         "need",
         "produced",
@@ -219,6 +220,7 @@ class SeqStream:
         self.followers: list[SeqStream] = []
         self.lead: SeqStream | None = None
         self.top_logprobs = -1  # -1: no logprobs; 0..20 alternatives per token
+        self.media: Any = None  # media.MediaPrompt: images/audio in the prompt (ADR 0028)
 
     async def get(self) -> tuple[Any, ...]:
         """The next item from the scheduler (waits; a slow caller pauses the sequence)."""
@@ -401,6 +403,7 @@ class Scheduler:
         ignore_eos: bool = False,
         special: bool = False,
         top_logprobs: int | None = None,
+        media: Any = None,
     ) -> list[SeqStream]:
         """Queue one sequence per sampler sharing one prefill (choices, ADR 0022).
 
@@ -424,6 +427,7 @@ class Scheduler:
         for s in streams:
             s.lead = stream if s is not stream else None
             s.top_logprobs = -1 if top_logprobs is None else top_logprobs
+            s.media = media
         with self._cond:
             if self._closing:
                 raise NotReady(f"backend {self.name!r} is closed")
@@ -784,7 +788,13 @@ class Scheduler:
                 break
             if s.cancelled or s.n_past >= len(s.prompt) or s.lead is not None:
                 continue
-            chunk = s.prompt[s.n_past : s.n_past + room]
+            chunk = (
+                s.prompt[s.n_past : s.n_past + room]
+                if s.media is None
+                else s.media.text_run(s.prompt, s.n_past, room)
+            )
+            if not chunk:  # a media chunk comes first: media.step evaluates it
+                continue
             room -= len(chunk)
             fed.append((s, chunk))
         if self.split:  # libllama splits a split-cache batch at every non-consecutive id
@@ -798,6 +808,10 @@ class Scheduler:
         samplers: list[Any] = []
         idxs: list[int] = []
         owners: list[SeqStream] = []
+        if any(s.media is not None for s in self._active):  # images/audio (ADR 0028)
+            from inferd.backends.llamacpp.media import step as media_step
+
+            media_step(self)
         fed = self._plan()
         for s, toks in fed:
             # a decoding sequence, or the last chunk of a prompt: sample its next token

@@ -1,0 +1,267 @@
+"""Images and audio in a llama.cpp prompt: libmtmd's chunks inside the scheduler's token lists.
+
+(docs/adr/0028-media-through-libmtmd.md) A request's media blocks become libmtmd's
+media marker in the rendered chat prompt; ``Mtmd.tokenize`` splits the prompt there into
+text runs and media chunks. The scheduler keeps one flat token list per sequence, so a
+media chunk of ``n`` KV cells stands in it as ``n`` copies of a *placeholder*: a
+negative id derived from the media's SHA-256 (mtmd's bitmap id). That gives media
+everything token lists already have, unchanged:
+
+* usage and the KV reservation count the media's cells (``len(prompt)``);
+* prefix reuse compares lists, so the same image after the same text matches the cached
+  cells and a different image (another hash) stops the match where it starts, as
+  llama-server keys its cache by the image hash;
+* choices copy the leader's cells, media included.
+
+Placeholders never reach a ``Batch``: :meth:`MediaPrompt.text_run` cuts each prompt
+chunk before the next media span, and :func:`step` (the scheduler's hook, once per step
+in its thread) encodes and decodes one media chunk with the GIL released, so a stream
+that is decoding waits at most one media chunk per step. M-RoPE projectors (positions
+that advance less than the cells) are refused at load: the scheduler's positions are
+list indices.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from inferd.errors import InvalidRequest, ModelLoadError
+from inferd.media_limits import (
+    MediaLimits,
+    check_audio,
+    check_audio_seconds,
+    check_image,
+)
+from inferd.types import AudioBlock, ImageBlock, Message, Request, TextBlock
+
+log = logging.getLogger("inferd.llamacpp.media")
+
+#: Placeholder ids are below this (never a vocabulary id): ``-(1 + 60 bits of the hash)``.
+_PLACEHOLDER_BITS = 60
+
+
+def placeholder(media_id: str | None, k: int) -> int:
+    """The negative id standing for every cell of one media chunk (``k``: its index,
+    used only when mtmd gave no hash)."""
+    if media_id:
+        try:
+            return -1 - int(media_id[: _PLACEHOLDER_BITS // 4], 16)
+        except ValueError:
+            pass
+    return -(1 << _PLACEHOLDER_BITS) - 1 - k
+
+
+class MediaTokens(list):  # type: ignore[type-arg]
+    """Prompt tokens (placeholders for media cells) that carry their :class:`MediaPrompt`
+    to the scheduler through code that only passes token lists along."""
+
+    def __init__(self, tokens: list[int], media: MediaPrompt) -> None:
+        super().__init__(tokens)
+        self.media = media
+
+
+def resolve_mmproj(value: str) -> Path:
+    """A projector file: a path as it is, or the projector a store entry keeps beside its
+    model (``inferd pull`` of a Hugging Face repo with an mmproj)."""
+    p = Path(value).expanduser()
+    if p.exists():
+        return p
+    from inferd import models
+    from inferd.catalog import Entry
+
+    record = models._read_index(models.store_dir()).get(value)
+    if record is not None:
+        found = Entry(value, record, models.store_dir()).mmproj_path
+        if found is not None and found.exists():
+            return found
+        raise ModelLoadError(f"model {value!r} in the store has no projector (mmproj)")
+    raise ModelLoadError(f"projector {value!r} is neither a file nor a model in the store")
+
+
+def open_projector(L: Any, model: Any, opts: Any) -> Any:
+    """The projector of ``opts.mmproj`` over ``model``: on the GPU when the model's layers
+    are, with the model's threads (``LlamaCppOptions``)."""
+    use_gpu = opts.n_gpu_layers != 0 and bool(L.supports_gpu_offload())
+    threads = opts.n_threads or max(1, len(os.sched_getaffinity(0)))
+    return load_projector(
+        L, model, str(resolve_mmproj(opts.mmproj)), use_gpu=use_gpu, n_threads=threads
+    )
+
+
+def load_projector(L: Any, model: Any, path: str, *, use_gpu: bool, n_threads: int) -> Any:
+    """The :class:`Mtmd` over ``model``; ``ModelLoadError`` when libmtmd refuses the file
+    (not a projector, or one whose width does not match the model) or it needs M-RoPE."""
+    from inferd.backends.llamacpp.loader import prepare
+
+    mf = prepare(path)
+    proj = L.Mtmd(model, str(mf.path), use_gpu=use_gpu, n_threads=n_threads)
+    if proj.mrope:
+        proj.close()
+        raise ModelLoadError(
+            f"the projector {path} uses M-RoPE positions (Qwen2-VL family), which this "
+            "backend does not schedule yet (docs/adr/0028-media-through-libmtmd.md)"
+        )
+    return proj
+
+
+@dataclasses.dataclass
+class MediaPrompt:
+    """One prompt's media: the chunks and where each sits in the flat token list."""
+
+    mtmd: Any
+    chunks: Any
+    #: start position -> (chunk index, cells)
+    spans: dict[int, tuple[int, int]]
+
+    def __post_init__(self) -> None:
+        self._starts = sorted(self.spans)
+
+    def text_run(self, prompt: Sequence[int], n_past: int, room: int) -> list[int]:
+        """The prompt's next text tokens from ``n_past`` (at most ``room``), stopping
+        before the next media span; empty when a media chunk comes first."""
+        end = min(n_past + room, len(prompt))
+        k = bisect.bisect_right(self._starts, n_past - 1)
+        if k < len(self._starts):
+            end = min(end, self._starts[k])
+        return list(prompt[n_past:end])
+
+    def span_at(self, n_past: int) -> tuple[int, int, int] | None:
+        """``(start, chunk index, cells)`` of the span holding position ``n_past``."""
+        k = bisect.bisect_right(self._starts, n_past) - 1
+        if k < 0:
+            return None
+        start = self._starts[k]
+        idx, n = self.spans[start]
+        return (start, idx, n) if n_past < start + n else None
+
+
+def split_media(request: Request, marker: str) -> tuple[Request, list[tuple[str, bytes, str]]]:
+    """``request`` with every media block replaced by ``marker`` text, and the media in
+    prompt order as ``(kind, bytes, name)``. Media is allowed in user turns only; text
+    that already holds the marker is refused (it would be taken for a media position)."""
+    atts = {a.id: a for a in request.attachments}
+    media: list[tuple[str, bytes, str]] = []
+    messages: list[Message] = []
+    for i, m in enumerate(request.messages):
+        blocks: list[Any] = []
+        for b in m.content:
+            if isinstance(b, TextBlock) and marker in b.text:
+                raise InvalidRequest(
+                    f"messages[{i}] contains the text {marker!r}, libmtmd's media marker; "
+                    "remove it from requests that carry images or audio"
+                )
+            if not isinstance(b, (ImageBlock, AudioBlock)):
+                blocks.append(b)
+                continue
+            kind = "image" if isinstance(b, ImageBlock) else "audio"
+            name = f"messages[{i}] {kind} {len(media) + 1}"
+            if m.role != "user":
+                raise InvalidRequest(f"{name}: images and audio go in user messages only")
+            media.append((kind, _block_bytes(b, atts, name), name))
+            blocks.append(TextBlock(marker))
+        messages.append(dataclasses.replace(m, content=tuple(blocks)))
+    return dataclasses.replace(request, messages=tuple(messages), attachments=()), media
+
+
+def _block_bytes(b: ImageBlock | AudioBlock, atts: dict[str, Any], name: str) -> bytes:
+    if isinstance(b, ImageBlock) and b.url is not None:
+        raise InvalidRequest(
+            f"{name} is a URL; this backend takes image bytes (data: URIs or attachments). "
+            "The HTTP bridge can fetch URLs when started with allow_image_urls"
+        )
+    if b.data is not None:
+        return b.data
+    att = atts.get(b.attachment or "")
+    if att is None:
+        raise InvalidRequest(f"{name} names an attachment this request does not carry")
+    return bytes(att.data)
+
+
+def has_media(request: Request) -> bool:
+    return any(isinstance(b, (ImageBlock, AudioBlock)) for m in request.messages for b in m.content)
+
+
+def tokenize(
+    mtmd: Any,
+    model: Any,
+    prompt: str,
+    media: list[tuple[str, bytes, str]],
+    limits: MediaLimits,
+) -> tuple[list[int], MediaPrompt]:
+    """Decode the media (limits first), split ``prompt`` at its markers, and return the
+    flat token list (placeholders for media cells) and the :class:`MediaPrompt`."""
+    bitmaps = [_bitmap(mtmd, kind, data, name, limits) for kind, data, name in media]
+    try:
+        chunks = mtmd.tokenize(prompt, bitmaps, add_special=False, parse_special=True)
+    except ValueError as e:
+        raise InvalidRequest(f"the prompt's media could not be placed: {e}") from None
+    tokens: list[int] = []
+    spans: dict[int, tuple[int, int]] = {}
+    for k in range(len(chunks)):
+        if chunks.kind(k) == "text":
+            tokens.extend(chunks.tokens(k))
+            continue
+        n = chunks.n_tokens(k)
+        spans[len(tokens)] = (k, n)
+        tokens.extend([placeholder(chunks.id(k), k)] * n)
+    if model.add_bos and model.bos >= 0 and (not tokens or tokens[0] != model.bos):
+        tokens.insert(0, model.bos)
+        spans = {p + 1: v for p, v in spans.items()}
+    if not tokens or tokens[-1] < 0:
+        raise InvalidRequest("the prompt must end with text after its last image or audio")
+    return tokens, MediaPrompt(mtmd, chunks, spans)
+
+
+def _bitmap(mtmd: Any, kind: str, data: bytes, name: str, limits: MediaLimits) -> Any:
+    if kind == "image":
+        if not mtmd.vision:
+            raise InvalidRequest(f"{name}: this model's projector takes no images")
+        check_image(data, name, limits)
+    else:
+        if not mtmd.audio:
+            raise InvalidRequest(f"{name}: this model's projector takes no audio")
+        check_audio(data, name, limits)
+    try:
+        bm = mtmd.bitmap(data)
+    except ValueError as e:
+        raise InvalidRequest(f"{name} could not be decoded: {e}") from None
+    if bm.is_audio != (kind == "audio"):
+        raise InvalidRequest(f"{name} was sent as {kind} but decodes as the other kind")
+    if bm.is_audio:
+        rate = mtmd.audio_sample_rate or 16000
+        check_audio_seconds(bm.n_bytes / 4 / rate, name, limits)
+    return bm
+
+
+def step(sched: Any) -> None:
+    """The scheduler's hook (its thread, context lock held): evaluate the media chunk
+    that one prefilling sequence has reached (the oldest admitted), at most one per step."""
+    for s in sched._active:
+        m: MediaPrompt | None = s.media
+        if m is None or s.cancelled or s.lead is not None or s.n_past >= len(s.prompt):
+            continue
+        span = m.span_at(s.n_past)
+        if span is None:
+            continue
+        start, idx, n = span
+        if start < s.n_past:  # a reused prefix ended inside the media: redo it whole
+            sched.ctx.seq_rm(s.seq, start, -1)
+            del s.kv[start:]
+            s.n_past = start
+            s.cached_tokens = min(s.cached_tokens, start)
+        try:
+            m.mtmd.eval_chunk(sched.ctx, m.chunks, idx, len(s.kv), s.seq, sched.step_tokens)
+        except Exception as e:  # the stream gets the error
+            sched._decode_failed(e, [s])
+            return
+        s.kv.extend(s.prompt[start : start + n])
+        s.n_past = start + n
+        sched.stats["media_chunks"] += 1
+        sched.stats["media_tokens"] += n
+        return
