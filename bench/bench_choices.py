@@ -151,6 +151,11 @@ async def _run(tokens: int, rounds: int) -> dict[str, dict[str, float]]:
                         t[kind] = await asyncio.to_thread(_theirs, server.base_url, kind, tokens)
                 for kind in ("logprobs", "n4"):
                     ratios[peer][kind].append(t[kind] / t["plain"])
+                print(
+                    f"round {r + 1} {peer}: plain {t['plain']:.2f} s, logprobs "
+                    f"{t['logprobs'] / t['plain']:.2f}x, n=4 {t['n4'] / t['plain']:.2f}x",
+                    flush=True,
+                )
     finally:
         server.stop()
         ours.close()
