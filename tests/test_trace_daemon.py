@@ -151,3 +151,35 @@ async def test_bad_trace_field_is_refused_by_name_and_the_connection_goes_on(
         finally:
             await daemon.drain()
             await daemon.close()
+
+
+async def test_bridge_in_front_of_a_daemon_keeps_the_http_callers_trace(spans) -> None:
+    """HTTP ``traceparent`` -> the bridge's span -> ``Client``'s frame -> the daemon's
+    span: both ``inferd.request`` spans are in the caller's trace, the daemon's a child
+    of the bridge's."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from inferd.serve.bridge import make_app
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with short_tmpdir() as d:
+        daemon = Daemon(Mock(["a", "b"]), d / "infer.sock")
+        await daemon.start()
+        try:
+            async with (
+                Client(d / "infer.sock") as client,
+                TestClient(TestServer(make_app(client), host="127.0.0.1")) as tc,
+            ):
+                r = await tc.post(
+                    "/v1/chat/completions", json=body, headers={"traceparent": TRACEPARENT}
+                )
+                assert r.status == 200, await r.text()
+        finally:
+            await daemon.drain()
+            await daemon.close()
+    reqs = [s for s in spans.get_finished_spans() if s.name == "inferd.request"]
+    assert len(reqs) == 2
+    assert {_hex(s.context.trace_id, 32) for s in reqs} == {TRACE_ID}
+    (bridge,) = [s for s in reqs if _hex(s.parent.span_id, 16) == "00f067aa0ba902b7"]
+    (inner,) = [s for s in reqs if s is not bridge]
+    assert inner.parent.span_id == bridge.context.span_id
