@@ -10,6 +10,7 @@ tests against llama.cpp's own tools are in tests/test_mtmd_differential.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -341,3 +342,153 @@ def test_mismatched_projector_is_a_load_error(smollm2_path: Path, synth_vision: 
         LlamaCpp(smollm2_path, mmproj=synth_vision.mmproj, n_ctx=512, n_threads=2, parallel=1)
     with pytest.raises(ModelLoadError, match="neither a file nor a model"):
         LlamaCpp(smollm2_path, mmproj="no-such-projector", n_ctx=512, n_threads=2, parallel=1)
+
+
+# ---------------------------------------------------------------- daemon, bridge, CLI
+
+
+async def test_the_daemon_wire_carries_media(synth_vision: Any) -> None:
+    """Inline bytes and an attachment cross the NDJSON wire and reach the projector: the
+    prompt counts the media cells as it does in-process."""
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.serve.client import Client
+    from inferd.serve.daemon import Daemon
+    from tests.serve_helpers import short_tmpdir
+
+    b = LlamaCpp(synth_vision.model, mmproj=synth_vision.mmproj, n_ctx=512, n_threads=2)
+    request = Request(
+        (Message.user((ImageBlock(data=png(16, 16)), ImageBlock(attachment="a"), TextBlock("?"))),),
+        max_tokens=2,
+        temperature=0,
+        ignore_eos=True,
+        attachments=(Attachment("a", "image", png(8, 8), "image/png"),),
+    )
+    direct = await done_of(b, request)
+    with short_tmpdir() as d:
+        daemon = Daemon(b, d / "infer.sock")  # closes b when it stops
+        await daemon.start()
+        client = Client(d / "infer.sock")
+        try:
+            remote = await done_of(client, request)
+        finally:
+            await client.aclose()
+            await daemon.close()
+    assert remote.usage.input_tokens == direct.usage.input_tokens
+    assert direct.usage.input_tokens > 2 * IMAGE_TOKENS
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_body(url: str) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "max_tokens": 2,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
+    }
+
+
+@pytest.fixture()
+async def image_host() -> Any:
+    """A plain HTTP server on 127.0.0.1 serving /a.png (a PNG) and /big.png (5 KB)."""
+    from aiohttp import web
+
+    app = web.Application()
+
+    async def small(_: web.Request) -> web.Response:
+        return web.Response(body=png(16, 16), content_type="image/png")
+
+    async def big(_: web.Request) -> web.Response:
+        return web.Response(body=png(8, 8) + bytes(5000), content_type="image/png")
+
+    app.router.add_get("/a.png", small)
+    app.router.add_get("/big.png", big)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def test_bridge_images(vision: Any, image_host: str) -> None:
+    """data: URIs work; remote URLs are refused by default (naming the option), fetched
+    from allowed hosts only, within the size limit."""
+    import aiohttp
+
+    from inferd.serve.image_urls import ImageUrlPolicy
+    from tests.serve_helpers import bridge_in_process
+
+    policy = ImageUrlPolicy(("127.0.0.1",), max_bytes=2000)
+    async with aiohttp.ClientSession() as http:
+        async with bridge_in_process(vision) as (url, _, _):
+            r = await http.post(f"{url}/v1/chat/completions", json=chat_body(data_uri(png(16, 16))))
+            assert r.status == 200, await r.text()
+            inline = (await r.json())["usage"]["prompt_tokens"]
+            r = await http.post(f"{url}/v1/chat/completions", json=chat_body(f"{image_host}/a.png"))
+            assert r.status == 400 and "allow_image_urls" in await r.text()
+        async with bridge_in_process(vision, image_urls=policy) as (url, _, _):
+            r = await http.post(f"{url}/v1/chat/completions", json=chat_body(f"{image_host}/a.png"))
+            assert r.status == 200, await r.text()
+            assert (await r.json())["usage"]["prompt_tokens"] == inline
+            other = image_host.replace("127.0.0.1", "localhost")
+            r = await http.post(f"{url}/v1/chat/completions", json=chat_body(f"{other}/a.png"))
+            assert r.status == 400 and "allow list" in await r.text()
+            r = await http.post(
+                f"{url}/v1/chat/completions", json=chat_body(f"{image_host}/big.png")
+            )
+            assert r.status == 400 and "larger than 2000 bytes" in await r.text()
+
+
+def test_bridge_flags_make_the_policy() -> None:
+    import argparse
+
+    from inferd.serve import bridge
+
+    parser = argparse.ArgumentParser()
+    bridge.add_arguments(parser)
+    assert bridge._image_url_policy(parser.parse_args([])) is None
+    args = parser.parse_args(
+        [
+            "--allow-image-url",
+            "Img.Example",
+            "--image-url-max-bytes",
+            "99",
+            "--image-url-timeout",
+            "2",
+        ]
+    )
+    p = bridge._image_url_policy(args)
+    assert p.hosts == ("img.example",) and p.max_bytes == 99 and p.timeout_s == 2
+
+
+def test_cli_run_with_an_image(synth_vision: Any, tmp_path: Path, capsys: Any) -> None:
+    require_llama_core()
+    from inferd.cli import main
+
+    img = tmp_path / "photo.png"
+    img.write_bytes(png(16, 16))
+    base = ["run", "--model", str(synth_vision.model), "--threads", "2", "--max-tokens", "3"]
+    rc = main([*base, "--mmproj", str(synth_vision.mmproj), "--image", str(img), "--json", "Hi"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    done = [e for e in events if e.get("type") == "done"]
+    assert done and done[-1]["usage"]["input_tokens"] > IMAGE_TOKENS
+    rc = main(
+        [*base, "--mmproj", str(synth_vision.mmproj), "--image", str(tmp_path / "no.png"), "Hi"]
+    )
+    assert rc != 0 and "--image" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
@@ -73,6 +74,27 @@ def _add_run(sub: Any) -> None:
         "(llamacpp; docs/adr/0019-rpc-backend.md)",
     )
     run.add_argument("--json", action="store_true", help="print one JSON event per line")
+    run.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image (PNG, JPEG, GIF, BMP) before the prompt; repeatable (needs a "
+        "projector: --mmproj, or a store model pulled with one; ADR 0028)",
+    )
+    run.add_argument(
+        "--audio",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an audio clip (WAV, MP3, FLAC) before the prompt; repeatable",
+    )
+    run.add_argument(
+        "--mmproj",
+        default=None,
+        metavar="FILE_OR_NAME",
+        help="the model's multimodal projector (llamacpp): a .gguf path or a store name",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +179,13 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
             opts["n_threads"] = args.threads
         if getattr(args, "rpc", None):
             opts["rpc_servers"] = args.rpc
+        mmproj = getattr(args, "mmproj", None)
+        if mmproj is None and (getattr(args, "image", None) or getattr(args, "audio", None)):
+            # a store name pulled with a projector keeps it in its entry (ADR 0028)
+            named = args.model or models.DEFAULT_MODEL
+            mmproj = None if os.path.exists(named) else named
+        if mmproj:
+            opts["mmproj"] = mmproj
     return BackendSpec(args.backend, opts)
 
 
@@ -204,6 +233,28 @@ async def _stream(backend: Backend, request: Request, as_json: bool, out: TextIO
     return done
 
 
+def _media_blocks(args: argparse.Namespace) -> list[Any]:
+    """``--image`` / ``--audio`` files as blocks (read here: a missing file is named)."""
+    from inferd.errors import InvalidRequest
+    from inferd.types import AudioBlock, ImageBlock
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise InvalidRequest(f"{flag} {path}: {e.strerror or e}") from None
+
+    blocks: list[Any] = []
+    for path in getattr(args, "image", None) or ():
+        suffix = Path(path).suffix.lower().lstrip(".") or "png"
+        mime = "image/jpeg" if suffix in ("jpg", "jpeg") else f"image/{suffix}"
+        blocks.append(ImageBlock(data=read("--image", path), media_type=mime))
+    for path in getattr(args, "audio", None) or ():
+        fmt = Path(path).suffix.lower().lstrip(".") or "wav"
+        blocks.append(AudioBlock(data=read("--audio", path), format=fmt))
+    return blocks
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     request = Request.chat(
         args.prompt,
@@ -212,6 +263,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
+    media = _media_blocks(args)
+    if media:
+        from dataclasses import replace
+
+        from inferd.types import Message, TextBlock
+
+        *head, _ = request.messages
+        user = Message.user((*media, TextBlock(args.prompt)))
+        request = replace(request, messages=(*head, user))
     backend = make_backend(args)
     done = asyncio.run(_stream(backend, request, args.json, sys.stdout))
     if done is not None and not args.json:

@@ -362,6 +362,13 @@ def log_unexpected(exc: BaseException) -> None:
         log.error("stream failed with %s", type(exc).__name__, exc_info=exc)
 
 
+async def _fetch_images(request: web.Request, req: Request) -> Request:
+    """Remote image URLs fetched when the bridge allows their hosts (ADR 0028)."""
+    from inferd.serve import image_urls
+
+    return await image_urls.resolve(req, request.app[SETTINGS_KEY].get("image_urls"))
+
+
 async def complete_reply(
     request: web.Request,
     req: Request,
@@ -371,6 +378,10 @@ async def complete_reply(
     """A non-streaming reply for any API (chat completions, Messages, Responses; ADR
     0014): ``render`` maps the collected response to the API's JSON, ``error`` maps a
     failure. A client that leaves cancels the generation (the handler is cancelled)."""
+    try:
+        req = await _fetch_images(request, req)
+    except InferdError as e:
+        return error(e)
     stream = request.app[BACKEND_KEY].generate(req)
     try:
         out = render(Response.collect([ev async for ev in stream]))
@@ -394,6 +405,10 @@ async def stream_reply(
     """A streamed reply for any API (ADR 0014). Errors before the first event keep their
     HTTP status (``error``); after it they are ``error_event``'s SSE bytes. A client
     leaving stops the generation."""
+    try:
+        req = await _fetch_images(request, req)
+    except InferdError as e:
+        return error(e)
     stream = request.app[BACKEND_KEY].generate(req)
     resp: web.StreamResponse | None = None
     try:
@@ -534,11 +549,14 @@ def make_app(
     model_name: str = DEFAULT_MODEL_NAME,
     max_body_bytes: int = MAX_BODY_BYTES,
     cors_origins: Sequence[str] = (),
+    image_urls: Any = None,
 ) -> web.Application:
     """The bridge as an aiohttp application over ``backend`` (a ``Client`` or any Backend).
 
     ``/metrics``, ``traceparent`` and ``cors_origins`` (CORS, off when empty):
-    docs/adr/0016-metrics-traces-cors.md.
+    docs/adr/0016-metrics-traces-cors.md. ``image_urls``: an
+    :class:`inferd.serve.image_urls.ImageUrlPolicy` naming the hosts whose image URLs the
+    bridge fetches (None: none; docs/adr/0028-media-through-libmtmd.md).
     """
     from inferd.serve import cors, observed
 
@@ -550,6 +568,7 @@ def make_app(
         "api_key": api_key.encode() if api_key else None,
         "model_name": model_name,
         "created": int(time.time()),
+        "image_urls": image_urls,
     }
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
@@ -620,6 +639,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let pages from ORIGIN (e.g. http://localhost:3000) call the bridge; "
         "repeatable; off by default (ADR 0016)",
     )
+    parser.add_argument(
+        "--allow-image-url",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="fetch image_url http(s) URLs whose host is HOST (repeatable); off by default: "
+        "local models then take data: URIs only (ADR 0028)",
+    )
+    parser.add_argument(
+        "--image-url-max-bytes",
+        type=int,
+        default=None,
+        help="largest image fetched from an allowed host (default 20 MiB)",
+    )
+    parser.add_argument(
+        "--image-url-timeout",
+        type=float,
+        default=None,
+        help="seconds one image fetch may take (default 10)",
+    )
     from inferd.serve.config import add_router_arguments
 
     add_router_arguments(parser)  # with --config (ADR 0020)
@@ -647,6 +686,24 @@ def _backend_from_args(args: argparse.Namespace) -> Backend:
     return Client(args.socket, max_connections=args.daemon_connections)
 
 
+def _image_url_policy(args: argparse.Namespace) -> Any:
+    """The ``--allow-image-url`` policy, or None when no host is listed."""
+    hosts = getattr(args, "allow_image_url", None) or ()
+    if not hosts:
+        return None
+    from inferd.serve.image_urls import ImageUrlPolicy
+
+    bounds = {
+        k: v
+        for k, v in (
+            ("max_bytes", getattr(args, "image_url_max_bytes", None)),
+            ("timeout_s", getattr(args, "image_url_timeout", None)),
+        )
+        if v is not None
+    }
+    return ImageUrlPolicy(tuple(hosts), **bounds)
+
+
 async def bridge_main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT. Prints the URL (one line, stdout) once listening."""
     api_key = None
@@ -666,6 +723,7 @@ async def bridge_main(args: argparse.Namespace) -> int:
         api_key=api_key,
         model_name=args.model_name,
         cors_origins=getattr(args, "cors_origin", None) or (),
+        image_urls=_image_url_policy(args),
     )
     runner = BridgeRunner(app)
     await runner.setup()
