@@ -279,6 +279,24 @@ async def test_token_count_limit_on_both_sides(monkeypatch):
             await client.detokenize([1, 2, 3, 4])
 
 
+async def test_tokenize_text_size_limit(monkeypatch):
+    monkeypatch.setattr(token_wire, "MAX_TOKENIZE_BYTES", 8)
+    async with daemon_client(Mock(["ok"])) as (client, sock):
+        conn = await RawConn.open(sock)
+        try:
+            for i, content in enumerate(["123456789", ["1234", 7, "é" * 3], "é" * 5]):
+                await conn.send({"type": "tokenize", "id": i, "content": content})
+                reply = await conn.recv()
+                assert reply["type"] == "error" and "MAX_TOKENIZE_BYTES" in reply["message"]
+            # at the limit it passes the wire (this daemon's backend has no tokenizer)
+            await conn.send({"type": "tokenize", "id": 9, "content": "é" * 4})
+            assert "no tokenizer" in (await conn.recv())["message"]
+        finally:
+            await conn.close()
+        with pytest.raises(InvalidRequest, match="MAX_TOKENIZE_BYTES"):  # refused before sending
+            await client.tokenize("x" * 9)
+
+
 def test_malformed_answers_from_a_daemon_are_internal_errors():
     with pytest.raises(InternalError, match="tokens"):
         token_wire.tokens_of({"tokens": [1, "x"]})

@@ -20,14 +20,15 @@ Client frames (``id`` and ``type`` are framing, :mod:`inferd.serve.wire`):
   "model", "usage"}``.
 
 Hostile input (docs/adr/0010-hostile-input-limits.md): token lists and mixed content
-lists hold at most :data:`MAX_WIRE_TOKENS` items, token ids are integers in
+lists hold at most :data:`MAX_WIRE_TOKENS` items, text to tokenize at most
+:data:`MAX_TOKENIZE_BYTES`, token ids are integers in
 ``[0, MAX_TOKEN_ID]`` (the backend then checks its vocabulary), flags are booleans,
 documents are bounded by ``MAX_RERANK_DOCUMENTS``, unknown keys are refused by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,10 @@ from inferd.types import Request, RerankRequest, RerankResult, Usage
 MAX_WIRE_TOKENS = 1_000_000
 #: Largest token id a frame may carry (int32, what libllama's ``llama_token`` holds).
 MAX_TOKEN_ID = 2**31 - 1
+#: Most UTF-8 bytes of text one ``tokenize`` request may carry. A token is at least one
+#: byte, so this bounds the reply (~4M ids, ~30 MB) and its list, which a 64 MiB frame
+#: of text would otherwise turn into a list of tens of millions of ints.
+MAX_TOKENIZE_BYTES = 4 * 1024 * 1024
 
 #: The answer frame type of each request frame type.
 REPLY_TYPES: dict[str, str] = {
@@ -104,6 +109,7 @@ def token_ids(value: Any, name: str = "tokens") -> tuple[int, ...]:
 def content_of(value: Any) -> str | tuple[str | int, ...]:
     """``tokenize``'s content: a string, or a bounded list of strings and token ids."""
     if isinstance(value, str):
+        _check_text_bytes((value,))
         return value
     if not isinstance(value, list | tuple) or len(value) > MAX_WIRE_TOKENS:
         raise InvalidRequest(
@@ -114,7 +120,17 @@ def content_of(value: Any) -> str | tuple[str | int, ...]:
         raise InvalidRequest(
             f"content must hold only strings and integer token ids from 0 to {MAX_TOKEN_ID}"
         )
+    _check_text_bytes(x for x in value if isinstance(x, str))
     return tuple(value)
+
+
+def _check_text_bytes(texts: Iterable[str]) -> None:
+    n = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if n > MAX_TOKENIZE_BYTES:
+        raise InvalidRequest(
+            f"content has {n} bytes of text; at most {MAX_TOKENIZE_BYTES} "
+            "(MAX_TOKENIZE_BYTES) per tokenize request"
+        )
 
 
 def call_from_body(kind: str, body: Mapping[str, Any]) -> Call:
