@@ -201,9 +201,7 @@ SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></
 
 def hostile_files() -> dict[str, tuple[str, str, bytes]]:
     """name -> (kind, media type or format, bytes)."""
-    jpeg = IMAGE.read_bytes()
     return {
-        "truncated_jpeg": ("image", "image/jpeg", jpeg[: len(jpeg) // 3]),
         "png_100k_by_100k": ("image", "image/png", png_header_only(100_000, 100_000)),
         "zero_bytes": ("image", "image/png", b""),
         "random_bytes": ("image", "image/png", os.urandom(4096)),
@@ -225,7 +223,6 @@ def _cases(folder: Path, files: dict[str, tuple[str, str, bytes]]) -> list[dict[
 
 #: What each refusal's message must mention (lower-cased), so that it says what was wrong.
 MUST_MENTION = {
-    "truncated_jpeg": ("image",),
     "png_100k_by_100k": ("max_image_pixels",),
     "zero_bytes": ("image", "empty"),
     "random_bytes": ("image",),
@@ -250,6 +247,24 @@ def test_hostile_media_are_clear_refusals_in_bounded_memory(synth_vision, tmp_pa
         msg = got["message"].lower()
         assert any(word in msg for word in MUST_MENTION[name]), (name, got)
     assert report["rss_mb"] < MAX_CHILD_RSS_MB, report
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="stb_image decodes a truncated JPEG without complaint (its header is intact) and "
+    "inferd.media_limits does not yet check the file's end (EOI marker): issue 16 asks "
+    "for an InvalidRequest",
+)
+def test_truncated_jpeg_is_refused(synth_vision, tmp_path):
+    jpeg = IMAGE.read_bytes()
+    files = {"truncated_jpeg": ("image", "image/jpeg", jpeg[: len(jpeg) // 3])}
+    report = run_child(
+        synth_vision.model, _cases(tmp_path, files), kwargs={"mmproj": synth_vision.mmproj}
+    )
+    (got,) = report["results"]
+    assert got.get("error") == "InvalidRequest", got
+    assert "image" in got["message"].lower(), got
 
 
 @pytest.mark.slow
