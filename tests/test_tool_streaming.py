@@ -27,7 +27,12 @@ from inferd.backends.mock import Mock
 from inferd.backends.openai_compat import OpenAICompat
 from inferd.call_stop import stop_after_calls
 from inferd.chat import get_parser, merge_events
-from inferd.chat.partial_json import MAX_STREAMED_CALL_CHARS, call_arguments, stable_prefix
+from inferd.chat.partial_json import (
+    MAX_STREAMED_CALL_CHARS,
+    ArgumentStream,
+    call_arguments,
+    stable_prefix,
+)
 from inferd.chat.plan import plan_chat
 from inferd.openai_wire import ChunkWriter, request_from_openai, request_to_openai
 from inferd.serve.wire import event_frame, event_from_frame
@@ -119,6 +124,18 @@ def test_stable_prefix_only_grows_and_ends_canonical(value, spaced, ascii_) -> N
         assert out.startswith(seen) and canonical.startswith(out), (text[:i], out)
         seen = out
     assert done and seen == canonical
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=st.dictionaries(st.text(max_size=6), json_values, max_size=4), data=st.data())
+def test_the_resumable_reader_equals_reading_each_prefix_whole(value, data) -> None:
+    text = "xx" + json.dumps(value, indent=1)  # the value starts at offset 2
+    cuts = sorted(data.draw(st.lists(st.integers(2, len(text)), max_size=8)))
+    reader, written = ArgumentStream(2), ""
+    for cut in [*cuts, len(text)]:
+        written += reader.advance(text[:cut])
+        assert written == stable_prefix(text[2:cut])[0]
+    assert reader.done and written == json.dumps(value, ensure_ascii=False)
 
 
 def test_stable_prefix_holds_what_may_still_change() -> None:

@@ -33,7 +33,12 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from inferd.chat.partial_json import MAX_STREAMED_CALL_CHARS, call_arguments, stable_prefix
+from inferd.chat.partial_json import (
+    MAX_STREAMED_CALL_CHARS,
+    ArgumentStream,
+    call_arguments,
+    stable_prefix,
+)
 from inferd.errors import InternalError, InvalidRequest
 from inferd.types import Event, Text, Thinking, ToolUse, ToolUseDelta
 
@@ -231,7 +236,8 @@ class SentinelParser:
         self.ended_in_call = False
         self._calls = 0  # complete calls so far: the call_index of the next one
         self._reserved_id: str | None = None
-        self._streamed: ToolUseDelta | None = None  # the call streaming now, all sent
+        self._streamed: ToolUseDelta | None = None  # the call streaming now (no text)
+        self._reader: ArgumentStream | None = None  # its arguments, read so far
         #: Why each malformed call fell back to Text (for logs and tests).
         self.malformed: list[str] = []
         self._buf = ""
@@ -269,9 +275,11 @@ class SentinelParser:
 
     def partial_call(self, opener: str, body: str) -> tuple[str | None, str | None]:
         """``(name, arguments text so far)`` of the call being written, for streaming;
-        ``None`` for what is not known yet. The default reads the common
-        ``{"name": ..., "arguments": {...}}`` shape; other families may override it
-        (or keep the default: their arguments then stream in one piece at the end)."""
+        ``None`` for what is not known yet. The arguments text runs to the end of
+        ``body`` (the engine then reads only what each token adds). The default reads
+        the common ``{"name": ..., "arguments": {...}}`` shape; other families may
+        override it (or keep the default: their arguments then stream in one piece at
+        the end)."""
         return call_arguments(body)
 
     # -- the engine -------------------------------------------------------------
@@ -438,26 +446,25 @@ class SentinelParser:
         return self._id_factory()
 
     def _stream_partial(self, out: list[Event]) -> None:
-        """The call being written has grown: send what of its arguments is final."""
+        """The call being written has grown: send what of its arguments is final.
+
+        The arguments are read incrementally (:class:`ArgumentStream`): each token costs
+        what it adds, whatever the call's length so far."""
         body = self._buf
         if len(body) > MAX_STREAMED_CALL_CHARS:
             return
-        name, args = self.partial_call(self._call_opener, body)
-        if name is None or args is None:
-            return
-        prefix, _ = stable_prefix(args)
-        sent = self._streamed
-        if sent is None:
+        sent, reader = self._streamed, self._reader
+        if sent is None or reader is None:
+            name, args = self.partial_call(self._call_opener, body)
+            if name is None or args is None:
+                return
             self._reserved_id = self._id_factory()
-            sent = ToolUseDelta(self._calls, self._reserved_id, name, "")
-            out.append(ToolUseDelta(self._calls, sent.id, name, prefix))
-        elif sent.name != name or not prefix.startswith(sent.arguments_fragment):
-            return  # not the call the deltas began (a parser's re-read): the end decides
-        elif len(prefix) > len(sent.arguments_fragment):
-            out.append(
-                ToolUseDelta(self._calls, sent.id, name, prefix[len(sent.arguments_fragment) :])
-            )
-        self._streamed = ToolUseDelta(self._calls, sent.id, name, prefix)
+            reader = self._reader = ArgumentStream(len(body) - len(args))
+            sent = self._streamed = ToolUseDelta(self._calls, self._reserved_id, name)
+            new = reader.advance(body)
+            out.append(ToolUseDelta(sent.call_index, sent.id, sent.name, new))  # announces it
+        elif new := reader.advance(body):
+            out.append(ToolUseDelta(sent.call_index, sent.id, sent.name, new))
 
     def _close_call(self, out: list[Event], body: str, *, closed: bool, closer: str) -> bool:
         """End a call through the family's :meth:`_end_call`; when streaming, put the
@@ -466,6 +473,10 @@ class SentinelParser:
         start = len(out)
         ok = self._end_call(out, body, closed=closed, closer=closer)
         streamed, self._streamed, self._reserved_id = self._streamed, None, None
+        if streamed is not None and self._reader is not None:  # with all it sent
+            sent_text = self._reader.text
+            streamed = ToolUseDelta(streamed.call_index, streamed.id, streamed.name, sent_text)
+        self._reader = None
         if not self.stream_arguments:
             self._calls += sum(isinstance(ev, ToolUse) for ev in out[start:])
             return ok

@@ -24,143 +24,183 @@ from __future__ import annotations
 import json
 import re
 
-#: A call body longer than this is not re-read on every token; its arguments arrive in
-#: one piece when the call completes (bounds the per-token work on a runaway call).
-MAX_STREAMED_CALL_CHARS = 16 * 1024
+#: A call body longer than this stops streaming; the rest of its arguments arrive in one
+#: piece when the call completes (the parser still re-reads the call's opening fields
+#: per token, so this bounds the per-token work on a runaway call).
+MAX_STREAMED_CALL_CHARS = 256 * 1024
 
 _WS = " \t\r\n"
 #: What ends a run of plain string characters: a quote, an escape or a control character.
 _STRING_STOP = re.compile(r'["\\\x00-\x1f]')
 _NUMBER = frozenset("+-0123456789.eE")
 _LITERALS = ("true", "false", "null")
+_DECODER = json.JSONDecoder()
 #: Keys whose value is a call's arguments, in the families' common call shape.
 ARGUMENT_KEYS = ("arguments", "parameters")
 
 
-class _End(Exception):
-    """The input ended inside a value: what was written so far is final."""
+# What the reader expects next.
+_VALUE, _FIRST_KEY, _KEY, _COLON, _NEXT, _FIRST_ITEM, _STRING, _DONE, _BAD = range(9)
 
 
-class _Bad(Exception):
-    """Not JSON: stop streaming here (the parser decides what the call was)."""
+class ArgumentStream:
+    """A resumable reader of one growing JSON value at ``start``: :meth:`advance` takes
+    the text so far (each call's text extends the last's) and returns the canonical
+    text that just became final (all of it: :attr:`text`). Work per call is proportional
+    to the new text, not to all of it (a number or literal cut by the end is re-read;
+    they are short)."""
 
+    __slots__ = ("_closers", "_key", "_safe", "i", "out", "state")
 
-class _Reader:
-    """One pass over ``text``, appending canonical output to ``out``."""
-
-    __slots__ = ("i", "out", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.i = 0
+    def __init__(self, start: int = 0) -> None:
+        self.i = start  # next unread character (the value starts here)
+        self.state = _VALUE
         self.out: list[str] = []
+        self._closers: list[str] = []  # "}" / "]" of the open containers
+        self._key = False  # the string being read is an object key
+        self._safe = 0  # in a string: where its not-yet-written characters start
 
-    def ws(self) -> None:
-        t, i = self.text, self.i
+    @property
+    def done(self) -> bool:
+        return self.state == _DONE
+
+    @property
+    def text(self) -> str:
+        """Everything written so far."""
+        return "".join(self.out)
+
+    def advance(self, text: str) -> str:
+        """The canonical text made final by what ``text`` adds (``""`` for nothing)."""
+        start = len(self.out)
+        while self.state < _DONE and self._step(text):
+            pass
+        return "".join(self.out[start:])
+
+    def _after_value(self) -> None:
+        self.state = _NEXT if self._closers else _DONE
+
+    def _step(self, t: str) -> bool:
+        """One token (or the rest of a string); False when more text is needed."""
+        if self.state == _STRING:
+            return self._string(t)
+        i = self.i
         while i < len(t) and t[i] in _WS:
             i += 1
         self.i = i
         if i >= len(t):
-            raise _End
-
-    def value(self) -> None:
-        self.ws()
-        c = self.text[self.i]
-        if c == "{":
-            self.container("}", member=True)
-        elif c == "[":
-            self.container("]", member=False)
-        elif c == '"':
-            self.string()
-        else:
-            self.scalar()
-
-    def container(self, close: str, *, member: bool) -> None:
-        self.i += 1
-        self.out.append(self.text[self.i - 1])
-        self.ws()
-        if self.text[self.i] == close:
-            self.i += 1
-            self.out.append(close)
-            return
-        while True:
-            if member:
-                self.ws()
-                if self.text[self.i] != '"':
-                    raise _Bad
-                self.string()
-                self.ws()
-                if self.text[self.i] != ":":
-                    raise _Bad
+            return False
+        c, state = t[i], self.state
+        if state == _COLON:
+            return self._punct(c == ":", ": ", _VALUE)
+        if state == _NEXT:
+            if c == ",":
+                return self._punct(True, ", ", _KEY if self._closers[-1] == "}" else _VALUE)
+            if c == self._closers[-1]:
+                self._closers.pop()
                 self.i += 1
-                self.out.append(": ")
-            self.value()
-            self.ws()
-            c = self.text[self.i]
+                self.out.append(c)
+                self._after_value()
+                return True
+            return self._punct(False, "", _BAD)
+        if state in (_FIRST_KEY, _FIRST_ITEM) and c == ("}" if state == _FIRST_KEY else "]"):
+            self._closers.pop()
             self.i += 1
-            if c == close:
-                self.out.append(close)
-                return
-            if c != ",":
-                raise _Bad
-            self.out.append(", ")
+            self.out.append(c)
+            self._after_value()
+            return True
+        if state in (_FIRST_KEY, _KEY):
+            return self._open_string(key=True) if c == '"' else self._punct(False, "", _BAD)
+        return self._value(t, c)
 
-    def string(self) -> None:
-        t = self.text
-        start = self.i + 1
-        j = start
-        while True:
-            m = _STRING_STOP.search(t, j)
-            if m is None:
-                self._string_part(t[start:], closed=False)
-                raise _End
-            j = m.start()
-            c = t[j]
-            if c == '"':
-                self._string_part(t[start:j], closed=True)
-                self.i = j + 1
-                return
-            if c < " ":
-                self._string_part(t[start:j], closed=False)
-                raise _Bad
-            n = _escape_len(t, j)
-            if n == 0:  # an escape not complete yet (or a half surrogate pair)
-                self._string_part(t[start:j], closed=False)
-                raise _End
-            j += n
+    def _punct(self, ok: bool, text: str, then: int) -> bool:
+        if not ok:
+            self.state = _BAD
+            return False
+        self.i += 1
+        self.out.append(text)
+        self.state = then
+        return True
 
-    def _string_part(self, raw: str, *, closed: bool) -> None:
-        try:
-            decoded = json.loads('"' + raw + '"')
-        except ValueError:
-            raise _Bad from None
-        text = json.dumps(decoded, ensure_ascii=False)
-        self.out.append(text if closed else text[:-1])
-
-    def scalar(self) -> None:
-        t, i = self.text, self.i
+    def _value(self, t: str, c: str) -> bool:
+        if c in "{[":
+            self._closers.append("}" if c == "{" else "]")
+            return self._punct(True, c, _FIRST_KEY if c == "{" else _FIRST_ITEM)
+        if c == '"':
+            return self._open_string(key=False)
+        i = self.i
         for lit in _LITERALS:
             if t.startswith(lit, i):
                 self.i = i + len(lit)
-                if self.i >= len(t):
-                    raise _End  # "true" could still be "truex" (then not JSON)
                 self.out.append(lit)
-                return
-            if lit.startswith(t[i:]):
-                raise _End
+                self._after_value()
+                return True
+            if lit.startswith(t[i : i + len(lit)]):
+                return False  # "tr": wait for the rest
         j = i
         while j < len(t) and t[j] in _NUMBER:
             j += 1
         if j == i:
-            raise _Bad
+            self.state = _BAD
+            return False
         if j >= len(t):
-            raise _End  # the number may still grow
+            return False  # the number may still grow
         try:
             value = json.loads(t[i:j])
         except ValueError:
-            raise _Bad from None
+            self.state = _BAD
+            return False
         self.i = j
         self.out.append(json.dumps(value))
+        self._after_value()
+        return True
+
+    def _open_string(self, *, key: bool) -> bool:
+        self.i += 1
+        self._safe = self.i
+        self._key = key
+        self.out.append('"')
+        self.state = _STRING
+        return True
+
+    def _string(self, t: str) -> bool:
+        j = self.i
+        while True:
+            m = _STRING_STOP.search(t, j)
+            if m is None:
+                return self._write(t, len(t), closed=False)
+            j = m.start()
+            c = t[j]
+            if c == '"':
+                return self._write(t, j, closed=True)
+            if c < " ":
+                self._write(t, j, closed=False)
+                self.state = _BAD
+                return False
+            n = _escape_len(t, j)
+            if n == 0:  # an escape not complete yet (or half a surrogate pair)
+                return self._write(t, j, closed=False)
+            j += n
+
+    def _write(self, t: str, end: int, *, closed: bool) -> bool:
+        """Write the string's characters up to ``end`` (and its quote when ``closed``)."""
+        raw = t[self._safe : end]
+        if raw:
+            try:
+                text = json.dumps(json.loads('"' + raw + '"'), ensure_ascii=False)[1:-1]
+            except ValueError:
+                self.state = _BAD
+                return False
+            self.out.append(text)
+        self._safe = self.i = end
+        if not closed:
+            return False
+        self.out.append('"')
+        self.i = end + 1
+        if self._key:
+            self.state = _COLON
+        else:
+            self._after_value()
+        return True
 
 
 def _escape_len(t: str, j: int) -> int:
@@ -192,12 +232,8 @@ def _escape_len(t: str, j: int) -> int:
 def stable_prefix(text: str) -> tuple[str, bool]:
     """``(canonical text that can no longer change, whether the value is complete)``
     for the JSON value at the start of ``text`` (leading whitespace skipped)."""
-    r = _Reader(text)
-    try:
-        r.value()
-    except (_End, _Bad, IndexError):
-        return "".join(r.out), False
-    return "".join(r.out), True
+    r = ArgumentStream()
+    return r.advance(text), r.done
 
 
 def canonical(text: str) -> str | None:
@@ -235,10 +271,9 @@ def call_arguments(body: str) -> tuple[str | None, str | None]:
         elif key in ARGUMENT_KEYS and t.startswith("{", start):
             return name, t[start:]
         else:
-            r = _Reader(t[start:])
-            try:
-                r.value()
-            except (_End, _Bad, IndexError):
+            r = ArgumentStream()
+            r.advance(t[start:])
+            if not r.done:
                 return name, None
             i = start + r.i
         i = _skip_ws(t, i)
@@ -258,7 +293,7 @@ def _read_string(t: str, i: int) -> tuple[str | None, int]:
     if not t.startswith('"', i):
         return None, i
     try:
-        value, end = json.JSONDecoder().raw_decode(t, i)
+        value, end = _DECODER.raw_decode(t, i)
     except ValueError:
         return None, i
     return (value, end) if isinstance(value, str) else (None, i)
