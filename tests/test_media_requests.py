@@ -23,6 +23,7 @@ from inferd.media_limits import (
     MAX_IMAGE_PIXELS,
     MediaLimits,
     audio_format,
+    audio_seconds,
     check_audio,
     check_audio_seconds,
     check_image,
@@ -114,6 +115,26 @@ def test_audio_checks() -> None:
         check_audio(b"", "clip")
     with pytest.raises(InvalidRequest, match="max_audio_seconds is 5"):
         check_audio_seconds(6.0, "clip", MediaLimits(max_audio_seconds=5))
+
+
+#: One MPEG-2.5 layer III frame (8 kHz, 8 kbit/s, 72 bytes, 72 ms of sound).
+MP3_FRAME = bytes([0xFF, 0xE3, 0x18, 0xC4]) + bytes(68)
+
+
+def test_audio_length_is_read_before_decoding() -> None:
+    """Two hours promised by a header are refused without decoding a sample: WAV's data
+    size, FLAC's STREAMINFO, and MP3's frames walked (7.2 MB, under max_media_bytes)."""
+    assert audio_seconds(wav(1.5)) == pytest.approx(1.5)
+    assert audio_seconds(MP3.read_bytes()) == pytest.approx(17.44, rel=0.02)  # decoded: 17.44
+    two_hours = MP3_FRAME * 100_000
+    assert audio_seconds(two_hours) == pytest.approx(7200)
+    streaminfo = (8000 << 44 | 8000 * 7200).to_bytes(8, "big")
+    flac = b"fLaC" + b"\x00" * 14 + streaminfo + b"\x00" * 16
+    assert audio_seconds(flac) == pytest.approx(7200)
+    wav_header = wav(0.01)[:40] + struct.pack("<I", 2 * 3600 * 32000)
+    for data in (two_hours, flac, wav_header):
+        with pytest.raises(InvalidRequest, match=r"7200\.0 s of audio; max_audio_seconds is 600"):
+            check_audio(data, "clip")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ Why our own header reads (docs/adr/0028-media-through-libmtmd.md): stb_image all
 PNG claiming 100000 x 100000 pixels costs 30 GB. We read the dimensions ourselves
 (PNG, JPEG, GIF, BMP) and refuse what is over :data:`MAX_IMAGE_PIXELS`, and refuse what
 is not one of those formats (SVG, random bytes, a zero-byte file) with a message naming
-the problem, before mtmd sees the bytes. Audio is bounded by its bytes before decoding
+the problem, before mtmd sees the bytes. Audio is bounded by its bytes, by the length
+its headers promise (WAV and FLAC headers, MP3 frame headers walked) before decoding,
 and by its decoded length after (:data:`MAX_AUDIO_SECONDS`).
 """
 
@@ -121,6 +122,71 @@ def audio_format(data: bytes) -> str | None:
     return None
 
 
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_MP3_KBPS = {
+    3: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+
+
+def _wav_seconds(b: bytes) -> float | None:
+    """Walk the RIFF chunks to ``fmt `` (byte rate) and ``data`` (size)."""
+    i, rate = 12, 0
+    while i + 8 <= len(b):
+        kind, size = b[i : i + 4], struct.unpack("<I", b[i + 4 : i + 8])[0]
+        if kind == b"fmt " and i + 20 <= len(b):
+            rate = struct.unpack("<I", b[i + 16 : i + 20])[0]
+        elif kind == b"data":
+            return size / rate if rate else None
+        i += 8 + size + (size & 1)
+    return None
+
+
+def _flac_seconds(b: bytes) -> float | None:
+    """STREAMINFO (the first metadata block): sample rate and total samples."""
+    if len(b) < 26:
+        return None
+    v = int.from_bytes(b[18:26], "big")
+    rate, total = v >> 44, v & ((1 << 36) - 1)
+    return total / rate if rate and total else None
+
+
+def _mp3_seconds(b: bytes) -> float | None:
+    """Walk the MPEG layer III frame headers (after an ID3v2 tag); past anything that
+    is not a frame, the rest of the file is counted at the frames' average size."""
+    i = 0
+    if b[:3] == b"ID3" and len(b) >= 10:
+        i = 10 + ((b[6] & 0x7F) << 21 | (b[7] & 0x7F) << 14 | (b[8] & 0x7F) << 7 | b[9] & 0x7F)
+    start, seconds, frames = i, 0.0, 0
+    while i + 4 <= len(b) and b[i] == 0xFF and b[i + 1] & 0xE0 == 0xE0:
+        ver, layer = (b[i + 1] >> 3) & 3, (b[i + 1] >> 1) & 3
+        kbps_i, rate_i, pad = b[i + 2] >> 4, (b[i + 2] >> 2) & 3, (b[i + 2] >> 1) & 1
+        if layer != 1 or ver == 1 or rate_i == 3 or kbps_i in (0, 15):
+            break
+        rate = _MP3_RATES[ver][rate_i]
+        kbps = _MP3_KBPS[3 if ver == 3 else 2][kbps_i]
+        size = (144 if ver == 3 else 72) * kbps * 1000 // rate + pad
+        seconds += (1152 if ver == 3 else 576) / rate
+        frames += 1
+        i += size
+    if not frames:
+        return None
+    rest = max(0, len(b) - i)
+    return seconds + seconds * rest / max(1, i - start)
+
+
+def audio_seconds(data: bytes) -> float | None:
+    """Seconds of sound the header(s) promise, before decoding; None when unknown."""
+    fmt = audio_format(data)
+    if fmt == "wav":
+        return _wav_seconds(data)
+    if fmt == "flac":
+        return _flac_seconds(data)
+    if fmt == "mp3":
+        return _mp3_seconds(data)
+    return None
+
+
 def _check_bytes(data: bytes, what: str, limits: MediaLimits) -> None:
     if not data:
         raise InvalidRequest(f"{what} is empty (0 bytes)")
@@ -153,12 +219,16 @@ def check_image(data: bytes, what: str, limits: MediaLimits = MediaLimits()) -> 
 
 
 def check_audio(data: bytes, what: str, limits: MediaLimits = MediaLimits()) -> None:
-    """``InvalidRequest`` unless ``data`` looks like WAV/MP3/FLAC within max_media_bytes."""
+    """``InvalidRequest`` unless ``data`` looks like WAV/MP3/FLAC within max_media_bytes
+    and, as far as its headers tell, max_audio_seconds."""
     _check_bytes(data, what, limits)
     if audio_format(data) is None:
         raise InvalidRequest(
             f"{what} is not audio this backend decodes (expected {', '.join(AUDIO_FORMATS)})"
         )
+    seconds = audio_seconds(data)
+    if seconds is not None:  # refused before decoding; checked again after
+        check_audio_seconds(seconds, what, limits)
 
 
 def check_audio_seconds(seconds: float, what: str, limits: MediaLimits = MediaLimits()) -> None:

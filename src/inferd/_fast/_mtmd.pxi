@@ -45,7 +45,6 @@ cdef extern from "mtmd.h" nogil:
     int mtmd_get_audio_sample_rate(const mtmd_context * ctx)
     cppbool mtmd_decode_use_mrope(const mtmd_context * ctx)
     const char * mtmd_get_marker(const mtmd_context * ctx)
-    void mtmd_log_set(ggml_log_callback log_callback, void * user_data)
 
     uint32_t mtmd_bitmap_get_nx(const mtmd_bitmap * bitmap)
     uint32_t mtmd_bitmap_get_ny(const mtmd_bitmap * bitmap)
@@ -80,6 +79,7 @@ cdef extern from "mtmd-helper.h" nogil:
         void * video_ctx
     ctypedef int32_t (*mtmd_helper_post_decode_callback)(const void * batch, void * user_data)
     mtmd_helper_init_opt mtmd_helper_init_opt_default()
+    void mtmd_helper_log_set(ggml_log_callback log_callback, void * user_data)
     mtmd_helper_bitmap_wrapper mtmd_helper_bitmap_init_from_buf(
         const mtmd_context * ctx, const unsigned char * buf, size_t length,
         cppbool placeholder, mtmd_helper_init_opt opt)
@@ -225,7 +225,7 @@ cdef class Mtmd:
         self.model = model
         self.path = os.fspath(path)
         if not _mtmd_log_ready:
-            mtmd_log_set(_log_cb, NULL)
+            mtmd_helper_log_set(_log_cb, NULL)  # mtmd's and its helpers' messages
             _mtmd_log_ready = True
         cdef bytes bpath = os.fsencode(self.path)
         cdef bytes bmarker = _utf8(media_marker) if media_marker is not None else b""

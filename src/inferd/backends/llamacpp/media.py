@@ -243,6 +243,11 @@ def step(sched: Any) -> None:
     """The scheduler's hook (its thread, context lock held): evaluate the media chunk
     that one prefilling sequence has reached (the oldest admitted), at most one per step."""
     for s in sched._active:
+        if s.media is not None and getattr(s, "speculative", False):
+            # drafts are proposed from the token list, whose media cells are placeholders
+            # (never tokens to feed): a media stream decodes without speculation
+            s.speculative = False
+    for s in sched._active:
         m: MediaPrompt | None = s.media
         if m is None or s.cancelled or s.lead is not None or s.n_past >= len(s.prompt):
             continue
