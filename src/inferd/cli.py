@@ -20,7 +20,13 @@ import orjson
 from inferd import __version__, about, catalog, hub, models
 from inferd.backend import Backend
 from inferd.errors import InferdError
-from inferd.serve.config import BackendSpec, ConfigError, build_backend
+from inferd.serve.config import (
+    BackendSpec,
+    ConfigError,
+    add_llamacpp_arguments,
+    build_backend,
+    llamacpp_overrides,
+)
 from inferd.types import Done, Request, Text, Thinking, ToolUse
 
 BACKENDS = ("llamacpp", "openai", "anthropic", "mock")
@@ -95,6 +101,7 @@ def _add_run(sub: Any) -> None:
         metavar="FILE_OR_NAME",
         help="the model's multimodal projector (llamacpp): a .gguf path or a store name",
     )
+    add_llamacpp_arguments(run)  # the context's knobs and LoRA (ADR 0026)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +193,7 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
             mmproj = None if os.path.exists(named) else named
         if mmproj:
             opts["mmproj"] = mmproj
+        opts.update(llamacpp_overrides(args))
     return BackendSpec(args.backend, opts)
 
 

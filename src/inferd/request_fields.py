@@ -50,6 +50,8 @@ REPLY_FIELDS: dict[str, Any] = {
     "top_logprobs": None,
     "parallel_tool_calls": True,
     "reasoning_effort": None,
+    # LoRA scales per request: llamacpp (docs/adr/0026-grammar-fast-path-and-context-knobs.md)
+    "lora": None,
 }
 
 #: Every reply-changing field: for backends that honour all of them (Mock, relays).

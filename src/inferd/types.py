@@ -108,6 +108,10 @@ MAX_DRY_BREAKERS = 64
 #: a divisor (> 0, 1 disables) and its windows count tokens (-1: the whole context).
 MAX_REPEAT_PENALTY = 100.0
 MAX_PENALTY_WINDOW = 1 << 20
+#: Most entries in a request's ``lora`` scale override; a scale must be finite, within
+#: +-MAX_LORA_SCALE (docs/adr/0026-grammar-fast-path-and-context-knobs.md).
+MAX_LORA_ENTRIES = 16
+MAX_LORA_SCALE = 100.0
 #: Longest ``affinity_key`` a request may carry (a Router hashes it; docs/adr/0020-*).
 MAX_AFFINITY_KEY_CHARS = 256
 #: ``reasoning_effort`` values (OpenAI's; docs/adr/0025-raw-completions-and-reasoning.md).
@@ -655,6 +659,9 @@ class Request:
     reasoning_effort: str | None = None
     #: routes a conversation to the same replica (inferd.router); never changes a reply.
     affinity_key: str | None = None
+    #: LoRA adapter (index or path) -> scale for this request, as llama-server's ``lora``
+    #: (docs/adr/0026-grammar-fast-path-and-context-knobs.md).
+    lora: Mapping[int | str, float] | None = None
     #: a raw completion: this text is the whole prompt, no chat template, ``messages``
     #: empty (:meth:`completion`; docs/adr/0025-raw-completions-and-reasoning.md).
     prompt: str | None = None
@@ -667,6 +674,7 @@ class Request:
             _freeze(
                 self,
                 "dry_sequence_breakers",
+        _freeze(self, "lora", _lora(self.lora))
                 _seq(self.dry_sequence_breakers, "dry_sequence_breakers", one=str),
             )
         _freeze(self, "keep_alive", parse_keep_alive(self.keep_alive))
@@ -927,6 +935,11 @@ class Request:
             if getattr(self, name) != default:
                 d[name] = getattr(self, name)
         if self.thinking:
+        if self.lora is not None:  # an int key (an index) travels as a list entry
+            d["lora"] = [
+                {"id" if isinstance(k, int) else "path": k, "scale": v}
+                for k, v in self.lora.items()
+            ]
             d["thinking"] = True
         if self.ignore_eos:
             d["ignore_eos"] = True
@@ -987,6 +1000,7 @@ class Request:
             **{name: d.get(name, default) for name, default in _SURFACE_DEFAULTS.items()},
             prompt=d.get("prompt"),
         )
+            lora=d.get("lora"),
 
 
 def _effort_thinking(thinking: Any, effort: Any) -> Any:
@@ -1059,6 +1073,42 @@ class _ReadOnlyBias(dict):  # type: ignore[type-arg]
     """A dict that refuses changes, so a frozen Request stays frozen."""
 
     __slots__ = ()
+
+def _lora(value: Any) -> Mapping[int | str, float] | None:
+    """A ``lora`` override as a read-only {adapter index or path: scale}. Accepts a
+    mapping or llama-server's list of ``{"id": i, "scale": s}`` (``"path"`` in place of
+    ``"id"`` names an adapter by its file)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        check_depth(value)
+        pairs = []
+        for e in value:
+            if not isinstance(e, Mapping) or "scale" not in e or ("id" in e) == ("path" in e):
+                raise InvalidRequest('lora entries must be {"id": index, "scale": number}')
+            pairs.append((e["id"] if "id" in e else e["path"], e["scale"]))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise InvalidRequest("lora must map adapter indices (or paths) to scales")
+    _check_count("lora entries", len(pairs), MAX_LORA_ENTRIES, "MAX_LORA_ENTRIES")
+    out: dict[int | str, float] = {}
+    for k, v in pairs:
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, (int, str))
+            or k == ""
+            or (isinstance(k, int) and k < 0)
+        ):
+            raise InvalidRequest(f"lora key {echo(k)} is not an adapter index or path")
+        if isinstance(k, str) and k.isdigit():
+            k = int(k)  # JSON object keys are strings
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidRequest(f"lora[{echo(k)}] must be a number, got {echo(v)}")
+        _check_range(f"lora[{echo(k)}]", v, -MAX_LORA_SCALE, MAX_LORA_SCALE)
+        out[k] = float(v)
+    return _ReadOnlyBias(out)
+
 
     def _refuse(self, *a: Any, **k: Any) -> None:
         raise TypeError("Request.logit_bias is read-only")

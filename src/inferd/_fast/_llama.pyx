@@ -264,7 +264,8 @@ cdef class Model:
     cdef object __weakref__
 
     def __cinit__(self, path, int n_gpu_layers=0, bint use_mmap=True, progress=None,
-                  bint vocab_only=False, rpc_servers=(), tensor_split=()):
+                  bint vocab_only=False, rpc_servers=(), tensor_split=(), split_mode=None,
+                  int main_gpu=0, bint use_mlock=False):
         self.ptr = NULL
         self.vocab = NULL
         self._children = weakref.WeakSet()
@@ -279,6 +280,15 @@ cdef class Model:
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.load_mode = LLAMA_LOAD_MODE_MMAP if use_mmap else LLAMA_LOAD_MODE_NONE
+        if use_mlock:  # keep the weights in RAM (ADR 0026)
+            params.load_mode = (LLAMA_LOAD_MODE_MMAP_MLOCK if use_mmap
+                                else LLAMA_LOAD_MODE_MLOCK)
+        if split_mode is not None:
+            if split_mode not in SPLIT_MODE:
+                raise ValueError(f"split_mode must be one of {', '.join(SPLIT_MODE)}, "
+                                 f"got {_echo(split_mode)}")
+            params.split_mode = SPLIT_MODE[split_mode]
+        params.main_gpu = main_gpu
         params.vocab_only = vocab_only
         state = [progress, None]
         if progress is not None:
@@ -785,8 +795,12 @@ cdef llama_sampler * _lazy_grammar(Model model, bytes grammar, bytes root, patte
     return g
 
 
-cdef llama_token _draw(llama_sampler * chain, bint argmax, int32_t n_vocab,
-                       llama_context * ctx, int32_t idx) noexcept nogil:
+include "_grammar.pxi"
+
+
+cdef llama_token _draw(llama_sampler * chain, llama_sampler * gram, llama_token_data * cur,
+                       bint argmax, int32_t n_vocab, llama_context * ctx,
+                       int32_t idx) noexcept nogil:
     """The next token from the logits at batch index ``idx``.
 
     Why the shortcut: a plain greedy chain costs libllama a copy of the whole vocabulary
@@ -795,11 +809,14 @@ cdef llama_token _draw(llama_sampler * chain, bint argmax, int32_t n_vocab,
     is under 2 ms, and every microsecond between two decodes is a microsecond the GPU
     waits. With nothing before the greedy stage (no grammar, no penalties) the maximum
     over the raw logits is the same token: the first index of the largest logit, as
-    libllama's greedy sampler picks it.
+    libllama's greedy sampler picks it. A ``gram`` (a grammar kept out of the chain)
+    takes the fast path of _grammar.pxi (ADR 0026).
     """
     cdef float * logits
     cdef int32_t i, best
     cdef float top
+    if gram != NULL:
+        return _draw_grammar(chain, gram, cur, argmax, n_vocab, ctx, idx)
     if argmax:
         logits = llama_get_logits_ith(ctx, idx)
         if logits != NULL and n_vocab > 0:
@@ -814,6 +831,8 @@ cdef llama_token _draw(llama_sampler * chain, bint argmax, int32_t n_vocab,
 
 
 include "_sampling.pxi"
+include "_knobs.pxi"
+include "_lora.pxi"
 
 
 # no_gc_clear: the model reference must survive until __dealloc__ has freed
@@ -829,6 +848,11 @@ cdef class Sampler:
     llama.cpp). ``logit_bias`` maps token ids of this model to a bias (``<= -100``
     bans). ``dry_sequence_breakers=None`` takes llama.cpp's defaults. A setting libllama
     cannot take raises ``ValueError`` naming it.
+
+    A grammar is checked after the draw and applied to the whole vocabulary only when
+    it rejects the drawn token (llama.cpp's common_sampler; _grammar.pxi, ADR 0026);
+    ``grammar_first=True`` keeps the old order (the grammar first in the chain, every
+    draw), which greedy output equals.
     """
 
     cdef llama_sampler * ptr
@@ -838,6 +862,12 @@ cdef class Sampler:
     cdef readonly bint greedy
     cdef readonly bint argmax  # greedy with nothing before it: _draw skips the chain
     cdef int32_t n_vocab
+    # the grammar, kept out of the chain and checked after the draw (_grammar.pxi,
+    # ADR 0026), and its candidate buffer for a redraw; NULL with grammar_first=True
+    cdef llama_sampler * gram
+    cdef llama_token_data * cur
+    cdef readonly bint grammar_first
+    cdef bint _plain  # the chain is plain greedy (argmax, or the grammar's fast check)
     # chain indices [_hist_lo, _hist_hi) of the penalties and DRY, and how many of the
     # prompt's last tokens they look back over (accept_prompt)
     cdef int32_t _hist_lo, _hist_hi, _hist_n
@@ -850,8 +880,12 @@ cdef class Sampler:
                   int dry_penalty_last_n=64, dry_sequence_breakers=None,
                   float xtc_probability=0.0, float xtc_threshold=0.1, logit_bias=None,
                   seed=None, grammar=None, str grammar_root="root",
-                  grammar_trigger_patterns=None, grammar_trigger_tokens=None):
+                  grammar_trigger_patterns=None, grammar_trigger_tokens=None,
+                  bint grammar_first=False):
         self.ptr = NULL
+        self.gram = NULL
+        self.cur = NULL
+        self.grammar_first = grammar_first
         model._check()
         _check_sampling(temperature, top_p, min_p, typical_p, repeat_penalty,
                         frequency_penalty, presence_penalty, penalty_last_n, dry_multiplier,
@@ -877,7 +911,14 @@ cdef class Sampler:
             if g == NULL:
                 why = "; ".join(_recent) or "parse error"
                 raise ValueError(f"invalid GBNF grammar: {why}")
-            llama_sampler_chain_add(self.ptr, g)
+            if grammar_first:  # the full-grammar order: every draw walks the vocabulary
+                llama_sampler_chain_add(self.ptr, g)
+            else:
+                self.gram = g
+                self.cur = <llama_token_data *>malloc(
+                    llama_vocab_n_tokens(model.vocab) * sizeof(llama_token_data))
+                if self.cur == NULL:
+                    raise MemoryError()
         _add_logit_bias(self.ptr, model, logit_bias)
         self._hist_lo = llama_sampler_chain_n(self.ptr)
         self._hist_n = 0
@@ -894,7 +935,8 @@ cdef class Sampler:
         cdef uint32_t cseed = _seed32(seed)
         _add_filters(self.ptr, self.greedy, top_k, typical_p, top_p, min_p, xtc_probability,
                      xtc_threshold, cseed)
-        self.argmax = self.greedy and llama_sampler_chain_n(self.ptr) == 0
+        self._plain = self.greedy and llama_sampler_chain_n(self.ptr) == 0
+        self.argmax = self._plain and self.gram == NULL
         self.n_vocab = llama_vocab_n_tokens(model.vocab)
         if self.greedy:
             _add(self.ptr, llama_sampler_init_greedy())
@@ -904,9 +946,7 @@ cdef class Sampler:
         model._adopt(self)
 
     def __dealloc__(self):
-        if self.ptr != NULL:
-            llama_sampler_free(self.ptr)
-            self.ptr = NULL
+        self._free()
 
     cdef inline void _check(self) except *:
         if self.ptr == NULL or self._closing:
@@ -916,6 +956,11 @@ cdef class Sampler:
         if self.ptr != NULL:
             llama_sampler_free(self.ptr)
             self.ptr = NULL
+        if self.gram != NULL:
+            llama_sampler_free(self.gram)
+            self.gram = NULL
+        free(self.cur)
+        self.cur = NULL
 
     def close(self):
         """Free the chain (deferred while a call of its model computes elsewhere)."""
@@ -935,7 +980,8 @@ cdef class Sampler:
         ctx._enter()
         try:
             with nogil:
-                tok = _draw(self.ptr, self.argmax, self.n_vocab, ctx.ptr, idx)
+                tok = _draw(self.ptr, self.gram, self.cur, self._plain, self.n_vocab,
+                            ctx.ptr, idx)
         finally:
             ctx._leave()
         return tok
@@ -957,10 +1003,14 @@ cdef class Sampler:
     def accept(self, int token):
         """Tell the chain about a token chosen elsewhere (e.g. prompt tokens for penalties)."""
         self._check()
+        if self.gram != NULL:
+            llama_sampler_accept(self.gram, token)
         llama_sampler_accept(self.ptr, token)
 
     def reset(self):
         self._check()
+        if self.gram != NULL:
+            llama_sampler_reset(self.gram)
         llama_sampler_reset(self.ptr)
 
 
@@ -1006,7 +1056,7 @@ cdef class Context:
 
     def __cinit__(self, Model model, *, int n_ctx=4096, int n_batch=512, int n_ubatch=0,
                   int n_seq_max=1, n_threads=None, n_threads_batch=None,
-                  bint embeddings=False, pooling=None, bint kv_unified=False):
+                  bint embeddings=False, pooling=None, bint kv_unified=False, **knobs):
         self.ptr = NULL
         model._check()
         if n_ctx < 0 or n_batch < 1 or n_seq_max < 1:
@@ -1032,12 +1082,14 @@ cdef class Context:
         p.pooling_type = _POOLING[pooling]
         p.kv_unified = kv_unified
         p.no_perf = True
+        _set_knobs(&p, knobs)  # flash attention, KV types, RoPE/YaRN (_knobs.pxi, ADR 0026)
         _recent.clear()
         with nogil:
             self.ptr = llama_init_from_model(model.ptr, p)
         if self.ptr == NULL:
             why = "; ".join(_recent) or "see the inferd.llama logger"
-            raise MemoryError(f"libllama could not create a context (n_ctx={n_ctx}): {why}")
+            raise MemoryError(f"libllama could not create a context (n_ctx={n_ctx}"
+                              f"{''.join(f', {k}={v!r}' for k, v in knobs.items())}): {why}")
         self.mem = llama_get_memory(self.ptr)
         self.embeddings = embeddings
         self._one = Batch(1, 1)
@@ -1156,7 +1208,8 @@ cdef class Context:
             with nogil:
                 rc = llama_decode(self.ptr, b[0])
                 if rc == 0:
-                    nxt = _draw(sampler.ptr, sampler.argmax, sampler.n_vocab, self.ptr, 0)
+                    nxt = _draw(sampler.ptr, sampler.gram, sampler.cur, sampler._plain,
+                                sampler.n_vocab, self.ptr, 0)
         finally:
             self._leave()
         if rc != 0:
@@ -1297,6 +1350,9 @@ def decode_sample(Context ctx, Batch batch, samplers, idxs):
     if len(idxs) != n:
         raise ValueError(f"{n} samplers but {len(idxs)} batch indices")
     cdef llama_sampler ** ptrs = <llama_sampler **>malloc((n + 1) * sizeof(llama_sampler *))
+    cdef llama_sampler ** grams = <llama_sampler **>malloc((n + 1) * sizeof(llama_sampler *))
+    cdef llama_token_data ** curs = <llama_token_data **>malloc(
+        (n + 1) * sizeof(llama_token_data *))
     cdef int32_t * cidx = <int32_t *>malloc((n + 1) * sizeof(int32_t))
     cdef char * fast = <char *>malloc(n + 1)
     cdef int32_t n_vocab = llama_vocab_n_tokens(ctx.model.vocab)
@@ -1305,7 +1361,8 @@ def decode_sample(Context ctx, Batch batch, samplers, idxs):
     cdef int32_t rc = 0
     cdef int32_t i
     try:
-        if ptrs == NULL or cidx == NULL or out == NULL or fast == NULL:
+        if (ptrs == NULL or cidx == NULL or out == NULL or fast == NULL or grams == NULL
+                or curs == NULL):
             raise MemoryError()
         for k in range(n):
             smp = <Sampler?>samplers[k]
@@ -1316,7 +1373,9 @@ def decode_sample(Context ctx, Batch batch, samplers, idxs):
             if i < 0 or i >= batch.b.n_tokens or not batch.b.logits[i]:
                 raise ValueError(f"batch index {i} has no logits requested")
             ptrs[k] = smp.ptr
-            fast[k] = smp.argmax
+            grams[k] = smp.gram
+            curs[k] = smp.cur
+            fast[k] = smp._plain
             cidx[k] = i
         ctx._enter()
         try:
@@ -1324,7 +1383,8 @@ def decode_sample(Context ctx, Batch batch, samplers, idxs):
                 rc = llama_decode(ctx.ptr, batch.b)
                 if rc == 0:
                     for k in range(n):
-                        out[k] = _draw(ptrs[k], fast[k], n_vocab, ctx.ptr, cidx[k])
+                        out[k] = _draw(ptrs[k], grams[k], curs[k], fast[k], n_vocab,
+                                       ctx.ptr, cidx[k])
         finally:
             ctx._leave()
         if rc != 0:
@@ -1332,6 +1392,8 @@ def decode_sample(Context ctx, Batch batch, samplers, idxs):
         return [out[k] for k in range(n)]
     finally:
         free(ptrs)
+        free(grams)
+        free(curs)
         free(cidx)
         free(out)
         free(fast)

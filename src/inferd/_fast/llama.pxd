@@ -19,6 +19,12 @@ cdef extern from "ggml.h" nogil:
         GGML_LOG_LEVEL_ERROR
         GGML_LOG_LEVEL_CONT
 
+    cdef enum ggml_type:
+        GGML_TYPE_F32
+        GGML_TYPE_COUNT
+    const char * ggml_type_name(ggml_type type)
+    bint ggml_is_quantized(ggml_type type)
+
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text,
                                        void * user_data) noexcept
 
@@ -67,6 +73,8 @@ cdef extern from "llama.h" nogil:
         LLAMA_LOAD_MODE_AUTO
         LLAMA_LOAD_MODE_NONE
         LLAMA_LOAD_MODE_MMAP
+        LLAMA_LOAD_MODE_MLOCK
+        LLAMA_LOAD_MODE_MMAP_MLOCK
 
     cdef enum llama_pooling_kind "llama_pooling_type":
         LLAMA_POOLING_TYPE_UNSPECIFIED
@@ -76,10 +84,29 @@ cdef extern from "llama.h" nogil:
         LLAMA_POOLING_TYPE_LAST
         LLAMA_POOLING_TYPE_RANK
 
+    cdef enum llama_split_mode:
+        LLAMA_SPLIT_MODE_NONE
+        LLAMA_SPLIT_MODE_LAYER
+        LLAMA_SPLIT_MODE_ROW
+
+    cdef enum llama_flash_attn_type:
+        LLAMA_FLASH_ATTN_TYPE_AUTO
+        LLAMA_FLASH_ATTN_TYPE_DISABLED
+        LLAMA_FLASH_ATTN_TYPE_ENABLED
+
+    cdef enum llama_rope_scaling_type:
+        LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED
+        LLAMA_ROPE_SCALING_TYPE_NONE
+        LLAMA_ROPE_SCALING_TYPE_LINEAR
+        LLAMA_ROPE_SCALING_TYPE_YARN
+        LLAMA_ROPE_SCALING_TYPE_LONGROPE
+
     cdef struct llama_model_params:
         ggml_backend_dev_t * devices  # NULL-terminated; set for RPC splits (_rpc.pxi)
         const float * tensor_split  # llama_max_devices() floats, or NULL
         int32_t n_gpu_layers
+        llama_split_mode split_mode  # (ADR 0026)
+        int32_t main_gpu
         llama_load_mode load_mode
         llama_progress_callback progress_callback
         void * progress_callback_user_data
@@ -96,6 +123,19 @@ cdef extern from "llama.h" nogil:
         bint embeddings
         bint no_perf
         bint kv_unified
+        # the context's knobs (docs/adr/0026-grammar-fast-path-and-context-knobs.md)
+        llama_rope_scaling_type rope_scaling_type
+        llama_flash_attn_type flash_attn_type
+        float rope_freq_base
+        float rope_freq_scale
+        float yarn_ext_factor
+        float yarn_attn_factor
+        float yarn_beta_fast
+        float yarn_beta_slow
+        uint32_t yarn_orig_ctx
+        ggml_type type_k
+        ggml_type type_v
+        bint offload_kqv
 
     ctypedef struct llama_batch:
         int32_t n_tokens
@@ -112,6 +152,22 @@ cdef extern from "llama.h" nogil:
     ctypedef struct llama_logit_bias:
         llama_token token
         float bias
+
+    # the grammar fast path (_grammar.pxi, ADR 0026)
+    ctypedef struct llama_token_data:
+        llama_token id
+        float logit
+        float p
+
+    ctypedef struct llama_token_data_array:
+        llama_token_data * data
+        size_t size
+        int64_t selected
+        bint sorted
+
+    # LoRA adapters (_lora.pxi, ADR 0026)
+    cdef struct llama_adapter_lora:
+        pass
 
     const char * llama_print_system_info()
     void llama_backend_init()
@@ -202,6 +258,14 @@ cdef extern from "llama.h" nogil:
     void llama_sampler_reset(llama_sampler * smpl)
     void llama_sampler_accept(llama_sampler * smpl, llama_token token)
     llama_token llama_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx)
+    void llama_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p)
+    llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora)
+    int32_t llama_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters,
+                                    size_t n_adapters, float * scales)
+    int32_t llama_adapter_meta_val_str(const llama_adapter_lora * adapter, const char * key,
+                                       char * buf, size_t buf_size)
+    size_t llama_state_get_size(llama_context * ctx)
+    size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
     llama_sampler * llama_sampler_init_greedy()
     llama_sampler * llama_sampler_init_dist(uint32_t seed)
     llama_sampler * llama_sampler_init_top_k(int32_t k)

@@ -238,6 +238,82 @@ def override_router(cfg: Config, **options: Any) -> Config:
     return cfg
 
 
+#: Command-line flags for the llamacpp context's knobs, named as llama-server's:
+#: (flag, LlamaCppOptions key, type, help) (docs/adr/0026-grammar-fast-path-and-context-knobs.md).
+LLAMACPP_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--flash-attn", "flash_attn", str, "flash attention: auto, on or off"),
+    ("--cache-type-k", "type_k", str, "K cache type: f16, q8_0, q4_0, ..."),
+    ("--cache-type-v", "type_v", str, "V cache type (quantised needs flash attention)"),
+    ("--batch-size", "n_batch", int, "logical batch (tokens per decode call)"),
+    ("--ubatch-size", "n_ubatch", int, "physical batch (tokens per compute graph)"),
+    ("--split-mode", "split_mode", str, "several GPUs: none, layer or row"),
+    ("--main-gpu", "main_gpu", int, "the GPU for split_mode none"),
+    ("--rope-scaling", "rope_scaling", str, "none, linear, yarn or longrope"),
+    ("--rope-freq-base", "rope_freq_base", float, "RoPE base frequency (0: the model's)"),
+    ("--rope-freq-scale", "rope_freq_scale", float, "RoPE frequency scale (0: the model's)"),
+    ("--yarn-orig-ctx", "yarn_orig_ctx", int, "YaRN: the model's original context"),
+    ("--yarn-ext-factor", "yarn_ext_factor", float, "YaRN extrapolation mix factor"),
+    ("--yarn-attn-factor", "yarn_attn_factor", float, "YaRN magnitude scaling factor"),
+    ("--yarn-beta-fast", "yarn_beta_fast", float, "YaRN low correction dim"),
+    ("--yarn-beta-slow", "yarn_beta_slow", float, "YaRN high correction dim"),
+)
+
+
+def add_llamacpp_arguments(parser: Any) -> None:
+    """The llamacpp context's knobs as flags (``inferd run``, ``inferd serve``): each
+    sets the LlamaCppOptions key of the same meaning, checked where the backend is
+    built, like the TOML key (ADR 0026)."""
+    for flag, key, kind, text in LLAMACPP_FLAGS:
+        parser.add_argument(flag, dest=f"knob_{key}", type=kind, default=None, help=text)
+    parser.add_argument(
+        "--no-kv-offload", action="store_true", help="keep the KV cache in host memory"
+    )
+    parser.add_argument("--mlock", action="store_true", help="keep the weights in RAM")
+    parser.add_argument("--no-mmap", action="store_true", help="read the weights, do not map")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA adapter loaded at start (repeatable; scale default 1.0)",
+    )
+
+
+def llamacpp_overrides(args: Any) -> dict[str, Any]:
+    """The llamacpp options :func:`add_llamacpp_arguments` parsed (only those given)."""
+    out = {
+        key: getattr(args, f"knob_{key}")
+        for _flag, key, _kind, _text in LLAMACPP_FLAGS
+        if getattr(args, f"knob_{key}", None) is not None
+    }
+    if getattr(args, "no_kv_offload", False):
+        out["offload_kqv"] = False
+    if getattr(args, "mlock", False):
+        out["use_mlock"] = True
+    if getattr(args, "no_mmap", False):
+        out["use_mmap"] = False
+    loras = []
+    for item in getattr(args, "lora", None) or ():
+        path, sep, scale = item.rpartition(":")
+        try:
+            loras.append((path, float(scale)) if sep and path else (item, 1.0))
+        except ValueError:
+            loras.append((item, 1.0))  # a ':' inside the path, no scale
+    if loras:
+        out["lora"] = loras
+    return out
+
+
+def override_llamacpp(cfg: Config, options: Mapping[str, Any]) -> Config:
+    """``cfg`` with command-line llamacpp options put over every llamacpp backend's and
+    model's (``inferd serve --cache-type-k q8_0 ...``; ADR 0026)."""
+    if options:
+        for spec in [*cfg.backends, *(m.backend for m in cfg.models)]:
+            if spec.type == "llamacpp":
+                spec.options.update(options)
+    return cfg
+
+
 def override_rpc(cfg: Config, servers: str | None) -> Config:
     """``cfg`` with every llamacpp backend and model split over ``servers`` (``inferd serve
     --rpc host:port,...``; checked where the backend is built, like the TOML key;

@@ -67,11 +67,14 @@ from inferd.serve.config import (
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_QUEUED,
     ConfigError,
+    add_llamacpp_arguments,
     add_router_arguments,
     admin_socket_path,
     build_backends,
     default_socket_path,
+    llamacpp_overrides,
     load_config,
+    override_llamacpp,
     override_router,
     override_rpc,
     router_overrides,
@@ -856,6 +859,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split every llamacpp model over these ggml RPC workers (`inferd rpc-worker`; "
         "overrides rpc_servers; docs/adr/0019-rpc-backend.md)",
     )
+    add_llamacpp_arguments(parser)  # every llamacpp model's knobs (ADR 0026)
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
@@ -865,6 +869,7 @@ async def serve_main(args: argparse.Namespace) -> int:
 
     cfg = override_router(load_config(args.config), **router_overrides(args))
     cfg = override_rpc(cfg, getattr(args, "rpc", None))
+    cfg = override_llamacpp(cfg, llamacpp_overrides(args))  # ADR 0026
     pool = None
     if cfg.models:  # [[model]] tables: nothing loads until a request names a model
         from inferd.serve.models_pool import ModelPool

@@ -91,6 +91,9 @@ LLAMACPP_HONOURED |= {"reasoning_effort", "prompt"}
 LLAMACPP_HONOURED |= {"n", "logprobs", "top_logprobs"}
 #: Tool grammars allow one call or several (docs/adr/0023-tool-call-streaming-and-stop-reasons.md).
 LLAMACPP_HONOURED |= {"parallel_tool_calls"}
+#: ``lora`` is honoured when it asks for the model's own scales, refused otherwise
+#: (loader.request_lora_check; docs/adr/0026-grammar-fast-path-and-context-knobs.md).
+LLAMACPP_HONOURED |= {"lora"}
 #: A chat template that mentions one of these can put the model into a reasoning block.
 _THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
 #: ``<arch>.pooling_type`` values of embedding models (llama.cpp's mean, cls, last).
@@ -255,8 +258,11 @@ class LlamaCpp(Backend):
             n_threads=opts.n_threads,
             kv_unified=not opts.split,
         )
+            n_ubatch=min(opts.n_ubatch or 0, max(opts.n_batch, parallel + 1)),
+            **opts.context_knobs(),  # ADR 0026
         self._ctx = ctx  # freed by _release if the scheduler fails to start
         sched = Scheduler(
+        self._lora = loader.load_lora(L, self._model, ctx, opts)
             ctx,
             self._model,
             L.Batch,
@@ -616,6 +622,7 @@ class LlamaCpp(Backend):
     def _prepare_media(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
         """A chat request with images or audio: each block becomes libmtmd's marker in the
         rendered prompt, which the projector splits into text and media chunks; the
+        loader.request_lora_check(request.lora, self.options)
         tokens carry placeholders for the media cells (:mod:`.media`, ADR 0028)."""
         if self._mtmd is None:
             raise InvalidRequest(

@@ -150,9 +150,59 @@ def load_model(L: Any, path: str | os.PathLike[str], opts: LlamaCppOptions) -> A
         layers = layers or -1
     if opts.tensor_split:
         kwargs["tensor_split"] = opts.tensor_split
+    if opts.split_mode != "layer" or opts.main_gpu or opts.use_mlock:  # ADR 0026
+        kwargs.update(split_mode=opts.split_mode, main_gpu=opts.main_gpu, use_mlock=opts.use_mlock)
     return L.Model(
         str(path), n_gpu_layers=layers, use_mmap=opts.use_mmap, progress=opts.progress, **kwargs
     )
+
+
+def load_lora(L: Any, model: Any, ctx: Any, opts: LlamaCppOptions) -> tuple[Any, ...]:
+    """Load ``opts.lora``'s adapters for ``model`` and apply them to ``ctx`` at their
+    scales. Each file is checked as a GGUF first (a missing or non-GGUF file gets a
+    ModelLoadError naming it); what libllama refuses (not a LoRA, another architecture,
+    shapes that do not fit) comes back as ModelLoadError naming the file too
+    (docs/adr/0026-grammar-fast-path-and-context-knobs.md)."""
+    adapters = []
+    for path, _scale in opts.lora:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ModelLoadError(f"LoRA adapter file {p} does not exist or is not a file")
+        try:
+            read_header(p)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"LoRA adapter {p}: {e}") from None
+        adapters.append(L.LoraAdapter(model, str(p)))
+    if adapters:
+        L.set_lora(ctx, adapters, [scale for _path, scale in opts.lora])
+    return tuple(adapters)
+
+
+def request_lora_check(request_lora: Any, opts: LlamaCppOptions) -> None:
+    """Refuse a request's ``lora`` override unless it asks for the scales the model
+    already applies: adapters apply to the whole batch, and this backend keeps one set
+    of scales per model (the rule of ADR 0026). Keys are adapter indices or paths."""
+    if not request_lora:
+        return
+    from inferd.errors import InvalidRequest
+    from inferd.limits import echo
+
+    loaded = {i: scale for i, (_p, scale) in enumerate(opts.lora)}
+    by_path = {p: i for i, (p, _s) in enumerate(opts.lora)}
+    wanted = dict(loaded)
+    for key, scale in request_lora.items():
+        idx = key if isinstance(key, int) else by_path.get(key)
+        if idx is None or idx not in loaded:
+            raise InvalidRequest(
+                f"lora: no adapter {echo(key)} is loaded (this model has {len(loaded)}; "
+                "give an index or the path it was loaded from)"
+            )
+        wanted[idx] = scale
+    if wanted != loaded:
+        raise InvalidRequest(
+            "lora: per-request scales that differ from the model's are refused (adapters "
+            "apply to the whole batch; load the model with the scales you need)"
+        )
 
 
 def rpc_devices(L: Any, servers: tuple[str, ...]) -> tuple[RpcDevice, ...]:

@@ -14,6 +14,7 @@ resolved here too, so the backend, the scheduler and ``repr`` agree on one value
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,12 +48,37 @@ _INT_LEAST: dict[str, int] = {
     "n_threads": 1,
     "embed_n_ctx": 1,
     "n_ctx_seq": 1,
+    "n_ubatch": 1,
+    "main_gpu": 0,
+    "yarn_orig_ctx": 0,
 }
 _FLOATS = ("repeat_penalty", "frequency_penalty", "presence_penalty")
 #: Most ``tensor_split`` entries (libllama's llama_max_devices()).
 MAX_TENSOR_SPLIT = 16
 #: Default ``rpc_read_timeout_s`` (a long prompt on a big split takes minutes at worst).
 DEFAULT_RPC_READ_TIMEOUT_S = 300.0
+#: The context's knobs (docs/adr/0026-grammar-fast-path-and-context-knobs.md): names as
+#: llama.cpp's (``--flash-attn``, ``--cache-type-k/-v``, ``--split-mode``, ``--rope-scaling``).
+FLASH_ATTN_MODES = ("auto", "on", "off")
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+#: The cache types that are quantised (a V cache of one needs flash attention).
+QUANTISED_KV_TYPES = frozenset(KV_CACHE_TYPES) - {"f32", "f16", "bf16"}
+SPLIT_MODES = ("none", "layer", "row")
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+#: RoPE/YaRN floats handed to libllama as they are (None: the model's own value).
+ROPE_FLOATS = (
+    "rope_freq_base",
+    "rope_freq_scale",
+    "yarn_ext_factor",
+    "yarn_attn_factor",
+    "yarn_beta_fast",
+    "yarn_beta_slow",
+)
+#: Most LoRA adapters one model loads (the binding's MAX_LORA_ADAPTERS).
+MAX_LORA_ADAPTERS = 16
+#: Largest absolute LoRA scale (a scale multiplies the adapter's delta; 100 is far past
+#: any useful one and keeps a typo from producing garbage silently).
+MAX_LORA_SCALE = 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +136,28 @@ class LlamaCppOptions:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_audio_seconds: float = MAX_AUDIO_SECONDS
     max_media_bytes: int = MAX_MEDIA_BYTES
+    # The context's knobs (docs/adr/0026-grammar-fast-path-and-context-knobs.md); None
+    # keeps libllama's default.
+    #: physical batch (tokens per compute graph); None: ``n_batch``
+    n_ubatch: int | None = None
+    flash_attn: str = "auto"
+    type_k: str = "f16"
+    type_v: str = "f16"
+    #: keep the KV cache and attention on the GPU with the offloaded layers
+    offload_kqv: bool = True
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    use_mlock: bool = False
+    rope_scaling: str | None = None
+    rope_freq_base: float | None = None
+    rope_freq_scale: float | None = None
+    yarn_ext_factor: float | None = None
+    yarn_attn_factor: float | None = None
+    yarn_beta_fast: float | None = None
+    yarn_beta_slow: float | None = None
+    yarn_orig_ctx: int | None = None
+    #: LoRA adapters loaded at start: ``(path, scale)`` pairs (a bare path: scale 1.0)
+    lora: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         self._check_rpc()
@@ -118,9 +166,10 @@ class LlamaCppOptions:
             if not isinstance(self.mmproj, (str, os.PathLike)) or not os.fspath(self.mmproj):
                 raise InvalidRequest(f"mmproj={echo(self.mmproj)} must be a path or a model name")
             object.__setattr__(self, "mmproj", os.fspath(self.mmproj))
+        self._check_knobs()
         for key, least in _INT_LEAST.items():
             value = getattr(self, key)
-            if value is None and key not in ("n_ctx", "n_batch", "n_gpu_layers"):
+            if value is None and key not in ("n_ctx", "n_batch", "n_gpu_layers", "main_gpu"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InvalidRequest(f"{key}={echo(value)} must be an integer >= {least}")
@@ -142,6 +191,59 @@ class LlamaCppOptions:
             from inferd.chat import parser_class
 
             parser_class(self.tool_format)  # an unknown name fails here, not per request
+
+    def _check_knobs(self) -> None:
+        """The context's knobs: names llama.cpp knows, and the combinations it refuses
+        caught here with the setting named (ADR 0026)."""
+        for key, allowed in (
+            ("flash_attn", FLASH_ATTN_MODES),
+            ("type_k", KV_CACHE_TYPES),
+            ("type_v", KV_CACHE_TYPES),
+            ("split_mode", SPLIT_MODES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise InvalidRequest(
+                    f"{key}={echo(getattr(self, key))} must be one of {', '.join(allowed)}"
+                )
+        if self.type_v in QUANTISED_KV_TYPES and self.flash_attn == "off":
+            raise InvalidRequest(
+                f"type_v={self.type_v} (a quantised V cache) needs flash attention: "
+                "set flash_attn to auto or on, or type_v to f16"
+            )
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALING_TYPES:
+            raise InvalidRequest(
+                f"rope_scaling={echo(self.rope_scaling)} must be one of "
+                f"{', '.join(ROPE_SCALING_TYPES)}"
+            )
+        for key in ROPE_FLOATS:
+            v = getattr(self, key)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            ):
+                raise InvalidRequest(f"{key}={echo(v)} must be a finite number")
+        for key in ("rope_freq_base", "rope_freq_scale"):
+            if (getattr(self, key) or 0) < 0:
+                raise InvalidRequest(f"{key} must be >= 0 (0: the model's own)")
+        for key in ("offload_kqv", "use_mlock"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidRequest(f"{key}={echo(getattr(self, key))} must be true or false")
+        if self.n_ubatch is not None and self.n_ubatch > self.n_batch:
+            raise InvalidRequest(f"n_ubatch={self.n_ubatch} must not exceed n_batch={self.n_batch}")
+        object.__setattr__(self, "lora", _lora_pairs(self.lora))
+
+    def context_knobs(self) -> dict[str, Any]:
+        """The knobs ``L.Context`` takes, libllama's defaults left out."""
+        knobs: dict[str, Any] = {"flash_attn": self.flash_attn}
+        if self.type_k != "f16":
+            knobs["type_k"] = self.type_k
+        if self.type_v != "f16":
+            knobs["type_v"] = self.type_v
+        if not self.offload_kqv:
+            knobs["offload_kqv"] = False
+        for key in ("rope_scaling", *ROPE_FLOATS, "yarn_orig_ctx"):
+            if getattr(self, key) is not None:
+                knobs[key] = getattr(self, key)
+        return knobs
 
     def _check_rpc(self) -> None:
         """Normalise and check ``rpc_servers`` and ``tensor_split`` (frozen: set once)."""
@@ -215,3 +317,33 @@ class LlamaCppOptions:
             else (os.cpu_count() or 1)
         )
         return (self.n_threads or cpus) >= cpus
+
+
+def _lora_pairs(value: Any) -> tuple[tuple[str, float], ...]:
+    """``lora`` as ``((path, scale), ...)``: a list of pairs, bare paths (scale 1.0), or
+    a ``{path: scale}`` mapping; the files themselves are checked when they load."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    items = list(value.items()) if isinstance(value, Mapping) else list(value or ())
+    if len(items) > MAX_LORA_ADAPTERS:
+        raise InvalidRequest(f"lora: {len(items)} adapters; at most {MAX_LORA_ADAPTERS}")
+    out = []
+    for item in items:
+        pair = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidRequest(f"lora entries are (path, scale) pairs, got {echo(item)}")
+        path, scale = pair
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise InvalidRequest(f"lora: {echo(path)} is not an adapter file path")
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+            or abs(scale) > MAX_LORA_SCALE
+        ):
+            raise InvalidRequest(
+                f"lora scale for {os.fspath(path)} must be a number within "
+                f"+-{MAX_LORA_SCALE} (MAX_LORA_SCALE), got {echo(scale)}"
+            )
+        out.append((os.fspath(path), float(scale)))
+    return tuple(out)
