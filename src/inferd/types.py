@@ -670,11 +670,11 @@ class Request:
         _freeze(self, "messages", _seq(self.messages, "messages"))
         _freeze(self, "thinking", _effort_thinking(self.thinking, self.reasoning_effort))
         _freeze(self, "logit_bias", _logit_bias(self.logit_bias))
+        _freeze(self, "lora", _lora(self.lora))
         if self.dry_sequence_breakers is not None:
             _freeze(
                 self,
                 "dry_sequence_breakers",
-        _freeze(self, "lora", _lora(self.lora))
                 _seq(self.dry_sequence_breakers, "dry_sequence_breakers", one=str),
             )
         _freeze(self, "keep_alive", parse_keep_alive(self.keep_alive))
@@ -931,15 +931,15 @@ class Request:
             d["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
         if self.logit_bias is not None:  # JSON object keys are strings
             d["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
-        for name, default in _SURFACE_DEFAULTS.items():
-            if getattr(self, name) != default:
-                d[name] = getattr(self, name)
-        if self.thinking:
         if self.lora is not None:  # an int key (an index) travels as a list entry
             d["lora"] = [
                 {"id" if isinstance(k, int) else "path": k, "scale": v}
                 for k, v in self.lora.items()
             ]
+        for name, default in _SURFACE_DEFAULTS.items():
+            if getattr(self, name) != default:
+                d[name] = getattr(self, name)
+        if self.thinking:
             d["thinking"] = True
         if self.ignore_eos:
             d["ignore_eos"] = True
@@ -996,11 +996,11 @@ class Request:
             keep_alive=d.get("keep_alive"),
             dry_sequence_breakers=d.get("dry_sequence_breakers"),
             logit_bias=d.get("logit_bias"),
+            lora=d.get("lora"),
             **{name: d.get(name) for name in _SURFACE_OPTIONAL},
             **{name: d.get(name, default) for name, default in _SURFACE_DEFAULTS.items()},
             prompt=d.get("prompt"),
         )
-            lora=d.get("lora"),
 
 
 def _effort_thinking(thinking: Any, effort: Any) -> Any:
@@ -1069,11 +1069,6 @@ def _logit_bias(value: Any) -> Mapping[int, float] | None:
     return _ReadOnlyBias(out)
 
 
-class _ReadOnlyBias(dict):  # type: ignore[type-arg]
-    """A dict that refuses changes, so a frozen Request stays frozen."""
-
-    __slots__ = ()
-
 def _lora(value: Any) -> Mapping[int | str, float] | None:
     """A ``lora`` override as a read-only {adapter index or path: scale}. Accepts a
     mapping or llama-server's list of ``{"id": i, "scale": s}`` (``"path"`` in place of
@@ -1109,6 +1104,11 @@ def _lora(value: Any) -> Mapping[int | str, float] | None:
         out[k] = float(v)
     return _ReadOnlyBias(out)
 
+
+class _ReadOnlyBias(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes, so a frozen Request stays frozen."""
+
+    __slots__ = ()
 
     def _refuse(self, *a: Any, **k: Any) -> None:
         raise TypeError("Request.logit_bias is read-only")

@@ -257,12 +257,12 @@ class LlamaCpp(Backend):
             n_seq_max=parallel if opts.split else parallel + opts.prefix_cache,
             n_threads=opts.n_threads,
             kv_unified=not opts.split,
-        )
             n_ubatch=min(opts.n_ubatch or 0, max(opts.n_batch, parallel + 1)),
             **opts.context_knobs(),  # ADR 0026
+        )
         self._ctx = ctx  # freed by _release if the scheduler fails to start
-        sched = Scheduler(
         self._lora = loader.load_lora(L, self._model, ctx, opts)
+        sched = Scheduler(
             ctx,
             self._model,
             L.Batch,
@@ -602,6 +602,7 @@ class LlamaCpp(Backend):
         if reason is not None:
             raise InvalidRequest(f"backend {self.name!r} cannot serve this request: {reason}")
         refuse_unhonoured(request, self.name, LLAMACPP_HONOURED)
+        loader.request_lora_check(request.lora, self.options)
         if request.prompt is not None:
             return self._prepare_raw(request)
         if media.has_media(request):
@@ -622,7 +623,6 @@ class LlamaCpp(Backend):
     def _prepare_media(self, request: Request) -> tuple[list[int], Any, OutputParser, bool]:
         """A chat request with images or audio: each block becomes libmtmd's marker in the
         rendered prompt, which the projector splits into text and media chunks; the
-        loader.request_lora_check(request.lora, self.options)
         tokens carry placeholders for the media cells (:mod:`.media`, ADR 0028)."""
         if self._mtmd is None:
             raise InvalidRequest(
