@@ -250,12 +250,6 @@ def test_hostile_media_are_clear_refusals_in_bounded_memory(synth_vision, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="stb_image decodes a truncated JPEG without complaint (its header is intact) and "
-    "inferd.media_limits does not yet check the file's end (EOI marker): issue 16 asks "
-    "for an InvalidRequest",
-)
 def test_truncated_jpeg_is_refused(synth_vision, tmp_path):
     jpeg = IMAGE.read_bytes()
     files = {"truncated_jpeg": ("image", "image/jpeg", jpeg[: len(jpeg) // 3])}

@@ -46,8 +46,16 @@ MP3 = MTMD_DIR / "test-2.mp3"
 IMAGE_TOKENS = 64  # the synthetic projector: (64 / 8) ** 2
 
 
-def png(w: int, h: int, rgb: tuple[int, int, int] = (200, 30, 30), *, body: bool = True) -> bytes:
-    """A real RGB PNG (or only its header, claiming ``w`` x ``h``, when ``body`` is off)."""
+def png(
+    w: int,
+    h: int,
+    rgb: tuple[int, int, int] = (200, 30, 30),
+    *,
+    body: bool = True,
+    idat: bytes | None = None,
+) -> bytes:
+    """A real RGB PNG (or only its header, claiming ``w`` x ``h``, when ``body`` is off;
+    with ``idat``, those bytes as its compressed data, whatever they are)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data) & 0xFFFFFFFF
@@ -57,7 +65,8 @@ def png(w: int, h: int, rgb: tuple[int, int, int] = (200, 30, 30), *, body: bool
     if not body:
         return head
     raw = b"".join(b"\x00" + bytes(rgb) * w for _ in range(h))
-    return head + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    data = zlib.compress(raw) if idat is None else idat
+    return head + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def wav(seconds: float, rate: int = 16000) -> bytes:
@@ -89,6 +98,9 @@ def test_image_headers_are_read() -> None:
         (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "SVG"),
         (png(100_000, 100_000, body=False), "max_image_pixels"),
         (png(0, 10, body=False), "0x10"),
+        (JPEG.read_bytes()[:-2], "truncated"),
+        (png(9, 9)[:-12], "truncated"),
+        (b"GIF89a" + struct.pack("<HH", 5, 7) + b"\x00" * 8, "truncated"),
     ],
 )
 def test_hostile_images_are_refused_by_name(data: bytes, words: str) -> None:
@@ -309,7 +321,9 @@ async def test_text_streams_run_beside_media(vision: Any) -> None:
         (ImageBlock(data=b""), "empty"),
         (ImageBlock(data=b"\x01\x02" * 40, media_type="image/png"), "not an image"),
         (ImageBlock(data=png(50_000, 50_000, body=False)), "max_image_pixels"),
-        (ImageBlock(data=png(8, 8, body=False)), "could not be decoded"),
+        (ImageBlock(data=png(8, 8, body=False)), "truncated"),
+        (ImageBlock(data=png(8, 8, idat=b"not zlib at all")), "could not be decoded"),
+        (ImageBlock(data=JPEG.read_bytes()[:5000], media_type="image/jpeg"), "truncated"),
         (ImageBlock(data=b"<svg xmlns='http://www.w3.org/2000/svg'></svg>"), "SVG"),
         (AudioBlock(data=png(8, 8)), "not audio"),
         (ImageBlock(data=wav(0.2)), "not an image"),

@@ -149,3 +149,38 @@ def test_closing_the_model_closes_the_projector(L: Any, synth_vision: Any) -> No
     assert p.closed
     with pytest.raises(NotReady):
         p.bitmap(IMAGE.read_bytes())
+
+
+def test_bitmaps_and_tokenize_run_beside_an_encode(L: Any, pair_model: Any, proj: Any) -> None:
+    """A request's media is decoded and tokenized in the event-loop thread while the
+    scheduler thread encodes another's: the readers never meet 'in use' (they only read
+    the projector), and every call completes (a race the first engine had)."""
+    import threading
+
+    ctx = L.Context(pair_model, n_ctx=2048, n_batch=64, n_seq_max=1, n_threads=2)
+    data = IMAGE.read_bytes()
+    chunks = proj.tokenize("<__media__>", [proj.bitmap(data)])
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def encode() -> None:
+        try:
+            for k in range(6):
+                proj.eval_chunk(ctx, chunks, 0, k * IMAGE_TOKENS, 0, 64)
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=encode)
+    t.start()
+    reads = 0
+    try:
+        while not done.is_set() or reads < 3:
+            proj.tokenize("x <__media__> y", [proj.bitmap(data)])
+            reads += 1
+    finally:
+        t.join()
+        ctx.close()
+    assert not errors, errors
+    assert reads >= 3 and ctx.closed

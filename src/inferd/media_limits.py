@@ -101,6 +101,38 @@ def _jpeg(b: bytes) -> tuple[int, int] | None:
 _READERS = {"png": _png, "jpeg": _jpeg, "gif": _gif, "bmp": _bmp}
 
 
+def _jpeg_scan(b: bytes) -> int:
+    """Offset of the first start-of-scan marker (the entropy-coded data), or -1."""
+    i = 2
+    while i + 4 <= len(b) and b[i] == 0xFF:
+        marker = b[i + 1]
+        if marker == 0xFF or marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xDA:
+            return i
+        i += 2 + struct.unpack(">H", b[i + 2 : i + 4])[0]
+    return -1
+
+
+def is_complete(fmt: str, data: bytes) -> bool:
+    """Whether the file ends as its format says: stb_image decodes a truncated JPEG or
+    GIF without complaint (the missing part comes out grey), so a cut file is refused
+    here. JPEG: an end-of-image marker after the first scan (entropy-coded data cannot
+    hold one); PNG: an IEND chunk; GIF: the trailer byte; BMP: the size its header
+    gives. Trailing bytes after the end are allowed."""
+    if fmt == "jpeg":
+        sos = _jpeg_scan(data)
+        return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
+    if fmt == "png":
+        return data.find(b"IEND", 33) >= 0
+    if fmt == "gif":
+        return data.rstrip(b"\x00").endswith(b";")
+    if fmt == "bmp":
+        return struct.unpack("<I", data[2:6])[0] <= len(data)
+    return True
+
+
 def image_size(data: bytes) -> tuple[str, int, int] | None:
     """``(format, width, height)`` from the header, or None when it is none of
     :data:`IMAGE_FORMATS` (or the header is cut short)."""
@@ -216,6 +248,8 @@ def check_image(data: bytes, what: str, limits: MediaLimits = MediaLimits()) -> 
             f"{what}: the {fmt} header says {w}x{h} = {w * h} pixels; max_image_pixels is "
             f"{limits.max_image_pixels}"
         )
+    if not is_complete(fmt, data):
+        raise InvalidRequest(f"{what}: the {fmt} file is truncated (its end is missing)")
 
 
 def check_audio(data: bytes, what: str, limits: MediaLimits = MediaLimits()) -> None:

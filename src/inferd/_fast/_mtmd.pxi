@@ -205,13 +205,15 @@ cdef class Mtmd:
     Raises :class:`ModelLoadError` when libmtmd refuses the file, including a projector
     whose embedding width does not match the model (mtmd checks it before any compute).
     Closed with its model; ``close()`` during an encode in another thread is deferred
-    until that call returns. One call at a time (like a :class:`Context`).
+    until that call returns. ``eval_chunk`` runs one at a time; ``bitmap`` and
+    ``tokenize`` only read the projector and may run beside it (another thread).
     """
 
     cdef mtmd_context * ptr
     cdef readonly Model model
     cdef readonly str path
-    cdef bint _busy
+    cdef bint _busy  # eval_chunk running (one at a time: it writes the output buffer)
+    cdef int _readers  # bitmap/tokenize running (read-only on the context)
     cdef bint _close_pending
     cdef object __weakref__
 
@@ -268,19 +270,32 @@ cdef class Mtmd:
 
     cdef void _leave(self):
         self._busy = False
-        if self._close_pending and self.ptr != NULL:
+        self._free_if_closed()
+        self.model._leave()
+
+    # bitmap and tokenize only read the context (llama-server calls them from its HTTP
+    # threads while its main loop encodes): they may run beside eval_chunk, and count
+    # themselves so that close() waits for them too.
+    cdef void _enter_reader(self):
+        self._readers += 1
+        self.model._enter()
+
+    cdef void _leave_reader(self):
+        self._readers -= 1
+        self._free_if_closed()
+        self.model._leave()
+
+    cdef void _free_if_closed(self):
+        if self._close_pending and not self._busy and self._readers == 0 and self.ptr != NULL:
             mtmd_free(self.ptr)
             self.ptr = NULL
-        self.model._leave()
 
     def close(self):
         """Free the projector (deferred while one of its calls runs in another thread)."""
         if self.ptr == NULL or self._close_pending:
             return
         self._close_pending = True
-        if not self._busy:
-            mtmd_free(self.ptr)
-            self.ptr = NULL
+        self._free_if_closed()
 
     @property
     def closed(self):
@@ -326,12 +341,12 @@ cdef class Mtmd:
         cdef mtmd_helper_bitmap_wrapper w
         cdef mtmd_helper_init_opt opt = mtmd_helper_init_opt_default()
         _recent.clear()
-        self._enter()
+        self._enter_reader()
         try:
             with nogil:
                 w = mtmd_helper_bitmap_init_from_buf(self.ptr, cbuf, n, False, opt)
         finally:
-            self._leave()
+            self._leave_reader()
         if w.bitmap == NULL:
             why = "; ".join(_recent) or "unsupported or corrupt file"
             raise ValueError(f"libmtmd could not decode the media: {why}")
@@ -367,12 +382,12 @@ cdef class Mtmd:
             out.ptr = mtmd_input_chunks_init()
             out.owner = self
             _recent.clear()
-            self._enter()
+            self._enter_reader()
             try:
                 with nogil:
                     rc = mtmd_tokenize(self.ptr, out.ptr, &t, arr, nb)
             finally:
-                self._leave()
+                self._leave_reader()
         finally:
             free(arr)
         if rc != 0:
