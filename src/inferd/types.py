@@ -665,6 +665,10 @@ class Request:
     #: a raw completion: this text is the whole prompt, no chat template, ``messages``
     #: empty (:meth:`completion`; docs/adr/0025-raw-completions-and-reasoning.md).
     prompt: str | None = None
+    #: False: no speculative decoding for this request on a backend with a draft. Never
+    #: changes a reply (greedy: the same tokens; sampling: the target samples every
+    #: position), so no backend refuses it (docs/adr/0027-speculative-decoding-batched.md).
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         _freeze(self, "messages", _seq(self.messages, "messages"))
@@ -772,7 +776,7 @@ class Request:
                 )
             if not self.logprobs:
                 raise InvalidRequest("top_logprobs needs logprobs=true")
-        for name in ("logprobs", "parallel_tool_calls", "stream_tool_arguments"):
+        for name in ("logprobs", "parallel_tool_calls", "stream_tool_arguments", "speculative"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false")
         breakers = self.dry_sequence_breakers or ()
@@ -1041,6 +1045,7 @@ _SURFACE_DEFAULTS: dict[str, Any] = {
     "logprobs": False,
     "parallel_tool_calls": True,
     "stream_tool_arguments": False,
+    "speculative": True,
 }
 
 

@@ -224,6 +224,7 @@ class LlamaCpp(Backend):
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._template: ChatTemplate | None = None
         self._mtmd: Any = None  # the projector (images/audio, ADR 0028)
+        self._spec: Any = None  # speculative.Speculator (ADR 0027)
         try:
             self._mf = loader.prepare(self._resolve(model, opts), sha256=opts.sha256)
             self._model = loader.load_model(L, self._mf.path, opts)
@@ -275,8 +276,18 @@ class LlamaCpp(Backend):
             decode_sample=L.decode_sample,
             name=self.name,
             kv_layout=opts.kv_layout,
+            speculator=self._speculator(L, opts, int(ctx.n_ctx), parallel),
         )
         return ctx, sched
+
+    def _speculator(self, L: Any, opts: LlamaCppOptions, n_ctx: int, parallel: int) -> Any:
+        """The draft side of speculative decoding, or None (ADR 0027)."""
+        from inferd.backends.llamacpp.speculative import make_speculator
+
+        self._spec = make_speculator(
+            L, opts.draft, self._model, n_ctx=n_ctx, parallel=parallel, n_threads=opts.n_threads
+        )
+        return self._spec
 
     # ------------------------------------------------------------------ construction
 
@@ -342,6 +353,14 @@ class LlamaCpp(Backend):
             return None
         active = s._active
         return active[0] if active else None
+
+    def speculative_stats(self) -> dict[str, float]:
+        """Draft tokens, accepted tokens, acceptance rate and tokens per target decode
+        since start (ADR 0027)."""
+        from inferd.backends.llamacpp.speculative import speculative_stats
+
+        s = self._sched
+        return speculative_stats(s.stats if s is not None else {})
 
     def kv_used(self) -> int:
         """KV cells held by running streams: 0 once every stream has ended."""
@@ -534,6 +553,7 @@ class LlamaCpp(Backend):
             special=special,
             top_logprobs=top,
             media=getattr(tokens, "media", None),
+            speculative=request.speculative,
         )
         readers = [
             ChoiceReader(i, s, p, request.stop)
@@ -819,6 +839,9 @@ class LlamaCpp(Backend):
         self._release()
 
     def _release(self) -> None:
+        if self._spec is not None:
+            self._spec.close()
+            self._spec = None
         for obj in (self._ectx, self._ctx, self._model):
             if obj is not None:
                 try:

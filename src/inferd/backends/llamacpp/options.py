@@ -158,6 +158,9 @@ class LlamaCppOptions:
     yarn_orig_ctx: int | None = None
     #: LoRA adapters loaded at start: ``(path, scale)`` pairs (a bare path: scale 1.0)
     lora: tuple[tuple[str, float], ...] = ()
+    #: speculative decoding: ``"ngram"``, ``NgramDraft(...)``, ``DraftModel(path, ...)`` or
+    #: a table (docs/adr/0027-speculative-decoding-batched.md); None: off
+    draft: Any = None
 
     def __post_init__(self) -> None:
         self._check_rpc()
@@ -191,6 +194,9 @@ class LlamaCppOptions:
             from inferd.chat import parser_class
 
             parser_class(self.tool_format)  # an unknown name fails here, not per request
+        from inferd.backends.llamacpp.speculative import parse_draft
+
+        object.__setattr__(self, "draft", parse_draft(self.draft))  # ADR 0027
 
     def _check_knobs(self) -> None:
         """The context's knobs: names llama.cpp knows, and the combinations it refuses

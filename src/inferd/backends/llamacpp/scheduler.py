@@ -161,6 +161,7 @@ class SeqStream:
         "cached_tokens",
         "cancelled",
         "done",
+        "drafted",
         "followers",
         "ignore_eos",
         "kv",
@@ -177,7 +178,9 @@ class SeqStream:
         "sched",
         "sent",
         "seq",
+        "spec_state",
         "special",
+        "speculative",
         "taken",
         "top_logprobs",
     )
@@ -221,6 +224,10 @@ class SeqStream:
         self.lead: SeqStream | None = None
         self.top_logprobs = -1  # -1: no logprobs; 0..20 alternatives per token
         self.media: Any = None  # media.MediaPrompt: images/audio in the prompt (ADR 0028)
+        # speculative decoding (ADR 0027): may draft, draft tokens fed this step, drafter state
+        self.speculative = False
+        self.drafted = 0
+        self.spec_state: Any = None
 
     async def get(self) -> tuple[Any, ...]:
         """The next item from the scheduler (waits; a slow caller pauses the sequence)."""
@@ -311,6 +318,7 @@ class Scheduler:
         decode_sample: Any = None,
         name: str = "llamacpp",
         kv_layout: str = DEFAULT_KV_LAYOUT,
+        speculator: Any = None,
     ) -> None:
         self.split = check_settings(
             parallel=parallel,
@@ -340,6 +348,7 @@ class Scheduler:
         self.max_queued = max_queued
         self.prefix_cache = prefix_cache
         self.lockstep = lockstep
+        self.speculator = speculator  # speculative.Speculator or None (ADR 0027)
         self._cond = threading.Condition()
         self._pending: collections.deque[SeqStream] = collections.deque()
         self._active: list[SeqStream] = []  # admission order
@@ -404,6 +413,7 @@ class Scheduler:
         special: bool = False,
         top_logprobs: int | None = None,
         media: Any = None,
+        speculative: bool = True,
     ) -> list[SeqStream]:
         """Queue one sequence per sampler sharing one prefill (choices, ADR 0022).
 
@@ -428,6 +438,7 @@ class Scheduler:
             s.lead = stream if s is not stream else None
             s.top_logprobs = -1 if top_logprobs is None else top_logprobs
             s.media = media
+            s.speculative = speculative and self.speculator is not None
         with self._cond:
             if self._closing:
                 raise NotReady(f"backend {self.name!r} is closed")
@@ -772,7 +783,7 @@ class Scheduler:
     def _plan(self) -> list[tuple[SeqStream, list[int]]]:
         """This step's tokens, per sequence: the next token of every decoding sequence
         whose consumer keeps up, then prompt chunks (oldest admission first) within the
-        step budget."""
+        step budget, then drafts of speculating sequences in what is left (ADR 0027)."""
         fed: list[tuple[SeqStream, list[int]]] = []
         for s in self._active:
             if s.cancelled or s.n_past < len(s.prompt):
@@ -797,6 +808,8 @@ class Scheduler:
                 continue
             room -= len(chunk)
             fed.append((s, chunk))
+        if self.speculator is not None:  # drafts take what prompts left (ADR 0027)
+            self.speculator.propose(self, fed, room)
         if self.split:  # libllama splits a split-cache batch at every non-consecutive id
             fed.sort(key=lambda e: e[0].seq)
         return fed
@@ -813,7 +826,14 @@ class Scheduler:
 
             media_step(self)
         fed = self._plan()
+        drafted: list[tuple[SeqStream, list[int], list[int]]] = []
         for s, toks in fed:
+            if s.drafted:  # logits at every position, verified after the decode (ADR 0027)
+                pos = len(s.kv)
+                drafted.append(
+                    (s, toks, [batch.add(t, pos + j, s.seq, True) for j, t in enumerate(toks)])
+                )
+                continue
             # a decoding sequence, or the last chunk of a prompt: sample its next token
             wants = s.n_past + len(toks) >= len(s.prompt)
             i = batch.add_sequence(toks, len(s.kv), s.seq, wants)
@@ -846,11 +866,21 @@ class Scheduler:
                 s.n_past += len(chunk)
                 if s.n_past >= len(s.prompt) and s.followers:
                     self._fill_choices(s)
+        if drafted and len(fed) > 1:  # drafts verified in one decode with other sequences
+            self.stats["spec_batched_steps"] += 1
+        for s, chunk, ix in drafted:  # speculation: the stream's picks, rejected cells gone
+            got = self.speculator.verify(self, s, chunk, ix)
+            owners += [s] * len(got)
+            idxs += ix[: len(got)]
+            toks = [*toks, *got]
         out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
         finished: list[SeqStream] = []
         is_eog, to_piece = self.model.is_eog, self.model.token_to_piece
         lps = self._logprobs(owners, idxs, toks)
+        ended: set[SeqStream] = set()  # a speculating stream's tokens past its end are dropped
         for k, (s, tok) in enumerate(zip(owners, toks, strict=True)):
+            if s in ended:
+                continue
             eog = bool(is_eog(tok))
             s.last = tok
             s.produced += 1
@@ -861,9 +891,11 @@ class Scheduler:
             out.setdefault(s.loop, []).append((s, item))
             if (eog and not s.ignore_eos) or s.produced >= s.max_tokens:
                 finished.append(s)
+                ended.add(s)
             elif len(s.kv) >= self.n_ctx_seq:
                 out[s.loop].append((s, ("full",)))
                 finished.append(s)
+                ended.add(s)
         self.stats["tokens"] += len(owners)
         for s in finished:
             self._finish(s, cache=True, out=out)

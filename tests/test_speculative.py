@@ -1,0 +1,252 @@
+"""Speculative decoding under continuous batching on the real SmolLM2-135M-Instruct
+(docs/adr/0027-speculative-decoding-batched.md): n-gram drafting and a draft model
+(the target itself, so greedy drafts are always right), greedy and seeded output equal
+to the non-speculative path token for token, drafts verified in the batch with other
+streams, and no KV cells left behind by rejected drafts.
+
+Token ids come straight from the scheduler (one compute thread, small prompts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from inferd.backends.llamacpp.speculative import (
+    MAX_N_DRAFT,
+    DraftModel,
+    NgramDraft,
+    _NgramState,
+    check_vocab,
+    parse_draft,
+)
+from inferd.errors import InvalidRequest, ModelLoadError
+from inferd.types import Message, Request, Response
+
+from .conftest import require_llama_core
+
+pytestmark = pytest.mark.llama
+
+#: A short "edit" prompt: the reply repeats code the prompt holds, so n-grams match.
+CODE = "\n".join(f"def f{i}(x):\n    return x * {i} + {i + 1}" for i in range(8))
+EDIT = "Here is some Python code:\n\n" + CODE + "\n\nRepeat the code exactly, changing nothing."
+CHAT = "Write two sentences about the sea."
+
+
+def _backend(path, **kw):
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+
+    # prefix_cache=0: a reused prefix was prefilled in other chunks, and its float sums
+    # (not speculation) can move a greedy near-tie; each reply here starts from scratch
+    return LlamaCpp(path, n_ctx=4096, n_threads=1, parallel=4, prefix_cache=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def ngram(smollm2_path):
+    b = _backend(smollm2_path, draft="ngram")
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def selfdraft(smollm2_path):
+    b = _backend(smollm2_path, draft=DraftModel(smollm2_path, n_draft=4, p_min=0.0))
+    yield b
+    b.close()
+
+
+def _prompt(b, text: str) -> list[int]:
+    req = Request((Message.user(text),))
+    return b.tokenize_prompt(b.render(req, b.plan(req)))
+
+
+async def _tokens(
+    b, text: str, *, speculative: bool, n: int = 48, cells: list | None = None, **smp
+) -> list[int]:
+    """Token ids of one reply through the scheduler (greedy unless ``smp`` says);
+    ``cells`` collects (cells held, tokens with cells) of the stream after every step."""
+    from inferd._fast import _llama as L
+
+    sampler = L.Sampler(b.model, **({"temperature": 0.0} | smp))
+    (s,) = b._scheduler().submit_choices(
+        _prompt(b, text), [sampler], max_tokens=n, speculative=speculative
+    )
+    out = []
+    while True:
+        item = await s.get()
+        if item[0] != "tok":
+            break
+        out.append(item[1])
+        if cells is not None:
+            sched = b._scheduler()
+            with sched._ctx_lock:  # between two steps: the cache and s.kv agree
+                lo, hi = sched._cells()[s.seq]
+                if not s.done:  # a finished stream's cells are gone (prefix_cache=0)
+                    cells.append((hi - lo + 1 if hi >= 0 else 0, len(s.kv)))
+        if len(out) == s.max_tokens or item[2]:
+            break
+    await s.freed()
+    return out
+
+
+async def test_ngram_greedy_equals_plain_and_accepts(ngram):
+    before = ngram.speculative_stats()
+    plain = await _tokens(ngram, EDIT, speculative=False)
+    spec = await _tokens(ngram, EDIT, speculative=True)
+    after = ngram.speculative_stats()
+    assert spec == plain
+    drafted = after["draft_tokens"] - before["draft_tokens"]
+    accepted = after["accepted_tokens"] - before["accepted_tokens"]
+    assert drafted > 0 and accepted > 0, after
+
+
+async def test_speculative_false_drafts_nothing(ngram):
+    before = ngram.speculative_stats()["draft_tokens"]
+    await _tokens(ngram, EDIT, speculative=False, n=16)
+    assert ngram.speculative_stats()["draft_tokens"] == before
+
+
+async def test_seeded_sampling_equals_plain(ngram):
+    """The target samples every position with its own chain (llama.cpp's rule), so a
+    seeded sampled reply is the non-speculative one."""
+    kw = {"temperature": 0.8, "seed": 1234}
+    plain = await _tokens(ngram, EDIT, speculative=False, **kw)
+    spec = await _tokens(ngram, EDIT, speculative=True, **kw)
+    assert spec == plain
+
+
+async def test_batched_streams_verify_drafts_in_one_decode(ngram):
+    """Four streams at once: drafts are verified in the same decode as the other
+    streams' tokens, every reply runs to its length. (Token-for-token equality is
+    checked single-stream: batched, a verification's row count depends on timing, and
+    libllama's CPU matmul may round a near-tie differently for 1 and k rows, ADR 0027.)"""
+    texts = [EDIT, CHAT, EDIT.replace("Python", "this"), CHAT.replace("sea", "sky")]
+    before = dict(ngram.batching_stats())
+    spec = await asyncio.gather(*(_tokens(ngram, t, speculative=True, n=32) for t in texts))
+    after = ngram.batching_stats()
+    assert all(spec)
+    assert after.get("spec_batched_steps", 0) > before.get("spec_batched_steps", 0)
+    assert after.get("spec_accepted", 0) > before.get("spec_accepted", 0)
+
+
+async def test_rejected_drafts_leave_no_cells(ngram):
+    """Between steps every speculating stream holds exactly the cells of its accepted
+    tokens (``seq_cells``): nothing past them from a rejected draft; none after."""
+    seen: list[list] = [[], []]
+    before = ngram.speculative_stats()
+    await asyncio.gather(
+        *(
+            _tokens(ngram, t, speculative=True, n=40, cells=c)
+            for t, c in zip((EDIT, CHAT), seen, strict=True)
+        )
+    )
+    after = ngram.speculative_stats()
+    assert (
+        after["draft_tokens"] - before["draft_tokens"]
+        > after["accepted_tokens"] - before["accepted_tokens"]
+    ), "no draft was rejected: the check proves nothing"
+    for c in seen:
+        assert c and all(held == kv for held, kv in c), c
+    assert all(hi < 0 for _, hi in ngram.kv_cells())
+
+
+async def test_draft_model_self_greedy_exact_and_accepts_all(selfdraft):
+    plain = await _tokens(selfdraft, CHAT, speculative=False, n=32)
+    spec = await _tokens(selfdraft, CHAT, speculative=True, n=32)
+    assert spec == plain
+    st = selfdraft.speculative_stats()
+    assert st["draft_tokens"] > 0
+    assert st["acceptance_rate"] >= 0.9, st  # the draft is the target
+    assert st["tokens_per_decode"] > 1.0, st
+
+
+async def test_draft_model_batched_streams(selfdraft):
+    """The draft context holds one sequence per slot and drafts for both streams."""
+    before = selfdraft.speculative_stats()
+    spec = await asyncio.gather(
+        *(_tokens(selfdraft, t, speculative=True, n=24) for t in (CHAT, EDIT))
+    )
+    after = selfdraft.speculative_stats()
+    assert all(spec)
+    assert after["accepted_tokens"] - before["accepted_tokens"] >= 2 * 4  # both drafted
+    assert selfdraft.batching_stats().get("spec_batched_steps", 0) > 0
+
+
+async def test_generate_with_speculative_flag(ngram):
+    a = Response.collect([ev async for ev in ngram.generate(_req(True))])
+    b = Response.collect([ev async for ev in ngram.generate(_req(False))])
+    assert a.text == b.text and a.text
+
+
+def _req(spec: bool) -> Request:
+    return Request((Message.user(EDIT),), temperature=0.0, max_tokens=24, speculative=spec)
+
+
+def test_parse_draft_validates():
+    assert parse_draft(None) is None
+    assert parse_draft("ngram") == NgramDraft()
+    assert parse_draft({"type": "ngram", "n": 4}) == NgramDraft(n=4)
+    assert parse_draft({"path": "d.gguf", "p_min": 0.2}) == DraftModel("d.gguf", p_min=0.2)
+    for bad, word in (
+        ("eagle", "draft="),
+        ({"type": "ngram", "n": 0}, "n="),
+        ({"type": "ngram", "n_draft": MAX_N_DRAFT + 1}, "n_draft"),
+        ({"path": "d.gguf", "p_min": 1.5}, "p_min"),
+        ({"type": "ngram", "bogus": 1}, "bogus"),
+    ):
+        with pytest.raises(InvalidRequest, match=word):
+            parse_draft(bad)
+
+
+def test_llamacpp_refuses_bad_draft_before_loading(smollm2_path):
+    with pytest.raises(InvalidRequest, match="draft"):
+        _backend(smollm2_path, draft="medusa")
+
+
+def test_request_speculative_field():
+    r = Request((Message.user("hi"),), speculative=False)
+    assert Request.from_dict(r.to_dict()).speculative is False
+    assert Request.from_dict(Request((Message.user("hi"),)).to_dict()).speculative is True
+    with pytest.raises(InvalidRequest, match="speculative"):
+        Request((Message.user("hi"),), speculative="no")
+
+
+class _Vocab:
+    def __init__(self, texts: list[str], bos: int = 1, eos: int = 2) -> None:
+        self.texts, self.bos, self.eos, self.n_vocab = texts, bos, eos, len(texts)
+
+    def token_text(self, t: int) -> str:
+        return self.texts[t]
+
+
+def test_check_vocab_names_both_models():
+    base = ["a", "b", "c", "d"]
+    check_vocab(_Vocab(base), _Vocab(list(base)), "target.gguf", "draft.gguf")
+    for other in (_Vocab(base[:3]), _Vocab(["a", "b", "x", "d"]), _Vocab(base, eos=3)):
+        with pytest.raises(ModelLoadError, match=r"draft\.gguf.*target\.gguf"):
+            check_vocab(_Vocab(base), other, "target.gguf", "draft.gguf")
+
+
+def test_real_draft_with_other_vocabulary_is_refused(smollm2_path, tmp_path):
+    """A draft whose vocabulary differs is refused at load, naming both files."""
+    require_llama_core()
+    from inferd._fast import _llama as L
+
+    target = L.Model(str(smollm2_path))
+    try:
+        fake = _Vocab([target.token_text(t) for t in range(int(target.n_vocab) - 1)])
+        with pytest.raises(ModelLoadError, match=r"other\.gguf"):
+            check_vocab(target, fake, str(smollm2_path), "other.gguf")
+    finally:
+        target.close()
+
+
+def test_ngram_lookup_drafts_what_followed():
+    st = _NgramState(8)
+    hist = [1, 2, 3, 4, 5, 6, 9, 1, 2, 3]
+    assert st.draft(hist, 3, 8) == [4, 5, 6, 9, 1, 2, 3]
+    assert st.draft([*hist, 7], 3, 8) == []  # "2 3 7" never occurred
+    st.width = 2
+    assert st.draft([*hist, 7, 1, 2, 3], 3, 8) == [7, 1]
