@@ -283,7 +283,9 @@ def test_projector_of_another_width_is_a_model_load_error(synth_vision, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("content", [b"", b"GGUF", b"not a projector at all" * 100])
+@pytest.mark.parametrize(
+    "content", [b"", b"GGUF", b"not a projector at all" * 100], ids=["empty", "magic", "text"]
+)
 def test_projector_that_is_no_projector_is_a_model_load_error(synth_vision, tmp_path, content):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(content)

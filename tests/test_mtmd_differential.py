@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from inferd.errors import BackendUnavailable
 from tests.conftest import missing, require_llama_core
 from tests.test_llama_server import _serve, llama_server_bin  # noqa: F401
 
@@ -342,21 +341,8 @@ async def test_usage_counts_media_tokens_as_llama_server(vision_backend, vision_
     assert image.usage.input_tokens - text_only.usage.input_tokens == VisionShape().n_tokens
 
 
-#: Concurrent media streams as the engine first landed: a request's media is decoded and
-#: tokenized through the model's one Mtmd in the caller's thread while the scheduler thread
-#: encodes another's chunk, and the binding refuses ("this projector is in use by another
-#: thread"). Whether it hits depends on timing, so the tests that send media concurrently
-#: expect it (only that error) until the engine serialises its projector.
-PROJECTOR_RACE = pytest.mark.xfail(
-    strict=False,
-    raises=BackendUnavailable,
-    reason="concurrent media requests race on the one Mtmd (seen 2026-11-30)",
-)
-
-
 @pytest.mark.server
 @pytest.mark.slow
-@PROJECTOR_RACE
 async def test_batch_of_four_equals_llama_server(vision_backend, vision_server, cli_answers):
     """Four streams at once (two images, the audio clip, text only): each reply equals the
     peer's for the same request, and the media ones llama-mtmd-cli's."""
@@ -409,7 +395,6 @@ async def test_prefix_reuse_keys_media_by_content(vision_backend):
 
 
 @pytest.mark.slow
-@PROJECTOR_RACE
 async def test_concurrent_streams_with_and_without_media_each_end_once(vision_backend):
     """Eight streams at once, half with an image or the clip: every one ends with exactly
     one Done and the text it has alone."""
