@@ -510,6 +510,35 @@ def test_bridge_flags_make_the_policy() -> None:
     assert p.hosts == ("img.example",) and p.max_bytes == 99 and p.timeout_s == 2
 
 
+def test_bridge_toml_makes_the_policy(tmp_path: Path) -> None:
+    """``[bridge]`` in the --config file: hosts add to the flags', flags win on bounds;
+    a bad key or value stops the bridge with its name."""
+    import argparse
+
+    from inferd.serve import bridge
+    from inferd.serve.config import load_config
+
+    cfg = tmp_path / "inferd.toml"
+    cfg.write_text(
+        '[[backend]]\ntype = "mock"\n\n[bridge]\nallow_image_urls = ["a.example"]\n'
+        "image_url_max_bytes = 1000\nimage_url_timeout_s = 3.5\n"
+    )
+    load_config(cfg)  # the daemon's parser accepts the section
+    parser = argparse.ArgumentParser()
+    bridge.add_arguments(parser)
+    p = bridge._image_url_policy(parser.parse_args(["--config", str(cfg)]))
+    assert p.hosts == ("a.example",) and p.max_bytes == 1000 and p.timeout_s == 3.5
+    args = ["--config", str(cfg), "--allow-image-url", "b.example", "--image-url-max-bytes", "7"]
+    p = bridge._image_url_policy(parser.parse_args(args))
+    assert p.hosts == ("a.example", "b.example") and p.max_bytes == 7
+    cfg.write_text('[bridge]\nallow_image_url = ["typo.example"]\n')
+    with pytest.raises(bridge.BridgeError, match="allow_image_urls"):
+        bridge._image_url_policy(parser.parse_args(["--config", str(cfg)]))
+    cfg.write_text('[bridge]\nallow_image_urls = ["a"]\nimage_url_timeout_s = "soon"\n')
+    with pytest.raises(bridge.BridgeError, match="image URL settings"):
+        bridge._image_url_policy(parser.parse_args(["--config", str(cfg)]))
+
+
 def test_cli_run_with_an_image(synth_vision: Any, tmp_path: Path, capsys: Any) -> None:
     require_llama_core()
     from inferd.cli import main

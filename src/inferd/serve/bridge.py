@@ -704,6 +704,61 @@ def _image_url_policy(args: argparse.Namespace) -> Any:
     return ImageUrlPolicy(tuple(hosts), **bounds)
 
 
+#: ``[bridge]`` keys of a ``--config`` TOML file and the flags they stand for.
+_BRIDGE_TOML = {
+    "allow_image_urls": "--allow-image-url",
+    "image_url_max_bytes": "--image-url-max-bytes",
+    "image_url_timeout_s": "--image-url-timeout",
+}
+
+
+def _bridge_table(path: str | None) -> dict[str, Any]:
+    """The ``[bridge]`` table of the ``--config`` file (empty without one)."""
+    if not path:
+        return {}
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("bridge", {})
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise BridgeError(f"{path}: {e}") from None
+    if not isinstance(table, dict) or set(table) - set(_BRIDGE_TOML):
+        raise BridgeError(f"{path}: [bridge] takes only {', '.join(sorted(_BRIDGE_TOML))}")
+    hosts = table.get("allow_image_urls", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise BridgeError(f"{path}: [bridge] allow_image_urls must be a list of host names")
+    return table
+
+
+def _image_url_policy(args: argparse.Namespace) -> Any:
+    """The image URL policy of the flags and the config's ``[bridge]`` table (flags win),
+    or None when no host is listed (ADR 0028)."""
+    table = _bridge_table(getattr(args, "config", None))
+    hosts = [*table.get("allow_image_urls", []), *(getattr(args, "allow_image_url", None) or ())]
+    if not hosts:
+        return None
+    from inferd.serve.image_urls import ImageUrlPolicy
+
+    bounds = {
+        k: v
+        for k, v in (
+            ("max_bytes", _flag(args, "image_url_max_bytes", table, "image_url_max_bytes")),
+            ("timeout_s", _flag(args, "image_url_timeout", table, "image_url_timeout_s")),
+        )
+        if v is not None
+    }
+    try:
+        return ImageUrlPolicy(tuple(hosts), **bounds)
+    except (TypeError, ValueError) as e:
+        raise BridgeError(f"image URL settings: {e}") from None
+
+
+def _flag(args: argparse.Namespace, name: str, table: dict[str, Any], key: str) -> Any:
+    value = getattr(args, name, None)
+    return table.get(key) if value is None else value
+
+
 async def bridge_main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT. Prints the URL (one line, stdout) once listening."""
     api_key = None

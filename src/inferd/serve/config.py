@@ -353,11 +353,12 @@ def _positive(where: str, name: str, value: Any, *, integer: bool) -> Any:
 
 
 def parse_config(data: Mapping[str, Any], *, where: str = "config") -> Config:
-    unknown = set(data) - {"daemon", "router", "backend", "model", "groups", "pool"}
+    # [bridge]: the HTTP bridge's own settings, read by inferd.serve.bridge (ADR 0028)
+    unknown = set(data) - {"daemon", "router", "backend", "model", "groups", "pool", "bridge"}
     if unknown:
         raise ConfigError(
             f"{where}: unknown section(s) {sorted(unknown)}; "
-            "expected [daemon], [router], [[backend]], [[model]], [groups], [pool]"
+            "expected [daemon], [router], [[backend]], [[model]], [groups], [pool], [bridge]"
         )
     cfg = Config()
     daemon = data.get("daemon", {})
