@@ -686,24 +686,6 @@ def _backend_from_args(args: argparse.Namespace) -> Backend:
     return Client(args.socket, max_connections=args.daemon_connections)
 
 
-def _image_url_policy(args: argparse.Namespace) -> Any:
-    """The ``--allow-image-url`` policy, or None when no host is listed."""
-    hosts = getattr(args, "allow_image_url", None) or ()
-    if not hosts:
-        return None
-    from inferd.serve.image_urls import ImageUrlPolicy
-
-    bounds = {
-        k: v
-        for k, v in (
-            ("max_bytes", getattr(args, "image_url_max_bytes", None)),
-            ("timeout_s", getattr(args, "image_url_timeout", None)),
-        )
-        if v is not None
-    }
-    return ImageUrlPolicy(tuple(hosts), **bounds)
-
-
 #: ``[bridge]`` keys of a ``--config`` TOML file and the flags they stand for.
 _BRIDGE_TOML = {
     "allow_image_urls": "--allow-image-url",
