@@ -209,6 +209,7 @@ def test_text_runs_stop_at_media() -> None:
     assert mp.text_run(prompt, 0, 100) == [1, 2, 3]
     assert mp.text_run(prompt, 0, 2) == [1, 2]
     assert mp.text_run(prompt, 3, 100) == []
+    assert mp.text_run(prompt, 4, 100) == []  # inside the media: never placeholders
     assert mp.text_run(prompt, 6, 100) == [4, 5]
     assert mp.span_at(3) == (3, 1, 3) and mp.span_at(5) == (3, 1, 3)
     assert mp.span_at(6) is None and mp.span_at(0) is None
@@ -290,6 +291,34 @@ async def test_same_image_same_reply(vision: Any) -> None:
     assert warm[-1].usage.cached_tokens > IMAGE_TOKENS
     text = lambda evs: "".join(getattr(e, "text", "") for e in evs[:-1])  # noqa: E731
     assert text(cold) == text(warm)
+
+
+async def test_media_decoded_a_piece_per_step(synth_vision: Any, vision: Any) -> None:
+    """With step_tokens=16 the image's 64 cells go in four steps (a decoding stream
+    waits for one piece at a time) and the reply is the one-piece reply."""
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+
+    img = png(20, 20, (90, 90, 250))
+    b = LlamaCpp(
+        synth_vision.model,
+        mmproj=synth_vision.mmproj,
+        n_ctx=2048,
+        n_threads=2,
+        parallel=2,
+        step_tokens=16,
+    )
+    try:
+        small = [ev async for ev in b.generate(ask(ImageBlock(data=img), n=6))]
+        stats = b.batching_stats()
+    finally:
+        b.close()
+    vision.clear_prefix_cache()
+    whole = [ev async for ev in vision.generate(ask(ImageBlock(data=img), n=6))]
+    assert stats["media_chunks"] == 1 and stats["media_tokens"] == IMAGE_TOKENS
+    assert stats["media_pieces"] == IMAGE_TOKENS // 16
+    text = lambda evs: "".join(getattr(e, "text", "") for e in evs[:-1])  # noqa: E731
+    assert text(small) == text(whole)
 
 
 async def test_audio_and_attachments(vision: Any) -> None:

@@ -184,3 +184,50 @@ def test_bitmaps_and_tokenize_run_beside_an_encode(L: Any, pair_model: Any, proj
         ctx.close()
     assert not errors, errors
     assert reads >= 3 and ctx.closed
+
+
+def test_embeddings_decoded_in_pieces_equal_one_eval(L: Any, pair_model: Any, proj: Any) -> None:
+    """encode + decode_embeddings in four pieces (what the scheduler does a piece per
+    step) leaves the same next-token logits as mtmd's own encode-and-decode."""
+    bm = proj.bitmap(IMAGE.read_bytes())
+    chunks = proj.tokenize("a <__media__> b", [bm])
+    head, tail = chunks.tokens(0), chunks.tokens(2)
+    out = []
+    for split in (False, True):
+        ctx = L.Context(pair_model, n_ctx=512, n_batch=64, n_seq_max=1, n_threads=2)
+        try:
+            batch = L.Batch(64, 1)
+            batch.add_sequence(head, 0, 0, False)
+            ctx.decode(batch)
+            if split:
+                emb = proj.encode(chunks, 1)
+                assert (emb.n_tokens, emb.non_causal) == (IMAGE_TOKENS, False)
+                for at in range(0, IMAGE_TOKENS, 16):
+                    L.decode_embeddings(ctx, emb, at, 16, len(head) + at, 0)
+            else:
+                proj.eval_chunk(ctx, chunks, 1, len(head), 0, 64)
+            batch.clear()
+            batch.add_sequence(tail, len(head) + IMAGE_TOKENS, 0, True)
+            ctx.decode(batch)
+            out.append(list(ctx.logits(-1)))
+        finally:
+            ctx.close()
+    whole, pieces = out
+    top = max(range(len(whole)), key=whole.__getitem__)
+    assert top == max(range(len(pieces)), key=pieces.__getitem__)
+    assert max(abs(a - b) for a, b in zip(whole, pieces, strict=True)) < 1e-2
+
+
+def test_decode_embeddings_checks_its_piece(L: Any, pair_model: Any, proj: Any) -> None:
+    chunks = proj.tokenize("<__media__>", [proj.bitmap(IMAGE.read_bytes())])
+    emb = proj.encode(chunks, 0)
+    ctx = L.Context(pair_model, n_ctx=512, n_batch=32, n_seq_max=1, n_threads=2)
+    try:
+        with pytest.raises(ValueError, match="bad piece"):
+            L.decode_embeddings(ctx, emb, 60, 8, 0, 0)
+        with pytest.raises(ValueError, match="n_batch"):
+            L.decode_embeddings(ctx, emb, 0, 64, 0, 0)
+        with pytest.raises(TypeError):
+            L.Embeddings()
+    finally:
+        ctx.close()

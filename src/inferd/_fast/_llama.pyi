@@ -234,6 +234,15 @@ class Chunks:
     def n_pos(self, i: int) -> int: ...
     def id(self, i: int) -> str | None: ...
 
+class Embeddings:
+    n_tokens: int
+    n_embd: int
+    non_causal: bool
+
+def decode_embeddings(
+    ctx: Context, emb: Embeddings, start: int, count: int, pos0: int, seq_id: int
+) -> None: ...
+
 class Mtmd:
     model: Model
     path: str
@@ -269,6 +278,7 @@ class Mtmd:
         add_special: bool = True,
         parse_special: bool = True,
     ) -> Chunks: ...
+    def encode(self, chunks: Chunks, i: int) -> Embeddings: ...
     def eval_chunk(
         self, ctx: Context, chunks: Chunks, i: int, n_past: int, seq_id: int, n_batch: int
     ) -> int: ...

@@ -7,6 +7,9 @@
 # drift from llama-server. We own the scheduling: a media chunk is encoded and decoded
 # into any sequence at any position, GIL released, one call at a time per Mtmd.
 
+from libc.string cimport memcpy
+
+
 cdef extern from "mtmd.h" nogil:
     cdef struct mtmd_context:
         pass
@@ -69,6 +72,12 @@ cdef extern from "mtmd.h" nogil:
                           size_t n_bitmaps)
     int32_t mtmd_encode_chunk(mtmd_context * ctx, const mtmd_input_chunk * chunk)
     float * mtmd_get_output_embd(mtmd_context * ctx)
+    cppbool mtmd_decode_use_non_causal(const mtmd_context * ctx, const mtmd_input_chunk * chunk)
+
+
+cdef extern from "llama.h" nogil:
+    int32_t llama_model_n_embd_inp(const llama_model * model)
+    void llama_set_causal_attn(llama_context * ctx, cppbool causal_attn)
 
 
 cdef extern from "mtmd-helper.h" nogil:
@@ -194,6 +203,63 @@ cdef class Chunks:
     def id(self, i):
         cdef const char * s = mtmd_input_chunk_get_id(self._get(i))
         return None if s == NULL else (<bytes>s).decode("ascii", "replace")
+
+
+cdef class Embeddings:
+    """One media chunk's encoded embeddings (``n_tokens`` x ``n_embd`` floats), copied out
+    of the projector so its next encode cannot overwrite them: the scheduler decodes
+    them into a sequence a piece per step (:func:`decode_embeddings`)."""
+
+    cdef float * data
+    cdef readonly int n_tokens
+    cdef readonly int n_embd
+    #: the model family attends to a media chunk bidirectionally (decode it whole)
+    cdef readonly bint non_causal
+
+    def __init__(self):
+        raise TypeError("Embeddings objects come from Mtmd.encode")
+
+    def __dealloc__(self):
+        free(self.data)
+        self.data = NULL
+
+
+def decode_embeddings(Context ctx, Embeddings emb, int start, int count, int pos0,
+                      int seq_id):
+    """Decode embeddings ``[start, start + count)`` of ``emb`` into ``seq_id`` at positions
+    ``pos0, pos0 + 1, ...`` (no logits), GIL released; non-causal attention around it
+    when the model wants it. For projectors without M-RoPE (refused by the backend)."""
+    ctx._check()
+    if start < 0 or count < 1 or start + count > emb.n_tokens or pos0 < 0 or seq_id < 0:
+        raise ValueError(f"bad piece [{start}, {start + count}) of {emb.n_tokens} embeddings")
+    if emb.n_embd != llama_model_n_embd_inp(ctx.model.ptr):
+        raise ValueError("these embeddings are not of this context's model width")
+    if count > <int>llama_n_batch(ctx.ptr):
+        raise ValueError(f"count={count} exceeds the context's n_batch")
+    cdef llama_batch b = llama_batch_init(count, emb.n_embd, 1)
+    cdef int j
+    cdef int32_t rc
+    memcpy(b.embd, emb.data + <size_t>start * emb.n_embd,
+           <size_t>count * emb.n_embd * sizeof(float))
+    for j in range(count):
+        b.pos[j] = pos0 + j
+        b.n_seq_id[j] = 1
+        b.seq_id[j][0] = seq_id
+        b.logits[j] = 0
+    b.n_tokens = count
+    ctx._enter()
+    try:
+        with nogil:
+            if emb.non_causal:
+                llama_set_causal_attn(ctx.ptr, False)
+            rc = llama_decode(ctx.ptr, b)
+            if emb.non_causal:
+                llama_set_causal_attn(ctx.ptr, True)
+    finally:
+        ctx._leave()
+        llama_batch_free(b)
+    if rc != 0:
+        raise RuntimeError(f"decoding media embeddings failed (llama_decode returned {rc})")
 
 
 # no_gc_clear: the model must outlive this object's __dealloc__ (mtmd keeps its pointer).
@@ -394,6 +460,39 @@ cdef class Mtmd:
             why = "; ".join(_recent) or f"code {rc}"
             raise ValueError(f"libmtmd could not tokenize the prompt: {why}")
         return out
+
+    def encode(self, Chunks chunks, int i):
+        """Encode media chunk ``i`` (GIL released) into :class:`Embeddings` of its own."""
+        self._check()
+        if chunks.owner is not self:
+            raise ValueError("these chunks come from another projector")
+        cdef const mtmd_input_chunk * ch = chunks._get(i)
+        if mtmd_input_chunk_get_type(ch) == MTMD_INPUT_CHUNK_TYPE_TEXT:
+            raise ValueError(f"chunk {i} is text; decode its tokens with a Batch")
+        cdef int n = <int>mtmd_input_chunk_get_n_tokens(ch)
+        cdef int n_embd = llama_model_n_embd_inp(self.model.ptr)
+        cdef Embeddings emb = Embeddings.__new__(Embeddings)
+        emb.data = <float *>malloc(<size_t>n * n_embd * sizeof(float))
+        if emb.data == NULL:
+            raise MemoryError()
+        emb.n_tokens = n
+        emb.n_embd = n_embd
+        emb.non_causal = mtmd_decode_use_non_causal(self.ptr, ch)
+        cdef int32_t rc
+        _recent.clear()
+        self._enter()
+        try:
+            with nogil:
+                rc = mtmd_encode_chunk(self.ptr, ch)
+                if rc == 0:
+                    memcpy(emb.data, mtmd_get_output_embd(self.ptr),
+                           <size_t>n * n_embd * sizeof(float))
+        finally:
+            self._leave()
+        if rc != 0:
+            why = "; ".join(_recent) or f"code {rc}"
+            raise RuntimeError(f"libmtmd could not encode the media: {why}")
+        return emb
 
     def eval_chunk(self, Context ctx, Chunks chunks, int i, int n_past, int seq_id,
                    int n_batch):

@@ -15,8 +15,9 @@ everything token lists already have, unchanged:
 
 Placeholders never reach a ``Batch``: :meth:`MediaPrompt.text_run` cuts each prompt
 chunk before the next media span, and :func:`step` (the scheduler's hook, once per step
-in its thread) encodes and decodes one media chunk with the GIL released, so a stream
-that is decoding waits at most one media chunk per step. M-RoPE projectors (positions
+in its thread) encodes a media chunk once and decodes its embeddings a piece of
+``step_tokens`` per step, GIL released, so a stream that is decoding waits for one
+encode or one piece per step, as for a text prompt chunk. M-RoPE projectors (positions
 that advance less than the cells) are refused at load: the scheduler's positions are
 list indices.
 """
@@ -121,10 +122,14 @@ class MediaPrompt:
 
     def __post_init__(self) -> None:
         self._starts = sorted(self.spans)
+        #: the span being decoded a piece per step: (start, Embeddings), or None
+        self.active: tuple[int, Any] | None = None
 
     def text_run(self, prompt: Sequence[int], n_past: int, room: int) -> list[int]:
         """The prompt's next text tokens from ``n_past`` (at most ``room``), stopping
-        before the next media span; empty when a media chunk comes first."""
+        before the next media span; empty when ``n_past`` is at or inside a media span."""
+        if self.span_at(n_past) is not None:
+            return []
         end = min(n_past + room, len(prompt))
         k = bisect.bisect_right(self._starts, n_past - 1)
         if k < len(self._starts):
@@ -240,8 +245,14 @@ def _bitmap(mtmd: Any, kind: str, data: bytes, name: str, limits: MediaLimits) -
 
 
 def step(sched: Any) -> None:
-    """The scheduler's hook (its thread, context lock held): evaluate the media chunk
-    that one prefilling sequence has reached (the oldest admitted), at most one per step."""
+    """The scheduler's hook (its thread, context lock held): advance the media of one
+    prefilling sequence (the oldest admitted that has reached media) by one piece.
+
+    A media chunk is encoded once (GIL released) and its embeddings are decoded a piece
+    of at most ``step_tokens`` per step, like a text prompt chunk, so a decoding stream
+    waits one encode or one piece per step; a model that attends to media
+    bidirectionally (mtmd's non-causal rule) gets its chunk decoded whole, in
+    ``n_batch`` pieces, as mtmd's own helper does."""
     for s in sched._active:
         if s.media is not None and getattr(s, "speculative", False):
             # drafts are proposed from the token list, whose media cells are placeholders
@@ -254,19 +265,36 @@ def step(sched: Any) -> None:
         span = m.span_at(s.n_past)
         if span is None:
             continue
-        start, idx, n = span
+        try:
+            _advance(sched, s, m, span)
+        except Exception as e:  # the stream gets the error
+            m.active = None
+            sched._decode_failed(e, [s])
+        return
+
+
+def _advance(sched: Any, s: Any, m: MediaPrompt, span: tuple[int, int, int]) -> None:
+    from inferd._fast._llama import decode_embeddings
+
+    start, idx, n = span
+    if m.active is None or m.active[0] != start:
         if start < s.n_past:  # a reused prefix ended inside the media: redo it whole
             sched.ctx.seq_rm(s.seq, start, -1)
             del s.kv[start:]
             s.n_past = start
             s.cached_tokens = min(s.cached_tokens, start)
-        try:
-            m.mtmd.eval_chunk(sched.ctx, m.chunks, idx, len(s.kv), s.seq, sched.step_tokens)
-        except Exception as e:  # the stream gets the error
-            sched._decode_failed(e, [s])
-            return
-        s.kv.extend(s.prompt[start : start + n])
-        s.n_past = start + n
+        m.active = (start, m.mtmd.encode(m.chunks, idx))
+    emb = m.active[1]
+    offset = s.n_past - start
+    width = sched.batch_capacity if emb.non_causal else sched.step_tokens
+    pieces = range(offset, n, width) if emb.non_causal else (offset,)
+    for at in pieces:
+        count = min(width, n - at)
+        decode_embeddings(sched.ctx, emb, at, count, len(s.kv), s.seq)
+        s.kv.extend(s.prompt[s.n_past : s.n_past + count])
+        s.n_past += count
+        sched.stats["media_tokens"] += count
+        sched.stats["media_pieces"] += 1
+    if s.n_past >= start + n:
+        m.active = None
         sched.stats["media_chunks"] += 1
-        sched.stats["media_tokens"] += n
-        return
