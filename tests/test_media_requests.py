@@ -321,6 +321,33 @@ async def test_media_decoded_a_piece_per_step(synth_vision: Any, vision: Any) ->
     assert text(small) == text(whole)
 
 
+async def test_media_streams_decode_without_speculation(synth_vision: Any, vision: Any) -> None:
+    """With n-gram drafting on, an image request (whose token list holds placeholders)
+    decodes without drafts and replies as without speculation; text streams still draft."""
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+
+    img = png(12, 12, (250, 250, 0))
+    b = LlamaCpp(
+        synth_vision.model,
+        mmproj=synth_vision.mmproj,
+        n_ctx=2048,
+        n_threads=2,
+        parallel=2,
+        draft="ngram",
+    )
+    try:
+        spec = [ev async for ev in b.generate(ask(ImageBlock(data=img), n=12))]
+        drafted_media = b.batching_stats().get("spec_drafted", 0)
+    finally:
+        b.close()
+    vision.clear_prefix_cache()
+    plain = [ev async for ev in vision.generate(ask(ImageBlock(data=img), n=12))]
+    text = lambda evs: "".join(getattr(e, "text", "") for e in evs[:-1])  # noqa: E731
+    assert text(spec) == text(plain)
+    assert drafted_media == 0
+
+
 async def test_audio_and_attachments(vision: Any) -> None:
     data = MP3.read_bytes()
     d = await done_of(
