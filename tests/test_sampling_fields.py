@@ -198,6 +198,24 @@ async def test_dry_breaks_a_greedy_repetition(backend) -> None:
     assert await reply(backend, temperature=0, dry_multiplier=0.8, dry_penalty_last_n=-1)
 
 
+async def test_dry_settings_are_prepared_off_the_event_loop(backend, monkeypatch) -> None:
+    """Preparing DRY walks the vocabulary; doing it on the loop would let one client's
+    new settings stall every other stream (no client may stall another)."""
+    import threading
+
+    seen: list[bool] = []
+    prepare = backend._prepare_choices
+
+    def spy(request: Request) -> Any:
+        seen.append(threading.current_thread() is threading.main_thread())
+        return prepare(request)
+
+    monkeypatch.setattr(backend, "_prepare_choices", spy)
+    await reply(backend, temperature=0, dry_multiplier=0.8, dry_allowed_length=3)
+    await reply(backend, temperature=0)
+    assert seen == [False, True]  # DRY in a worker thread; plain requests stay inline
+
+
 @pytest.mark.parametrize(
     ("base", "extra"),
     [

@@ -541,7 +541,13 @@ class LlamaCpp(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:  # type: ignore[override]
         start = time.perf_counter()
-        tokens, samplers, parsers, special = self._prepare_choices(request)
+        if request.dry_multiplier:
+            # Preparing a DRY sampler walks the vocabulary (up to ~100 ms for new
+            # settings): off the loop, so one client's settings never stall others.
+            prepared = await asyncio.to_thread(self._prepare_choices, request)
+        else:
+            prepared = self._prepare_choices(request)
+        tokens, samplers, parsers, special = prepared
         top = (request.top_logprobs or 0) if request.logprobs else None
         # Pre-stream: InvalidRequest (never fits) / QueueFull raise from here; the
         # scheduler fits max_tokens to the sequence (stream.max_tokens).
