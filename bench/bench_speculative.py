@@ -1,0 +1,254 @@
+"""Speculative decoding with n-gram drafting on CPU, SmolLM2-135M-Instruct (issue 20,
+docs/adr/0027-speculative-decoding-batched.md).
+
+Three peers, all over HTTP (non-streamed ``/v1/chat/completions``, greedy, same slots,
+context, threads, batch and flash-attention setting, ``bench/servers.py``):
+
+* ``ours-spec``: ``inferd bridge`` with ``draft = {type = "ngram", n = N, n_draft = M}``;
+* ``ours-plain``: the same bridge without a draft (our non-speculative path);
+* ``server-spec``: llama-server built from the vendored tree with ``--spec-type
+  ngram-simple --spec-ngram-simple-size-n N --spec-ngram-simple-size-m M`` (its lookup
+  of the last N tokens in the sequence's history, drafting the M that followed).
+
+Two tasks: ``edit`` (the prompt holds a 60-line function; the reply rewrites it with one
+change, so most of the reply quotes the prompt) and ``chat`` (a plain question; little
+repeats). At each concurrency (1 and 8 streams) a round runs every peer once per task in
+an order that rotates by round; a peer's figure is its decode throughput: tokens after
+each reply's first, over the time from the earliest first token to the last end (the
+prefill is left out). Reported: the median over rounds of the per-round ratios
+ours-spec/ours-plain and ours-spec/server-spec (decode throughput; higher is better).
+
+    python bench/bench_speculative.py [--smoke] [--tokens T] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+#: Slots of every peer (the widest concurrency measured).
+SLOTS = 8
+#: KV cells per slot: the edit prompt (about 700 tokens) and its reply.
+CTX_PER_SLOT = 2048
+#: Compute threads of every peer.
+THREADS = 2
+#: n-gram lookup length and most tokens drafted, the same for both speculating peers.
+NGRAM_N = 3
+N_DRAFT = 16
+#: Seconds a peer gets to answer /health after start.
+SERVER_START_TIMEOUT_S = 180.0
+#: Seconds one request may take.
+REQUEST_TIMEOUT_S = 900.0
+PEERS = ("ours-spec", "ours-plain", "server-spec")
+TASKS = ("edit", "chat")
+
+
+def _function(lines: int = 60) -> str:
+    """A 60-line Python function (plain, varied statements, no randomness)."""
+    body = ["def summarize(records, limit=10):", '    """Totals per key, largest first."""']
+    body += ["    totals = {}", "    counts = {}"]
+    i = 0
+    while len(body) < lines - 3:
+        body += [
+            f"    for rec in records[{i}::{i + 2}]:",
+            f"        key = rec.get('k{i}', 'none')",
+            f"        totals[key] = totals.get(key, 0) + rec.get('v{i}', {i})",
+            "        counts[key] = counts.get(key, 0) + 1",
+        ]
+        i += 1
+    body += ["    order = sorted(totals, key=totals.get, reverse=True)", "    return order[:limit]"]
+    return "\n".join(body[:lines])
+
+
+def task_prompt(task: str) -> str:
+    if task == "edit":
+        return (
+            "Here is a Python function:\n\n```python\n" + _function() + "\n```\n\n"
+            "Rewrite the whole function with one change: rename the variable `totals` to "
+            "`sums`. Reply with the complete code only."
+        )
+    return "Tell me about the history of the city of Lyon, in a few paragraphs."
+
+
+def _request(url: str, task: str, tokens: int) -> tuple[float, float, int]:
+    """One streamed greedy request: (first token time, end time, completion tokens)."""
+    body = {
+        "messages": [{"role": "user", "content": task_prompt(task)}],
+        "temperature": 0.0,
+        "max_tokens": tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    first, chunks, usage = 0.0, 0, 0
+    with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("usage"):
+                usage = int(msg["usage"].get("completion_tokens") or 0)
+            if any((c.get("delta") or {}).get("content") for c in msg.get("choices") or ()):
+                chunks += 1
+                first = first or time.perf_counter()
+    return first, time.perf_counter(), usage or chunks
+
+
+async def _measure(url: str, task: str, tokens: int, streams: int) -> float:
+    """Decode tokens per second of ``streams`` concurrent requests: tokens after each
+    reply's first, over the time from the earliest first token to the last end (the
+    prompt's prefill is left out: speculation only changes decoding)."""
+    got = await asyncio.gather(
+        *(asyncio.to_thread(_request, url, task, tokens) for _ in range(streams))
+    )
+    firsts = [g[0] for g in got if g[0]]
+    if not firsts:
+        return 0.0
+    span = max(g[1] for g in got) - min(firsts)
+    return sum(max(0, g[2] - 1) for g in got) / span if span > 0 else 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_peers(model: str) -> dict[str, Any]:
+    from bench.fair import our_flash_attn
+    from bench.peers import ensure_peer
+    from bench.servers import Settings, start_bridge
+
+    s = Settings(model, SLOTS, CTX_PER_SLOT, THREADS, 0, our_flash_attn(model))
+    peers: dict[str, Any] = {}
+    try:
+        peers["ours-plain"] = start_bridge(s, "split")
+        peers["ours-spec"] = _start_spec_bridge(s)
+        peers["server-spec"] = _start_spec_server(ensure_peer("llama-server"), s)
+        for p in peers.values():
+            _wait_health(p)
+    except BaseException:
+        for p in peers.values():
+            p.stop()
+        raise
+    return peers
+
+
+def _start_spec_bridge(s: Any) -> Any:
+    """The bridge with n-gram drafting: bench/servers.py's config plus one line."""
+    from bench import servers
+
+    orig = servers.bridge_config
+    draft = f'draft = {{ type = "ngram", n = {NGRAM_N}, n_draft = {N_DRAFT} }}\n'
+    servers.bridge_config = lambda st, layout: orig(st, layout) + draft  # type: ignore[assignment]
+    try:
+        return servers.start_bridge(s, "split")
+    finally:
+        servers.bridge_config = orig  # type: ignore[assignment]
+
+
+def _start_spec_server(exe: Path, s: Any) -> Any:
+    import subprocess
+
+    from bench.fair import server_fa_flag
+    from bench.servers import N_BATCH, Server
+
+    port = _free_port()
+    cmd = [
+        str(exe),
+        *("-m", s.model, "-np", str(s.conc), "-c", str(s.conc * s.ctx_per_slot)),
+        *("-t", str(s.threads), "-tb", str(s.threads), "-b", str(N_BATCH), "-ub", str(N_BATCH)),
+        *server_fa_flag(s.flash_attn),
+        "--no-kv-unified",
+        *("--host", "127.0.0.1", "--port", str(port), "--no-webui", "-ngl", "0"),
+        *("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(NGRAM_N)),
+        *("--spec-ngram-simple-size-m", str(N_DRAFT), "--spec-draft-n-max", str(N_DRAFT)),
+    ]
+    log = Path(tempfile.mkstemp(prefix="inferd-bench-spec-", suffix=".log")[1])
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f)
+    return Server("llama-server spec", proc, f"http://127.0.0.1:{port}", [log])
+
+
+def _wait_health(server: Any) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not server.alive():
+            tail = server.files[-1].read_text(errors="replace")[-1500:] if server.files else ""
+            raise RuntimeError(f"{server.name} exited during start: {tail}")
+        try:
+            with urllib.request.urlopen(f"{server.base_url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{server.name} did not become healthy")
+
+
+async def _run(tokens: int, rounds: int, widths: tuple[int, ...]) -> dict[str, float]:
+    from inferd import models
+
+    model = str(models.resolve("smollm2-135m", pull=True, progress=False))
+    peers = _start_peers(model)
+    ratios: dict[str, list[float]] = {}
+    try:
+        for task in TASKS:  # warm every peer once
+            for name in PEERS:
+                await _measure(peers[name].base_url, task, 8, 1)
+        for width in widths:
+            for r in range(rounds):
+                for task in TASKS:
+                    order = PEERS[r % 3 :] + PEERS[: r % 3]
+                    tps = {n: await _measure(peers[n].base_url, task, tokens, width) for n in order}
+                    line = ", ".join(f"{n} {tps[n]:.1f} tok/s" for n in PEERS)
+                    print(f"{width} streams, round {r + 1}, {task}: {line}", flush=True)
+                    key = f"{task} x{width}"
+                    ratios.setdefault(f"{key} spec/plain", []).append(
+                        tps["ours-spec"] / tps["ours-plain"]
+                    )
+                    ratios.setdefault(f"{key} ours/server", []).append(
+                        tps["ours-spec"] / tps["server-spec"]
+                    )
+    finally:
+        for p in peers.values():
+            p.stop()
+    return {k: statistics.median(v) for k, v in ratios.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
+    p.add_argument("--tokens", type=int, default=None, help="most tokens per reply")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--streams", default=None, help="comma-separated concurrencies (1,8)")
+    args = p.parse_args(argv)
+    tokens = args.tokens or (48 if args.smoke else 400)
+    rounds = args.rounds or (1 if args.smoke else 5)
+    widths = tuple(int(x) for x in (args.streams or ("1,2" if args.smoke else "1,8")).split(","))
+    out = asyncio.run(_run(tokens, rounds, widths))
+    print(
+        f"SmolLM2-135M, greedy, up to {tokens} tokens, {rounds} rounds, {THREADS} threads, "
+        f"n-gram n={NGRAM_N} draft<={N_DRAFT}; median per-round ratio of decode tok/s"
+    )
+    for k, v in out.items():
+        print(f"{k:<28}{v:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
