@@ -172,17 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None, help="tokens per reply")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--binding-only", action="store_true", help="skip the llama-server table")
+    p.add_argument("--peers-only", action="store_true", help="skip the binding table")
     args = p.parse_args(argv)
     tokens = args.tokens or (24 if args.smoke else 128)
     rounds = args.rounds or (2 if args.smoke else 7)
     from inferd import models
 
     model = str(models.resolve("smollm2-135m", pull=True, progress=False))
-    rates = _binding(model, tokens, rounds)
     print(f"SmolLM2-135M, greedy, {tokens} tokens, {rounds} rounds, {THREADS} threads")
-    print(f"{'binding (in-process)':<24}{'tok/s':>10}{'x plain':>10}")
-    for k, v in rates.items():
-        print(f"{k:<24}{v:>10.1f}{v / rates['plain']:>10.2f}")
+    if not args.peers_only:
+        rates = _binding(model, tokens, rounds)
+        print(f"{'binding (in-process)':<24}{'tok/s':>10}{'x plain':>10}")
+        for k, v in rates.items():
+            print(f"{k:<24}{v:>10.1f}{v / rates['plain']:>10.2f}")
     if not args.binding_only:
         out = asyncio.run(_peers(model, tokens, rounds))
         print(f"{'peer':<24}{'constrained/plain tok/s':>26}")
