@@ -174,6 +174,14 @@ class LlamaCpp(Backend):
         process (ADR 0019). ``tensor_split``: each device's share (workers first).
     :param rpc_in_process: load the split in this process instead (a lost worker then
         aborts it); ``rpc_read_timeout_s``: longest silence of a split's stream.
+    :param flash_attn: ``"auto"`` (default), ``"on"`` or ``"off"``; ``type_k`` /
+        ``type_v``: KV cache types (``f16``, ``q8_0``, ``q4_0``, ...; a quantised V cache
+        needs flash attention); ``n_ubatch``, ``offload_kqv``, ``split_mode`` /
+        ``main_gpu``, ``use_mlock``, ``rope_scaling`` / ``rope_freq_*`` / ``yarn_*``:
+        libllama's context and model settings of the same names
+        (docs/adr/0026-grammar-fast-path-and-context-knobs.md).
+    :param lora: ``[(path, scale), ...]`` LoRA adapters loaded at start and applied to
+        every stream; a request's ``lora`` may only repeat these scales (ADR 0026).
     """
 
     name = "llamacpp"
