@@ -174,6 +174,10 @@ class LlamaCpp(Backend):
         process (ADR 0019). ``tensor_split``: each device's share (workers first).
     :param rpc_in_process: load the split in this process instead (a lost worker then
         aborts it); ``rpc_read_timeout_s``: longest silence of a split's stream.
+    :param draft: speculative decoding: ``"ngram"`` / ``NgramDraft(n, n_draft)`` (prompt
+        lookup) or ``DraftModel(path, n_draft=, p_min=)`` (a draft GGUF with the same
+        vocabulary); drafts are verified in the batch's decode, ``Request.speculative``
+        turns it off per request (docs/adr/0027-speculative-decoding-batched.md).
     :param flash_attn: ``"auto"`` (default), ``"on"`` or ``"off"``; ``type_k`` /
         ``type_v``: KV cache types (``f16``, ``q8_0``, ``q4_0``, ...; a quantised V cache
         needs flash attention); ``n_ubatch``, ``offload_kqv``, ``split_mode`` /
