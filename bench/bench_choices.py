@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 #: Slots of both peers (n=4 needs four sequences decoded together).
@@ -163,6 +164,8 @@ async def _run(tokens: int, rounds: int) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Run as a script (python bench/x.py) as well as under run_all: bench.* imports work.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
     p.add_argument("--tokens", type=int, default=None, help="tokens per reply (per choice)")
