@@ -129,6 +129,8 @@ def test_command_line_flags_set_the_knobs():
             "a.gguf:0.25",
             "--lora",
             "b.gguf",
+            "--draft",
+            "ngram",
         ]
     )
     opts = backend_spec(args).options
@@ -136,15 +138,23 @@ def test_command_line_flags_set_the_knobs():
     assert opts["n_ubatch"] == 64 and opts["offload_kqv"] is False and opts["use_mlock"]
     assert opts["rope_freq_scale"] == 0.5
     assert opts["lora"] == [("a.gguf", 0.25), ("b.gguf", 1.0)]
+    assert opts["draft"] == "ngram"
 
     import argparse
 
     serve = argparse.ArgumentParser()
     add_arguments(serve)
-    sargs = serve.parse_args(["--cache-type-k", "q4_0", "--split-mode", "row"])
+    sargs = serve.parse_args(
+        ["--cache-type-k", "q4_0", "--split-mode", "row", "--draft", "small.gguf"]
+    )
     cfg = Config(backends=[BackendSpec("llamacpp", {"model": "m"}), BackendSpec("mock", {})])
     override_llamacpp(cfg, llamacpp_overrides(sargs))
-    assert cfg.backends[0].options == {"model": "m", "type_k": "q4_0", "split_mode": "row"}
+    assert cfg.backends[0].options == {
+        "model": "m",
+        "type_k": "q4_0",
+        "split_mode": "row",
+        "draft": {"path": "small.gguf"},
+    }
     assert cfg.backends[1].options == {}
 
 

@@ -277,6 +277,13 @@ def add_llamacpp_arguments(parser: Any) -> None:
         metavar="PATH[:SCALE]",
         help="a LoRA adapter loaded at start (repeatable; scale default 1.0)",
     )
+    parser.add_argument(
+        "--draft",
+        default=None,
+        metavar="ngram|PATH",
+        help="speculative decoding: 'ngram' (prompt lookup) or a draft model's GGUF "
+        "(docs/adr/0027-speculative-decoding-batched.md)",
+    )
 
 
 def llamacpp_overrides(args: Any) -> dict[str, Any]:
@@ -301,6 +308,9 @@ def llamacpp_overrides(args: Any) -> dict[str, Any]:
             loras.append((item, 1.0))  # a ':' inside the path, no scale
     if loras:
         out["lora"] = loras
+    draft = getattr(args, "draft", None)
+    if draft:
+        out["draft"] = "ngram" if draft == "ngram" else {"path": draft}
     return out
 
 
