@@ -18,8 +18,6 @@ except ImportError:
     missing("the opentelemetry SDK (the inferd[otel] extra)")
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from inferd.backends.mock import Mock
@@ -30,23 +28,18 @@ from inferd.serve.daemon import Daemon
 from inferd.tracing import MAX_TRACE_HEADER_CHARS
 from inferd.types import Request
 
+from .otel_spans import memory_spans
 from .serve_helpers import RawConn, gen_frame, short_tmpdir
 from .upstream import Stream, Upstream, text_stream
 
-_EXPORTER = InMemorySpanExporter()
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
-    """The global provider is set once per process (the API allows one); cleared per test."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-    _EXPORTER.clear()
-    return _EXPORTER
+    """The process's one exporter (tests/otel_spans.py), cleared per test."""
+    return memory_spans()
 
 
 def _hex(n: int, width: int) -> str:

@@ -14,8 +14,6 @@ except ImportError:
     missing("the opentelemetry SDK (the inferd[otel] extra)")
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
@@ -27,23 +25,18 @@ from inferd.serve.observed import ObservedBackend
 from inferd.serve.prometheus import Telemetry
 from inferd.types import Request
 
+from .otel_spans import memory_spans
+
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 TOKENS = ["a ", "b ", "c"]
 
-_EXPORTER = InMemorySpanExporter()
-
 
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
-    """The global provider is set once per process (the API allows one); cleared per test."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-    _EXPORTER.clear()
-    return _EXPORTER
+    """The process's one exporter (tests/otel_spans.py), cleared per test."""
+    return memory_spans()
 
 
 def body(stream: bool) -> dict:
