@@ -453,6 +453,9 @@ class SentinelParser:
         body = self._buf
         if len(body) > MAX_STREAMED_CALL_CHARS:
             return
+        if type(self).partial_call is not SentinelParser.partial_call:
+            self._stream_rebuilt(out, body)
+            return
         sent, reader = self._streamed, self._reader
         if sent is None or reader is None:
             name, args = self.partial_call(self._call_opener, body)
@@ -465,6 +468,27 @@ class SentinelParser:
             out.append(ToolUseDelta(sent.call_index, sent.id, sent.name, new))  # announces it
         elif new := reader.advance(body):
             out.append(ToolUseDelta(sent.call_index, sent.id, sent.name, new))
+
+    def _stream_rebuilt(self, out: list[Event], body: str) -> None:
+        """A family whose :meth:`partial_call` builds the arguments (XML parameters typed
+        by the schema, not JSON in the body) cannot be read incrementally: rebuild them
+        on each token and send what is final beyond what was sent. ``_streamed`` then
+        holds all that was sent."""
+        name, args = self.partial_call(self._call_opener, body)
+        if name is None or args is None:
+            return
+        prefix, _ = stable_prefix(args)
+        sent = self._streamed
+        if sent is None:
+            self._reserved_id = self._id_factory()
+            self._streamed = ToolUseDelta(self._calls, self._reserved_id, name, prefix)
+            out.append(self._streamed)  # announces it
+        elif sent.name == name and prefix.startswith(sent.arguments_fragment):
+            # (otherwise not the call the deltas began, a parser's re-read: the end decides)
+            new = prefix[len(sent.arguments_fragment) :]
+            if new:
+                out.append(ToolUseDelta(self._calls, sent.id, name, new))
+                self._streamed = ToolUseDelta(self._calls, sent.id, name, prefix)
 
     def _close_call(self, out: list[Event], body: str, *, closed: bool, closer: str) -> bool:
         """End a call through the family's :meth:`_end_call`; when streaming, put the
