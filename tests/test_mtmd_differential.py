@@ -261,7 +261,6 @@ async def test_llama_server_batch_of_four_equals_one_at_a_time(vision_server):
 def vision_backend(synth_vision) -> Iterator[Any]:
     """Our engine on the pair: SLOTS sequences, the peers' context and threads."""
     require_llama_core()
-    import inspect
 
     from inferd._fast import _llama
     from inferd.backends.llamacpp import LlamaCpp
@@ -269,8 +268,6 @@ def vision_backend(synth_vision) -> Iterator[Any]:
     if not hasattr(_llama, "Mtmd"):
         missing("libmtmd in the compiled core (inferd._fast._llama.Mtmd)")
 
-    if "mmproj" not in inspect.signature(LlamaCpp).parameters:
-        pytest.skip("LlamaCpp(mmproj=...) (the libmtmd engine of issue 16) has not landed")
     b = LlamaCpp(
         synth_vision.model, mmproj=synth_vision.mmproj, n_ctx=CTX, n_threads=2, parallel=SLOTS
     )
