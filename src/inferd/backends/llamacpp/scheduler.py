@@ -818,33 +818,12 @@ class Scheduler:
         """Build one batch, decode it, sample, deliver."""
         batch = self._batch
         batch.clear()
-        samplers: list[Any] = []
-        idxs: list[int] = []
-        owners: list[SeqStream] = []
         if any(s.media is not None for s in self._active):  # images/audio (ADR 0028)
             from inferd.backends.llamacpp.media import step as media_step
 
             media_step(self)
         fed = self._plan()
-        drafted: list[tuple[SeqStream, list[int], list[int]]] = []
-        for s, toks in fed:
-            if s.drafted:  # logits at every position, verified after the decode (ADR 0027)
-                pos = len(s.kv)
-                drafted.append(
-                    (s, toks, [batch.add(t, pos + j, s.seq, True) for j, t in enumerate(toks)])
-                )
-                continue
-            # a decoding sequence, or the last chunk of a prompt: sample its next token
-            wants = s.n_past + len(toks) >= len(s.prompt)
-            i = batch.add_sequence(toks, len(s.kv), s.seq, wants)
-            if wants:
-                for c in (s, *s.followers) if s.followers else (s,):
-                    if c.lead is s and c.cancelled:
-                        continue
-                    if c is s or c.lead is s:  # choices draw from the leader's logits
-                        idxs.append(i)
-                        samplers.append(c.sampler)
-                        owners.append(c)
+        samplers, idxs, owners, drafted = self._fill_batch(batch, fed)
         if len(batch) == 0:
             return
         t0 = time.perf_counter()
@@ -900,6 +879,35 @@ class Scheduler:
         for s in finished:
             self._finish(s, cache=True, out=out)
         self._send(out)
+
+    def _fill_batch(
+        self, batch: Any, fed: list[tuple[SeqStream, list[int]]]
+    ) -> tuple[list[Any], list[int], list[SeqStream], list[tuple[SeqStream, list[int], list[int]]]]:
+        """Put this step's tokens in ``batch``: the samplers, logit rows and streams of
+        the tokens to draw, and the speculating streams' drafts to verify (ADR 0027)."""
+        samplers: list[Any] = []
+        idxs: list[int] = []
+        owners: list[SeqStream] = []
+        drafted: list[tuple[SeqStream, list[int], list[int]]] = []
+        for s, toks in fed:
+            if s.drafted:  # logits at every position, verified after the decode (ADR 0027)
+                pos = len(s.kv)
+                drafted.append(
+                    (s, toks, [batch.add(t, pos + j, s.seq, True) for j, t in enumerate(toks)])
+                )
+                continue
+            # a decoding sequence, or the last chunk of a prompt: sample its next token
+            wants = s.n_past + len(toks) >= len(s.prompt)
+            i = batch.add_sequence(toks, len(s.kv), s.seq, wants)
+            if wants:
+                for c in (s, *s.followers) if s.followers else (s,):
+                    if c.lead is s and c.cancelled:
+                        continue
+                    if c is s or c.lead is s:  # choices draw from the leader's logits
+                        idxs.append(i)
+                        samplers.append(c.sampler)
+                        owners.append(c)
+        return samplers, idxs, owners, drafted
 
     def _fill_choices(self, lead: SeqStream) -> None:
         """The leader's prompt is in its cells: copy them to every waiting choice (the
