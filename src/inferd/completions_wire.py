@@ -29,7 +29,13 @@ import orjson
 
 from inferd.errors import BackendUnavailable, InvalidRequest
 from inferd.limits import check_depth, echo
-from inferd.openai_wire import SSE_DONE, finish_reason, sse_encode, usage_to_openai
+from inferd.openai_wire import (
+    SAMPLING_WIRE_FIELDS,
+    SSE_DONE,
+    finish_reason,
+    sse_encode,
+    usage_to_openai,
+)
 from inferd.request_fields import refuse_unhonoured
 from inferd.sse import SSEParser
 from inferd.toolcalls import ChunkAccumulator
@@ -62,26 +68,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 #: Request fields read from a body and sent upstream under the same name (OpenAI's, plus
 #: the llama-server / vLLM sampling extensions).
-_SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "typical_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repeat_penalty",
-    "repeat_last_n",
-    "dry_multiplier",
-    "dry_base",
-    "dry_allowed_length",
-    "dry_penalty_last_n",
-    "dry_sequence_breakers",
-    "xtc_probability",
-    "xtc_threshold",
-    "logit_bias",
-)
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", *SAMPLING_WIRE_FIELDS)
 
 #: Reply-changing Request fields :func:`request_to_completions` sends upstream; any other
 #: set field is refused (:func:`inferd.request_fields.refuse_unhonoured`).
