@@ -285,6 +285,9 @@ def test_limits_are_validated(smollm2_path):
     for kw in ({"parallel": 0}, {"max_queued": -1}, {"step_tokens": 0}, {"prefix_cache": -1}):
         with pytest.raises(InvalidRequest):
             LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, **kw)
+    for bad in (-0.001, 0.5, "3ms", True, float("nan")):
+        with pytest.raises(InvalidRequest, match=r"admit_gather_s=.* in \[0, 0.025\]"):
+            LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, admit_gather_s=bad)
     with pytest.raises(InvalidRequest, match=r"kv_layout='paged'.*'split', 'unified'"):
         LlamaCpp(smollm2_path, n_ctx=256, n_threads=1, kv_layout="paged")
     # a split slot cannot be oversubscribed
@@ -302,6 +305,70 @@ def test_limits_are_validated(smollm2_path):
         assert b.kv_layout == DEFAULT_KV_LAYOUT
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- arrival gathering
+
+
+async def _first_token_after(b, request: Request) -> float:
+    """Seconds from calling generate() to its first event."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    stream = b.generate(request)
+    try:
+        await stream.__anext__()
+        return loop.time() - t0
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("kv_layout", LAYOUTS)
+async def test_idle_scheduler_gathers_arrivals_only_while_slots_stay_free(smollm2_path, kv_layout):
+    """ADR 0029: a lone request on a 2-slot backend waits out the gathering window
+    (requests sent together then share one prefill); one that fills every free slot,
+    or a backend with gathering off, starts at once."""
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+
+    req = Request.chat("Say hi.", max_tokens=1, temperature=0)
+    window = 0.025
+    two = LlamaCpp(
+        smollm2_path,
+        n_ctx=512,
+        n_threads=1,
+        parallel=2,
+        kv_layout=kv_layout,
+        admit_gather_s=window,
+    )
+    one = LlamaCpp(
+        smollm2_path,
+        n_ctx=512,
+        n_threads=1,
+        parallel=1,
+        kv_layout=kv_layout,
+        admit_gather_s=window,
+    )
+    off = LlamaCpp(
+        smollm2_path,
+        n_ctx=512,
+        n_threads=1,
+        parallel=2,
+        kv_layout=kv_layout,
+        admit_gather_s=0,
+    )
+    try:
+        assert await _first_token_after(two, req) >= window
+        assert two.batching_stats()["gather_waits"] >= 1
+        await _first_token_after(one, req)  # the request fills the only slot
+        assert one.batching_stats().get("gather_waits", 0) == 0
+        await _first_token_after(off, req)
+        assert off.batching_stats().get("gather_waits", 0) == 0
+        # gathering changes when a step starts, never what it produces
+        texts = [(await _text(b, req))[0] for b in (two, one, off)]
+        assert texts[0] == texts[1] == texts[2]
+    finally:
+        for b in (two, one, off):
+            b.close()
 
 
 # ---------------------------------------------------------------- cancellation

@@ -157,6 +157,9 @@ class LlamaCpp(Backend):
         worst case.
     :param max_queued: streams that may wait for a slot; beyond, ``QueueFull``.
     :param step_tokens: tokens per decode step (running streams + prompt chunks).
+    :param admit_gather_s: how long an idle scheduler waits for further requests
+        arriving together, while slots would stay free, so they share the first prefill
+        (default 3 ms, at most 25 ms in all; 0 turns it off; ADR 0029).
     :param prefix_cache: finished streams kept in the KV cache for prefix reuse
         (unified layout; with the split layout any value above 0 turns on in-slot reuse).
     :param kv_layout: ``"split"`` (the default): each of the ``parallel`` slots owns
@@ -289,6 +292,7 @@ class LlamaCpp(Backend):
             name=self.name,
             kv_layout=opts.kv_layout,
             speculator=self._speculator(L, opts, int(ctx.n_ctx), parallel),
+            admit_gather_s=opts.admit_gather_s,
         )
         return ctx, sched
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from inferd.backends.llamacpp.output import ParserFactory
 from inferd.backends.llamacpp.scheduler import (
+    DEFAULT_ADMIT_GATHER_S,
     DEFAULT_KV_LAYOUT,
     DEFAULT_MAX_QUEUED,
     DEFAULT_PREFIX_CACHE,
@@ -116,6 +117,9 @@ class LlamaCppOptions:
     step_tokens: int = DEFAULT_STEP_TOKENS
     prefix_cache: int = DEFAULT_PREFIX_CACHE
     kv_layout: str = DEFAULT_KV_LAYOUT
+    #: seconds an idle scheduler waits for more requests arriving together, so they
+    #: share the first prefill (ADR 0029); 0 turns it off
+    admit_gather_s: float = DEFAULT_ADMIT_GATHER_S
     #: ggml RPC workers (``"host:port"``) the offloaded layers live on; a list or a
     #: comma-separated string (docs/adr/0019-rpc-backend.md)
     rpc_servers: tuple[str, ...] = ()
@@ -186,6 +190,7 @@ class LlamaCppOptions:
             step_tokens=self.step_tokens,
             prefix_cache=self.prefix_cache,
             kv_layout=self.kv_layout,
+            admit_gather_s=self.admit_gather_s,
         )
         from inferd.backends.llamacpp.embedding import check_options
 

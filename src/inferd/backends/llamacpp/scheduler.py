@@ -84,6 +84,13 @@ DEFAULT_PREFIX_CACHE = 8
 MIN_CACHED_PREFIX = 4
 #: Lock-step pacing: longest wait for consumers to take the previous step's tokens.
 LOCKSTEP_GRACE_S = 0.005
+#: Arrival gathering (ADR 0029): an idle scheduler that gets a request while slots stay
+#: free waits until no other request has arrived for this long, so requests sent
+#: together prefill in one batch instead of the first alone (0 turns it off).
+DEFAULT_ADMIT_GATHER_S = 0.003
+#: Longest any gathering may last, however requests keep arriving; also the largest
+#: ``admit_gather_s`` accepted.
+ADMIT_GATHER_MAX_S = 0.025
 #: Idle wake-up period of the scheduler thread (a safety net; work is signalled).
 _IDLE_POLL_S = 0.5
 #: KV cache layouts (ADR 0008): one stream of cells per slot, or one shared buffer.
@@ -104,11 +111,22 @@ def check_kv_layout(kv_layout: str) -> bool:
 
 
 def check_settings(
-    *, parallel: int, max_queued: int, step_tokens: int, prefix_cache: int, kv_layout: str
+    *,
+    parallel: int,
+    max_queued: int,
+    step_tokens: int,
+    prefix_cache: int,
+    kv_layout: str,
+    admit_gather_s: float = DEFAULT_ADMIT_GATHER_S,
 ) -> bool:
     """The scheduler's one rule for its settings: ``InvalidRequest`` naming the first bad
     value (the backend's options call it before loading a model, the scheduler again
     when built on its own). Returns :func:`check_kv_layout`'s answer."""
+    g = admit_gather_s
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= ADMIT_GATHER_MAX_S:
+        raise InvalidRequest(
+            f"admit_gather_s={echo(g)} must be a number of seconds in [0, {ADMIT_GATHER_MAX_S}]"
+        )
     least = {"parallel": 1, "max_queued": 0, "step_tokens": 1, "prefix_cache": 0}
     values = {
         "parallel": parallel,
@@ -319,6 +337,7 @@ class Scheduler:
         name: str = "llamacpp",
         kv_layout: str = DEFAULT_KV_LAYOUT,
         speculator: Any = None,
+        admit_gather_s: float = DEFAULT_ADMIT_GATHER_S,
     ) -> None:
         self.split = check_settings(
             parallel=parallel,
@@ -326,7 +345,10 @@ class Scheduler:
             step_tokens=step_tokens,
             prefix_cache=prefix_cache,
             kv_layout=kv_layout,
+            admit_gather_s=admit_gather_s,
         )
+        self.admit_gather_s = float(admit_gather_s)
+        self._last_arrival = 0.0  # monotonic time of the latest submission
         n_batch = int(ctx.n_batch)
         self.ctx = ctx
         self.model = model
@@ -450,6 +472,7 @@ class Scheduler:
                     f"{self.max_queued}); retry later"
                 )
             self._pending.append(stream)
+            self._last_arrival = time.monotonic()
             self.idle.clear()
             self._cond.notify()
         return streams
@@ -627,6 +650,8 @@ class Scheduler:
                         self._cond.wait(_IDLE_POLL_S)
                     if self._closing:
                         break
+                    if not self._active and self.admit_gather_s > 0:
+                        self._gather_arrivals()
                     if self.lockstep and self._active:
                         self._await_consumers()
                     cancels, self._cancels = self._cancels, []
@@ -643,6 +668,24 @@ class Scheduler:
             self._fail_all(e)
         finally:
             self._shutdown()
+
+    def _gather_arrivals(self) -> None:  # with self._cond held
+        """Arrival gathering (ADR 0029): nothing runs yet and a request has come; while
+        slots would stay free, wait until ``admit_gather_s`` passes without a new
+        arrival (at most :data:`ADMIT_GATHER_MAX_S` in all), so requests sent together
+        share the first prefill. Without it the first one prefills alone while the
+        event loop is still parsing the others, and they wait a whole prefill longer."""
+        start = time.monotonic()
+        while not self._closing and not self._cancels:
+            waiting = sum(1 + len(p.followers) for p in self._pending)
+            if waiting >= len(self._free_slots):
+                return
+            now = time.monotonic()
+            left = min(self._last_arrival + self.admit_gather_s, start + ADMIT_GATHER_MAX_S) - now
+            if left <= 0:
+                return
+            self.stats["gather_waits"] += 1
+            self._cond.wait(left)
 
     def _await_consumers(self) -> None:  # with self._cond held
         """Lock-step: wait (at most ``LOCKSTEP_GRACE_S``) until every event loop has run
