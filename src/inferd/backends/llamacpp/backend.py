@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.backend import Backend
-from inferd.backends.llamacpp import embedding, loader, media
+from inferd.backends.llamacpp import embedding, loader, lora_groups, media
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model, reasoning_kwargs
 from inferd.backends.llamacpp.choices import ChoiceReader, choice_seed, merged
 from inferd.backends.llamacpp.options import LlamaCppOptions
@@ -91,8 +91,8 @@ LLAMACPP_HONOURED |= {"reasoning_effort", "prompt"}
 LLAMACPP_HONOURED |= {"n", "logprobs", "top_logprobs"}
 #: Tool grammars allow one call or several (docs/adr/0023-tool-call-streaming-and-stop-reasons.md).
 LLAMACPP_HONOURED |= {"parallel_tool_calls"}
-#: ``lora`` is honoured when it asks for the model's own scales, refused otherwise
-#: (loader.request_lora_check; docs/adr/0026-grammar-fast-path-and-context-knobs.md).
+#: ``lora``: the request's adapter scales; streams of different scale sets take turns in
+#: the scheduler's steps (lora_groups; docs/adr/0026-grammar-fast-path-and-context-knobs.md).
 LLAMACPP_HONOURED |= {"lora"}
 #: A chat template that mentions one of these can put the model into a reasoning block.
 _THINKING_MARKERS = re.compile(r"think|reasoning", re.IGNORECASE)
@@ -187,8 +187,12 @@ class LlamaCpp(Backend):
         ``main_gpu``, ``use_mlock``, ``rope_scaling`` / ``rope_freq_*`` / ``yarn_*``:
         libllama's context and model settings of the same names
         (docs/adr/0026-grammar-fast-path-and-context-knobs.md).
-    :param lora: ``[(path, scale), ...]`` LoRA adapters loaded at start and applied to
-        every stream; a request's ``lora`` may only repeat these scales (ADR 0026).
+    :param lora: ``[(path, scale), ...]`` LoRA adapters loaded at start; these scales
+        apply to every request without ``lora``. A request's ``lora`` (llama-server's
+        ``[{"id", "scale"}]`` or ``{index or path: scale}``; adapters it does not name are
+        off) sets its own scales: streams of different scale sets never share a decode
+        but take turns, step by step, and reuse only prefixes computed with their own
+        scales (:mod:`.lora_groups`, ADR 0026).
     """
 
     name = "llamacpp"
@@ -293,6 +297,7 @@ class LlamaCpp(Backend):
             kv_layout=opts.kv_layout,
             speculator=self._speculator(L, opts, int(ctx.n_ctx), parallel),
             admit_gather_s=opts.admit_gather_s,
+            lora_groups=lora_groups.make(L.set_lora, ctx, self._lora, opts.lora),
         )
         return ctx, sched
 
@@ -576,6 +581,7 @@ class LlamaCpp(Backend):
             top_logprobs=top,
             media=getattr(tokens, "media", None),
             speculative=request.speculative,
+            lora=loader.request_lora_scales(request.lora, self.options),
         )
         readers = [
             ChoiceReader(i, s, p, request.stop)

@@ -178,31 +178,38 @@ def load_lora(L: Any, model: Any, ctx: Any, opts: LlamaCppOptions) -> tuple[Any,
     return tuple(adapters)
 
 
-def request_lora_check(request_lora: Any, opts: LlamaCppOptions) -> None:
-    """Refuse a request's ``lora`` override unless it asks for the scales the model
-    already applies: adapters apply to the whole batch, and this backend keeps one set
-    of scales per model (the rule of ADR 0026). Keys are adapter indices or paths."""
-    if not request_lora:
-        return
+def request_lora_scales(request_lora: Any, opts: LlamaCppOptions) -> tuple[float, ...] | None:
+    """A request's LoRA scale set: one scale per adapter loaded at start, in load order
+    (None: the model has no adapters and the request asks for none). Without ``lora``
+    the model's own scales; with it, llama-server's rule: the adapters it names (by
+    index or by the path they were loaded from) at its scales, every other one off
+    (0.0). Sequences of different sets never share a decode (:mod:`.lora_groups`,
+    docs/adr/0026-grammar-fast-path-and-context-knobs.md). ``InvalidRequest`` naming
+    ``lora`` for an adapter that is not loaded, or any on a model without adapters;
+    the scales' range is checked when the Request is built (``MAX_LORA_SCALE``)."""
+    start = tuple(scale for _p, scale in opts.lora)
+    if request_lora is None:
+        return start or None
     from inferd.errors import InvalidRequest
     from inferd.limits import echo
 
-    loaded = {i: scale for i, (_p, scale) in enumerate(opts.lora)}
     by_path = {p: i for i, (p, _s) in enumerate(opts.lora)}
-    wanted = dict(loaded)
+    wanted = [0.0] * len(start)
     for key, scale in request_lora.items():
         idx = key if isinstance(key, int) else by_path.get(key)
-        if idx is None or idx not in loaded:
+        if idx is None or not 0 <= idx < len(start):
             raise InvalidRequest(
-                f"lora: no adapter {echo(key)} is loaded (this model has {len(loaded)}; "
+                f"lora: no adapter {echo(key)} is loaded (this model has {len(start)}; "
                 "give an index or the path it was loaded from)"
             )
-        wanted[idx] = scale
-    if wanted != loaded:
-        raise InvalidRequest(
-            "lora: per-request scales that differ from the model's are refused (adapters "
-            "apply to the whole batch; load the model with the scales you need)"
-        )
+        wanted[idx] = float(scale)
+    return tuple(wanted) or None
+
+
+def request_lora_check(request_lora: Any, opts: LlamaCppOptions) -> None:
+    """(pre-stream) ``InvalidRequest`` naming ``lora`` when :func:`request_lora_scales`
+    refuses the request's override."""
+    request_lora_scales(request_lora, opts)
 
 
 def rpc_devices(L: Any, servers: tuple[str, ...]) -> tuple[RpcDevice, ...]:

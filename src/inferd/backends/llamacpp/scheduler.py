@@ -42,6 +42,11 @@ Why these choices:
   and decodes only the rest; ``Usage.cached_tokens`` reports it. (Split: see above;
   ``prefix_cache=0`` turns reuse off in both layouts.)
 
+LoRA scale sets (docs/adr/0026-grammar-fast-path-and-context-knobs.md): libllama applies
+one adapter list per decode, so sequences asking for different scales never share a step;
+:mod:`.lora_groups` picks each step's set (all streams when they share one) and records
+the set of every sequence id's cells, which prefix reuse checks.
+
 Cancellation: the stream's flag is seen at the next step, its cells are removed, and
 the consumer's ``freed()`` resolves only after that, so nothing outlives its stream.
 
@@ -186,6 +191,7 @@ class SeqStream:
         "last",
         "lead",
         "loop",
+        "lora",
         "max_tokens",
         "media",
         "n_past",
@@ -246,6 +252,7 @@ class SeqStream:
         self.speculative = False
         self.drafted = 0
         self.spec_state: Any = None
+        self.lora: Any = None  # LoRA scale set (lora_groups; ADR 0026); None: no adapters
 
     async def get(self) -> tuple[Any, ...]:
         """The next item from the scheduler (waits; a slow caller pauses the sequence)."""
@@ -338,6 +345,7 @@ class Scheduler:
         kv_layout: str = DEFAULT_KV_LAYOUT,
         speculator: Any = None,
         admit_gather_s: float = DEFAULT_ADMIT_GATHER_S,
+        lora_groups: Any = None,
     ) -> None:
         self.split = check_settings(
             parallel=parallel,
@@ -371,6 +379,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.lockstep = lockstep
         self.speculator = speculator  # speculative.Speculator or None (ADR 0027)
+        self.lora_groups = lora_groups  # lora_groups.LoraGroups or None (ADR 0026)
         self._cond = threading.Condition()
         self._pending: collections.deque[SeqStream] = collections.deque()
         self._active: list[SeqStream] = []  # admission order
@@ -436,6 +445,7 @@ class Scheduler:
         top_logprobs: int | None = None,
         media: Any = None,
         speculative: bool = True,
+        lora: Any = None,
     ) -> list[SeqStream]:
         """Queue one sequence per sampler sharing one prefill (choices, ADR 0022).
 
@@ -461,6 +471,7 @@ class Scheduler:
             s.top_logprobs = -1 if top_logprobs is None else top_logprobs
             s.media = media
             s.speculative = speculative and self.speculator is not None
+            s.lora = lora  # its LoRA scale set (lora_groups.py; ADR 0026)
         with self._cond:
             if self._closing:
                 raise NotReady(f"backend {self.name!r} is closed")
@@ -716,7 +727,7 @@ class Scheduler:
                 if not self._pending or not self._slots_for(self._pending[0]):
                     return
                 s = self._pending[0]
-                placed = self._place_split(s.prompt) if self.split else self._place(s)
+                placed = self._place_split(s.prompt, s.lora) if self.split else self._place(s)
                 if placed is None:  # context pressure: wait for a sequence to end
                     self._head_fits = False
                     self.stats["waited_for_kv"] += 1
@@ -730,6 +741,8 @@ class Scheduler:
                     f.seq = self._free_slots.pop(0) if self.split else self._free_slots.pop()
                     self._active.append(f)
                     self._reserved += f.need
+                if self.lora_groups is not None:  # the set their cells hold (ADR 0026)
+                    self.lora_groups.admitted(s)
             for f in s.followers:
                 self.ctx.seq_rm(f.seq, -1, -1)
                 if self.split:
@@ -745,7 +758,7 @@ class Scheduler:
     def _place(self, s: SeqStream) -> tuple[int, int, int] | None:
         """Unified: ``(slot, prefix source, prefix length)`` once the shared cache can
         hold ``s``'s worst case next to the other reservations; None: not yet."""
-        src, lcp = self._best_prefix(s.prompt)
+        src, lcp = self._best_prefix(s.prompt, s.lora)
         need = s.need * (1 + len(s.followers))  # choices reserve their worst case too
         if not self._make_room(need, keep=src):
             if not (lcp and src in self._cache):
@@ -764,13 +777,15 @@ class Scheduler:
                 self._cache.move_to_end(src)
         return lcp
 
-    def _place_split(self, prompt: list[int]) -> tuple[int, int, int]:
+    def _place_split(self, prompt: list[int], lora: Any = None) -> tuple[int, int, int]:
         """Split: ``(slot, slot, prefix length)`` for the free slot whose kept tokens
         share the longest prefix with ``prompt`` (as llama-server picks a slot); ties and
         no match take the least recently used one. Its cells past the prefix go later."""
         best, slot = 0, self._free_slots[0]
         cap = len(prompt) - 1  # the last prompt token is decoded to get logits
         for seq in self._free_slots:  # least recently used first: a tie keeps the first
+            if self._lora_of(seq) != lora:  # cells of another LoRA scale set (ADR 0026)
+                continue
             n = min(common_prefix(prompt, self._slot_kv.get(seq, ())), cap)
             if n > best:
                 best, slot = n, seq
@@ -788,21 +803,29 @@ class Scheduler:
         self.ctx.seq_rm(seq, -1, -1)
         return 0
 
-    def _best_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """(sequence id, length) of the longest reusable prefix of ``prompt``."""
+    def _best_prefix(self, prompt: list[int], lora: Any = None) -> tuple[int, int]:
+        """(sequence id, length) of the longest reusable prefix of ``prompt`` among cells
+        of the LoRA scale set ``lora`` (ADR 0026)."""
         best, src = 0, -1
         cap = len(prompt) - 1  # the last prompt token is decoded to get logits
         for cid, toks in self._cache.items():
+            if self._lora_of(cid) != lora:
+                continue
             n = common_prefix(prompt, toks)
             if n > best:
                 best, src = n, cid
         for a in self._active:
-            if a.kv and not a.cancelled:
+            if a.kv and not a.cancelled and a.lora == lora:
                 n = common_prefix(prompt, a.kv)
                 if n > best:
                     best, src = n, a.seq
         best = min(best, cap)
         return (src, best) if best >= MIN_CACHED_PREFIX else (-1, 0)
+
+    def _lora_of(self, seq: int) -> Any:
+        """The LoRA scale set ``seq``'s cells were computed with (ADR 0026); None when
+        the model has no adapters."""
+        return None if self.lora_groups is None else self.lora_groups.owner.get(seq)
 
     def _make_room(self, need: int, keep: int) -> bool:
         """Evict cached prefixes (LRU, sparing ``keep``) until ``need`` cells fit."""
@@ -823,12 +846,14 @@ class Scheduler:
         self._free_cache_ids.append(cid)
         self.stats["evicted"] += 1
 
-    def _plan(self) -> list[tuple[SeqStream, list[int]]]:
-        """This step's tokens, per sequence: the next token of every decoding sequence
-        whose consumer keeps up, then prompt chunks (oldest admission first) within the
-        step budget, then drafts of speculating sequences in what is left (ADR 0027)."""
+    def _plan(self, active: list[SeqStream] | None = None) -> list[tuple[SeqStream, list[int]]]:
+        """This step's tokens, per sequence of ``active`` (default: all): the next token of
+        every decoding sequence whose consumer keeps up, then prompt chunks (oldest
+        admission first) within the step budget, then drafts of speculating sequences in
+        what is left (ADR 0027)."""
+        active = self._active if active is None else active
         fed: list[tuple[SeqStream, list[int]]] = []
-        for s in self._active:
+        for s in active:
             if s.cancelled or s.n_past < len(s.prompt):
                 continue
             if s.sent - s.taken >= PIPELINE_DEPTH:
@@ -837,7 +862,7 @@ class Scheduler:
             fed.append((s, [s.last]))
         room = max(self.step_tokens - len(fed), 1)
         room = min(room, self.batch_capacity - len(fed))
-        for s in self._active:
+        for s in active:
             if room <= 0:
                 break
             if s.cancelled or s.n_past >= len(s.prompt) or s.lead is not None:
@@ -861,11 +886,15 @@ class Scheduler:
         """Build one batch, decode it, sample, deliver."""
         batch = self._batch
         batch.clear()
-        if any(s.media is not None for s in self._active):  # images/audio (ADR 0028)
+        groups = self.lora_groups  # one LoRA scale set per step (ADR 0026)
+        active = self._active if groups is None else groups.select(self)
+        if any(s.media is not None for s in active) and (  # images/audio (ADR 0028)
+            groups is None or groups.media_ok(self, active)
+        ):
             from inferd.backends.llamacpp.media import step as media_step
 
             media_step(self)
-        fed = self._plan()
+        fed = self._plan(active)
         samplers, idxs, owners, drafted = self._fill_batch(batch, fed)
         if len(batch) == 0:
             return
@@ -1054,6 +1083,8 @@ class Scheduler:
     def _remember(self, seq: int, kv: list[int]) -> None:
         """Keep ``kv`` (the cells of ``seq``) under a cache id, deduplicating prefixes."""
         for cid, toks in list(self._cache.items()):
+            if self._lora_of(cid) != self._lora_of(seq):  # other adapters' cells (ADR 0026)
+                continue
             if len(toks) >= len(kv) and toks[: len(kv)] == kv:
                 self._cache.move_to_end(cid)  # already covered by a longer entry
                 return
@@ -1065,6 +1096,8 @@ class Scheduler:
         self.ctx.seq_rm(cid, -1, -1)
         self.ctx.seq_cp(seq, cid, 0, len(kv))
         self._cache[cid] = list(kv)
+        if self.lora_groups is not None:
+            self.lora_groups.copied(seq, cid)
         self.stats["remembered"] += 1
 
     def _send(
