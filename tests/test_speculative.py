@@ -15,8 +15,10 @@ import pytest
 
 from inferd.backends.llamacpp.speculative import (
     MAX_N_DRAFT,
+    MAX_NGRAM_REST,
     DraftModel,
     NgramDraft,
+    NgramDrafter,
     _NgramState,
     check_vocab,
     parse_draft,
@@ -250,3 +252,35 @@ def test_ngram_lookup_drafts_what_followed():
     assert st.draft([*hist, 7], 3, 8) == []  # "2 3 7" never occurred
     st.width = 2
     assert st.draft([*hist, 7, 1, 2, 3], 3, 8) == [7, 1]
+
+
+def test_ngram_width_follows_what_drafts_earn_and_rests_after_misses():
+    """ADR 0027: full acceptance doubles the width, a partial one cuts it to the run
+    taken plus one, a first-token miss halves it, and width-1 misses rest the stream
+    for 1, 2, 4, ... steps (capped) while its index keeps up with the history."""
+    from types import SimpleNamespace
+
+    drafter = NgramDrafter(NgramDraft(n=2, n_draft=16))
+    st = _NgramState(4)
+    s = SimpleNamespace(spec_state=st)
+    drafter.feedback(s, 4, 4)
+    assert st.width == 8
+    drafter.feedback(s, 8, 3)
+    assert st.width == 4
+    drafter.feedback(s, 4, 0)
+    drafter.feedback(s, 2, 0)
+    assert (st.width, st.rest) == (1, 0)
+    rests = []
+    for _ in range(7):
+        drafter.feedback(s, 1, 0)
+        rests.append(st.rest)
+    assert rests == [1, 2, 4, 8, MAX_NGRAM_REST, MAX_NGRAM_REST, MAX_NGRAM_REST]
+    hist = [5, 6, 7, 5, 6]
+    skipped = [st.draft(hist, 2, 8) for _ in range(MAX_NGRAM_REST)]
+    assert skipped == [[]] * MAX_NGRAM_REST  # resting, though "5 6" occurred before
+    assert st.index[(5, 6)] == 2  # the index kept up with the history meanwhile
+    assert st.draft(hist, 2, 8) == [7]  # rested enough: what followed "5 6" at width 1
+    drafter.feedback(s, 1, 1)  # a hit ends the backoff
+    assert (st.width, st.backoff) == (2, 0)
+    drafter.feedback(s, 0, 0)  # nothing drafted: nothing learnt
+    assert (st.width, st.rest) == (2, 0)

@@ -14,9 +14,10 @@ Two drafters:
 * :class:`NgramDraft` (``draft="ngram"``): prompt lookup over the stream's own prompt
   and output, no second model: the latest earlier occurrence of the last ``n`` tokens
   proposes what followed it (llama.cpp's ``ngram-simple``). A per-stream index keeps the
-  lookup O(new tokens) per step, and a stream whose drafts keep failing drafts shorter
-  (halved on a first-token miss, doubled on full acceptance), so text that does not
-  repeat costs little.
+  lookup O(new tokens) per step, and the draft width follows what drafts earn (doubled
+  on full acceptance, cut to the accepted run plus one, halved on a first-token miss,
+  and a rest of up to :data:`MAX_NGRAM_REST` steps without drafts after width-1
+  misses), so text that does not repeat costs little.
 * :class:`DraftModel`: a smaller GGUF with the target's vocabulary in its own context,
   one sequence per slot, *batched across streams*: one draft decode per drafted
   position for all speculating streams together (llama-server runs one draft context
@@ -45,6 +46,8 @@ DEFAULT_MODEL_DRAFT = 8
 DEFAULT_P_MIN = 0.5
 #: Longest lookup n-gram.
 MAX_NGRAM_N = 16
+#: Most steps an n-gram stream rests from drafting after width-1 drafts keep missing.
+MAX_NGRAM_REST = 16
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int) -> int:
@@ -112,14 +115,18 @@ def parse_draft(value: Any) -> NgramDraft | DraftModel | None:
 
 
 class _NgramState:
-    """One stream's n-gram index: key n-gram -> position after its latest occurrence."""
+    """One stream's n-gram index (key n-gram -> position after its latest occurrence)
+    and its drafting policy: the draft width, and how many steps to rest after drafts
+    that keep missing (:meth:`NgramDrafter.feedback`)."""
 
-    __slots__ = ("done", "index", "width")
+    __slots__ = ("backoff", "done", "index", "rest", "width")
 
     def __init__(self, width: int) -> None:
         self.index: dict[tuple[int, ...], int] = {}
         self.done = 0
         self.width = width
+        self.rest = 0  # steps left without drafting
+        self.backoff = 0  # the next rest after another first-token miss at width 1
 
     def draft(self, hist: list[int], n: int, limit: int) -> list[int]:
         index = self.index
@@ -129,6 +136,9 @@ class _NgramState:
         for end in range(max(self.done, n), len(hist)):
             index[tuple(hist[end - n : end])] = end
         self.done = max(self.done, len(hist))
+        if self.rest > 0:
+            self.rest -= 1
+            return []
         pos = index.get(tuple(hist[-n:])) if len(hist) >= n else None
         if pos is None:
             return []
@@ -152,15 +162,26 @@ class NgramDrafter:
         return out
 
     def feedback(self, s: Any, drafted: int, accepted: int) -> None:
-        """Adapt the stream's draft length: halve on a first-token miss, double when
-        every drafted token was taken."""
+        """Adapt the stream's drafting to what its drafts earn (ADR 0027). On a CPU every
+        verified row costs about a third of a decode, so a draft longer than what gets
+        taken is paid for nothing: double the width when every token was taken, cut it
+        to the accepted run plus one when part was, halve it on a first-token miss, and
+        once a width-1 draft misses, rest (no drafts) for 1, 2, 4, ... up to
+        :data:`MAX_NGRAM_REST` steps; any accepted token ends the resting."""
         st = s.spec_state
         if st is None or drafted == 0:
             return
-        if accepted == 0:
-            st.width = max(1, st.width // 2)
-        elif accepted == drafted:
+        if accepted == drafted:
             st.width = min(self.cfg.n_draft, st.width * 2)
+        elif accepted > 0:
+            st.width = max(1, min(st.width, accepted + 1))
+        elif st.width > 1:
+            st.width = max(1, st.width // 2)
+        else:
+            st.backoff = min(MAX_NGRAM_REST, max(1, st.backoff * 2))
+            st.rest = st.backoff
+            return
+        st.backoff = 0
 
     def close(self) -> None:
         pass
