@@ -61,7 +61,12 @@ def child_inferd(a: argparse.Namespace) -> dict:
     from inferd.types import Request
 
     async def run() -> dict:
-        b = LlamaCpp(a.model, n_ctx=a.ctx, n_threads=a.threads, n_gpu_layers=a.gpu_layers)
+        # one sequence slot, the context every peer here decodes in (parallel would
+        # default to n_ctx // 512 slots: a split KV cache of several streams, which
+        # cost a single stream 0-7% per token in five runs on the 2-core box)
+        b = LlamaCpp(
+            a.model, n_ctx=a.ctx, n_threads=a.threads, n_gpu_layers=a.gpu_layers, parallel=1
+        )
 
         def req(i: int) -> Request:
             # a different first word each run: no prefix cache, TTFT includes the prompt
