@@ -11,7 +11,14 @@ hyper-parameter and tensor its loader (``tools/mtmd/clip.cpp``) requires:
   ``mm.2``), fixed-size preprocessing (resize and pad to ``image_size``), one token per
   patch: ``(image_size / patch_size) ** 2`` media tokens;
 - audio: Ultravox's Whisper encoder (two conv1d, a ViT, frames stacked by
-  ``stack_factor``, SwiGLU projector), 16 kHz mono in 30 s chunks.
+  ``stack_factor``, SwiGLU projector), 16 kHz mono in 30 s chunks;
+- M-RoPE (``--qwen2vl``, :func:`ensure_qwen2vl`): a Qwen2-VL pair, as the vendored
+  ``conversion/qwenvl.py`` writes it: a ``qwen2vl`` text model (q/k/v biases, rope
+  ``dimension_sections``) and a ``qwen2vl_merger`` projector (the Conv3D patch embedding
+  split into two Conv2D, a ViT with 2-D rotary positions and no position table, the
+  merger's LayerNorm and 2x2-patch MLP). Images keep their aspect ratio (resized to
+  multiples of ``2 * patch_size``), one token per 2x2 patches: ``test-1.jpeg`` (640x488)
+  gives a 10 x 8 grid with the default 32-pixel patches, 80 cells over 10 positions.
 
 Both live in one projector file (``clip.vision.projector_type`` and
 ``clip.audio.projector_type``, as Qwen2.5-Omni's does), or either alone. The text model is a
@@ -55,6 +62,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: Whisper's encoder sees 30 s chunks: 3000 mel frames, 1500 positions after the conv.
 WHISPER_POSITIONS = 1500
+#: Qwen2-VL's text M-RoPE sections (temporal, height, width, unused) in rotary pairs,
+#: summing to half the head width (Qwen2-VL-2B: 16, 24, 24, 0 of 64; ours: of 8).
+QWEN2VL_SECTIONS = (2, 3, 3, 0)
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,20 @@ class AudioShape:
     mel_bins: int = 128
     stack_factor: int = 4
     proj_hidden: int = 128
+
+
+@dataclass(frozen=True)
+class Qwen2VLShape:
+    """Qwen2-VL's vision tower and merger. mtmd's graph merges 2x2 patches (fixed), so an
+    image is resized to multiples of ``2 * patch_size``; ``image_size`` is only what the
+    converter writes by default (560)."""
+
+    patch_size: int = 32
+    hidden: int = 64
+    ffn: int = 128
+    layers: int = 2
+    heads: int = 4
+    image_size: int = 560
 
 
 class _Rand:
@@ -196,10 +220,13 @@ def _copy_tokens(gguf: Any, src: Path, w: Any) -> int:
     return vocab
 
 
-def write_text_model(src: Path, dst: Path, shape: TextShape = TextShape(), seed: int = 0) -> int:
-    """Write the Llama text model with ``src``'s tokenizer; return the vocabulary size."""
+def write_text_model(
+    src: Path, dst: Path, shape: TextShape = TextShape(), seed: int = 0, *, qwen2vl: bool = False
+) -> int:
+    """Write the text model with ``src``'s tokenizer; return the vocabulary size. A Llama,
+    or with ``qwen2vl`` Qwen2-VL's (M-RoPE with :data:`QWEN2VL_SECTIONS`, q/k/v biases)."""
     gguf = _gguf()
-    w = gguf.GGUFWriter(str(dst), "llama")
+    w = gguf.GGUFWriter(str(dst), "qwen2vl" if qwen2vl else "llama")
     vocab = _copy_tokens(gguf, src, w)
     s, r = shape, _Rand(seed)
     w.add_name("synthetic vision text model")
@@ -211,6 +238,10 @@ def write_text_model(src: Path, dst: Path, shape: TextShape = TextShape(), seed:
     w.add_head_count_kv(s.kv_heads)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(s.hidden // s.heads)
+    if qwen2vl:
+        if 2 * sum(QWEN2VL_SECTIONS) != s.hidden // s.heads:
+            raise ValueError("the M-RoPE sections must cover half the head width")
+        w.add_rope_dimension_sections(list(QWEN2VL_SECTIONS))
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
@@ -224,6 +255,9 @@ def write_text_model(src: Path, dst: Path, shape: TextShape = TextShape(), seed:
         w.add_tensor(b + "attn_q.weight", r.mat(s.hidden, s.hidden))
         w.add_tensor(b + "attn_k.weight", r.mat(kv, s.hidden))
         w.add_tensor(b + "attn_v.weight", r.mat(kv, s.hidden))
+        if qwen2vl:
+            for name, width in (("attn_q", s.hidden), ("attn_k", kv), ("attn_v", kv)):
+                w.add_tensor(b + name + ".bias", r.vec(width))
         w.add_tensor(b + "attn_output.weight", r.mat(s.hidden, s.hidden))
         w.add_tensor(b + "ffn_norm.weight", r.ones(s.hidden))
         w.add_tensor(b + "ffn_gate.weight", r.mat(s.ffn, s.hidden))
@@ -336,6 +370,49 @@ def write_projector(
     _finish(w)
 
 
+def _add_qwen2vl(w, r: _Rand, v: Qwen2VLShape, text_hidden: int) -> None:
+    """Qwen2-VL's tower as conversion/qwenvl.py writes it (``clip.projector_type``
+    ``qwen2vl_merger``; quick GELU, mtmd's default when no ``use_gelu`` key is set)."""
+    gguf = _gguf()
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(gguf.VisionProjectorType.QWEN2VL)
+    w.add_vision_projection_dim(text_hidden)
+    w.add_vision_image_size(v.image_size)
+    w.add_vision_patch_size(v.patch_size)
+    w.add_vision_embedding_length(v.hidden)
+    w.add_vision_feed_forward_length(v.ffn)
+    w.add_vision_block_count(v.layers)
+    w.add_vision_head_count(v.heads)
+    w.add_vision_image_mean(list(CLIP_MEAN))
+    w.add_vision_image_std(list(CLIP_STD))
+    w.add_vision_attention_layernorm_eps(1e-6)
+    # the Conv3D over two frames, split into one Conv2D per frame
+    for suffix in ("", ".1"):
+        w.add_tensor("v.patch_embd.weight" + suffix, r.mat(v.hidden, 3, v.patch_size, v.patch_size))
+    _vit_blocks(w, r, "v", v.hidden, v.ffn, v.layers, k_bias=True)
+    w.add_tensor("v.post_ln.weight", r.ones(v.hidden))  # the merger's ln_q
+    w.add_tensor("v.post_ln.bias", r.vec(v.hidden))
+    merged = 4 * v.hidden  # 2x2 patches concatenated
+    w.add_tensor("mm.0.weight", r.mat(merged, merged))
+    w.add_tensor("mm.0.bias", r.vec(merged))
+    w.add_tensor("mm.2.weight", r.mat(text_hidden, merged))
+    w.add_tensor("mm.2.bias", r.vec(text_hidden))
+
+
+def write_qwen2vl_projector(
+    dst: Path, text_hidden: int, vision: Qwen2VLShape = Qwen2VLShape(), seed: int = 1
+) -> None:
+    """Write a Qwen2-VL projector (``qwen2vl_merger``) for a text model ``text_hidden``
+    wide."""
+    gguf = _gguf()
+    w = gguf.GGUFWriter(str(dst), "clip")
+    w.add_name("synthetic qwen2-vl projector")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    _add_qwen2vl(w, _Rand(seed), vision, text_hidden)
+    _finish(w)
+
+
 @dataclass(frozen=True)
 class Pair:
     """A text model and its projector."""
@@ -362,8 +439,42 @@ def ensure(
         "vision": asdict(vision) if vision else None,
         "audio": asdict(audio) if audio else None,
     }
+    return _ensure_pair(
+        cache_dir / "synth-vision-",
+        spec,
+        lambda model: write_text_model(src, model, text),
+        lambda proj: write_projector(proj, text.hidden, vision, audio),
+    )
+
+
+def ensure_qwen2vl(
+    src: Path,
+    cache_dir: Path,
+    *,
+    text: TextShape = TextShape(),
+    vision: Qwen2VLShape = Qwen2VLShape(),
+) -> Pair:
+    """The Qwen2-VL (M-RoPE) pair under ``cache_dir``, written once, as :func:`ensure`."""
+    spec = {
+        "v": FORMAT_VERSION,
+        "src": [src.name, src.stat().st_size],
+        "text": asdict(text),
+        "qwen2vl": asdict(vision),
+        "sections": QWEN2VL_SECTIONS,
+    }
+    return _ensure_pair(
+        cache_dir / "synth-qwen2vl-",
+        spec,
+        lambda model: write_text_model(src, model, text, qwen2vl=True),
+        lambda proj: write_qwen2vl_projector(proj, text.hidden, vision),
+    )
+
+
+def _ensure_pair(prefix: Path, spec: dict[str, Any], write_model: Any, write_proj: Any) -> Pair:
+    """The pair in ``prefix`` + the spec's hash: written through private temporaries and
+    renamed into place, so concurrent callers are safe and a torn write is never used."""
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir / f"synth-vision-{key}"
+    folder = prefix.with_name(prefix.name + key)
     pair = Pair(folder / "model.gguf", folder / "mmproj.gguf")
     if pair.model.is_file() and pair.mmproj.is_file():
         return pair
@@ -371,8 +482,8 @@ def ensure(
     tmp = f".tmp{os.getpid()}"
     model_tmp = pair.model.with_suffix(tmp)
     proj_tmp = pair.mmproj.with_suffix(tmp)
-    write_text_model(src, model_tmp, text)
-    write_projector(proj_tmp, text.hidden, vision, audio)
+    write_model(model_tmp)
+    write_proj(proj_tmp)
     os.replace(proj_tmp, pair.mmproj)
     os.replace(model_tmp, pair.model)
     return pair
@@ -385,9 +496,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch-size", type=int, default=VisionShape.patch_size)
     ap.add_argument("--no-vision", action="store_true", help="an audio-only projector")
     ap.add_argument("--no-audio", action="store_true", help="a vision-only projector")
+    ap.add_argument("--qwen2vl", action="store_true", help="a Qwen2-VL (M-RoPE) pair")
     ap.add_argument("model", type=Path)
     ap.add_argument("mmproj", type=Path)
     a = ap.parse_args(argv)
+    if a.qwen2vl:
+        t0 = time.perf_counter()
+        write_text_model(a.src, a.model, TextShape(), qwen2vl=True)
+        write_qwen2vl_projector(a.mmproj, TextShape().hidden)
+        took = time.perf_counter() - t0
+        print(f"wrote {a.model} + {a.mmproj} (Qwen2-VL) in {took:.1f} s", file=sys.stderr)
+        return 0
     if a.no_vision and a.no_audio:
         ap.error("--no-vision and --no-audio leave nothing to project")
     vision = None if a.no_vision else VisionShape(a.image_size, a.patch_size)

@@ -203,7 +203,7 @@ def test_embeddings_decoded_in_pieces_equal_one_eval(L: Any, pair_model: Any, pr
                 emb = proj.encode(chunks, 1)
                 assert (emb.n_tokens, emb.non_causal) == (IMAGE_TOKENS, False)
                 for at in range(0, IMAGE_TOKENS, 16):
-                    L.decode_embeddings(ctx, emb, at, 16, len(head) + at, 0)
+                    L.decode_embeddings(ctx, emb, at, 16, len(head), 0)  # the chunk's pos
             else:
                 proj.eval_chunk(ctx, chunks, 1, len(head), 0, 64)
             batch.clear()

@@ -238,6 +238,8 @@ class Embeddings:
     n_tokens: int
     n_embd: int
     non_causal: bool
+    mrope: bool
+    n_pos: int
 
 def decode_embeddings(
     ctx: Context, emb: Embeddings, start: int, count: int, pos0: int, seq_id: int

@@ -70,6 +70,14 @@ cdef extern from "mtmd.h" nogil:
     int32_t mtmd_tokenize(const mtmd_context * ctx, mtmd_input_chunks * output,
                           const mtmd_input_text * text, const mtmd_bitmap * const * bitmaps,
                           size_t n_bitmaps)
+    cdef struct mtmd_decoder_pos:
+        uint32_t t
+        uint32_t x
+        uint32_t y
+        uint32_t z
+    const mtmd_image_tokens * mtmd_input_chunk_get_tokens_image(const mtmd_input_chunk * chunk)
+    mtmd_decoder_pos mtmd_image_tokens_get_decoder_pos(const mtmd_image_tokens * image_tokens,
+                                                       llama_pos pos_0, size_t i)
     int32_t mtmd_encode_chunk(mtmd_context * ctx, const mtmd_input_chunk * chunk)
     float * mtmd_get_output_embd(mtmd_context * ctx)
     cppbool mtmd_decode_use_non_causal(const mtmd_context * ctx, const mtmd_input_chunk * chunk)
@@ -215,6 +223,13 @@ cdef class Embeddings:
     cdef readonly int n_embd
     #: the model family attends to a media chunk bidirectionally (decode it whole)
     cdef readonly bint non_causal
+    #: the text model uses M-RoPE: 4 position components per embedding (Qwen2-VL family)
+    cdef readonly bint mrope
+    #: positions the chunk advances (fewer than ``n_tokens`` for an M-RoPE image)
+    cdef readonly int n_pos
+    # the chunk (kept alive: mtmd lays out an image's M-RoPE positions from it)
+    cdef Chunks chunks
+    cdef int idx
 
     def __init__(self):
         raise TypeError("Embeddings objects come from Mtmd.encode")
@@ -224,11 +239,37 @@ cdef class Embeddings:
         self.data = NULL
 
 
+cdef int _mrope_positions(Embeddings emb, llama_pos * pos, int start, int count,
+                          int pos0) except -1:
+    """mtmd's M-RoPE layout of embeddings ``[start, start + count)`` of a chunk whose
+    first embedding sits at ``pos0``, section-major as mtmd's helper writes it
+    (``t``, then ``y``, ``x``, ``z``): an image's cells share ``t`` and spread over its
+    grid (``mtmd_image_tokens_get_decoder_pos``); audio advances all four together."""
+    cdef const mtmd_image_tokens * img = NULL
+    if emb.chunks is not None:
+        img = mtmd_input_chunk_get_tokens_image(emb.chunks._get(emb.idx))
+    cdef mtmd_decoder_pos p
+    cdef int j
+    for j in range(count):
+        if img != NULL:
+            p = mtmd_image_tokens_get_decoder_pos(img, pos0, <size_t>(start + j))
+        else:
+            p.t = p.x = p.y = p.z = pos0 + start + j
+        pos[j] = p.t
+        pos[j + count] = p.y
+        pos[j + 2 * count] = p.x
+        pos[j + 3 * count] = p.z
+    return 0
+
+
 def decode_embeddings(Context ctx, Embeddings emb, int start, int count, int pos0,
                       int seq_id):
-    """Decode embeddings ``[start, start + count)`` of ``emb`` into ``seq_id`` at positions
-    ``pos0, pos0 + 1, ...`` (no logits), GIL released; non-causal attention around it
-    when the model wants it. For projectors without M-RoPE (refused by the backend)."""
+    """Decode embeddings ``[start, start + count)`` of ``emb`` into ``seq_id`` (no logits),
+    GIL released, where ``pos0`` is the position of the chunk's *first* embedding (mtmd's
+    ``pos_0``): embedding ``j`` goes to ``pos0 + j``, or under M-RoPE to mtmd's
+    4-component layout of the chunk (an image's cells share one temporal position, so a
+    piece decoded later still sits inside its image). Non-causal attention around it
+    when the model wants it."""
     ctx._check()
     if start < 0 or count < 1 or start + count > emb.n_tokens or pos0 < 0 or seq_id < 0:
         raise ValueError(f"bad piece [{start}, {start + count}) of {emb.n_tokens} embeddings")
@@ -241,8 +282,19 @@ def decode_embeddings(Context ctx, Embeddings emb, int start, int count, int pos
     cdef int32_t rc
     memcpy(b.embd, emb.data + <size_t>start * emb.n_embd,
            <size_t>count * emb.n_embd * sizeof(float))
+    if emb.mrope:  # 4 positions per embedding (llama_batch_free frees this buffer)
+        free(b.pos)
+        b.pos = <llama_pos *>malloc(4 * <size_t>count * sizeof(llama_pos))
+        try:
+            if b.pos == NULL:
+                raise MemoryError()
+            _mrope_positions(emb, b.pos, start, count, pos0)
+        except BaseException:
+            llama_batch_free(b)
+            raise
     for j in range(count):
-        b.pos[j] = pos0 + j
+        if not emb.mrope:
+            b.pos[j] = pos0 + start + j
         b.n_seq_id[j] = 1
         b.seq_id[j][0] = seq_id
         b.logits[j] = 0
@@ -478,6 +530,11 @@ cdef class Mtmd:
         emb.n_tokens = n
         emb.n_embd = n_embd
         emb.non_causal = mtmd_decode_use_non_causal(self.ptr, ch)
+        emb.mrope = mtmd_decode_use_mrope(self.ptr)
+        emb.n_pos = mtmd_input_chunk_get_n_pos(ch)
+        emb.idx = i
+        if mtmd_input_chunk_get_type(ch) == MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            emb.chunks = chunks
         cdef int32_t rc
         _recent.clear()
         self._enter()

@@ -17,9 +17,16 @@ Placeholders never reach a ``Batch``: :meth:`MediaPrompt.text_run` cuts each pro
 chunk before the next media span, and :func:`step` (the scheduler's hook, once per step
 in its thread) encodes a media chunk once and decodes its embeddings a piece of
 ``step_tokens`` per step, GIL released, so a stream that is decoding waits for one
-encode or one piece per step, as for a text prompt chunk. M-RoPE projectors (positions
-that advance less than the cells) are refused at load: the scheduler's positions are
-list indices.
+encode or one piece per step, as for a text prompt chunk.
+
+M-RoPE models (the Qwen2-VL family): an image of ``n`` cells advances the position by
+``n_pos`` (the larger side of its token grid), fewer than ``n``, and its cells share one
+temporal position with 2-D offsets. So a sequence's next position is
+``len(kv) + shift``, where ``shift`` (``SeqStream.shift``, 0 without M-RoPE) sums
+``n_pos - n`` over the media spans already decoded. The positions of a prompt's prefix
+depend only on that prefix (the same media hash is the same image, so the same grid),
+so a reused prefix gets its shift from the new request's own :class:`MediaPrompt`
+(:meth:`MediaPrompt.prefix_cut`), never from the cache.
 """
 
 from __future__ import annotations
@@ -97,18 +104,12 @@ def open_projector(L: Any, model: Any, opts: Any) -> Any:
 
 def load_projector(L: Any, model: Any, path: str, *, use_gpu: bool, n_threads: int) -> Any:
     """The :class:`Mtmd` over ``model``; ``ModelLoadError`` when libmtmd refuses the file
-    (not a projector, or one whose width does not match the model) or it needs M-RoPE."""
+    (not a projector, or one whose width does not match the model). M-RoPE projectors
+    (Qwen2-VL family) are scheduled with position shifts (ADR 0028)."""
     from inferd.backends.llamacpp.loader import prepare
 
     mf = prepare(path)
-    proj = L.Mtmd(model, str(mf.path), use_gpu=use_gpu, n_threads=n_threads)
-    if proj.mrope:
-        proj.close()
-        raise ModelLoadError(
-            f"the projector {path} uses M-RoPE positions (Qwen2-VL family), which this "
-            "backend does not schedule yet (docs/adr/0028-media-through-libmtmd.md)"
-        )
-    return proj
+    return L.Mtmd(model, str(mf.path), use_gpu=use_gpu, n_threads=n_threads)
 
 
 @dataclasses.dataclass
@@ -117,13 +118,40 @@ class MediaPrompt:
 
     mtmd: Any
     chunks: Any
-    #: start position -> (chunk index, cells)
+    #: start index in the token list -> (chunk index, cells)
     spans: dict[int, tuple[int, int]]
+    #: start index -> positions the span advances, where that is not its cells (M-RoPE)
+    n_pos: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._starts = sorted(self.spans)
+        # end index of each span, and the position shift once it is decoded (sorted)
+        self._ends: list[int] = []
+        self._shifts: list[int] = []
+        shift = 0
+        for start in self._starts:
+            n = self.spans[start][1]
+            shift += self.n_pos.get(start, n) - n
+            self._ends.append(start + n)
+            self._shifts.append(shift)
         #: the span being decoded a piece per step: (start, Embeddings), or None
         self.active: tuple[int, Any] | None = None
+
+    def shift_at(self, i: int) -> int:
+        """The position shift of a sequence holding ``prompt[:i]`` (``i`` not inside a
+        span): the sum of ``n_pos - cells`` over the spans that end at or before ``i``."""
+        k = bisect.bisect_right(self._ends, i)
+        return self._shifts[k - 1] if k else 0
+
+    def prefix_cut(self, lcp: int) -> tuple[int, int]:
+        """A reusable prefix of ``lcp`` tokens, moved back to the start of the media span
+        it would end inside (a span's cells are decoded whole: under M-RoPE they share a
+        temporal position, so no position cuts one), and the position of its first
+        token after it, where the cached cells are cut."""
+        span = self.span_at(lcp)
+        if span is not None and span[0] < lcp:
+            lcp = span[0]
+        return lcp, lcp + self.shift_at(lcp)
 
     def text_run(self, prompt: Sequence[int], n_past: int, room: int) -> list[int]:
         """The prompt's next text tokens from ``n_past`` (at most ``room``), stopping
@@ -208,19 +236,23 @@ def tokenize(
         raise InvalidRequest(f"the prompt's media could not be placed: {e}") from None
     tokens: list[int] = []
     spans: dict[int, tuple[int, int]] = {}
+    n_pos: dict[int, int] = {}
     for k in range(len(chunks)):
         if chunks.kind(k) == "text":
             tokens.extend(chunks.tokens(k))
             continue
         n = chunks.n_tokens(k)
         spans[len(tokens)] = (k, n)
+        if chunks.n_pos(k) != n:  # M-RoPE: fewer positions than cells
+            n_pos[len(tokens)] = chunks.n_pos(k)
         tokens.extend([placeholder(chunks.id(k), k)] * n)
     if model.add_bos and model.bos >= 0 and (not tokens or tokens[0] != model.bos):
         tokens.insert(0, model.bos)
         spans = {p + 1: v for p, v in spans.items()}
+        n_pos = {p + 1: v for p, v in n_pos.items()}
     if not tokens or tokens[-1] < 0:
         raise InvalidRequest("the prompt must end with text after its last image or audio")
-    return tokens, MediaPrompt(mtmd, chunks, spans)
+    return tokens, MediaPrompt(mtmd, chunks, spans, n_pos)
 
 
 def _bitmap(mtmd: Any, kind: str, data: bytes, name: str, limits: MediaLimits) -> Any:
@@ -278,8 +310,9 @@ def _advance(sched: Any, s: Any, m: MediaPrompt, span: tuple[int, int, int]) -> 
 
     start, idx, n = span
     if m.active is None or m.active[0] != start:
-        if start < s.n_past:  # a reused prefix ended inside the media: redo it whole
-            sched.ctx.seq_rm(s.seq, start, -1)
+        if start < s.n_past:  # the sequence holds part of this span: redo it whole
+            s.shift = m.shift_at(start)
+            sched.ctx.seq_rm(s.seq, start + s.shift, -1)
             del s.kv[start:]
             s.n_past = start
             s.cached_tokens = min(s.cached_tokens, start)
@@ -290,11 +323,13 @@ def _advance(sched: Any, s: Any, m: MediaPrompt, span: tuple[int, int, int]) -> 
     pieces = range(offset, n, width) if emb.non_causal else (offset,)
     for at in pieces:
         count = min(width, n - at)
-        decode_embeddings(sched.ctx, emb, at, count, len(s.kv), s.seq)
+        # the span's first position: s.shift moves on only once the span is whole
+        decode_embeddings(sched.ctx, emb, at, count, start + s.shift, s.seq)
         s.kv.extend(s.prompt[s.n_past : s.n_past + count])
         s.n_past += count
         sched.stats["media_tokens"] += count
         sched.stats["media_pieces"] += 1
     if s.n_past >= start + n:
         m.active = None
+        s.shift = m.shift_at(start + n)  # M-RoPE: the text after it follows its n_pos
         sched.stats["media_chunks"] += 1

@@ -202,6 +202,7 @@ class SeqStream:
         "sched",
         "sent",
         "seq",
+        "shift",
         "spec_state",
         "special",
         "speculative",
@@ -233,7 +234,10 @@ class SeqStream:
         # scheduler-thread state
         self.seq = -1  # sequence id while admitted
         self.n_past = 0  # prompt tokens already in the KV cache
-        self.kv: list[int] = []  # tokens whose cells this sequence holds, by position
+        self.kv: list[int] = []  # tokens whose cells this sequence holds, in order
+        # next position = len(kv) + shift: M-RoPE media take fewer positions than cells
+        # (media.py, ADR 0028); 0 for every other sequence
+        self.shift = 0
         self.last = -1  # sampled token not yet decoded
         self.produced = 0
         self.sent = 0  # tokens handed to the loop (written by the scheduler only)
@@ -747,10 +751,17 @@ class Scheduler:
                 self.ctx.seq_rm(f.seq, -1, -1)
                 if self.split:
                     self._slot_kv[f.seq] = []
-            lcp = self._reuse_in_slot(seq, lcp) if self.split else self._copy_prefix(seq, src, lcp)
+            # media: never cut inside a media span; cut = the position of prompt[lcp]
+            lcp, cut = (lcp, lcp) if s.media is None else s.media.prefix_cut(lcp)
+            lcp = (
+                self._reuse_in_slot(seq, lcp, cut)
+                if self.split
+                else self._copy_prefix(seq, src, lcp, cut)
+            )
             if lcp > 0:
                 s.n_past = lcp
                 s.kv = s.prompt[:lcp]
+                s.shift = cut - lcp
                 s.cached_tokens = lcp
                 self.stats["cached_tokens"] += lcp
             self.stats["admitted"] += 1 + len(s.followers)
@@ -768,11 +779,12 @@ class Scheduler:
                 return None
         return self._free_slots.pop(), src, lcp
 
-    def _copy_prefix(self, seq: int, src: int, lcp: int) -> int:
-        """Unified: tag ``src``'s first ``lcp`` cells for ``seq`` too (no copy)."""
+    def _copy_prefix(self, seq: int, src: int, lcp: int, cut: int) -> int:
+        """Unified: tag ``src``'s first ``lcp`` cells (positions below ``cut``) for
+        ``seq`` too (no copy)."""
         if lcp > 0:
             self.ctx.seq_rm(seq, -1, -1)
-            self.ctx.seq_cp(src, seq, 0, lcp)
+            self.ctx.seq_cp(src, seq, 0, cut)
             if src in self._cache:
                 self._cache.move_to_end(src)
         return lcp
@@ -794,11 +806,12 @@ class Scheduler:
         self._free_slots.remove(slot)
         return slot, slot, best
 
-    def _reuse_in_slot(self, seq: int, lcp: int) -> int:
-        """Split: keep the slot's first ``lcp`` cells and drop the rest (all of them when
-        ``lcp`` is 0 or libllama cannot cut there); returns the prefix kept."""
+    def _reuse_in_slot(self, seq: int, lcp: int, cut: int) -> int:
+        """Split: keep the slot's first ``lcp`` cells (positions below ``cut``) and drop
+        the rest (all of them when ``lcp`` is 0 or libllama cannot cut there); returns
+        the prefix kept."""
         self._slot_kv[seq] = []
-        if lcp > 0 and self.ctx.seq_rm(seq, lcp, -1):
+        if lcp > 0 and self.ctx.seq_rm(seq, cut, -1):
             return lcp
         self.ctx.seq_rm(seq, -1, -1)
         return 0
@@ -963,14 +976,14 @@ class Scheduler:
         drafted: list[tuple[SeqStream, list[int], list[int]]] = []
         for s, toks in fed:
             if s.drafted:  # logits at every position, verified after the decode (ADR 0027)
-                pos = len(s.kv)
+                pos = len(s.kv) + s.shift
                 drafted.append(
                     (s, toks, [batch.add(t, pos + j, s.seq, True) for j, t in enumerate(toks)])
                 )
                 continue
             # a decoding sequence, or the last chunk of a prompt: sample its next token
             wants = s.n_past + len(toks) >= len(s.prompt)
-            i = batch.add_sequence(toks, len(s.kv), s.seq, wants)
+            i = batch.add_sequence(toks, len(s.kv) + s.shift, s.seq, wants)
             if wants:
                 for c in (s, *s.followers) if s.followers else (s,):
                     if c.lead is s and c.cancelled:
@@ -992,6 +1005,7 @@ class Scheduler:
                 continue
             self.ctx.seq_cp(lead.seq, f.seq, -1, -1)
             f.kv = list(lead.kv)
+            f.shift = lead.shift
             f.n_past = len(f.prompt)
             f.cached_tokens = lead.cached_tokens
         self.stats["choice_copies"] += 1

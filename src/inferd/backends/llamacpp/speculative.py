@@ -372,7 +372,7 @@ class Speculator:
         accepted = len(out) - 1
         if accepted < k:
             del s.kv[len(s.kv) - (k - accepted) :]
-            sched.ctx.seq_rm(s.seq, len(s.kv), -1)
+            sched.ctx.seq_rm(s.seq, len(s.kv) + s.shift, -1)
         s.drafted = 0
         st = sched.stats
         st["spec_steps"] += 1
