@@ -402,9 +402,13 @@ async def test_bridge_answers_400_naming_the_field(backend, served) -> None:
 
 @contextlib.asynccontextmanager
 async def recording_proxy(upstream: str) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    """A pass-through HTTP proxy on 127.0.0.1 that keeps every JSON body it forwards."""
+    """A pass-through HTTP proxy on 127.0.0.1 that keeps every JSON body it forwards.
+
+    A fresh upstream connection per request: llama-server closes idle keep-alive
+    connections after a few seconds, and a pooled one it had closed made a forwarded
+    request fail with "Server disconnected" whenever a test paused that long."""
     bodies: list[dict[str, Any]] = []
-    session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
