@@ -91,3 +91,19 @@ def llama_mtmd_cli_bin() -> Path:
     except Exception as e:  # a skip locally, a failure in CI
         missing(f"llama-mtmd-cli built from the vendored llama.cpp ({e})")
         raise
+
+
+def tokenizer_only_gguf(path: Path) -> Path:
+    """A GGUF holding a 300-token vocabulary alone: enough for the synthetic writers, in
+    milliseconds (the vision pair's file tests)."""
+    from bench.synth_model import _gguf
+
+    gguf = _gguf()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(300)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

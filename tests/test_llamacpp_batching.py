@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 
@@ -332,30 +333,18 @@ async def test_idle_scheduler_gathers_arrivals_only_while_slots_stay_free(smollm
 
     req = Request.chat("Say hi.", max_tokens=1, temperature=0)
     window = 0.025
-    two = LlamaCpp(
-        smollm2_path,
-        n_ctx=512,
-        n_threads=1,
-        parallel=2,
-        kv_layout=kv_layout,
-        admit_gather_s=window,
-    )
-    one = LlamaCpp(
-        smollm2_path,
-        n_ctx=512,
-        n_threads=1,
-        parallel=1,
-        kv_layout=kv_layout,
-        admit_gather_s=window,
-    )
-    off = LlamaCpp(
-        smollm2_path,
-        n_ctx=512,
-        n_threads=1,
-        parallel=2,
-        kv_layout=kv_layout,
-        admit_gather_s=0,
-    )
+
+    def make(parallel: int, gather: float) -> Any:
+        return LlamaCpp(
+            smollm2_path,
+            n_ctx=512,
+            n_threads=1,
+            parallel=parallel,
+            kv_layout=kv_layout,
+            admit_gather_s=gather,
+        )
+
+    two, one, off = make(2, window), make(1, window), make(2, 0)
     try:
         assert await _first_token_after(two, req) >= window
         assert two.batching_stats()["gather_waits"] >= 1

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import missing, require_llama_core
+from tests.conftest import missing, require_llama_core, tokenizer_only_gguf
 from tests.test_llama_server import _serve, llama_server_bin  # noqa: F401
 
 MTMD_DIR = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "tools" / "mtmd"
@@ -93,21 +93,6 @@ def test_peer_loads_the_pair_and_media_changes_the_answer(
 # ---------------------------------------------------------------- the pair's files
 
 
-def _tokenizer_only(path: Path) -> Path:
-    """A GGUF holding a 300-token vocabulary alone: enough for the writer, in milliseconds."""
-    from bench.synth_model import _gguf
-
-    gguf = _gguf()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(300)])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_pair_files_have_what_mtmd_reads(tmp_path):
     """Shapes line up where mtmd checks them (projector width = model width, one position
     per patch plus the class token), a vision-only projector has no audio, and ``ensure``
@@ -116,7 +101,7 @@ def test_pair_files_have_what_mtmd_reads(tmp_path):
     from bench.synth_model import _gguf
 
     gguf = _gguf()
-    src = _tokenizer_only(tmp_path / "tok.gguf")
+    src = tokenizer_only_gguf(tmp_path / "tok.gguf")
     pair = sv.ensure(src, tmp_path / "cache", vision=sv.VisionShape(), audio=None)
     proj = gguf.GGUFReader(str(pair.mmproj))
     keys = set(proj.fields)

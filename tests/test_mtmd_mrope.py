@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SYNTH_VISION_CACHE, require_llama_core
+from tests.conftest import SYNTH_VISION_CACHE, require_llama_core, tokenizer_only_gguf
 from tests.test_mtmd_differential import png_bytes
 
 MTMD_DIR = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "tools" / "mtmd"
@@ -58,20 +58,6 @@ def test_positions_of_a_prompt_with_mrope_spans() -> None:
     assert plain.prefix_cut(70) == (70, 70) and plain.prefix_cut(30) == (2, 2)
 
 
-def _tokenizer_only(path: Path) -> Path:
-    from bench.synth_model import _gguf
-
-    gguf = _gguf()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(300)])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_qwen2vl_pair_files_are_what_the_converter_writes(tmp_path: Path) -> None:
     """The text model is ``qwen2vl`` with rope sections covering half a head; the projector
     is ``qwen2vl_merger`` with the Conv3D split in two, no position table, and a merger
@@ -80,7 +66,7 @@ def test_qwen2vl_pair_files_are_what_the_converter_writes(tmp_path: Path) -> Non
     from bench.synth_model import _gguf
 
     gguf = _gguf()
-    src = _tokenizer_only(tmp_path / "tok.gguf")
+    src = tokenizer_only_gguf(tmp_path / "tok.gguf")
     pair = sv.ensure_qwen2vl(src, tmp_path / "cache")
     model = gguf.GGUFReader(str(pair.model))
     arch = model.fields["general.architecture"]
