@@ -22,9 +22,9 @@ the GIL, because ggml may log from its own threads).
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.math cimport sqrt
-from libc.stdint cimport int32_t, uint32_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libcpp cimport bool as cppbool
 
@@ -833,6 +833,7 @@ cdef llama_token _draw(llama_sampler * chain, llama_sampler * gram, llama_token_
 include "_sampling.pxi"
 include "_knobs.pxi"
 include "_lora.pxi"
+include "_state.pxi"
 
 
 # no_gc_clear: the model reference must survive until __dealloc__ has freed

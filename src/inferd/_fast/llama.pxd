@@ -6,7 +6,7 @@
 # fields. llama.h declares plain `struct llama_model_params {...}` (no typedef), hence
 # `cdef struct` below; llama_batch and llama_sampler_chain_params are typedefs.
 
-from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libcpp cimport bool as cppbool
 
 
@@ -266,6 +266,14 @@ cdef extern from "llama.h" nogil:
                                        char * buf, size_t buf_size)
     size_t llama_state_get_size(llama_context * ctx)
     size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
+    # the host-RAM prompt cache (src/inferd/_fast/_state.pxi, ADR 0030)
+    size_t llama_state_seq_get_size_ext(llama_context * ctx, llama_seq_id seq_id,
+                                        uint32_t flags)
+    size_t llama_state_seq_get_data_ext(llama_context * ctx, uint8_t * dst, size_t size,
+                                        llama_seq_id seq_id, uint32_t flags)
+    size_t llama_state_seq_set_data_ext(llama_context * ctx, const uint8_t * src,
+                                        size_t size, llama_seq_id dest_seq_id,
+                                        uint32_t flags)
     llama_sampler * llama_sampler_init_greedy()
     llama_sampler * llama_sampler_init_dist(uint32_t seed)
     llama_sampler * llama_sampler_init_top_k(int32_t k)

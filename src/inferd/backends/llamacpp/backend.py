@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from inferd.backend import Backend
-from inferd.backends.llamacpp import embedding, loader, lora_groups, media
+from inferd.backends.llamacpp import embedding, loader, lora_groups, media, prompt_ram
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model, reasoning_kwargs
 from inferd.backends.llamacpp.choices import ChoiceReader, choice_seed, merged
 from inferd.backends.llamacpp.options import LlamaCppOptions
@@ -162,6 +162,10 @@ class LlamaCpp(Backend):
         (default 3 ms, at most 25 ms in all; 0 turns it off; ADR 0029).
     :param prefix_cache: finished streams kept in the KV cache for prefix reuse
         (unified layout; with the split layout any value above 0 turns on in-slot reuse).
+    :param cache_ram_mib: host memory (MiB, default 2048) for the host-RAM prompt cache
+        of the split layout: a slot's cells are saved there before another request
+        overwrites them, and restored into a slot when a prompt sharing a longer prefix
+        comes back (llama-server's ``--cache-ram``; 0 turns it off; ADR 0030).
     :param kv_layout: ``"split"`` (the default): each of the ``parallel`` slots owns
         ``n_ctx // parallel`` cells (llama-server's ``-np`` slots), so a stream's
         attention never spans the others' and batched greedy output equals the
@@ -298,6 +302,7 @@ class LlamaCpp(Backend):
             speculator=self._speculator(L, opts, int(ctx.n_ctx), parallel),
             admit_gather_s=opts.admit_gather_s,
             lora_groups=lora_groups.make(L.set_lora, ctx, self._lora, opts.lora),
+            prompt_ram=prompt_ram.make(opts.cache_ram_mib),
         )
         return ctx, sched
 
@@ -399,7 +404,10 @@ class LlamaCpp(Backend):
     def batching_stats(self) -> dict[str, int]:
         """Scheduler counters: steps, tokens, admitted, cached_tokens, paused, ..."""
         s = self._sched
-        return dict(s.stats) if s is not None else {}
+        if s is None:
+            return {}
+        ram = s.prompt_ram  # ADR 0030
+        return {**s.stats, **ram.counters()} if ram is not None else dict(s.stats)
 
     def capabilities(self) -> Capabilities:
         """What this model can serve, derived once at load (a Router trusts it):

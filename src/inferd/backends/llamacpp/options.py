@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferd.backends.llamacpp.output import ParserFactory
+from inferd.backends.llamacpp.prompt_ram import DEFAULT_CACHE_RAM_MIB, check_cache_ram_mib
 from inferd.backends.llamacpp.scheduler import (
     DEFAULT_ADMIT_GATHER_S,
     DEFAULT_KV_LAYOUT,
@@ -120,6 +121,9 @@ class LlamaCppOptions:
     #: seconds an idle scheduler waits for more requests arriving together, so they
     #: share the first prefill (ADR 0029); 0 turns it off
     admit_gather_s: float = DEFAULT_ADMIT_GATHER_S
+    #: MiB of host memory for split slots' states once another request takes the slot,
+    #: restored when their prompt comes back (ADR 0030); 0 turns it off
+    cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
     #: ggml RPC workers (``"host:port"``) the offloaded layers live on; a list or a
     #: comma-separated string (docs/adr/0019-rpc-backend.md)
     rpc_servers: tuple[str, ...] = ()
@@ -192,6 +196,7 @@ class LlamaCppOptions:
             kv_layout=self.kv_layout,
             admit_gather_s=self.admit_gather_s,
         )
+        check_cache_ram_mib(self.cache_ram_mib)
         from inferd.backends.llamacpp.embedding import check_options
 
         check_options(self.pooling, self.matryoshka_dims)

@@ -330,6 +330,8 @@ class Scheduler:
     :param prefix_cache: finished sequences kept for prefix reuse (0 disables).
     :param lockstep: pace decoding by the consumers (see the module docstring).
     :param kv_layout: ``"unified"`` or ``"split"``, as the context was created.
+    :param prompt_ram: a ``prompt_ram.PromptRam`` keeping split slots' states in host
+        memory once another request takes the slot (ADR 0030); None: off.
     """
 
     def __init__(
@@ -350,6 +352,7 @@ class Scheduler:
         speculator: Any = None,
         admit_gather_s: float = DEFAULT_ADMIT_GATHER_S,
         lora_groups: Any = None,
+        prompt_ram: Any = None,
     ) -> None:
         self.split = check_settings(
             parallel=parallel,
@@ -384,6 +387,8 @@ class Scheduler:
         self.lockstep = lockstep
         self.speculator = speculator  # speculative.Speculator or None (ADR 0027)
         self.lora_groups = lora_groups  # lora_groups.LoraGroups or None (ADR 0026)
+        # prompt_ram.PromptRam or None (ADR 0030): split slots' states in host memory
+        self.prompt_ram = prompt_ram if self.split and prefix_cache > 0 else None
         self._cond = threading.Condition()
         self._pending: collections.deque[SeqStream] = collections.deque()
         self._active: list[SeqStream] = []  # admission order
@@ -414,6 +419,7 @@ class Scheduler:
         )
         # split: tokens whose cells a free slot still holds (reused in place)
         self._slot_kv: dict[int, list[int]] = {}
+        self._slot_lora: dict[int, Any] = {}  # split: the LoRA set of those cells
         self.n_seq = parallel if self.split else parallel + prefix_cache
 
     # ------------------------------------------------------------------ event loop side
@@ -613,9 +619,12 @@ class Scheduler:
             )
 
     def clear_prefix_cache(self) -> None:
-        """Drop every cached prefix (their KV cells are freed now)."""
+        """Drop every cached prefix (their KV cells are freed now), and the host-RAM
+        entries (ADR 0030)."""
         with self._ctx_lock:
             self._drop_cached()
+            if self.prompt_ram is not None:
+                self.prompt_ram.clear()
 
     def _drop_cached(self) -> None:  # with self._ctx_lock held
         for cid in list(self._cache):
@@ -754,7 +763,7 @@ class Scheduler:
             # media: never cut inside a media span; cut = the position of prompt[lcp]
             lcp, cut = (lcp, lcp) if s.media is None else s.media.prefix_cut(lcp)
             lcp = (
-                self._reuse_in_slot(seq, lcp, cut)
+                self._reuse_in_slot(seq, lcp, cut, src)
                 if self.split
                 else self._copy_prefix(seq, src, lcp, cut)
             )
@@ -789,10 +798,12 @@ class Scheduler:
                 self._cache.move_to_end(src)
         return lcp
 
-    def _place_split(self, prompt: list[int], lora: Any = None) -> tuple[int, int, int]:
-        """Split: ``(slot, slot, prefix length)`` for the free slot whose kept tokens
-        share the longest prefix with ``prompt`` (as llama-server picks a slot); ties and
-        no match take the least recently used one. Its cells past the prefix go later."""
+    def _place_split(self, prompt: list[int], lora: Any = None) -> tuple[int, Any, int]:
+        """Split: ``(slot, saved entry or None, prefix length)`` for the free slot whose
+        kept tokens share the longest prefix with ``prompt`` (as llama-server picks a
+        slot); ties and no match take the least recently used one. A host-RAM entry
+        sharing a longer prefix goes into the least recently used slot instead (ADR
+        0030). The slot's cells past the prefix go later (:meth:`_reuse_in_slot`)."""
         best, slot = 0, self._free_slots[0]
         cap = len(prompt) - 1  # the last prompt token is decoded to get logits
         for seq in self._free_slots:  # least recently used first: a tie keeps the first
@@ -803,14 +814,25 @@ class Scheduler:
                 best, slot = n, seq
         if best < MIN_CACHED_PREFIX:
             best, slot = 0, self._free_slots[0]
+        entry = None
+        if self.prompt_ram is not None:
+            saved, n = self.prompt_ram.best(prompt, lora, cap)
+            if n >= MIN_CACHED_PREFIX and n > best:
+                entry, best, slot = saved, n, self._free_slots[0]
         self._free_slots.remove(slot)
-        return slot, slot, best
+        return slot, entry, best
 
-    def _reuse_in_slot(self, seq: int, lcp: int, cut: int) -> int:
+    def _reuse_in_slot(self, seq: int, lcp: int, cut: int, entry: Any = None) -> int:
         """Split: keep the slot's first ``lcp`` cells (positions below ``cut``) and drop
         the rest (all of them when ``lcp`` is 0 or libllama cannot cut there); returns
-        the prefix kept."""
-        self._slot_kv[seq] = []
+        the prefix kept. With the host-RAM cache (ADR 0030) the cells about to go are
+        saved first, and a saved ``entry`` replaces the slot's cells before the cut."""
+        kept, self._slot_kv[seq] = self._slot_kv.get(seq) or [], []
+        ram = self.prompt_ram
+        if ram is not None and len(kept) - (0 if entry else lcp) >= MIN_CACHED_PREFIX:
+            ram.save(self.ctx, seq, kept, self._slot_lora.get(seq), spare=entry)
+        if entry is not None and ram is not None and not ram.restore(self.ctx, seq, entry):
+            lcp = 0
         if lcp > 0 and self.ctx.seq_rm(seq, cut, -1):
             return lcp
         self.ctx.seq_rm(seq, -1, -1)
@@ -1091,6 +1113,7 @@ class Scheduler:
         if not keep:
             self.ctx.seq_rm(seq, -1, -1)
         self._slot_kv[seq] = list(kv) if keep and kv is not None else []
+        self._slot_lora[seq] = self._lora_of(seq)
         if keep:
             self.stats["remembered"] += 1
 
