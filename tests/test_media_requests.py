@@ -293,6 +293,51 @@ async def test_same_image_same_reply(vision: Any) -> None:
     assert text(cold) == text(warm)
 
 
+async def test_an_image_prefix_returns_from_host_memory(synth_vision: Any) -> None:
+    """One slot: a text request overwrites the image's cells, which were saved to host
+    memory first (ADR 0030); the image request again restores them (positions
+    included), encodes nothing and replies as the first time."""
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+
+    img = png(20, 20, (200, 30, 30))
+    b = LlamaCpp(
+        synth_vision.model, mmproj=synth_vision.mmproj, n_ctx=512, n_threads=2, parallel=1
+    )
+    try:
+        cold = [ev async for ev in b.generate(ask(ImageBlock(data=img), n=6))]
+        await done_of(b, ask(TextBlock("Something else entirely, please.")))
+        warm = [ev async for ev in b.generate(ask(ImageBlock(data=img), n=6))]
+        stats = b.batching_stats()
+    finally:
+        b.close()
+    assert warm[-1].usage.cached_tokens == cold[-1].usage.input_tokens - 1
+    assert stats["media_chunks"] == 1 and stats["ram_restored"] == 1
+    text = lambda evs: "".join(getattr(e, "text", "") for e in evs[:-1])  # noqa: E731
+    assert text(cold) == text(warm)
+
+
+async def test_media_are_prepared_off_the_event_loop(
+    vision: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding and resizing an image takes tens of ms: it runs in a worker thread, so
+    one client's image never stalls the loop that serves every other stream."""
+    import threading
+
+    from inferd.backends.llamacpp import media as media_mod
+
+    seen: list[threading.Thread] = []
+    real = media_mod.tokenize
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        seen.append(threading.current_thread())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(media_mod, "tokenize", recording)
+    await done_of(vision, ask(ImageBlock(data=png(16, 16))))
+    assert len(seen) == 1 and seen[0] is not threading.current_thread()
+
+
 async def test_media_decoded_a_piece_per_step(synth_vision: Any, vision: Any) -> None:
     """With step_tokens=16 the image's 64 cells go in four steps (a decoding stream
     waits for one piece at a time) and the reply is the one-piece reply."""

@@ -570,9 +570,10 @@ class LlamaCpp(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:  # type: ignore[override]
         start = time.perf_counter()
-        if request.dry_multiplier:
+        if request.dry_multiplier or media.has_media(request):
             # Preparing a DRY sampler walks the vocabulary (up to ~100 ms for new
-            # settings): off the loop, so one client's settings never stall others.
+            # settings), and media are decoded and resized (tens of ms per image, GIL
+            # released): off the loop, so one client's request never stalls others.
             prepared = await asyncio.to_thread(self._prepare_choices, request)
         else:
             prepared = self._prepare_choices(request)
