@@ -10,15 +10,18 @@ context, threads, batch and flash-attention setting, ``bench/servers.py``):
   ngram-simple --spec-ngram-simple-size-n N --spec-ngram-simple-size-m M`` (its lookup
   of the last N tokens in the sequence's history, drafting the M that followed).
 
-Two tasks: ``edit`` (the prompt holds a 60-line function; the reply rewrites it with one
-change, so most of the reply quotes the prompt) and ``chat`` (a plain question; little
-repeats). At each concurrency (1 and 8 streams) a round runs every peer once per task in
-an order that rotates by round; a peer's figure is its decode throughput: tokens after
-each reply's first, over the time from the earliest first token to the last end (the
-prefill is left out). Reported: the median over rounds of the per-round ratios
-ours-spec/ours-plain and ours-spec/server-spec (decode throughput; higher is better).
+Three tasks: ``edit`` (the prompt holds a 60-line function; the reply rewrites it with
+one change, the default of one argument, so most of the reply can quote the prompt),
+``rename`` (the same function with a variable renamed at its 15 uses: every use breaks
+an n-gram match) and ``chat`` (a plain question; little repeats). At each concurrency
+(1 and 8 streams) a round runs every peer once per task in an order that rotates by
+round; a peer's figure is its decode throughput: tokens after each reply's first, over
+the time from the earliest first token to the last end (the prefill is left out).
+Reported: the median over rounds of the per-round ratios ours-spec/ours-plain and
+ours-spec/server-spec (decode throughput; higher is better).
 
-    python bench/bench_speculative.py [--smoke] [--tokens T] [--rounds R]
+    python bench/bench_speculative.py [--smoke] [--tokens T] [--rounds R] [--streams 1,8]
+        [--tasks edit,rename,chat]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ SERVER_START_TIMEOUT_S = 180.0
 #: Seconds one request may take.
 REQUEST_TIMEOUT_S = 900.0
 PEERS = ("ours-spec", "ours-plain", "server-spec")
-TASKS = ("edit", "chat")
+TASKS = ("edit", "rename", "chat")
 
 
 def _function(lines: int = 60) -> str:
@@ -69,12 +72,19 @@ def _function(lines: int = 60) -> str:
     return "\n".join(body[:lines])
 
 
+#: What each code task asks of the function.
+CHANGES = {
+    "edit": "the default of `limit` becomes 20 instead of 10",
+    "rename": "rename the variable `totals` to `sums`",
+}
+
+
 def task_prompt(task: str) -> str:
-    if task == "edit":
+    if task in CHANGES:
         return (
             "Here is a Python function:\n\n```python\n" + _function() + "\n```\n\n"
-            "Rewrite the whole function with one change: rename the variable `totals` to "
-            "`sums`. Reply with the complete code only."
+            f"Rewrite the whole function with one change: {CHANGES[task]}. "
+            "Reply with the complete code only."
         )
     return "Tell me about the history of the city of Lyon, in a few paragraphs."
 
@@ -200,19 +210,21 @@ def _wait_health(server: Any) -> None:
     raise RuntimeError(f"{server.name} did not become healthy")
 
 
-async def _run(tokens: int, rounds: int, widths: tuple[int, ...]) -> dict[str, float]:
+async def _run(
+    tokens: int, rounds: int, widths: tuple[int, ...], tasks: tuple[str, ...] = TASKS
+) -> dict[str, float]:
     from inferd import models
 
     model = str(models.resolve("smollm2-135m", pull=True, progress=False))
     peers = _start_peers(model)
     ratios: dict[str, list[float]] = {}
     try:
-        for task in TASKS:  # warm every peer once
+        for task in tasks:  # warm every peer once
             for name in PEERS:
                 await _measure(peers[name].base_url, task, 8, 1)
         for width in widths:
             for r in range(rounds):
-                for task in TASKS:
+                for task in tasks:
                     order = PEERS[r % 3 :] + PEERS[: r % 3]
                     tps = {n: await _measure(peers[n].base_url, task, tokens, width) for n in order}
                     line = ", ".join(f"{n} {tps[n]:.1f} tok/s" for n in PEERS)
@@ -238,11 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None, help="most tokens per reply")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--streams", default=None, help="comma-separated concurrencies (1,8)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     args = p.parse_args(argv)
+    tasks = tuple(args.tasks.split(","))
+    if not set(tasks) <= set(TASKS):
+        p.error(f"--tasks: choose among {', '.join(TASKS)}")
     tokens = args.tokens or (48 if args.smoke else 400)
     rounds = args.rounds or (1 if args.smoke else 5)
     widths = tuple(int(x) for x in (args.streams or ("1,2" if args.smoke else "1,8")).split(","))
-    out = asyncio.run(_run(tokens, rounds, widths))
+    out = asyncio.run(_run(tokens, rounds, widths, tasks))
     print(
         f"SmolLM2-135M, greedy, up to {tokens} tokens, {rounds} rounds, {THREADS} threads, "
         f"n-gram n={NGRAM_N} draft<={N_DRAFT}; median per-round ratio of decode tok/s"
