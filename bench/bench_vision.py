@@ -12,11 +12,19 @@ Per round and peer, in alternating order (load from elsewhere hits both alike):
 * ``prefill``: one request with a fresh image (new pixels every round, so neither peer
   reuses a cached prefix) and ``max_tokens=1``: encode + decode of its tokens + one step;
 * ``decode``: two text streams alone (tok/s), then the same two while images are sent one
-  after another; their tok/s over the window in which images were in flight, as a
-  fraction of alone (1.0: images cost the other streams nothing).
+  after another. Two figures of the window in which images were in flight:
+
+  - ``stall``: how long each image stopped the text streams, in ms: the window's length
+    minus the time the tokens they got in it take alone, over the number of images
+    (0: images cost the other streams nothing). This is what "slowed by" means to the
+    text streams' users: how much later they finish;
+  - ``fraction``: their tok/s in the window as a fraction of alone. It also rewards a
+    peer that spends longer receiving and preparing each image (the streams decode
+    meanwhile), so it is reported but is not the target's figure.
 
 Reported: median over rounds of the per-round ratios: prefill speed (llama-server's time
-over ours; >= 1.0 is the target) and the decode fraction of each peer. Until
+over ours; >= 1.0 is the target), stall (llama-server's stall over ours; >= 1.0: we slow
+the text streams no more than it does) and the decode fraction of each peer. Until
 ``LlamaCpp(mmproj=)`` exists the inferd column says so and llama-server is measured alone.
 
     python bench/bench_vision.py [--smoke] [--rounds R] [--tokens T]
@@ -143,8 +151,9 @@ def rate(streams: list[list[float]], start: float, end: float) -> float:
 
 async def decode_fraction(
     session: aiohttp.ClientSession, base: str, tokens: int, images: list[bytes], n_media: int
-) -> float:
-    """Text streams' tok/s while images are in flight, over their tok/s alone."""
+) -> tuple[float, float]:
+    """Text streams' tok/s while images are in flight, over their tok/s alone, and the
+    stall per image in ms (the window, less the time its tokens take alone)."""
     bodies = [chat_body(i, tokens, sampled=False) for i in range(N_TEXT_STREAMS)]
     alone = await asyncio.gather(*(stream_times(session, base, b) for b in bodies))
     start, end = max(ts[0] for ts in alone), min(ts[-1] for ts in alone)
@@ -163,7 +172,10 @@ async def decode_fraction(
     window_end = min(t_img_end, min(ts[-1] for ts in during))
     if window_end - t_img <= 0:
         raise RuntimeError("the text streams ended before the images: raise --tokens")
-    return rate(during, t_img, window_end) / base_rate
+    window = window_end - t_img
+    got = rate(during, t_img, window_end) * window  # the tokens the window held
+    stall_ms = 1000 * (window - got / base_rate) / len(images)
+    return got / window / base_rate, stall_ms
 
 
 def _free_port() -> int:
@@ -220,7 +232,9 @@ def ours_available() -> bool:
 
 async def measure(peers: list[Server], n_media: int, tokens: int, rounds: int) -> dict:
     """Per-round prefill seconds and decode fractions of each peer, interleaved."""
-    out: dict[str, dict[str, list[float]]] = {p.name: {"prefill": [], "decode": []} for p in peers}
+    out: dict[str, dict[str, list[float]]] = {
+        p.name: {"prefill": [], "decode": [], "stall": []} for p in peers
+    }
     conn = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
@@ -232,9 +246,10 @@ async def measure(peers: list[Server], n_media: int, tokens: int, rounds: int) -
             fresh = [image(1000 * r + k) for k in range(N_IMAGES + 1)]
             for p in order:
                 t = await prefill(session, p.base_url, fresh[0], n_media)
-                frac = await decode_fraction(session, p.base_url, tokens, fresh[1:], n_media)
+                frac, stall = await decode_fraction(session, p.base_url, tokens, fresh[1:], n_media)
                 out[p.name]["prefill"].append(t)
                 out[p.name]["decode"].append(frac)
+                out[p.name]["stall"].append(stall)
     return out
 
 
@@ -268,16 +283,19 @@ def report(res: dict, vision: Any, tokens: int, rounds: int, have_ours: bool) ->
         f"{vision.patch_size}), {N_TEXT_STREAMS} text streams of {tokens} tokens, "
         f"{N_IMAGES} images, {rounds} rounds, {THREADS} threads"
     )
-    print(f"{'peer':<14}{'prefill s':>11}{'decode under images':>22}")
+    print(f"{'peer':<14}{'prefill s':>11}{'stall ms/image':>16}{'decode fraction':>17}")
     for peer, m in med.items():
-        print(f"{peer:<14}{m['prefill']:>11.3f}{m['decode']:>22.2f}")
+        print(f"{peer:<14}{m['prefill']:>11.3f}{m['stall']:>16.1f}{m['decode']:>17.2f}")
     if not have_ours:
         print("inferd: not measured (LlamaCpp(mmproj=) has not landed)")
         return
     ours, theirs = res["inferd"], res["llama-server"]
     speed = [t / o for o, t in zip(ours["prefill"], theirs["prefill"], strict=True)]
     dec = [o / t for o, t in zip(ours["decode"], theirs["decode"], strict=True)]
+    stall = [t / o for o, t in zip(ours["stall"], theirs["stall"], strict=True) if o > 0]
     print(f"image prefill speed, llama-server's time / ours: {statistics.median(speed):.2f}")
+    if stall:
+        print(f"stall per image, llama-server's / ours: {statistics.median(stall):.2f}")
     print(f"decode under images, our fraction / llama-server's: {statistics.median(dec):.2f}")
 
 
