@@ -15,8 +15,11 @@ one change, the default of one argument, so most of the reply can quote the prom
 ``rename`` (the same function with a variable renamed at its 15 uses: every use breaks
 an n-gram match) and ``chat`` (a plain question; little repeats). At each concurrency
 (1 and 8 streams) a round runs every peer once per task in an order that rotates by
-round; a peer's figure is its decode throughput: tokens after each reply's first, over
-the time from the earliest first token to the last end (the prefill is left out).
+round, on that round's variant of the task's prompt (other keys in the function, another
+city: a greedy reply is one fixed text per prompt, and what drafts earn depends on it),
+after one short request of the same prompt to every peer (its prefill is not timed).
+A peer's figure is its decode throughput: tokens after each reply's first, over the time
+from the earliest first token to the last end (the prefill is left out).
 Reported: the median over rounds of the per-round ratios ours-spec/ours-plain and
 ours-spec/server-spec (decode throughput; higher is better).
 
@@ -55,16 +58,24 @@ PEERS = ("ours-spec", "ours-plain", "server-spec")
 TASKS = ("edit", "rename", "chat")
 
 
-def _function(lines: int = 60) -> str:
-    """A 60-line Python function (plain, varied statements, no randomness)."""
+#: Per-round variants of the prompts: a greedy reply is one fixed text per prompt, and
+#: how much drafts earn depends on that text, so each round asks about another one.
+KEY_PREFIXES = ("k", "col", "f", "id", "m", "x", "tag", "q")
+CITIES = ("Lyon", "Porto", "Krakow", "Bologna", "Ghent", "Seville", "Tartu", "Bergen")
+
+
+def _function(lines: int = 60, variant: int = 0) -> str:
+    """A 60-line Python function (plain, varied statements, no randomness); ``variant``
+    changes its keys and numbers."""
+    prefix = KEY_PREFIXES[variant % len(KEY_PREFIXES)]
     body = ["def summarize(records, limit=10):", '    """Totals per key, largest first."""']
     body += ["    totals = {}", "    counts = {}"]
     i = 0
     while len(body) < lines - 3:
         body += [
             f"    for rec in records[{i}::{i + 2}]:",
-            f"        key = rec.get('k{i}', 'none')",
-            f"        totals[key] = totals.get(key, 0) + rec.get('v{i}', {i})",
+            f"        key = rec.get('{prefix}{i}', 'none')",
+            f"        totals[key] = totals.get(key, 0) + rec.get('v{i}', {i + variant})",
             "        counts[key] = counts.get(key, 0) + 1",
         ]
         i += 1
@@ -79,20 +90,21 @@ CHANGES = {
 }
 
 
-def task_prompt(task: str) -> str:
+def task_prompt(task: str, variant: int = 0) -> str:
     if task in CHANGES:
         return (
-            "Here is a Python function:\n\n```python\n" + _function() + "\n```\n\n"
+            "Here is a Python function:\n\n```python\n" + _function(variant=variant) + "\n```\n\n"
             f"Rewrite the whole function with one change: {CHANGES[task]}. "
             "Reply with the complete code only."
         )
-    return "Tell me about the history of the city of Lyon, in a few paragraphs."
+    city = CITIES[variant % len(CITIES)]
+    return f"Tell me about the history of the city of {city}, in a few paragraphs."
 
 
-def _request(url: str, task: str, tokens: int) -> tuple[float, float, int]:
+def _request(url: str, prompt: str, tokens: int) -> tuple[float, float, int]:
     """One streamed greedy request: (first token time, end time, completion tokens)."""
     body = {
-        "messages": [{"role": "user", "content": task_prompt(task)}],
+        "messages": [{"role": "user", "content": prompt}],
         "temperature": 0.0,
         "max_tokens": tokens,
         "stream": True,
@@ -118,12 +130,12 @@ def _request(url: str, task: str, tokens: int) -> tuple[float, float, int]:
     return first, time.perf_counter(), usage or chunks
 
 
-async def _measure(url: str, task: str, tokens: int, streams: int) -> float:
+async def _measure(url: str, prompt: str, tokens: int, streams: int) -> float:
     """Decode tokens per second of ``streams`` concurrent requests: tokens after each
     reply's first, over the time from the earliest first token to the last end (the
     prompt's prefill is left out: speculation only changes decoding)."""
     got = await asyncio.gather(
-        *(asyncio.to_thread(_request, url, task, tokens) for _ in range(streams))
+        *(asyncio.to_thread(_request, url, prompt, tokens) for _ in range(streams))
     )
     firsts = [g[0] for g in got if g[0]]
     if not firsts:
@@ -219,14 +231,16 @@ async def _run(
     peers = _start_peers(model)
     ratios: dict[str, list[float]] = {}
     try:
-        for task in tasks:  # warm every peer once
-            for name in PEERS:
-                await _measure(peers[name].base_url, task, 8, 1)
         for width in widths:
             for r in range(rounds):
                 for task in tasks:
+                    prompt = task_prompt(task, r)
+                    for name in PEERS:  # every peer holds the prompt: prefill is not timed
+                        await _measure(peers[name].base_url, prompt, 8, 1)
                     order = PEERS[r % 3 :] + PEERS[: r % 3]
-                    tps = {n: await _measure(peers[n].base_url, task, tokens, width) for n in order}
+                    tps = {
+                        n: await _measure(peers[n].base_url, prompt, tokens, width) for n in order
+                    }
                     line = ", ".join(f"{n} {tps[n]:.1f} tok/s" for n in PEERS)
                     print(f"{width} streams, round {r + 1}, {task}: {line}", flush=True)
                     key = f"{task} x{width}"
