@@ -158,7 +158,8 @@ def _backend(path, **kw):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    return LlamaCpp(path, n_ctx=512, n_threads=1, parallel=1, kv_layout="split", **kw)
+    kw = {"n_ctx": 512, "parallel": 1, **kw}
+    return LlamaCpp(path, n_threads=1, kv_layout="split", **kw)
 
 
 @pytest.mark.llama
@@ -211,5 +212,30 @@ async def test_zero_turns_it_off(smollm2_path):
         _, d3 = await _run(b, _request("rivers"))
         assert d3.usage.cached_tokens == 0
         assert "ram_saved" not in b.batching_stats()
+    finally:
+        b.close()
+
+
+@pytest.mark.llama
+async def test_a_running_streams_prefix_is_copied_to_another_slot(smollm2_path):
+    """Split slots: a request sharing a long prompt with a stream that is running gets
+    that stream's cells copied into its own slot instead of prefilling them; its reply
+    is the one the same cells give when reused in place."""
+    b = _backend(smollm2_path, parallel=2, n_ctx=1024)
+    try:
+        _, first = await _run(b, _request("rivers"))  # slot A keeps the prompt
+        b.clear_prefix_cache()
+        talker = b.generate(_request("rivers", n=200))
+        await talker.__anext__()  # running; unread, it pauses but keeps its slot
+        copied_text, copied = await _run(b, _request("rivers"))
+        await talker.aclose()
+        stats = b.batching_stats()
+        assert copied.usage.cached_tokens == first.usage.input_tokens - 1
+        assert stats["slot_copies"] == 1
+        b.clear_prefix_cache()
+        await _run(b, _request("rivers", n=1))  # the prompt in a slot, then reused in place
+        in_place_text, in_place = await _run(b, _request("rivers"))
+        assert in_place.usage.cached_tokens == first.usage.input_tokens - 1
+        assert copied_text == in_place_text
     finally:
         b.close()

@@ -83,6 +83,9 @@ PIPELINE_DEPTH = 8
 DEFAULT_STEP_TOKENS = 256
 #: Requests that may wait for a sequence slot before ``generate()`` raises ``QueueFull``.
 DEFAULT_MAX_QUEUED = 64
+#: Split layout: least shared prefix worth copying another slot's whole stream of cells
+#: for (the copy costs the slot's whole buffer, a prefill costs per token).
+MIN_COPIED_PREFIX = 64
 #: Finished sequences kept in the KV cache for prefix reuse (LRU).
 DEFAULT_PREFIX_CACHE = 8
 #: Shortest token list worth keeping for prefix reuse.
@@ -799,11 +802,13 @@ class Scheduler:
         return lcp
 
     def _place_split(self, prompt: list[int], lora: Any = None) -> tuple[int, Any, int]:
-        """Split: ``(slot, saved entry or None, prefix length)`` for the free slot whose
-        kept tokens share the longest prefix with ``prompt`` (as llama-server picks a
-        slot); ties and no match take the least recently used one. A host-RAM entry
-        sharing a longer prefix goes into the least recently used slot instead (ADR
-        0030). The slot's cells past the prefix go later (:meth:`_reuse_in_slot`)."""
+        """Split: ``(slot, source or None, prefix length)`` for the free slot whose kept
+        tokens share the longest prefix with ``prompt`` (as llama-server picks a slot);
+        ties and no match take the least recently used one. A longer prefix elsewhere
+        goes into the least recently used slot instead (the source): a host-RAM entry
+        (ADR 0030), or another slot's cells, running or kept, copied whole when they
+        share at least :data:`MIN_COPIED_PREFIX` tokens. The slot's cells past the
+        prefix go later (:meth:`_reuse_in_slot`)."""
         best, slot = 0, self._free_slots[0]
         cap = len(prompt) - 1  # the last prompt token is decoded to get logits
         for seq in self._free_slots:  # least recently used first: a tie keeps the first
@@ -814,24 +819,49 @@ class Scheduler:
                 best, slot = n, seq
         if best < MIN_CACHED_PREFIX:
             best, slot = 0, self._free_slots[0]
-        entry = None
+        source: Any = None
         if self.prompt_ram is not None:
             saved, n = self.prompt_ram.best(prompt, lora, cap)
             if n >= MIN_CACHED_PREFIX and n > best:
-                entry, best, slot = saved, n, self._free_slots[0]
+                source, best, slot = saved, n, self._free_slots[0]
+        other, n = self._best_other_slot(prompt, lora, cap, slot)
+        if n >= MIN_COPIED_PREFIX and n > best:
+            source, best, slot = other, n, self._free_slots[0]
         self._free_slots.remove(slot)
-        return slot, entry, best
+        return slot, source, best
 
-    def _reuse_in_slot(self, seq: int, lcp: int, cut: int, entry: Any = None) -> int:
+    def _best_other_slot(
+        self, prompt: list[int], lora: Any, cap: int, chosen: int
+    ) -> tuple[int, int]:
+        """Split: the running stream whose cells share the longest prefix with
+        ``prompt``, and its length (at most ``cap``); free slots' kept cells were
+        weighed already. One admitted just before counts with the prefix it kept, so
+        when one slot holds a long prompt, a burst of requests sharing it copies its
+        cells instead of prefilling them again."""
+        best, src = 0, -1
+        for a in self._active:
+            if a.seq != chosen and not a.cancelled and a.lora == lora:
+                n = common_prefix(prompt, a.kv)
+                if n > best:
+                    best, src = n, a.seq
+        return src, min(best, cap)
+
+    def _reuse_in_slot(self, seq: int, lcp: int, cut: int, source: Any = None) -> int:
         """Split: keep the slot's first ``lcp`` cells (positions below ``cut``) and drop
         the rest (all of them when ``lcp`` is 0 or libllama cannot cut there); returns
         the prefix kept. With the host-RAM cache (ADR 0030) the cells about to go are
-        saved first, and a saved ``entry`` replaces the slot's cells before the cut."""
+        saved first. A ``source`` replaces the slot's cells before the cut: a saved
+        entry, or another slot (an int) whose whole stream is copied (the copy lands
+        before the next decode, as for choices)."""
         kept, self._slot_kv[seq] = self._slot_kv.get(seq) or [], []
         ram = self.prompt_ram
-        if ram is not None and len(kept) - (0 if entry else lcp) >= MIN_CACHED_PREFIX:
+        entry = source if source is not None and not isinstance(source, int) else None
+        if ram is not None and len(kept) - (0 if source is not None else lcp) >= MIN_CACHED_PREFIX:
             ram.save(self.ctx, seq, kept, self._slot_lora.get(seq), spare=entry)
-        if entry is not None and ram is not None and not ram.restore(self.ctx, seq, entry):
+        if isinstance(source, int):
+            self.ctx.seq_cp(source, seq, -1, -1)
+            self.stats["slot_copies"] += 1
+        elif entry is not None and ram is not None and not ram.restore(self.ctx, seq, entry):
             lcp = 0
         if lcp > 0 and self.ctx.seq_rm(seq, cut, -1):
             return lcp
