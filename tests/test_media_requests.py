@@ -301,9 +301,7 @@ async def test_an_image_prefix_returns_from_host_memory(synth_vision: Any) -> No
     from inferd.backends.llamacpp import LlamaCpp
 
     img = png(20, 20, (200, 30, 30))
-    b = LlamaCpp(
-        synth_vision.model, mmproj=synth_vision.mmproj, n_ctx=512, n_threads=2, parallel=1
-    )
+    b = LlamaCpp(synth_vision.model, mmproj=synth_vision.mmproj, n_ctx=512, n_threads=2, parallel=1)
     try:
         cold = [ev async for ev in b.generate(ask(ImageBlock(data=img), n=6))]
         await done_of(b, ask(TextBlock("Something else entirely, please.")))

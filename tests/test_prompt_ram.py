@@ -239,3 +239,16 @@ async def test_a_running_streams_prefix_is_copied_to_another_slot(smollm2_path):
         assert copied_text == in_place_text
     finally:
         b.close()
+
+
+@pytest.mark.llama
+async def test_no_slot_copies_without_prefix_reuse(smollm2_path):
+    b = _backend(smollm2_path, parallel=2, n_ctx=1024, prefix_cache=0)
+    try:
+        talker = b.generate(_request("rivers", n=200))
+        await talker.__anext__()
+        _, d = await _run(b, _request("rivers"))
+        await talker.aclose()
+        assert d.usage.cached_tokens == 0 and "slot_copies" not in b.batching_stats()
+    finally:
+        b.close()

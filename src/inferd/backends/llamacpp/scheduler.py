@@ -806,9 +806,9 @@ class Scheduler:
         tokens share the longest prefix with ``prompt`` (as llama-server picks a slot);
         ties and no match take the least recently used one. A longer prefix elsewhere
         goes into the least recently used slot instead (the source): a host-RAM entry
-        (ADR 0030), or another slot's cells, running or kept, copied whole when they
-        share at least :data:`MIN_COPIED_PREFIX` tokens. The slot's cells past the
-        prefix go later (:meth:`_reuse_in_slot`)."""
+        (ADR 0030), or a running stream's slot, copied whole when it shares at least
+        :data:`MIN_COPIED_PREFIX` tokens. With ``prefix_cache=0`` nothing is reused.
+        The slot's cells past the prefix go later (:meth:`_reuse_in_slot`)."""
         best, slot = 0, self._free_slots[0]
         cap = len(prompt) - 1  # the last prompt token is decoded to get logits
         for seq in self._free_slots:  # least recently used first: a tie keeps the first
@@ -824,7 +824,7 @@ class Scheduler:
             saved, n = self.prompt_ram.best(prompt, lora, cap)
             if n >= MIN_CACHED_PREFIX and n > best:
                 source, best, slot = saved, n, self._free_slots[0]
-        other, n = self._best_other_slot(prompt, lora, cap, slot)
+        other, n = self._best_other_slot(prompt, lora, cap, slot) if self.prefix_cache else (-1, 0)
         if n >= MIN_COPIED_PREFIX and n > best:
             source, best, slot = other, n, self._free_slots[0]
         self._free_slots.remove(slot)
