@@ -291,19 +291,24 @@ def _vit_blocks(w, r: _Rand, prefix: str, hidden: int, ffn: int, layers: int, k_
         w.add_tensor(b + "ffn_down.bias", r.vec(hidden))
 
 
-def _add_vision(w, r: _Rand, v: VisionShape, text_hidden: int) -> None:
-    w.add_clip_has_vision_encoder(True)
-    w.add_clip_vision_projector_type("mlp")
+def _vit_header(w, v: VisionShape | Qwen2VLShape) -> None:
+    """The ViT keys both vision towers write: input size, widths, depth, normalisation."""
     w.add_vision_image_size(v.image_size)
     w.add_vision_patch_size(v.patch_size)
     w.add_vision_embedding_length(v.hidden)
     w.add_vision_feed_forward_length(v.ffn)
     w.add_vision_block_count(v.layers)
     w.add_vision_head_count(v.heads)
-    w.add_vision_projection_dim(text_hidden)
-    w.add_vision_attention_layernorm_eps(1e-5)
     w.add_vision_image_mean(list(CLIP_MEAN))
     w.add_vision_image_std(list(CLIP_STD))
+
+
+def _add_vision(w, r: _Rand, v: VisionShape, text_hidden: int) -> None:
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_vision_projector_type("mlp")
+    _vit_header(w, v)
+    w.add_vision_projection_dim(text_hidden)
+    w.add_vision_attention_layernorm_eps(1e-5)
     w.add_vision_use_gelu(False)  # CLIP's quick GELU
     n_pos = v.n_tokens + 1  # + the class embedding
     w.add_tensor("v.patch_embd.weight", r.mat(v.hidden, 3, v.patch_size, v.patch_size))
@@ -378,14 +383,7 @@ def _add_qwen2vl(w, r: _Rand, v: Qwen2VLShape, text_hidden: int) -> None:
     w.add_clip_has_vision_encoder(True)
     w.add_clip_projector_type(gguf.VisionProjectorType.QWEN2VL)
     w.add_vision_projection_dim(text_hidden)
-    w.add_vision_image_size(v.image_size)
-    w.add_vision_patch_size(v.patch_size)
-    w.add_vision_embedding_length(v.hidden)
-    w.add_vision_feed_forward_length(v.ffn)
-    w.add_vision_block_count(v.layers)
-    w.add_vision_head_count(v.heads)
-    w.add_vision_image_mean(list(CLIP_MEAN))
-    w.add_vision_image_std(list(CLIP_STD))
+    _vit_header(w, v)
     w.add_vision_attention_layernorm_eps(1e-6)
     # the Conv3D over two frames, split into one Conv2D per frame
     for suffix in ("", ".1"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,16 @@ def require_llama_core() -> None:
         from inferd._fast import _llama  # noqa: F401
     except ImportError as e:
         missing(f"the compiled llama.cpp core inferd._fast._llama ({e})")
+
+
+def require_mtmd_core() -> Any:
+    """The compiled binding with libmtmd (``_llama.Mtmd``), or ``missing``."""
+    require_llama_core()
+    from inferd._fast import _llama
+
+    if not hasattr(_llama, "Mtmd"):
+        missing("libmtmd in the compiled core (inferd._fast._llama.Mtmd)")
+    return _llama
 
 
 #: Where the synthetic vision/audio pair (bench/synth_vision.py) is kept between runs

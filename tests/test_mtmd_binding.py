@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from inferd.errors import ModelLoadError, NotReady
-from tests.conftest import require_llama_core
+from tests.conftest import require_mtmd_core
 
 MTMD_DIR = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "tools" / "mtmd"
 IMAGE = MTMD_DIR / "test-1.jpeg"
@@ -25,12 +25,7 @@ IMAGE_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def L() -> Any:
-    require_llama_core()
-    from inferd._fast import _llama
-
-    if not hasattr(_llama, "Mtmd"):
-        pytest.fail("the compiled core has no Mtmd: rebuild it (pip install -e .)")
-    return _llama
+    return require_mtmd_core()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import missing, require_llama_core, tokenizer_only_gguf
+from tests.conftest import require_mtmd_core, tokenizer_only_gguf
 from tests.test_llama_server import _serve, llama_server_bin  # noqa: F401
 
 MTMD_DIR = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "tools" / "mtmd"
@@ -245,13 +245,8 @@ async def test_llama_server_batch_of_four_equals_one_at_a_time(vision_server):
 @pytest.fixture(scope="module")
 def vision_backend(synth_vision) -> Iterator[Any]:
     """Our engine on the pair: SLOTS sequences, the peers' context and threads."""
-    require_llama_core()
-
-    from inferd._fast import _llama
+    require_mtmd_core()
     from inferd.backends.llamacpp import LlamaCpp
-
-    if not hasattr(_llama, "Mtmd"):
-        missing("libmtmd in the compiled core (inferd._fast._llama.Mtmd)")
 
     b = LlamaCpp(
         synth_vision.model, mmproj=synth_vision.mmproj, n_ctx=CTX, n_threads=2, parallel=SLOTS

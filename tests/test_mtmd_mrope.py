@@ -21,7 +21,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SYNTH_VISION_CACHE, require_llama_core, tokenizer_only_gguf
+from tests.conftest import (
+    SYNTH_VISION_CACHE,
+    require_llama_core,
+    require_mtmd_core,
+    tokenizer_only_gguf,
+)
 from tests.test_mtmd_differential import png_bytes
 
 MTMD_DIR = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "tools" / "mtmd"
@@ -102,12 +107,7 @@ def qwen2vl(smollm2_path: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def L() -> Any:
-    require_llama_core()
-    from inferd._fast import _llama
-
-    if not hasattr(_llama, "Mtmd"):
-        pytest.fail("the compiled core has no Mtmd: rebuild it (pip install -e .)")
-    return _llama
+    return require_mtmd_core()
 
 
 @pytest.fixture(scope="module")
