@@ -70,6 +70,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from inferd.backends.llamacpp import burst_prefix
 from inferd.errors import BackendUnavailable, InvalidRequest, NotReady, QueueFull
 from inferd.limits import echo
 from inferd.types import TokenLogprob
@@ -211,6 +212,7 @@ class SeqStream:
         "speculative",
         "taken",
         "top_logprobs",
+        "wait",
     )
 
     def __init__(
@@ -260,6 +262,8 @@ class SeqStream:
         self.drafted = 0
         self.spec_state: Any = None
         self.lora: Any = None  # LoRA scale set (lora_groups; ADR 0026); None: no adapters
+        # burst prefix sharing (ADR 0031): (source stream, shared tokens) while waiting
+        self.wait: tuple[SeqStream, int] | None = None
 
     async def get(self) -> tuple[Any, ...]:
         """The next item from the scheduler (waits; a slow caller pauses the sequence)."""
@@ -396,6 +400,7 @@ class Scheduler:
         self._pending: collections.deque[SeqStream] = collections.deque()
         self._active: list[SeqStream] = []  # admission order
         self._cancels: list[SeqStream] = []
+        self.waiting: list[SeqStream] = []  # burst prefix sharing (ADR 0031)
         self._init_ids(parallel, prefix_cache)
         self._reserved = 0  # worst-case cells of admitted sequences
         self._head_fits = True  # False while the queue head waits for KV room
@@ -657,6 +662,8 @@ class Scheduler:
     def _runnable(self, s: SeqStream) -> bool:
         if s.lead is not None:  # a choice waiting for its leader's prefill
             return False
+        if s.wait is not None:  # waits for a burst source (ADR 0031) unless it ended
+            return s.wait[0].done or s.wait[0].cancelled
         if s.n_past < len(s.prompt):
             return True
         return s.sent - s.taken < PIPELINE_DEPTH
@@ -776,6 +783,7 @@ class Scheduler:
                 s.shift = cut - lcp
                 s.cached_tokens = lcp
                 self.stats["cached_tokens"] += lcp
+            burst_prefix.join(self, s, lcp)
             self.stats["admitted"] += 1 + len(s.followers)
 
     def _place(self, s: SeqStream) -> tuple[int, int, int] | None:
@@ -930,7 +938,7 @@ class Scheduler:
         for s in active:
             if room <= 0:
                 break
-            if s.cancelled or s.n_past >= len(s.prompt) or s.lead is not None:
+            if s.cancelled or s.n_past >= len(s.prompt) or s.lead is not None or s.wait:
                 continue
             chunk = (
                 s.prompt[s.n_past : s.n_past + room]
@@ -951,6 +959,8 @@ class Scheduler:
         """Build one batch, decode it, sample, deliver."""
         batch = self._batch
         batch.clear()
+        if self.waiting:  # burst waiters whose source ended prefill on their own
+            burst_prefix.settle(self)
         groups = self.lora_groups  # one LoRA scale set per step (ADR 0026)
         active = self._active if groups is None else groups.select(self)
         if any(s.media is not None for s in active) and (  # images/audio (ADR 0028)
@@ -982,6 +992,8 @@ class Scheduler:
                 s.n_past += len(chunk)
                 if s.n_past >= len(s.prompt) and s.followers:
                     self._fill_choices(s)
+        if self.waiting:  # burst waiters now covered take their copies (ADR 0031)
+            burst_prefix.settle(self)
         if drafted and len(fed) > 1:  # drafts verified in one decode with other sequences
             self.stats["spec_batched_steps"] += 1
         for s, chunk, ix in drafted:  # speculation: the stream's picks, rejected cells gone
