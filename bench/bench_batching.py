@@ -22,11 +22,18 @@ split), llama-server (same HTTP client) and llama-cpp-python (one ``Llama`` behi
 lock: it serves one stream at a time), each peer a fresh process per round, peers
 interleaved round by round.
 
+``--system-words N`` (http suite): every request of a round also carries one system
+prompt of about N words (a handbook, as agent frameworks send tools and rules each
+time), opened by the round's id so each round starts cold for every peer. This is the
+burst-prefix case (ADR 0031): we prefill the shared part once, llama-server once per
+slot; it has no setting that shares a prefix between slots in one burst.
+
 Reports medians of tok/s (all tokens / wall time from arrival to the last token) and
 TTFT p50/p99 (from arrival, queueing included), and medians of per-round ratios.
 
     python bench/bench_batching.py [--smoke] [--suite http|inprocess] [--tokens N]
         [--threads T] [--rounds R] [--conc 1,4,8,16] [--modes greedy,sampled]
+        [--system-words N]
 """
 
 from __future__ import annotations
@@ -102,19 +109,27 @@ async def _drive_http(servers: dict, a: argparse.Namespace, conc: int, raw: dict
     for srv in servers.values():
         await http_load.wait_healthy(srv.base_url, srv.alive)
     for srv in servers.values():  # untimed: loads weights, primes every slot's prefix
-        await http_load.run_round(srv.base_url, conc, WARMUP_TOKENS, False, WARMUP_ID)
+        await http_load.run_round(
+            srv.base_url, conc, WARMUP_TOKENS, False, WARMUP_ID, _system(a, WARMUP_ID)
+        )
     names = list(servers)
     for r in range(a.rounds):
         for m, mode in enumerate(a.mode_list):
             k = (r * len(a.mode_list) + m) % len(names)
+            ids = _ids(r, mode)
             for name in names[k:] + names[:k]:
                 res = await http_load.run_round(
-                    servers[name].base_url, conc, a.tokens, mode == "sampled", _ids(r, mode)
+                    servers[name].base_url, conc, a.tokens, mode == "sampled", ids, _system(a, ids)
                 )
                 raw.setdefault(mode, {}).setdefault(name, {}).setdefault(conc, []).append(
                     res.summary()
                 )
         print(f"  C={conc}: round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+
+
+def _system(a: argparse.Namespace, ids: int) -> str | None:
+    """The system prompt a round's requests share (``--system-words``), or None."""
+    return http_load.shared_system(ids, a.system_words) if a.system_words else None
 
 
 def run_http(a: argparse.Namespace) -> dict:
@@ -389,6 +404,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ctx", type=int, default=1024, help="context tokens per slot")
     ap.add_argument("--conc", type=str, default=None, help="concurrencies, e.g. 1,4,8,16")
     ap.add_argument("--modes", type=str, default=None, help="greedy,sampled")
+    ap.add_argument(
+        "--system-words",
+        type=int,
+        default=0,
+        help="http suite: a system prompt of about N words shared by a round's requests",
+    )
     ap.add_argument("--peers", type=str, default=None, help="subset of the suite's peers")
     ap.add_argument("--json", type=str, default=None, help="write raw results here")
     ap.add_argument("--model", type=str, default=None, help="GGUF (default: SmolLM2-135M)")
@@ -400,6 +421,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--flash-attn", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.suite = a.suite or ("all" if a.smoke else "http")
+    if a.system_words and a.suite != "http":
+        ap.error("--system-words is for the http suite only")
     a.tokens = a.tokens or (8 if a.smoke else 128)
     a.rounds = a.rounds or (1 if a.smoke else 3)
     a.conc = [int(x) for x in (a.conc or ("1,2" if a.smoke else "1,4,8,16")).split(",")]
@@ -417,7 +440,8 @@ def run_suite(a: argparse.Namespace, suite: str) -> dict:
         f"\n# batching, {suite} suite: {a.tokens} new tokens per stream, {a.threads} threads, "
         f"{a.ctx}-token slots, batch 512, flash attention "
         f"{'on' if a.flash_attn else 'off'} for every peer (ours: AUTO, resolved), "
-        f"rounds={a.rounds}, concurrency {a.conc}, modes {a.mode_list}, peers {a.peer_list}",
+        f"rounds={a.rounds}, concurrency {a.conc}, modes {a.mode_list}, peers {a.peer_list}"
+        + (f", a {a.system_words}-word system prompt per round" if a.system_words else ""),
         flush=True,
     )
     t0 = time.perf_counter()

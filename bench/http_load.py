@@ -52,15 +52,42 @@ TOPICS = (
 )
 
 
+#: Sentences of the shared system prompt (``shared_system``), cycled to its length.
+HANDBOOK = (
+    "Orders ship within two working days from the nearest warehouse.",
+    "Returns are free for thirty days when the item is unused.",
+    "Quote the order number in every answer about an order.",
+    "Never promise a delivery date the carrier has not confirmed.",
+    "Offer a replacement before a refund when a part arrives broken.",
+    "Escalate any safety complaint to a human supervisor at once.",
+)
+
+
 def prompt(i: int) -> str:
     """The user message of request ``i`` (each request its own prompt)."""
     return f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]} (#{i})."
 
 
-def chat_body(i: int, tokens: int, sampled: bool) -> dict[str, Any]:
-    """Request ``i``: same body to every peer; sampled requests carry seed ``i``."""
+def shared_system(tag: int, words: int) -> str:
+    """A system prompt of about ``words`` words that every request of one round shares
+    (a handbook, tool definitions: what agent frameworks send with each request).
+    ``tag`` opens it, so two rounds share only a few tokens and each starts cold on
+    every peer."""
+    out = [f"Handbook {tag}: you are the shop's support agent."]
+    n, k = len(out[0].split()), 0
+    while n < words:
+        line = f"Rule {k + 1}: {HANDBOOK[k % len(HANDBOOK)]}"
+        out.append(line)
+        n, k = n + len(line.split()), k + 1
+    return " ".join(out)
+
+
+def chat_body(i: int, tokens: int, sampled: bool, system: str | None = None) -> dict[str, Any]:
+    """Request ``i``: same body to every peer; sampled requests carry seed ``i``;
+    ``system``, when given, is sent as the system message first."""
+    head = [{"role": "system", "content": system}] if system else []
     body: dict[str, Any] = {
-        "messages": [{"role": "user", "content": prompt(i)}],
+        "messages": [*head, {"role": "user", "content": prompt(i)}],
         "stream": True,
         "max_tokens": tokens,
         "ignore_eos": True,
@@ -122,9 +149,10 @@ async def stream_one(
 
 
 async def run_round(
-    base_url: str, conc: int, tokens: int, sampled: bool, first_id: int
+    base_url: str, conc: int, tokens: int, sampled: bool, first_id: int, system: str | None = None
 ) -> RoundResult:
-    """``conc`` clients released at once, request ids ``first_id .. first_id + conc - 1``."""
+    """``conc`` clients released at once, request ids ``first_id .. first_id + conc - 1``,
+    all with the system prompt ``system`` when given."""
     url = f"{base_url}/v1/chat/completions"
     conn = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -132,7 +160,7 @@ async def run_round(
         t0 = time.perf_counter()
         res = await asyncio.gather(
             *(
-                stream_one(session, url, chat_body(first_id + i, tokens, sampled), t0)
+                stream_one(session, url, chat_body(first_id + i, tokens, sampled, system), t0)
                 for i in range(conc)
             )
         )

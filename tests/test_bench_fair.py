@@ -136,3 +136,14 @@ def test_request_bodies_are_the_same_for_every_peer() -> None:
     assert "seed" not in greedy
     assert sampled["seed"] == 7 and sampled["temperature"] == 0.8
     assert sampled["messages"] == greedy["messages"] != chat_body(8, 32, False)["messages"]
+
+
+def test_a_rounds_shared_system_prompt_is_its_own_and_of_the_asked_length() -> None:
+    from bench.http_load import chat_body, shared_system
+
+    one, other = shared_system(1000, 400), shared_system(2000, 400)
+    assert 400 <= len(one.split()) < 420 and one != other
+    assert one.split(":")[0] == "Handbook 1000"  # the round's id opens it
+    body = chat_body(3, 8, False, one)
+    assert body["messages"][0] == {"role": "system", "content": one}
+    assert body["messages"][1] == chat_body(3, 8, False)["messages"][0]
