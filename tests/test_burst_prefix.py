@@ -56,7 +56,7 @@ def _backend(path, **kw):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    return LlamaCpp(path, n_threads=1, parallel=4, n_ctx=2048, **kw)
+    return LlamaCpp(path, **{"n_threads": 1, "parallel": 4, "n_ctx": 2048, **kw})
 
 
 def _tokens(b, request: Request) -> list[int]:
@@ -139,6 +139,33 @@ async def test_nothing_waits_without_prefix_reuse_or_a_long_shared_prefix(smollm
         )
         assert all(d.usage.cached_tokens == 0 for _, d in got)
         assert "burst_waits" not in b.batching_stats()
+    finally:
+        b.close()
+
+
+@pytest.mark.llama
+async def test_cancelling_the_source_leaves_the_waiters_whole(smollm2_path):
+    """The source goes while the others wait for its prefill: they still reply in full
+    (copied if its cells got there first, else prefilled on their own) and no cell
+    leaks. A long prompt keeps the source prefilling for several steps."""
+    b = _backend(smollm2_path, n_ctx=8192)
+    try:
+        system = SYSTEM + " " + SYSTEM
+        source = asyncio.create_task(_run(b, _request(QUESTIONS[0], system=system)))
+        others = [asyncio.create_task(_run(b, _request(q, system=system))) for q in QUESTIONS[1:]]
+        for _ in range(6000):  # until both wait (a bound, not a timing assumption)
+            if b.batching_stats().get("burst_waits", 0) == len(others) or source.done():
+                break
+            await asyncio.sleep(0.01)
+        source.cancel()
+        got = await asyncio.gather(*others)
+        with pytest.raises(asyncio.CancelledError):
+            await source
+        stats = b.batching_stats()
+        assert stats["burst_waits"] == len(others)
+        assert stats.get("burst_released", 0) + stats.get("burst_copies", 0) == len(others)
+        assert all(d.usage.output_tokens == 8 for _, d in got)
+        assert b.kv_used() == 0
     finally:
         b.close()
 
