@@ -23,7 +23,7 @@ import math
 import pytest
 
 from inferd.backends.llamacpp import burst_prefix
-from inferd.backends.llamacpp.scheduler import MIN_COPIED_PREFIX, common_prefix
+from inferd.backends.llamacpp.scheduler import MIN_COPIED_PREFIX, Scheduler, common_prefix
 from inferd.types import Done, Message, Request, Text
 
 from .conftest import require_llama_core
@@ -198,10 +198,18 @@ class _Stream:
 
 
 class _Sched:
+    """The scheduler's state ``settle`` touches, with its real prefix-copy methods."""
+
+    _reuse_in_slot = Scheduler._reuse_in_slot
+    _copy_prefix = Scheduler._copy_prefix
+
     def __init__(self, split: bool = True) -> None:
         self.ctx, self.split = _Ctx(), split
         self.waiting: list[_Stream] = []
         self.stats: collections.Counter[str] = collections.Counter()
+        self.prompt_ram = None
+        self._slot_kv: dict[int, list[int]] = {}
+        self._cache: dict[int, list[int]] = {}
 
 
 def _waiting_pair(sched: _Sched, n: int = 100) -> tuple[_Stream, _Stream]:

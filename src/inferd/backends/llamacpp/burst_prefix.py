@@ -18,7 +18,7 @@ reuse once the cells exist.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from inferd.backends.llamacpp.scheduler import Scheduler, SeqStream
@@ -84,19 +84,13 @@ def settle(sched: Scheduler) -> None:
 
 
 def _copy(sched: Scheduler, source: SeqStream, s: SeqStream, n: int) -> None:
-    """Give ``s`` the source's first ``n`` cells (the copy lands before the next decode,
-    as for choices); if libllama cannot cut the copy there, ``s`` starts from nothing."""
-    ctx: Any = sched.ctx
+    """Give ``s`` the source's first ``n`` cells through the layout's own prefix copy
+    (split: the whole stream, cut back at ``n``, also counted in ``slot_copies``;
+    unified: a tag); if libllama cannot cut the copy there, ``s`` starts from nothing."""
     if sched.split:
-        ctx.seq_cp(source.seq, s.seq, -1, -1)
-        ok = bool(ctx.seq_rm(s.seq, n, -1))
+        n = sched._reuse_in_slot(s.seq, n, n, source.seq)
     else:
-        ctx.seq_rm(s.seq, -1, -1)
-        ctx.seq_cp(source.seq, s.seq, 0, n)
-        ok = True
-    if not ok:
-        ctx.seq_rm(s.seq, -1, -1)
-        n = 0
+        n = sched._copy_prefix(s.seq, source.seq, n, n)
     sched.stats["cached_tokens"] += n - s.cached_tokens
     s.kv = s.prompt[:n]
     s.n_past = n
