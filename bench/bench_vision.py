@@ -11,6 +11,9 @@ Per round and peer, in alternating order (load from elsewhere hits both alike):
 
 * ``prefill``: one request with a fresh image (new pixels every round, so neither peer
   reuses a cached prefix) and ``max_tokens=1``: encode + decode of its tokens + one step;
+* ``again``: the same image right after, with another question *before* it: no prefix
+  reaches the image, so llama-server encodes it again; inferd's media cache (ADR 0032)
+  serves the encode and only the embeddings are decoded;
 * ``decode``: two text streams alone (tok/s), then the same two while images are sent one
   after another. Two figures of the window in which images were in flight:
 
@@ -23,8 +26,9 @@ Per round and peer, in alternating order (load from elsewhere hits both alike):
     meanwhile), so it is reported but is not the target's figure.
 
 Reported: median over rounds of the per-round ratios: prefill speed (llama-server's time
-over ours; >= 1.0 is the target), stall (llama-server's stall over ours; >= 1.0: we slow
-the text streams no more than it does) and the decode fraction of each peer. Until
+over ours; >= 1.0 is the target), the same for ``again``, stall (llama-server's stall
+over ours; >= 1.0: we slow the text streams no more than it does) and the decode
+fraction of each peer. Until
 ``LlamaCpp(mmproj=)`` exists the inferd column says so and llama-server is measured alone.
 
     python bench/bench_vision.py [--smoke] [--rounds R] [--tokens T]
@@ -96,22 +100,27 @@ def image(i: int) -> bytes:
     return buf.getvalue()
 
 
-def image_body(data: bytes) -> dict[str, Any]:
+def image_body(data: bytes, lead: str | None = None) -> dict[str, Any]:
+    """One image and PROMPT after it; ``lead``: text before the image (another question
+    first, so no prefix reaches the image)."""
     import base64
 
     url = "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
-    part = {"type": "image_url", "image_url": {"url": url}}
+    parts: list[dict[str, Any]] = [] if lead is None else [{"type": "text", "text": lead}]
+    parts += [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
     return {
-        "messages": [{"role": "user", "content": [part, {"type": "text", "text": PROMPT}]}],
+        "messages": [{"role": "user", "content": parts}],
         "max_tokens": 1,
         "temperature": 0,
     }
 
 
-async def prefill(session: aiohttp.ClientSession, base: str, data: bytes, n_media: int) -> float:
+async def prefill(
+    session: aiohttp.ClientSession, base: str, data: bytes, n_media: int, lead: str | None = None
+) -> float:
     """Seconds for one image request of one token (non-streamed)."""
     t0 = time.perf_counter()
-    async with session.post(f"{base}/v1/chat/completions", json=image_body(data)) as r:
+    async with session.post(f"{base}/v1/chat/completions", json=image_body(data, lead)) as r:
         reply = await r.json()
         if r.status != 200:
             raise RuntimeError(f"{base}: HTTP {r.status}: {str(reply)[:500]}")
@@ -233,7 +242,7 @@ def ours_available() -> bool:
 async def measure(peers: list[Server], n_media: int, tokens: int, rounds: int) -> dict:
     """Per-round prefill seconds and decode fractions of each peer, interleaved."""
     out: dict[str, dict[str, list[float]]] = {
-        p.name: {"prefill": [], "decode": [], "stall": []} for p in peers
+        p.name: {"prefill": [], "again": [], "decode": [], "stall": []} for p in peers
     }
     conn = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -246,8 +255,11 @@ async def measure(peers: list[Server], n_media: int, tokens: int, rounds: int) -
             fresh = [image(1000 * r + k) for k in range(N_IMAGES + 1)]
             for p in order:
                 t = await prefill(session, p.base_url, fresh[0], n_media)
+                lead = f"Question {r + 2}, about the same picture:"
+                again = await prefill(session, p.base_url, fresh[0], n_media, lead)
                 frac, stall = await decode_fraction(session, p.base_url, tokens, fresh[1:], n_media)
                 out[p.name]["prefill"].append(t)
+                out[p.name]["again"].append(again)
                 out[p.name]["decode"].append(frac)
                 out[p.name]["stall"].append(stall)
     return out
@@ -283,9 +295,14 @@ def report(res: dict, vision: Any, tokens: int, rounds: int, have_ours: bool) ->
         f"{vision.patch_size}), {N_TEXT_STREAMS} text streams of {tokens} tokens, "
         f"{N_IMAGES} images, {rounds} rounds, {THREADS} threads"
     )
-    print(f"{'peer':<14}{'prefill s':>11}{'stall ms/image':>16}{'decode fraction':>17}")
+    print(
+        f"{'peer':<14}{'prefill s':>11}{'again s':>9}{'stall ms/image':>16}{'decode fraction':>17}"
+    )
     for peer, m in med.items():
-        print(f"{peer:<14}{m['prefill']:>11.3f}{m['stall']:>16.1f}{m['decode']:>17.2f}")
+        print(
+            f"{peer:<14}{m['prefill']:>11.3f}{m['again']:>9.3f}{m['stall']:>16.1f}"
+            f"{m['decode']:>17.2f}"
+        )
     if not have_ours:
         print("inferd: not measured (LlamaCpp(mmproj=) has not landed)")
         return
@@ -293,7 +310,12 @@ def report(res: dict, vision: Any, tokens: int, rounds: int, have_ours: bool) ->
     speed = [t / o for o, t in zip(ours["prefill"], theirs["prefill"], strict=True)]
     dec = [o / t for o, t in zip(ours["decode"], theirs["decode"], strict=True)]
     stall = [t / o for o, t in zip(ours["stall"], theirs["stall"], strict=True) if o > 0]
+    again = [t / o for o, t in zip(ours["again"], theirs["again"], strict=True)]
     print(f"image prefill speed, llama-server's time / ours: {statistics.median(speed):.2f}")
+    print(
+        "same image behind another question, llama-server's time / ours: "
+        f"{statistics.median(again):.2f}"
+    )
     if stall:
         print(f"stall per image, llama-server's / ours: {statistics.median(stall):.2f}")
     print(f"decode under images, our fraction / llama-server's: {statistics.median(dec):.2f}")

@@ -232,11 +232,17 @@ def backend(qwen2vl: Any) -> Iterator[Any]:
     b.close()
 
 
-def request(image: bytes | None, after: str = AFTER, mime: str = "image/jpeg", n: int = 1) -> Any:
-    """BEFORE, the image (if any), ``after``; greedy, EOS ignored, N_PREDICT tokens."""
+def request(
+    image: bytes | None,
+    after: str = AFTER,
+    mime: str = "image/jpeg",
+    n: int = 1,
+    before: str = BEFORE,
+) -> Any:
+    """``before``, the image (if any), ``after``; greedy, EOS ignored, N_PREDICT tokens."""
     from inferd.types import ImageBlock, Message, Request, TextBlock
 
-    blocks: list[Any] = [TextBlock(BEFORE)]
+    blocks: list[Any] = [TextBlock(before)]
     if image is not None:
         blocks.append(ImageBlock(data=image, media_type=mime))
     blocks.append(TextBlock(after))
@@ -335,6 +341,26 @@ async def test_reused_image_prefix_keeps_its_positions(
         assert red_done.usage.cached_tokens < cells and red_text == cli["red"]
     finally:
         b.close()
+
+
+@pytest.mark.slow
+async def test_a_cached_image_keeps_its_positions_behind_other_text(qwen2vl: Any) -> None:
+    """The media cache under M-RoPE (ADR 0032): the photo behind other text is not
+    encoded again, and its cached floats, laid out at the new prompt's positions, give
+    the reply a fresh encode gives."""
+    b = _backend(qwen2vl, parallel=1)
+    fresh = _backend(qwen2vl, parallel=1, media_cache_mib=0)
+    try:
+        photo = IMAGE.read_bytes()
+        await run(b, request(photo))
+        other_lead = request(photo, before="Something else comes first here. " + BEFORE)
+        text, done = await run(b, other_lead)
+        assert b.batching_stats()["media_cache_hits"] == 1
+        want, want_done = await run(fresh, other_lead)
+        assert text == want and done.usage.input_tokens == want_done.usage.input_tokens
+    finally:
+        b.close()
+        fresh.close()
 
 
 @pytest.mark.slow

@@ -242,6 +242,13 @@ class Embeddings:
     non_causal: bool
     mrope: bool
     n_pos: int
+    is_image: bool
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def attached(self) -> bool: ...
+    def detached(self) -> Embeddings: ...
+    def bound(self, chunks: Chunks, i: int) -> Embeddings: ...
 
 def decode_embeddings(
     ctx: Context, emb: Embeddings, start: int, count: int, pos0: int, seq_id: int

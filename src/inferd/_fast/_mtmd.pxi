@@ -213,12 +213,25 @@ cdef class Chunks:
         return None if s == NULL else (<bytes>s).decode("ascii", "replace")
 
 
+cdef class _FloatBuf:
+    """Owner of one malloc'd float array: the embeddings copies of one media chunk
+    share it (:meth:`Embeddings.bound`), so a cached encode costs its floats once."""
+
+    cdef float * data
+
+    def __dealloc__(self):
+        free(self.data)
+        self.data = NULL
+
+
 cdef class Embeddings:
     """One media chunk's encoded embeddings (``n_tokens`` x ``n_embd`` floats), copied out
     of the projector so its next encode cannot overwrite them: the scheduler decodes
-    them into a sequence a piece per step (:func:`decode_embeddings`)."""
+    them into a sequence a piece per step (:func:`decode_embeddings`). The floats are
+    shared, read-only, by every :meth:`bound` copy (the media cache, ADR 0032)."""
 
     cdef float * data
+    cdef _FloatBuf buf
     cdef readonly int n_tokens
     cdef readonly int n_embd
     #: the model family attends to a media chunk bidirectionally (decode it whole)
@@ -227,16 +240,57 @@ cdef class Embeddings:
     cdef readonly bint mrope
     #: positions the chunk advances (fewer than ``n_tokens`` for an M-RoPE image)
     cdef readonly int n_pos
-    # the chunk (kept alive: mtmd lays out an image's M-RoPE positions from it)
+    #: an image chunk (its M-RoPE positions come from the chunk's grid)
+    cdef readonly bint is_image
+    # the chunk (kept alive: mtmd lays out an image's M-RoPE positions from it); None
+    # for a detached copy, which only :meth:`bound` may turn back into a usable one
     cdef Chunks chunks
     cdef int idx
 
     def __init__(self):
         raise TypeError("Embeddings objects come from Mtmd.encode")
 
-    def __dealloc__(self):
-        free(self.data)
-        self.data = NULL
+    @property
+    def nbytes(self):
+        """Bytes of the floats (shared by every copy)."""
+        return <size_t>self.n_tokens * self.n_embd * sizeof(float)
+
+    @property
+    def attached(self):
+        """Whether the embeddings know their chunk (a detached copy cannot be decoded)."""
+        return self.chunks is not None
+
+    cdef Embeddings _copy(self, Chunks chunks, int idx):
+        cdef Embeddings e = Embeddings.__new__(Embeddings)
+        e.buf = self.buf
+        e.data = self.data
+        e.n_tokens = self.n_tokens
+        e.n_embd = self.n_embd
+        e.non_causal = self.non_causal
+        e.mrope = self.mrope
+        e.n_pos = self.n_pos
+        e.is_image = self.is_image
+        e.chunks = chunks
+        e.idx = idx
+        return e
+
+    def detached(self):
+        """A copy sharing the floats that keeps no chunk (and so no prompt) alive: what
+        the media cache holds (ADR 0032)."""
+        return self._copy(None, -1)
+
+    def bound(self, Chunks chunks, int i):
+        """The same floats for media chunk ``i`` of ``chunks``: another prompt's copy of
+        the same media (same id, kind, token and position counts), as the media cache
+        hands it out. ``ValueError`` when chunk ``i`` is not such a copy."""
+        cdef const mtmd_input_chunk * ch = chunks._get(i)
+        cdef int kind = mtmd_input_chunk_get_type(ch)
+        if (kind == MTMD_INPUT_CHUNK_TYPE_TEXT
+                or (kind == MTMD_INPUT_CHUNK_TYPE_IMAGE) != self.is_image
+                or <int>mtmd_input_chunk_get_n_tokens(ch) != self.n_tokens
+                or <int>mtmd_input_chunk_get_n_pos(ch) != self.n_pos):
+            raise ValueError(f"chunk {i} is not a copy of these embeddings' media")
+        return self._copy(chunks, i)
 
 
 cdef int _mrope_positions(Embeddings emb, llama_pos * pos, int start, int count,
@@ -246,7 +300,7 @@ cdef int _mrope_positions(Embeddings emb, llama_pos * pos, int start, int count,
     (``t``, then ``y``, ``x``, ``z``): an image's cells share ``t`` and spread over its
     grid (``mtmd_image_tokens_get_decoder_pos``); audio advances all four together."""
     cdef const mtmd_image_tokens * img = NULL
-    if emb.chunks is not None:
+    if emb.is_image:
         img = mtmd_input_chunk_get_tokens_image(emb.chunks._get(emb.idx))
     cdef mtmd_decoder_pos p
     cdef int j
@@ -271,6 +325,8 @@ def decode_embeddings(Context ctx, Embeddings emb, int start, int count, int pos
     piece decoded later still sits inside its image). Non-causal attention around it
     when the model wants it."""
     ctx._check()
+    if emb.chunks is None:
+        raise ValueError("detached embeddings: bind them to a chunk first (Embeddings.bound)")
     if start < 0 or count < 1 or start + count > emb.n_tokens or pos0 < 0 or seq_id < 0:
         raise ValueError(f"bad piece [{start}, {start + count}) of {emb.n_tokens} embeddings")
     if emb.n_embd != llama_model_n_embd_inp(ctx.model.ptr):
@@ -524,17 +580,19 @@ cdef class Mtmd:
         cdef int n = <int>mtmd_input_chunk_get_n_tokens(ch)
         cdef int n_embd = llama_model_n_embd_inp(self.model.ptr)
         cdef Embeddings emb = Embeddings.__new__(Embeddings)
-        emb.data = <float *>malloc(<size_t>n * n_embd * sizeof(float))
-        if emb.data == NULL:
+        emb.buf = _FloatBuf.__new__(_FloatBuf)
+        emb.buf.data = <float *>malloc(<size_t>n * n_embd * sizeof(float))
+        if emb.buf.data == NULL:
             raise MemoryError()
+        emb.data = emb.buf.data
         emb.n_tokens = n
         emb.n_embd = n_embd
         emb.non_causal = mtmd_decode_use_non_causal(self.ptr, ch)
         emb.mrope = mtmd_decode_use_mrope(self.ptr)
         emb.n_pos = mtmd_input_chunk_get_n_pos(ch)
         emb.idx = i
-        if mtmd_input_chunk_get_type(ch) == MTMD_INPUT_CHUNK_TYPE_IMAGE:
-            emb.chunks = chunks
+        emb.is_image = mtmd_input_chunk_get_type(ch) == MTMD_INPUT_CHUNK_TYPE_IMAGE
+        emb.chunks = chunks
         cdef int32_t rc
         _recent.clear()
         self._enter()

@@ -40,7 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from inferd.backend import Backend
-from inferd.backends.llamacpp import embedding, loader, lora_groups, media, prompt_ram
+from inferd.backends.llamacpp import (
+    embedding,
+    loader,
+    lora_groups,
+    media,
+    media_cache,
+    prompt_ram,
+)
 from inferd.backends.llamacpp.chat_template import ChatTemplate, from_model, reasoning_kwargs
 from inferd.backends.llamacpp.choices import ChoiceReader, choice_seed, merged
 from inferd.backends.llamacpp.options import LlamaCppOptions
@@ -166,6 +173,9 @@ class LlamaCpp(Backend):
         of the split layout: a slot's cells are saved there before another request
         overwrites them, and restored into a slot when a prompt sharing a longer prefix
         comes back (llama-server's ``--cache-ram``; 0 turns it off; ADR 0030).
+    :param media_cache_mib: host memory (MiB, default 512) for encoded images and audio:
+        the same file behind different text is not encoded again (0 turns it off;
+        ADR 0032).
     :param kv_layout: ``"split"`` (the default): each of the ``parallel`` slots owns
         ``n_ctx // parallel`` cells (llama-server's ``-np`` slots), so a stream's
         attention never spans the others' and batched greedy output equals the
@@ -247,12 +257,14 @@ class LlamaCpp(Backend):
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._template: ChatTemplate | None = None
         self._mtmd: Any = None  # the projector (images/audio, ADR 0028)
+        self._media_cache: media_cache.MediaCache | None = None  # its encodes (ADR 0032)
         self._spec: Any = None  # speculative.Speculator (ADR 0027)
         try:
             self._mf = loader.prepare(self._resolve(model, opts), sha256=opts.sha256)
             self._model = loader.load_model(L, self._mf.path, opts)
             if opts.mmproj is not None:
                 self._mtmd = media.open_projector(L, self._model, opts)
+                self._media_cache = media_cache.make(opts.media_cache_mib)
             self._ctx, self._sched = self._start(L, opts)
         except BaseException:
             self._release()
@@ -398,16 +410,21 @@ class LlamaCpp(Backend):
         return self._scheduler().kv_cells()
 
     def clear_prefix_cache(self) -> None:
-        """Forget cached prefixes: afterwards the KV cache is empty when idle."""
-        self._scheduler().clear_prefix_cache()
+        """Forget cached prefixes: afterwards the KV cache is empty when idle, and no
+        image or audio encode is kept (ADR 0032)."""
+        self._scheduler().clear_prefix_cache(self._media_cache)
 
     def batching_stats(self) -> dict[str, int]:
         """Scheduler counters: steps, tokens, admitted, cached_tokens, paused, ..."""
         s = self._sched
         if s is None:
             return {}
-        ram = s.prompt_ram  # ADR 0030
-        return {**s.stats, **ram.counters()} if ram is not None else dict(s.stats)
+        stats = dict(s.stats)
+        if s.prompt_ram is not None:  # ADR 0030
+            stats.update(s.prompt_ram.counters())
+        if self._media_cache is not None:  # ADR 0032
+            stats.update(self._media_cache.stats)
+        return stats
 
     def capabilities(self) -> Capabilities:
         """What this model can serve, derived once at load (a Router trusts it):
@@ -696,7 +713,12 @@ class LlamaCpp(Backend):
             else plan.parser(prompt, stream_arguments=request.stream_tool_arguments)
         )
         toks, mp = media.tokenize(
-            self._mtmd, self._model, prompt, items, self.options.media_limits()
+            self._mtmd,
+            self._model,
+            prompt,
+            items,
+            self.options.media_limits(),
+            self._media_cache,
         )
         tokens = media.MediaTokens(toks, mp)
         sampler = self._sampler(text_request, plan, [t for t in toks if t >= 0])
@@ -886,6 +908,8 @@ class LlamaCpp(Backend):
                 except Exception:
                     pass
         self._ectx = self._ctx = self._model = None
+        if self._media_cache is not None:  # its floats go with the model
+            self._media_cache.clear()
         if self._mf is not None:
             self._mf.cleanup()
             self._mf = None

@@ -32,6 +32,7 @@ so a reused prefix gets its shift from the new request's own :class:`MediaPrompt
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import logging
 import os
@@ -39,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inferd.backends.llamacpp.media_cache import MediaCache, chunk_keys
 from inferd.errors import InvalidRequest, ModelLoadError
 from inferd.media_limits import (
     MediaLimits,
@@ -122,6 +124,10 @@ class MediaPrompt:
     spans: dict[int, tuple[int, int]]
     #: start index -> positions the span advances, where that is not its cells (M-RoPE)
     n_pos: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: the projector's encoded media kept across prompts (ADR 0032), or None
+    cache: MediaCache | None = None
+    #: chunk index -> its media cache key (media_cache.chunk_keys)
+    keys: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._starts = sorted(self.spans)
@@ -226,9 +232,11 @@ def tokenize(
     prompt: str,
     media: list[tuple[str, bytes, str]],
     limits: MediaLimits,
+    cache: MediaCache | None = None,
 ) -> tuple[list[int], MediaPrompt]:
     """Decode the media (limits first), split ``prompt`` at its markers, and return the
-    flat token list (placeholders for media cells) and the :class:`MediaPrompt`."""
+    flat token list (placeholders for media cells) and the :class:`MediaPrompt`, whose
+    encodes go through ``cache`` when one is given (ADR 0032)."""
     bitmaps = [_bitmap(mtmd, kind, data, name, limits) for kind, data, name in media]
     try:
         chunks = mtmd.tokenize(prompt, bitmaps, add_special=False, parse_special=True)
@@ -252,7 +260,8 @@ def tokenize(
         n_pos = {p + 1: v for p, v in n_pos.items()}
     if not tokens or tokens[-1] < 0:
         raise InvalidRequest("the prompt must end with text after its last image or audio")
-    return tokens, MediaPrompt(mtmd, chunks, spans, n_pos)
+    keys = chunk_keys(chunks, collections.Counter(bm.id for bm in bitmaps if bm.id))
+    return tokens, MediaPrompt(mtmd, chunks, spans, n_pos, cache, keys)
 
 
 def _bitmap(mtmd: Any, kind: str, data: bytes, name: str, limits: MediaLimits) -> Any:
@@ -316,7 +325,7 @@ def _advance(sched: Any, s: Any, m: MediaPrompt, span: tuple[int, int, int]) -> 
             del s.kv[start:]
             s.n_past = start
             s.cached_tokens = min(s.cached_tokens, start)
-        m.active = (start, m.mtmd.encode(m.chunks, idx))
+        m.active = (start, _encode(m, idx))
     emb = m.active[1]
     offset = s.n_past - start
     width = sched.batch_capacity if emb.non_causal else sched.step_tokens
@@ -333,3 +342,10 @@ def _advance(sched: Any, s: Any, m: MediaPrompt, span: tuple[int, int, int]) -> 
         m.active = None
         s.shift = m.shift_at(start + n)  # M-RoPE: the text after it follows its n_pos
         sched.stats["media_chunks"] += 1
+
+
+def _encode(m: MediaPrompt, idx: int) -> Any:
+    """Chunk ``idx`` encoded, through the projector's media cache when there is one."""
+    if m.cache is None:
+        return m.mtmd.encode(m.chunks, idx)
+    return m.cache.encode(m.mtmd, m.chunks, idx, m.keys.get(idx))

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from inferd.backends.llamacpp.media_cache import DEFAULT_MEDIA_CACHE_MIB, check_media_cache_mib
 from inferd.backends.llamacpp.output import ParserFactory
 from inferd.backends.llamacpp.prompt_ram import DEFAULT_CACHE_RAM_MIB, check_cache_ram_mib
 from inferd.backends.llamacpp.scheduler import (
@@ -144,6 +145,9 @@ class LlamaCppOptions:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_audio_seconds: float = MAX_AUDIO_SECONDS
     max_media_bytes: int = MAX_MEDIA_BYTES
+    #: MiB of host memory for encoded images and audio, reused when the same file comes
+    #: back behind different text (ADR 0032); 0 turns it off
+    media_cache_mib: int = DEFAULT_MEDIA_CACHE_MIB
     # The context's knobs (docs/adr/0026-grammar-fast-path-and-context-knobs.md); None
     # keeps libllama's default.
     #: physical batch (tokens per compute graph); None: ``n_batch``
@@ -197,6 +201,7 @@ class LlamaCppOptions:
             admit_gather_s=self.admit_gather_s,
         )
         check_cache_ram_mib(self.cache_ram_mib)
+        check_media_cache_mib(self.media_cache_mib)
         from inferd.backends.llamacpp.embedding import check_options
 
         check_options(self.pooling, self.matryoshka_dims)

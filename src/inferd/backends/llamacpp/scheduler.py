@@ -626,13 +626,15 @@ class Scheduler:
                 len(t) for t in self._slot_kv.values()
             )
 
-    def clear_prefix_cache(self) -> None:
-        """Drop every cached prefix (their KV cells are freed now), and the host-RAM
-        entries (ADR 0030)."""
+    def clear_prefix_cache(self, *also: Any) -> None:
+        """Drop every cached prefix (their KV cells are freed now), the host-RAM entries
+        (ADR 0030) and ``also``'s (caches this thread uses under the context lock: the
+        media cache, ADR 0032)."""
         with self._ctx_lock:
             self._drop_cached()
-            if self.prompt_ram is not None:
-                self.prompt_ram.clear()
+            for cache in (self.prompt_ram, *also):
+                if cache is not None:
+                    cache.clear()
 
     def _drop_cached(self) -> None:  # with self._ctx_lock held
         for cid in list(self._cache):
