@@ -16,8 +16,7 @@ everything token lists already have, unchanged:
 Placeholders never reach a ``Batch``: :meth:`MediaPrompt.text_run` cuts each prompt
 chunk before the next media span, and :func:`step` (the scheduler's hook, once per step
 in its thread) encodes a media chunk once and decodes its embeddings a piece of
-``step_tokens`` per step (the whole batch while no stream decodes:
-``Scheduler.prompt_budget``), GIL released, so a stream that is decoding waits for one
+``step_tokens`` per step, GIL released, so a stream that is decoding waits for one
 encode or one piece per step, as for a text prompt chunk.
 
 M-RoPE models (the Qwen2-VL family): an image of ``n`` cells advances the position by
@@ -291,7 +290,7 @@ def step(sched: Any) -> None:
     prefilling sequence (the oldest admitted that has reached media) by one piece.
 
     A media chunk is encoded once (GIL released) and its embeddings are decoded a piece
-    of at most ``Scheduler.prompt_budget`` per step, like a text prompt chunk, so a decoding stream
+    of at most ``step_tokens`` per step, like a text prompt chunk, so a decoding stream
     waits one encode or one piece per step; a model that attends to media
     bidirectionally (mtmd's non-causal rule) gets its chunk decoded whole, in
     ``n_batch`` pieces, as mtmd's own helper does."""
@@ -329,7 +328,7 @@ def _advance(sched: Any, s: Any, m: MediaPrompt, span: tuple[int, int, int]) -> 
         m.active = (start, _encode(m, idx))
     emb = m.active[1]
     offset = s.n_past - start
-    width = sched.batch_capacity if emb.non_causal else sched.prompt_budget(sched._active)
+    width = sched.batch_capacity if emb.non_causal else sched.step_tokens
     pieces = range(offset, n, width) if emb.non_causal else (offset,)
     for at in pieces:
         count = min(width, n - at)

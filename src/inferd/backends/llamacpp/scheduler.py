@@ -921,16 +921,6 @@ class Scheduler:
         self._free_cache_ids.append(cid)
         self.stats["evicted"] += 1
 
-    def prompt_budget(self, active: list[SeqStream]) -> int:
-        """Tokens of prompt (text or media) one step may decode: ``step_tokens`` while a
-        stream of ``active`` decodes (a prompt piece delays its next token), the whole
-        batch when none does (nobody waits, and fewer, larger pieces are faster: about
-        4% for a 576-token image on the CPU, as llama-server fills its batch)."""
-        for s in active:
-            if not s.cancelled and s.n_past >= len(s.prompt) and s.sent - s.taken < PIPELINE_DEPTH:
-                return self.step_tokens
-        return self.batch_capacity
-
     def _plan(self, active: list[SeqStream] | None = None) -> list[tuple[SeqStream, list[int]]]:
         """This step's tokens, per sequence of ``active`` (default: all): the next token of
         every decoding sequence whose consumer keeps up, then prompt chunks (oldest
@@ -945,7 +935,7 @@ class Scheduler:
                 self.stats["paused"] += 1
                 continue
             fed.append((s, [s.last]))
-        room = max(self.prompt_budget(active) - len(fed), 1)
+        room = max(self.step_tokens - len(fed), 1)
         room = min(room, self.batch_capacity - len(fed))
         for s in active:
             if room <= 0:
