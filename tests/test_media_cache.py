@@ -222,3 +222,31 @@ async def test_clearing_the_prefix_cache_forgets_the_encodes(cached: Any) -> Non
     before = hits(cached)
     await reply(cached, ask("After clearing.", ImageBlock(data=img)))
     assert hits(cached) == before
+
+
+async def test_media_cache_events_reach_the_metrics(cached: Any) -> None:
+    """Operators see the cache at work: ``inferd_llamacpp_cache_events_total`` carries
+    the hits and misses ``batching_stats()`` counts (ADR 0016's exposition)."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from inferd.serve.bridge import make_app
+
+    img = png(22, 22, (33, 66, 99))
+    await reply(cached, ask("Metrics one.", ImageBlock(data=img)))
+    await reply(cached, ask("Metrics two.", ImageBlock(data=img)))
+    async with TestClient(TestServer(make_app(cached))) as tc:
+        text = await (await tc.get("/metrics")).text()
+    got = {
+        s.labels["event"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "inferd_llamacpp_cache_events_total" and s.labels.get("cache") == "media"
+    }
+    stats = cached.batching_stats()
+    assert got == {
+        "hit": stats["media_cache_hits"],
+        "miss": stats["media_cache_misses"],
+        "evicted": stats["media_cache_evicted"],
+    }
+    assert got["hit"] >= 1 and got["miss"] >= 1

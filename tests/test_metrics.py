@@ -197,6 +197,13 @@ async def test_smollm2_workload_counts_exactly(smollm2_path):
     )
     assert value(text, "inferd_llamacpp_kv_cells_used", backend=b.name) == 0  # all ended
     assert value(text, "llamacpp:requests_processing") == 0
+    # cache events: the scheduler's counters under their (cache, event) pairs
+    events = {(c, e): n for c, e, n in prometheus.cache_events(stats)}
+    assert {c for c, _ in events} == {"host_ram", "slot", "burst"}  # no projector: no media
+    assert events["host_ram", "saved"] == stats["ram_saved"]
+    for (cache, event), n in events.items():
+        name = "inferd_llamacpp_cache_events_total"
+        assert value(text, name, backend=b.name, cache=cache, event=event) == n
 
 
 async def test_daemon_metrics_port(tmp_path):

@@ -253,6 +253,31 @@ class _LiveCollector(Collector):
         yield from _aliases(t, llama)
 
 
+#: ``inferd_llamacpp_cache_events_total{cache, event}``: the scheduler counter behind each
+#: pair, by cache. The scheduler's own copies are always reported (0 until one happens).
+CACHE_EVENTS = {
+    "host_ram": {"saved": "ram_saved", "restored": "ram_restored", "evicted": "ram_evicted"},
+    "slot": {"copied": "slot_copies"},
+    "burst": {"copied": "burst_copies"},
+    "media": {
+        "hit": "media_cache_hits",
+        "miss": "media_cache_misses",
+        "evicted": "media_cache_evicted",
+    },
+}
+#: Caches that may be off: reported only when this counter of theirs exists.
+OPTIONAL_CACHES = {"host_ram": "ram_saved", "media": "media_cache_hits"}
+
+
+def cache_events(stats: dict[str, int]) -> Iterator[tuple[str, str, int]]:
+    """``(cache, event, count)`` of every cache that is on, from ``batching_stats()``."""
+    for cache, events in CACHE_EVENTS.items():
+        if cache in OPTIONAL_CACHES and OPTIONAL_CACHES[cache] not in stats:
+            continue
+        for event, key in events.items():
+            yield cache, event, int(stats.get(key, 0))
+
+
 class _LlamaFamilies:
     """Per-LlamaCpp gauges and counters from its scheduler (ADR 0008)."""
 
@@ -281,6 +306,12 @@ class _LlamaFamilies:
         self.max_batch = GaugeMetricFamily(
             "inferd_llamacpp_batch_tokens_max", "Largest batch of one step", labels=lab
         )
+        self.cache = CounterMetricFamily(
+            "inferd_llamacpp_cache_events",
+            "Work a cache saved or cost: prompt cells reused by copy or from host memory "
+            "(ADR 0030, 0031), media encodes reused (ADR 0032)",
+            labels=("backend", "cache", "event"),
+        )
         self.totals = {"kv_used": 0, "kv_total": 0, "active": 0, "queued": 0, "steps": 0}
 
     def add(self, backend: Any, stats: dict[str, int]) -> int:
@@ -296,6 +327,8 @@ class _LlamaFamilies:
         self.steps.add_metric(name, stats.get("steps", 0))
         self.batch_tokens.add_metric(name, stats.get("batch_tokens", 0))
         self.max_batch.add_metric(name, stats.get("max_batch", 0))
+        for cache, event, count in cache_events(stats):
+            self.cache.add_metric((backend.name, cache, event), count)
         for key, value in zip(
             ("kv_used", "kv_total", "active", "queued", "steps"),
             (used, total, active, queued, stats.get("steps", 0)),
@@ -306,7 +339,7 @@ class _LlamaFamilies:
 
     def families(self) -> Iterator[Any]:
         yield from (self.kv_used, self.kv_total, self.active, self.queued)
-        yield from (self.steps, self.batch_tokens, self.max_batch)
+        yield from (self.steps, self.batch_tokens, self.max_batch, self.cache)
 
 
 def _aliases(t: Telemetry, llama: _LlamaFamilies) -> Iterator[Any]:
