@@ -47,8 +47,7 @@ def backend(synth_vision: Any, **kw: Any) -> Any:
         mmproj=synth_vision.mmproj,
         n_ctx=4096,
         n_threads=2,
-        parallel=1,
-        **kw,
+        **{"parallel": 1, **kw},
     )
 
 
@@ -250,3 +249,24 @@ async def test_media_cache_events_reach_the_metrics(cached: Any) -> None:
         "evicted": stats["media_cache_evicted"],
     }
     assert got["hit"] >= 1 and got["miss"] >= 1
+
+
+async def test_concurrent_requests_share_one_encode(synth_vision: Any, uncached: Any) -> None:
+    """Four requests at once, one image behind four different questions, in four slots:
+    the scheduler encodes it once (one media chunk per step, so the others find it
+    cached) and every greedy reply is what a cache-less backend gives alone."""
+    import asyncio
+
+    img = png(26, 26, (150, 40, 200))
+    leads = [f"Question {i}: what do you see?" for i in range(4)]
+    b = backend(synth_vision, parallel=4)
+    try:
+        got = await asyncio.gather(*(reply(b, ask(q, ImageBlock(data=img))) for q in leads))
+        stats = b.batching_stats()
+    finally:
+        b.close()
+    assert stats["media_cache_misses"] == 1 and stats["media_cache_hits"] == 3
+    assert stats["media_chunks"] == 4
+    for q, (text, done) in zip(leads, got, strict=True):
+        want, _ = await reply(uncached, ask(q, ImageBlock(data=img)))
+        assert text == want and done.usage.output_tokens == 6
