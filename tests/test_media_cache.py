@@ -101,7 +101,7 @@ def copies(bitmaps: list[Any]) -> dict[str, int]:
 # ---------------------------------------------------------------- keys and budget
 
 
-def test_media_cache_mib_is_validated(synth_vision: Any) -> None:
+def test_media_cache_mib_is_validated() -> None:
     from inferd.backends.llamacpp.options import LlamaCppOptions
 
     for bad in (-1, 1.5, True, "64", 1 << 21):
