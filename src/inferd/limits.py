@@ -5,7 +5,8 @@ daemon's NDJSON frames, the bridge's HTTP bodies, request ``from_dict`` mappers)
 :func:`check_depth` before walking the object, so a 1,000-deep ``[[[...]]]`` becomes an
 ``InvalidRequest`` naming the limit instead of a ``RecursionError`` that takes down
 the connection. Error messages that repeat a client's value use :func:`echo`, so a
-50 MiB string never comes back in a 50 MiB error.
+50 MiB string never comes back in a 50 MiB error. Host-memory budgets given in MiB
+(the llamacpp caches) share one rule, :func:`check_mib`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ MAX_ECHO_CHARS = 80
 #: Most characters of one error message sent to a client: a last cut for messages built
 #: from text nobody bounded (an exception's ``str``), so no error frame is ever large.
 MAX_ERROR_MESSAGE_CHARS = 1000
+#: Largest host-memory budget accepted for a cache, MiB (1 TiB: past it the number is a
+#: typo).
+MAX_BUDGET_MIB = 1 << 20
 #: Levels of a container :func:`echo` shows before writing ``...`` (a 1,000-deep list
 #: is echoed as ``[[[...]]]`` instead of raising ``RecursionError``).
 ECHO_MAX_LEVEL = 3
@@ -89,3 +93,14 @@ def cut_message(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... (message cut from {len(text)} characters)"
+
+
+def check_mib(key: str, value: Any, off: str) -> int:
+    """The one rule for a cache's budget ``key``: an integer of MiB in
+    ``[0, MAX_BUDGET_MIB]``; ``off`` names what 0 turns off, for the error."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BUDGET_MIB:
+        raise InvalidRequest(
+            f"{key}={echo(value)} must be an integer of MiB in [0, {MAX_BUDGET_MIB}]"
+            f" (0 turns {off} off)"
+        )
+    return value

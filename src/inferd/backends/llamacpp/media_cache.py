@@ -23,29 +23,19 @@ import collections
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from inferd.errors import InvalidRequest
-from inferd.limits import echo
+from inferd.limits import MAX_BUDGET_MIB, check_mib
 
 #: Default host memory for encoded media, MiB: 64 LLaVA-1.5 images (576 cells of a
 #: 4,096-wide model, 9 MiB each) or some 500 of a small model's.
 DEFAULT_MEDIA_CACHE_MIB = 512
-#: Largest budget accepted, MiB (1 TiB: past it the number is a typo).
-MAX_MEDIA_CACHE_MIB = 1 << 20
+#: Largest budget accepted, MiB (the shared cache-budget rule, inferd.limits).
+MAX_MEDIA_CACHE_MIB = MAX_BUDGET_MIB
 _MIB = 1 << 20
 
 
 def check_media_cache_mib(value: Any) -> int:
     """The one rule for ``media_cache_mib``: an integer in ``[0, MAX_MEDIA_CACHE_MIB]``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 0 <= value <= MAX_MEDIA_CACHE_MIB
-    ):
-        raise InvalidRequest(
-            f"media_cache_mib={echo(value)} must be an integer of MiB in "
-            f"[0, {MAX_MEDIA_CACHE_MIB}] (0 turns the media cache off)"
-        )
-    return value
+    return check_mib("media_cache_mib", value, "the media cache")
 
 
 def chunk_keys(chunks: Any, copies: Mapping[str, int]) -> dict[int, Hashable]:

@@ -23,25 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferd.backends.llamacpp.scheduler import common_prefix
-from inferd.errors import InvalidRequest
-from inferd.limits import echo
+from inferd.limits import MAX_BUDGET_MIB, check_mib
 
 #: Default host memory for saved slot states, MiB (llama-server's ``--cache-ram`` is
 #: 8 GiB; a server holding several models has one cache per model, so ours is smaller).
 DEFAULT_CACHE_RAM_MIB = 2048
-#: Largest budget accepted, MiB (1 TiB: past it the number is a typo).
-MAX_CACHE_RAM_MIB = 1 << 20
+#: Largest budget accepted, MiB (the shared cache-budget rule, inferd.limits).
+MAX_CACHE_RAM_MIB = MAX_BUDGET_MIB
 _MIB = 1 << 20
 
 
 def check_cache_ram_mib(value: Any) -> int:
     """The one rule for ``cache_ram_mib``: an integer in ``[0, MAX_CACHE_RAM_MIB]``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CACHE_RAM_MIB:
-        raise InvalidRequest(
-            f"cache_ram_mib={echo(value)} must be an integer of MiB in [0, {MAX_CACHE_RAM_MIB}]"
-            " (0 turns the host-RAM prompt cache off)"
-        )
-    return value
+    return check_mib("cache_ram_mib", value, "the host-RAM prompt cache")
 
 
 @dataclass(eq=False)
