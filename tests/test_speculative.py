@@ -254,6 +254,20 @@ def test_ngram_lookup_drafts_what_followed():
     assert st.draft([*hist, 7, 1, 2, 3], 3, 8) == [7, 1]
 
 
+def test_ngram_run_goes_on_copying_from_its_own_source():
+    """ADR 0027: once a draft's tokens are taken, the next draft continues the copy at
+    its source, where the latest occurrence of the tail n-gram (here an earlier line
+    of the reply) would propose the wrong continuation."""
+    source = [5, 1, 2, 3, 6, 1, 2, 4]  # "1 2" opens two lines of the source
+    st = _NgramState(4)
+    assert st.draft([*source, 5, 1], 2, 8) == [2, 3, 6, 1]
+    hist = [*source, 5, 1, 2, 3, 6, 1, 2]  # all four taken, then the bonus token 2
+    assert st.draft(hist, 2, 8) == [4, 5, 1, 2]  # the source's next line
+    assert _NgramState(4).draft(hist, 2, 8) == [3, 6, 1, 2]  # lookup alone: the reply's
+    assert st.draft([*hist, 9, 9], 2, 8) == []  # left the source, and "9 9" is new
+    assert st.src == -1
+
+
 def test_ngram_width_follows_what_drafts_earn_and_rests_after_misses():
     """ADR 0027: full acceptance doubles the width, a partial one cuts it to the run
     taken plus one, a first-token miss halves it, and width-1 misses rest the stream

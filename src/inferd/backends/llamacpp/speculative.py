@@ -13,7 +13,8 @@ Two drafters:
 
 * :class:`NgramDraft` (``draft="ngram"``): prompt lookup over the stream's own prompt
   and output, no second model: the latest earlier occurrence of the last ``n`` tokens
-  proposes what followed it (llama.cpp's ``ngram-simple``). A per-stream index keeps the
+  proposes what followed it (llama.cpp's ``ngram-simple``), and a run whose drafts are
+  being taken goes on copying from where it was. A per-stream index keeps the
   lookup O(new tokens) per step, and the draft width follows what drafts earn (doubled
   on full acceptance, cut to the accepted run plus one, halved on a first-token miss,
   and a rest of up to :data:`MAX_NGRAM_REST` steps without drafts after width-1
@@ -115,11 +116,11 @@ def parse_draft(value: Any) -> NgramDraft | DraftModel | None:
 
 
 class _NgramState:
-    """One stream's n-gram index (key n-gram -> position after its latest occurrence)
-    and its drafting policy: the draft width, and how many steps to rest after drafts
-    that keep missing (:meth:`NgramDrafter.feedback`)."""
+    """One stream's n-gram index (key n-gram -> position after its latest occurrence),
+    the copy run its last draft came from, and its drafting policy: the draft width, and
+    how many steps to rest after drafts that keep missing (:meth:`NgramDrafter.feedback`)."""
 
-    __slots__ = ("backoff", "done", "index", "rest", "width")
+    __slots__ = ("at", "backoff", "done", "index", "rest", "src", "width")
 
     def __init__(self, width: int) -> None:
         self.index: dict[tuple[int, ...], int] = {}
@@ -127,22 +128,42 @@ class _NgramState:
         self.width = width
         self.rest = 0  # steps left without drafting
         self.backoff = 0  # the next rest after another first-token miss at width 1
+        self.src = -1  # where the last draft was copied from (-1: none)
+        self.at = 0  # the history's length when it was
 
     def draft(self, hist: list[int], n: int, limit: int) -> list[int]:
         index = self.index
         if self.done > len(hist):  # the slot was reused for another history
             index.clear()
             self.done = 0
+            self.src = -1
         for end in range(max(self.done, n), len(hist)):
             index[tuple(hist[end - n : end])] = end
         self.done = max(self.done, len(hist))
         if self.rest > 0:
             self.rest -= 1
             return []
-        pos = index.get(tuple(hist[-n:])) if len(hist) >= n else None
+        pos = self._follow(hist)
+        if pos is None and len(hist) >= n:
+            pos = index.get(tuple(hist[-n:]))
         if pos is None:
+            self.src = -1
             return []
+        self.src, self.at = pos, len(hist)
         return hist[pos : pos + min(limit, self.width)]
+
+    def _follow(self, hist: list[int]) -> int | None:
+        """Where the copy run goes on, when every token since the last draft is what its
+        source holds (ADR 0027). Code repeats short n-grams (indentation and a keyword)
+        line after line, and the latest occurrence of one is then often a line already
+        rewritten, not the one being copied; the run's own source is the better guess."""
+        src, at = self.src, self.at
+        new = len(hist) - at
+        if src < 0 or new <= 0 or src + new >= len(hist):
+            return None
+        if hist[src : src + new] != hist[at:]:
+            return None
+        return src + new
 
 
 class NgramDrafter:
