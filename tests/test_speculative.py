@@ -110,6 +110,48 @@ async def test_speculative_false_drafts_nothing(ngram):
     assert ngram.speculative_stats()["draft_tokens"] == before
 
 
+def test_speculative_body_field_reads_as_a_bool_or_is_refused():
+    from inferd.completions_wire import request_from_completions
+    from inferd.openai_wire import request_from_openai
+
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert request_from_openai(chat).speculative is True
+    assert request_from_openai({**chat, "speculative": None}).speculative is True
+    assert request_from_openai({**chat, "speculative": False}).speculative is False
+    assert request_from_completions({"prompt": "x", "speculative": False}).speculative is False
+    with pytest.raises(InvalidRequest, match="speculative"):
+        request_from_openai({**chat, "speculative": "no"})
+    with pytest.raises(InvalidRequest, match="speculative"):
+        request_from_completions({"prompt": "x", "speculative": 0})
+
+
+async def test_bridge_body_speculative_false_drafts_nothing(ngram):
+    """`"speculative": false` in a Chat Completions or Completions body turns drafting
+    off for that request through the bridge (ADR 0027); without it the same request
+    drafts, and both replies are the same greedy text."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from inferd.serve.bridge import make_app
+
+    chat = {"messages": [{"role": "user", "content": EDIT}], "max_tokens": 24}
+    raw = CODE + "\n\n# the same again\n" + CODE[:40]  # a raw prompt whose text repeats
+    texts = []
+    async with TestClient(TestServer(make_app(ngram))) as tc:
+        for path, body in (
+            ("/v1/chat/completions", {**chat, "temperature": 0}),
+            ("/v1/completions", {"prompt": raw, "max_tokens": 24, "temperature": 0}),
+        ):
+            for spec in (False, True):
+                before = ngram.speculative_stats()["draft_tokens"]
+                resp = await tc.post(path, json={**body, "speculative": spec})
+                assert resp.status == 200, await resp.text()
+                choice = (await resp.json())["choices"][0]
+                texts.append(choice.get("message", {}).get("content") or choice.get("text"))
+                drafted = ngram.speculative_stats()["draft_tokens"] - before
+                assert (drafted > 0) is spec, (path, spec, drafted)
+    assert texts[0] == texts[1] and texts[2] == texts[3]
+
+
 async def test_seeded_sampling_equals_plain(ngram):
     """The target samples every position with its own chain (llama.cpp's rule), so a
     seeded sampled reply is the non-speculative one."""

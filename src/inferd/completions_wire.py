@@ -157,6 +157,7 @@ def request_from_completions(body: Mapping[str, Any]) -> Request:
             max_tokens=DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
             stop=tuple(stop or ()),
             ignore_eos=body.get("ignore_eos", False),
+            speculative=True if body.get("speculative") is None else body.get("speculative"),
             model=model or None,
             n=1 if n is None else n,
             **_logprobs_in(body.get("logprobs")),

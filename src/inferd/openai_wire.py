@@ -605,7 +605,8 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
     messages, assistant ``tool_calls`` (arguments as a JSON string or an object),
     ``tool`` messages, ``max_completion_tokens``, ``stop`` as a string or a list, and
     the llama-server extensions ``top_k``, ``min_p``, ``ignore_eos`` and
-    :data:`SAMPLING_WIRE_FIELDS` (penalties, DRY, XTC, ``logit_bias``). Thinking is
+    :data:`SAMPLING_WIRE_FIELDS` (penalties, DRY, XTC, ``logit_bias``), and our
+    ``speculative: false`` (no drafting for this request, ADR 0027). Thinking is
     on when ``reasoning_effort`` (other than none/minimal), ``reasoning``,
     ``thinking`` or ``chat_template_kwargs.enable_thinking`` asks for it. Fields that
     do not change the reply (``stream``, ``user``, ``metadata``, ...) are ignored, so
@@ -654,6 +655,7 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
             thinking=_thinking_in(body),
             reasoning_effort=_effort_in(body),
             ignore_eos=body.get("ignore_eos", False),
+            speculative=_or_default(body.get("speculative"), True),
             parallel_tool_calls=_or_default(body.get("parallel_tool_calls"), True),
             model=model or None,
             **_choices_in(body),
