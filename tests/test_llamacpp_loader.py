@@ -115,6 +115,41 @@ def test_huge_string_array_claim(tmp_path):
         loader.prepare(p)
 
 
+def _string_array(key: bytes, n: int, tail: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 8, n) + tail
+
+
+@pytest.mark.parametrize(
+    ("n", "tail", "needs"),
+    [
+        # the second string's length prefix is cut: 8 bytes needed for it, 4 there
+        (2, struct.pack("<Q", 10) + b"x" * 10 + b"\0" * 4, "needs 8 more bytes for the length"),
+        # one string claims 100 bytes where 20 remain
+        (1, struct.pack("<Q", 100) + b"y" * 20, "needs 100 more bytes"),
+    ],
+)
+def test_string_array_cut_inside_names_the_key(tmp_path, n, tail, needs):
+    p = tmp_path / "cut-array.gguf"
+    p.write_bytes(gguf_header(n_kv=1) + _string_array(b"tokenizer.ggml.merges", n, tail))
+    with pytest.raises(ModelLoadError, match="truncated or corrupt") as e:
+        loader.prepare(p)
+    assert needs in str(e.value) and "tokenizer.ggml.merges" in str(e.value)
+
+
+def test_string_array_is_walked_to_the_next_key(tmp_path):
+    """The strings' lengths are followed exactly: the key after the array is read."""
+    words = [b"a", b"", b"\xc3\xa9t\xc3\xa9", b"x" * 300]
+    tail = b"".join(struct.pack("<Q", len(w)) + w for w in words)
+    p = tmp_path / "arr-then-arch.gguf"
+    p.write_bytes(
+        gguf_header(n_kv=2)
+        + _string_array(b"tokenizer.ggml.tokens", len(words), tail)
+        + kv_string("general.architecture", "llama")
+        + b"\0" * 64
+    )
+    assert loader.read_header(p).architecture == "llama"
+
+
 def test_unknown_value_type(tmp_path):
     key = b"x"
     p = tmp_path / "type.gguf"
