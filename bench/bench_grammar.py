@@ -42,15 +42,15 @@ PROMPT = "List as many animal names as you can, as a JSON array of strings."
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "animals", "schema": SCHEMA}}
 
 
-def _binding(model_path: str, tokens: int, rounds: int) -> dict[str, float]:
+def _binding(model_path: str, tokens: int, rounds: int, threads: int, ngl: int) -> dict[str, float]:
     """tok/s per contender (median over rounds) through the binding."""
     from inferd._fast import _llama as L
     from inferd.chat.grammar import response_format_grammar
 
     g = response_format_grammar(RESPONSE_FORMAT)
     assert g is not None
-    model = L.Model(model_path)
-    ctx = L.Context(model, n_ctx=CTX, n_batch=256, n_threads=THREADS)
+    model = L.Model(model_path, n_gpu_layers=ngl)
+    ctx = L.Context(model, n_ctx=CTX, n_batch=256, n_threads=threads)
     prompt = model.tokenize(
         f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n",
         add_special=False,
@@ -136,7 +136,7 @@ def _theirs(url: str, constrained: bool, tokens: int) -> float:
     return elapsed
 
 
-async def _peers(model: str, tokens: int, rounds: int) -> dict[str, float]:
+async def _peers(model: str, tokens: int, rounds: int, threads: int, ngl: int) -> dict[str, float]:
     """Median per-round constrained/unconstrained tok/s ratio of each peer."""
     from bench.bench_choices import _free_port, _wait_health
     from bench.fair import our_flash_attn
@@ -144,8 +144,8 @@ async def _peers(model: str, tokens: int, rounds: int) -> dict[str, float]:
     from bench.servers import Settings, start_llama_server
     from inferd.backends.llamacpp import LlamaCpp
 
-    s = Settings(model, 1, CTX, THREADS, 0, our_flash_attn(model))
-    ours = LlamaCpp(model, n_ctx=CTX, parallel=1, n_threads=THREADS, n_batch=512)
+    s = Settings(model, 1, CTX, threads, ngl, our_flash_attn(model))
+    ours = LlamaCpp(model, n_ctx=CTX, parallel=1, n_threads=threads, n_batch=512, n_gpu_layers=ngl)
     server = start_llama_server(ensure_peer("llama-server"), s, _free_port())
     ratios: dict[str, list[float]] = {"inferd": [], "llama-server": []}
     try:
@@ -176,20 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--binding-only", action="store_true", help="skip the llama-server table")
     p.add_argument("--peers-only", action="store_true", help="skip the binding table")
+    p.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="offload, every peer (-1 = all)")
+    p.add_argument("--threads", type=int, default=THREADS)
     args = p.parse_args(argv)
     tokens = args.tokens or (24 if args.smoke else 128)
     rounds = args.rounds or (2 if args.smoke else 7)
     from inferd import models
 
-    model = str(models.resolve("smollm2-135m", pull=True, progress=False))
-    print(f"SmolLM2-135M, greedy, {tokens} tokens, {rounds} rounds, {THREADS} threads")
+    model = args.model or str(models.resolve("smollm2-135m", pull=True, progress=False))
+    label = Path(args.model).name if args.model else "SmolLM2-135M"
+    t, ngl = args.threads, args.gpu_layers
+    print(f"{label}, greedy, {tokens} tokens, {rounds} rounds, {t} threads, {ngl} GPU layers")
     if not args.peers_only:
-        rates = _binding(model, tokens, rounds)
+        rates = _binding(model, tokens, rounds, t, ngl)
         print(f"{'binding (in-process)':<24}{'tok/s':>10}{'x plain':>10}")
         for k, v in rates.items():
             print(f"{k:<24}{v:>10.1f}{v / rates['plain']:>10.2f}")
     if not args.binding_only:
-        out = asyncio.run(_peers(model, tokens, rounds))
+        out = asyncio.run(_peers(model, tokens, rounds, t, ngl))
         print(f"{'peer':<24}{'constrained/plain tok/s':>26}")
         for peer, r in out.items():
             print(f"{peer:<24}{r:>26.2f}")

@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 TYPES = ("f16", "q8_0", "q4_0")
 THREADS = 2
@@ -32,14 +33,14 @@ STREAMS = 4
 PROMPT = "Write a long story about a lighthouse keeper and the sea. " * 4
 
 
-def _measure(L, model, kind: str, tokens: int) -> tuple[float, float, float]:
+def _measure(L, model, kind: str, tokens: int, threads: int) -> tuple[float, float, float]:
     """(bytes per token of one sequence, tok/s single stream, tok/s over STREAMS)."""
     ctx = L.Context(
         model,
         n_ctx=STREAMS * 512,
         n_batch=512,
         n_seq_max=STREAMS,
-        n_threads=THREADS,
+        n_threads=threads,
         flash_attn="on",
         type_k=kind,
         type_v=kind,
@@ -80,22 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
     p.add_argument("--tokens", type=int, default=None, help="decode steps per measurement")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="offload (-1 = all)")
+    p.add_argument("--threads", type=int, default=THREADS)
     args = p.parse_args(argv)
     tokens = args.tokens or (16 if args.smoke else 128)
     rounds = args.rounds or (1 if args.smoke else 5)
     from inferd import models
     from inferd._fast import _llama as L
 
-    model = L.Model(str(models.resolve("smollm2-135m", pull=True, progress=False)))
+    path = args.model or str(models.resolve("smollm2-135m", pull=True, progress=False))
+    model = L.Model(path, n_gpu_layers=args.gpu_layers)
     got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in TYPES}
     try:
         for r in range(rounds):
             for kind in TYPES[r % 3 :] + TYPES[: r % 3]:
-                got[kind].append(_measure(L, model, kind, tokens))
+                got[kind].append(_measure(L, model, kind, tokens, args.threads))
     finally:
         model.close()
     print(
-        f"SmolLM2-135M, CPU, {THREADS} threads, {tokens} steps, {rounds} rounds; "
+        f"{Path(args.model).name if args.model else 'SmolLM2-135M'}, "
+        f"{args.gpu_layers} GPU layers, {args.threads} threads, {tokens} steps, {rounds} rounds; "
         f"slot = {CTX_PER_SEQ} tokens, budget = {BUDGET_MIB} MiB"
     )
     print(

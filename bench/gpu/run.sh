@@ -2,7 +2,7 @@
 # bench/gpu/run.sh: build everything against one CUDA build of the vendored llama.cpp on a
 # GPU host with no network, write a larger synthetic-weights model, and run the batching
 # and single-stream benchmarks against llama-server, llama-bench and llama-cpp-python, then
-# speculative verification at forced acceptance rates (bench_spec_forced.py).
+# issue 20's tables (forced-acceptance speculation, grammar cost, KV cache types).
 #
 # Why one script: a lent GPU machine is short-lived and bare, so the whole job (build,
 # model, benchmarks) runs as one timed command whose results land in $OUT as it goes.
@@ -99,8 +99,18 @@ if [ "$(left)" -gt 60 ]; then
     --threads "$THREADS" --rounds 2 --repeats 3 --json "$OUT/single.json" 2>&1 \
     | tee "$OUT/single.txt"
 fi
-if [ "$(left)" -gt 60 ]; then  # issue 20: verification at forced acceptance rates
+# issue 20's tables on the same model: verification at forced acceptance rates, grammar
+# cost, KV cache types (each skipped when the deadline is near)
+if [ "$(left)" -gt 60 ]; then
   timeout "$(left)" $PY bench/bench_spec_forced.py --model "$MODEL" --gpu-layers "$NGL" \
     --threads "$THREADS" --rounds 2 --streams 1,8 2>&1 | tee "$OUT/spec_forced.txt"
+fi
+if [ "$(left)" -gt 60 ]; then
+  timeout "$(left)" $PY bench/bench_grammar.py --model "$MODEL" --gpu-layers "$NGL" \
+    --threads "$THREADS" --rounds 3 2>&1 | tee "$OUT/grammar.txt"
+fi
+if [ "$(left)" -gt 60 ]; then
+  timeout "$(left)" $PY bench/bench_kv_quant.py --model "$MODEL" --gpu-layers "$NGL" \
+    --threads "$THREADS" --rounds 2 2>&1 | tee "$OUT/kv_quant.txt"
 fi
 log "end"
