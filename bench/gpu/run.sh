@@ -17,7 +17,8 @@
 #   *.whl                Python wheels the host lacks (orjson, diskcache)
 # Environment: OUT (results folder), SCRATCH (work folder), GPU=0 for a CPU dry run,
 # SHAPE (smollm2-1.7b), DEADLINE_S (seconds from the start after which the remaining
-# benchmarks are skipped: 540), ROUNDS, CONC, THREADS, JOBS, PY, BUILD.
+# benchmarks are skipped: 540), SERVING=0 (issue 20's tables only), ROUNDS, CONC, THREADS,
+# JOBS, PY, BUILD.
 set -uo pipefail
 T0=$(date +%s)
 CARRY=${CARRY:-.devcarry}
@@ -87,14 +88,17 @@ NGL=$([ "$GPU" = 1 ] && echo -1 || echo 0)
 THREADS=${THREADS:-4}
 TITLE="$SHAPE (synthetic F16), $( [ "$GPU" = 1 ] && nvidia-smi --query-gpu=name --format=csv,noheader || echo CPU)"
 
-log "batching benchmark ($(left) s left)"
-timeout "$(left)" $PY bench/bench_batching.py --model "$MODEL" --gpu-layers "$NGL" \
-  --threads "$THREADS" --rounds "${ROUNDS:-3}" --conc "${CONC:-1,4,8,16}" --tokens 128 \
-  --json "$OUT/batching.json" --plot "$OUT/batching.png" --title "$TITLE" 2>&1 \
-  | tee "$OUT/batching.txt"
-log "batching done ($(left) s left)"
+SERVING=${SERVING:-1}  # SERVING=0: skip the batching and single-stream runs (issue 20 only)
+if [ "$SERVING" = 1 ]; then
+  log "batching benchmark ($(left) s left)"
+  timeout "$(left)" $PY bench/bench_batching.py --model "$MODEL" --gpu-layers "$NGL" \
+    --threads "$THREADS" --rounds "${ROUNDS:-3}" --conc "${CONC:-1,4,8,16}" --tokens 128 \
+    --json "$OUT/batching.json" --plot "$OUT/batching.png" --title "$TITLE" 2>&1 \
+    | tee "$OUT/batching.txt"
+  log "batching done ($(left) s left)"
+fi
 
-if [ "$(left)" -gt 60 ]; then
+if [ "$SERVING" = 1 ] && [ "$(left)" -gt 60 ]; then
   timeout "$(left)" $PY bench/bench_llamacpp.py --model "$MODEL" --gpu-layers "$NGL" \
     --threads "$THREADS" --rounds 2 --repeats 3 --json "$OUT/single.json" 2>&1 \
     | tee "$OUT/single.txt"
