@@ -176,16 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--binding-only", action="store_true", help="skip the llama-server table")
     p.add_argument("--peers-only", action="store_true", help="skip the binding table")
-    p.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M)")
-    p.add_argument("--gpu-layers", type=int, default=0, help="offload, every peer (-1 = all)")
-    p.add_argument("--threads", type=int, default=THREADS)
+    from bench.model_args import add_model_args, model_path
+
+    add_model_args(p, THREADS)
     args = p.parse_args(argv)
     tokens = args.tokens or (24 if args.smoke else 128)
     rounds = args.rounds or (2 if args.smoke else 7)
-    from inferd import models
-
-    model = args.model or str(models.resolve("smollm2-135m", pull=True, progress=False))
-    label = Path(args.model).name if args.model else "SmolLM2-135M"
+    model, label = model_path(args)
     t, ngl = args.threads, args.gpu_layers
     print(f"{label}, greedy, {tokens} tokens, {rounds} rounds, {t} threads, {ngl} GPU layers")
     if not args.peers_only:

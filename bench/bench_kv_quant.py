@@ -77,20 +77,21 @@ def _measure(L, model, kind: str, tokens: int, threads: int) -> tuple[float, flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Run as a script (python bench/x.py) as well as under run_all: bench.* imports work.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.model_args import add_model_args, model_path
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
     p.add_argument("--tokens", type=int, default=None, help="decode steps per measurement")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M)")
-    p.add_argument("--gpu-layers", type=int, default=0, help="offload (-1 = all)")
-    p.add_argument("--threads", type=int, default=THREADS)
+    add_model_args(p, THREADS)
     args = p.parse_args(argv)
     tokens = args.tokens or (16 if args.smoke else 128)
     rounds = args.rounds or (1 if args.smoke else 5)
-    from inferd import models
     from inferd._fast import _llama as L
 
-    path = args.model or str(models.resolve("smollm2-135m", pull=True, progress=False))
+    path, label = model_path(args)
     model = L.Model(path, n_gpu_layers=args.gpu_layers)
     got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in TYPES}
     try:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         model.close()
     print(
-        f"{Path(args.model).name if args.model else 'SmolLM2-135M'}, "
+        f"{label}, "
         f"{args.gpu_layers} GPU layers, {args.threads} threads, {tokens} steps, {rounds} rounds; "
         f"slot = {CTX_PER_SEQ} tokens, budget = {BUDGET_MIB} MiB"
     )

@@ -150,20 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", default=None, help="comma-separated concurrencies (1,8)")
     p.add_argument("--widths", default=None, help="draft widths (4,8)")
     p.add_argument("--rates", default=None, help="forced acceptance rates (0,0.5,0.9,1)")
-    p.add_argument("--threads", type=int, default=THREADS)
-    p.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M)")
-    p.add_argument("--gpu-layers", type=int, default=0)
+    from bench.model_args import add_model_args, model_path
+
+    add_model_args(p, THREADS)
     a = p.parse_args(argv)
     a.tokens = a.tokens or (16 if a.smoke else 128)
     a.rounds = a.rounds or (1 if a.smoke else 3)
     a.widths = [int(x) for x in (a.widths or ("4" if a.smoke else "4,8")).split(",")]
     a.rates = [float(x) for x in (a.rates or ("0,1" if a.smoke else "0,0.5,0.9,1")).split(",")]
     streams = [int(x) for x in (a.streams or ("1,2" if a.smoke else "1,8")).split(",")]
-    label = Path(a.model).name if a.model else "SmolLM2-135M"
-    if a.model is None:
-        from inferd import models
-
-        a.model = str(models.resolve("smollm2-135m", pull=True, progress=False))
+    a.model, label = model_path(a)
     res = {c: asyncio.run(_rounds(a, a.model, c)) for c in streams}
     print(
         f"{label}, greedy, {a.tokens} tokens, {a.rounds} rounds, "

@@ -33,6 +33,7 @@ from inferd.openai_wire import (
     SAMPLING_WIRE_FIELDS,
     SSE_DONE,
     finish_reason,
+    speculative_in,
     sse_encode,
     usage_to_openai,
 )
@@ -157,7 +158,7 @@ def request_from_completions(body: Mapping[str, Any]) -> Request:
             max_tokens=DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
             stop=tuple(stop or ()),
             ignore_eos=body.get("ignore_eos", False),
-            speculative=True if body.get("speculative") is None else body.get("speculative"),
+            speculative=speculative_in(body),
             model=model or None,
             n=1 if n is None else n,
             **_logprobs_in(body.get("logprobs")),

@@ -655,7 +655,7 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
             thinking=_thinking_in(body),
             reasoning_effort=_effort_in(body),
             ignore_eos=body.get("ignore_eos", False),
-            speculative=_or_default(body.get("speculative"), True),
+            speculative=speculative_in(body),
             parallel_tool_calls=_or_default(body.get("parallel_tool_calls"), True),
             model=model or None,
             **_choices_in(body),
@@ -664,6 +664,12 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # a reader missed a check
         raise InvalidRequest(f"malformed Chat Completions request ({type(e).__name__})") from None
+
+
+def speculative_in(body: Mapping[str, Any]) -> Any:
+    """Our ``speculative`` body extension, for Chat Completions and Completions alike
+    (ADR 0027): absent or null means on; :class:`Request` refuses a non-bool by name."""
+    return _or_default(body.get("speculative"), True)
 
 
 def _or_default(value: Any, default: Any) -> Any:
