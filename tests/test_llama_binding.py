@@ -262,6 +262,21 @@ def test_batch_limits(L):
         L.Batch(0)
 
 
+def test_a_batch_over_n_batch_is_an_error_not_an_abort(L, model, ctx):
+    """libllama aborts the process on a batch larger than n_batch; the binding refuses it
+    first, for decode and decode_sample, and the context stays usable."""
+    big = L.Batch(ctx.n_batch + 1)
+    big.add_sequence([100 + i for i in range(ctx.n_batch + 1)], 0, 0)
+    with pytest.raises(ValueError, match=f"n_batch={ctx.n_batch}"):
+        ctx.decode(big)
+    sampler = L.Sampler(model, temperature=0.0)
+    with pytest.raises(ValueError, match="n_batch"):
+        L.decode_sample(ctx, big, [sampler], [ctx.n_batch])
+    ok = L.Batch(4)
+    ok.add_sequence([100, 101, 102, 103], 0, 0)
+    ctx.decode(ok)
+
+
 def test_context_full_is_an_error(L, model):
     c = L.Context(model, n_threads=1, n_ctx=256, n_batch=256)
     n = c.n_ctx  # libllama may round the size up

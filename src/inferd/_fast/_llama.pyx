@@ -1162,8 +1162,7 @@ cdef class Context:
         libllama failure; the KV state is then as libllama documents for that code.
         """
         self._check()
-        if batch.b.n_tokens == 0:
-            raise ValueError("decode needs a non-empty batch")
+        _check_batch(self, batch)
         cdef int32_t rc
         self._enter()
         try:
@@ -1317,6 +1316,18 @@ cdef class Context:
         return [v[i] / norm for i in range(d)]
 
 
+cdef _check_batch(Context ctx, Batch batch):
+    """A batch libllama takes: not empty, and no more tokens than the context's
+    ``n_batch`` (libllama aborts the process on a larger one; the scheduler splits
+    prompts into chunks of that size)."""
+    if batch.b.n_tokens == 0:
+        raise ValueError("decode needs a non-empty batch")
+    cdef uint32_t limit = llama_n_batch(ctx.ptr)
+    if <uint32_t>batch.b.n_tokens > limit:
+        raise ValueError(f"a batch of {batch.b.n_tokens} tokens is more than the context's "
+                         f"n_batch={limit}; split it")
+
+
 def _raise_decode(int rc):
     if rc == 1:
         raise RuntimeError("llama_decode: no free KV slot (the context is full; "
@@ -1345,8 +1356,7 @@ def decode_sample(Context ctx, Batch batch, samplers, idxs):
     Raises like :meth:`Context.decode`; when decoding fails nothing is sampled.
     """
     ctx._check()
-    if batch.b.n_tokens == 0:
-        raise ValueError("decode needs a non-empty batch")
+    _check_batch(ctx, batch)
     cdef Py_ssize_t k, n = len(samplers)
     if len(idxs) != n:
         raise ValueError(f"{n} samplers but {len(idxs)} batch indices")
