@@ -8,9 +8,10 @@ oracle with a dial. Pass one records each stream's greedy reply with drafting of
 two drafts, for a stream that has produced ``j`` tokens of that reply, the next
 ``width`` tokens of it, each one replaced by a wrong token with probability ``1 - rate``
 (seeded per stream and position): a draft's first ``i`` tokens are all right with
-probability ``rate ** i``. A stream whose reply leaves the recorded one (float rounding
-of a multi-row verification can flip a near-tie, ADR 0027) gets no more drafts; the
-measured acceptance is printed beside each figure, so a forcing that did not hold shows.
+probability ``rate ** i``. A stream whose reply leaves the recorded one (a multi-row
+verification rounds logits otherwise than one row and can flip a close pick, ADR 0027)
+gets no more drafts; the measured acceptance is printed beside each figure, so a
+forcing that did not hold shows.
 
 Everything runs in-process (``LlamaCpp``, same threads, slots, batch and flash
 attention for both paths), greedy, ``ignore_eos``, the same prompts. Per round, for
