@@ -24,7 +24,7 @@ Reported: the median over rounds of the per-round ratios ours-spec/ours-plain an
 ours-spec/server-spec (decode throughput; higher is better).
 
     python bench/bench_speculative.py [--smoke] [--tokens T] [--rounds R] [--streams 1,8]
-        [--tasks edit,rename,chat]
+        [--tasks edit,rename,chat] [--model GGUF]
 """
 
 from __future__ import annotations
@@ -223,11 +223,8 @@ def _wait_health(server: Any) -> None:
 
 
 async def _run(
-    tokens: int, rounds: int, widths: tuple[int, ...], tasks: tuple[str, ...] = TASKS
+    model: str, tokens: int, rounds: int, widths: tuple[int, ...], tasks: tuple[str, ...]
 ) -> dict[str, float]:
-    from inferd import models
-
-    model = str(models.resolve("smollm2-135m", pull=True, progress=False))
     peers = _start_peers(model)
     ratios: dict[str, list[float]] = {}
     try:
@@ -259,12 +256,15 @@ async def _run(
 def main(argv: list[str] | None = None) -> int:
     # Run as a script (python bench/x.py) as well as under run_all: bench.* imports work.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.model_args import DEFAULT_LABEL, model_path
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
     p.add_argument("--tokens", type=int, default=None, help="most tokens per reply")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--streams", default=None, help="comma-separated concurrencies (1,8)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    p.add_argument("--model", default=None, help=f"GGUF (default: {DEFAULT_LABEL})")
     args = p.parse_args(argv)
     tasks = tuple(args.tasks.split(","))
     if not set(tasks) <= set(TASKS):
@@ -272,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens or (48 if args.smoke else 400)
     rounds = args.rounds or (1 if args.smoke else 5)
     widths = tuple(int(x) for x in (args.streams or ("1,2" if args.smoke else "1,8")).split(","))
-    out = asyncio.run(_run(tokens, rounds, widths, tasks))
+    model, label = model_path(args)
+    out = asyncio.run(_run(model, tokens, rounds, widths, tasks))
     print(
-        f"SmolLM2-135M, greedy, up to {tokens} tokens, {rounds} rounds, {THREADS} threads, "
+        f"{label}, greedy, up to {tokens} tokens, {rounds} rounds, {THREADS} threads, "
         f"n-gram n={NGRAM_N} draft<={N_DRAFT}; median per-round ratio of decode tok/s"
     )
     for k, v in out.items():
