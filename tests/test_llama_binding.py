@@ -510,3 +510,42 @@ def test_a_neighbours_content_never_reaches_a_sequence(L, model, unified):
             assert with_poem == alone  # split: batched == single stream, bit for bit
     finally:
         c.close()
+
+
+def _next_logits(L, model, prompt: list[int], rows: int, threads: int, fa: str) -> list[bytes]:
+    """Logits (as bytes) of the last four tokens of ``prompt`` after its head was
+    prefilled, decoded ``rows`` rows per step; ``threads`` threads decode one-row steps
+    (libllama's ``n_threads``; steps of several rows use ``n_threads_batch``, 2 here)."""
+    n = len(prompt) + 8
+    c = L.Context(model, n_threads=threads, n_threads_batch=2, n_ctx=n, n_batch=n, flash_attn=fa)
+    try:
+        head, tail = prompt[:-4], prompt[-4:]
+        b = L.Batch(len(head))
+        b.add_sequence(head, 0, 0, False)
+        c.decode(b)
+        out = []
+        for at in range(0, len(tail), rows):
+            b = L.Batch(rows)
+            chunk = tail[at : at + rows]
+            idx = [b.add(t, len(head) + at + j, [0], True) for j, t in enumerate(chunk)]
+            c.decode(b)
+            out += [c.logits(i).tobytes() for i in idx]
+        return out
+    finally:
+        c.close()
+
+
+def test_what_makes_a_lone_row_round_differently(L, model):
+    """The numerics the README and ADRs 0008 and 0027 describe. With flash attention and
+    more than one thread, ggml decodes a lone row whose KV view spans 512 cells or more
+    by splitting that range across the threads: its logits then differ from the same
+    row decoded among others. With one thread they are bit-identical, and with flash
+    attention off the thread count leaves a lone row's logits as they are."""
+    prompt = _prompt(model, " ".join(f"word{i}" for i in range(160)))
+    assert 520 < len(prompt) < 1024, len(prompt)
+    among = _next_logits(L, model, prompt, 4, 2, "on")
+    assert _next_logits(L, model, prompt, 1, 1, "on") == among
+    assert _next_logits(L, model, prompt, 1, 2, "on") != among
+    assert _next_logits(L, model, prompt, 1, 1, "off") == _next_logits(
+        L, model, prompt, 1, 2, "off"
+    )
