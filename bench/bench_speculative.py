@@ -256,7 +256,7 @@ async def _run(
 def main(argv: list[str] | None = None) -> int:
     # Run as a script (python bench/x.py) as well as under run_all: bench.* imports work.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.model_args import DEFAULT_LABEL, model_path
+    from bench.model_args import add_model_arg, model_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--streams", default=None, help="comma-separated concurrencies (1,8)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    p.add_argument("--model", default=None, help=f"GGUF (default: {DEFAULT_LABEL})")
+    add_model_arg(p)
     args = p.parse_args(argv)
     tasks = tuple(args.tasks.split(","))
     if not set(tasks) <= set(TASKS):

@@ -10,8 +10,13 @@ from pathlib import Path
 DEFAULT_LABEL = "SmolLM2-135M"
 
 
-def add_model_args(p: argparse.ArgumentParser, threads: int) -> None:
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    """``--model`` alone, for a benchmark whose peers' threads and offload are fixed."""
     p.add_argument("--model", default=None, help=f"GGUF (default: {DEFAULT_LABEL})")
+
+
+def add_model_args(p: argparse.ArgumentParser, threads: int) -> None:
+    add_model_arg(p)
     p.add_argument("--gpu-layers", type=int, default=0, help="offload, every peer (-1 = all)")
     p.add_argument("--threads", type=int, default=threads)
 

@@ -6,9 +6,9 @@ puts ``[last, d1, ..., dk]`` in the same target decode as every other stream's t
 at each position in turn and keeps a draft token only when the chain picks that very
 token (llama.cpp's rule in ``common/speculative.*`` and ``server``: the target samples
 every position itself, so the output has the target's distribution, and greedy output is
-the non-speculative output up to float rounding of multi-row decodes). The first
-mismatch ends the run: the chain's pick there is the bonus token, and the cells of the
-rejected drafts are removed (``seq_rm``).
+the non-speculative output where one and several rows round alike: one thread, flash
+attention on; ADR 0027, "Exactness"). The first mismatch ends the run: the chain's pick
+there is the bonus token, and the cells of the rejected drafts are removed (``seq_rm``).
 
 Two drafters:
 
