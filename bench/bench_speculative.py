@@ -24,7 +24,13 @@ Reported: the median over rounds of the per-round ratios ours-spec/ours-plain an
 ours-spec/server-spec (decode throughput; higher is better).
 
     python bench/bench_speculative.py [--smoke] [--tokens T] [--rounds R] [--streams 1,8]
-        [--tasks edit,rename,chat] [--model GGUF]
+        [--tasks edit,rename,chat] [--model GGUF-or-name] [--completion]
+
+``--completion`` sends each task as a raw ``/v1/completions`` prompt (the text before
+the reply; code replies stop at the closing fence) to every peer, for a base model with
+no chat template: ``--model gemma3-270m --completion`` is the edit task on a model that
+copies (SmolLM2-135M-Instruct rewrites the function instead: bench/README.md). Rows
+of raw-completion runs say ``raw``; ``--smoke`` runs both kinds.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ CHANGES = {
 
 
 def task_prompt(task: str, variant: int = 0) -> str:
+    """The chat prompt of ``task``'s ``variant`` (a user message)."""
     if task in CHANGES:
         return (
             "Here is a Python function:\n\n```python\n" + _function(variant=variant) + "\n```\n\n"
@@ -101,19 +108,40 @@ def task_prompt(task: str, variant: int = 0) -> str:
     return f"Tell me about the history of the city of {city}, in a few paragraphs."
 
 
-def _request(url: str, prompt: str, tokens: int) -> tuple[float, float, int]:
-    """One streamed greedy request: (first token time, end time, completion tokens)."""
-    body = {
-        "messages": [{"role": "user", "content": prompt}],
+def completion_prompt(task: str, variant: int = 0) -> str:
+    """The same task as a raw completion, for a base model with no chat template: the
+    text a document would hold just before the reply (the code tasks' replies end at the
+    closing fence, :data:`COMPLETION_STOP`)."""
+    if task in CHANGES:
+        return (
+            f"Below is a Python function, then the same function with one change: "
+            f"{CHANGES[task]}.\n\nOriginal:\n```python\n{_function(variant=variant)}\n```\n\n"
+            "Edited:\n```python\n"
+        )
+    city = CITIES[variant % len(CITIES)]
+    return f"A short history of the city of {city}\n\n"
+
+
+#: Where a raw-completion reply ends (the code block's closing fence), for every peer.
+COMPLETION_STOP = "```"
+
+
+def _request(url: str, prompt: str, tokens: int, completion: bool) -> tuple[float, float, int]:
+    """One streamed greedy request: (first token time, end time, completion tokens).
+    ``completion``: a raw ``/v1/completions`` request, else ``/v1/chat/completions``."""
+    body: dict[str, Any] = {
         "temperature": 0.0,
         "max_tokens": tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if completion:
+        body |= {"prompt": prompt, "stop": [COMPLETION_STOP]}
+    else:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    path = "/v1/completions" if completion else "/v1/chat/completions"
     req = urllib.request.Request(
-        f"{url}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     first, chunks, usage = 0.0, 0, 0
     with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
@@ -124,18 +152,24 @@ def _request(url: str, prompt: str, tokens: int) -> tuple[float, float, int]:
             msg = json.loads(line[5:])
             if msg.get("usage"):
                 usage = int(msg["usage"].get("completion_tokens") or 0)
-            if any((c.get("delta") or {}).get("content") for c in msg.get("choices") or ()):
+            if any(_chunk_text(c) for c in msg.get("choices") or ()):
                 chunks += 1
                 first = first or time.perf_counter()
     return first, time.perf_counter(), usage or chunks
 
 
-async def _measure(url: str, prompt: str, tokens: int, streams: int) -> float:
+def _chunk_text(choice: dict[str, Any]) -> str:
+    """A streamed choice's new text: a chat chunk's ``delta.content`` or a completion
+    chunk's ``text``."""
+    return str((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+
+
+async def _measure(url: str, prompt: str, tokens: int, streams: int, completion: bool) -> float:
     """Decode tokens per second of ``streams`` concurrent requests: tokens after each
     reply's first, over the time from the earliest first token to the last end (the
     prompt's prefill is left out: speculation only changes decoding)."""
     got = await asyncio.gather(
-        *(asyncio.to_thread(_request, url, prompt, tokens) for _ in range(streams))
+        *(asyncio.to_thread(_request, url, prompt, tokens, completion) for _ in range(streams))
     )
     firsts = [g[0] for g in got if g[0]]
     if not firsts:
@@ -223,34 +257,48 @@ def _wait_health(server: Any) -> None:
 
 
 async def _run(
-    model: str, tokens: int, rounds: int, widths: tuple[int, ...], tasks: tuple[str, ...]
+    model: str,
+    tokens: int,
+    rounds: int,
+    widths: tuple[int, ...],
+    tasks: tuple[str, ...],
+    modes: tuple[bool, ...],
 ) -> dict[str, float]:
+    """Every round of every width, task and mode (``True``: raw completion) on one set of
+    peers; the medians of the per-round ratios."""
     peers = _start_peers(model)
     ratios: dict[str, list[float]] = {}
     try:
         for width in widths:
             for r in range(rounds):
-                for task in tasks:
-                    prompt = task_prompt(task, r)
-                    for name in PEERS:  # every peer holds the prompt: prefill is not timed
-                        await _measure(peers[name].base_url, prompt, 8, 1)
-                    order = PEERS[r % 3 :] + PEERS[: r % 3]
-                    tps = {
-                        n: await _measure(peers[n].base_url, prompt, tokens, width) for n in order
-                    }
-                    line = ", ".join(f"{n} {tps[n]:.1f} tok/s" for n in PEERS)
-                    print(f"{width} streams, round {r + 1}, {task}: {line}", flush=True)
-                    key = f"{task} x{width}"
-                    ratios.setdefault(f"{key} spec/plain", []).append(
-                        tps["ours-spec"] / tps["ours-plain"]
-                    )
-                    ratios.setdefault(f"{key} ours/server", []).append(
-                        tps["ours-spec"] / tps["server-spec"]
-                    )
+                for completion in modes:
+                    for task in tasks:
+                        key = f"{task}{' raw' if completion else ''} x{width}"
+                        tps = await _round(peers, task, r, width, tokens, completion)
+                        line = ", ".join(f"{n} {tps[n]:.1f} tok/s" for n in PEERS)
+                        print(f"round {r + 1}, {key}: {line}", flush=True)
+                        for ratio, a, b in _RATIOS:
+                            ratios.setdefault(f"{key} {ratio}", []).append(tps[a] / tps[b])
     finally:
         for p in peers.values():
             p.stop()
     return {k: statistics.median(v) for k, v in ratios.items()}
+
+
+#: The reported ratios: (name, numerator peer, denominator peer).
+_RATIOS = (("spec/plain", "ours-spec", "ours-plain"), ("ours/server", "ours-spec", "server-spec"))
+
+
+async def _round(
+    peers: dict[str, Any], task: str, r: int, width: int, tokens: int, completion: bool
+) -> dict[str, float]:
+    """One round of ``task``: every peer warmed on round ``r``'s prompt (its prefill is
+    not timed), then measured in an order that rotates by round; decode tok/s per peer."""
+    prompt = (completion_prompt if completion else task_prompt)(task, r)
+    for name in PEERS:
+        await _measure(peers[name].base_url, prompt, 8, 1, completion)
+    order = PEERS[r % 3 :] + PEERS[: r % 3]
+    return {n: await _measure(peers[n].base_url, prompt, tokens, width, completion) for n in order}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--streams", default=None, help="comma-separated concurrencies (1,8)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    p.add_argument(
+        "--completion",
+        action="store_true",
+        help="raw /v1/completions prompts, for a base model with no chat template",
+    )
     add_model_arg(p)
     args = p.parse_args(argv)
     tasks = tuple(args.tasks.split(","))
@@ -273,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.smoke else 5)
     widths = tuple(int(x) for x in (args.streams or ("1,2" if args.smoke else "1,8")).split(","))
     model, label = model_path(args)
-    out = asyncio.run(_run(model, tokens, rounds, widths, tasks))
+    # the smoke run also sends the raw-completion prompts, so CI proves that path too
+    modes = (False, True) if args.smoke else (args.completion,)
+    out = asyncio.run(_run(model, tokens, rounds, widths, tasks, modes))
     print(
         f"{label}, greedy, up to {tokens} tokens, {rounds} rounds, {THREADS} threads, "
         f"n-gram n={NGRAM_N} draft<={N_DRAFT}; median per-round ratio of decode tok/s"

@@ -5,14 +5,15 @@ one default model, one label for the report line."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 DEFAULT_LABEL = "SmolLM2-135M"
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     """``--model`` alone, for a benchmark whose peers' threads and offload are fixed."""
-    p.add_argument("--model", default=None, help=f"GGUF (default: {DEFAULT_LABEL})")
+    p.add_argument(
+        "--model", default=None, help=f"GGUF path or catalog name (default: {DEFAULT_LABEL})"
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser, threads: int) -> None:
@@ -22,9 +23,11 @@ def add_model_args(p: argparse.ArgumentParser, threads: int) -> None:
 
 
 def model_path(args: argparse.Namespace) -> tuple[str, str]:
-    """``(path, label)``: ``--model``, or the store's SmolLM2-135M (pulled if missing)."""
-    if args.model:
-        return str(args.model), Path(args.model).name
+    """``(path, label)``: ``--model`` (a path, or a catalog name such as ``gemma3-270m``,
+    pulled if missing), or the store's SmolLM2-135M."""
     from inferd import models
 
+    if args.model:
+        path = models.resolve(args.model, pull=True, progress=False)
+        return str(path), args.model if args.model in models.KNOWN_MODELS else path.name
     return str(models.resolve("smollm2-135m", pull=True, progress=False)), DEFAULT_LABEL

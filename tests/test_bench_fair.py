@@ -147,3 +147,14 @@ def test_a_rounds_shared_system_prompt_is_its_own_and_of_the_asked_length() -> N
     body = chat_body(3, 8, False, one)
     assert body["messages"][0] == {"role": "system", "content": one}
     assert body["messages"][1] == chat_body(3, 8, False)["messages"][0]
+
+
+def test_speculative_bench_reads_chat_and_completion_chunks_alike() -> None:
+    from bench.bench_speculative import _chunk_text, _function, completion_prompt
+
+    assert _chunk_text({"delta": {"content": "a"}}) == "a"  # a chat chunk
+    assert _chunk_text({"text": "b", "index": 0}) == "b"  # a completion chunk
+    assert _chunk_text({"delta": {}, "finish_reason": "stop"}) == ""
+    raw = completion_prompt("edit", 2)
+    assert _function(variant=2) in raw and raw.endswith("Edited:\n```python\n")
+    assert completion_prompt("chat", 1) != completion_prompt("chat", 2)
