@@ -305,6 +305,10 @@ class SeqStream:
             self._freed.set_result(None)
 
 
+#: One step's items per event loop: ``(stream, item)`` in the order they happened.
+Deliveries = dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]]
+
+
 def _deliver(
     items: list[tuple[SeqStream, tuple[Any, ...]]], handled: Callable[[], None] | None
 ) -> None:
@@ -1003,7 +1007,19 @@ class Scheduler:
             owners += [s] * len(got)
             idxs += ix[: len(got)]
             toks = [*toks, *got]
-        out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
+        out, finished = self._take_tokens(owners, idxs, toks)
+        self.stats["tokens"] += len(owners)
+        for s in finished:
+            self._finish(s, cache=True, out=out)
+        self._send(out)
+
+    def _take_tokens(
+        self, owners: list[SeqStream], idxs: list[int], toks: list[int]
+    ) -> tuple[Deliveries, list[SeqStream]]:
+        """Each drawn token to its stream: the deliveries per event loop (the token, its
+        bytes, its logprobs) and the streams this step ended (end of generation,
+        ``max_tokens`` or a full sequence)."""
+        out: Deliveries = {}
         finished: list[SeqStream] = []
         is_eog, to_piece = self.model.is_eog, self.model.token_to_piece
         lps = self._logprobs(owners, idxs, toks)
@@ -1026,10 +1042,7 @@ class Scheduler:
                 out[s.loop].append((s, ("full",)))
                 finished.append(s)
                 ended.add(s)
-        self.stats["tokens"] += len(owners)
-        for s in finished:
-            self._finish(s, cache=True, out=out)
-        self._send(out)
+        return out, finished
 
     def _fill_batch(
         self, batch: Any, fed: list[tuple[SeqStream, list[int]]]
@@ -1103,7 +1116,7 @@ class Scheduler:
     def _decode_failed(self, err: Exception, streams: list[SeqStream]) -> None:
         """A failed decode leaves the cache as libllama says; fail that batch's streams."""
         log.warning("llama_decode failed for %d sequences: %s", len(streams), err)
-        out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
+        out: Deliveries = {}
         for s in dict.fromkeys(streams):
             out.setdefault(s.loop, []).append((s, ("error", err)))
             self._finish(s, cache=False, out=out)
@@ -1115,7 +1128,7 @@ class Scheduler:
         s: SeqStream,
         *,
         cache: bool,
-        out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] | None = None,
+        out: Deliveries | None = None,
     ) -> None:
         """Free ``s``'s slot (keeping its tokens as a cached prefix when asked)."""
         if s.done:
@@ -1181,9 +1194,7 @@ class Scheduler:
             self.lora_groups.copied(seq, cid)
         self.stats["remembered"] += 1
 
-    def _send(
-        self, out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]]
-    ) -> None:
+    def _send(self, out: Deliveries) -> None:
         handled = self._handled if self.lockstep else None
         for loop, items in out.items():
             try:
@@ -1204,7 +1215,7 @@ class Scheduler:
         with self._cond:
             self._closing = True
             streams = list(self._active) + [x for p in self._pending for x in (p, *p.followers)]
-        out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
+        out: Deliveries = {}
         for s in streams:
             out.setdefault(s.loop, []).append((s, ("error", err)))
         self._send(out)
@@ -1215,7 +1226,7 @@ class Scheduler:
             self._closing = True
             streams = list(self._active) + [x for p in self._pending for x in (p, *p.followers)]
             self._pending.clear()
-        out: dict[asyncio.AbstractEventLoop, list[tuple[SeqStream, tuple[Any, ...]]]] = {}
+        out: Deliveries = {}
         for s in streams:
             out.setdefault(s.loop, []).append((s, ("end",)))
         with self._ctx_lock:
