@@ -158,3 +158,19 @@ def test_speculative_bench_reads_chat_and_completion_chunks_alike() -> None:
     raw = completion_prompt("edit", 2)
     assert _function(variant=2) in raw and raw.endswith("Edited:\n```python\n")
     assert completion_prompt("chat", 1) != completion_prompt("chat", 2)
+
+
+def test_bench_model_option_takes_a_catalog_name_or_a_path(smollm2_path) -> None:
+    import argparse
+
+    from bench.model_args import DEFAULT_LABEL, model_path
+
+    assert model_path(argparse.Namespace(model="smollm2-135m")) == (
+        str(smollm2_path),
+        "smollm2-135m",
+    )
+    assert model_path(argparse.Namespace(model=str(smollm2_path))) == (
+        str(smollm2_path),
+        smollm2_path.name,
+    )
+    assert model_path(argparse.Namespace(model=None)) == (str(smollm2_path), DEFAULT_LABEL)
