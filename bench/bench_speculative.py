@@ -1,8 +1,9 @@
 """Speculative decoding with n-gram drafting on CPU, SmolLM2-135M-Instruct (issue 20,
 docs/adr/0027-speculative-decoding-batched.md).
 
-Three peers, all over HTTP (non-streamed ``/v1/chat/completions``, greedy, same slots,
-context, threads, batch and flash-attention setting, ``bench/servers.py``):
+Three peers, all over HTTP (streamed ``/v1/chat/completions``, or ``/v1/completions``
+with ``--completion``; greedy; same slots, context, threads, batch and flash-attention
+setting, ``bench/servers.py``):
 
 * ``ours-spec``: ``inferd bridge`` with ``draft = {type = "ngram", n = N, n_draft = M}``;
 * ``ours-plain``: the same bridge without a draft (our non-speculative path);
