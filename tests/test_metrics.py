@@ -206,6 +206,44 @@ async def test_smollm2_workload_counts_exactly(smollm2_path):
         assert value(text, name, backend=b.name, cache=cache, event=event) == n
 
 
+#: A prompt whose greedy reply repeats what it quotes, so n-gram drafts are taken.
+REPEAT = "Repeat exactly, changing nothing:\n" + "\n".join(
+    f"def f{i}(x):\n    return x * {i}" for i in range(6)
+)
+
+
+@pytest.mark.llama
+async def test_speculative_decoding_counts_under_both_names(smollm2_path):
+    """Draft tokens by outcome and verifications, per backend, and llama-server's
+    ``spec_decode_*`` names: each equal to the scheduler's own counters."""
+    from tests.conftest import require_llama_core
+
+    require_llama_core()
+    from inferd.backends.llamacpp import LlamaCpp
+
+    b = LlamaCpp(smollm2_path, n_ctx=1024, n_threads=1, parallel=2, draft="ngram")
+    try:
+        async with TestClient(TestServer(make_app(b))) as tc:
+            req = {**body(REPEAT, stream=False), "max_tokens": 48, "temperature": 0}
+            r = await tc.post("/v1/chat/completions", json=req)
+            assert r.status == 200
+            await asyncio.to_thread(b._idle.wait, 30)
+            text = await _scrape(tc)
+        stats = b.batching_stats()
+    finally:
+        await b.aclose()
+    drafted, accepted = stats["spec_drafted"], stats["spec_accepted"]
+    assert drafted > 0 and 0 < accepted <= drafted
+    name = "inferd_llamacpp_draft_tokens_total"
+    assert value(text, name, backend=b.name, outcome="accepted") == accepted
+    assert value(text, name, backend=b.name, outcome="rejected") == drafted - accepted
+    verified = value(text, "inferd_llamacpp_draft_verifications_total", backend=b.name)
+    assert verified == stats["spec_steps"] > 0
+    assert value(text, "llamacpp:spec_decode_num_draft_tokens_total") == drafted
+    assert value(text, "llamacpp:spec_decode_num_accepted_tokens_total") == accepted
+    assert value(text, "llamacpp:spec_decode_num_drafts_total") == stats["spec_steps"]
+
+
 async def test_daemon_metrics_port(tmp_path):
     """``Daemon(metrics_port=0)`` serves the same exposition over HTTP on 127.0.0.1."""
     from inferd.serve.client import Client

@@ -271,10 +271,15 @@ async def test_generate_with_speculative_flag(ngram):
     none with it off (the replies' tokens are compared in the tests above)."""
     before = ngram.speculative_stats()["draft_tokens"]
     off = Response.collect([ev async for ev in ngram.generate(_req(False))])
-    mid = ngram.speculative_stats()["draft_tokens"]
+    mid = ngram.speculative_stats()
     on = Response.collect([ev async for ev in ngram.generate(_req(True))])
+    after = ngram.speculative_stats()
     assert off.text and on.text
-    assert mid == before and ngram.speculative_stats()["draft_tokens"] > mid
+    assert mid["draft_tokens"] == before and after["draft_tokens"] > mid["draft_tokens"]
+    # the reply's own counts (llama-server's draft_n / draft_n_accepted): one stream ran
+    assert off.done.timings.draft_tokens is None and off.done.timings.draft_accepted is None
+    assert on.done.timings.draft_tokens == after["draft_tokens"] - mid["draft_tokens"]
+    assert on.done.timings.draft_accepted == after["accepted_tokens"] - mid["accepted_tokens"]
 
 
 def _req(spec: bool) -> Request:

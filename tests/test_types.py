@@ -208,6 +208,17 @@ def test_timings_measure_covers_decode_phase():
     assert Timings.measure(0.0, None, 1.0, 1).tokens_per_s is None
 
 
+def test_timings_carry_draft_counts_only_when_drafted():
+    plain = Timings(0.1, 0.5, 20.0)
+    assert set(plain.to_dict()) == {"ttft_s", "total_s", "tokens_per_s"}
+    spec = Timings(0.1, 0.5, 20.0, draft_tokens=12, draft_accepted=9)
+    assert spec.to_dict()["draft_tokens"] == 12 and spec.to_dict()["draft_accepted"] == 9
+    for t in (plain, spec):
+        assert Timings.from_dict(orjson.loads(orjson.dumps(t.to_dict()))) == t
+    with pytest.raises(InvalidRequest, match="draft_tokens"):
+        Timings.from_dict({"total_s": 1.0, "draft_tokens": "many"})
+
+
 def test_response_collect():
     r = Response.collect(
         [

@@ -1171,11 +1171,17 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Seconds to the first event, seconds in total, and generated tokens per second."""
+    """Seconds to the first event, seconds in total, and generated tokens per second;
+    with speculative decoding, the reply's drafted and accepted tokens (ADR 0027)."""
 
     ttft_s: float | None = None
     total_s: float = 0.0
     tokens_per_s: float | None = None
+    #: draft tokens the target verified for this reply (llama-server's ``draft_n``);
+    #: None when nothing was drafted.
+    draft_tokens: int | None = None
+    #: of those, the ones the target accepted (``draft_n_accepted``).
+    draft_accepted: int | None = None
 
     @classmethod
     def measure(cls, start: float, first: float | None, end: float, tokens: int) -> Timings:
@@ -1190,7 +1196,11 @@ class Timings:
         return cls(ttft, end - start, tps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ttft_s": self.ttft_s, "total_s": self.total_s, "tokens_per_s": self.tokens_per_s}
+        """The seconds always; the draft counts only when something was drafted."""
+        out = {"ttft_s": self.ttft_s, "total_s": self.total_s, "tokens_per_s": self.tokens_per_s}
+        if self.draft_tokens is not None:
+            out |= {"draft_tokens": self.draft_tokens, "draft_accepted": self.draft_accepted}
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Timings:
@@ -1201,6 +1211,8 @@ class Timings:
             _opt(d, "ttft_s", "timings", None, num),
             float(_opt(d, "total_s", "timings", 0.0, num)),
             _opt(d, "tokens_per_s", "timings", None, num),
+            _opt(d, "draft_tokens", "timings", None, int),
+            _opt(d, "draft_accepted", "timings", None, int),
         )
 
 

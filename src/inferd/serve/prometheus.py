@@ -312,7 +312,18 @@ class _LlamaFamilies:
             "(ADR 0030, 0031), media encodes reused (ADR 0032)",
             labels=("backend", "cache", "event"),
         )
-        self.totals = {"kv_used": 0, "kv_total": 0, "active": 0, "queued": 0, "steps": 0}
+        self.drafts = CounterMetricFamily(
+            "inferd_llamacpp_draft_tokens",
+            "Speculative decoding (ADR 0027): draft tokens the target verified, by outcome "
+            "(accepted or rejected); divide accepted by both: the acceptance rate",
+            labels=("backend", "outcome"),
+        )
+        self.verifications = CounterMetricFamily(
+            "inferd_llamacpp_draft_verifications",
+            "Speculative decoding: drafts verified (one per stream and step that drafted)",
+            labels=lab,
+        )
+        self.totals = dict.fromkeys(_TOTALS, 0)
 
     def add(self, backend: Any, stats: dict[str, int]) -> int:
         """Add one backend's values; returns its queued sequences."""
@@ -329,17 +340,25 @@ class _LlamaFamilies:
         self.max_batch.add_metric(name, stats.get("max_batch", 0))
         for cache, event, count in cache_events(stats):
             self.cache.add_metric((backend.name, cache, event), count)
-        for key, value in zip(
-            ("kv_used", "kv_total", "active", "queued", "steps"),
-            (used, total, active, queued, stats.get("steps", 0)),
-            strict=True,
-        ):
+        drafted, accepted = stats.get("spec_drafted", 0), stats.get("spec_accepted", 0)
+        self.drafts.add_metric((backend.name, "accepted"), accepted)
+        self.drafts.add_metric((backend.name, "rejected"), drafted - accepted)
+        drafts = stats.get("spec_steps", 0)
+        self.verifications.add_metric(name, drafts)
+        steps = stats.get("steps", 0)
+        values = (used, total, active, queued, steps, drafted, accepted, drafts)
+        for key, value in zip(_TOTALS, values, strict=True):
             self.totals[key] += value
         return queued
 
     def families(self) -> Iterator[Any]:
         yield from (self.kv_used, self.kv_total, self.active, self.queued)
         yield from (self.steps, self.batch_tokens, self.max_batch, self.cache)
+        yield from (self.drafts, self.verifications)
+
+
+#: The sums over every LlamaCpp backend that llama-server's names report.
+_TOTALS = ("kv_used", "kv_total", "active", "queued", "steps", "drafted", "accepted", "drafts")
 
 
 def _aliases(t: Telemetry, llama: _LlamaFamilies) -> Iterator[Any]:
@@ -365,3 +384,16 @@ def _aliases(t: Telemetry, llama: _LlamaFamilies) -> Iterator[Any]:
     ratio = tot["kv_used"] / tot["kv_total"] if tot["kv_total"] else 0.0
     yield gauge("kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage.", ratio)
     yield gauge("kv_cache_tokens", "KV-cache tokens.", tot["kv_used"])
+    yield counter(
+        "spec_decode_num_draft_tokens", "Speculative: Total draft tokens generated", tot["drafted"]
+    )
+    yield counter(
+        "spec_decode_num_accepted_tokens",
+        "Speculative: Total draft tokens accepted by the target model",
+        tot["accepted"],
+    )
+    yield counter(
+        "spec_decode_num_drafts",
+        "Speculative: Total speculative decoding verification steps",
+        tot["drafts"],
+    )

@@ -92,6 +92,12 @@ class ChoiceReader:
         assert self.stop_reason is not None
         usage = Usage(n_prompt, self.produced, self.stream.cached_tokens)
         timings = Timings.measure(start, self.first or None, time.perf_counter(), self.produced)
+        if self.stream.spec_drafted:  # speculative decoding drafted for this reply
+            timings = dataclasses.replace(
+                timings,
+                draft_tokens=self.stream.spec_drafted,
+                draft_accepted=self.stream.spec_accepted,
+            )
         return Done(self.stop_reason, usage, timings, backend, self.index)
 
     def _tag(self, events: list[Event]) -> list[Event]:

@@ -207,6 +207,8 @@ class SeqStream:
         "sent",
         "seq",
         "shift",
+        "spec_accepted",
+        "spec_drafted",
         "spec_state",
         "special",
         "speculative",
@@ -261,6 +263,9 @@ class SeqStream:
         self.speculative = False
         self.drafted = 0
         self.spec_state: Any = None
+        # this stream's drafted and accepted tokens so far (its Done's Timings)
+        self.spec_drafted = 0
+        self.spec_accepted = 0
         self.lora: Any = None  # LoRA scale set (lora_groups; ADR 0026); None: no adapters
         # burst prefix sharing (ADR 0031): (source stream, shared tokens) while waiting
         self.wait: tuple[SeqStream, int] | None = None

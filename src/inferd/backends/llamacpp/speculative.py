@@ -396,6 +396,8 @@ class Speculator:
             del s.kv[len(s.kv) - (k - accepted) :]
             sched.ctx.seq_rm(s.seq, len(s.kv) + s.shift, -1)
         s.drafted = 0
+        s.spec_drafted += k
+        s.spec_accepted += accepted
         st = sched.stats
         st["spec_steps"] += 1
         st["spec_drafted"] += k
