@@ -48,6 +48,7 @@ from inferd.types import (
     Text,
     TextBlock,
     Thinking,
+    Timings,
     Tool,
     ToolChoice,
     ToolResultBlock,
@@ -605,6 +606,30 @@ def test_response_to_completion():
     plain = Response("", "", (), Done(StopReason.END_TURN))
     msg = response_to_completion(plain, model="m", id="i")["choices"][0]["message"]
     assert msg == {"role": "assistant", "content": ""}
+
+
+def test_replies_carry_llama_server_timings():
+    """``timings`` under llama-server's names: on a whole reply, and on the last chunk
+    of a stream (the usage chunk when asked for); draft counts only when drafted."""
+    timed = Timings(ttft_s=0.5, total_s=2.5, tokens_per_s=4.0, draft_tokens=6, draft_accepted=4)
+    resp = Response("Hi", "", (), Done(StopReason.END_TURN, Usage(10, 9, 3), timed))
+    t = response_to_completion(resp, model="m", id="i")["timings"]
+    assert t == {
+        "cache_n": 3,
+        "prompt_n": 7,
+        "predicted_n": 9,
+        "predicted_ms": pytest.approx(2000.0),
+        "predicted_per_second": 4.0,
+        "draft_n": 6,
+        "draft_n_accepted": 4,
+    }
+    plain = Done(StopReason.END_TURN, Usage(10, 9), Timings(0.5, 2.5, 4.0))
+    for include_usage in (False, True):
+        chunks = ChunkWriter("m", "i", include_usage=include_usage).write(plain)
+        assert "draft_n" not in chunks[-1]["timings"]
+        assert chunks[-1]["timings"]["predicted_n"] == 9
+        assert all("timings" not in c for c in chunks[:-1])
+        assert ("usage" in chunks[-1]) is include_usage
 
 
 @pytest.mark.parametrize(

@@ -193,10 +193,14 @@ async def test_bridge_body_speculative_false_drafts_nothing(ngram):
                 before = ngram.speculative_stats()["draft_tokens"]
                 resp = await tc.post(path, json={**body, "speculative": spec})
                 assert resp.status == 200, await resp.text()
-                choice = (await resp.json())["choices"][0]
+                reply = await resp.json()
+                choice = reply["choices"][0]
                 assert choice.get("message", {}).get("content") or choice.get("text")
                 drafted = ngram.speculative_stats()["draft_tokens"] - before
                 assert (drafted > 0) is spec, (path, spec, drafted)
+                # llama-server's per-reply counts, present only when it drafted
+                assert reply["timings"].get("draft_n") == (drafted if spec else None)
+                assert reply["timings"]["predicted_n"] == reply["usage"]["completion_tokens"]
 
 
 async def test_seeded_sampling_equals_plain(ngram):

@@ -35,6 +35,7 @@ from inferd.openai_wire import (
     finish_reason,
     speculative_in,
     sse_encode,
+    timings_to_llama,
     usage_to_openai,
 )
 from inferd.request_fields import refuse_unhonoured
@@ -214,6 +215,7 @@ def response_to_completions(
             for i, c in enumerate(choices)
         ],
         "usage": usage_to_openai(response.usage),
+        "timings": timings_to_llama([c.done for c in choices]),
     }
 
 
@@ -275,14 +277,17 @@ class CompletionStreamWriter:
         if not isinstance(event, Done):
             return b""
         self._dones.append(event)
-        out = self._chunk("", finish_reason(event.stop_reason), event.index)
+        finish = finish_reason(event.stop_reason)
         if len(self._dones) < self.n:
-            return out
+            return self._chunk("", finish, event.index)
         self._finished = True
-        if self.include_usage:
-            usage = usage_to_openai(choices_usage(self._dones))
-            out += sse_encode({**self._base, "choices": [], "usage": usage})
-        return out + SSE_DONE
+        last = {**self._base, "choices": [_choice("", finish, event.index)]}
+        timings = {"timings": timings_to_llama(self._dones)}  # last chunk, as llama-server
+        if not self.include_usage:
+            return sse_encode(last | timings) + SSE_DONE
+        usage = usage_to_openai(choices_usage(self._dones))
+        tail = {**self._base, "choices": [], "usage": usage} | timings
+        return sse_encode(last) + sse_encode(tail) + SSE_DONE
 
 
 # =========================================================================== upstream

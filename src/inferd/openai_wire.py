@@ -155,6 +155,33 @@ def usage_to_openai(usage: Usage) -> dict[str, Any]:
     }
 
 
+def timings_to_llama(dones: Sequence[Done]) -> dict[str, Any]:
+    """A reply's ``timings`` object under llama-server's names: its OpenAI-compatible
+    replies carry one (in a stream, on the last chunk), and its web UI and users' scripts
+    read the generation rate there. Token counts come from the usage (``prompt_n``
+    without the cached ones, ``cache_n`` those); the generation time is the longest
+    choice's, first token to end, and the rate the choices' rates summed (they decode
+    side by side). The draft counts appear only when something was drafted (ADR 0027).
+    No ``prompt_ms``: our time to first token includes the queue, llama-server's prompt
+    time does not."""
+    usage = choices_usage(dones)
+    out: dict[str, Any] = {
+        "cache_n": usage.cached_tokens,
+        "prompt_n": usage.input_tokens - usage.cached_tokens,
+        "predicted_n": usage.output_tokens,
+        "predicted_ms": 1000
+        * max((d.timings.total_s - (d.timings.ttft_s or 0.0) for d in dones), default=0.0),
+    }
+    rates = [d.timings.tokens_per_s for d in dones if d.timings.tokens_per_s is not None]
+    if rates:
+        out["predicted_per_second"] = sum(rates)
+    drafted = [d.timings for d in dones if d.timings.draft_tokens is not None]
+    if drafted:
+        out["draft_n"] = sum(t.draft_tokens or 0 for t in drafted)
+        out["draft_n_accepted"] = sum(t.draft_accepted or 0 for t in drafted)
+    return out
+
+
 def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
@@ -779,6 +806,7 @@ class ChunkWriter:
             c["choices"] = []
             c["usage"] = usage_to_openai(choices_usage(self._dones))
             out.append(c)
+        out[-1]["timings"] = timings_to_llama(self._dones)  # where llama-server puts it
         return out
 
     def start(self) -> list[dict[str, Any]]:
@@ -867,6 +895,7 @@ def response_to_completion(
         "model": model,
         "choices": [_choice_out(c, i) for i, c in enumerate(choices)],
         "usage": usage_to_openai(response.usage),
+        "timings": timings_to_llama([c.done for c in choices]),
     }
 
 
