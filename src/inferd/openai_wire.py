@@ -165,12 +165,12 @@ def timings_to_llama(dones: Sequence[Done]) -> dict[str, Any]:
     No ``prompt_ms``: our time to first token includes the queue, llama-server's prompt
     time does not."""
     usage = choices_usage(dones)
+    decode_s = max((d.timings.total_s - (d.timings.ttft_s or 0.0) for d in dones), default=0.0)
     out: dict[str, Any] = {
         "cache_n": usage.cached_tokens,
         "prompt_n": usage.input_tokens - usage.cached_tokens,
         "predicted_n": usage.output_tokens,
-        "predicted_ms": 1000
-        * max((d.timings.total_s - (d.timings.ttft_s or 0.0) for d in dones), default=0.0),
+        "predicted_ms": 1000 * decode_s,
     }
     rates = [d.timings.tokens_per_s for d in dones if d.timings.tokens_per_s is not None]
     if rates:
