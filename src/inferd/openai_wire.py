@@ -643,18 +643,8 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
     if not isinstance(body, Mapping):
         raise InvalidRequest("a Chat Completions request must be a JSON object")
     check_depth(body)
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise InvalidRequest("'messages' must be a non-empty list")
-    if len(msgs) > MAX_MESSAGES:  # refuse before walking them
-        raise InvalidRequest(f"{len(msgs)} messages given; at most {MAX_MESSAGES} (MAX_MESSAGES)")
-    messages = tuple(_message_in(m, i) for i, m in enumerate(msgs))
-    raw_tools = body.get("tools") or []
-    if not isinstance(raw_tools, list):
-        raise InvalidRequest("'tools' must be a list")
-    if len(raw_tools) > MAX_TOOLS:
-        raise InvalidRequest(f"{len(raw_tools)} tools given; at most {MAX_TOOLS} (MAX_TOOLS)")
-    tools = tuple(_tool_in(t, i) for i, t in enumerate(raw_tools))
+    messages = _messages_in(body.get("messages"))
+    tools = _tools_in(body.get("tools"))
     tc_raw = body.get("tool_choice")
     # "auto" without tools means "no tools"; clients send it routinely.
     tool_choice = None if (tc_raw == "auto" and not tools) else tc_raw
@@ -691,6 +681,25 @@ def request_from_openai(body: Mapping[str, Any]) -> Request:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # a reader missed a check
         raise InvalidRequest(f"malformed Chat Completions request ({type(e).__name__})") from None
+
+
+def _messages_in(msgs: Any) -> tuple[Message, ...]:
+    """``messages``: a non-empty list of at most MAX_MESSAGES, refused before walking it."""
+    if not isinstance(msgs, list) or not msgs:
+        raise InvalidRequest("'messages' must be a non-empty list")
+    if len(msgs) > MAX_MESSAGES:
+        raise InvalidRequest(f"{len(msgs)} messages given; at most {MAX_MESSAGES} (MAX_MESSAGES)")
+    return tuple(_message_in(m, i) for i, m in enumerate(msgs))
+
+
+def _tools_in(raw_tools: Any) -> tuple[Tool, ...]:
+    """``tools``: absent, null or a list of at most MAX_TOOLS function definitions."""
+    raw_tools = raw_tools or []
+    if not isinstance(raw_tools, list):
+        raise InvalidRequest("'tools' must be a list")
+    if len(raw_tools) > MAX_TOOLS:
+        raise InvalidRequest(f"{len(raw_tools)} tools given; at most {MAX_TOOLS} (MAX_TOOLS)")
+    return tuple(_tool_in(t, i) for i, t in enumerate(raw_tools))
 
 
 def speculative_in(body: Mapping[str, Any]) -> Any:
