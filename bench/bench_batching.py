@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import http_load  # noqa: E402
 from bench.http_load import RoundResult  # noqa: E402
+from bench.timing import describe_ratio  # noqa: E402
 
 RESULTS = HERE / "results"
 HTTP_PEERS = ("bridge split", "bridge unified", "llama-server")
@@ -357,10 +358,7 @@ def report(raw: dict, a: argparse.Namespace, reference: str, ours: tuple[str, ..
         for c in a.conc:
             for p in (x for x in ours if x in by_peer and reference in by_peer):
                 pr = paired(by_peer[p][c], by_peer[reference][c])
-                print(
-                    f"{mode} C={c}: {p} / {reference} = {statistics.median(pr):.2f}x "
-                    f"(median of per-round ratios {pr})"
-                )
+                print(f"{mode} C={c}: {p} / {reference} = {describe_ratio(pr)}; per round {pr}")
     return med
 
 
@@ -486,8 +484,8 @@ def report_lcp(raw: dict, a: argparse.Namespace) -> None:
                 for c in a.conc:
                     pr = paired(by_peer[p][c], by_peer["llama-cpp-python"][c])
                     print(
-                        f"{mode} C={c}: {p} / llama-cpp-python = "
-                        f"{statistics.median(pr):.2f}x (per round {pr})"
+                        f"{mode} C={c}: {p} / llama-cpp-python = {describe_ratio(pr)}; "
+                        f"per round {pr}"
                     )
 
 

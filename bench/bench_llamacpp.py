@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from bench.fair import our_flash_attn
     from bench.peers import ensure_peer
+    from bench.timing import describe_ratio
 
     try:
         import llama_cpp  # noqa: F401
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         if peer in med:
             print(
                 f"inferd / {peer} decode: {ours / med[peer]['tps']:.3f}x of medians, "
-                f"{statistics.median(paired[peer]):.3f}x median of per-round ratios "
+                f"median of per-round ratios {describe_ratio(paired[peer])}; per round "
                 f"{[round(x, 2) for x in paired[peer]]} (target >= {target})"
             )
     if "llama-cpp-python" in med:

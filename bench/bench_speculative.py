@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -264,9 +263,9 @@ async def _run(
     widths: tuple[int, ...],
     tasks: tuple[str, ...],
     modes: tuple[bool, ...],
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     """Every round of every width, task and mode (``True``: raw completion) on one set of
-    peers; the medians of the per-round ratios."""
+    peers; the per-round ratios."""
     peers = _start_peers(model)
     ratios: dict[str, list[float]] = {}
     try:
@@ -283,7 +282,7 @@ async def _run(
     finally:
         for p in peers.values():
             p.stop()
-    return {k: statistics.median(v) for k, v in ratios.items()}
+    return ratios
 
 
 #: The reported ratios: (name, numerator peer, denominator peer).
@@ -306,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     # Run as a script (python bench/x.py) as well as under run_all: bench.* imports work.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.model_args import add_model_arg, model_path
+    from bench.timing import describe_ratio
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="small sizes, for CI")
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         f"n-gram n={NGRAM_N} draft<={N_DRAFT}; median per-round ratio of decode tok/s"
     )
     for k, v in out.items():
-        print(f"{k:<28}{v:>8.2f}")
+        print(f"{k:<28}{describe_ratio(v)}")
     return 0
 
 
