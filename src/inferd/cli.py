@@ -80,6 +80,12 @@ def _add_run(sub: Any) -> None:
         "(llamacpp; docs/adr/0019-rpc-backend.md)",
     )
     run.add_argument("--json", action="store_true", help="print one JSON event per line")
+    _add_media_arguments(run)
+    add_llamacpp_arguments(run)  # the context's knobs and LoRA (ADR 0026)
+
+
+def _add_media_arguments(run: argparse.ArgumentParser) -> None:
+    """``inferd run``'s images, audio and projector (ADR 0028)."""
     run.add_argument(
         "--image",
         action="append",
@@ -101,7 +107,6 @@ def _add_run(sub: Any) -> None:
         metavar="FILE_OR_NAME",
         help="the model's multimodal projector (llamacpp): a .gguf path or a store name",
     )
-    add_llamacpp_arguments(run)  # the context's knobs and LoRA (ADR 0026)
 
 
 def build_parser() -> argparse.ArgumentParser:

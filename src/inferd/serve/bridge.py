@@ -631,6 +631,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL_NAME,
         help="model id reported by /v1/models (default %(default)s)",
     )
+    _add_web_arguments(parser)
+    from inferd.serve.config import add_router_arguments
+
+    add_router_arguments(parser)  # with --config (ADR 0020)
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+
+
+def _add_web_arguments(parser: argparse.ArgumentParser) -> None:
+    """What pages and remote images may reach: CORS origins (ADR 0016), image URL hosts
+    and their limits (ADR 0028); all off by default."""
     parser.add_argument(
         "--cors-origin",
         action="append",
@@ -659,10 +669,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds one image fetch may take (default 10)",
     )
-    from inferd.serve.config import add_router_arguments
-
-    add_router_arguments(parser)  # with --config (ADR 0020)
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
 def _backend_from_args(args: argparse.Namespace) -> Backend:

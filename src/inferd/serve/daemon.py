@@ -808,6 +808,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="socket path (default: config, else $XDG_RUNTIME_DIR/inferd/infer.sock)",
     )
+    _add_limit_arguments(parser)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; ADR 0016)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=DEFAULT_METRICS_HOST,
+        help="address for --metrics-port (default %(default)s)",
+    )
+    add_router_arguments(parser)
+    parser.add_argument(
+        "--rpc",
+        default=None,
+        metavar="HOST:PORT,...",
+        help="split every llamacpp model over these ggml RPC workers (`inferd rpc-worker`; "
+        "overrides rpc_servers; docs/adr/0019-rpc-backend.md)",
+    )
+    add_llamacpp_arguments(parser)  # every llamacpp model's knobs (ADR 0026)
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Admission, shutdown and frame limits (ADR 0010); the config's ``[daemon]`` table
+    sets these and the rest, a flag given here wins."""
     parser.add_argument(
         "--max-concurrent",
         type=int,
@@ -840,27 +867,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request frame accepted (default 64 MiB); the other limits of ADR "
         "0010 are set in the config's [daemon] table",
     )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; ADR 0016)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default=DEFAULT_METRICS_HOST,
-        help="address for --metrics-port (default %(default)s)",
-    )
-    add_router_arguments(parser)
-    parser.add_argument(
-        "--rpc",
-        default=None,
-        metavar="HOST:PORT,...",
-        help="split every llamacpp model over these ggml RPC workers (`inferd rpc-worker`; "
-        "overrides rpc_servers; docs/adr/0019-rpc-backend.md)",
-    )
-    add_llamacpp_arguments(parser)  # every llamacpp model's knobs (ADR 0026)
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
 async def serve_main(args: argparse.Namespace) -> int:

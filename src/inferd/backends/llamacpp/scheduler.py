@@ -380,20 +380,11 @@ class Scheduler:
         )
         self.admit_gather_s = float(admit_gather_s)
         self._last_arrival = 0.0  # monotonic time of the latest submission
-        n_batch = int(ctx.n_batch)
         self.ctx = ctx
         self.model = model
         self.name = name
         self.parallel = parallel
-        self.n_ctx = int(ctx.n_ctx)
-        self.n_ctx_seq = min(n_ctx_seq, self.n_ctx)
-        if self.split:
-            self.n_ctx_seq = self._slot_limit(n_ctx_seq)
-        # every running sequence's next token always fits next to a prompt chunk
-        self.step_tokens = (
-            max(1, min(step_tokens, n_batch - parallel)) if (n_batch > parallel) else 1
-        )
-        self.batch_capacity = max(n_batch, parallel + 1)
+        self._init_sizes(n_ctx_seq, step_tokens)
         self._batch = batch_factory(self.batch_capacity, 1)
         if decode_sample is None:
             from inferd._fast._llama import decode_sample
@@ -421,6 +412,20 @@ class Scheduler:
         self.stats: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="inferd-llama-sched", daemon=True)
         self._thread.start()
+
+    def _init_sizes(self, n_ctx_seq: int, step_tokens: int) -> None:
+        """Cells per sequence (a split slot's own stream size), prompt tokens per step and
+        the batch's capacity, from the context and ``parallel``."""
+        n_batch, parallel = int(self.ctx.n_batch), self.parallel
+        self.n_ctx = int(self.ctx.n_ctx)
+        self.n_ctx_seq = min(n_ctx_seq, self.n_ctx)
+        if self.split:
+            self.n_ctx_seq = self._slot_limit(n_ctx_seq)
+        # every running sequence's next token always fits next to a prompt chunk
+        self.step_tokens = (
+            max(1, min(step_tokens, n_batch - parallel)) if (n_batch > parallel) else 1
+        )
+        self.batch_capacity = max(n_batch, parallel + 1)
 
     def _init_ids(self, parallel: int, prefix_cache: int) -> None:
         """Sequence ids: ``0..parallel-1`` are slots; unified adds ``prefix_cache`` spare
