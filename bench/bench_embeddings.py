@@ -187,7 +187,7 @@ def add_lcp(
 
 
 def report(times: dict[str, list[float]], n: int, a: argparse.Namespace, fa: bool) -> dict:
-    from bench.timing import per_round, ratio
+    from bench.timing import describe_speedup, ratio
 
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     out: dict[str, Any] = {"texts": n, "threads": a.threads, "flash_attn": fa, "inputs_per_s": rate}
@@ -201,7 +201,7 @@ def report(times: dict[str, list[float]], n: int, a: argparse.Namespace, fa: boo
         if fast in times and slow in times:
             r = ratio(times, slow, fast)
             out[f"{fast} / {slow}"] = r
-            print(f"  {fast} / {slow}: {r:.2f}x (per round {per_round(times, slow, fast)})")
+            print(f"  {fast} / {slow}: {describe_speedup(times, slow, fast)}")
     return out
 
 

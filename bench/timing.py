@@ -87,3 +87,10 @@ def describe_ratio(ratios: Sequence[float]) -> str:
         f"{statistics.median(ratios):.2f}x ({coverage:.0%} interval {low:.2f}-{high:.2f}, "
         f"{len(ratios)} rounds)"
     )
+
+
+def describe_speedup(times: dict[str, list[float]], slow: str, fast: str) -> str:
+    """How many times faster ``fast`` ran than ``slow`` (:func:`describe_ratio` of the
+    per-round ``time[slow] / time[fast]``), then the per-round ratios themselves."""
+    pairs = zip(times[slow], times[fast], strict=True)
+    return f"{describe_ratio([s / f for s, f in pairs])}; per round {per_round(times, slow, fast)}"

@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from bench.timing import describe_ratio, median_interval
+from bench.timing import describe_ratio, describe_speedup, median_interval
 
 
 def _coverage(n: int, k: int) -> float:
@@ -56,3 +56,10 @@ def test_the_interval_holds_the_true_median_as_often_as_it_says() -> None:
 def test_describe_ratio_names_median_interval_and_rounds() -> None:
     text = describe_ratio([1.0, 0.9, 1.1, 0.95, 1.05, 0.96, 1.02, 0.98, 1.0])
     assert text == "1.00x (96% interval 0.95-1.05, 9 rounds)"
+
+
+def test_describe_speedup_pairs_the_rounds_slow_over_fast() -> None:
+    times = {"peer": [2.0, 3.0, 4.0, 2.2, 3.3, 4.4], "ours": [1.0, 1.5, 2.0, 1.0, 1.5, 2.0]}
+    assert describe_speedup(times, "peer", "ours") == (
+        "2.10x (97% interval 2.00-2.20, 6 rounds); per round [2.0, 2.0, 2.0, 2.2, 2.2, 2.2]"
+    )
