@@ -141,14 +141,13 @@ TIE_LOGITS = 1.0
 
 def _near_greedy(b, text: str, reply: list[int]) -> tuple[list[int], list[float]]:
     """Positions of ``reply`` whose token trails a one-row replay's best by more than
-    :data:`TIE_LOGITS`, and the replay's top-two margin at every position."""
+    :data:`TIE_LOGITS`, and the replay's top-two margin at every position, the one
+    after the reply's last token included (where it stopped, or would go on)."""
     far, margins = [], []
     for i, row in enumerate(_replay(b, _prompt(b, text), reply, 1)):
-        if i == len(reply):
-            break
         first, second = heapq.nlargest(2, row)
         margins.append(first - second)
-        if row[reply[i]] < first - TIE_LOGITS:
+        if i < len(reply) and row[reply[i]] < first - TIE_LOGITS:
             far.append(i)
     return far, margins
 
@@ -259,8 +258,10 @@ async def test_batched_streams_verify_drafts_in_one_decode(ngram):
         assert not far, f"plain reply, positions far from the greedy pick: {far}"
         far, _ = _near_greedy(ngram, text, s)
         assert not far, f"speculative reply, positions far from the greedy pick: {far}"
-        same = next((i for i, (x, y) in enumerate(zip(s, p, strict=True)) if x != y), len(p))
-        if same < len(p):  # they part only at a close call of the plain reply's prefix
+        # where they part: a different token, or one reply ends (end of turn) there
+        both = min(len(s), len(p))
+        same = next((i for i in range(both) if s[i] != p[i]), both)
+        if (same, same) != (len(s), len(p)):  # only at a close call of the plain prefix
             assert margins[same] <= TIE_LOGITS, (text, same, margins[same])
         compared += same
     assert compared >= 32, "the replies part too early: the check proves little"
