@@ -256,8 +256,9 @@ async def test_batched_streams_verify_drafts_in_one_decode(ngram):
     for text, s, p in zip(texts, spec, plain, strict=True):
         far, margins = _near_greedy(ngram, text, p)
         assert not far, f"plain reply, positions far from the greedy pick: {far}"
-        far, _ = _near_greedy(ngram, text, s)
-        assert not far, f"speculative reply, positions far from the greedy pick: {far}"
+        if s != p:  # an equal reply was checked just above
+            far, _ = _near_greedy(ngram, text, s)
+            assert not far, f"speculative reply, positions far from the greedy pick: {far}"
         # where they part: a different token, or one reply ends (end of turn) there
         both = min(len(s), len(p))
         same = next((i for i in range(both) if s[i] != p[i]), both)

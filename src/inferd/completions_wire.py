@@ -263,7 +263,12 @@ class CompletionStreamWriter:
     def _chunk(
         self, text: str, finish: str | None, index: int, lps: dict[str, Any] | None = None
     ) -> bytes:
-        return sse_encode({**self._base, "choices": [_choice(text, finish, index, lps)]})
+        return sse_encode(self._chunk_dict(text, finish, index, lps))
+
+    def _chunk_dict(
+        self, text: str, finish: str | None, index: int, lps: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {**self._base, "choices": [_choice(text, finish, index, lps)]}
 
     def write(self, event: Event) -> bytes:
         if self._finished:
@@ -281,7 +286,7 @@ class CompletionStreamWriter:
         if len(self._dones) < self.n:
             return self._chunk("", finish, event.index)
         self._finished = True
-        last = {**self._base, "choices": [_choice("", finish, event.index)]}
+        last = self._chunk_dict("", finish, event.index)
         timings = {"timings": timings_to_llama(self._dones)}  # last chunk, as llama-server
         if not self.include_usage:
             return sse_encode(last | timings) + SSE_DONE

@@ -343,10 +343,10 @@ class _LlamaFamilies:
         drafted, accepted = stats.get("spec_drafted", 0), stats.get("spec_accepted", 0)
         self.drafts.add_metric((backend.name, "accepted"), accepted)
         self.drafts.add_metric((backend.name, "rejected"), drafted - accepted)
-        drafts = stats.get("spec_steps", 0)
-        self.verifications.add_metric(name, drafts)
+        verified = stats.get("spec_steps", 0)  # drafts verified, one per stream and step
+        self.verifications.add_metric(name, verified)
         steps = stats.get("steps", 0)
-        values = (used, total, active, queued, steps, drafted, accepted, drafts)
+        values = (used, total, active, queued, steps, drafted, accepted, verified)
         for key, value in zip(_TOTALS, values, strict=True):
             self.totals[key] += value
         return queued
@@ -358,7 +358,7 @@ class _LlamaFamilies:
 
 
 #: The sums over every LlamaCpp backend that llama-server's names report.
-_TOTALS = ("kv_used", "kv_total", "active", "queued", "steps", "drafted", "accepted", "drafts")
+_TOTALS = ("kv_used", "kv_total", "active", "queued", "steps", "drafted", "accepted", "verified")
 
 
 def _aliases(t: Telemetry, llama: _LlamaFamilies) -> Iterator[Any]:
@@ -395,5 +395,5 @@ def _aliases(t: Telemetry, llama: _LlamaFamilies) -> Iterator[Any]:
     yield counter(
         "spec_decode_num_drafts",
         "Speculative: Total speculative decoding verification steps",
-        tot["drafts"],
+        tot["verified"],
     )
