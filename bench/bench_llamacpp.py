@@ -13,8 +13,11 @@ three peers interleaved round by round so that machine noise hits all of them al
 * ``binding``: ``inferd._fast._llama`` alone (``Context.step`` in a Python loop, no
   event loop, no scheduler): what the Cython layer itself costs;
 * ``llama-bench``: llama.cpp's own tool built from the same vendored tree
-  (``bench/peers.py``), ``-p 0 -n N`` for decode and ``-p P -n 0`` for prompt speed
-  (its TTFT is estimated as P / prompt-tokens-per-second; it has no streaming).
+  (``bench/peers.py``), ``-d P -p 0 -n N`` for decode (after the prompt's P cells, at
+  the positions the other peers decode) and ``-p P -n 0`` for prompt speed (its TTFT
+  is estimated as P / prompt-tokens-per-second; it has no streaming). It sizes its
+  context itself (P + N cells, where the others have ``--ctx``): the one setting it
+  cannot match.
 
 Same work: same batch (512), and the same flash-attention setting for every peer: ours
 is libllama's AUTO (``Context`` has no flash-attention argument), resolved once by
@@ -196,7 +199,8 @@ def llama_bench(exe: Path, a: argparse.Namespace, prompt_tokens: int) -> tuple[d
         str(N_BATCH),
         *server_fa_flag(bool(a.flash_attn)),
     ]
-    out, rss = _spawn_rss([*base, "-p", "0", "-n", str(a.tokens)])
+    # decode after the prompt's cells, as the other peers do (-d: prefilled, not timed)
+    out, rss = _spawn_rss([*base, "-d", str(prompt_tokens), "-p", "0", "-n", str(a.tokens)])
     tg = json.loads(out)[0]
     out2, rss2 = _spawn_rss([*base, "-p", str(prompt_tokens), "-n", "0"])
     pp = json.loads(out2)[0]

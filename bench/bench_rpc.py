@@ -15,8 +15,8 @@ Contenders, paired by transport (in-process with in-process):
 * ``inferd-rpc-child``: ``LlamaCpp(rpc_servers=[w1, w2])`` as users get it by default:
   the split in a supervised child daemon, events over its Unix socket (ADR 0019);
 * ``llama-bench`` and ``llama-bench-rpc``: llama.cpp's own tool from the vendored
-  tree (``bench/peers.py``), ``-p 0 -n N``, locally and with ``-rpc w1,w2`` over the
-  same workers.
+  tree (``bench/peers.py``), ``-d P -p 0 -n N`` (decoding after the prompt's P cells,
+  as ours does), locally and with ``-rpc w1,w2`` over the same workers.
 
 Reported: median tok/s of each, and the ratios inferd-rpc/inferd (what the split costs
 us), llama-bench-rpc/llama-bench (what it costs llama.cpp), inferd-rpc/llama-bench-rpc
@@ -90,9 +90,23 @@ def child_inferd(a: argparse.Namespace) -> float:
     return asyncio.run(run())
 
 
+def prompt_tokens(model: str) -> int:
+    """The chat-rendered prompt's token count: llama-bench prefills as many cells first
+    (``-d``, untimed), so it decodes at the positions our contenders decode at."""
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.types import Request
+
+    b = LlamaCpp(model, n_ctx=512, n_threads=1, parallel=1)
+    try:
+        return len(b.tokenize_prompt(b.render(Request.chat(PROMPT))))
+    finally:
+        b.close()
+
+
 def llama_bench(exe: Path, a: argparse.Namespace, servers: str | None) -> float:
     cmd = [str(exe), "-m", a.model, "-t", str(a.threads), "-r", "1", "-o", "json"]
-    cmd += ["-p", "0", "-n", str(a.tokens), "-ngl", "999" if servers else "0"]
+    cmd += ["-d", str(a.depth), "-p", "0", "-n", str(a.tokens)]
+    cmd += ["-ngl", "999" if servers else "0"]
     if servers:
         cmd += ["-rpc", servers]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.tokens, a.rounds = 16, 2
     a.model = _model_path()
+    a.depth = prompt_tokens(a.model)
     sys.path.insert(0, str(ROOT))
     from bench.peers import ensure_peer
 
