@@ -18,9 +18,12 @@ the ratio to llama-server is taken per round (same round, same prompts, same see
 then its median is reported.
 
 ``--suite inprocess`` (the second table): ``LlamaCpp.generate`` in-process (unified and
-split), llama-server (same HTTP client) and llama-cpp-python (one ``Llama`` behind a
-lock: it serves one stream at a time), each peer a fresh process per round, peers
-interleaved round by round.
+split), llama-server (same HTTP client), llama-cpp-python (one ``Llama`` behind a
+lock: it serves one stream at a time) and ``binding``: the compiled binding alone in
+one Python loop (one prefill of every stream's suffix, then one ``decode_sample`` per
+step; slots chosen by longest shared prefix, as the servers choose), the ceiling under
+in-process ``LlamaCpp``. Each peer a fresh process per round, peers interleaved round
+by round.
 
 ``--system-words N`` (http suite): every request of a round also carries one system
 prompt of about N words (a handbook, as agent frameworks send tools and rules each
@@ -57,7 +60,7 @@ from bench.timing import describe_ratio  # noqa: E402
 
 RESULTS = HERE / "results"
 HTTP_PEERS = ("bridge split", "bridge unified", "llama-server")
-INPROC_PEERS = ("inferd unified", "inferd split", "llama-server", "llama-cpp-python")
+INPROC_PEERS = ("inferd unified", "inferd split", "binding", "llama-server", "llama-cpp-python")
 #: Request ids: round r, mode m use ids ``r * ROUND_IDS + m * MODE_IDS + i``.
 ROUND_IDS, MODE_IDS, WARMUP_ID = 1000, 100, 900_000
 #: New tokens per stream of the warm-up round (primes every slot of every peer).
@@ -290,10 +293,126 @@ def child_lcp(a: argparse.Namespace) -> dict:
     return asyncio.run(run())
 
 
+def _binding_samplers(L, model, ids: list[int], sampled: bool) -> list:
+    """One sampler per stream: greedy, or the sampled settings with seed = request id.
+    Nothing is banned: like ``LlamaCpp`` with ``ignore_eos``, an end-of-generation
+    token is decoded as any other."""
+    if not sampled:
+        return [L.Sampler(model, temperature=0.0) for _ in ids]
+    return [L.Sampler(model, **http_load.SAMPLED, seed=i) for i in ids]
+
+
+def _binding_slots(slots: list[list[int]], prompts: list[list[int]]) -> list[int]:
+    """Each prompt's slot: the free one whose cells share the longest prefix with it
+    (llama-server's and our slot choice), so the ceiling reuses what they reuse."""
+    from inferd.backends.llamacpp.scheduler import common_prefix
+
+    free, chosen = set(range(len(slots))), []
+    for p in prompts:
+        best = max(sorted(free), key=lambda s: common_prefix(p, slots[s]))
+        free.discard(best)
+        chosen.append(best)
+    return chosen
+
+
+def _binding_prefill(L, ctx, slots: list[list[int]], prompts: list[list[int]], samplers) -> list:
+    """Slot ``s`` takes ``prompts[s]`` and keeps the cells they share (prefix reuse, as
+    the other peers' slots do); the suffixes prefill together, in batches of at most
+    512 tokens (the context's ``n_batch``). Returns each slot's first token."""
+    from inferd.backends.llamacpp.scheduler import common_prefix
+
+    first: list[int] = []
+    batch, idxs, group = L.Batch(512, len(prompts)), [], []
+
+    def flush() -> None:
+        first.extend(L.decode_sample(ctx, batch, [samplers[g] for g in group], idxs))
+        batch.clear()
+        idxs.clear()
+        group.clear()
+
+    for s, p in enumerate(prompts):
+        k = min(common_prefix(p, slots[s]), len(p) - 1)
+        ctx.seq_rm(s, k, -1)
+        if batch.n_tokens + len(p) - k > 512:
+            flush()
+        idxs.append(batch.add_sequence(p[k:], k, s))
+        group.append(s)
+        slots[s] = list(p)
+    flush()
+    return first
+
+
+def _binding_round(
+    L, ctx, model, slots: list[list[int]], prompts: dict, tokens: int, sampled: bool
+) -> RoundResult:
+    """All streams at once: one prefill, then one ``decode_sample`` per step."""
+    chosen = _binding_slots(slots, list(prompts.values()))
+    ids = [i for _, i in sorted(zip(chosen, prompts, strict=True))]  # request of each slot
+    samplers = _binding_samplers(L, model, ids, sampled)
+    t0 = time.perf_counter()
+    toks = _binding_prefill(L, ctx, slots, [prompts[i] for i in ids], samplers)
+    first = time.perf_counter() - t0
+    batch = L.Batch(len(toks), len(toks))
+    for _ in range(tokens - 1):
+        batch.clear()
+        idxs = [batch.add(t, len(slots[s]), s, True) for s, t in enumerate(toks)]
+        for s, t in enumerate(toks):
+            slots[s].append(t)
+        toks = L.decode_sample(ctx, batch, samplers, idxs)
+    for s, kept in enumerate(slots):  # every slot holds its prompt and reply, no gap
+        assert ctx.seq_pos_max(s) == len(kept) - 1, f"slot {s}: cells out of step"
+    for smp in samplers:
+        smp.close()
+    return RoundResult(tokens * len(toks), time.perf_counter() - t0, [first] * len(toks))
+
+
+def child_binding(a: argparse.Namespace) -> dict:
+    """The compiled binding alone in one Python loop (no scheduler, no events, no
+    streams): the ceiling under in-process ``LlamaCpp`` on the same libllama."""
+    from inferd._fast import _llama as L
+    from inferd.backends.llamacpp import LlamaCpp
+    from inferd.types import Request
+
+    renderer = LlamaCpp(a.model, n_ctx=512, n_threads=1, parallel=1)
+    model = L.Model(a.model, n_gpu_layers=a.gpu_layers)
+
+    def prompts(first: int, c: int) -> dict:
+        text = {
+            i: renderer.render(Request.chat(http_load.prompt(i))) for i in range(first, first + c)
+        }
+        return {
+            i: model.tokenize(t, add_special=False, parse_special=True) for i, t in text.items()
+        }
+
+    out: dict = {}
+    for c in a.conc:
+        ctx = L.Context(
+            model,
+            n_ctx=c * a.ctx,
+            n_batch=512,
+            n_seq_max=c,
+            n_threads=a.threads,
+            kv_unified=False,
+            flash_attn="on" if a.flash_attn else "off",
+        )
+        slots: list[list[int]] = [[] for _ in range(c)]
+        _binding_round(L, ctx, model, slots, prompts(WARMUP_ID, c), WARMUP_TOKENS, False)
+        for mode in a.mode_list:
+            sampled = mode == "sampled"
+            rr = _binding_round(
+                L, ctx, model, slots, prompts(_ids(a.round, mode), c), a.tokens, sampled
+            )
+            out.setdefault(mode, {})[c] = rr.summary()
+        ctx.close()
+    renderer.close()
+    return out
+
+
 def _child(a: argparse.Namespace) -> dict:
     if a.child.startswith("inferd "):
         return child_inferd(a, a.child.split()[1])
-    return {"llama-server": child_server, "llama-cpp-python": child_lcp}[a.child](a)
+    peers = {"llama-server": child_server, "llama-cpp-python": child_lcp, "binding": child_binding}
+    return peers[a.child](a)
 
 
 def _spawn(peer: str, a: argparse.Namespace, r: int) -> dict:
@@ -444,10 +563,10 @@ def run_suite(a: argparse.Namespace, suite: str) -> dict:
     )
     t0 = time.perf_counter()
     raw = run_http(a) if suite == "http" else run_inprocess(a)
-    ours = ("bridge split", "bridge unified", "inferd unified", "inferd split")
+    ours = ("bridge split", "bridge unified", "inferd unified", "inferd split", "binding")
     med = report(raw, a, "llama-server", ours)
     if suite == "inprocess":
-        report_lcp(raw, a)
+        report_inprocess(raw, a)
     print(f"\n({suite} suite: {time.perf_counter() - t0:.0f} s)")
     return {"raw": raw, "median": med}
 
@@ -475,18 +594,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report_lcp(raw: dict, a: argparse.Namespace) -> None:
+def report_inprocess(raw: dict, a: argparse.Namespace) -> None:
+    """In-process against in-process: ours over llama-cpp-python, and ours over the
+    binding alone (how much of the ceiling the serving path keeps)."""
     for mode, by_peer in raw.items():
-        if "llama-cpp-python" not in by_peer:
-            continue
-        for p in ("inferd unified", "inferd split"):
-            if p in by_peer:
+        for ref in ("llama-cpp-python", "binding"):
+            for p in (x for x in ("inferd unified", "inferd split") if ref in by_peer):
+                if p not in by_peer:
+                    continue
                 for c in a.conc:
-                    pr = paired(by_peer[p][c], by_peer["llama-cpp-python"][c])
-                    print(
-                        f"{mode} C={c}: {p} / llama-cpp-python = {describe_ratio(pr)}; "
-                        f"per round {pr}"
-                    )
+                    pr = paired(by_peer[p][c], by_peer[ref][c])
+                    print(f"{mode} C={c}: {p} / {ref} = {describe_ratio(pr)}; per round {pr}")
 
 
 if __name__ == "__main__":

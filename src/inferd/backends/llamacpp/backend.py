@@ -585,16 +585,20 @@ class LlamaCpp(Backend):
 
     # ------------------------------------------------------------------ generation
 
+    async def _prepare_off_loop(
+        self, request: Request
+    ) -> tuple[list[int], list[Any], list[OutputParser], bool]:
+        """``_prepare_choices``, off the event loop where it is slow: preparing a DRY
+        sampler walks the vocabulary (up to ~100 ms for new settings), and media are
+        decoded and resized (tens of ms per image, GIL released), so one client's
+        request never stalls others."""
+        if request.dry_multiplier or media.has_media(request):
+            return await asyncio.to_thread(self._prepare_choices, request)
+        return self._prepare_choices(request)
+
     async def generate(self, request: Request) -> AsyncIterator[Event]:  # type: ignore[override]
         start = time.perf_counter()
-        if request.dry_multiplier or media.has_media(request):
-            # Preparing a DRY sampler walks the vocabulary (up to ~100 ms for new
-            # settings), and media are decoded and resized (tens of ms per image, GIL
-            # released): off the loop, so one client's request never stalls others.
-            prepared = await asyncio.to_thread(self._prepare_choices, request)
-        else:
-            prepared = self._prepare_choices(request)
-        tokens, samplers, parsers, special = prepared
+        tokens, samplers, parsers, special = await self._prepare_off_loop(request)
         top = (request.top_logprobs or 0) if request.logprobs else None
         # Pre-stream: InvalidRequest (never fits) / QueueFull raise from here; the
         # scheduler fits max_tokens to the sequence (stream.max_tokens).
