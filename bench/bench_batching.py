@@ -322,7 +322,7 @@ def _binding_prefill(L, ctx, slots: list[list[int]], prompts: list[list[int]], s
     from inferd.backends.llamacpp.scheduler import common_prefix
 
     first: list[int] = []
-    batch, idxs, group = L.Batch(512, len(prompts)), [], []
+    batch, idxs, group = L.Batch(512), [], []
 
     def flush() -> None:
         first.extend(L.decode_sample(ctx, batch, [samplers[g] for g in group], idxs))
@@ -352,7 +352,7 @@ def _binding_round(
     t0 = time.perf_counter()
     toks = _binding_prefill(L, ctx, slots, [prompts[i] for i in ids], samplers)
     first = time.perf_counter() - t0
-    batch = L.Batch(len(toks), len(toks))
+    batch = L.Batch(len(toks))  # one token per stream and step
     for _ in range(tokens - 1):
         batch.clear()
         idxs = [batch.add(t, len(slots[s]), s, True) for s, t in enumerate(toks)]
@@ -598,10 +598,8 @@ def report_inprocess(raw: dict, a: argparse.Namespace) -> None:
     """In-process against in-process: ours over llama-cpp-python, and ours over the
     binding alone (how much of the ceiling the serving path keeps)."""
     for mode, by_peer in raw.items():
-        for ref in ("llama-cpp-python", "binding"):
-            for p in (x for x in ("inferd unified", "inferd split") if ref in by_peer):
-                if p not in by_peer:
-                    continue
+        for ref in (r for r in ("llama-cpp-python", "binding") if r in by_peer):
+            for p in (x for x in ("inferd unified", "inferd split") if x in by_peer):
                 for c in a.conc:
                     pr = paired(by_peer[p][c], by_peer[ref][c])
                     print(f"{mode} C={c}: {p} / {ref} = {describe_ratio(pr)}; per round {pr}")
