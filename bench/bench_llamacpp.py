@@ -212,7 +212,7 @@ def llama_bench(exe: Path, a: argparse.Namespace, prompt_tokens: int) -> tuple[d
 # ---------------------------------------------------------------- parent
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI: must run)")
     ap.add_argument("--tokens", type=int, default=None)
@@ -239,70 +239,66 @@ def main(argv: list[str] | None = None) -> int:
     a.tokens = a.tokens or (16 if a.smoke else 128)
     a.rounds = a.rounds or (1 if a.smoke else 3)
     a.repeats = a.repeats or (1 if a.smoke else 3)
+    return a
 
-    if a.child:
-        res = {"inferd": child_inferd, "binding": child_binding, "lcp": child_lcp}[a.child](a)
-        print(json.dumps(res))
-        return 0
 
-    a.model = a.model or str(_model_path())
-    sys.path.insert(0, str(ROOT))
-    from bench.fair import our_flash_attn
-    from bench.peers import ensure_peer
-    from bench.timing import describe_ratio
-
+def _have_lcp() -> bool:
+    """llama-cpp-python is a peer where installed; CI installs it, so there it must be."""
     try:
         import llama_cpp  # noqa: F401
-
-        have_lcp = True
     except ImportError:
-        have_lcp = False
         if os.environ.get("CI"):
             raise SystemExit("llama-cpp-python is not installed; CI installs it") from None
         print("llama-cpp-python is not installed: skipping that peer", file=sys.stderr)
-    exe = ensure_peer("llama-bench", quiet=True)
-    # ours is libllama's AUTO; every other peer gets what AUTO resolved to, explicitly
-    a.flash_attn = our_flash_attn(a.model, a.gpu_layers)
+        return False
+    return True
 
+
+def _rounds(a: argparse.Namespace, exe: Path, have_lcp: bool) -> tuple[dict, dict, int]:
+    """Every peer once per round, each in its own process: (samples, peak RSS, prompt
+    tokens)."""
     samples: dict[str, dict[str, list[float]]] = {}
     rss: dict[str, int] = {}
-    prompt_text, prompt_tokens = None, 0
-    print(
-        f"model {Path(a.model).name}, threads {a.threads}, {a.tokens} tokens, "
-        f"{a.rounds} rounds x {a.repeats} repeats",
-        file=sys.stderr,
-    )
+    prompt_tokens = 0
+
+    def record(peer: str, res: dict, m: int) -> None:
+        _add(samples, peer, res)
+        rss[peer] = max(rss.get(peer, 0), m)
+
     for r in range(a.rounds):
         out, m = _spawn_rss(_child_cmd("inferd", a), _env())
         res = json.loads(out)
         prompt_text, prompt_tokens = res["prompt"], res["prompt_tokens"]
-        _add(samples, "inferd", res)
-        rss["inferd"] = max(rss.get("inferd", 0), m)
+        record("inferd", res, m)
         if have_lcp:
             out, m = _spawn_rss(_child_cmd("lcp", a, "--prompt-text", prompt_text), _env())
-            _add(samples, "llama-cpp-python", json.loads(out))
-            rss["llama-cpp-python"] = max(rss.get("llama-cpp-python", 0), m)
+            record("llama-cpp-python", json.loads(out), m)
         out, m = _spawn_rss(_child_cmd("binding", a, "--prompt-text", prompt_text), _env())
-        _add(samples, "binding", json.loads(out))
-        rss["binding"] = max(rss.get("binding", 0), m)
-        res, m = llama_bench(exe, a, prompt_tokens)
-        _add(samples, "llama-bench", res)
-        rss["llama-bench"] = max(rss.get("llama-bench", 0), m)
+        record("binding", json.loads(out), m)
+        record("llama-bench", *llama_bench(exe, a, prompt_tokens))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+    return samples, rss, prompt_tokens
 
-    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in samples.items()}
-    # Ratios of medians within each round, then their median: a load spike from other
-    # jobs hits the peers of one round alike, so paired ratios are steadier than
-    # ratios of overall medians on a shared machine.
+
+def _paired(samples: dict, repeats: int) -> dict[str, list[float]]:
+    """Ratios of medians within each round: a load spike from other jobs hits the peers
+    of one round alike, so paired ratios are steadier than ratios of overall medians on
+    a shared machine."""
     paired: dict[str, list[float]] = {}
     for peer in ("llama-bench", "llama-cpp-python"):
         if peer in samples:
-            k = a.repeats
             ours, theirs = samples["inferd"]["tps"], samples[peer]["tps"]
             paired[peer] = [
-                statistics.median(ours[i : i + k]) / statistics.median(theirs[i : i + k])
-                for i in range(0, min(len(ours), len(theirs)), k)
+                statistics.median(ours[i : i + repeats])
+                / statistics.median(theirs[i : i + repeats])
+                for i in range(0, min(len(ours), len(theirs)), repeats)
             ]
+    return paired
+
+
+def _report(a: argparse.Namespace, med: dict, rss: dict, paired: dict, prompt_tokens: int) -> None:
+    from bench.timing import describe_ratio
+
     print(
         f"\n{Path(a.model).name}, {a.threads} threads, {a.gpu_layers} GPU layers, "
         f"{prompt_tokens}-token prompt, batch {N_BATCH}, flash attention "
@@ -311,17 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| peer | decode tok/s | TTFT ms | peak RSS MiB |")
     print("|---|---:|---:|---:|")
-    for k in ("inferd", "binding", "llama-cpp-python", "llama-bench"):
-        if k in med:
-            note = " (est.)" if k == "llama-bench" else ""
-            print(
-                f"| {k} | {med[k]['tps']:.1f} | {med[k]['ttft'] * 1000:.1f}{note} | "
-                f"{rss[k] / 2**20:.0f} |"
-            )
+    for k in (x for x in ("inferd", "binding", "llama-cpp-python", "llama-bench") if x in med):
+        note = " (est.)" if k == "llama-bench" else ""
+        print(
+            f"| {k} | {med[k]['tps']:.1f} | {med[k]['ttft'] * 1000:.1f}{note} | "
+            f"{rss[k] / 2**20:.0f} |"
+        )
     ours = med["inferd"]["tps"]
-    print()
     print(
-        f"binding alone / llama-bench decode: "
+        f"\nbinding alone / llama-bench decode: "
         f"{med['binding']['tps'] / med['llama-bench']['tps']:.3f}x"
     )
     for peer, target in (("llama-bench", 0.97), ("llama-cpp-python", 1.10)):
@@ -336,6 +330,33 @@ def main(argv: list[str] | None = None) -> int:
             f"TTFT inferd vs llama-cpp-python: {med['inferd']['ttft'] * 1000:.1f} ms vs "
             f"{med['llama-cpp-python']['ttft'] * 1000:.1f} ms"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
+    if a.child:
+        res = {"inferd": child_inferd, "binding": child_binding, "lcp": child_lcp}[a.child](a)
+        print(json.dumps(res))
+        return 0
+
+    a.model = a.model or str(_model_path())
+    sys.path.insert(0, str(ROOT))
+    from bench.fair import our_flash_attn
+    from bench.peers import ensure_peer
+
+    have_lcp = _have_lcp()
+    exe = ensure_peer("llama-bench", quiet=True)
+    # ours is libllama's AUTO; every other peer gets what AUTO resolved to, explicitly
+    a.flash_attn = our_flash_attn(a.model, a.gpu_layers)
+    print(
+        f"model {Path(a.model).name}, threads {a.threads}, {a.tokens} tokens, "
+        f"{a.rounds} rounds x {a.repeats} repeats",
+        file=sys.stderr,
+    )
+    samples, rss, prompt_tokens = _rounds(a, exe, have_lcp)
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in samples.items()}
+    paired = _paired(samples, a.repeats)
+    _report(a, med, rss, paired, prompt_tokens)
     if a.json:
         Path(a.json).write_text(
             json.dumps({"samples": samples, "median": med, "rss": rss, "paired": paired})
