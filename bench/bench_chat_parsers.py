@@ -202,23 +202,60 @@ def bench_parsers(repeats: int, copies: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_grammar(n_tokens: int, repeats: int) -> dict[str, Any] | None:
+def _smollm2_binding() -> tuple[Any, Path] | None:
+    """The compiled binding and SmolLM2's file; None (skipped) where either is missing,
+    except in CI, which builds and pulls both, so there their absence fails."""
     try:
         from inferd import models
         from inferd._fast import _llama as L
-        from inferd.chat.grammar import schema_to_gbnf
     except ImportError as e:
         if os.environ.get("CI"):
-            raise  # CI builds the binding: its absence is a failure there
+            raise
         print(f"grammar cost: skipped, no compiled binding ({e})")
         return None
     try:
-        path = models.resolve("smollm2-135m", pull=False, progress=False)
+        return L, models.resolve("smollm2-135m", pull=False, progress=False)
     except Exception as e:
         if os.environ.get("CI"):
             raise
         print(f"grammar cost: skipped, no SmolLM2 model ({e})")
         return None
+
+
+def _timed_decode(L, model, ctx, batch, prompt, grammar: str | None, n_tokens: int):
+    """One sampled reply: (decode s per token, sample s per token, tokens)."""
+    ctx.seq_rm(0)
+    batch.clear()
+    last = batch.add_sequence(prompt, 0, 0, True)
+    ctx.decode(batch)
+    s = L.Sampler(model, temperature=0.8, seed=1, grammar=grammar)
+    t_dec = t_samp = 0.0
+    pos, n = len(prompt), 0
+    t0 = time.perf_counter()
+    tok = s.sample(ctx, last)
+    t_samp += time.perf_counter() - t0
+    while n < n_tokens and not model.is_eog(tok):
+        batch.clear()
+        batch.add(tok, pos, 0, True)
+        t0 = time.perf_counter()
+        ctx.decode(batch)
+        t1 = time.perf_counter()
+        tok = s.sample(ctx, 0)
+        t_samp += time.perf_counter() - t1
+        t_dec += t1 - t0
+        pos += 1
+        n += 1
+    s.close()
+    return t_dec / max(n, 1), t_samp / (n + 1), n
+
+
+def bench_grammar(n_tokens: int, repeats: int) -> dict[str, Any] | None:
+    found = _smollm2_binding()
+    if found is None:
+        return None
+    from inferd.chat.grammar import schema_to_gbnf
+
+    L, path = found
     model = L.Model(str(path))
     ctx = L.Context(model, n_ctx=512, n_batch=256, n_threads=1)
     batch = L.Batch(256, 1)
@@ -237,34 +274,8 @@ def bench_grammar(n_tokens: int, repeats: int) -> dict[str, Any] | None:
     }
     grammar = schema_to_gbnf(schema)
     result: dict[str, Any] = {"model": "SmolLM2-135M-Instruct Q4_1", "vocab": model.n_vocab}
-
-    def run(g: str | None) -> tuple[float, float, int]:
-        ctx.seq_rm(0)
-        batch.clear()
-        last = batch.add_sequence(prompt, 0, 0, True)
-        ctx.decode(batch)
-        s = L.Sampler(model, temperature=0.8, seed=1, grammar=g)
-        t_dec = t_samp = 0.0
-        pos, n = len(prompt), 0
-        t0 = time.perf_counter()
-        tok = s.sample(ctx, last)
-        t_samp += time.perf_counter() - t0
-        while n < n_tokens and not model.is_eog(tok):
-            batch.clear()
-            batch.add(tok, pos, 0, True)
-            t0 = time.perf_counter()
-            ctx.decode(batch)
-            t1 = time.perf_counter()
-            tok = s.sample(ctx, 0)
-            t_samp += time.perf_counter() - t1
-            t_dec += t1 - t0
-            pos += 1
-            n += 1
-        s.close()
-        return t_dec / max(n, 1), t_samp / (n + 1), n
-
     for label, g in (("unconstrained", None), ("grammar", grammar)):
-        runs = [run(g) for _ in range(repeats)]
+        runs = [_timed_decode(L, model, ctx, batch, prompt, g, n_tokens) for _ in range(repeats)]
         result[label] = {
             "decode_ms_per_token": 1e3 * statistics.median(r[0] for r in runs),
             "sample_ms_per_token": 1e3 * statistics.median(r[1] for r in runs),
