@@ -206,6 +206,13 @@ async def bench_throughput(port: int, n_chunks: int, repeats: int) -> dict[str, 
         await ours.aclose()
         await theirs.close()
         await session.close()
+    return _throughput_summary(samples, n_chunks, repeats)
+
+
+def _throughput_summary(
+    samples: dict[str, list[tuple[float, float]]], n_chunks: int, repeats: int
+) -> dict[str, Any]:
+    """Median chunks/s and CPU per client, and ours against openai-python's."""
     out: dict[str, Any] = {"chunks": n_chunks, "repeats": repeats, "clients": {}}
     for name, s in samples.items():
         wall = statistics.median(w for w, _ in s)
@@ -221,11 +228,33 @@ async def bench_throughput(port: int, n_chunks: int, repeats: int) -> dict[str, 
     return out
 
 
+async def _paced_latencies(ours: Any, session: Any, raw_url: str, request: Any):
+    """Per-chunk latency through our client and through a raw read of the same paced
+    stream: each chunk's text is the server's send time."""
+    from inferd.types import Text
+
+    lat_ours: list[float] = []
+    lat_raw: list[float] = []
+    async for ev in ours.generate(request):
+        now = time.perf_counter()
+        if isinstance(ev, Text):
+            lat_ours.append(now - float(ev.text))
+    async with session.post(raw_url, data=b"{}") as resp:
+        async for data in resp.content.iter_any():
+            now = time.perf_counter()
+            start = 0
+            while (i := data.find(b'"content":"', start)) >= 0:
+                j = data.index(b'"', i + 11)
+                lat_raw.append(now - float(data[i + 11 : j]))
+                start = j
+    return lat_ours, lat_raw
+
+
 async def bench_latency(port: int, samples: int, paced_chunks: int) -> dict[str, Any]:
     import aiohttp
 
     from inferd.backends.openai_compat import OpenAICompat
-    from inferd.types import Request, Text
+    from inferd.types import Request
 
     request = Request.chat("go")
     ours_first = OpenAICompat(f"http://127.0.0.1:{port}/first", api_key="", max_retries=0)
@@ -237,8 +266,6 @@ async def bench_latency(port: int, samples: int, paced_chunks: int) -> dict[str,
     paced_url = f"http://127.0.0.1:{port}/paced/v1/chat/completions?n={paced_chunks}&gap=0.002"
     ttfe_ours: list[float] = []
     ttfb_raw: list[float] = []
-    lat_ours: list[float] = []
-    lat_raw: list[float] = []
 
     async def one_ours() -> float:
         t0 = time.perf_counter()
@@ -267,18 +294,7 @@ async def bench_latency(port: int, samples: int, paced_chunks: int) -> dict[str,
         for _ in range(samples):
             ttfe_ours.append(await one_ours())
             ttfb_raw.append(await one_raw())
-        async for ev in ours_paced.generate(request):
-            now = time.perf_counter()
-            if isinstance(ev, Text):
-                lat_ours.append(now - float(ev.text))
-        async with session.post(paced_url, data=b"{}") as resp:
-            async for data in resp.content.iter_any():
-                now = time.perf_counter()
-                start = 0
-                while (i := data.find(b'"content":"', start)) >= 0:
-                    j = data.index(b'"', i + 11)
-                    lat_raw.append(now - float(data[i + 11 : j]))
-                    start = j
+        lat_ours, lat_raw = await _paced_latencies(ours_paced, session, paced_url, request)
     finally:
         await ours_first.aclose()
         await ours_paced.aclose()
