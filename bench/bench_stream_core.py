@@ -76,6 +76,38 @@ def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
     )
 
 
+def _tool_call_burst(rng: random.Random, first: int) -> tuple[list[bytes], int]:
+    """Events of 2-3 parallel tool calls (ids from ``first``), their arguments in
+    3..15-byte fragments, interleaved at random; and the number of calls."""
+    k = rng.randint(2, 3)
+    args = [
+        orjson.dumps(
+            {"city": f"City {rng.randint(0, 999)}", "days": rng.randint(1, 9), "units": "metric"}
+        ).decode()
+        for _ in range(k)
+    ]
+    out = []
+    for j in range(k):
+        head = {
+            "index": first + j,
+            "id": f"call_{first + j:08d}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": ""},
+        }
+        out.append(b"data: " + _chunk({"tool_calls": [head]}) + b"\n\n")
+    pos = [0] * k
+    while any(pos[j] < len(args[j]) for j in range(k)):
+        j = rng.randrange(k)
+        if pos[j] >= len(args[j]):
+            continue
+        step = rng.randint(3, 15)
+        frag = args[j][pos[j] : pos[j] + step]
+        pos[j] += step
+        delta = {"tool_calls": [{"index": first + j, "function": {"arguments": frag}}]}
+        out.append(b"data: " + _chunk(delta) + b"\n\n")
+    return out, k
+
+
 def make_stream(n_events: int, seed: int = 7) -> tuple[bytes, int]:
     """An SSE body with ``n_events`` data events (plus comments); returns (body, events)."""
     rng = random.Random(seed)
@@ -87,53 +119,10 @@ def make_stream(n_events: int, seed: int = 7) -> tuple[bytes, int]:
         if r < 0.02:
             parts.append(b": keep-alive\n\n")
         elif r < 0.03:
-            # A burst of 2-3 parallel tool calls, arguments in 3..15-byte fragments.
-            k = rng.randint(2, 3)
-            args = [
-                orjson.dumps(
-                    {
-                        "city": f"City {rng.randint(0, 999)}",
-                        "days": rng.randint(1, 9),
-                        "units": "metric",
-                    }
-                ).decode()
-                for _ in range(k)
-            ]
-            for j in range(k):
-                parts.append(
-                    b"data: "
-                    + _chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": next_call + j,
-                                    "id": f"call_{next_call + j:08d}",
-                                    "type": "function",
-                                    "function": {"name": "get_weather", "arguments": ""},
-                                }
-                            ]
-                        }
-                    )
-                    + b"\n\n"
-                )
-                events += 1
-            pos = [0] * k
-            while any(pos[j] < len(args[j]) for j in range(k)):
-                j = rng.randrange(k)
-                if pos[j] >= len(args[j]):
-                    continue
-                step = rng.randint(3, 15)
-                frag = args[j][pos[j] : pos[j] + step]
-                pos[j] += step
-                parts.append(
-                    b"data: "
-                    + _chunk(
-                        {"tool_calls": [{"index": next_call + j, "function": {"arguments": frag}}]}
-                    )
-                    + b"\n\n"
-                )
-                events += 1
-            next_call += k
+            burst, calls = _tool_call_burst(rng, next_call)
+            parts += burst
+            events += len(burst)
+            next_call += calls
         else:
             text = "".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
             parts.append(b"data: " + _chunk({"content": text}) + b"\n\n")
