@@ -49,6 +49,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -274,23 +275,24 @@ def child_lcp(a: argparse.Namespace) -> dict:
     wanted = [WARMUP_ID] + [_ids(a.round, m) + i for m in a.mode_list for i in range(max(a.conc))]
     prompts = {i: renderer.render(Request.chat(http_load.prompt(i))) for i in wanted}
     renderer.close()
+    return asyncio.run(_threaded_rounds(a, one))
 
-    async def run() -> dict:
-        out: dict = {}
-        await asyncio.to_thread(one, WARMUP_ID, False, time.perf_counter())
-        for c in a.conc:
-            for mode in a.mode_list:
-                ids = _ids(a.round, mode)
-                t0 = time.perf_counter()
-                res = await asyncio.gather(
-                    *(asyncio.to_thread(one, ids + i, mode == "sampled", t0) for i in range(c))
-                )
-                wall = time.perf_counter() - t0
-                rr = RoundResult(sum(n for n, _ in res), wall, [f for _, f in res])
-                out.setdefault(mode, {})[c] = rr.summary()
-        return out
 
-    return asyncio.run(run())
+async def _threaded_rounds(a: argparse.Namespace, one: Any) -> dict:
+    """Every C and mode: C clients at once, each ``one(id, sampled, t0)`` in a thread."""
+    out: dict = {}
+    await asyncio.to_thread(one, WARMUP_ID, False, time.perf_counter())
+    for c in a.conc:
+        for mode in a.mode_list:
+            ids = _ids(a.round, mode)
+            t0 = time.perf_counter()
+            res = await asyncio.gather(
+                *(asyncio.to_thread(one, ids + i, mode == "sampled", t0) for i in range(c))
+            )
+            wall = time.perf_counter() - t0
+            rr = RoundResult(sum(n for n, _ in res), wall, [f for _, f in res])
+            out.setdefault(mode, {})[c] = rr.summary()
+    return out
 
 
 def _binding_samplers(L, model, ids: list[int], sampled: bool) -> list:
