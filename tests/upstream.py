@@ -175,7 +175,8 @@ class Quirk:
     events: list[Event]
 
 
-def _quirks() -> dict[str, Quirk]:
+def _text_quirks() -> dict[str, Quirk]:
+    """Framing, encoding and text quirks of real OpenAI-compatible servers."""
     q: dict[str, Quirk] = {}
     plain = text_stream(["Hel", "lo"])
     q["plain"] = Quirk(plain, [Text("Hel"), Text("lo"), Done(StopReason.END_TURN, Usage(5, 3))])
@@ -236,6 +237,12 @@ def _quirks() -> dict[str, Quirk]:
             Done(StopReason.END_TURN, Usage(3, 3)),
         ],
     )
+    return q
+
+
+def _tool_quirks() -> dict[str, Quirk]:
+    """How real servers split and number tool-call deltas."""
+    q: dict[str, Quirk] = {}
     # OpenAI-style tool call: arguments in fragments, index on every delta.
     q["tool_openai"] = Quirk(
         [
@@ -281,6 +288,10 @@ def _quirks() -> dict[str, Quirk]:
         ],
     )
     return q
+
+
+def _quirks() -> dict[str, Quirk]:
+    return {**_text_quirks(), **_tool_quirks()}
 
 
 QUIRKS: dict[str, Quirk] = _quirks()
