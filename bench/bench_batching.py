@@ -191,15 +191,7 @@ def child_inferd(a: argparse.Namespace, kv_layout: str) -> dict:
             )
             t0 = time.perf_counter()  # warm-up: every slot, as the HTTP peers get
             await asyncio.gather(*(client(b, WARMUP_ID + i, False, t0) for i in range(c)))
-            for mode in a.mode_list:
-                ids = _ids(a.round, mode)
-                t0 = time.perf_counter()
-                res = await asyncio.gather(
-                    *(client(b, ids + i, mode == "sampled", t0) for i in range(c))
-                )
-                wall = time.perf_counter() - t0
-                rr = RoundResult(sum(n for n, _ in res), wall, [f for _, f in res])
-                out.setdefault(mode, {})[c] = rr.summary()
+            await _timed_modes(a, c, lambda i, sampled, t0, b=b: client(b, i, sampled, t0), out)
             await b.aclose()
         return out
 
@@ -283,16 +275,21 @@ async def _threaded_rounds(a: argparse.Namespace, one: Any) -> dict:
     out: dict = {}
     await asyncio.to_thread(one, WARMUP_ID, False, time.perf_counter())
     for c in a.conc:
-        for mode in a.mode_list:
-            ids = _ids(a.round, mode)
-            t0 = time.perf_counter()
-            res = await asyncio.gather(
-                *(asyncio.to_thread(one, ids + i, mode == "sampled", t0) for i in range(c))
-            )
-            wall = time.perf_counter() - t0
-            rr = RoundResult(sum(n for n, _ in res), wall, [f for _, f in res])
-            out.setdefault(mode, {})[c] = rr.summary()
+        await _timed_modes(a, c, lambda *args: asyncio.to_thread(one, *args), out)
     return out
+
+
+async def _timed_modes(a: argparse.Namespace, c: int, client: Any, out: dict) -> None:
+    """Each mode once at concurrency ``c``: ``c`` clients at once, each the awaitable
+    ``client(id, sampled, t0)`` returning (tokens, TTFT); the round's summary goes to
+    ``out[mode][c]``."""
+    for mode in a.mode_list:
+        ids = _ids(a.round, mode)
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(client(ids + i, mode == "sampled", t0) for i in range(c)))
+        wall = time.perf_counter() - t0
+        rr = RoundResult(sum(n for n, _ in res), wall, [f for _, f in res])
+        out.setdefault(mode, {})[c] = rr.summary()
 
 
 def _binding_samplers(L, model, ids: list[int], sampled: bool) -> list:
