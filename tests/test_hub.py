@@ -316,7 +316,53 @@ def test_concurrent_pulls_of_one_model_both_succeed(hubsrv, tmp_path):
         a, b = pool.map(lambda n: hub.pull("hf://acme/big-GGUF", names=[n]), ["a", "b"])
     assert a.model_path == b.model_path and a.model_path.read_bytes() == BIG
     assert len(store_files(tmp_path)) == 1 and {"a", "b"} <= set(index(tmp_path))
-    assert not list((tmp_path / "home" / "models" / ".partial").glob("*.ok"))
+    assert list((tmp_path / "home" / "models" / ".partial").iterdir()) == []  # no litter
+
+
+def _wait_for_flock_waiter(inode: int, limit_s: float = 60.0) -> None:
+    """Block until some thread waits for a flock on ``inode`` (as /proc/locks lists it)."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as fh:
+            if any("->" in ln and ln.split()[6].endswith(f":{inode}") for ln in fh):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"no pull waited for the lock on inode {inode} within {limit_s} s")
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+def test_a_pull_that_waited_on_a_discarded_download_fetches_afresh(hubsrv, tmp_path):
+    """The interleaving CI once hit: pull B waits for the part file's lock while pull A
+    holds it, then A's download is discarded (the file unlinked) and the lock released.
+    B must not write to the vanished path; it opens a new part and downloads itself."""
+    import fcntl
+    import threading
+
+    hubsrv.add_commit("acme/big-GGUF", {"Big-Q4_K_M.gguf": BIG})
+    partial = catalog.store() / hub.PARTIAL_DIR
+    partial.mkdir(mode=0o700)
+    part = partial / f"{hashlib.sha256(BIG).hexdigest()}.part"
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # pull A, mid-download
+    got: dict[str, object] = {}
+
+    def pull_b() -> None:
+        try:
+            got["entry"] = hub.pull("hf://acme/big-GGUF")
+        except BaseException as e:  # reported by the assertions below
+            got["error"] = e
+
+    b = threading.Thread(target=pull_b)
+    b.start()
+    _wait_for_flock_waiter(os.fstat(fd).st_ino)
+    part.unlink()  # A's download failed its digest check and was discarded
+    os.close(fd)
+    b.join(120)
+    assert not b.is_alive() and "error" not in got, got.get("error")
+    assert got["entry"].model_path.read_bytes() == BIG
+    assert len(_ranges(hubsrv)) == 1 and list(partial.iterdir()) == []
 
 
 def test_a_verified_part_waits_for_the_next_pull_when_a_later_part_fails(hubsrv, tmp_path):

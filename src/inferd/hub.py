@@ -361,16 +361,38 @@ class _Bar:
 
 @contextlib.contextmanager
 def _partial(store: Path, key: str) -> Iterator[Path]:
-    """The partial file for digest ``key``, locked so two pulls never write it at once."""
+    """The partial file for digest ``key``, locked so two pulls never write it at once.
+
+    The lock lives on the file itself, and a finished pull renames that file to
+    ``.ok``: a pull that waited on the old file would then hold a lock on nothing
+    and write to a path that is gone. So after the lock is granted, the path must still
+    name the locked file, or the pull opens it afresh and waits again. An empty part
+    left by a pull that found the work done is removed on the way out.
+    """
     d = store / PARTIAL_DIR
     d.mkdir(mode=0o700, exist_ok=True)
     path = d / f"{key}.part"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _names_locked_file(path, fd):
+                try:
+                    yield path
+                finally:
+                    if os.fstat(fd).st_size == 0 and _names_locked_file(path, fd):
+                        path.unlink()
+                return
+        finally:
+            os.close(fd)
+
+
+def _names_locked_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (it may have been renamed)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield path
-    finally:
-        os.close(fd)
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _download(plan_: Plan, f: HubFile, part: Path, progress: Progress | None) -> None:
@@ -447,17 +469,18 @@ def fetch(plan_: Plan, f: HubFile, store: Path, progress: Progress | None) -> tu
         return f.sha256, have
     key = f.sha256 or f"git-{f.blob_id}"
     with _partial(store, key) as part:
-        if f.sha256 is not None and (have := catalog.verified_blob(store, f.sha256)) is not None:
-            return f.sha256, have  # another pull finished it while we waited
+        # Staged before stored: a concurrent pull's commit moves ``.ok`` into the store,
+        # so looking at the store second never misses a file on its way there.
         staged = part.with_name(f"{key}.ok")
         if staged.exists():
             try:
                 return _digest_ok(staged, f, progress), staged
             except FileNotFoundError:  # a concurrent pull committed it meanwhile
-                if f.sha256 and (have := catalog.verified_blob(store, f.sha256)) is not None:
-                    return f.sha256, have
+                pass
             except ModelLoadError:
                 staged.unlink(missing_ok=True)
+        if f.sha256 is not None and (have := catalog.verified_blob(store, f.sha256)) is not None:
+            return f.sha256, have  # another pull finished it while we waited
         _download(plan_, f, part, progress)
         try:
             digest = _digest_ok(part, f, progress)
