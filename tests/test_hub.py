@@ -319,17 +319,20 @@ def test_concurrent_pulls_of_one_model_both_succeed(hubsrv, tmp_path):
     assert list((tmp_path / "home" / "models" / ".partial").iterdir()) == []  # no litter
 
 
-def _wait_for_flock_waiter(inode: int, limit_s: float = 60.0) -> None:
-    """Block until some thread waits for a flock on ``inode`` (as /proc/locks lists it)."""
+def _wait_for_flock_waiter(limit_s: float = 60.0) -> None:
+    """Block until a thread of this process waits for a flock (/proc/locks lists it as
+    ``N: -> FLOCK ... PID``; the pid, not the inode, which overlay filesystems renumber)."""
     import time
 
+    me = str(os.getpid())
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         with open("/proc/locks") as fh:
-            if any("->" in ln and ln.split()[6].endswith(f":{inode}") for ln in fh):
-                return
+            rows = [ln.split() for ln in fh]
+        if any(r[1:3] == ["->", "FLOCK"] and r[5] == me for r in rows if len(r) > 5):
+            return
         time.sleep(0.01)
-    raise AssertionError(f"no pull waited for the lock on inode {inode} within {limit_s} s")
+    raise AssertionError(f"no pull waited for the part file's lock within {limit_s} s")
 
 
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
@@ -356,7 +359,7 @@ def test_a_pull_that_waited_on_a_discarded_download_fetches_afresh(hubsrv, tmp_p
 
     b = threading.Thread(target=pull_b)
     b.start()
-    _wait_for_flock_waiter(os.fstat(fd).st_ino)
+    _wait_for_flock_waiter()
     part.unlink()  # A's download failed its digest check and was discarded
     os.close(fd)
     b.join(120)
