@@ -18,6 +18,11 @@ Contenders, paired by transport (in-process with in-process):
   tree (``bench/peers.py``), ``-d P -p 0 -n N`` (decoding after the prompt's P cells,
   as ours does), locally and with ``-rpc w1,w2`` over the same workers.
 
+Same settings on every side: threads (``--threads``), batch 512, and flash attention
+left at libllama's AUTO, which is llama-bench's default as it is ours, so both resolve
+it on the same devices. The one setting llama-bench cannot match is its context: it
+sizes its own (P + N cells) where ours has 512.
+
 Reported: median tok/s of each, and the ratios inferd-rpc/inferd (what the split costs
 us), llama-bench-rpc/llama-bench (what it costs llama.cpp), inferd-rpc/llama-bench-rpc
 (us vs llama.cpp on the same split) and inferd-rpc-child/inferd-rpc (the child hop).
@@ -105,7 +110,7 @@ def prompt_tokens(model: str) -> int:
 
 def llama_bench(exe: Path, a: argparse.Namespace, servers: str | None) -> float:
     cmd = [str(exe), "-m", a.model, "-t", str(a.threads), "-r", "1", "-o", "json"]
-    cmd += ["-d", str(a.depth), "-p", "0", "-n", str(a.tokens)]
+    cmd += ["-d", str(a.depth), "-p", "0", "-n", str(a.tokens), "-b", "512", "-ub", "512"]
     cmd += ["-ngl", "999" if servers else "0"]
     if servers:
         cmd += ["-rpc", servers]
