@@ -32,6 +32,12 @@ Why these choices:
   scheduler waits (at most :data:`LOCKSTEP_GRACE_S`) until each event loop has run the
   consumers of the previous step (one wake-up per loop and step), so the event loop
   does not preempt a ggml thread mid-graph.
+* **Inline decode steps** (lock-step only, docs/adr/0034-inline-decode-steps.md): while
+  every running sequence is past its prompt and read on one event loop, the scheduler
+  thread lends the context to that loop, which runs each step itself right after the
+  consumers of the last one. The two thread hand-offs per token (a wake-up of the loop,
+  a wake-up of this thread) are gone; the loop gives the context back as soon as
+  anything else is asked of it (an arrival, a cancel, a paused or finished stream).
 * **Admission** is first come, first served: a bounded queue (``max_queued``; beyond it
   ``QueueFull`` at once) and a head that waits until a sequence slot is free and the
   KV cache can hold its worst case (prompt + ``max_tokens``). Nobody overtakes the
@@ -102,6 +108,9 @@ DEFAULT_ADMIT_GATHER_S = 0.003
 ADMIT_GATHER_MAX_S = 0.025
 #: Idle wake-up period of the scheduler thread (a safety net; work is signalled).
 _IDLE_POLL_S = 0.5
+#: While the context is lent to an event loop (inline steps), how often the scheduler
+#: thread checks that the loop still runs (a stopped loop never gives it back).
+_LENT_POLL_S = 0.05
 #: KV cache layouts (ADR 0008): one stream of cells per slot, or one shared buffer.
 KV_LAYOUTS = ("split", "unified")
 #: The default layout (ADR 0008): under "split" a stream's greedy output does not depend
@@ -345,6 +354,8 @@ class Scheduler:
     :param max_queued: requests that may wait for a slot before ``QueueFull``.
     :param prefix_cache: finished sequences kept for prefix reuse (0 disables).
     :param lockstep: pace decoding by the consumers (see the module docstring).
+    :param inline: with ``lockstep``, lend the context to the consumers' event loop for
+        plain decode steps (ADR 0034); ``None``: whenever ``lockstep`` is on.
     :param kv_layout: ``"unified"`` or ``"split"``, as the context was created.
     :param prompt_ram: a ``prompt_ram.PromptRam`` keeping split slots' states in host
         memory once another request takes the slot (ADR 0030); None: off.
@@ -362,6 +373,7 @@ class Scheduler:
         max_queued: int = DEFAULT_MAX_QUEUED,
         prefix_cache: int = DEFAULT_PREFIX_CACHE,
         lockstep: bool = False,
+        inline: bool | None = None,
         decode_sample: Any = None,
         name: str = "llamacpp",
         kv_layout: str = DEFAULT_KV_LAYOUT,
@@ -392,6 +404,12 @@ class Scheduler:
         self.max_queued = max_queued
         self.prefix_cache = prefix_cache
         self.lockstep = lockstep
+        self.inline = lockstep and (inline is None or inline)
+        # inline steps (ADR 0034): the loop the context is lent to, and the error an
+        # inline step ended with (this thread fails every stream with it)
+        self._lent: asyncio.AbstractEventLoop | None = None
+        self._stepping: asyncio.AbstractEventLoop | None = None  # set during an inline step
+        self._inline_error: BaseException | None = None
         self.speculator = speculator  # speculative.Speculator or None (ADR 0027)
         self.lora_groups = lora_groups  # lora_groups.LoraGroups or None (ADR 0026)
         # prompt_ram.PromptRam or None (ADR 0030): split slots' states in host memory
@@ -711,6 +729,8 @@ class Scheduler:
                             self._finish(s, cache=s.cache_on_cancel)
                     self._admit()
                     self._step()
+                if self._lent is not None:
+                    self._wait_lent()
                 with self._cond:
                     self._update_idle()
         except BaseException as e:  # a bug: fail every stream rather than hang them
@@ -1021,7 +1041,7 @@ class Scheduler:
         self.stats["tokens"] += len(owners)
         for s in finished:
             self._finish(s, cache=True, out=out)
-        self._send(out)
+        self._send(out, lend=True)
 
     def _take_tokens(
         self, owners: list[SeqStream], idxs: list[int], toks: list[int]
@@ -1204,22 +1224,131 @@ class Scheduler:
             self.lora_groups.copied(seq, cid)
         self.stats["remembered"] += 1
 
-    def _send(self, out: Deliveries) -> None:
+    def _send(self, out: Deliveries, lend: bool = False) -> None:
+        """Hand ``out`` to its event loops. ``lend`` (a step's own deliveries): when the
+        next step may run inline (ADR 0034), lend the context to the one loop instead
+        of waiting for its consumers."""
+        here = self._stepping
+        if here is not None:  # an inline step, on ``here``: deliver now
+            for loop, items in out.items():
+                if loop is here:
+                    _deliver(items, None)
+                else:
+                    self._post(loop, items, None)
+            return
+        target = self._lend_target(out) if lend else None
+        if target is not None:
+            self._lent = target
+            if self._post(target, out[target], self._inline_step):
+                return
         handled = self._handled if self.lockstep else None
         for loop, items in out.items():
-            try:
-                if handled is not None:
-                    with self._cond:
-                        self._unhandled += 1
-                loop.call_soon_threadsafe(_deliver, items, handled)
-            except RuntimeError:  # that loop is closed: its consumers are gone
+            if handled is not None:
                 with self._cond:
-                    if handled is not None:
-                        self._unhandled -= 1
-                    for s, _ in items:
-                        if not s.done and not s.cancelled:
-                            s.cancelled = True
-                            self._cancels.append(s)
+                    self._unhandled += 1
+            if not self._post(loop, items, handled) and handled is not None:
+                with self._cond:
+                    self._unhandled -= 1
+
+    def _post(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        items: list[tuple[SeqStream, tuple[Any, ...]]],
+        then: Callable[[], None] | None,
+    ) -> bool:
+        """``_deliver`` on ``loop`` from another thread; False when that loop is closed
+        (its consumers are gone: their streams are cancelled, and a lend is undone)."""
+        try:
+            loop.call_soon_threadsafe(_deliver, items, then)
+            return True
+        except RuntimeError:
+            with self._cond:
+                if self._lent is loop:
+                    self._lent = None
+                for s, _ in items:
+                    if not s.done and not s.cancelled:
+                        s.cancelled = True
+                        self._cancels.append(s)
+            return False
+
+    # ------------------------------------------------------------------ inline steps
+
+    def _lend_target(self, out: Deliveries) -> asyncio.AbstractEventLoop | None:
+        """The loop the next step may run on (ADR 0034), or None: lock-step with
+        ``inline``, one loop reads every running sequence, nothing waits or is being
+        cancelled, and every sequence is a plain decode (past its prompt, no media,
+        no choice waiting for its leader), so a step is short."""
+        if not self.inline or len(out) != 1 or self._lent is not None:
+            return None
+        (loop,) = out
+        with self._cond:
+            if self._pending or self._cancels or self._closing or self.waiting:
+                return None
+            for s in self._active:
+                if s.loop is not loop or s.media is not None or s.lead is not None:
+                    return None
+                if s.n_past < len(s.prompt):
+                    return None
+        return loop
+
+    def _inline_step(self) -> None:
+        """(event loop, after the last step's consumers ran) one step on this loop, or
+        the context given back to the scheduler thread when the step would not be a
+        plain decode of this loop's sequences alone (ADR 0034)."""
+        loop = asyncio.get_running_loop()
+        if self._lent is not loop:
+            return  # taken back (closing, or the loop had stopped)
+        with self._ctx_lock:
+            if self._lent is not loop:
+                return
+            try:
+                stepped = self._inline_ready() and self._run_inline(loop)
+            except BaseException as e:  # a bug: the thread fails every stream with it
+                log.exception("llama scheduler failed in an inline step")
+                self._inline_error = e
+                stepped = False
+            if not stepped:
+                self._lent = None
+        if stepped:
+            loop.call_soon(self._inline_step)
+        else:
+            self._wake()
+
+    def _inline_ready(self) -> bool:  # with self._ctx_lock held
+        """Whether this step may run inline: nothing new waits, nothing is cancelled,
+        and some sequence may decode (a paused or finished one is the thread's)."""
+        with self._cond:
+            if self._pending or self._cancels or self._closing or not self._active:
+                return False
+            return any(self._runnable(s) for s in self._active)
+
+    def _run_inline(self, loop: asyncio.AbstractEventLoop) -> bool:  # with _ctx_lock held
+        """One step on ``loop``; False when it decoded nothing or the lend was undone."""
+        self._stepping = loop
+        try:
+            self._step()
+        finally:
+            self._stepping = None
+        if len(self._batch) == 0:
+            return False
+        self.stats["inline_steps"] += 1
+        return self._lent is loop
+
+    def _wait_lent(self) -> None:
+        """(scheduler thread) wait while the context is lent; take it back when closing
+        or when the borrowing loop has stopped (it would never give it back)."""
+        with self._cond:
+            while True:
+                lent = self._lent
+                if lent is None or self._closing or not lent.is_running():
+                    break
+                self._cond.wait(_LENT_POLL_S)
+        if self._lent is not None:
+            with self._ctx_lock:
+                self._lent = None
+        err, self._inline_error = self._inline_error, None
+        if err is not None:
+            raise err
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:
