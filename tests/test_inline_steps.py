@@ -9,6 +9,7 @@ stopped loop, a bug) and that it engages at all, by the scheduler's own counters
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -49,8 +50,8 @@ async def test_inline_steps_decode_the_same_tokens_as_the_thread(smollm2_path):
         assert got_inline == got_thread
         assert done.usage.output_tokens == 24
         stats = inline.batching_stats()
-        # the step that ends the prompt lends the context: every later token is inline
-        assert stats["inline_steps"] == 24 - 1, stats
+        # the loop ran every step, the prompt's included
+        assert stats["inline_steps"] == stats["steps"] == 24, stats
         assert thread.batching_stats().get("inline_steps", 0) == 0
     finally:
         inline.close()
@@ -80,7 +81,44 @@ async def test_an_arrival_takes_the_context_back_and_both_replies_are_whole(smol
         assert "".join(parts) == alone_a
         assert got_b == alone_b
         stats = b.batching_stats()
-        assert stats["steps"] > stats["inline_steps"] > 0, stats
+        assert stats["steps"] == stats["inline_steps"] > 0, stats
+    finally:
+        b.close()
+
+
+def test_sequences_of_two_loops_step_on_the_thread_and_stay_whole(smollm2_path):
+    """A second loop's request while the first loop runs the steps: the steps go back
+    to the thread while both run, and each reply matches its single run."""
+    b = _backend(smollm2_path, overlap=False)
+    try:
+        long_alone = asyncio.run(_reply(b, _req(n=96)))[0]
+        short_alone = asyncio.run(_reply(b, _req("Name three colours.", n=8)))[0]
+        b.clear_prefix_cache()
+        started, result = threading.Event(), {}
+
+        async def long_reader() -> None:
+            parts = []
+            async for ev in b.generate(_req(n=96)):
+                if isinstance(ev, Text):
+                    parts.append(ev.text)
+                    if len(parts) == 3:
+                        started.set()
+            result["long"] = "".join(parts)
+
+        other = threading.Thread(target=lambda: asyncio.run(long_reader()))
+        other.start()
+        assert started.wait(120)
+        before = b.batching_stats()
+        short = asyncio.run(_reply(b, _req("Name three colours.", n=8)))[0]
+        during = b.batching_stats()
+        other.join(120)
+        assert short == short_alone
+        assert result["long"] == long_alone
+        # the short reply's steps ran on the thread: both loops' sequences were in them
+        thread_steps = (during["steps"] - before["steps"]) - (
+            during["inline_steps"] - before["inline_steps"]
+        )
+        assert thread_steps >= 8, (before, during)
     finally:
         b.close()
 

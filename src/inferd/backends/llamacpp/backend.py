@@ -18,9 +18,9 @@ How a request flows:
    run the consumers of the last step before the next decode (*lock-step*), because an
    event-loop thread preempting a compute thread mid-graph makes ggml's barriers stall
    the whole step (measured on 2 cores: 45 tok/s overlapped vs 110 tok/s raw). In
-   lock-step, while every running sequence only decodes and is read on one loop, the
-   thread lends the context to that loop, which runs each step itself after its
-   consumers' turn: no thread hand-off per token (ADR 0034).
+   lock-step, while every sequence is read on one event loop, the thread lends the
+   steps to that loop, which runs each one itself after its consumers' turn: no
+   thread hand-off per token (ADR 0034).
 3. (event loop) bytes -> text (:class:`.text_tail.TextTail`: a character split across
    tokens is held until complete, stop sequences held back until they can no longer
    match), the per-model output parser, then events and one ``Done``.

@@ -33,11 +33,12 @@ Why these choices:
   consumers of the previous step (one wake-up per loop and step), so the event loop
   does not preempt a ggml thread mid-graph.
 * **Inline decode steps** (lock-step only, docs/adr/0034-inline-decode-steps.md): while
-  every running sequence is past its prompt and read on one event loop, the scheduler
-  thread lends the context to that loop, which runs each step itself right after the
-  consumers of the last one. The two thread hand-offs per token (a wake-up of the loop,
-  a wake-up of this thread) are gone; the loop gives the context back as soon as
-  anything else is asked of it (an arrival, a cancel, a paused or finished stream).
+  every running and waiting sequence is read on one event loop, the scheduler thread
+  lends the steps to that loop, which runs each round (cancels, admission, one step)
+  right after the consumers of the last one. The two thread hand-offs per token (a
+  wake-up of the loop, a wake-up of this thread) are gone, and one thread opens every
+  OpenMP region (libgomp throttles its workers once two threads have). The loop gives
+  the steps back when there is no work or another loop's sequence arrives.
 * **Admission** is first come, first served: a bounded queue (``max_queued``; beyond it
   ``QueueFull`` at once) and a head that waits until a sequence slot is free and the
   KV cache can hold its worst case (prompt + ``max_tokens``). Nobody overtakes the
@@ -70,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -722,15 +724,13 @@ class Scheduler:
                         self._gather_arrivals()
                     if self.lockstep and self._active:
                         self._await_consumers()
-                    cancels, self._cancels = self._cancels, []
-                with self._ctx_lock:
-                    for s in cancels:
-                        if s in self._active:
-                            self._finish(s, cache=s.cache_on_cancel)
-                    self._admit()
-                    self._step()
-                if self._lent is not None:
-                    self._wait_lent()
+                    lend = self._loop_to_lend()
+                    cancels, self._cancels = ([], self._cancels) if lend else (self._cancels, [])
+                if lend is not None:
+                    self._lend(lend)
+                else:
+                    with self._ctx_lock:
+                        self._iteration(cancels)
                 with self._cond:
                     self._update_idle()
         except BaseException as e:  # a bug: fail every stream rather than hang them
@@ -738,6 +738,14 @@ class Scheduler:
             self._fail_all(e)
         finally:
             self._shutdown()
+
+    def _iteration(self, cancels: list[SeqStream]) -> None:  # with self._ctx_lock held
+        """One round of the work: free the cancelled, admit what fits, one step."""
+        for s in cancels:
+            if s in self._active:
+                self._finish(s, cache=s.cache_on_cancel)
+        self._admit()
+        self._step()
 
     def _gather_arrivals(self) -> None:  # with self._cond held
         """Arrival gathering (ADR 0029): nothing runs yet and a request has come; while
@@ -1041,7 +1049,7 @@ class Scheduler:
         self.stats["tokens"] += len(owners)
         for s in finished:
             self._finish(s, cache=True, out=out)
-        self._send(out, lend=True)
+        self._send(out)
 
     def _take_tokens(
         self, owners: list[SeqStream], idxs: list[int], toks: list[int]
@@ -1224,25 +1232,15 @@ class Scheduler:
             self.lora_groups.copied(seq, cid)
         self.stats["remembered"] += 1
 
-    def _send(self, out: Deliveries, lend: bool = False) -> None:
-        """Hand ``out`` to its event loops. ``lend`` (a step's own deliveries): when the
-        next step may run inline (ADR 0034), lend the context to the one loop instead
-        of waiting for its consumers."""
+    def _send(self, out: Deliveries) -> None:
+        """Hand ``out`` to its event loops: at once to the loop an inline step runs on
+        (ADR 0034), through ``call_soon_threadsafe`` to any other."""
         here = self._stepping
-        if here is not None:  # an inline step, on ``here``: deliver now
-            for loop, items in out.items():
-                if loop is here:
-                    _deliver(items, None)
-                else:
-                    self._post(loop, items, None)
-            return
-        target = self._lend_target(out) if lend else None
-        if target is not None:
-            self._lent = target
-            if self._post(target, out[target], self._inline_step):
-                return
-        handled = self._handled if self.lockstep else None
+        handled = self._handled if self.lockstep and here is None else None
         for loop, items in out.items():
+            if loop is here:
+                _deliver(items, None)
+                continue
             if handled is not None:
                 with self._cond:
                     self._unhandled += 1
@@ -1257,14 +1255,12 @@ class Scheduler:
         then: Callable[[], None] | None,
     ) -> bool:
         """``_deliver`` on ``loop`` from another thread; False when that loop is closed
-        (its consumers are gone: their streams are cancelled, and a lend is undone)."""
+        (its consumers are gone: their streams are cancelled)."""
         try:
             loop.call_soon_threadsafe(_deliver, items, then)
             return True
         except RuntimeError:
             with self._cond:
-                if self._lent is loop:
-                    self._lent = None
                 for s, _ in items:
                     if not s.done and not s.cancelled:
                         s.cancelled = True
@@ -1273,28 +1269,34 @@ class Scheduler:
 
     # ------------------------------------------------------------------ inline steps
 
-    def _lend_target(self, out: Deliveries) -> asyncio.AbstractEventLoop | None:
-        """The loop the next step may run on (ADR 0034), or None: lock-step with
-        ``inline``, one loop reads every running sequence, nothing waits or is being
-        cancelled, and every sequence is a plain decode (past its prompt, no media,
-        no choice waiting for its leader), so a step is short."""
-        if not self.inline or len(out) != 1 or self._lent is not None:
+    def _loop_to_lend(self) -> asyncio.AbstractEventLoop | None:  # with self._cond held
+        """The one event loop every running and waiting sequence is read on, when the
+        steps may run on it (ADR 0034: lock-step with ``inline``), else None."""
+        if not self.inline or self._closing:
             return None
-        (loop,) = out
-        with self._cond:
-            if self._pending or self._cancels or self._closing or self.waiting:
+        loop = None
+        for s in itertools.chain(self._active, self._pending):
+            if loop is None:
+                loop = s.loop
+            elif s.loop is not loop:
                 return None
-            for s in self._active:
-                if s.loop is not loop or s.media is not None or s.lead is not None:
-                    return None
-                if s.n_past < len(s.prompt):
-                    return None
-        return loop
+        # a stopped or closed loop would never run a step: the thread keeps them
+        return loop if loop is not None and loop.is_running() else None
+
+    def _lend(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(scheduler thread) let ``loop`` run the steps until it gives them back."""
+        self._lent = loop
+        try:
+            loop.call_soon_threadsafe(self._inline_step)
+        except RuntimeError:  # closed since: the next round runs on this thread
+            self._lent = None
+            return
+        self._wait_lent()
 
     def _inline_step(self) -> None:
-        """(event loop, after the last step's consumers ran) one step on this loop, or
-        the context given back to the scheduler thread when the step would not be a
-        plain decode of this loop's sequences alone (ADR 0034)."""
+        """(event loop) one round of the work on this loop, then the next after the
+        consumers it woke have had their turn; the steps go back to the scheduler
+        thread when there is no work or another loop's sequence comes (ADR 0034)."""
         loop = asyncio.get_running_loop()
         if self._lent is not loop:
             return  # taken back (closing, or the loop had stopped)
@@ -1302,7 +1304,7 @@ class Scheduler:
             if self._lent is not loop:
                 return
             try:
-                stepped = self._inline_ready() and self._run_inline(loop)
+                stepped = self._inline_round(loop)
             except BaseException as e:  # a bug: the thread fails every stream with it
                 log.exception("llama scheduler failed in an inline step")
                 self._inline_error = e
@@ -1314,25 +1316,21 @@ class Scheduler:
         else:
             self._wake()
 
-    def _inline_ready(self) -> bool:  # with self._ctx_lock held
-        """Whether this step may run inline: nothing new waits, nothing is cancelled,
-        and some sequence may decode (a paused or finished one is the thread's)."""
+    def _inline_round(self, loop: asyncio.AbstractEventLoop) -> bool:  # _ctx_lock held
+        """:meth:`_iteration` on ``loop``; False when it is no longer this loop's turn
+        or there was nothing to do (the thread then waits for work as usual)."""
         with self._cond:
-            if self._pending or self._cancels or self._closing or not self._active:
+            if self._loop_to_lend() is not loop or not self._has_work():
                 return False
-            return any(self._runnable(s) for s in self._active)
-
-    def _run_inline(self, loop: asyncio.AbstractEventLoop) -> bool:  # with _ctx_lock held
-        """One step on ``loop``; False when it decoded nothing or the lend was undone."""
+            cancels, self._cancels = self._cancels, []
         self._stepping = loop
         try:
-            self._step()
+            self._iteration(cancels)
         finally:
             self._stepping = None
-        if len(self._batch) == 0:
-            return False
-        self.stats["inline_steps"] += 1
-        return self._lent is loop
+        if len(self._batch) > 0:
+            self.stats["inline_steps"] += 1
+        return self._lent is loop and (len(self._batch) > 0 or bool(cancels))
 
     def _wait_lent(self) -> None:
         """(scheduler thread) wait while the context is lent; take it back when closing
