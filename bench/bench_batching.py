@@ -61,6 +61,9 @@ from bench.timing import describe_ratio  # noqa: E402
 
 RESULTS = HERE / "results"
 HTTP_PEERS = ("bridge split", "bridge unified", "llama-server")
+#: Run only when named in ``--peers``: the bridge with every step on the scheduler
+#: thread (``inline_steps = false``, ADR 0034), to measure what inline steps change.
+HTTP_EXTRA_PEERS = ("bridge split thread",)
 INPROC_PEERS = ("inferd unified", "inferd split", "binding", "llama-server", "llama-cpp-python")
 #: Request ids: round r, mode m use ids ``r * ROUND_IDS + m * MODE_IDS + i``.
 ROUND_IDS, MODE_IDS, WARMUP_ID = 1000, 100, 900_000
@@ -93,7 +96,8 @@ def _start_http(a: argparse.Namespace, conc: int) -> dict:
                 port = _free_port()
                 servers[name] = start_llama_server(ensure_peer("llama-server"), s, port)
             else:
-                servers[name] = start_bridge(s, name.split()[1])
+                words = name.split()
+                servers[name] = start_bridge(s, words[1], inline_steps=len(words) == 2)
     except BaseException:
         for srv in servers.values():
             srv.stop()
@@ -551,7 +555,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def run_suite(a: argparse.Namespace, suite: str) -> dict:
     """Run one suite, print its tables and ratios; return {"raw", "median"}."""
     all_peers = HTTP_PEERS if suite == "http" else INPROC_PEERS
-    a.peer_list = [p for p in (a.peers.split(",") if a.peers else all_peers) if p in all_peers]
+    named = (*all_peers, *HTTP_EXTRA_PEERS) if suite == "http" else all_peers
+    a.peer_list = [p for p in (a.peers.split(",") if a.peers else all_peers) if p in named]
     print(
         f"\n# batching, {suite} suite: {a.tokens} new tokens per stream, {a.threads} threads, "
         f"{a.ctx}-token slots, batch 512, flash attention "
@@ -562,7 +567,14 @@ def run_suite(a: argparse.Namespace, suite: str) -> dict:
     )
     t0 = time.perf_counter()
     raw = run_http(a) if suite == "http" else run_inprocess(a)
-    ours = ("bridge split", "bridge unified", "inferd unified", "inferd split", "binding")
+    ours = (
+        "bridge split",
+        "bridge unified",
+        "bridge split thread",
+        "inferd unified",
+        "inferd split",
+        "binding",
+    )
     med = report(raw, a, "llama-server", ours)
     if suite == "inprocess":
         report_inprocess(raw, a)

@@ -84,8 +84,9 @@ def start_llama_server(exe: Path, s: Settings, port: int) -> Server:
     return Server("llama-server", proc, f"http://127.0.0.1:{port}")
 
 
-def bridge_config(s: Settings, kv_layout: str) -> str:
-    """The ``inferd bridge --config`` TOML: one in-process LlamaCpp with these settings."""
+def bridge_config(s: Settings, kv_layout: str, inline_steps: bool = True) -> str:
+    """The ``inferd bridge --config`` TOML: one in-process LlamaCpp with these settings
+    (``inline_steps=False``: every step on the scheduler thread, ADR 0034)."""
     return (
         "[[backend]]\n"
         'type = "llamacpp"\n'
@@ -96,6 +97,7 @@ def bridge_config(s: Settings, kv_layout: str) -> str:
         f"n_batch = {N_BATCH}\n"
         f"n_gpu_layers = {s.gpu_layers}\n"
         f'kv_layout = "{kv_layout}"\n'
+        f"inline_steps = {'true' if inline_steps else 'false'}\n"
     )
 
 
@@ -106,17 +108,18 @@ def json_str(text: str) -> str:
     return json.dumps(text)
 
 
-def start_bridge(s: Settings, kv_layout: str) -> Server:
+def start_bridge(s: Settings, kv_layout: str, inline_steps: bool = True) -> Server:
     """``inferd bridge --config`` on a free port; returns once it listens (model loaded)."""
     fd, name = tempfile.mkstemp(prefix="inferd-bench-", suffix=".toml")
     cfg = Path(name)
     with os.fdopen(fd, "w") as f:
-        f.write(bridge_config(s, kv_layout))
+        f.write(bridge_config(s, kv_layout, inline_steps))
     log = cfg.with_suffix(".log")  # a file, not a pipe: a full pipe would stall the bridge
     cmd = [sys.executable, "-m", "inferd.serve.bridge", "--config", str(cfg), "--port", "0"]
     with open(log, "wb") as err_f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_f, env=_env())
-    server = Server(f"bridge {kv_layout}", proc, "", [cfg, log])
+    name = f"bridge {kv_layout}" + ("" if inline_steps else " thread")
+    server = Server(name, proc, "", [cfg, log])
     line = _first_line(proc, BRIDGE_START_TIMEOUT_S)
     if "listening on " not in line:
         err = log.read_text(errors="replace")[-2000:]

@@ -40,6 +40,7 @@ def _opts(**kw) -> LlamaCppOptions:
         ({"main_gpu": -1}, "main_gpu"),
         ({"offload_kqv": "no"}, "offload_kqv"),
         ({"use_mlock": 1}, "use_mlock"),
+        ({"inline_steps": "auto"}, "inline_steps"),
         ({"lora": [("a.gguf", math.inf)]}, "lora"),
         ({"lora": [("a.gguf", 1.0, 2.0)]}, "lora"),
         ({"lora": [("a.gguf", 1000.0)]}, "MAX_LORA_SCALE"),

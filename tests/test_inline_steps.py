@@ -23,11 +23,11 @@ pytestmark = pytest.mark.llama
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
-def _backend(path, *, overlap: bool, parallel: int = 2):
+def _backend(path, *, overlap: bool, parallel: int = 2, **kw):
     require_llama_core()
     from inferd.backends.llamacpp import LlamaCpp
 
-    return LlamaCpp(path, n_ctx=1024, n_threads=1, parallel=parallel, overlap=overlap)
+    return LlamaCpp(path, n_ctx=1024, n_threads=1, parallel=parallel, overlap=overlap, **kw)
 
 
 def _req(prompt: str = PROMPT, n: int = 24) -> Request:
@@ -56,6 +56,23 @@ async def test_inline_steps_decode_the_same_tokens_as_the_thread(smollm2_path):
     finally:
         inline.close()
         thread.close()
+
+
+async def test_inline_steps_off_keeps_every_step_on_the_thread(smollm2_path):
+    """``inline_steps=False`` under lock-step: the thread runs every step (paced by the
+    consumers, ADR 0008), and the reply is the same."""
+    on = _backend(smollm2_path, overlap=False)
+    off = _backend(smollm2_path, overlap=False, inline_steps=False)
+    try:
+        got_on, _ = await _reply(on, _req())
+        got_off, done = await _reply(off, _req())
+        assert got_on == got_off and done.usage.output_tokens == 24
+        stats = off.batching_stats()
+        assert stats.get("inline_steps", 0) == 0 and stats["steps"] == 24, stats
+        assert off._sched.lockstep and not off._sched.inline
+    finally:
+        on.close()
+        off.close()
 
 
 async def test_an_arrival_takes_the_context_back_and_both_replies_are_whole(smollm2_path):

@@ -159,6 +159,9 @@ class LlamaCpp(Backend):
     :param pull_progress: print download progress when ``model`` is pulled.
     :param overlap: let decoding run ahead of the consumer (default: only when a CPU is
         left over beyond ``n_threads``; see the module docstring).
+    :param inline_steps: under lock-step, the event loop that reads every stream runs
+        the decode steps itself, with no thread hand-off per token (default ``True``,
+        ADR 0034); ``False`` keeps the loop free during steps, at that cost.
     :param parallel: streams decoded together on one context (default:
         ``min(8, n_ctx // 512)`` on CPU, ``min(32, n_ctx // 512)`` with GPU layers).
     :param n_ctx_seq: most tokens one stream (prompt + reply) may hold (default
@@ -311,6 +314,7 @@ class LlamaCpp(Backend):
             max_queued=opts.max_queued,
             prefix_cache=opts.prefix_cache,
             lockstep=opts.lockstep(),
+            inline=opts.inline_steps,
             decode_sample=L.decode_sample,
             name=self.name,
             kv_layout=opts.kv_layout,

@@ -113,6 +113,9 @@ class LlamaCppOptions:
     pull_progress: bool = False
     name: str | None = None
     overlap: bool | None = None
+    #: under lock-step, let the consumers' event loop run the steps while it alone is
+    #: served (ADR 0034); False keeps every step on the scheduler thread
+    inline_steps: bool = True
     parallel: int | None = None
     n_ctx_seq: int | None = None
     max_queued: int = DEFAULT_MAX_QUEUED
@@ -245,7 +248,7 @@ class LlamaCppOptions:
         for key in ("rope_freq_base", "rope_freq_scale"):
             if (getattr(self, key) or 0) < 0:
                 raise InvalidRequest(f"{key} must be >= 0 (0: the model's own)")
-        for key in ("offload_kqv", "use_mlock"):
+        for key in ("offload_kqv", "use_mlock", "inline_steps"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidRequest(f"{key}={echo(getattr(self, key))} must be true or false")
         if self.n_ubatch is not None and self.n_ubatch > self.n_batch:
