@@ -96,8 +96,7 @@ def bridge_config(s: Settings, kv_layout: str, inline_steps: bool = True) -> str
         f"n_threads = {s.threads}\n"
         f"n_batch = {N_BATCH}\n"
         f"n_gpu_layers = {s.gpu_layers}\n"
-        f'kv_layout = "{kv_layout}"\n'
-        f"inline_steps = {'true' if inline_steps else 'false'}\n"
+        f'kv_layout = "{kv_layout}"\n' + ("" if inline_steps else "inline_steps = false\n")
     )
 
 

@@ -95,6 +95,9 @@ def test_bridge_config_is_the_servers_settings() -> None:
         "n_gpu_layers": 0,
         "kv_layout": "split",
     }
+    # the A/B peer "bridge split thread" differs in that one key only (ADR 0034)
+    thread = parse_config(tomllib.loads(bridge_config(s, "split", inline_steps=False)))
+    assert thread.backends[0].options == {**opts, "inline_steps": False}
 
 
 def test_llama_server_gets_the_same_settings(monkeypatch) -> None:
