@@ -117,8 +117,8 @@ def start_bridge(s: Settings, kv_layout: str, inline_steps: bool = True) -> Serv
     cmd = [sys.executable, "-m", "inferd.serve.bridge", "--config", str(cfg), "--port", "0"]
     with open(log, "wb") as err_f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_f, env=_env())
-    name = f"bridge {kv_layout}" + ("" if inline_steps else " thread")
-    server = Server(name, proc, "", [cfg, log])
+    label = f"bridge {kv_layout}" + ("" if inline_steps else " thread")
+    server = Server(label, proc, "", [cfg, log])
     line = _first_line(proc, BRIDGE_START_TIMEOUT_S)
     if "listening on " not in line:
         err = log.read_text(errors="replace")[-2000:]

@@ -356,8 +356,8 @@ class Scheduler:
     :param max_queued: requests that may wait for a slot before ``QueueFull``.
     :param prefix_cache: finished sequences kept for prefix reuse (0 disables).
     :param lockstep: pace decoding by the consumers (see the module docstring).
-    :param inline: with ``lockstep``, lend the context to the consumers' event loop for
-        plain decode steps (ADR 0034); ``None``: whenever ``lockstep`` is on.
+    :param inline: with ``lockstep``, lend the steps to the one event loop that reads
+        every sequence (ADR 0034); ``None``: whenever ``lockstep`` is on.
     :param kv_layout: ``"unified"`` or ``"split"``, as the context was created.
     :param prompt_ram: a ``prompt_ram.PromptRam`` keeping split slots' states in host
         memory once another request takes the slot (ADR 0030); None: off.
@@ -1333,12 +1333,13 @@ class Scheduler:
         return self._lent is loop and (len(self._batch) > 0 or bool(cancels))
 
     def _wait_lent(self) -> None:
-        """(scheduler thread) wait while the context is lent; take it back when closing
-        or when the borrowing loop has stopped (it would never give it back)."""
+        """(scheduler thread) wait while the steps are lent; take them back when closing,
+        when the borrowing loop has stopped (it would never give them back) or when
+        another loop's sequence arrives (it must not wait for that loop's next turn)."""
         with self._cond:
             while True:
                 lent = self._lent
-                if lent is None or self._closing or not lent.is_running():
+                if lent is None or self._loop_to_lend() is not lent:
                     break
                 self._cond.wait(_LENT_POLL_S)
         if self._lent is not None:
