@@ -1,9 +1,9 @@
 """Inline decode steps (docs/adr/0034-inline-decode-steps.md) on the real SmolLM2.
 
-Under lock-step pacing the scheduler thread lends the context to the consumers' event
-loop while every running sequence is a plain decode read on that loop. These tests pin
-what the lend must never change (the tokens, the hand-back on an arrival, a close, a
-stopped loop, a bug) and that it engages at all, by the scheduler's own counters.
+Under lock-step pacing the scheduler thread lends the steps to the event loop that
+reads every sequence, which runs them itself. These tests pin what the lend must never
+change (the tokens; an arrival; a second loop; a close on the borrowing loop; a loop
+that stops; a bug in a round) and that it engages at all, by the scheduler's counters.
 """
 
 from __future__ import annotations
@@ -170,10 +170,10 @@ def test_a_stopped_loop_never_holds_the_context(smollm2_path):
             async for ev in agen:
                 n += isinstance(ev, Text)
                 if n == 3:
+                    assert b._sched._lent is asyncio.get_running_loop()
                     return agen  # left open: its sequence keeps its slot
 
-        agen = first.run_until_complete(read_three())
-        assert b._sched._lent is first  # lent, and that loop has stopped
+        agen = first.run_until_complete(read_three())  # the borrowing loop stops
 
         async def other() -> str:
             text, done = await asyncio.wait_for(_reply(b, _req(n=8)), 120)
