@@ -208,13 +208,8 @@ def _start_spec_bridge(s: Any) -> Any:
     """The bridge with n-gram drafting: bench/servers.py's config plus one line."""
     from bench import servers
 
-    orig = servers.bridge_config
     draft = f'draft = {{ type = "ngram", n = {NGRAM_N}, n_draft = {N_DRAFT} }}\n'
-    servers.bridge_config = lambda st, layout: orig(st, layout) + draft  # type: ignore[assignment]
-    try:
-        return servers.start_bridge(s, "split")
-    finally:
-        servers.bridge_config = orig  # type: ignore[assignment]
+    return servers.start_bridge(s, "split", extra=draft)
 
 
 def _start_spec_server(exe: Path, s: Any) -> Any:

@@ -107,12 +107,13 @@ def json_str(text: str) -> str:
     return json.dumps(text)
 
 
-def start_bridge(s: Settings, kv_layout: str, inline_steps: bool = True) -> Server:
-    """``inferd bridge --config`` on a free port; returns once it listens (model loaded)."""
+def start_bridge(s: Settings, kv_layout: str, inline_steps: bool = True, extra: str = "") -> Server:
+    """``inferd bridge --config`` on a free port; returns once it listens (model loaded).
+    ``extra``: more TOML lines for the backend (a benchmark's own settings)."""
     fd, name = tempfile.mkstemp(prefix="inferd-bench-", suffix=".toml")
     cfg = Path(name)
     with os.fdopen(fd, "w") as f:
-        f.write(bridge_config(s, kv_layout, inline_steps))
+        f.write(bridge_config(s, kv_layout, inline_steps) + extra)
     log = cfg.with_suffix(".log")  # a file, not a pipe: a full pipe would stall the bridge
     cmd = [sys.executable, "-m", "inferd.serve.bridge", "--config", str(cfg), "--port", "0"]
     with open(log, "wb") as err_f:
