@@ -406,12 +406,7 @@ class Scheduler:
         self.max_queued = max_queued
         self.prefix_cache = prefix_cache
         self.lockstep = lockstep
-        self.inline = lockstep and (inline is None or inline)
-        # inline steps (ADR 0034): the loop the context is lent to, and the error an
-        # inline step ended with (this thread fails every stream with it)
-        self._lent: asyncio.AbstractEventLoop | None = None
-        self._stepping: asyncio.AbstractEventLoop | None = None  # set during an inline step
-        self._inline_error: BaseException | None = None
+        self._init_inline(lockstep and (inline is None or inline))
         self.speculator = speculator  # speculative.Speculator or None (ADR 0027)
         self.lora_groups = lora_groups  # lora_groups.LoraGroups or None (ADR 0026)
         # prompt_ram.PromptRam or None (ADR 0030): split slots' states in host memory
@@ -432,6 +427,15 @@ class Scheduler:
         self.stats: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="inferd-llama-sched", daemon=True)
         self._thread.start()
+
+    def _init_inline(self, inline: bool) -> None:
+        """Inline steps (ADR 0034): whether they may run, the loop the steps are lent
+        to, the loop whose round runs now, and the error a round ended with (this
+        thread fails every stream with it)."""
+        self.inline = inline
+        self._lent: asyncio.AbstractEventLoop | None = None
+        self._stepping: asyncio.AbstractEventLoop | None = None
+        self._inline_error: BaseException | None = None
 
     def _init_sizes(self, n_ctx_seq: int, step_tokens: int) -> None:
         """Cells per sequence (a split slot's own stream size), prompt tokens per step and
