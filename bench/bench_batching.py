@@ -96,8 +96,8 @@ def _start_http(a: argparse.Namespace, conc: int) -> dict:
                 port = _free_port()
                 servers[name] = start_llama_server(ensure_peer("llama-server"), s, port)
             else:
-                words = name.split()
-                servers[name] = start_bridge(s, words[1], inline_steps=len(words) == 2)
+                layout = name.split()[1]
+                servers[name] = start_bridge(s, layout, inline_steps=not name.endswith(" thread"))
     except BaseException:
         for srv in servers.values():
             srv.stop()

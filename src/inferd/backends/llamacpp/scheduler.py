@@ -729,7 +729,9 @@ class Scheduler:
                     if self.lockstep and self._active:
                         self._await_consumers()
                     lend = self._loop_to_lend()
-                    cancels, self._cancels = ([], self._cancels) if lend else (self._cancels, [])
+                    cancels: list[SeqStream] = []
+                    if lend is None:  # a lent round takes the cancels itself
+                        cancels, self._cancels = self._cancels, []
                 if lend is not None:
                     self._lend(lend)
                 else:
